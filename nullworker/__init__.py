@@ -1,0 +1,78 @@
+"""nullworker: a Vast.ai Serverless PyWorker that only holds capacity.
+
+Embedding in a Trio program::
+
+    import trio, nullworker
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(nullworker.serve, nullworker.WorkerConfig(port=0))
+            print("serving on", info.url)
+
+Holding capacity from a Trio program::
+
+    async with nullworker.reserve("my-endpoint", duration=300) as reservation:
+        ...  # the worker at reservation.worker_url is yours until the block exits
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from .config import WorkerConfig
+from .errors import (
+    ClientError,
+    ConfigError,
+    EngineUnavailable,
+    EnvelopeError,
+    NullworkerError,
+    QueueTimeout,
+    ReservationFailed,
+    ReservationRejected,
+    ShuttingDown,
+)
+from .reservations import Outcome, ReservationResult, ReservationSlot, SlotStatistics
+
+if TYPE_CHECKING:
+    from .app import create_app
+    from .server import ServeInfo, serve
+
+__all__ = [
+    "ClientError",
+    "ConfigError",
+    "EngineUnavailable",
+    "EnvelopeError",
+    "NullworkerError",
+    "Outcome",
+    "QueueTimeout",
+    "ReservationFailed",
+    "ReservationRejected",
+    "ReservationResult",
+    "ReservationSlot",
+    "ServeInfo",
+    "ShuttingDown",
+    "SlotStatistics",
+    "WorkerConfig",
+    "__version__",
+    "create_app",
+    "serve",
+]
+
+# The web stack (Quart, Hypercorn) is imported on first use, so that the pure-Trio
+# core and the client stay light for programs that only reserve.
+_LAZY = {
+    "create_app": ("app", "create_app"),
+    "serve": ("server", "serve"),
+    "ServeInfo": ("server", "ServeInfo"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,237 @@
+"""The HTTP layer: the Quart-Trio apps for the main port and the control listener.
+
+Routes only: requests become :class:`~nullworker.reservations.ReservationSlot` calls and
+outcomes become status codes. Errors are mapped to statuses here and nowhere else.
+
+Main port (what the engine routes clients to)
+  ``POST /reserve``          hold the worker (signed Vast envelope)
+  ``GET  /health``           200 once ready, 503 before
+  ``POST /pyworker/update``  the engine's rolling-update signal (bearer MASTER_TOKEN)
+  ``/session/*``             404: this worker holds reservations, not sessions
+
+Control listener (127.0.0.1 only, for the consumer on the instance)
+  ``POST /release``          end the active reservation now
+  ``GET  /health``, ``GET /status``
+
+Quart-Trio runs each request handler in a nursery beside the task that reads the
+connection; an ``http.disconnect`` cancels the handler. That cancellation is what
+ends a hold the instant the client goes away.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import os
+import time
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .config import WorkerConfig
+from .envelope import parse_duration, parse_envelope, signature_ok
+from .errors import EnvelopeError, QueueTimeout, ShuttingDown
+from .reservations import Outcome
+from .worker import Worker
+
+__all__ = ["create_app", "create_control_app", "serve_control"]
+
+log = logging.getLogger("nullworker")
+
+#: Where ``/pyworker/update`` leaves its marker; the instance's start script looks for it.
+FORCE_UPDATE_PATH = "/.force_update"
+
+_NO_SESSIONS = {
+    "error": "this worker holds reservations, not sessions: use POST /reserve",
+}
+
+
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+    response: Response = Response(
+        _dumps(body), status=status, mimetype="application/json", headers=headers
+    )
+    return response
+
+
+def _dumps(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _base_app(name: str, config: WorkerConfig) -> QuartTrio:
+    app = QuartTrio(name)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    # A hold may last an hour; Quart must not cut the response off.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 30
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        headers = dict(error.get_headers()) if status == 405 else {}
+        headers.pop("Content-Type", None)
+        message = error.description or error.name
+        if status == 413:
+            message = f"request body too large: the limit is {config.max_body_bytes} bytes"
+        return _json({"error": message, "status": status}, status, headers)
+
+    return app
+
+
+def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = None) -> QuartTrio:
+    """Build the worker's main app.
+
+    ``hypercorn --worker-class trio 'nullworker.app:create_app()'`` calls it with no
+    arguments: the settings then come from the environment. The app owns its background
+    work (engine reporter, readiness, control listener) through Quart-Trio's serving
+    lifecycle, so it behaves the same under any server.
+    """
+    if worker is None:
+        worker = Worker(config if config is not None else WorkerConfig.from_env(os.environ))
+    cfg = worker.config
+    app = _base_app("nullworker", cfg)
+    app.extensions["nullworker"] = worker
+
+    @app.before_serving
+    async def _start_background() -> None:
+        await app.nursery.start(worker.run)
+
+    @app.after_serving
+    async def _stop() -> None:
+        worker.begin_shutdown()
+
+    @app.post("/reserve")
+    async def reserve() -> Response:
+        body = await request.get_data(cache=False, as_text=False)
+        try:
+            envelope = parse_envelope(body)
+        except EnvelopeError as exc:
+            return _json(exc.detail, 422)
+        if not cfg.unsecured:
+            key = worker.public_key
+            if key is None:
+                return _json({"error": "not ready: the engine's public key is not loaded"}, 401)
+            if not signature_ok(envelope, key):
+                worker.request_key_refresh()
+                return _json({"error": "invalid signature"}, 401)
+            if cfg.public_url and _norm(envelope.auth_data["url"]) != _norm(cfg.public_url):
+                return _json({"error": "auth_data.url names another worker"}, 401)
+        if envelope.session_id is not None:
+            return _json({"error": "invalid session", **_NO_SESSIONS}, 410)
+        try:
+            duration = parse_duration(envelope.payload)
+        except EnvelopeError as exc:
+            return _json(exc.detail, 422)
+        if not worker.ready.is_set():
+            return _json({"error": "not ready yet"}, 503, {"Retry-After": "1"})
+        tag = {"request_idx": envelope.request_idx, "reqnum": envelope.reqnum}
+        try:
+            result = await worker.slot.hold(duration, tag=tag)
+        except QueueTimeout as exc:
+            return _json({"error": f"busy: {exc}"}, 429, {"Retry-After": _retry_after(worker)})
+        except ShuttingDown:
+            return _json({"error": "shutting down", "released": Outcome.SHUTDOWN.value}, 503)
+        body_out = {
+            "released": result.outcome.value,
+            "duration": result.duration_s,
+            "held": round(result.held_s, 3),
+        }
+        if result.outcome is Outcome.SHUTDOWN:
+            return _json(body_out, 503)
+        return _json(body_out, 200)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _health(worker)
+
+    @app.post("/pyworker/update")
+    async def pyworker_update() -> Response:
+        token = cfg.master_token
+        given = request.headers.get("Authorization", "")
+        given = given[7:] if given.lower().startswith("bearer ") else given
+        if not token or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            return _json({"error": "unauthorized"}, 401)
+        path = os.environ.get("NULLWORKER_FORCE_UPDATE_PATH", FORCE_UPDATE_PATH)
+        try:
+            await trio.Path(path).touch()
+        except OSError as exc:
+            return _json({"error": f"failed to write file: {exc}"}, 500)
+        log.info("update requested by the engine (%s created)", path)
+        return _json({"ok": True}, 200)
+
+    @app.route("/session/<path:_rest>", methods=["GET", "POST"])
+    async def sessions(_rest: str) -> Response:
+        return _json(_NO_SESSIONS, 404)
+
+    return app
+
+
+def create_control_app(worker: Worker) -> QuartTrio:
+    """The control listener's app: release, health and status for the instance's consumer."""
+    app = _base_app("nullworker-control", worker.config)
+
+    @app.post("/release")
+    async def release() -> Response:
+        info = worker.slot.release()
+        if info is None:
+            return _json({"released": False, "reason": "no active reservation"}, 200)
+        return _json(
+            {
+                "released": True,
+                "reservation": info.id,
+                "request_idx": info.tag.get("request_idx"),
+                "duration": info.duration_s,
+            },
+            200,
+        )
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _health(worker)
+
+    @app.get("/status")
+    async def status() -> Response:
+        return _json(worker.status(), 200)
+
+    return app
+
+
+async def serve_control(
+    worker: Worker, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve the control app on ``control_host:control_port``; ``started(url)`` once bound."""
+    config = HypercornConfig()
+    config.bind = [f"{worker.config.control_host}:{worker.config.control_port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("nullworker.control")
+    config.graceful_timeout = 1.0
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(hypercorn_serve, create_control_app(worker), config)
+        )
+        task_status.started(binds[0])
+
+
+def _health(worker: Worker) -> Response:
+    if worker.ready.is_set() and not worker.slot.closing:
+        return _json({"ready": True, "busy": worker.slot.statistics().busy}, 200)
+    reason = worker.error or ("shutting down" if worker.slot.closing else "starting")
+    return _json({"ready": False, "reason": reason}, 503)
+
+
+def _retry_after(worker: Worker) -> str:
+    active = worker.slot.statistics().active
+    if active is None:
+        return "1"
+    return str(max(1, math.ceil(active.ends_at - time.time())))
+
+
+def _norm(url: str) -> str:
+    return url.strip().rstrip("/").lower()

@@ -1,0 +1,243 @@
+"""Worker settings: one frozen object, read from the environment once, at start.
+
+Every module receives the ``WorkerConfig`` explicitly; nothing reads ``os.environ``
+after start-up. Units are in the field names (``_s`` for seconds).
+
+Two modes:
+
+* **Vast mode** -- ``REPORT_ADDR`` and ``CONTAINER_ID`` are set (the instance's start
+  script exports them). The worker binds all interfaces, checks signatures unless
+  ``UNSECURED=true`` and reports to the engine.
+* **Standalone** -- neither is set. The worker binds ``127.0.0.1``, checks no
+  signatures and reports to nobody: the embedded default for trying it out.
+  Setting only one of the two is a configuration error, not a silent fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_CONTROL_PORT", "DEFAULT_PORT", "WorkerConfig"]
+
+DEFAULT_PORT = 3000
+#: The official null worker's control port (``NULL_CONTROL_PORT``), kept for familiarity.
+DEFAULT_CONTROL_PORT = 18999
+DEFAULT_MAX_RESERVATION_S = 3600.0
+DEFAULT_MAX_QUEUE_TIME_S = 30.0
+DEFAULT_CERT_FILE = "/etc/instance.crt"
+DEFAULT_KEY_FILE = "/etc/instance.key"
+#: The workload of one reservation and the throughput the worker reports. The
+#: official null worker pins both to 100 (``.has_benchmark`` holds "100"), so one
+#: busy worker shows ``cur_load == max_perf`` and endpoint maths stays
+#: ``min_load = 100 * N`` for N workers.
+RESERVATION_WORKLOAD = 100.0
+MAX_PERF = 100.0
+
+DeleteRequestsFormat = Literal["1.9.1", "legacy"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a port number, got {raw!r}") from None
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{name} must be between 0 and 65535, got {value}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name} must be a finite number >= {minimum:g}, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """Everything the worker needs to know, validated.
+
+    Build it with :meth:`from_env` (what ``nullworker serve`` does) or directly with
+    keyword arguments (what tests and embedding programs do); the defaults are the
+    standalone mode.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    control_host: str = "127.0.0.1"
+    #: ``None`` turns the control listener off.
+    control_port: int | None = DEFAULT_CONTROL_PORT
+    max_reservation_s: float = DEFAULT_MAX_RESERVATION_S
+    max_queue_time_s: float = DEFAULT_MAX_QUEUE_TIME_S
+    #: Engine base URLs, tried in order (fallback, not fan-out). Empty: no reporting.
+    report_addrs: tuple[str, ...] = ()
+    container_id: int | None = None
+    master_token: str = ""
+    #: The URL the engine routes clients to (``auth_data.url``); None when standalone.
+    public_url: str | None = None
+    unsecured: bool = True
+    use_ssl: bool = False
+    ssl_certfile: str = DEFAULT_CERT_FILE
+    ssl_keyfile: str = DEFAULT_KEY_FILE
+    max_body_bytes: int = 64 * 1024
+    #: A report goes out at least this often even when nothing changes.
+    heartbeat_s: float = 10.0
+    #: Bursts of state changes within this window are sent as one report.
+    report_coalesce_s: float = 0.02
+    #: Per-try timeout of every call to the engine.
+    engine_timeout_s: float = 5.0
+    #: Tries per engine address before falling back to the next one.
+    engine_tries: int = 3
+    #: Sleep after a failed try; doubles per try, so addresses get their own deadline.
+    engine_retry_s: float = 0.5
+    #: Shape of ``/delete_requests/``: the 1.9.1 single POST, or the older pair of POSTs.
+    delete_requests_format: DeleteRequestsFormat = "1.9.1"
+    #: Kernel keepalive on accepted sockets, so a client that vanished without FIN
+    #: (power loss, NAT drop) frees the slot in ~idle + interval * count seconds.
+    tcp_keepidle_s: int = 15
+    tcp_keepintvl_s: int = 5
+    tcp_keepcnt: int = 3
+    #: How long held reservations get on shutdown before the server is cancelled.
+    graceful_timeout_s: float = 5.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.max_reservation_s) or self.max_reservation_s <= 0:
+            raise ConfigError(
+                f"MAX_RESERVATION_SECONDS must be a finite number > 0, got {self.max_reservation_s}"
+            )
+        if not math.isfinite(self.max_queue_time_s) or self.max_queue_time_s < 0:
+            raise ConfigError(
+                f"MAX_QUEUE_TIME must be a finite number >= 0, got {self.max_queue_time_s}"
+            )
+        if self.report_addrs and self.container_id is None:
+            raise ConfigError("CONTAINER_ID is required when REPORT_ADDR is set")
+        if self.container_id is not None and not self.report_addrs:
+            raise ConfigError("REPORT_ADDR is required when CONTAINER_ID is set")
+        if not self.unsecured and not self.report_addrs:
+            raise ConfigError(
+                "signature checks need the engine's key: set REPORT_ADDR or UNSECURED=true"
+            )
+        if self.control_port is not None and self.control_port == self.port != 0:
+            raise ConfigError("the control port must differ from WORKER_PORT")
+        if self.delete_requests_format not in ("1.9.1", "legacy"):
+            raise ConfigError(
+                "NULLWORKER_DELETE_REQUESTS_FORMAT must be 1.9.1 or legacy, "
+                f"got {self.delete_requests_format!r}"
+            )
+        if self.engine_tries < 1:
+            raise ConfigError("engine_tries must be at least 1")
+
+    @property
+    def reporting(self) -> bool:
+        """True when there is an engine to report to (Vast mode)."""
+        return bool(self.report_addrs)
+
+    @property
+    def standalone(self) -> bool:
+        return not self.report_addrs
+
+    def replace(self, **changes: object) -> WorkerConfig:
+        """A copy with ``changes`` applied (and validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: object) -> WorkerConfig:
+        """Read the Vast environment contract (and nullworker's own variables).
+
+        ``overrides`` (from command-line flags) win over the environment.
+        Raises :class:`ConfigError` naming the offending variable.
+        """
+        report_raw = env.get("REPORT_ADDR", "").strip()
+        report_addrs = tuple(a.strip().rstrip("/") for a in report_raw.split(",") if a.strip())
+        container_raw = env.get("CONTAINER_ID", "").strip()
+        container_id: int | None = None
+        if container_raw:
+            try:
+                container_id = int(container_raw)
+            except ValueError:
+                raise ConfigError(
+                    f"CONTAINER_ID must be an integer, got {container_raw!r}"
+                ) from None
+        vast = bool(report_addrs) or container_id is not None
+
+        port = _port(env, "WORKER_PORT", DEFAULT_PORT)
+        use_ssl = env.get("USE_SSL", "false").strip().lower() == "true"
+        public_url: str | None = None
+        public_ip = env.get("PUBLIC_IPADDR", "").strip()
+        public_port = env.get(f"VAST_TCP_PORT_{port}", "").strip()
+        if public_ip and public_port:
+            public_url = f"{'https' if use_ssl else 'http'}://{public_ip}:{public_port}"
+        elif vast:
+            # Inside Vast both are always set; without them the engine is local
+            # (``nullworker dev``) and reaches us where we listen.
+            host = env.get("NULLWORKER_PUBLIC_HOST", "127.0.0.1").strip() or "127.0.0.1"
+            public_url = f"{'https' if use_ssl else 'http'}://{host}:{port}"
+
+        control_raw = env.get("NULLWORKER_CONTROL_PORT", env.get("NULL_CONTROL_PORT"))
+        control_port: int | None
+        if control_raw is not None and control_raw.strip().lower() in ("off", "none", "-"):
+            control_port = None
+        else:
+            control_port = _port(
+                {"NULLWORKER_CONTROL_PORT": control_raw} if control_raw is not None else {},
+                "NULLWORKER_CONTROL_PORT",
+                DEFAULT_CONTROL_PORT,
+            )
+
+        values: dict[str, object] = {
+            "host": env.get("NULLWORKER_HOST", "0.0.0.0" if vast else "127.0.0.1").strip(),
+            "port": port,
+            "control_port": control_port,
+            "max_reservation_s": _seconds(
+                env, "MAX_RESERVATION_SECONDS", DEFAULT_MAX_RESERVATION_S, minimum=0.001
+            ),
+            "max_queue_time_s": _seconds(
+                env, "MAX_QUEUE_TIME", DEFAULT_MAX_QUEUE_TIME_S, minimum=0.0
+            ),
+            "report_addrs": report_addrs,
+            "container_id": container_id,
+            "master_token": env.get("MASTER_TOKEN", ""),
+            "public_url": public_url,
+            "unsecured": _flag(env, "UNSECURED", default=not vast),
+            "use_ssl": use_ssl,
+            "ssl_certfile": env.get("NULLWORKER_SSL_CERTFILE", DEFAULT_CERT_FILE),
+            "ssl_keyfile": env.get("NULLWORKER_SSL_KEYFILE", DEFAULT_KEY_FILE),
+            "delete_requests_format": env.get("NULLWORKER_DELETE_REQUESTS_FORMAT", "1.9.1"),
+            "log_level": env.get("NULLWORKER_LOG_LEVEL", "INFO").upper(),
+        }
+        values.update(overrides)
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except TypeError as exc:  # an unknown override name
+            raise ConfigError(str(exc)) from None

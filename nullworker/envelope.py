@@ -1,0 +1,123 @@
+"""Parsing the Vast request envelope and checking its signature.
+
+A client's request to a worker is ``{"auth_data": {...}, "payload": {...},
+"session_id": null}``. ``auth_data`` is the engine's ``/route/`` answer; only its
+``url`` is signed (see :mod:`nullworker.signing`). This module is sans-IO: it turns
+bytes into an :class:`Envelope` or an :class:`~nullworker.errors.EnvelopeError` whose
+``detail`` names every bad field, and never touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .errors import EnvelopeError
+from .signing import verify_url
+
+__all__ = ["AUTH_KEYS", "Envelope", "parse_duration", "parse_envelope", "signature_ok"]
+
+#: The keys every ``auth_data`` must carry, as the official worker requires.
+AUTH_KEYS = ("signature", "url", "cost", "endpoint", "reqnum", "request_idx")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    auth_data: dict[str, Any]
+    payload: dict[str, Any]
+    session_id: str | None
+
+    @property
+    def request_idx(self) -> int | None:
+        return _as_int(self.auth_data.get("request_idx"))
+
+    @property
+    def reqnum(self) -> int | None:
+        return _as_int(self.auth_data.get("reqnum"))
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def parse_envelope(body: bytes | str) -> Envelope:
+    """Parse and validate a request body.
+
+    Raises:
+      EnvelopeError: ``detail`` is ``{"error": "invalid JSON"}`` for unparsable bytes,
+        else a map naming each bad field.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise EnvelopeError({"error": "invalid JSON"}) from None
+    if not isinstance(data, dict):
+        raise EnvelopeError({"error": "the body must be a JSON object (the Vast envelope)"})
+
+    problems: dict[str, Any] = {}
+    auth = data.get("auth_data")
+    if auth is None:
+        problems["auth_data"] = "field missing"
+    elif not isinstance(auth, dict):
+        problems["auth_data"] = "auth_data must be an object"
+    else:
+        missing = {key: "missing parameter" for key in AUTH_KEYS if key not in auth}
+        if missing:
+            problems["auth_data"] = missing
+        else:
+            bad: dict[str, str] = {}
+            for key in ("signature", "url"):
+                if not isinstance(auth[key], str):
+                    bad[key] = f"{key} must be a string"
+            if bad:
+                problems["auth_data"] = bad
+
+    payload = data.get("payload", {})
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        problems["payload"] = {"data": "payload must be a dictionary"}
+
+    session_id = data.get("session_id")
+    if session_id is not None and not isinstance(session_id, str):
+        problems["session_id"] = "session_id must be a string or null"
+
+    if problems:
+        raise EnvelopeError(problems)
+    assert isinstance(auth, dict) and isinstance(payload, dict)
+    return Envelope(auth_data=auth, payload=payload, session_id=session_id)
+
+
+def parse_duration(payload: dict[str, Any]) -> float | None:
+    """The requested duration in seconds, or ``None`` when omitted (or null).
+
+    Raises:
+      EnvelopeError: not a finite number >= 0 (booleans and strings are refused).
+    """
+    if "duration" not in payload or payload["duration"] is None:
+        return None
+    value = payload["duration"]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise EnvelopeError({"payload": {"duration": "duration must be a number of seconds"}})
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0:
+        raise EnvelopeError({"payload": {"duration": "duration must be a finite number >= 0"}})
+    return seconds
+
+
+def signature_ok(envelope: Envelope, key: rsa.RSAPublicKey) -> bool:
+    """True if ``auth_data.signature`` is the engine's signature of ``auth_data.url``."""
+    return verify_url(key, envelope.auth_data["url"], envelope.auth_data["signature"])

@@ -1,0 +1,78 @@
+"""Exceptions raised by nullworker.
+
+The tree::
+
+    NullworkerError
+    ├── ConfigError              bad settings (env or flags); raised at start, never later
+    ├── EnvelopeError            a request body that is not a valid Vast envelope (-> 422)
+    ├── QueueTimeout             the slot did not free up within max_queue_time (-> 429)
+    ├── ShuttingDown             the worker is stopping and takes no new reservations (-> 503)
+    └── ClientError              raised by the reservation client
+        ├── EngineUnavailable    the engine could not be reached or refused the route
+        ├── ReservationRejected  workers kept answering 429 (or another refusal)
+        └── ReservationFailed    the worker answered something we cannot use
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ClientError",
+    "ConfigError",
+    "EngineUnavailable",
+    "EnvelopeError",
+    "NullworkerError",
+    "QueueTimeout",
+    "ReservationFailed",
+    "ReservationRejected",
+    "ShuttingDown",
+]
+
+
+class NullworkerError(Exception):
+    """Base class of every error nullworker raises on purpose."""
+
+
+class ConfigError(NullworkerError, ValueError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class EnvelopeError(NullworkerError):
+    """The request is not a valid Vast envelope.
+
+    ``detail`` is a JSON-ready map naming each bad field, in the official worker's
+    shape (``{"auth_data": {"signature": "missing parameter"}}``).
+    """
+
+    def __init__(self, detail: dict[str, Any]) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class QueueTimeout(NullworkerError):
+    """The slot stayed busy for the whole of ``max_queue_time``."""
+
+
+class ShuttingDown(NullworkerError):
+    """The worker is shutting down and admits no new reservations."""
+
+
+class ClientError(NullworkerError):
+    """Base class of the reservation client's errors."""
+
+
+class EngineUnavailable(ClientError):
+    """The engine's ``/route/`` could not be reached or refused the request."""
+
+
+class ReservationRejected(ClientError):
+    """Every worker tried answered 429 (busy), up to the retry bound."""
+
+
+class ReservationFailed(ClientError):
+    """The worker answered with a status or body the client cannot use."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,379 @@
+"""The reservation core: one slot, a FIFO queue with a real deadline, and holds.
+
+Pure Trio; no HTTP in here. The web layer turns requests into :meth:`ReservationSlot.hold`
+calls and outcomes into status codes.
+
+Concurrency invariants
+----------------------
+* The slot is a ``trio.CapacityLimiter(1)``. Waiters are woken in FIFO order (the
+  limiter parks them in a ``ParkingLot``), so queued reservations start in arrival order.
+* A waiter waits under ``trio.move_on_after(max_queue_time_s)``: the bound is a real
+  deadline on the wait, not an estimate made at admission. ``max_queue_time_s == 0``
+  uses ``acquire_nowait`` and rejects at once when busy.
+* A hold runs inside ``trio.move_on_at(deadline)``. Every way out -- the deadline, an
+  explicit :meth:`release`, :meth:`shutdown`, the caller's cancellation (a client
+  disconnect cancels the request handler) or an unexpected error -- runs the same
+  ``finally`` block, which gives the token back and emits exactly one ``ended`` event.
+* The token is acquired and released by the task that runs :meth:`hold`, as
+  ``CapacityLimiter`` requires.
+* ``Cancelled`` is never swallowed: it is recorded as the ``cancelled`` outcome and
+  re-raised.
+
+State transitions of one reservation (anything else is a bug)::
+
+    QUEUED --token--> HELD --deadline--------> ENDED(duration_elapsed)
+       |                 |--release()--------> ENDED(explicit)
+       |                 |--shutdown()-------> ENDED(shutdown)
+       |                 |--caller cancelled-> ENDED(cancelled)
+       |                 '--exception--------> ENDED(error)
+       |--max_queue_time-----------------> ENDED(rejected)
+       |--shutdown()---------------------> ENDED(shutdown)
+       '--caller cancelled---------------> ENDED(cancelled)
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .errors import QueueTimeout, ShuttingDown
+
+__all__ = [
+    "Outcome",
+    "Reservation",
+    "ReservationEvent",
+    "ReservationResult",
+    "ReservationSlot",
+    "SlotStatistics",
+    "State",
+]
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    QUEUED = "queued"
+    HELD = "held"
+    ENDED = "ended"
+
+
+class Outcome(enum.Enum):
+    """How a reservation ended. The values are what the HTTP API and logs show."""
+
+    ELAPSED = "duration_elapsed"
+    RELEASED = "explicit"
+    CANCELLED = "cancelled"
+    SHUTDOWN = "shutdown"
+    REJECTED = "rejected"
+    ERROR = "error"
+
+    @property
+    def success(self) -> bool:
+        """What the engine's ``success`` flag says: served or cancelled, not refused or failed.
+
+        A shutdown ends a hold the worker had accepted; the engine counts it with the
+        cancelled ones (it did not fail, and the holder was told).
+        """
+        return self in (Outcome.ELAPSED, Outcome.RELEASED, Outcome.CANCELLED, Outcome.SHUTDOWN)
+
+
+_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.HELD, State.ENDED}),
+    State.HELD: frozenset({State.ENDED}),
+    State.ENDED: frozenset(),
+}
+
+
+@dataclass(eq=False)
+class Reservation:
+    """One reservation, from arrival to its outcome.
+
+    ``tag`` is the caller's (the web layer stores the engine's ``request_idx`` and
+    ``reqnum`` there). Times named ``*_at`` are wall-clock epoch seconds (for the
+    engine); ``deadline`` is on the Trio clock.
+    """
+
+    id: int
+    duration_s: float
+    workload: float
+    tag: dict[str, Any] = field(default_factory=dict)
+    state: State = State.QUEUED
+    outcome: Outcome | None = None
+    entered_queue_at: float = 0.0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    deadline: float = math.inf
+    _release_reason: Outcome | None = None
+    _released: trio.Event = field(default_factory=trio.Event)
+    _wait_scope: trio.CancelScope | None = None
+
+    def _move(self, new: State) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"reservation {self.id}: illegal transition {self.state} -> {new}")
+        self.state = new
+
+    @property
+    def held_s(self) -> float:
+        """Seconds between the hold starting and ending (0 if it never started)."""
+        if not self.started_at:
+            return 0.0
+        return max((self.ended_at or time.time()) - self.started_at, 0.0)
+
+
+@dataclass(frozen=True)
+class ReservationEvent:
+    """What observers (the engine reporter) are told: ``kind`` is queued, started or ended."""
+
+    kind: str
+    reservation: Reservation
+
+
+@dataclass(frozen=True)
+class ReservationResult:
+    """The end of a hold that the holder is still there to hear about."""
+
+    outcome: Outcome
+    duration_s: float
+    held_s: float
+    reservation_id: int
+
+
+@dataclass(frozen=True)
+class ActiveInfo:
+    id: int
+    duration_s: float
+    started_at: float
+    #: Wall-clock epoch seconds at which the hold will elapse.
+    ends_at: float
+    tag: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SlotStatistics:
+    """A frozen snapshot of the slot, as :meth:`trio.CapacityLimiter.statistics` gives."""
+
+    busy: bool
+    active: ActiveInfo | None
+    waiting: int
+    closing: bool
+    counts: dict[str, int]
+
+
+Observer = Callable[[ReservationEvent], None]
+
+
+class ReservationSlot:
+    """One reservation at a time; the rest queue for at most ``max_queue_time_s``.
+
+    Args:
+      max_reservation_s: the cap on a hold; a larger or missing duration gets it.
+      max_queue_time_s: the longest a reservation may wait for the slot before it is
+        rejected with :class:`~nullworker.errors.QueueTimeout`. ``0`` rejects at once.
+      workload: the workload each reservation counts for in the engine's load maths.
+      observer: called (synchronously, never awaited) with every
+        :class:`ReservationEvent`. It must not block; exceptions it raises are logged
+        and dropped so that a reporting bug can never leave the slot held.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_reservation_s: float,
+        max_queue_time_s: float,
+        workload: float = 100.0,
+        observer: Observer | None = None,
+    ) -> None:
+        if not (math.isfinite(max_reservation_s) and max_reservation_s > 0):
+            raise ValueError("max_reservation_s must be a finite number > 0")
+        if not (math.isfinite(max_queue_time_s) and max_queue_time_s >= 0):
+            raise ValueError("max_queue_time_s must be a finite number >= 0")
+        self.max_reservation_s = max_reservation_s
+        self.max_queue_time_s = max_queue_time_s
+        self.workload = workload
+        self._observers: list[Observer] = [observer] if observer else []
+        self._limiter = trio.CapacityLimiter(1)
+        self._ids = itertools.count(1)
+        self._active: Reservation | None = None
+        self._queued: list[Reservation] = []
+        self._closing = False
+        self._idle = trio.Event()
+        self._idle.set()
+        self._counts = {o.value: 0 for o in Outcome} | {"started": 0}
+
+    # -- observers -------------------------------------------------------------------
+
+    def add_observer(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def _emit(self, kind: str, reservation: Reservation) -> None:
+        event = ReservationEvent(kind, reservation)
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:
+                log.exception("reservation observer failed on %s event", kind)
+
+    # -- public API ------------------------------------------------------------------
+
+    def effective_duration(self, requested: float | None) -> float:
+        """The hold length for a requested duration: the cap when omitted or larger."""
+        if requested is None:
+            return self.max_reservation_s
+        if not math.isfinite(requested) or requested < 0:
+            raise ValueError("duration must be a finite number >= 0")
+        return min(float(requested), self.max_reservation_s)
+
+    async def hold(
+        self, duration_s: float | None = None, *, tag: dict[str, Any] | None = None
+    ) -> ReservationResult:
+        """Wait for the slot, hold it, and return how the hold ended.
+
+        Returns when the duration elapses, on :meth:`release` and on :meth:`shutdown`
+        (check ``result.outcome``).
+
+        Raises:
+          QueueTimeout: the slot stayed busy for ``max_queue_time_s``.
+          ShuttingDown: the slot is closing (before or while queued).
+          ValueError: ``duration_s`` is negative, NaN or infinite.
+          trio.Cancelled: the caller was cancelled (recorded as ``cancelled``).
+        """
+        duration = self.effective_duration(duration_s)
+        if self._closing:
+            raise ShuttingDown("the worker is shutting down")
+        res = Reservation(
+            id=next(self._ids),
+            duration_s=duration,
+            workload=self.workload,
+            tag=dict(tag or {}),
+            entered_queue_at=time.time(),
+        )
+        self._queued.append(res)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._emit("queued", res)
+        acquired = False
+        try:
+            acquired = await self._wait_for_token(res)
+            if not acquired:
+                if res._release_reason is Outcome.SHUTDOWN:
+                    self._finish(res, Outcome.SHUTDOWN)
+                    raise ShuttingDown("the worker is shutting down")
+                self._finish(res, Outcome.REJECTED)
+                raise QueueTimeout(
+                    f"the worker stayed busy for max_queue_time ({self.max_queue_time_s:g} s)"
+                )
+            return await self._hold_token(res)
+        except trio.Cancelled:
+            self._finish(res, Outcome.CANCELLED)
+            raise
+        except BaseException:
+            self._finish(res, Outcome.ERROR)
+            raise
+        finally:
+            if acquired:
+                self._active = None
+                self._limiter.release()
+            if res in self._queued:
+                self._queued.remove(res)
+            if self._active is None and not self._queued:
+                self._idle.set()
+
+    def release(self) -> ActiveInfo | None:
+        """End the active hold now with the ``explicit`` outcome.
+
+        Returns what was released, or ``None`` if the slot was free.
+        """
+        res = self._active
+        if res is None or res._release_reason is not None:
+            return None
+        res._release_reason = Outcome.RELEASED
+        res._released.set()
+        return self._info(res)
+
+    def shutdown(self) -> None:
+        """Refuse new reservations and end the active and queued ones with ``shutdown``.
+
+        Holders return a result with ``Outcome.SHUTDOWN``; waiters raise
+        :class:`ShuttingDown`. Idempotent.
+        """
+        self._closing = True
+        for res in list(self._queued):
+            if res._release_reason is None:
+                res._release_reason = Outcome.SHUTDOWN
+                res._released.set()
+                if res._wait_scope is not None:
+                    res._wait_scope.cancel()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is held or queued."""
+        await self._idle.wait()
+
+    def statistics(self) -> SlotStatistics:
+        res = self._active
+        return SlotStatistics(
+            busy=res is not None,
+            active=self._info(res) if res is not None else None,
+            waiting=sum(1 for r in self._queued if r.state is State.QUEUED),
+            closing=self._closing,
+            counts=dict(self._counts),
+        )
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # -- internals -------------------------------------------------------------------
+
+    def _info(self, res: Reservation) -> ActiveInfo:
+        return ActiveInfo(
+            id=res.id,
+            duration_s=res.duration_s,
+            started_at=res.started_at,
+            ends_at=res.started_at + res.duration_s,
+            tag=dict(res.tag),
+        )
+
+    async def _wait_for_token(self, res: Reservation) -> bool:
+        if self.max_queue_time_s == 0:
+            try:
+                self._limiter.acquire_nowait()
+            except trio.WouldBlock:
+                return False
+            return True
+        with trio.move_on_after(self.max_queue_time_s) as scope:
+            res._wait_scope = scope
+            await self._limiter.acquire()
+            return True
+        return False
+
+    async def _hold_token(self, res: Reservation) -> ReservationResult:
+        res._move(State.HELD)
+        self._active = res
+        res.started_at = time.time()
+        res.deadline = trio.current_time() + res.duration_s
+        self._counts["started"] += 1
+        self._emit("started", res)
+        # A shutdown that raced with acquiring the token set the event already.
+        with trio.move_on_at(res.deadline):
+            await res._released.wait()
+        outcome = res._release_reason or Outcome.ELAPSED
+        self._finish(res, outcome)
+        return ReservationResult(
+            outcome=outcome, duration_s=res.duration_s, held_s=res.held_s, reservation_id=res.id
+        )
+
+    def _finish(self, res: Reservation, outcome: Outcome) -> None:
+        if res.state is State.ENDED:
+            return
+        res._move(State.ENDED)
+        res.outcome = outcome
+        res.ended_at = time.time()
+        self._counts[outcome.value] += 1
+        self._emit("ended", res)

@@ -1,0 +1,275 @@
+"""The worker's runtime: the slot, readiness, the engine reporter and the control listener.
+
+One :class:`Worker` lives for one serving lifetime. The Quart-Trio app starts
+:meth:`Worker.run` from its ``before_serving`` hook inside the app's own nursery, so the
+background work behaves the same whether Hypercorn's CLI, ``nullworker serve`` or another
+Trio program (``await nullworker.serve(...)``) runs the app.
+
+Invariants
+----------
+* The slot is in-process state. Two processes serving the same port would each think
+  they are free, so :meth:`run` takes an exclusive lock named after the port and refuses
+  to start without it (that is how ``hypercorn --workers 2`` is refused).
+* Readiness comes after the engine's public key (unless unsecured) and a benchmark that
+  runs a real zero-length hold through a private slot. ``max_perf`` is pinned to 100.
+* Shutdown: :meth:`Worker.begin_shutdown` ends every hold with the ``shutdown`` outcome
+  (holders get a 503 they can read); whatever is still pending for the engine is
+  flushed under a short shielded deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any
+
+import httpx
+import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .config import MAX_PERF, RESERVATION_WORKLOAD, WorkerConfig
+from .errors import ConfigError
+from .reservations import Outcome, ReservationSlot
+
+if TYPE_CHECKING:
+    from .reporter import EngineReporter
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("nullworker")
+
+#: A failed signature check refetches the engine key at most this often (the engine
+#: may have rotated it; the official worker never refetches).
+KEY_REFRESH_MIN_INTERVAL_S = 60.0
+#: Shielded bound on the final report at shutdown.
+FINAL_FLUSH_S = 2.0
+
+
+class Worker:
+    """State shared by the HTTP handlers and the background tasks.
+
+    Args:
+      config: the validated settings.
+      started_at: ``time.monotonic()`` at process start, so the reported ``loadtime``
+        covers interpreter start-up too. Defaults to now.
+    """
+
+    def __init__(self, config: WorkerConfig, *, started_at: float | None = None) -> None:
+        self.config = config
+        self.started_at = time.monotonic() if started_at is None else started_at
+        self.slot = ReservationSlot(
+            max_reservation_s=config.max_reservation_s,
+            max_queue_time_s=config.max_queue_time_s,
+            workload=RESERVATION_WORKLOAD,
+        )
+        self.slot.add_observer(self._log_event)
+        self.reporter: EngineReporter | None = None
+        self.public_key: rsa.RSAPublicKey | None = None
+        self.ready = trio.Event()
+        self.ready_after_s: float | None = None
+        self.error: str | None = None
+        self.control_url: str | None = None
+        self._key_fetched_at = -KEY_REFRESH_MIN_INTERVAL_S
+        self._key_refresh = trio.Event()
+        self._lock_file: IO[str] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the background work until cancelled; ``started()`` once the control port listens."""
+        with self._single_process_lock():
+            async with httpx.AsyncClient(timeout=self.config.engine_timeout_s) as http:
+                if self.config.reporting:
+                    from .reporter import EngineReporter
+
+                    self.reporter = EngineReporter(
+                        self.config, http=http, started_at=self.started_at
+                    )
+                    self.slot.add_observer(self.reporter.observe)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        if self.config.control_port is not None:
+                            from .app import serve_control  # the web layer, imported late
+
+                            self.control_url = await nursery.start(serve_control, self)
+                        if self.reporter is not None:
+                            await nursery.start(self.reporter.run)
+                        nursery.start_soon(self._become_ready)
+                        if self.reporter is not None and not self.config.unsecured:
+                            nursery.start_soon(self._refresh_key_on_demand)
+                        self._log_mode()
+                        task_status.started()
+                        await trio.sleep_forever()
+                finally:
+                    self.begin_shutdown()
+                    if self.reporter is not None:
+                        with trio.move_on_after(FINAL_FLUSH_S, shield=True):
+                            await self.reporter.flush(timeout_s=FINAL_FLUSH_S)
+
+    def begin_shutdown(self) -> None:
+        """Take no new reservations and end the held and queued ones (``shutdown``)."""
+        if not self.slot.closing:
+            log.info("shutting down: releasing the active and queued reservations")
+        self.slot.shutdown()
+
+    @contextlib.contextmanager
+    def _single_process_lock(self) -> Iterator[None]:
+        if self.config.port == 0:  # an ephemeral port cannot be shared by accident
+            yield
+            return
+        lock_dir = os.environ.get("NULLWORKER_LOCK_DIR", tempfile.gettempdir())
+        path = os.path.join(lock_dir, f"nullworker-{self.config.port}.lock")
+        handle = open(path, "a+")  # held for the whole serving lifetime
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ConfigError(
+                f"another nullworker process already serves port {self.config.port} "
+                f"(lock {path}). The reservation slot is in-process state: run exactly ONE "
+                "worker process (hypercorn --workers 1)."
+            ) from None
+        self._lock_file = handle
+        try:
+            yield
+        finally:
+            self._lock_file = None
+            handle.close()
+
+    def _log_mode(self) -> None:
+        if self.config.standalone:
+            log.info(
+                "standalone mode (no REPORT_ADDR/CONTAINER_ID): unsecured, "
+                "not reporting to an engine"
+            )
+        else:
+            log.info(
+                "Vast mode: reporting to %s as container %s, url %s, signatures %s",
+                ", ".join(self.config.report_addrs),
+                self.config.container_id,
+                self.config.public_url,
+                "NOT checked (UNSECURED)" if self.config.unsecured else "checked",
+            )
+        if self.control_url:
+            log.info(
+                "control listener on %s (POST /release, GET /health, GET /status)", self.control_url
+            )
+
+    # -- readiness -------------------------------------------------------------------
+
+    async def _become_ready(self) -> None:
+        if self.reporter is not None and not self.config.unsecured:
+            await self._load_key_until_loaded()
+        max_perf = await self._benchmark()
+        self.ready_after_s = time.monotonic() - self.started_at
+        self.error = None
+        self.ready.set()
+        if self.reporter is not None:
+            self.reporter.set_ready(max_perf=max_perf)
+        log.info("ready after %.3f s (max_perf %g)", self.ready_after_s, max_perf)
+
+    async def _load_key_until_loaded(self) -> None:
+        assert self.reporter is not None
+        delay = 1.0
+        while True:
+            try:
+                self.public_key = await self.reporter.fetch_pubkey()
+            except Exception as exc:  # the reporter already retried with backoff
+                self.error = f"cannot fetch the engine's public key: {exc}"
+                log.error("%s; retrying in %.0f s", self.error, delay)
+                self.reporter.set_error(self.error)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self._key_fetched_at = trio.current_time()
+            return
+
+    async def _benchmark(self) -> float:
+        """Run one real zero-length hold through a private slot: the whole core path."""
+        probe = ReservationSlot(max_reservation_s=1.0, max_queue_time_s=0.0)
+        result = await probe.hold(0.0)
+        if result.outcome is not Outcome.ELAPSED:  # pragma: no cover -- a broken core
+            raise RuntimeError(f"benchmark hold ended with {result.outcome}")
+        return MAX_PERF
+
+    def request_key_refresh(self) -> None:
+        """Called after a failed signature check: the engine may have a new key."""
+        if trio.current_time() - self._key_fetched_at >= KEY_REFRESH_MIN_INTERVAL_S:
+            self._key_refresh.set()
+
+    async def _refresh_key_on_demand(self) -> None:
+        assert self.reporter is not None
+        while True:
+            await self._key_refresh.wait()
+            self._key_refresh = trio.Event()
+            self._key_fetched_at = trio.current_time()
+            try:
+                key = await self.reporter.fetch_pubkey()
+            except Exception as exc:
+                log.warning("refreshing the engine's public key failed: %s", exc)
+                continue
+            if self.public_key is None or key.public_numbers() != self.public_key.public_numbers():
+                log.info("the engine's public key changed; using the new one")
+            self.public_key = key
+
+    # -- views -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        stats = self.slot.statistics()
+        active: dict[str, Any] | None = None
+        if stats.active is not None:
+            active = {
+                "id": stats.active.id,
+                "duration": stats.active.duration_s,
+                "started_at": stats.active.started_at,
+                "ends_at": stats.active.ends_at,
+                "held_s": round(max(time.time() - stats.active.started_at, 0.0), 3),
+                "request_idx": stats.active.tag.get("request_idx"),
+            }
+        body: dict[str, Any] = {
+            "ready": self.ready.is_set(),
+            "busy": stats.busy,
+            "closing": stats.closing,
+            "active": active,
+            "queue_length": stats.waiting,
+            "counts": stats.counts,
+            "max_reservation_seconds": self.config.max_reservation_s,
+            "max_queue_time": self.config.max_queue_time_s,
+            "error": self.error,
+            "mode": "standalone" if self.config.standalone else "vast",
+        }
+        if self.reporter is not None:
+            body["engine"] = self.reporter.statistics()
+        return body
+
+    def _log_event(self, event: Any) -> None:
+        res = event.reservation
+        idx = res.tag.get("request_idx")
+        if event.kind == "queued" and self.slot.statistics().busy:
+            log.info("reservation %s (request_idx %s) queued behind the active one", res.id, idx)
+        elif event.kind == "started":
+            log.info(
+                "reservation %s (request_idx %s) held for up to %g s", res.id, idx, res.duration_s
+            )
+        elif event.kind == "ended":
+            if res.outcome is Outcome.CANCELLED:
+                log.info(
+                    "reservation %s (request_idx %s) cancelled after %.3f s: %s (499)",
+                    res.id,
+                    idx,
+                    res.held_s,
+                    "server stopping" if self.slot.closing else "client disconnected",
+                )
+            else:
+                log.info(
+                    "reservation %s (request_idx %s) ended: %s after %.3f s",
+                    res.id,
+                    idx,
+                    res.outcome.value if res.outcome else "?",
+                    res.held_s,
+                )

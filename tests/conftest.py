@@ -1,0 +1,80 @@
+"""Shared fixtures: real servers on 127.0.0.1 ephemeral ports, real RSA keys.
+
+Servers are started with ``await nursery.start(...)`` in pytest-trio's ``nursery``
+fixture, which is cancelled after the test: nothing has to be stopped by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from nullworker.config import WorkerConfig
+from nullworker.server import ServeInfo, serve
+from nullworker.signing import generate_private_key, sign_url
+
+StartWorker = Callable[..., Awaitable[ServeInfo]]
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return generate_private_key()
+
+
+@pytest.fixture
+def start_worker(nursery: trio.Nursery) -> StartWorker:
+    """Start a real worker (Hypercorn on 127.0.0.1:0) with ``WorkerConfig(**overrides)``."""
+
+    async def start(**overrides: Any) -> ServeInfo:
+        settings: dict[str, Any] = {"port": 0, "control_port": 0, "graceful_timeout_s": 1.0}
+        settings.update(overrides)
+        info: ServeInfo = await nursery.start(serve, WorkerConfig(**settings))
+        with trio.fail_after(10):
+            await info.worker.ready.wait()
+        return info
+
+    return start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=30.0)) as client:
+        yield client
+
+
+def envelope(
+    url: str,
+    *,
+    key: rsa.RSAPrivateKey | None = None,
+    payload: dict[str, Any] | None = None,
+    request_idx: int = 1,
+    reqnum: int = 1,
+    **auth_overrides: Any,
+) -> dict[str, Any]:
+    """A Vast envelope as a client sends it, signed with ``key`` when given."""
+    auth = {
+        "signature": sign_url(key, url) if key is not None else "",
+        "url": url,
+        "cost": 100,
+        "endpoint": "test",
+        "reqnum": reqnum,
+        "request_idx": request_idx,
+    }
+    auth.update(auth_overrides)
+    return {"auth_data": auth, "payload": payload if payload is not None else {}}
+
+
+def body(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_http_logs() -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
