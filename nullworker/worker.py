@@ -109,7 +109,11 @@ class Worker:
                     self.begin_shutdown()
                     if self.reporter is not None:
                         with trio.move_on_after(FINAL_FLUSH_S, shield=True):
-                            await self.reporter.flush(timeout_s=FINAL_FLUSH_S)
+                            # Let the holders record their outcomes first, so the
+                            # final report shows the worker idle.
+                            with trio.move_on_after(FINAL_FLUSH_S / 2):
+                                await self.slot.wait_idle()
+                            await self.reporter.flush(timeout_s=FINAL_FLUSH_S / 2)
 
     def begin_shutdown(self) -> None:
         """Take no new reservations and end the held and queued ones (``shutdown``)."""

@@ -78,3 +78,30 @@ def body(data: dict[str, Any]) -> bytes:
 @pytest.fixture(autouse=True)
 def _quiet_http_logs() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@pytest.fixture
+async def vast_engine(nursery: trio.Nursery, rsa_key: rsa.RSAPrivateKey) -> Any:
+    """The local engine emulator (nullworker.engine) on 127.0.0.1:0, signing with ``rsa_key``."""
+    from functools import partial
+
+    from nullworker.engine import Engine, serve_engine
+
+    engine = Engine(private_key=rsa_key, master_token="tok")
+    await nursery.start(partial(serve_engine, engine))
+    return engine
+
+
+def vast_settings(engine: Any, **overrides: Any) -> dict[str, Any]:
+    """WorkerConfig settings for a worker in Vast mode that reports to ``engine``."""
+    settings: dict[str, Any] = {
+        "report_addrs": (engine.url,),
+        "container_id": 7,
+        "master_token": "tok",
+        "unsecured": False,
+        # The engine is torn down with the worker; don't let the final flush linger.
+        "engine_retry_s": 0.05,
+        "engine_timeout_s": 1.0,
+    }
+    settings.update(overrides)
+    return settings

@@ -30,12 +30,17 @@ async def reserve(http: httpx.AsyncClient, info: ServeInfo, **payload: Any) -> h
     return await http.post(f"{info.url}/reserve", json=envelope(URL, payload=payload))
 
 
-async def open_raw_reservation(info: ServeInfo, payload: dict[str, Any]) -> trio.SocketStream:
-    """Send a /reserve request on a raw socket and leave it open, as a holding client does."""
+async def open_raw_reservation(
+    info: ServeInfo, payload: dict[str, Any], *, signed: dict[str, Any] | None = None
+) -> trio.SocketStream:
+    """Send a /reserve request on a raw socket and leave it open, as a holding client does.
+
+    ``signed`` is a complete envelope to send instead of an unsigned one around ``payload``.
+    """
     parts = urlsplit(info.url)
     assert parts.hostname is not None and parts.port is not None
     stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-    data = body(envelope(URL, payload=payload))
+    data = body(signed if signed is not None else envelope(URL, payload=payload))
     head = (
         f"POST /reserve HTTP/1.1\r\nHost: {parts.netloc}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"

@@ -1,0 +1,794 @@
+"""The engine reporter: what the worker tells the Vast engine (autoscaler), and when.
+
+The reporter turns :class:`~nullworker.reservations.ReservationEvent` s into the
+engine's accounting (VAST_PROTOCOL.md §4, §5) and delivers it:
+
+* ``POST {addr}/worker_status/`` -- the §5.1 body plus 1.9.1's ``disk_usage``; at once
+  (after a short coalescing window) whenever the state changes, and as a heartbeat at
+  least every ``config.heartbeat_s``.
+* ``POST {addr}/delete_requests/`` -- every ended request, exactly once, in the 1.9.1
+  shape or the legacy pair of POSTs (``config.delete_requests_format``); sent in the same
+  wake-up as the ``worker_status`` that shows the request gone.
+* ``GET {addr}/pubkey/`` -- the engine's RSA key, per address (never the raw comma list).
+
+Concurrency invariants
+----------------------
+* :meth:`EngineReporter.observe`, :meth:`~EngineReporter.set_ready` and
+  :meth:`~EngineReporter.set_error` are synchronous and never block or raise: they
+  update in-memory state and set a ``trio.Event`` that wakes the report loop. The slot
+  can therefore never be held up by reporting.
+* At most one *round* (a ``worker_status`` and/or a ``delete_requests`` delivery) is in
+  flight at a time: rounds run under ``self._lock``, shared by :meth:`run` and
+  :meth:`flush`.
+* Snapshot and subtract, never zero (fixes pitfall §11.9): a round copies the counters
+  into the body it sends and, only once an address accepted that body, subtracts exactly
+  those copied values. Increments made while the POST was in flight survive into the
+  next report; a failed round subtracts nothing, so nothing is lost or counted twice.
+* Delete entries are removed from the pending list only after an address accepted the
+  POST that carried them (by identity, not by ``request_idx``), so each ended request is
+  delivered exactly once even across failed rounds. An entry is sent only once a
+  delivered ``worker_status`` showed the request gone, so the engine always hears
+  "idle" before the deletion (the official order).
+* Each address gets its own bounded deadline (fixes §11.10): ``engine_tries`` tries of at
+  most ``engine_timeout_s`` each, with ``engine_retry_s`` doubling between tries, then the
+  next address in order. The first address that accepts ends the round (fallback, not
+  fan-out). A round in which every address failed is retried after a backoff that is
+  capped at ``heartbeat_s`` -- or at once when the state changes again.
+* Only known transient failures are caught (``httpx.TransportError`` -- timeouts
+  included --, our own per-try deadline, HTTP status >= 400): they are logged in one
+  line without secrets (never the ``mtoken`` or a body) and retried later. Anything
+  else is a bug and propagates. ``trio.Cancelled`` is never swallowed.
+
+Accounting choices (documented deviations from the official worker)
+-------------------------------------------------------------------
+* ``num_requests_recieved`` (sic, the wire spelling) counts distinct ``request_idx``
+  values seen since start. Memory stays bounded: a count plus a window of the last
+  ``_RECENT_IDX_WINDOW`` indexes for de-duplication (a client retrying with the same
+  ``request_idx`` after a 429 is not counted twice), instead of an ever-growing set.
+  Reservations without a ``request_idx`` each count once.
+* ``cur_perf`` keeps the official meaning -- workload served since the last delivered
+  report -- but without the lost increments.
+* ``error_msg`` is not sticky forever: :meth:`EngineReporter.set_ready` clears an earlier
+  start-up error (e.g. a pubkey fetch that failed and then succeeded), and
+  ``set_error("")`` clears it explicitly.
+* The pending ``delete_requests`` list is bounded (``_MAX_PENDING_DELETES``, oldest
+  dropped with a warning) so a long engine outage cannot grow memory without limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+from .config import WorkerConfig
+from .errors import NullworkerError
+from .reservations import Outcome, Reservation, ReservationEvent
+from .signing import load_public_key
+
+__all__ = [
+    "PUBKEY_BACKOFF_S",
+    "WORKER_VERSION",
+    "EngineReporter",
+    "PubkeyUnavailable",
+    "send_error_beacon",
+]
+
+log = logging.getLogger(__name__)
+
+#: The ``version`` field of every ``worker_status`` (what the official worker sends).
+WORKER_VERSION = "1.1.0"
+#: Sleeps between rounds of ``GET /pubkey/`` over all addresses: 5 rounds in all.
+PUBKEY_BACKOFF_S: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+#: The engine address that takes ``worker_status`` but never ``delete_requests`` (§5.3).
+_NO_DELETES_ADDR = "https://cloud.vast.ai/api/v0"
+#: How many recent ``request_idx`` values are remembered to de-duplicate the count.
+_RECENT_IDX_WINDOW = 4096
+#: Bound on ended requests waiting for delivery (the oldest are dropped beyond it).
+_MAX_PENDING_DELETES = 10_000
+#: At most this many entries per ``delete_requests`` POST; the rest go in the next round.
+_DELETE_BATCH = 500
+
+_STATUS_OF: dict[Outcome, str] = {
+    Outcome.ELAPSED: "Success",
+    Outcome.RELEASED: "Success",
+    Outcome.CANCELLED: "Cancelled",
+    Outcome.SHUTDOWN: "Cancelled",
+    Outcome.REJECTED: "Rejected",
+    Outcome.ERROR: "Error",
+}
+#: The engine's ``success`` flag: served or cancelled, not refused or failed (§5.3).
+_SUCCESS_STATUSES = frozenset({"Success", "Cancelled"})
+
+
+class PubkeyUnavailable(NullworkerError):
+    """No engine address served a usable public key within the retry bound."""
+
+
+def _root_disk_gib() -> float:
+    """GiB used on ``/`` (one ``statvfs``: cheap enough to call synchronously)."""
+    try:
+        return shutil.disk_usage("/").used / 2**30
+    except OSError:
+        return 0.0
+
+
+def _as_idx(value: Any) -> int | None:
+    # The envelope already turns request_idx into an int; be strict anyway so a
+    # malformed tag can never put a non-int into working_request_idxs.
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass
+class _Counters:
+    """Workload totals accumulated since the last delivered report."""
+
+    received: float = 0.0
+    cancelled: float = 0.0
+    served: float = 0.0
+    errored: float = 0.0
+    rejected: float = 0.0
+
+    def copy(self) -> _Counters:
+        return _Counters(self.received, self.cancelled, self.served, self.errored, self.rejected)
+
+    def subtract(self, sent: _Counters) -> None:
+        self.received -= sent.received
+        self.cancelled -= sent.cancelled
+        self.served -= sent.served
+        self.errored -= sent.errored
+        self.rejected -= sent.rejected
+
+
+@dataclass(eq=False)
+class _DeleteEntry:
+    """One ended request waiting for ``/delete_requests/`` (compared by identity)."""
+
+    request_idx: int
+    status: str
+    entered_queue_at: float
+    work_started_at: float
+    work_completed_at: float
+    #: Set once a delivered worker_status showed this request gone from the working set.
+    reported: bool = False
+
+    @property
+    def success(self) -> bool:
+        return self.status in _SUCCESS_STATUSES
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "request_idx": self.request_idx,
+            "success": self.success,
+            "status": self.status,
+            "entered_queue_at": self.entered_queue_at,
+            "work_started_at": self.work_started_at,
+            "work_completed_at": self.work_completed_at,
+        }
+
+
+@dataclass(frozen=True)
+class _StatusSnapshot:
+    body: dict[str, Any]
+    counters: _Counters
+    disk_gib: float
+    #: The ended requests this body already shows as gone.
+    ended: list[_DeleteEntry]
+
+
+def _status_body(
+    config: WorkerConfig,
+    *,
+    loadtime: float,
+    counters: _Counters,
+    cur_load: float,
+    max_perf: float,
+    error_msg: str,
+    num_requests_working: int,
+    num_requests_received: int,
+    disk_gib: float,
+    additional_disk_gib: float,
+    working_request_idxs: list[int],
+) -> dict[str, Any]:
+    """The ``/worker_status/`` body: every §5.1 field plus 1.9.1's ``disk_usage``."""
+    return {
+        "id": config.container_id,
+        "mtoken": config.master_token,
+        "version": WORKER_VERSION,
+        "loadtime": float(loadtime),
+        "new_load": float(max(counters.received - counters.cancelled, 0.0)),
+        "cur_load": float(cur_load),
+        "rej_load": float(counters.rejected),
+        "max_perf": float(max_perf),
+        "cur_perf": float(counters.served),
+        "error_msg": error_msg,
+        "num_requests_working": int(num_requests_working),
+        "num_requests_recieved": int(num_requests_received),  # sic: the wire spelling
+        "additional_disk_usage": float(additional_disk_gib),
+        "disk_usage": float(disk_gib),
+        "working_request_idxs": list(working_request_idxs),
+        "cur_capacity": 0,
+        "max_capacity": 0,
+        "url": config.public_url or "",
+    }
+
+
+async def _post_once(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], *, timeout_s: float
+) -> str | None:
+    """One POST under a hard deadline; ``None`` on success, else why it failed."""
+    with trio.move_on_after(timeout_s):
+        try:
+            response = await client.post(url, json=body, timeout=timeout_s)
+        except httpx.TransportError as exc:  # timeouts are TransportErrors too
+            return _describe(exc)
+        if response.status_code >= 400:
+            return f"HTTP {response.status_code}"
+        return None
+    return f"no answer within {timeout_s:g} s"
+
+
+@asynccontextmanager
+async def _client_for(
+    http: httpx.AsyncClient | None, config: WorkerConfig
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The caller's client, or a short-lived one of our own that is closed on exit."""
+    if http is not None:
+        yield http
+        return
+    async with httpx.AsyncClient(timeout=config.engine_timeout_s) as own:
+        yield own
+
+
+class EngineReporter:
+    """Reports the worker's state to the Vast engine (see the module docstring).
+
+    Args:
+      config: the worker's settings; ``report_addrs`` are the engine base URLs, tried in
+        order.
+      http: a client to use (the caller keeps ownership). Without one, the reporter
+        opens its own for rounds and closes it when :meth:`run` or :meth:`flush` ends;
+        :meth:`fetch_pubkey` and :func:`send_error_beacon` use a short-lived one.
+      started_at: ``time.monotonic()`` at process start, the origin of ``loadtime``;
+        defaults to now.
+      disk_usage: returns the GiB used on ``/``; defaults to ``shutil.disk_usage``.
+    """
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        http: httpx.AsyncClient | None = None,
+        started_at: float | None = None,
+        disk_usage: Callable[[], float] | None = None,
+    ) -> None:
+        self._config = config
+        self._http = http
+        self._owned_http: httpx.AsyncClient | None = None
+        self._started_at = time.monotonic() if started_at is None else started_at
+        self._disk_usage = disk_usage or _root_disk_gib
+        # -- reported state -----------------------------------------------------------
+        self._loadtime = 0.0
+        self._max_perf = 0.0
+        self._error_msg = ""
+        self._counters = _Counters()
+        #: Reservations queued or held, in admission order (the working set).
+        self._working: dict[int, Reservation] = {}
+        self._received_count = 0
+        self._recent_idxs: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._pending: list[_DeleteEntry] = []
+        # 1.9.1 measures the disk delta from the last *delivered* report; the baseline
+        # is the figure at start, as the official worker takes it.
+        self._last_disk_gib = self._read_disk()
+        # -- scheduling -----------------------------------------------------------------
+        #: Something the engine has not seen yet; True at start: the first report goes
+        #: out as soon as the loop runs.
+        self._dirty = True
+        #: A state change since the current round began: report again without backoff.
+        self._changed = True
+        self._wake = trio.Event()
+        self._lock = trio.Lock()
+        self._last_status_round_at = -math.inf
+        # -- statistics -----------------------------------------------------------------
+        self._reports_sent = 0
+        self._deletes_sent = 0
+        self._report_failures = 0
+        self._dropped_deletes = 0
+        self._last_success_mono: float | None = None
+        self._last_error: str | None = None
+
+    # -- inputs (sync, never block, never raise) ------------------------------------------
+
+    def observe(self, event: ReservationEvent) -> None:
+        """The :class:`~nullworker.reservations.ReservationSlot` observer.
+
+        Updates the accounting and wakes the report loop; never blocks, never raises.
+        """
+        try:
+            changed = self._apply(event)
+        except Exception:  # a reporting bug must never break the slot
+            log.exception("engine reporter failed to account for a %s event", event.kind)
+            changed = True
+        if changed:
+            self._mark_changed()
+
+    def set_ready(self, *, max_perf: float) -> None:
+        """The worker is ready: report ``loadtime`` (now - start) and ``max_perf`` at once.
+
+        Also clears an earlier ``error_msg``: readiness supersedes a start-up error that
+        was recovered from (the engine reads ready as loadtime > 0, max_perf > 0 and an
+        empty error_msg).
+        """
+        # A strictly positive loadtime even if ready in the same clock tick as start.
+        self._loadtime = max(time.monotonic() - self._started_at, 1e-3)
+        self._max_perf = float(max_perf)
+        self._error_msg = ""
+        self._mark_changed()
+
+    def set_error(self, message: str) -> None:
+        """Report ``error_msg`` at once (``""`` clears it)."""
+        self._error_msg = str(message)
+        self._mark_changed()
+
+    def _mark_changed(self) -> None:
+        self._dirty = True
+        self._changed = True
+        self._wake.set()
+
+    def _apply(self, event: ReservationEvent) -> bool:
+        res = event.reservation
+        workload = float(res.workload)
+        idx = _as_idx(res.tag.get("request_idx"))
+        if event.kind == "queued":
+            # Admission is the protocol's "start": the request joins the working set.
+            self._working[res.id] = res
+            self._counters.received += workload
+            self._count_received(idx)
+            return True
+        if event.kind == "started":
+            # The hold began; nothing in the report changes (a queued reservation is
+            # already in the working set), and work_started_at is read at the end.
+            return False
+        if event.kind != "ended":
+            log.warning("engine reporter: unknown reservation event %r", event.kind)
+            return False
+        self._working.pop(res.id, None)
+        outcome = res.outcome or Outcome.ERROR
+        status = _STATUS_OF[outcome]
+        if status == "Success":
+            self._counters.served += workload
+        elif status == "Cancelled":
+            self._counters.cancelled += workload
+        elif status == "Rejected":
+            self._counters.rejected += workload
+        else:
+            self._counters.errored += workload
+        if idx is not None:
+            self._add_pending(
+                _DeleteEntry(
+                    request_idx=idx,
+                    status=status,
+                    entered_queue_at=float(res.entered_queue_at or 0.0),
+                    work_started_at=float(res.started_at or 0.0),
+                    work_completed_at=float(res.ended_at or 0.0),
+                )
+            )
+        return True
+
+    def _count_received(self, idx: int | None) -> None:
+        if idx is None:
+            self._received_count += 1
+            return
+        if idx in self._recent_idxs:
+            self._recent_idxs.move_to_end(idx)
+            return
+        self._received_count += 1
+        self._recent_idxs[idx] = None
+        if len(self._recent_idxs) > _RECENT_IDX_WINDOW:
+            self._recent_idxs.popitem(last=False)
+
+    def _add_pending(self, entry: _DeleteEntry) -> None:
+        self._pending.append(entry)
+        if len(self._pending) > _MAX_PENDING_DELETES:
+            excess = len(self._pending) - _MAX_PENDING_DELETES
+            del self._pending[:excess]
+            self._dropped_deletes += excess
+            log.warning(
+                "engine unreachable for long: dropped %d undelivered delete_requests entries",
+                excess,
+            )
+
+    # -- the report loop ----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Report until cancelled.
+
+        Calls ``task_status.started()`` at once. Sends ``/worker_status/`` whenever the
+        state changes (a burst within ``report_coalesce_s`` becomes one report) and at
+        least every ``heartbeat_s``, then ``/delete_requests/`` for ended requests. When
+        every address fails, the round is retried after a backoff capped at
+        ``heartbeat_s`` (sooner if the state changes).
+
+        Resource handling: a client the reporter opened itself is closed on exit.
+        """
+        task_status.started()
+        if not self._config.report_addrs:
+            await trio.sleep_forever()
+        failures = 0
+        retry_at = -math.inf
+        try:
+            while True:
+                await self._wait_for_work(retry_at)
+                # Let a burst of events (a release followed by the next admission) land
+                # in the same report.
+                await trio.sleep(self._config.report_coalesce_s)
+                async with self._lock:
+                    ok = await self._round()
+                if ok:
+                    failures = 0
+                    retry_at = -math.inf
+                else:
+                    failures += 1
+                    backoff = min(
+                        self._config.engine_retry_s * 2 ** min(failures - 1, 16),
+                        self._config.heartbeat_s,
+                    )
+                    retry_at = trio.current_time() + backoff
+        finally:
+            # flush() may hold the lock (and the client) right now; it closes it then.
+            if not self._lock.locked():
+                with trio.move_on_after(1.0, shield=True):
+                    await self.aclose()
+
+    async def _wait_for_work(self, retry_at: float) -> None:
+        while True:
+            if self._changed:
+                return
+            now = trio.current_time()
+            heartbeat_at = self._last_status_round_at + self._config.heartbeat_s
+            leftover = self._dirty or bool(self._pending)
+            due = min(heartbeat_at, retry_at) if leftover else heartbeat_at
+            if now >= due:
+                if now >= heartbeat_at:
+                    self._dirty = True
+                return
+            with trio.move_on_at(due):
+                await self._wake.wait()
+            # Events set after this point are seen by the checks at the top.
+            self._wake = trio.Event()
+
+    async def flush(self, *, timeout_s: float) -> None:
+        """Send what is pending now (a status change, ended requests), within ``timeout_s``.
+
+        Meant for shutdown; the caller shields it. Waits for a round already in flight
+        (inside the same bound). Closes the reporter's own client, if any, afterwards.
+        """
+        if not self._config.report_addrs:
+            return
+        with trio.move_on_after(timeout_s) as scope:
+            async with self._lock:
+                try:
+                    await self._round()
+                finally:
+                    with trio.move_on_after(1.0, shield=True):
+                        await self.aclose()
+        if scope.cancelled_caught:
+            log.warning(
+                "final engine report did not complete within %g s (%d delete entries left)",
+                timeout_s,
+                len(self._pending),
+            )
+
+    async def aclose(self) -> None:
+        """Close the client the reporter opened itself (a caller's client is left open)."""
+        client, self._owned_http = self._owned_http, None
+        if client is not None:
+            await client.aclose()
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is not None:
+            return self._http
+        if self._owned_http is None:
+            self._owned_http = httpx.AsyncClient(timeout=self._config.engine_timeout_s)
+        return self._owned_http
+
+    async def _round(self) -> bool:
+        """One delivery of whatever is pending; True when nothing is left undelivered."""
+        self._changed = False
+        ok = True
+        if self._dirty:
+            ok = await self._send_status()
+        else:
+            # Nothing changed since the last delivered report, so it showed all of
+            # these gone already (a safety net: delivery marks them itself).
+            for entry in self._pending:
+                entry.reported = True
+        # Only requests a delivered worker_status already shows as ended: the engine
+        # hears "idle" first, then the deletions (the official order). One that ended
+        # while this round's status was in flight waits for the next round.
+        if any(entry.reported for entry in self._pending):
+            ok = await self._send_deletes() and ok
+        return ok
+
+    # -- worker_status ------------------------------------------------------------------
+
+    def _read_disk(self) -> float:
+        try:
+            value = float(self._disk_usage())
+        except (OSError, ValueError, TypeError):
+            return 0.0
+        return value if math.isfinite(value) else 0.0
+
+    def _snapshot(self) -> _StatusSnapshot:
+        counters = self._counters.copy()
+        disk = self._read_disk()
+        working = list(self._working.values())
+        idxs = [i for i in (_as_idx(r.tag.get("request_idx")) for r in working) if i is not None]
+        body = _status_body(
+            self._config,
+            loadtime=self._loadtime,
+            counters=counters,
+            cur_load=sum(float(r.workload) for r in working),
+            max_perf=self._max_perf,
+            error_msg=self._error_msg,
+            num_requests_working=len(working),
+            num_requests_received=self._received_count,
+            disk_gib=disk,
+            additional_disk_gib=disk - self._last_disk_gib,
+            working_request_idxs=idxs,
+        )
+        return _StatusSnapshot(
+            body=body, counters=counters, disk_gib=disk, ended=list(self._pending)
+        )
+
+    async def _send_status(self) -> bool:
+        snap = self._snapshot()
+        # Cleared before the POST: a change made while it is in flight sets it again.
+        self._dirty = False
+        self._last_status_round_at = trio.current_time()
+        for addr in self._config.report_addrs:
+            if await self._post_with_retries(addr, "/worker_status/", snap.body):
+                # Subtract exactly what was delivered; concurrent increments survive.
+                self._counters.subtract(snap.counters)
+                self._last_disk_gib = snap.disk_gib
+                for entry in snap.ended:
+                    entry.reported = True
+                self._reports_sent += 1
+                self._last_success_mono = time.monotonic()
+                return True
+        self._dirty = True
+        self._report_failures += 1
+        log.warning(
+            "worker_status not delivered to any of %d engine address(es); last error: %s",
+            len(self._config.report_addrs),
+            self._last_error,
+        )
+        return False
+
+    # -- delete_requests ------------------------------------------------------------------
+
+    def _delete_addrs(self) -> list[str]:
+        # The official worker never sends delete_requests to this address (§5.3).
+        return [a for a in self._config.report_addrs if a.rstrip("/") != _NO_DELETES_ADDR]
+
+    def _remove_pending(self, delivered: list[_DeleteEntry]) -> None:
+        done = set(delivered)
+        self._pending = [e for e in self._pending if e not in done]
+        self._deletes_sent += len(delivered)
+
+    async def _send_deletes(self) -> bool:
+        addrs = self._delete_addrs()
+        if not addrs:
+            # Nowhere to deliver them: keeping them would only grow memory.
+            log.debug("no engine address takes delete_requests; dropping %d", len(self._pending))
+            self._pending.clear()
+            return True
+        batch = [entry for entry in self._pending if entry.reported][:_DELETE_BATCH]
+        if self._config.delete_requests_format == "legacy":
+            delivered = await self._send_deletes_legacy(addrs, batch)
+        else:
+            delivered = await self._send_deletes_191(addrs, batch)
+        if not delivered:
+            self._report_failures += 1
+            log.warning(
+                "delete_requests (%d entries) not delivered to any of %d engine address(es); "
+                "last error: %s",
+                len(batch),
+                len(addrs),
+                self._last_error,
+            )
+        return delivered
+
+    async def _send_deletes_191(self, addrs: list[str], batch: list[_DeleteEntry]) -> bool:
+        body = {
+            "worker_id": self._config.container_id,
+            "mtoken": self._config.master_token,
+            "requests": [e.as_json() for e in batch],
+        }
+        for addr in addrs:
+            if await self._post_with_retries(addr, "/delete_requests/", body):
+                self._remove_pending(batch)
+                return True
+        return False
+
+    async def _send_deletes_legacy(self, addrs: list[str], batch: list[_DeleteEntry]) -> bool:
+        # Two groups, each removed as soon as an address accepted it, so a group is
+        # never delivered twice when the other one fails and we fall back.
+        groups = [
+            (flag, [e for e in batch if e.success is flag])
+            for flag in (True, False)
+            if any(e.success is flag for e in batch)
+        ]
+        for addr in addrs:
+            while groups:
+                flag, entries = groups[0]
+                body = {
+                    "worker_id": self._config.container_id,
+                    "mtoken": self._config.master_token,
+                    "request_idxs": [e.request_idx for e in entries],
+                    "success": flag,
+                }
+                if not await self._post_with_retries(addr, "/delete_requests/", body):
+                    break  # this address is failing: fall back to the next one
+                self._remove_pending(entries)
+                groups.pop(0)
+            if not groups:
+                return True
+        return False
+
+    # -- transport ------------------------------------------------------------------------
+
+    async def _post_with_retries(self, addr: str, path: str, body: dict[str, Any]) -> bool:
+        """``engine_tries`` tries at one address; this address's own bounded deadline."""
+        config = self._config
+        url = addr.rstrip("/") + path
+        for attempt in range(1, config.engine_tries + 1):
+            error = await _post_once(self._client(), url, body, timeout_s=config.engine_timeout_s)
+            if error is None:
+                return True
+            self._last_error = f"{path} at {addr}: {error}"
+            log.debug("POST %s failed (try %d/%d): %s", url, attempt, config.engine_tries, error)
+            if attempt < config.engine_tries:
+                await trio.sleep(config.engine_retry_s * 2 ** (attempt - 1))
+        return False
+
+    # -- pubkey ---------------------------------------------------------------------------
+
+    async def fetch_pubkey(self, *, backoff_s: Sequence[float] = PUBKEY_BACKOFF_S) -> RSAPublicKey:
+        """Fetch the engine's RSA public key from ``GET {addr}/pubkey/``.
+
+        Tries each address of ``config.report_addrs`` in order (one URL per address, not
+        the raw comma list); a round that finds no usable key sleeps ``backoff_s[i]`` and
+        tries again, ``len(backoff_s) + 1`` rounds in all. Each try is bounded by
+        ``engine_timeout_s``; a status >= 400, a transport error or a body that is not an
+        RSA public key in PEM counts as a failure.
+
+        Raises:
+          PubkeyUnavailable: every try failed (the message says why the last one did).
+        """
+        addrs = self._config.report_addrs
+        if not addrs:
+            raise PubkeyUnavailable("no engine address (REPORT_ADDR) to fetch the key from")
+        timeout_s = self._config.engine_timeout_s
+        rounds = len(backoff_s) + 1
+        last_error = "no attempt made"
+        async with _client_for(self._http, self._config) as client:
+            for round_no in range(rounds):
+                for addr in addrs:
+                    url = addr.rstrip("/") + "/pubkey/"
+                    key, error = await _get_pubkey_once(client, url, timeout_s=timeout_s)
+                    if key is not None:
+                        return key
+                    last_error = f"{url}: {error}"
+                    log.debug("GET %s failed: %s", url, error)
+                if round_no < len(backoff_s):
+                    log.warning(
+                        "engine public key not available (%s); retrying in %g s",
+                        last_error,
+                        backoff_s[round_no],
+                    )
+                    await trio.sleep(backoff_s[round_no])
+        raise PubkeyUnavailable(
+            f"could not fetch the engine's public key from {len(addrs)} address(es) "
+            f"in {rounds} rounds; last error: {last_error}"
+        )
+
+    # -- views ----------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        """A JSON-ready snapshot for ``/status``."""
+        age = (
+            None
+            if self._last_success_mono is None
+            else round(time.monotonic() - self._last_success_mono, 3)
+        )
+        return {
+            "reports_sent": self._reports_sent,
+            "report_failures": self._report_failures,
+            "last_report_age_s": age,
+            "pending_deletes": len(self._pending),
+            "deletes_sent": self._deletes_sent,
+            "dropped_deletes": self._dropped_deletes,
+            "last_error": self._last_error,
+            "ready": self._loadtime > 0 and self._max_perf > 0 and not self._error_msg,
+            "error_msg": self._error_msg,
+            "cur_load": sum(float(r.workload) for r in self._working.values()),
+            "num_requests_working": len(self._working),
+            "num_requests_received": self._received_count,
+        }
+
+
+async def _get_pubkey_once(
+    client: httpx.AsyncClient, url: str, *, timeout_s: float
+) -> tuple[RSAPublicKey | None, str]:
+    with trio.move_on_after(timeout_s):
+        try:
+            response = await client.get(url, timeout=timeout_s)
+        except httpx.TransportError as exc:
+            return None, _describe(exc)
+        if response.status_code >= 400:
+            return None, f"HTTP {response.status_code}"
+        try:
+            return load_public_key(response.content), ""
+        except ValueError as exc:  # not PEM, or not an RSA key
+            return None, f"not an RSA public key in PEM ({_describe(exc)})"
+    return None, f"no answer within {timeout_s:g} s"
+
+
+async def send_error_beacon(
+    config: WorkerConfig, message: str, *, http: httpx.AsyncClient | None = None
+) -> bool:
+    """Tell the engine the worker failed to start: one ``worker_status`` with ``error_msg``.
+
+    Goes to **every** address in ``config.report_addrs`` at once (like the official start
+    script's beacon), one try each bounded by ``engine_timeout_s``. Returns True if any
+    address accepted it. Never raises for transport failures.
+    """
+    if not config.report_addrs:
+        return False
+    disk = _root_disk_gib()
+    body = _status_body(
+        config,
+        loadtime=0.0,
+        counters=_Counters(),
+        cur_load=0.0,
+        max_perf=0.0,
+        error_msg=message,
+        num_requests_working=0,
+        num_requests_received=0,
+        disk_gib=disk,
+        additional_disk_gib=0.0,
+        working_request_idxs=[],
+    )
+    accepted: list[str] = []
+
+    async def _one(client: httpx.AsyncClient, addr: str) -> None:
+        error = await _post_once(
+            client, addr.rstrip("/") + "/worker_status/", body, timeout_s=config.engine_timeout_s
+        )
+        if error is None:
+            accepted.append(addr)
+        else:
+            log.warning("error beacon to %s failed: %s", addr, error)
+
+    async with _client_for(http, config) as client, trio.open_nursery() as nursery:
+        for addr in config.report_addrs:
+            nursery.start_soon(_one, client, addr)
+    return bool(accepted)

@@ -1,0 +1,837 @@
+"""Tests of the engine reporter against a real local HTTP recorder.
+
+The recorder is a tiny Quart-Trio app served by Hypercorn on 127.0.0.1:0 in the test's
+nursery: it records every request (path, JSON body, arrival time, answered status) and
+can be told to fail (HTTP 500) or to be slow. Reservation events come from a real
+``ReservationSlot`` whose observer is the reporter.
+
+A few pure client-side policy tests (per-address deadlines and default cadences in
+virtual time, the ``cloud.vast.ai`` skip rule) use ``httpx.MockTransport`` with
+``autojump_clock``: no socket is involved there, so the mock clock cannot jump over I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from quart import request
+from quart_trio import QuartTrio
+
+from nullworker.config import WorkerConfig
+from nullworker.errors import NullworkerError, QueueTimeout, ShuttingDown
+from nullworker.reporter import (
+    PUBKEY_BACKOFF_S,
+    EngineReporter,
+    PubkeyUnavailable,
+    send_error_beacon,
+)
+from nullworker.reservations import ReservationSlot
+from nullworker.signing import generate_private_key, public_key_pem
+
+STATUS = "/worker_status/"
+DELETE = "/delete_requests/"
+PUBKEY = "/pubkey/"
+
+STATUS_FIELDS = {
+    "id": int,
+    "mtoken": str,
+    "version": str,
+    "loadtime": float,
+    "new_load": float,
+    "cur_load": float,
+    "rej_load": float,
+    "max_perf": float,
+    "cur_perf": float,
+    "error_msg": str,
+    "num_requests_working": int,
+    "num_requests_recieved": int,
+    "additional_disk_usage": float,
+    "disk_usage": float,
+    "working_request_idxs": list,
+    "cur_capacity": int,
+    "max_capacity": int,
+    "url": str,
+}
+DELETE_ENTRY_KEYS = {
+    "request_idx",
+    "success",
+    "status",
+    "entered_queue_at",
+    "work_started_at",
+    "work_completed_at",
+}
+
+
+# -- the recorder ----------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    path: str
+    body: Any
+    at: float
+    status: int | None = None  # None until answered (or forever, if the client gave up)
+
+
+@dataclass
+class Recorder:
+    pem: str = ""
+    url: str = ""
+    records: list[Record] = field(default_factory=list)
+    #: path -> answer the next N requests to it with 500.
+    fail_next: dict[str, int] = field(default_factory=dict)
+    fail_all: bool = False
+    #: path -> seconds to wait before answering.
+    delay_s: dict[str, float] = field(default_factory=dict)
+    pubkey_body: str | None = None  # overrides the PEM when set
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def attempts(self, path: str) -> list[Record]:
+        return [r for r in self.records if r.path == path]
+
+    def accepted(self, path: str) -> list[Any]:
+        return [r.body for r in self.records if r.path == path and r.status == 200]
+
+    def accepted_entries(self) -> list[dict[str, Any]]:
+        return [entry for body in self.accepted(DELETE) for entry in body["requests"]]
+
+    async def wait_for(self, predicate: Callable[[], bool], *, within_s: float = 5.0) -> None:
+        with trio.fail_after(within_s):
+            while not predicate():
+                await self._changed.wait()
+
+    async def wait_status(
+        self, predicate: Callable[[dict[str, Any]], bool], *, within_s: float = 5.0
+    ) -> dict[str, Any]:
+        """The first accepted worker_status body (oldest first) matching ``predicate``."""
+        found: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            found[:] = [b for b in self.accepted(STATUS) if predicate(b)]
+            return bool(found)
+
+        await self.wait_for(check, within_s=within_s)
+        return found[0]
+
+
+def _recorder_app(rec: Recorder) -> QuartTrio:
+    app = QuartTrio(__name__)
+
+    async def handle() -> Any:
+        record = Record(
+            path=request.path,
+            body=await request.get_json(force=True, silent=True)
+            if request.method == "POST"
+            else None,
+            at=trio.current_time(),
+        )
+        rec.records.append(record)
+        rec._notify()
+        delay = rec.delay_s.get(request.path, 0.0)
+        if delay:
+            await trio.sleep(delay)
+        status = 200
+        if rec.fail_all or rec.fail_next.get(request.path, 0) > 0:
+            rec.fail_next[request.path] = max(rec.fail_next.get(request.path, 0) - 1, 0)
+            status = 500
+        record.status = status
+        rec._notify()
+        if status != 200:
+            return {"error": "told to fail"}, status
+        if request.path == PUBKEY:
+            text = rec.pem if rec.pubkey_body is None else rec.pubkey_body
+            return text, 200, {"Content-Type": "text/plain"}
+        return {"ok": True}, 200
+
+    for path in (STATUS, DELETE, PUBKEY):
+        app.add_url_rule(path, path, handle, methods=["GET", "POST"])
+    return app
+
+
+MakeRecorder = Callable[..., Awaitable[Recorder]]
+
+
+@pytest.fixture(scope="module")
+def engine_key() -> Any:
+    return generate_private_key()
+
+
+@pytest.fixture
+def make_recorder(nursery: trio.Nursery, engine_key: Any) -> MakeRecorder:
+    async def make(**settings: Any) -> Recorder:
+        rec = Recorder(pem=public_key_pem(engine_key), **settings)
+        config = HypercornConfig()
+        config.bind = ["127.0.0.1:0"]
+        config.graceful_timeout = 0.1
+        binds: list[str] = await nursery.start(hypercorn_serve, _recorder_app(rec), config)
+        rec.url = binds[0]
+        return rec
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _quiet_hypercorn() -> None:
+    logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
+
+
+def dead_address() -> str:
+    """A loopback URL whose port refuses connections (bound once, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def settle(
+    reporter: EngineReporter, predicate: Callable[[dict[str, Any]], bool], *, within_s: float = 2.0
+) -> dict[str, Any]:
+    """Wait until the reporter's statistics satisfy ``predicate``.
+
+    The recorder marks a request answered before the reporter has read the answer, so
+    the reporter's own view lags by a moment; a short bounded poll covers that.
+    """
+    with trio.fail_after(within_s):
+        while not predicate(stats := reporter.statistics()):
+            await trio.sleep(0.01)
+    return stats
+
+
+def make_config(*addrs: str, **overrides: Any) -> WorkerConfig:
+    settings: dict[str, Any] = {
+        "report_addrs": tuple(addrs),
+        "container_id": 7,
+        "master_token": "tok",
+        "public_url": "http://127.0.0.1:1234",
+        "unsecured": False,
+        "heartbeat_s": 30.0,
+        "engine_retry_s": 0.05,
+        "engine_timeout_s": 1.0,
+    }
+    settings.update(overrides)
+    return WorkerConfig(**settings)
+
+
+def make_slot(reporter: EngineReporter, *, max_queue_time_s: float = 5.0) -> ReservationSlot:
+    return ReservationSlot(
+        max_reservation_s=60.0, max_queue_time_s=max_queue_time_s, observer=reporter.observe
+    )
+
+
+async def hold(slot: ReservationSlot, duration: float, idx: int | None) -> None:
+    """A hold whose refusal (429/503 in the web layer) is an expected outcome here."""
+    tag = {} if idx is None else {"request_idx": idx, "reqnum": idx + 1000}
+    try:
+        await slot.hold(duration, tag=tag)
+    except (QueueTimeout, ShuttingDown):
+        pass
+
+
+# -- worker_status ----------------------------------------------------------------------
+
+
+async def test_worker_status_fields_and_types(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    rec = await make_recorder()
+    disk = [12.5]
+    reporter = EngineReporter(make_config(rec.url), disk_usage=lambda: disk[0])
+    slot = make_slot(reporter)
+    await nursery.start(reporter.run)
+    reporter.set_ready(max_perf=100.0)
+    disk[0] = 13.0
+    nursery.start_soon(hold, slot, 30.0, 41)
+
+    body = await rec.wait_status(lambda b: b["num_requests_working"] == 1)
+    assert set(body) == set(STATUS_FIELDS)
+    for name, kind in STATUS_FIELDS.items():
+        assert type(body[name]) is kind, (name, body[name])
+    assert body["id"] == 7
+    assert body["mtoken"] == "tok"
+    assert body["version"] == "1.1.0"
+    assert body["url"] == "http://127.0.0.1:1234"
+    assert body["loadtime"] > 0
+    assert body["max_perf"] == 100.0
+    assert body["error_msg"] == ""
+    assert body["cur_load"] == 100.0
+    assert body["working_request_idxs"] == [41]
+    assert body["num_requests_recieved"] == 1
+    assert body["cur_capacity"] == 0 and body["max_capacity"] == 0
+    assert body["disk_usage"] == 13.0
+    # The first delivered report measures the delta from the figure at start (12.5).
+    first = rec.accepted(STATUS)[0]
+    assert first["additional_disk_usage"] == pytest.approx(first["disk_usage"] - 12.5)
+    # Counters: new_load over all reports is the one admission so far.
+    assert sum(b["new_load"] for b in rec.accepted(STATUS)) == 100.0
+
+    slot.release()
+    idle = await rec.wait_status(lambda b: b["num_requests_working"] == 0 and b["cur_perf"] > 0)
+    assert idle["cur_load"] == 0.0
+    assert idle["working_request_idxs"] == []
+    assert idle["cur_perf"] == 100.0
+
+
+async def test_readiness_is_reported_at_once(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    rec = await make_recorder()
+    reporter = EngineReporter(make_config(rec.url, heartbeat_s=30.0))
+    await nursery.start(reporter.run)
+    loading = await rec.wait_status(lambda b: True, within_s=2.0)
+    assert loading["loadtime"] == 0.0 and loading["max_perf"] == 0.0
+
+    reporter.set_ready(max_perf=100.0)
+    # Generous bound: the official worker could take ~11 s here; a 30 s heartbeat
+    # means only the state change itself can produce this report.
+    ready = await rec.wait_status(lambda b: b["max_perf"] == 100.0, within_s=1.0)
+    assert ready["loadtime"] > 0
+    assert ready["error_msg"] == ""
+
+
+async def test_errors_are_reported_at_once_and_cleared_by_readiness(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    rec = await make_recorder()
+    reporter = EngineReporter(make_config(rec.url))
+    await nursery.start(reporter.run)
+    reporter.set_error("cannot fetch the engine's public key")
+    errored = await rec.wait_status(lambda b: b["error_msg"] != "", within_s=1.0)
+    assert errored["error_msg"] == "cannot fetch the engine's public key"
+    assert reporter.statistics()["ready"] is False
+
+    reporter.set_ready(max_perf=100.0)
+    ready = await rec.wait_status(lambda b: b["max_perf"] == 100.0, within_s=1.0)
+    assert ready["error_msg"] == ""
+    assert reporter.statistics()["ready"] is True
+
+
+async def test_busy_then_idle_reports_and_delete_are_prompt(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    rec = await make_recorder()
+    reporter = EngineReporter(make_config(rec.url))
+    slot = make_slot(reporter)
+    await nursery.start(reporter.run)
+    reporter.set_ready(max_perf=100.0)
+    await rec.wait_status(lambda b: b["max_perf"] == 100.0)
+
+    nursery.start_soon(hold, slot, 30.0, 5)
+    busy = await rec.wait_status(lambda b: b["num_requests_working"] == 1, within_s=1.0)
+    assert busy["cur_load"] == 100.0 and busy["working_request_idxs"] == [5]
+
+    slot.release()
+    await rec.wait_status(
+        lambda b: b["num_requests_working"] == 0 and b["cur_perf"] == 100.0, within_s=1.0
+    )
+    await rec.wait_for(lambda: bool(rec.accepted(DELETE)), within_s=1.0)
+    entries = rec.accepted_entries()
+    assert [(e["request_idx"], e["status"], e["success"]) for e in entries] == [
+        (5, "Success", True)
+    ]
+    # The delete goes right after the worker_status that shows the worker idle.
+    delivered = [r for r in rec.records if r.status == 200]
+    idle_at = next(
+        i
+        for i, r in enumerate(delivered)
+        if r.path == STATUS and r.body["num_requests_working"] == 0 and r.body["cur_perf"]
+    )
+    assert delivered[idle_at + 1].path == DELETE
+
+
+async def test_a_burst_of_events_is_coalesced(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    rec = await make_recorder()
+    reporter = EngineReporter(make_config(rec.url, report_coalesce_s=0.3))
+    slot = make_slot(reporter, max_queue_time_s=0.0)
+    await nursery.start(reporter.run)
+    await rec.wait_status(lambda b: True)
+    before = len(rec.accepted(STATUS))
+
+    # One hold, then nine rejections 15 ms apart: 19 events (queued + ended) spread
+    # over ~0.14 s, inside one 0.3 s coalescing window.
+    nursery.start_soon(hold, slot, 30.0, 100)
+    await trio.testing.wait_all_tasks_blocked()
+    for idx in range(101, 110):
+        await hold(slot, 30.0, idx)
+        await trio.sleep(0.015)
+
+    def burst_seen() -> bool:
+        return bool(sum(b["rej_load"] for b in rec.accepted(STATUS)) == 900.0)
+
+    await rec.wait_for(burst_seen, within_s=2.0)
+    after = rec.accepted(STATUS)[before:]
+    assert len(after) <= 3, [(b["cur_load"], b["rej_load"]) for b in after]
+    assert after[-1]["cur_load"] == 100.0
+    assert after[-1]["num_requests_recieved"] == 10
+    slot.release()
+
+
+async def test_heartbeat_without_state_changes(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    rec = await make_recorder()
+    reporter = EngineReporter(make_config(rec.url, heartbeat_s=0.2), disk_usage=lambda: 1.0)
+    await nursery.start(reporter.run)
+    await rec.wait_for(lambda: len(rec.accepted(STATUS)) >= 4, within_s=3.0)
+    bodies = rec.accepted(STATUS)
+    assert all(b["new_load"] == 0.0 and b["cur_load"] == 0.0 for b in bodies)
+    assert all(b == bodies[1] for b in bodies[1:])  # the same state, re-sent
+    await settle(reporter, lambda st: st["reports_sent"] >= 4)
+
+
+async def test_increments_during_an_in_flight_post_are_kept(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    rec = await make_recorder()
+    rec.delay_s[STATUS] = 0.25  # every worker_status is in flight for a while
+    reporter = EngineReporter(make_config(rec.url))
+    slot = make_slot(reporter)
+    await nursery.start(reporter.run)
+
+    # Eight 60 ms holds queued at once: they end one after another while POSTs are
+    # in flight, so a reset-after-send would lose most of the served workload.
+    for idx in range(1, 9):
+        nursery.start_soon(hold, slot, 0.06, idx)
+
+    def all_served() -> bool:
+        return bool(sum(b["cur_perf"] for b in rec.accepted(STATUS)) >= 800.0)
+
+    await rec.wait_for(all_served, within_s=4.0)
+    bodies = rec.accepted(STATUS)
+    assert sum(b["new_load"] for b in bodies) == 800.0
+    assert sum(b["cur_perf"] for b in bodies) == 800.0
+    assert len(bodies) < 9  # reports did overlap with the events
+    await rec.wait_for(lambda: len(rec.accepted_entries()) == 8, within_s=2.0)
+    assert sorted(e["request_idx"] for e in rec.accepted_entries()) == list(range(1, 9))
+
+
+# -- fallback and deadlines -------------------------------------------------------------
+
+
+async def test_fallback_to_the_second_address_with_bounded_attempts(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    bad = await make_recorder(fail_all=True)
+    good = await make_recorder()
+    reporter = EngineReporter(make_config(bad.url, good.url, engine_tries=2))
+    await nursery.start(reporter.run)
+    await good.wait_status(lambda b: True, within_s=2.0)
+    assert len(bad.attempts(STATUS)) == 2
+
+    reporter.set_ready(max_perf=100.0)
+    await good.wait_status(lambda b: b["max_perf"] == 100.0, within_s=2.0)
+    # Every round starts again at the first address, with the same bound there.
+    assert len(bad.attempts(STATUS)) == 2 * len(good.accepted(STATUS)) == 4
+    assert reporter.statistics()["report_failures"] == 0
+
+
+@pytest.mark.parametrize("failure", ["hangs", "refuses"])
+async def test_a_dead_first_address_has_its_own_deadline(
+    make_recorder: MakeRecorder, nursery: trio.Nursery, failure: str
+) -> None:
+    good = await make_recorder()
+    if failure == "hangs":
+        slow = await make_recorder()
+        slow.delay_s[STATUS] = 30.0
+        first = slow.url
+    else:
+        first = dead_address()
+    reporter = EngineReporter(make_config(first, good.url, engine_tries=2, engine_timeout_s=0.2))
+    await nursery.start(reporter.run)
+    # Worst case at the first address: 2 tries x 0.2 s + 0.05 s backoff.
+    await good.wait_status(lambda b: True, within_s=2.0)
+    await settle(reporter, lambda st: st["reports_sent"] == 1)
+
+
+async def test_each_address_gets_its_own_deadline_in_virtual_time(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    arrivals: list[tuple[str, float]] = []
+
+    async def handler(req: httpx.Request) -> httpx.Response:
+        arrivals.append((req.url.host, trio.current_time()))
+        if req.url.host == "hung.test":
+            await trio.sleep(1000)  # never answers
+        return httpx.Response(200, json={})
+
+    config = make_config(
+        "http://hung.test",
+        "http://good.test",
+        engine_timeout_s=5.0,
+        engine_tries=3,
+        engine_retry_s=0.5,
+        report_coalesce_s=0.0,
+    )
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        reporter = EngineReporter(config, http=http)
+        start = trio.current_time()
+        await nursery.start(reporter.run)
+        with trio.fail_after(100):
+            while not any(host == "good.test" for host, _ in arrivals):
+                await trio.sleep(0.1)
+    hung = [t - start for host, t in arrivals if host == "hung.test"]
+    good = [t - start for host, t in arrivals if host == "good.test"]
+    # 3 tries of 5 s with 0.5 s and 1 s between them, then the next address.
+    assert hung == pytest.approx([0.0, 5.5, 11.5])
+    assert good[0] == pytest.approx(16.5)
+
+
+async def test_default_heartbeat_cadence_in_virtual_time(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    times: list[float] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        times.append(trio.current_time())
+        return httpx.Response(200, json={})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        reporter = EngineReporter(
+            WorkerConfig(report_addrs=("http://engine.test",), container_id=1), http=http
+        )
+        async with trio.open_nursery() as inner:
+            await inner.start(reporter.run)
+            await trio.sleep(35.0)
+            inner.cancel_scope.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(times) == 4
+    assert all(10.0 <= gap <= 10.1 for gap in gaps), gaps
+
+
+async def test_unreachable_engine_is_retried_with_backoff_and_no_secrets_logged(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts: list[float] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        attempts.append(trio.current_time())
+        return httpx.Response(500, text="down")
+
+    config = make_config(
+        "http://engine.test", master_token="s3cret-token", engine_retry_s=0.5, heartbeat_s=10.0
+    )
+    caplog.set_level(logging.DEBUG, logger="nullworker.reporter")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        reporter = EngineReporter(config, http=http)
+        async with trio.open_nursery() as inner:
+            await inner.start(reporter.run)
+            await trio.sleep(120.0)
+            inner.cancel_scope.cancel()
+    stats = reporter.statistics()
+    # Rounds keep coming (never given up) but never spin: 3 tries per round, and the
+    # pause between rounds grows to heartbeat_s (10 s) -> about a dozen rounds.
+    assert 3 * 8 <= len(attempts) <= 3 * 20
+    assert stats["report_failures"] == len(attempts) // 3
+    assert stats["reports_sent"] == 0
+    assert "HTTP 500" in stats["last_error"]
+    assert "s3cret-token" not in caplog.text
+    assert "s3cret-token" not in json.dumps(stats)
+    assert any("not delivered" in r.getMessage() for r in caplog.records)
+
+
+# -- delete_requests ----------------------------------------------------------------------
+
+
+async def test_delete_requests_191_body(make_recorder: MakeRecorder, nursery: trio.Nursery) -> None:
+    rec = await make_recorder()
+    reporter = EngineReporter(make_config(rec.url))
+    slot = make_slot(reporter, max_queue_time_s=0.0)
+    await nursery.start(reporter.run)
+
+    nursery.start_soon(hold, slot, 0.3, 1)  # elapses -> Success
+    await trio.testing.wait_all_tasks_blocked()
+    await hold(slot, 1.0, 2)  # slot busy, no queueing -> Rejected
+    await slot.wait_idle()
+    with trio.move_on_after(0.05):  # held, then the holder goes away -> Cancelled
+        await hold(slot, 30.0, 3)
+    await hold(slot, 0.0, None)  # no request_idx: counters only
+
+    await rec.wait_for(lambda: len(rec.accepted_entries()) == 3, within_s=2.0)
+    for body in rec.accepted(DELETE):
+        assert set(body) == {"worker_id", "mtoken", "requests"}
+        assert body["worker_id"] == 7 and body["mtoken"] == "tok"
+    by_idx = {e["request_idx"]: e for e in rec.accepted_entries()}
+    assert set(by_idx) == {1, 2, 3}
+    for entry in by_idx.values():
+        assert set(entry) == DELETE_ENTRY_KEYS
+        for key in ("entered_queue_at", "work_started_at", "work_completed_at"):
+            assert type(entry[key]) is float
+    assert (by_idx[1]["status"], by_idx[1]["success"]) == ("Success", True)
+    assert (by_idx[2]["status"], by_idx[2]["success"]) == ("Rejected", False)
+    assert (by_idx[3]["status"], by_idx[3]["success"]) == ("Cancelled", True)
+    one = by_idx[1]
+    assert 0 < one["entered_queue_at"] <= one["work_started_at"] <= one["work_completed_at"]
+    assert by_idx[2]["work_started_at"] == 0.0 and by_idx[2]["work_completed_at"] > 0
+    # Counters: served 1 (+ the idx-less one), rejected 1, cancelled 1.
+    await rec.wait_status(lambda b: True)
+    await rec.wait_for(
+        lambda: sum(b["cur_perf"] for b in rec.accepted(STATUS)) == 200.0, within_s=2.0
+    )
+    bodies = rec.accepted(STATUS)
+    assert sum(b["rej_load"] for b in bodies) == 100.0
+    await settle(reporter, lambda st: st["pending_deletes"] == 0)
+
+
+async def test_delete_requests_legacy_bodies(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    rec = await make_recorder()
+    reporter = EngineReporter(make_config(rec.url, delete_requests_format="legacy"))
+    slot = make_slot(reporter, max_queue_time_s=0.0)
+    await nursery.start(reporter.run)
+
+    nursery.start_soon(hold, slot, 30.0, 11)
+    await trio.testing.wait_all_tasks_blocked()
+    await hold(slot, 1.0, 12)  # rejected
+    slot.release()  # 11 succeeds in the same burst
+
+    def both_sent() -> bool:
+        return sum(len(b["request_idxs"]) for b in rec.accepted(DELETE)) == 2
+
+    await rec.wait_for(both_sent, within_s=2.0)
+    bodies = rec.accepted(DELETE)
+    for body in bodies:
+        assert set(body) == {"worker_id", "mtoken", "request_idxs", "success"}
+        assert body["worker_id"] == 7 and body["mtoken"] == "tok"
+    pairs = {(idx, body["success"]) for body in bodies for idx in body["request_idxs"]}
+    assert pairs == {(11, True), (12, False)}
+    assert [b["success"] for b in bodies] == [True, False]  # the official order
+
+
+async def test_legacy_groups_are_each_delivered_once_across_fallback(nursery: trio.Nursery) -> None:
+    seen: list[tuple[str, bool, list[int]]] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path != DELETE:
+            return httpx.Response(200, json={})
+        body = json.loads(req.content)
+        seen.append((req.url.host, body["success"], body["request_idxs"]))
+        if req.url.host == "first.test" and body["success"] is False:
+            return httpx.Response(503)  # accepts the successes, fails the failures
+        return httpx.Response(200, json={})
+
+    config = make_config(
+        "http://first.test",
+        "http://second.test",
+        delete_requests_format="legacy",
+        engine_tries=1,
+    )
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        reporter = EngineReporter(config, http=http)
+        slot = make_slot(reporter, max_queue_time_s=0.0)
+        nursery.start_soon(hold, slot, 30.0, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        await hold(slot, 1.0, 2)
+        slot.release()
+        await slot.wait_idle()
+        await reporter.flush(timeout_s=5.0)
+    assert seen == [
+        ("first.test", True, [1]),
+        ("first.test", False, [2]),
+        ("second.test", False, [2]),  # only the group the first address refused
+    ]
+    assert reporter.statistics()["pending_deletes"] == 0
+
+
+@pytest.mark.parametrize("tries", [1, 2])
+async def test_each_request_is_deleted_exactly_once_after_a_failed_try(
+    make_recorder: MakeRecorder, nursery: trio.Nursery, tries: int
+) -> None:
+    rec = await make_recorder()
+    rec.fail_next[DELETE] = 1
+    reporter = EngineReporter(make_config(rec.url, engine_tries=tries))
+    slot = make_slot(reporter)
+    await nursery.start(reporter.run)
+
+    await hold(slot, 0.0, 1)
+    await rec.wait_for(lambda: len(rec.accepted_entries()) == 1, within_s=2.0)
+    await hold(slot, 0.0, 2)
+    await rec.wait_for(lambda: len(rec.accepted_entries()) == 2, within_s=2.0)
+    await rec.wait_status(lambda b: b["num_requests_recieved"] == 2)
+    # The failed first POST carried idx 1 too; it was re-sent once, and never again.
+    assert [e["request_idx"] for e in rec.accepted_entries()] == [1, 2]
+    assert len(rec.attempts(DELETE)) == 3
+    await settle(reporter, lambda st: st["pending_deletes"] == 0 and st["deletes_sent"] == 2)
+
+
+async def test_delete_requests_skip_the_cloud_api_address(nursery: trio.Nursery) -> None:
+    urls: list[str] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        urls.append(str(req.url))
+        return httpx.Response(200, json={})
+
+    config = make_config("https://cloud.vast.ai/api/v0", "http://engine.test")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        reporter = EngineReporter(config, http=http)
+        slot = make_slot(reporter)
+        await hold(slot, 0.0, 3)
+        await reporter.flush(timeout_s=5.0)
+    # worker_status still goes to it (the first address accepted, so no fallback).
+    assert urls == [
+        "https://cloud.vast.ai/api/v0/worker_status/",
+        "http://engine.test/delete_requests/",
+    ]
+
+
+# -- flush and run edges ------------------------------------------------------------------
+
+
+async def test_flush_sends_what_is_pending(make_recorder: MakeRecorder) -> None:
+    rec = await make_recorder()
+    reporter = EngineReporter(make_config(rec.url))
+    slot = make_slot(reporter)
+    await hold(slot, 0.0, 9)
+    await reporter.flush(timeout_s=2.0)
+    assert len(rec.accepted(STATUS)) == 1
+    assert [e["request_idx"] for e in rec.accepted_entries()] == [9]
+    stats = reporter.statistics()
+    assert stats["pending_deletes"] == 0
+    assert isinstance(stats["last_report_age_s"], float)
+    json.dumps(stats)  # JSON-ready
+
+
+async def test_flush_is_bounded_and_keeps_undelivered_requests(
+    make_recorder: MakeRecorder,
+) -> None:
+    rec = await make_recorder()
+    rec.delay_s[STATUS] = 30.0
+    reporter = EngineReporter(make_config(rec.url, engine_timeout_s=5.0))
+    slot = make_slot(reporter)
+    await hold(slot, 0.0, 9)
+    with trio.fail_after(2.0):
+        await reporter.flush(timeout_s=0.3)
+    assert reporter.statistics()["pending_deletes"] == 1
+    assert rec.accepted(DELETE) == []
+
+
+async def test_run_without_addresses_just_sleeps() -> None:
+    reporter = EngineReporter(WorkerConfig())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reporter.run)
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert reporter.statistics()["reports_sent"] == 0
+
+
+def test_observe_never_raises_on_odd_input() -> None:
+    reporter = EngineReporter(make_config("http://127.0.0.1:9"))
+    slot = ReservationSlot(max_reservation_s=1.0, max_queue_time_s=0.0)
+    slot.add_observer(reporter.observe)
+
+    async def main() -> None:
+        await slot.hold(0.0, tag={"request_idx": "not-an-int"})
+        await slot.hold(0.0, tag={"request_idx": True})
+
+    trio.run(main)
+    stats = reporter.statistics()
+    assert stats["pending_deletes"] == 0  # no usable request_idx: counters only
+    assert stats["num_requests_received"] == 2
+    assert stats["num_requests_working"] == 0
+
+
+async def test_received_count_dedupes_a_reused_request_idx(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    rec = await make_recorder()
+    reporter = EngineReporter(make_config(rec.url))
+    slot = make_slot(reporter, max_queue_time_s=0.0)
+    await nursery.start(reporter.run)
+    nursery.start_soon(hold, slot, 30.0, 5)
+    await trio.testing.wait_all_tasks_blocked()
+    await hold(slot, 1.0, 5)  # the client retried with the same request_idx: rejected
+    body = await rec.wait_status(lambda b: sum(x["rej_load"] for x in rec.accepted(STATUS)) > 0)
+    assert body["num_requests_recieved"] == 1
+    slot.release()
+
+
+# -- pubkey -------------------------------------------------------------------------------
+
+
+async def test_pubkey_retries_each_address_by_its_own_url(
+    make_recorder: MakeRecorder, engine_key: Any
+) -> None:
+    first = await make_recorder(fail_all=True)
+    second = await make_recorder()
+    second.fail_next[PUBKEY] = 1
+    reporter = EngineReporter(make_config(first.url, second.url))
+    with trio.fail_after(3.0):
+        key = await reporter.fetch_pubkey()
+    assert key.public_numbers() == engine_key.public_key().public_numbers()
+    # Round 1: both fail; 0.25 s later round 2: the first fails again, the second serves.
+    assert [r.path for r in first.records] == [PUBKEY, PUBKEY]
+    assert [r.path for r in second.records] == [PUBKEY, PUBKEY]
+
+
+async def test_pubkey_gives_up_with_a_clear_error(make_recorder: MakeRecorder) -> None:
+    failing = await make_recorder(fail_all=True)
+    garbage = await make_recorder(pubkey_body="this is not a PEM key")
+    reporter = EngineReporter(make_config(failing.url, garbage.url, dead_address()))
+    with pytest.raises(PubkeyUnavailable) as info, trio.fail_after(3.0):
+        await reporter.fetch_pubkey(backoff_s=(0.01, 0.01))
+    assert isinstance(info.value, NullworkerError)
+    assert "3 rounds" in str(info.value)
+    assert len(failing.attempts(PUBKEY)) == 3
+    assert len(garbage.attempts(PUBKEY)) == 3
+
+
+async def test_pubkey_default_schedule_in_virtual_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    times: list[float] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        times.append(trio.current_time())
+        return httpx.Response(404)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        reporter = EngineReporter(make_config("http://engine.test"), http=http)
+        start = trio.current_time()
+        with pytest.raises(PubkeyUnavailable):
+            await reporter.fetch_pubkey()
+    assert len(times) == len(PUBKEY_BACKOFF_S) + 1 == 5
+    assert [t - start for t in times] == pytest.approx([0.0, 0.25, 0.75, 1.75, 3.75])
+
+
+# -- error beacon -------------------------------------------------------------------------
+
+
+async def test_error_beacon_reaches_every_address(make_recorder: MakeRecorder) -> None:
+    failing = await make_recorder(fail_all=True)
+    good = await make_recorder()
+    config = make_config(failing.url, good.url)
+    with trio.fail_after(3.0):
+        assert await send_error_beacon(config, "Worker Server failed to launch: boom") is True
+    assert len(failing.attempts(STATUS)) == 1
+    [body] = good.accepted(STATUS)
+    assert set(body) == set(STATUS_FIELDS)
+    assert body["error_msg"] == "Worker Server failed to launch: boom"
+    assert (body["id"], body["mtoken"], body["version"]) == (7, "tok", "1.1.0")
+    assert body["loadtime"] == 0.0 and body["max_perf"] == 0.0
+
+
+async def test_error_beacon_reports_failure_within_its_bound(make_recorder: MakeRecorder) -> None:
+    failing = await make_recorder(fail_all=True)
+    slow = await make_recorder()
+    slow.delay_s[STATUS] = 30.0
+    config = make_config(failing.url, slow.url, dead_address(), engine_timeout_s=0.3)
+    with trio.fail_after(2.0):
+        assert await send_error_beacon(config, "boom") is False
+    assert len(failing.attempts(STATUS)) == 1

@@ -1,0 +1,217 @@
+"""Start-up as a user sees it: `nullworker serve` and `start_server.sh` as real processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def worker_env(tmp_path: Path, engine: Any | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPORT_ADDR", "CONTAINER_ID"))}
+    env.update(
+        {
+            "WORKER_PORT": str(free_port()),
+            "NULLWORKER_CONTROL_PORT": str(free_port()),
+            "NULLWORKER_HOST": "127.0.0.1",
+            "NULLWORKER_LOCK_DIR": str(tmp_path),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if engine is not None:
+        env.update({"REPORT_ADDR": engine.url, "CONTAINER_ID": "11", "MASTER_TOKEN": "tok"})
+    env.update(extra)
+    return env
+
+
+async def test_serve_becomes_ready_reports_and_stops_on_sigterm(
+    vast_engine: Any, tmp_path: Path
+) -> None:
+    env = worker_env(tmp_path, vast_engine)
+    started = time.monotonic()
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "nullworker", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=20)
+        ready_after = time.monotonic() - started
+        port = env["WORKER_PORT"]
+        assert vast_engine.workers[11].url == f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient() as http:
+            health = await http.get(f"http://127.0.0.1:{port}/health")
+        assert health.status_code == 200
+        print(f"process start to ready (engine saw it): {ready_after:.3f} s")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            code = await proc.wait()
+    assert code == 0
+    assert proc.stdout is not None
+    output = (await proc.stdout.receive_some(1 << 20)).decode()
+    assert "ready after" in output
+    assert "received SIGTERM" in output
+
+
+async def test_second_copy_on_the_same_port_fails_clearly_and_reports_the_error(
+    vast_engine: Any, tmp_path: Path
+) -> None:
+    env = worker_env(tmp_path, vast_engine)
+    first = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "nullworker", "serve"], env=env, stdout=subprocess.DEVNULL
+    )
+    try:
+        await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=20)
+        env2 = env | {"CONTAINER_ID": "12", "NULLWORKER_CONTROL_PORT": str(free_port())}
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                [sys.executable, "-m", "nullworker", "serve"],
+                env=env2,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert result.returncode == 1
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert "cannot listen" in lines[0] and env["WORKER_PORT"] in lines[0]
+        await vast_engine.wait_for(lambda e: 12 in e.workers and e.workers[12].error_msg)
+        assert "failed to launch" in vast_engine.workers[12].error_msg
+        assert vast_engine.workers[11].ready  # the first one is untouched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await first.wait()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "needle"),
+    [
+        ("MAX_RESERVATION_SECONDS", "abc", "MAX_RESERVATION_SECONDS"),
+        ("MAX_QUEUE_TIME", "-1", "MAX_QUEUE_TIME"),
+        ("WORKER_PORT", "70000", "WORKER_PORT"),
+        ("UNSECURED", "maybe", "UNSECURED"),
+    ],
+)
+async def test_bad_configuration_exits_2_with_one_line(
+    tmp_path: Path, variable: str, value: str, needle: str
+) -> None:
+    env = worker_env(tmp_path, **{variable: value})
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "nullworker", "serve"],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+
+
+async def test_help_lists_the_commands() -> None:
+    result = await trio.run_process(
+        [sys.executable, "-m", "nullworker", "--help"], capture_stdout=True
+    )
+    out = result.stdout.decode()
+    for command in ("serve", "reserve", "engine", "dev"):
+        assert command in out
+    result = await trio.run_process(
+        [sys.executable, "-m", "nullworker", "serve", "--help"], capture_stdout=True
+    )
+    assert "MAX_RESERVATION_SECONDS" in result.stdout.decode()
+
+
+def _listeners(port: str) -> int:
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
+    return len([line for line in out.stdout.splitlines() if line.strip()])
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="start_server.sh needs flock(1)")
+async def test_start_server_twice_leaves_exactly_one_worker(tmp_path: Path) -> None:
+    venv = Path(sys.executable).parent.parent
+    env = worker_env(tmp_path, NULLWORKER_VENV=str(venv), NULLWORKER_LOG=str(tmp_path / "w.log"))
+    port = env["WORKER_PORT"]
+    script = str(REPO / "start_server.sh")
+    first = await trio.lowlevel.open_process(
+        [script],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        # A second start while the first is still starting, and a third once it serves.
+        with trio.fail_after(120):
+            second = await trio.run_process([script], env=env, capture_stderr=True, check=False)
+        assert second.returncode == 0
+        assert b"already serves" in second.stderr or b"not starting another" in second.stderr
+        async with httpx.AsyncClient() as http:
+            with trio.fail_after(120):
+                while True:
+                    try:
+                        if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await trio.sleep(0.1)
+        with trio.fail_after(60):
+            third = await trio.run_process([script], env=env, capture_stderr=True, check=False)
+        assert third.returncode == 0
+        assert b"already serves" in third.stderr
+        assert first.returncode is None  # the first is still the one serving
+        if shutil.which("ss"):
+            assert _listeners(port) == 1
+        assert "ready after" in (tmp_path / "w.log").read_text()
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        with trio.fail_after(10):
+            await first.wait()
+
+
+async def test_hypercorn_with_two_workers_is_refused(tmp_path: Path) -> None:
+    env = worker_env(tmp_path)
+    hypercorn = Path(sys.executable).parent / "hypercorn"
+    with trio.fail_after(60):  # it must stop by itself
+        result = await trio.run_process(
+            [
+                str(hypercorn),
+                "--worker-class",
+                "trio",
+                "--workers",
+                "2",
+                "--bind",
+                f"127.0.0.1:{env['WORKER_PORT']}",
+                "nullworker.app:create_app()",
+            ],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    # Hypercorn stops every worker when one fails to start (its own exit code is 0 in
+    # that case, so the refusal shows as: it stopped by itself, and said why).
+    output = (result.stdout + result.stderr).decode()
+    assert "run exactly ONE worker process" in output

@@ -1,0 +1,221 @@
+"""The worker in Vast mode against the local engine emulator: signatures, reports, outcomes.
+
+Everything is real: the engine signs with an RSA key made for the session, the worker
+fetches its public key over HTTP, and every report travels over loopback sockets.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+import httpx
+import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from nullworker.server import ServeInfo
+from nullworker.signing import generate_private_key, sign_url
+
+from .conftest import StartWorker, envelope, vast_settings
+from .test_http import open_raw_reservation, wait_until
+
+STATUS_FIELDS = {
+    "id": int,
+    "mtoken": str,
+    "version": str,
+    "loadtime": float,
+    "new_load": float,
+    "cur_load": float,
+    "rej_load": float,
+    "max_perf": float,
+    "cur_perf": float,
+    "error_msg": str,
+    "num_requests_working": int,
+    "num_requests_recieved": int,
+    "additional_disk_usage": float,
+    "disk_usage": float,
+    "working_request_idxs": list,
+    "cur_capacity": (int, float),
+    "max_capacity": (int, float),
+    "url": str,
+}
+
+
+async def route(http: httpx.AsyncClient, engine: Any) -> dict[str, Any]:
+    response = await http.post(
+        f"{engine.url}/route/",
+        json={"endpoint": "test", "api_key": "k", "cost": 100, "request_idx": 0},
+    )
+    response.raise_for_status()
+    reply: dict[str, Any] = response.json()
+    assert "url" in reply, reply
+    return reply
+
+
+async def start_ready(start_worker: StartWorker, engine: Any, **overrides: Any) -> ServeInfo:
+    info = await start_worker(**vast_settings(engine, **overrides))
+    await engine.wait_for(lambda e: any(w.ready for w in e.workers.values()))
+    return info
+
+
+def last_report(engine: Any) -> dict[str, Any]:
+    body: dict[str, Any] = engine.worker_status_reports[-1].body
+    return body
+
+
+async def test_ready_report_has_every_field(start_worker: StartWorker, vast_engine: Any) -> None:
+    info = await start_ready(start_worker, vast_engine)
+    report = last_report(vast_engine)
+    for name, kind in STATUS_FIELDS.items():
+        assert name in report, name
+        assert isinstance(report[name], kind), (name, report[name])
+    assert report["id"] == 7
+    assert report["mtoken"] == "tok"
+    assert report["version"] == "1.1.0"
+    assert report["max_perf"] == 100.0
+    assert 0 < report["loadtime"] < 30
+    assert report["error_msg"] == ""
+    assert report["url"] == info.public_url
+    assert report["num_requests_working"] == 0
+    assert info.worker.public_key is not None
+
+
+async def test_routed_reservation_is_signed_reported_busy_then_idle_and_finished(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    info = await start_ready(start_worker, vast_engine)
+    auth = await route(http, vast_engine)
+    assert auth["url"] == info.public_url
+    idx = auth["request_idx"]
+    seen: dict[str, float] = {}
+
+    async def watch() -> None:
+        await vast_engine.wait_for(lambda e: e.workers[7].busy)
+        seen["busy"] = time.monotonic()
+        report = last_report(vast_engine)
+        assert report["working_request_idxs"] == [idx]
+        assert report["cur_load"] == 100.0
+        await vast_engine.wait_for(lambda e: not e.workers[7].busy)
+        seen["idle"] = time.monotonic()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        sent = time.monotonic()
+        response = await http.post(
+            f"{info.url}/reserve", json={"auth_data": auth, "payload": {"duration": 0.3}}
+        )
+        returned = time.monotonic()
+    assert response.status_code == 200, response.text
+    assert response.json()["released"] == "duration_elapsed"
+    # Liveness bounds only; the measured latencies are in bench/.
+    assert seen["busy"] - sent < 1.0
+    assert seen["idle"] - returned < 1.0
+    await vast_engine.wait_for(lambda e: any(f.request_idx == idx for f in e.finished))
+    finished = [f for f in vast_engine.finished if f.request_idx == idx]
+    assert len(finished) == 1
+    assert finished[0].status == "Success" and finished[0].success is True
+    assert finished[0].work_started_at and finished[0].work_completed_at
+    assert finished[0].work_completed_at - finished[0].work_started_at >= 0.3
+
+
+async def test_tampered_or_foreign_signatures_get_401_and_leave_no_trace(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    info = await start_ready(start_worker, vast_engine)
+    auth = await route(http, vast_engine)
+    other_key: rsa.RSAPrivateKey = generate_private_key()
+    cases = {
+        "tampered signature": auth | {"signature": auth["signature"][:-8] + "AAAAAAA="},
+        "another key": auth | {"signature": sign_url(other_key, auth["url"])},
+        "not base64": auth | {"signature": "!!!"},
+        "another worker's url": auth
+        | {
+            "url": "http://10.0.0.1:1",
+            "signature": sign_url(vast_engine.private_key, "http://10.0.0.1:1"),
+        },
+    }
+    for case, bad in cases.items():
+        bad = bad | {"request_idx": 999_000}
+        response = await http.post(
+            f"{info.url}/reserve", json={"auth_data": bad, "payload": {"duration": 0}}
+        )
+        assert response.status_code == 401, case
+        assert response.json()["error"], case
+    # The worker keeps serving, and the genuine envelope is accepted.
+    response = await http.post(
+        f"{info.url}/reserve", json={"auth_data": auth, "payload": {"duration": 0}}
+    )
+    assert response.status_code == 200
+    idx = auth["request_idx"]
+    await vast_engine.wait_for(lambda e: any(f.request_idx == idx for f in e.finished))
+    assert not any(f.request_idx == 999_000 for f in vast_engine.finished)
+    assert all(
+        999_000 not in r.body.get("working_request_idxs", [])
+        for r in vast_engine.worker_status_reports
+    )
+
+
+async def test_disconnect_is_reported_cancelled_and_next_in_queue_runs(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    info = await start_ready(start_worker, vast_engine)
+    url = info.public_url or ""
+    first = envelope(url, key=vast_engine.private_key, request_idx=501, payload={"duration": 600})
+    stream = await open_raw_reservation(info, {}, signed=first)
+    await vast_engine.wait_for(lambda e: 501 in e.workers[7].working_request_idxs)
+    second = envelope(url, key=vast_engine.private_key, request_idx=502, payload={"duration": 0})
+    async with trio.open_nursery() as nursery:
+        result: dict[str, httpx.Response] = {}
+
+        async def queued() -> None:
+            result["r"] = await http.post(f"{info.url}/reserve", json=second)
+
+        nursery.start_soon(queued)
+        await wait_until(lambda: info.worker.slot.statistics().waiting == 1)
+        await stream.aclose()
+    assert result["r"].status_code == 200
+    await vast_engine.wait_for(lambda e: {501, 502} <= {f.request_idx for f in e.finished})
+    statuses = {f.request_idx: f.status for f in vast_engine.finished}
+    assert statuses[501] == "Cancelled"
+    assert statuses[502] == "Success"
+    await vast_engine.wait_for(lambda e: not e.workers[7].busy)
+
+
+async def test_queue_timeout_is_reported_rejected(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    info = await start_ready(start_worker, vast_engine, max_queue_time_s=0.2)
+    url = info.public_url or ""
+    async with trio.open_nursery() as nursery:
+        first = envelope(url, key=vast_engine.private_key, request_idx=601, payload={"duration": 1})
+        nursery.start_soon(partial(http.post, f"{info.url}/reserve", json=first))
+        await wait_until(lambda: info.worker.slot.statistics().busy)
+        response = await http.post(
+            f"{info.url}/reserve",
+            json=envelope(
+                url, key=vast_engine.private_key, request_idx=602, payload={"duration": 1}
+            ),
+        )
+        assert response.status_code == 429
+        await vast_engine.wait_for(lambda e: any(f.request_idx == 602 for f in e.finished))
+    statuses = {f.request_idx: (f.status, f.success) for f in vast_engine.finished}
+    assert statuses[602] == ("Rejected", False)
+    assert any(r.body["rej_load"] > 0 for r in vast_engine.worker_status_reports)
+
+
+async def test_queued_reservation_counts_as_load(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    info = await start_ready(start_worker, vast_engine)
+    url = info.public_url or ""
+    async with trio.open_nursery() as nursery:
+        for idx in (701, 702):
+            signed = envelope(
+                url, key=vast_engine.private_key, request_idx=idx, payload={"duration": 0.5}
+            )
+            nursery.start_soon(partial(http.post, f"{info.url}/reserve", json=signed))
+        # One held and one queued: the engine sees twice the load of one worker,
+        # which is what makes it provision another.
+        await vast_engine.wait_for(lambda e: e.workers[7].num_requests_working == 2)
+        assert last_report(vast_engine)["cur_load"] == 200.0
