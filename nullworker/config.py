@@ -127,6 +127,9 @@ class WorkerConfig:
     tcp_keepidle_s: int = 15
     tcp_keepintvl_s: int = 5
     tcp_keepcnt: int = 3
+    #: A failed signature check refetches the engine's key at most this often (the
+    #: engine may have rotated it; the official worker never refetches).
+    key_refresh_min_s: float = 60.0
     #: How long held reservations get on shutdown before the server is cancelled.
     graceful_timeout_s: float = 5.0
     log_level: str = "INFO"

@@ -43,9 +43,6 @@ __all__ = ["Worker"]
 
 log = logging.getLogger("nullworker")
 
-#: A failed signature check refetches the engine key at most this often (the engine
-#: may have rotated it; the official worker never refetches).
-KEY_REFRESH_MIN_INTERVAL_S = 60.0
 #: Shielded bound on the final report at shutdown.
 FINAL_FLUSH_S = 2.0
 
@@ -74,7 +71,7 @@ class Worker:
         self.ready_after_s: float | None = None
         self.error: str | None = None
         self.control_url: str | None = None
-        self._key_fetched_at = -KEY_REFRESH_MIN_INTERVAL_S
+        self._key_fetched_at = -config.key_refresh_min_s
         self._key_refresh = trio.Event()
         self._lock_file: IO[str] | None = None
 
@@ -203,7 +200,7 @@ class Worker:
 
     def request_key_refresh(self) -> None:
         """Called after a failed signature check: the engine may have a new key."""
-        if trio.current_time() - self._key_fetched_at >= KEY_REFRESH_MIN_INTERVAL_S:
+        if trio.current_time() - self._key_fetched_at >= self.config.key_refresh_min_s:
             self._key_refresh.set()
 
     async def _refresh_key_on_demand(self) -> None:

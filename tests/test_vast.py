@@ -219,3 +219,22 @@ async def test_queued_reservation_counts_as_load(
         # which is what makes it provision another.
         await vast_engine.wait_for(lambda e: e.workers[7].num_requests_working == 2)
         assert last_report(vast_engine)["cur_load"] == 200.0
+
+
+async def test_a_rotated_engine_key_is_refetched_after_a_failed_check(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    from nullworker.signing import public_key_pem
+
+    info = await start_ready(start_worker, vast_engine, key_refresh_min_s=0.0)
+    old = info.worker.public_key
+    new_key = generate_private_key()
+    vast_engine.private_key = new_key
+    vast_engine.public_key_pem = public_key_pem(new_key)
+    auth = await route(http, vast_engine)
+    first = await http.post(f"{info.url}/reserve", json={"auth_data": auth, "payload": {}})
+    assert first.status_code == 401  # signed with a key the worker does not know yet
+    await wait_until(lambda: info.worker.public_key is not old)
+    signed = envelope(info.public_url or "", key=new_key, request_idx=801, payload={"duration": 0})
+    second = await http.post(f"{info.url}/reserve", json=signed)
+    assert second.status_code == 200
