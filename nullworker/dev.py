@@ -1,0 +1,589 @@
+"""``nullworker dev``: a local engine that starts and stops real workers on demand.
+
+One Trio process runs the engine emulator (:mod:`nullworker.engine`) and supervises
+worker child processes (``python -m nullworker serve``), each given the Vast
+environment contract on free loopback ports, so the whole route -> reserve -> report
+loop runs on one machine exactly as it does on Vast, signatures included.
+
+Scaling model (small and honest):
+
+* ``--min-workers`` workers start at once and are kept alive (restarted with a
+  backoff if they exit on their own).
+* Each WAITING answer fires the engine's ``on_demand`` hook. A worker is started
+  when fewer workers are starting than requests are waiting and fewer than
+  ``--max-workers`` exist (starting ones count, so a burst of polls does not start
+  a crowd).
+* A worker that stayed idle (ready, not busy, not leased) for ``--idle-timeout``
+  seconds is stopped while more than ``--min-workers`` exist: SIGTERM, then SIGKILL
+  after ``stop_timeout_s``.
+
+Concurrency invariants
+----------------------
+* Everything runs in one Trio run. The engine's hook and the scaling tick are
+  synchronous, so "is this worker idle?" and "retire it from the engine" happen in one
+  step: no client can be routed to a worker between the check and its retirement.
+* Each child has its own task and cancel scope. Every way out of that task (the
+  scope cancelled to scale down, Ctrl-C/SIGTERM cancelling everything, the child
+  exiting by itself) runs the same ``finally``: SIGTERM, a bounded wait, SIGKILL, a
+  reap, and the worker's removal from the engine. The cleanup is shielded and bounded,
+  so Ctrl-C never leaves a child process behind.
+* Workers are registered with the engine before they start (state ``starting``) and
+  retired before they are signalled, so the engine never routes to a worker that is
+  going away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import IO, TextIO
+
+import trio
+
+from .engine import DEFAULT_ENGINE_PORT, Engine, WorkerRecord, serve_engine
+
+__all__ = ["DevOptions", "main", "run_dev"]
+
+#: How often the supervisor checks idle workers and the minimum count.
+TICK_S = 0.25
+#: Redraws of the live view per second, at most (TTY); changes are checked as often.
+VIEW_INTERVAL_S = 0.25
+#: Backoff after a worker exits on its own: 2, 4, 8, 16, 30, 30, ... seconds.
+MAX_RESPAWN_BACKOFF_S = 30.0
+#: How long the output pump may drain a child's last lines after it exited.
+DRAIN_S = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DevOptions:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_ENGINE_PORT
+    min_workers: int = 0
+    max_workers: int = 3
+    idle_timeout_s: float = 60.0
+    #: Per-worker log files go here; ``None`` prefixes worker output with ``[worker N]``.
+    log_dir: str | None = None
+    #: Require this key on ``/route/`` (``None``: any key is accepted).
+    api_key: str | None = None
+    stop_timeout_s: float = 5.0
+    worker_command: tuple[str, ...] = (sys.executable, "-m", "nullworker", "serve")
+    #: Extra environment for the workers (e.g. ``MAX_RESERVATION_SECONDS``).
+    worker_env: Mapping[str, str] = field(default_factory=dict)
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_workers < 1:
+            raise ValueError("--max-workers must be at least 1")
+        if not 0 <= self.min_workers <= self.max_workers:
+            raise ValueError("--min-workers must be between 0 and --max-workers")
+        if not math.isfinite(self.idle_timeout_s) or self.idle_timeout_s < 0:
+            raise ValueError("--idle-timeout must be a finite number of seconds >= 0")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("--port must be between 0 and 65535")
+
+
+def _free_port(host: str) -> int:
+    """A currently free TCP port on ``host`` (the kernel's pick; small race accepted)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class _Console:
+    """Serialises output: event lines, worker output and (on a TTY) one status line
+    redrawn in place below them."""
+
+    def __init__(self, stream: TextIO, *, tty: bool) -> None:
+        self._stream = stream
+        self.tty = tty
+        self._status = ""
+
+    def line(self, text: str) -> None:
+        if self.tty and self._status:
+            self._stream.write("\r\x1b[K")
+        self._stream.write(text + "\n")
+        if self.tty and self._status:
+            self._stream.write(self._status)
+        self._stream.flush()
+
+    def status(self, text: str) -> None:
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        text = text[:width]
+        if text == self._status:
+            return
+        self._status = text
+        self._stream.write("\r\x1b[K" + self._status)
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._status:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._status = ""
+
+
+class _ConsoleHandler(logging.Handler):
+    def __init__(self, console: _Console) -> None:
+        super().__init__()
+        self._console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._console.line(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+@dataclass(eq=False)
+class _Child:
+    id: int
+    port: int
+    control_port: int
+    started_at: float
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    process: trio.Process | None = None
+    stopping: bool = False
+    was_ready: bool = False
+
+
+class _Supervisor:
+    def __init__(
+        self, engine: Engine, options: DevOptions, console: _Console, master_token: str
+    ) -> None:
+        self.engine = engine
+        self.options = options
+        self.console = console
+        self.master_token = master_token
+        self.children: dict[int, _Child] = {}
+        self._next_id = 1
+        self._nursery: trio.Nursery | None = None
+        self._crashes = 0
+        self._spawn_not_before = -math.inf
+
+    # -- scaling decisions (synchronous: atomic with respect to the engine) ------------
+
+    def live(self) -> list[_Child]:
+        return [c for c in self.children.values() if not c.stopping]
+
+    def starting(self) -> int:
+        return sum(
+            1
+            for c in self.live()
+            if self.engine.worker_state(c.id) in (None, "starting", "loading")
+        )
+
+    def on_demand(self, waiting: int) -> None:
+        """The engine's hook: called on every WAITING answer."""
+        if self._nursery is None:
+            return
+        if self.starting() >= waiting or len(self.live()) >= self.options.max_workers:
+            return
+        if trio.current_time() < self._spawn_not_before:
+            return
+        self._spawn(f"{waiting} request(s) waiting")
+
+    def _spawn(self, reason: str) -> None:
+        assert self._nursery is not None
+        host = self.options.host
+        port = _free_port(host)
+        control_port = _free_port(host)
+        while control_port == port:  # the kernel rarely repeats itself; bounded in practice
+            control_port = _free_port(host)
+        child = _Child(
+            id=self._next_id, port=port, control_port=control_port, started_at=trio.current_time()
+        )
+        self._next_id += 1
+        self.children[child.id] = child
+        self.engine.register_worker(child.id, label=f"port {port}")
+        self.console.line(f"[dev] starting worker {child.id} on port {port} ({reason})")
+        self._nursery.start_soon(self._run_child, child)
+
+    def _stop(self, child: _Child, reason: str) -> None:
+        child.stopping = True
+        self.engine.retire_worker(child.id)
+        self.console.line(f"[dev] stopping worker {child.id} ({reason})")
+        child.scope.cancel()
+
+    def _tick(self) -> None:
+        now = trio.current_time()
+        for child in self.live():
+            record = self.engine.workers.get(child.id)
+            if record is not None and record.ready and not child.was_ready:
+                child.was_ready = True
+                self._crashes = 0
+                self.console.line(
+                    f"[dev] worker {child.id} ready after {now - child.started_at:.1f} s"
+                )
+        self._scale_down(now)
+        missing = self.options.min_workers - len(self.live())
+        if missing > 0 and now >= self._spawn_not_before:
+            for _ in range(missing):
+                self._spawn("--min-workers")
+
+    def _scale_down(self, now: float) -> None:
+        excess = len(self.live()) - self.options.min_workers
+        if excess <= 0:
+            return
+        idle: list[tuple[float, _Child]] = []
+        for child in self.live():
+            record = self.engine.workers.get(child.id)
+            if record is None or record.idle_since is None:
+                continue
+            if self.engine.worker_state(child.id) != "idle":
+                continue
+            if now - record.idle_since >= self.options.idle_timeout_s:
+                idle.append((record.idle_since, child))
+        idle.sort(key=lambda pair: pair[0])
+        for _, child in idle[:excess]:
+            self._stop(child, f"idle for {self.options.idle_timeout_s:g} s")
+
+    # -- tasks -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for _ in range(self.options.min_workers):
+                self._spawn("--min-workers")
+            task_status.started()
+            while True:
+                await trio.sleep(TICK_S)
+                self._tick()
+
+    def _child_env(self, child: _Child) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.options.worker_env)
+        assert self.engine.url is not None
+        env.update(
+            {
+                "REPORT_ADDR": self.engine.url,
+                "CONTAINER_ID": str(child.id),
+                "WORKER_PORT": str(child.port),
+                "PUBLIC_IPADDR": self.options.host,
+                f"VAST_TCP_PORT_{child.port}": str(child.port),
+                "MASTER_TOKEN": self.master_token,
+                "NULLWORKER_HOST": self.options.host,
+                "NULLWORKER_CONTROL_PORT": str(child.control_port),
+                "UNSECURED": "false",
+                "USE_SSL": "false",
+                # Line by line through the pipe, not in 8 KiB blocks.
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    async def _run_child(self, child: _Child) -> None:
+        log_file: IO[bytes] | None = None
+        process: trio.Process | None = None
+        try:
+            with child.scope:
+                if self.options.log_dir is not None:
+                    path = os.path.join(self.options.log_dir, f"worker-{child.id}.log")
+                    log_file = open(path, "ab")  # noqa: ASYNC230 -- a local file, opened once
+                try:
+                    process = await trio.lowlevel.open_process(
+                        list(self.options.worker_command),
+                        env=self._child_env(child),
+                        stdin=subprocess.DEVNULL,
+                        stdout=log_file if log_file is not None else subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                    )
+                except OSError as exc:  # e.g. the interpreter vanished; not fatal to dev
+                    self._crashed(child, f"could not be started: {exc}")
+                    return
+                child.process = process
+                self.console.line(
+                    f"[dev] worker {child.id} started: pid {process.pid}, "
+                    f"url http://{self.options.host}:{child.port}"
+                )
+                async with trio.open_nursery() as nursery:
+                    if process.stdout is not None:
+                        nursery.start_soon(self._pump, child.id, process.stdout)
+                    await process.wait()
+                    # Let the pump print the child's last words, but not forever.
+                    nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
+            if not child.stopping and process is not None:
+                if process.returncode == 0:
+                    # A clean exit (it got a signal of its own, e.g. Ctrl-C in the
+                    # terminal): not a crash, and --min-workers replaces it if needed.
+                    self.console.line(f"[dev] worker {child.id} exited")
+                else:
+                    self._crashed(child, f"exited on its own with code {process.returncode}")
+        finally:
+            child.stopping = True
+            self.engine.retire_worker(child.id)
+            if process is not None:
+                # Shielded so Ctrl-C cannot skip it; bounded by the stop timeout.
+                with trio.move_on_after(self.options.stop_timeout_s + 2.0, shield=True):
+                    await _terminate(process, self.options.stop_timeout_s)
+                if process.returncode is not None and self.options.verbose:
+                    self.console.line(f"[dev] worker {child.id} exited ({process.returncode})")
+            if log_file is not None:
+                log_file.close()
+            self.children.pop(child.id, None)
+
+    def _crashed(self, child: _Child, what: str) -> None:
+        self._crashes += 1
+        backoff = min(2.0**self._crashes, MAX_RESPAWN_BACKOFF_S)
+        self._spawn_not_before = trio.current_time() + backoff
+        self.console.line(f"[dev] worker {child.id} {what}; no new worker for {backoff:g} s")
+
+    async def _pump(self, worker_id: int, stream: trio.abc.ReceiveStream) -> None:
+        prefix = f"[worker {worker_id}] "
+        buffer = b""
+        async with stream:
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for raw in lines:
+                    self.console.line(prefix + raw.decode("utf-8", "replace").rstrip("\r"))
+            if buffer:
+                self.console.line(prefix + buffer.decode("utf-8", "replace"))
+
+
+async def _terminate(process: trio.Process, grace_s: float) -> None:
+    """SIGTERM, wait up to ``grace_s``, then SIGKILL; always reaps the child."""
+    if process.returncode is None:
+        process.terminate()
+        with trio.move_on_after(grace_s):
+            await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+# -- the live view ---------------------------------------------------------------------
+
+
+def _describe(record: WorkerRecord | None, state: str, now: float) -> str:
+    if record is None:
+        return state
+    if state in ("busy", "leased") and record.busy_since is not None:
+        return f"{state} {now - record.busy_since:.1f}s"
+    if state == "idle" and record.idle_since is not None:
+        return f"idle {now - record.idle_since:.0f}s"
+    if state == "error":
+        return f"error: {record.error_msg[:40]}"
+    return state
+
+
+def _render_view(engine: Engine, supervisor: _Supervisor) -> tuple[str, tuple[object, ...]]:
+    """The one-line view and a key that changes only when a state changes (not an age)."""
+    now = trio.current_time()
+    parts: list[str] = []
+    key: list[object] = [engine.waiting]
+    for child in sorted(supervisor.children.values(), key=lambda c: c.id):
+        record = engine.workers.get(child.id)
+        state = "stopping" if child.stopping else (engine.worker_state(child.id) or "starting")
+        parts.append(f"w{child.id} {_describe(record, state, now)}")
+        key.append((child.id, state))
+    workers = " | ".join(parts) if parts else "no workers"
+    return f"[dev] waiting {engine.waiting} | {workers}", tuple(key)
+
+
+async def _view_loop(engine: Engine, supervisor: _Supervisor, console: _Console) -> None:
+    last_key: tuple[object, ...] | None = None
+    while True:
+        text, key = _render_view(engine, supervisor)
+        if console.tty:
+            console.status(text)
+        elif key != last_key:
+            console.line(text)
+        last_key = key
+        await trio.sleep(VIEW_INTERVAL_S)
+
+
+# -- composition ---------------------------------------------------------------------------
+
+
+def _banner(options: DevOptions, url: str) -> str:
+    logs = (
+        f"in {options.log_dir}/worker-N.log"
+        if options.log_dir is not None
+        else "below, each line prefixed [worker N]"
+    )
+    key = "dev" if options.api_key is None else "<your --api-key>"
+    return "\n".join(
+        [
+            f"nullworker dev: engine on {url}",
+            f"  workers page: {url}/   (JSON: {url}/workers)",
+            f"  workers: min {options.min_workers}, max {options.max_workers}, "
+            f"stopped after {options.idle_timeout_s:g} s idle; worker logs {logs}",
+            "  hold a worker for 60 s:",
+            f"    VAST_API_KEY={key} python -m nullworker.client --engine-url {url} "
+            "--endpoint dev --duration 60",
+            "  Ctrl-C stops the engine and every worker.",
+        ]
+    )
+
+
+async def run_dev(
+    options: DevOptions,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the engine and the worker supervisor until cancelled.
+
+    ``task_status.started(url)`` gets the engine's base URL once it listens. Output
+    (banner, events, worker output, live view) goes to stdout. On cancellation every
+    worker process is stopped (SIGTERM, then SIGKILL after ``options.stop_timeout_s``)
+    and reaped before this returns.
+    """
+    console = _Console(sys.stdout, tty=sys.stdout.isatty())
+    await _run_dev(options, console, task_status=task_status)
+
+
+async def _run_dev(
+    options: DevOptions,
+    console: _Console,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    master_token = secrets.token_urlsafe(16)
+    engine = Engine(api_key=options.api_key, master_token=master_token)
+    supervisor = _Supervisor(engine, options, console, master_token)
+    engine.on_demand = supervisor.on_demand
+    try:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(
+                partial(serve_engine, engine, host=options.host, port=options.port)
+            )
+            console.line(_banner(options, url))
+            await nursery.start(supervisor.run)
+            nursery.start_soon(_view_loop, engine, supervisor, console)
+            task_status.started(url)
+    finally:
+        console.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nullworker dev",
+        description="Run a local Vast engine emulator that starts and stops nullworker "
+        "workers on demand.",
+    )
+    parser.add_argument("--max-workers", type=int, default=3, help="at most this many (3)")
+    parser.add_argument("--min-workers", type=int, default=0, help="keep this many alive (0)")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="stop a worker idle this many seconds, above --min-workers (60)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_ENGINE_PORT, help="engine port (8080; 0 = any)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="engine and worker address")
+    parser.add_argument(
+        "--log-dir", help="write each worker's output to DIR/worker-N.log instead of here"
+    )
+    parser.add_argument("--api-key", help="require this api_key on /route/ (default: any)")
+    parser.add_argument(
+        "--max-reservation-seconds",
+        type=float,
+        help="passed to the workers as MAX_RESERVATION_SECONDS",
+    )
+    parser.add_argument("--verbose", action="store_true", help="also log every engine request")
+    return parser
+
+
+def _setup_logging(console: _Console, *, verbose: bool) -> None:
+    handler = _ConsoleHandler(console)
+    handler.setFormatter(logging.Formatter("[engine] %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    quiet = logging.INFO if verbose else logging.WARNING
+    # Polls arrive every second or so; their access lines would drown the view.
+    logging.getLogger("nullworker.engine.access").setLevel(quiet)
+    logging.getLogger("nullworker.engine.http").setLevel(quiet)
+    logging.getLogger("nullworker.engine").setLevel(quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``nullworker dev [--max-workers N] [--min-workers N] [--idle-timeout S] [--port P]``."""
+    args = _parser().parse_args(None if argv is None else list(argv))
+    worker_env: dict[str, str] = {}
+    if args.max_reservation_seconds is not None:
+        worker_env["MAX_RESERVATION_SECONDS"] = str(args.max_reservation_seconds)
+    try:
+        if args.log_dir is not None:
+            os.makedirs(args.log_dir, exist_ok=True)
+        options = DevOptions(
+            host=args.host,
+            port=args.port,
+            min_workers=args.min_workers,
+            max_workers=args.max_workers,
+            idle_timeout_s=args.idle_timeout,
+            log_dir=os.path.abspath(args.log_dir) if args.log_dir is not None else None,
+            api_key=args.api_key,
+            worker_env=worker_env,
+            verbose=args.verbose,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"nullworker dev: {exc}", file=sys.stderr)
+        return 2
+    console = _Console(sys.stdout, tty=sys.stdout.isatty())
+    _setup_logging(console, verbose=options.verbose)
+
+    async def _until_signal() -> None:
+        # Receiving SIGINT here (instead of KeyboardInterrupt) lets the shutdown run
+        # as an ordinary cancellation, with every child stopped and reaped.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(_run_dev, options, console))
+                async for signum in signals:
+                    console.line(
+                        f"[dev] {signal.Signals(signum).name}: stopping the workers and the engine"
+                    )
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(_until_signal)
+    except BaseExceptionGroup as group:
+        reason = _os_error(group)
+        if reason is None:
+            raise
+        print(f"nullworker dev: {reason}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # typically the engine port is taken
+        print(f"nullworker dev: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _os_error(group: BaseExceptionGroup[BaseException]) -> OSError | None:
+    """The OSError behind a start-up failure, if that is all the group holds."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if leaves and all(isinstance(exc, OSError) for exc in leaves):
+        first = leaves[0]
+        assert isinstance(first, OSError)
+        return first
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

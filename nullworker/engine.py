@@ -1,0 +1,1049 @@
+"""A local emulation of the Vast serverless engine (the autoscaler's routing side).
+
+It speaks the wire protocol of ``/work/shared/VAST_PROTOCOL.md`` from the engine's side:
+
+* ``GET /pubkey/`` -- the PEM public key workers verify route signatures with;
+* ``POST /route/`` -- a client asks for a worker; the answer is either READY (it
+  carries ``url`` and ``signature``, and becomes the client's ``auth_data``) or
+  WAITING (no ``url``; the client polls again with the ``request_idx`` it was given);
+* ``POST /worker_status/`` -- a worker's periodic report (§5.1);
+* ``POST /delete_requests/`` -- a worker lists finished requests (the vastai 1.9.1
+  shape and the older ``request_idxs`` + ``success`` shape are both accepted);
+* ``GET /workers`` and ``GET /`` -- a JSON and an HTML view for humans and tests.
+
+It is an emulator, not a scheduler: every endpoint name shares one pool of workers,
+and there is no billing, no benchmark bookkeeping and no scaling of its own. Scaling
+is delegated to an ``on_demand`` hook (``nullworker dev`` starts a worker from it).
+
+Layout and concurrency invariants
+---------------------------------
+* :class:`Engine` is the sans-IO core: plain synchronous methods that take a decoded
+  JSON body and return a JSON-ready answer (or raise :class:`EngineRequestError`).
+  Trio is cooperative and none of those methods awaits, so each call is atomic: two
+  clients asking at once are served one after the other, never interleaved. That is
+  what makes the routing lease sound without a lock.
+* :func:`create_engine_app` is a thin Quart-Trio layer: parse, call the core, map
+  :class:`EngineRequestError` to a JSON error status, log one access line.
+* Time for ages, leases and expiry is ``trio.current_time()`` (so ``MockClock``
+  drives it in tests); the timestamps stored with received bodies are wall-clock
+  ``time.time()``, as the worker's own timestamps are.
+* Every accepted change bumps a generation event; :meth:`Engine.wait_for` sleeps on
+  it, so tests wake on each incoming report instead of polling.
+* Routing: a worker is *free* when it is ready (``loadtime > 0``, ``max_perf > 0``,
+  no ``error_msg``), its last report shows ``num_requests_working == 0``, it has
+  reported within ``stale_after_s``, and it holds no lease. Routing to a worker gives
+  it a lease of ``lease_s`` seconds, which ends early when a report shows it busy:
+  without it, two clients asking before the worker's next report would both get it.
+  Among free workers the least recently routed one wins.
+* Demand: a WAITING answer keeps the request in ``pending`` under its
+  ``request_idx``. Polls re-send the same index and only refresh it, so they never
+  count as new demand; an entry not polled for ``demand_ttl_s`` expires.
+* Records of received bodies are bounded deques, so a long ``nullworker dev`` session
+  does not grow without limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import hypercorn.trio
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hypercorn.config import Config as HypercornConfig
+from quart import Response, g, request
+from quart_trio import QuartTrio
+
+from .signing import generate_private_key, public_key_pem, sign_url
+
+__all__ = [
+    "DEFAULT_ENGINE_PORT",
+    "Engine",
+    "EngineRequestError",
+    "FinishedRequest",
+    "PendingRequest",
+    "ReceivedBody",
+    "RouteRecord",
+    "WorkerRecord",
+    "create_engine_app",
+    "load_private_key",
+    "main",
+    "serve_engine",
+]
+
+log = logging.getLogger("nullworker.engine")
+access_log = logging.getLogger("nullworker.engine.access")
+
+#: The official client's ``instance="local"`` autoscaler is ``http://localhost:8080``.
+DEFAULT_ENGINE_PORT = 8080
+#: How long a routed worker is held back from other clients before a report arrives.
+DEFAULT_LEASE_S = 3.0
+#: A WAITING request not polled for this long is dropped from the demand count. The
+#: official client polls at most every ~5 s (newer ones up to 15 s), so 20 s keeps a
+#: live client's request while still forgetting clients that went away.
+DEFAULT_DEMAND_TTL_S = 20.0
+#: Workers report at least every ~10-11 s; three missed heartbeats mean it is gone.
+DEFAULT_STALE_AFTER_S = 35.0
+#: Bounds on the in-memory records (received bodies, finished requests, READY answers).
+DEFAULT_HISTORY = 10_000
+RECENT_FINISHED_IN_VIEW = 50
+MAX_BODY_BYTES = 1024 * 1024
+
+#: Finished-request statuses of the vastai 1.9.1 ``/delete_requests/`` body.
+FINISHED_STATUSES = frozenset(
+    {"Created", "Started", "Success", "Error", "Cancelled", "Rejected", "SessionActive"}
+)
+
+
+class EngineRequestError(Exception):
+    """A request the engine refuses; ``status`` is the HTTP status, ``detail`` the JSON body."""
+
+    def __init__(self, status: int, detail: dict[str, Any]) -> None:
+        super().__init__(status, detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ReceivedBody:
+    """One accepted ``/worker_status/`` or ``/delete_requests/`` body, as received."""
+
+    received_at: float  # wall clock, time.time()
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """One request a worker reported finished through ``/delete_requests/``.
+
+    ``status`` is ``None`` for the legacy body, which only says success or not.
+    """
+
+    worker_id: int
+    request_idx: int
+    success: bool | None
+    status: str | None
+    received_at: float
+    entered_queue_at: float | None = None
+    work_started_at: float | None = None
+    work_completed_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "request_idx": self.request_idx,
+            "success": self.success,
+            "status": self.status,
+            "received_at": self.received_at,
+            "entered_queue_at": self.entered_queue_at,
+            "work_started_at": self.work_started_at,
+            "work_completed_at": self.work_completed_at,
+        }
+
+
+@dataclass(frozen=True)
+class RouteRecord:
+    """One READY answer: which request went to which worker."""
+
+    reqnum: int
+    request_idx: int
+    worker_id: int
+    url: str
+    endpoint: str
+    at: float  # wall clock
+
+
+@dataclass
+class PendingRequest:
+    """A request that got WAITING and is still being polled."""
+
+    request_idx: int
+    endpoint: str
+    cost: float
+    first_seen: float  # trio time
+    last_seen: float  # trio time
+    polls: int = 0
+
+
+@dataclass
+class WorkerRecord:
+    """What the engine knows about one worker (mutable; read it, do not write it).
+
+    Times are ``trio.current_time()`` values; ``None`` means "not applicable".
+    """
+
+    id: int
+    first_seen: float
+    label: str = ""
+    url: str = ""
+    version: str = ""
+    loadtime: float = 0.0
+    max_perf: float = 0.0
+    cur_load: float = 0.0
+    error_msg: str = ""
+    num_requests_working: int = 0
+    working_request_idxs: tuple[int, ...] = ()
+    report_count: int = 0
+    last_report_at: float | None = None
+    #: When it became busy (routed to, or first reported busy); the reservation age.
+    busy_since: float | None = None
+    #: When it became ready and idle; used by dev mode's scale-down.
+    idle_since: float | None = None
+    lease_until: float | None = None
+    lease_request_idx: int | None = None
+    last_routed_at: float | None = None
+    routed_count: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.loadtime > 0 and self.max_perf > 0 and not self.error_msg
+
+    @property
+    def busy(self) -> bool:
+        """True when the last report shows requests in flight."""
+        return self.num_requests_working > 0
+
+    def leased(self, now: float) -> bool:
+        return self.lease_until is not None and self.lease_until > now
+
+    def stale(self, now: float, stale_after_s: float) -> bool:
+        return self.last_report_at is not None and now - self.last_report_at > stale_after_s
+
+    def state(self, now: float, stale_after_s: float) -> str:
+        """One of starting, stale, error, loading, busy, leased, idle."""
+        if self.last_report_at is None:
+            return "starting"
+        if self.stale(now, stale_after_s):
+            return "stale"
+        if self.error_msg:
+            return "error"
+        if not self.ready:
+            return "loading"
+        if self.busy:
+            return "busy"
+        if self.leased(now):
+            return "leased"
+        return "idle"
+
+    def free(self, now: float, stale_after_s: float) -> bool:
+        return self.state(now, stale_after_s) == "idle" and bool(self.url)
+
+    def to_json(self, now: float, stale_after_s: float) -> dict[str, Any]:
+        state = self.state(now, stale_after_s)
+        return {
+            "id": self.id,
+            "label": self.label,
+            "url": self.url,
+            "state": state,
+            "ready": self.ready,
+            "busy": state in ("busy", "leased"),
+            "leased": self.leased(now),
+            "idle": state == "idle",
+            "error": self.error_msg or None,
+            "cur_load": self.cur_load,
+            "num_requests_working": self.num_requests_working,
+            "working_request_idxs": list(self.working_request_idxs),
+            "reservation_age_s": _age(now, self.busy_since),
+            "idle_age_s": _age(now, self.idle_since),
+            "last_report_age_s": _age(now, self.last_report_at),
+            "report_count": self.report_count,
+            "routed_count": self.routed_count,
+            "version": self.version,
+        }
+
+
+def _age(now: float, since: float | None) -> float | None:
+    return None if since is None else round(max(0.0, now - since), 3)
+
+
+# -- body validation helpers ---------------------------------------------------------
+
+
+def _int_field(body: Mapping[str, Any], name: str, *, default: int | None = None) -> int:
+    value = body.get(name, default)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EngineRequestError(422, {"error": f"{name} must be an integer", "field": name})
+    return value
+
+
+def _float_field(body: Mapping[str, Any], name: str, default: float = 0.0) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise EngineRequestError(422, {"error": f"{name} must be a number", "field": name})
+    result = float(value)
+    if not math.isfinite(result):
+        raise EngineRequestError(422, {"error": f"{name} must be finite", "field": name})
+    return result
+
+
+def _str_field(body: Mapping[str, Any], name: str, default: str = "") -> str:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise EngineRequestError(422, {"error": f"{name} must be a string", "field": name})
+    return value
+
+
+def _int_list(body: Mapping[str, Any], name: str) -> list[int]:
+    value = body.get(name, [])
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise EngineRequestError(
+            422, {"error": f"{name} must be a list of integers", "field": name}
+        )
+    return list(value)
+
+
+def _optional_time(entry: Mapping[str, Any], name: str) -> float | None:
+    value = entry.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise EngineRequestError(
+            422, {"error": f"requests[].{name} must be a number", "field": name}
+        )
+    return float(value)
+
+
+class Engine:
+    """The engine's state, signing key and records of what it received.
+
+    Args:
+      private_key: the RSA key route signatures are made with; a new 2048-bit key
+        when omitted.
+      api_key: when set, ``/route/`` requires this key (in the body's ``api_key``,
+        an ``Authorization: Bearer`` header or the ``api_key`` query parameter,
+        as the official client sends all three) and answers 401 otherwise.
+      master_token: when set, worker reports must carry it as ``mtoken`` (401
+        otherwise).
+      on_demand: called synchronously with the number of waiting requests each time
+        a WAITING answer is given. It must not block; schedule work instead.
+      lease_s, demand_ttl_s, stale_after_s: see the module docstring.
+      history: bound on each record deque.
+    """
+
+    def __init__(
+        self,
+        *,
+        private_key: rsa.RSAPrivateKey | None = None,
+        api_key: str | None = None,
+        master_token: str | None = None,
+        on_demand: Callable[[int], None] | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
+        demand_ttl_s: float = DEFAULT_DEMAND_TTL_S,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        history: int = DEFAULT_HISTORY,
+    ) -> None:
+        self.private_key = private_key if private_key is not None else generate_private_key()
+        self.public_key_pem = public_key_pem(self.private_key)
+        self.api_key = api_key or None
+        self.master_token = master_token or None
+        self.on_demand = on_demand
+        self.lease_s = lease_s
+        self.demand_ttl_s = demand_ttl_s
+        self.stale_after_s = stale_after_s
+        #: Base URL once served (set by :func:`serve_engine`).
+        self.url: str | None = None
+
+        self.workers: dict[int, WorkerRecord] = {}
+        self.pending: dict[int, PendingRequest] = {}
+        self.worker_status_reports: deque[ReceivedBody] = deque(maxlen=history)
+        self.delete_requests_reports: deque[ReceivedBody] = deque(maxlen=history)
+        self.finished: deque[FinishedRequest] = deque(maxlen=history)
+        self.ready_replies: deque[RouteRecord] = deque(maxlen=history)
+        self.counters: dict[str, int] = {
+            "route_ready": 0,
+            "route_waiting": 0,
+            "route_rejected": 0,
+            "worker_status": 0,
+            "worker_status_rejected": 0,
+            "delete_requests": 0,
+            "delete_requests_rejected": 0,
+            "demand_expired": 0,
+        }
+        self._retired: set[int] = set()
+        self._next_request_idx = 1
+        self._next_reqnum = 1
+        self._changed = trio.Event()
+
+    # -- change notification ---------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(
+        self,
+        predicate: Callable[[Engine], object],
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109
+    ) -> None:
+        """Wait until ``predicate(engine)`` is true, re-checking after every change.
+
+        A change is any accepted report, route answer or worker registration.
+
+        Raises:
+          trio.TooSlowError: the predicate stayed false for ``timeout`` seconds.
+        """
+        with trio.fail_after(timeout):
+            while True:
+                # Take the event before checking, so a change between the check and
+                # the wait still wakes us.
+                changed = self._changed
+                if predicate(self):
+                    return
+                await changed.wait()
+
+    # -- time-driven bookkeeping -----------------------------------------------------
+
+    def _now(self) -> float:
+        return trio.current_time()
+
+    def _expire(self, now: float) -> None:
+        for idx, pending in list(self.pending.items()):
+            if now - pending.last_seen > self.demand_ttl_s:
+                del self.pending[idx]
+                self.counters["demand_expired"] += 1
+        for worker in self.workers.values():
+            if worker.lease_until is not None and worker.lease_until <= now:
+                # The client never showed up at the worker (or the report is late):
+                # the worker is free again.
+                worker.lease_until = None
+                worker.lease_request_idx = None
+                self._refresh(worker, now)
+
+    def _refresh(self, worker: WorkerRecord, now: float) -> None:
+        """Recompute busy_since / idle_since after a change."""
+        if worker.busy or worker.leased(now):
+            worker.idle_since = None
+            if worker.busy_since is None:
+                worker.busy_since = now
+        else:
+            worker.busy_since = None
+            if worker.ready and worker.idle_since is None:
+                worker.idle_since = now
+            elif not worker.ready:
+                worker.idle_since = None
+
+    # -- workers ---------------------------------------------------------------------
+
+    def register_worker(self, worker_id: int, *, label: str = "") -> WorkerRecord:
+        """Announce a worker before it reports (state ``starting``), as the real
+        engine knows the instances it created. Used by ``nullworker dev``."""
+        now = self._now()
+        self._retired.discard(worker_id)
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = self.workers[worker_id] = WorkerRecord(id=worker_id, first_seen=now)
+        worker.label = label
+        self._notify()
+        return worker
+
+    def retire_worker(self, worker_id: int) -> None:
+        """Forget a worker and ignore its later reports (it is being stopped)."""
+        self._retired.add(worker_id)
+        if self.workers.pop(worker_id, None) is not None:
+            self._notify()
+
+    def free_workers(self) -> list[WorkerRecord]:
+        now = self._now()
+        self._expire(now)
+        return [w for w in self.workers.values() if w.free(now, self.stale_after_s)]
+
+    def worker_state(self, worker_id: int) -> str | None:
+        worker = self.workers.get(worker_id)
+        return None if worker is None else worker.state(self._now(), self.stale_after_s)
+
+    @property
+    def waiting(self) -> int:
+        """Requests that got WAITING and are still being polled."""
+        self._expire(self._now())
+        return len(self.pending)
+
+    def check_api_key(self, candidates: list[str | None]) -> bool:
+        if self.api_key is None:
+            return True
+        expected = self.api_key.encode("utf-8")
+        return any(
+            c is not None and hmac.compare_digest(c.encode("utf-8"), expected) for c in candidates
+        )
+
+    def _check_mtoken(self, body: Mapping[str, Any], counter: str) -> None:
+        if self.master_token is None:
+            return
+        token = body.get("mtoken")
+        if not isinstance(token, str) or not hmac.compare_digest(
+            token.encode("utf-8"), self.master_token.encode("utf-8")
+        ):
+            self.counters[counter] += 1
+            raise EngineRequestError(401, {"error": "invalid mtoken"})
+
+    # -- protocol handlers -----------------------------------------------------------
+
+    def route(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Answer one ``/route/`` call (the body is already authenticated).
+
+        Returns the READY answer (with ``url`` and ``signature``) or the WAITING one.
+
+        Raises:
+          EngineRequestError: 422 for a missing endpoint or a malformed field.
+        """
+        endpoint = _str_field(body, "endpoint")
+        if not endpoint:
+            self.counters["route_rejected"] += 1
+            raise EngineRequestError(
+                422, {"error": "endpoint must be a non-empty string", "field": "endpoint"}
+            )
+        try:
+            cost = _float_field(body, "cost", 100.0)
+            raw_idx = body.get("request_idx")
+            request_idx = 0 if raw_idx is None else _int_field(body, "request_idx")
+            if request_idx < 0:
+                raise EngineRequestError(
+                    422, {"error": "request_idx must be >= 0", "field": "request_idx"}
+                )
+            _float_field(body, "replay_timeout", 0.0)
+        except EngineRequestError:
+            self.counters["route_rejected"] += 1
+            raise
+
+        now = self._now()
+        self._expire(now)
+        if request_idx == 0:
+            request_idx = self._next_request_idx
+            self._next_request_idx += 1
+        else:
+            # A poll, or a retry after the worker refused: same request, same demand.
+            # An index this engine never issued (e.g. from before a restart) is adopted.
+            self._next_request_idx = max(self._next_request_idx, request_idx + 1)
+
+        pending = self.pending.get(request_idx)
+        if pending is None:
+            pending = self.pending[request_idx] = PendingRequest(
+                request_idx=request_idx,
+                endpoint=endpoint,
+                cost=cost,
+                first_seen=now,
+                last_seen=now,
+            )
+        else:
+            pending.last_seen = now
+            pending.polls += 1
+
+        free = [w for w in self.workers.values() if w.free(now, self.stale_after_s)]
+        if free:
+            # Least recently routed first; never-routed workers before all others.
+            worker = min(
+                free,
+                key=lambda w: (w.last_routed_at is not None, w.last_routed_at or 0.0, w.id),
+            )
+            del self.pending[request_idx]
+            worker.lease_until = now + self.lease_s
+            worker.lease_request_idx = request_idx
+            worker.last_routed_at = now
+            worker.routed_count += 1
+            self._refresh(worker, now)
+            reqnum = self._next_reqnum
+            self._next_reqnum += 1
+            reply: dict[str, Any] = {
+                "url": worker.url,
+                "signature": sign_url(self.private_key, worker.url),
+                "cost": body.get("cost", 100),
+                "endpoint": endpoint,
+                "reqnum": reqnum,
+                "request_idx": request_idx,
+            }
+            self.ready_replies.append(
+                RouteRecord(
+                    reqnum=reqnum,
+                    request_idx=request_idx,
+                    worker_id=worker.id,
+                    url=worker.url,
+                    endpoint=endpoint,
+                    at=time.time(),
+                )
+            )
+            self.counters["route_ready"] += 1
+            self._notify()
+            return reply
+
+        self.counters["route_waiting"] += 1
+        waiting = len(self.pending)
+        reply = {
+            "status": "WAITING",
+            "endpoint": endpoint,
+            "request_idx": request_idx,
+            "waiting": waiting,
+            "workers": self._breakdown(now),
+        }
+        self._notify()
+        if self.on_demand is not None:
+            self.on_demand(waiting)
+        return reply
+
+    def _breakdown(self, now: float) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for worker in self.workers.values():
+            state = worker.state(now, self.stale_after_s)
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+    def worker_status(self, body: Mapping[str, Any]) -> WorkerRecord | None:
+        """Record one ``/worker_status/`` report (§5.1; ``disk_usage`` optional).
+
+        Returns the updated record, or ``None`` for a retired worker (ignored).
+
+        Raises:
+          EngineRequestError: 422 naming a malformed field; 401 for a wrong mtoken.
+        """
+        try:
+            worker_id = _int_field(body, "id")
+            self._check_mtoken(body, "worker_status_rejected")
+            url = _str_field(body, "url")
+            error_msg = _str_field(body, "error_msg")
+            version = _str_field(body, "version")
+            loadtime = _float_field(body, "loadtime")
+            max_perf = _float_field(body, "max_perf")
+            cur_load = _float_field(body, "cur_load")
+            num_working = _int_field(body, "num_requests_working", default=0)
+            working_idxs = _int_list(body, "working_request_idxs")
+            for name in ("new_load", "rej_load", "cur_perf", "disk_usage", "additional_disk_usage"):
+                _float_field(body, name)
+        except EngineRequestError as exc:
+            if exc.status == 422:
+                self.counters["worker_status_rejected"] += 1
+            raise
+
+        now = self._now()
+        self.worker_status_reports.append(ReceivedBody(time.time(), dict(body)))
+        self.counters["worker_status"] += 1
+        if worker_id in self._retired:
+            self._notify()
+            return None
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = self.workers[worker_id] = WorkerRecord(id=worker_id, first_seen=now)
+        if url:
+            worker.url = url
+        worker.version = version
+        worker.error_msg = error_msg
+        worker.loadtime = loadtime
+        worker.max_perf = max_perf
+        worker.cur_load = cur_load
+        worker.num_requests_working = num_working
+        worker.working_request_idxs = tuple(working_idxs)
+        worker.report_count += 1
+        worker.last_report_at = now
+        if worker.busy and worker.lease_until is not None:
+            # The reservation arrived: the report now speaks for the worker, so the
+            # lease has done its job. The reservation age keeps counting from routing.
+            worker.lease_until = None
+            worker.lease_request_idx = None
+        self._expire(now)
+        self._refresh(worker, now)
+        self._notify()
+        return worker
+
+    def delete_requests(self, body: Mapping[str, Any]) -> list[FinishedRequest]:
+        """Record one ``/delete_requests/`` body, in either shape.
+
+        * vastai 1.9.1: ``{"worker_id", "mtoken", "requests": [{"request_idx",
+          "success", "status", "entered_queue_at", "work_started_at",
+          "work_completed_at"}]}``
+        * legacy: ``{"worker_id", "mtoken", "request_idxs": [...], "success": bool}``
+
+        Raises:
+          EngineRequestError: 422 naming a malformed field; 401 for a wrong mtoken.
+        """
+        try:
+            worker_id = _int_field(body, "worker_id")
+            self._check_mtoken(body, "delete_requests_rejected")
+            received_at = time.time()
+            finished: list[FinishedRequest] = []
+            if "requests" in body:
+                entries = body["requests"]
+                if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                    raise EngineRequestError(
+                        422, {"error": "requests must be a list of objects", "field": "requests"}
+                    )
+                for entry in entries:
+                    idx = _int_field(entry, "request_idx")
+                    status = entry.get("status")
+                    if status is not None and status not in FINISHED_STATUSES:
+                        raise EngineRequestError(
+                            422,
+                            {"error": f"unknown status {status!r}", "field": "requests[].status"},
+                        )
+                    success = entry.get("success")
+                    if success is not None and not isinstance(success, bool):
+                        raise EngineRequestError(
+                            422,
+                            {"error": "success must be a boolean", "field": "requests[].success"},
+                        )
+                    finished.append(
+                        FinishedRequest(
+                            worker_id=worker_id,
+                            request_idx=idx,
+                            success=success,
+                            status=status,
+                            received_at=received_at,
+                            entered_queue_at=_optional_time(entry, "entered_queue_at"),
+                            work_started_at=_optional_time(entry, "work_started_at"),
+                            work_completed_at=_optional_time(entry, "work_completed_at"),
+                        )
+                    )
+            elif "request_idxs" in body:
+                idxs = _int_list(body, "request_idxs")
+                success = body.get("success")
+                if not isinstance(success, bool):
+                    raise EngineRequestError(
+                        422, {"error": "success must be a boolean", "field": "success"}
+                    )
+                finished = [
+                    FinishedRequest(
+                        worker_id=worker_id,
+                        request_idx=idx,
+                        success=success,
+                        status=None,
+                        received_at=received_at,
+                    )
+                    for idx in idxs
+                ]
+            else:
+                raise EngineRequestError(
+                    422, {"error": "expected requests or request_idxs", "field": "requests"}
+                )
+        except EngineRequestError as exc:
+            if exc.status == 422:
+                self.counters["delete_requests_rejected"] += 1
+            raise
+
+        self.delete_requests_reports.append(ReceivedBody(received_at, dict(body)))
+        self.finished.extend(finished)
+        self.counters["delete_requests"] += 1
+        self._notify()
+        return finished
+
+    # -- views -----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready view: workers, demand, recent finished requests, counters."""
+        now = self._now()
+        self._expire(now)
+        recent = list(self.finished)[-RECENT_FINISHED_IN_VIEW:]
+        return {
+            "url": self.url,
+            "time": time.time(),
+            "workers": [
+                w.to_json(now, self.stale_after_s)
+                for w in sorted(self.workers.values(), key=lambda w: w.id)
+            ],
+            "breakdown": self._breakdown(now),
+            "waiting": len(self.pending),
+            "pending": [
+                {
+                    "request_idx": p.request_idx,
+                    "endpoint": p.endpoint,
+                    "cost": p.cost,
+                    "age_s": _age(now, p.first_seen),
+                    "polls": p.polls,
+                }
+                for p in self.pending.values()
+            ],
+            "finished": [f.to_json() for f in reversed(recent)],
+            "counters": dict(self.counters),
+            "settings": {
+                "lease_s": self.lease_s,
+                "demand_ttl_s": self.demand_ttl_s,
+                "stale_after_s": self.stale_after_s,
+                "api_key_required": self.api_key is not None,
+                "mtoken_required": self.master_token is not None,
+            },
+        }
+
+    statistics = snapshot
+
+
+# -- HTTP layer ------------------------------------------------------------------------
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>nullworker engine</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}
+.idle{color:#070}.busy,.leased{color:#a50}.error,.stale{color:#b00}
+.starting,.loading{color:#666}
+#err{color:#b00}
+</style></head><body>
+<h1>nullworker engine</h1>
+<p>Waiting requests: <b id="waiting">?</b> &middot; <span id="summary"></span>
+<span id="err"></span></p>
+<h2>Workers</h2>
+<table><thead><tr><th>id</th><th>state</th><th>url</th><th>requests</th>
+<th>reservation age (s)</th><th>idle (s)</th><th>last report (s)</th><th>reports</th>
+<th>routed</th><th>error</th></tr></thead><tbody id="workers"></tbody></table>
+<h2>Recently finished requests</h2>
+<table><thead><tr><th>request_idx</th><th>worker</th><th>status</th><th>success</th>
+</tr></thead><tbody id="finished"></tbody></table>
+<script>
+"use strict";
+function row(cells, cls) {
+  const tr = document.createElement("tr");
+  for (const c of cells) {
+    const td = document.createElement("td");
+    td.textContent = c === null || c === undefined ? "" : String(c);
+    tr.appendChild(td);
+  }
+  if (cls) tr.className = cls;
+  return tr;
+}
+async function refresh() {
+  try {
+    const r = await fetch("workers", {cache: "no-store"});
+    const s = await r.json();
+    document.getElementById("waiting").textContent = s.waiting;
+    document.getElementById("summary").textContent =
+      Object.entries(s.breakdown).map(([k, v]) => v + " " + k).join(", ");
+    const w = document.getElementById("workers");
+    w.replaceChildren(...s.workers.map(x => row([x.id, x.state, x.url,
+      x.num_requests_working, x.reservation_age_s, x.idle_age_s, x.last_report_age_s,
+      x.report_count, x.routed_count, x.error], x.state)));
+    const f = document.getElementById("finished");
+    f.replaceChildren(...s.finished.map(x => row([x.request_idx, x.worker_id,
+      x.status, x.success])));
+    document.getElementById("err").textContent = "";
+  } catch (e) {
+    document.getElementById("err").textContent = "(engine unreachable)";
+  }
+}
+refresh();
+setInterval(refresh, 1000);
+</script>
+</body></html>
+"""
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, mimetype="application/json")
+
+
+async def _json_object() -> dict[str, Any]:
+    raw = await request.get_data(cache=False)
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise EngineRequestError(400, {"error": "invalid JSON"}) from None
+    if not isinstance(data, dict):
+        raise EngineRequestError(400, {"error": "the body must be a JSON object"})
+    return data
+
+
+def create_engine_app(engine: Engine) -> QuartTrio:
+    """The Quart-Trio app serving ``engine`` (see the module docstring for routes)."""
+    app = QuartTrio("nullworker.engine")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+
+    @app.before_request
+    async def _start_timer() -> None:
+        g.nullworker_started = trio.current_time()
+
+    @app.after_request
+    async def _log_access(response: Response) -> Response:
+        started = getattr(g, "nullworker_started", None)
+        elapsed_ms = 0.0 if started is None else (trio.current_time() - started) * 1000
+        # request.path never includes the query string, where clients put api_key.
+        access_log.info(
+            "%s %s %d %.1fms", request.method, request.path, response.status_code, elapsed_ms
+        )
+        return response
+
+    @app.errorhandler(EngineRequestError)
+    async def _refused(exc: EngineRequestError) -> Response:
+        return _json(exc.detail, exc.status)
+
+    @app.get("/pubkey/")
+    async def _pubkey() -> Response:
+        return Response(engine.public_key_pem, mimetype="text/plain")
+
+    @app.post("/route/")
+    async def _route() -> Response:
+        body = await _json_object()
+        auth = request.headers.get("Authorization", "")
+        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        key = body.get("api_key")
+        candidates = [key if isinstance(key, str) else None, bearer, request.args.get("api_key")]
+        if not engine.check_api_key(candidates):
+            engine.counters["route_rejected"] += 1
+            return _json({"error": "invalid api_key"}, 401)
+        return _json(engine.route(body))
+
+    @app.post("/worker_status/")
+    async def _worker_status() -> Response:
+        engine.worker_status(await _json_object())
+        return _json({"ok": True})
+
+    @app.post("/delete_requests/")
+    async def _delete_requests() -> Response:
+        finished = engine.delete_requests(await _json_object())
+        return _json({"ok": True, "deleted": len(finished)})
+
+    @app.get("/workers")
+    async def _workers() -> Response:
+        return _json(engine.snapshot())
+
+    @app.get("/")
+    async def _page() -> Response:
+        return Response(_PAGE, mimetype="text/html")
+
+    return app
+
+
+def _bind(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+async def serve_engine(
+    engine: Engine,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``engine`` over HTTP until cancelled.
+
+    Calls ``task_status.started(url)`` with the bound base URL (e.g.
+    ``"http://127.0.0.1:43121"``) once the socket listens, so ``port=0`` works:
+    ``url = await nursery.start(partial(serve_engine, engine))``. The URL is also
+    stored in ``engine.url``.
+    """
+    config = HypercornConfig()
+    config.bind = [_bind(host, port)]
+    config.accesslog = None  # the app logs one line per request itself
+    config.errorlog = logging.getLogger("nullworker.engine.http")
+    config.graceful_timeout = 1.0
+    app = create_engine_app(engine)
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(partial(hypercorn.trio.serve, app, config))
+        engine.url = binds[0]
+        log.info("engine listening on %s", engine.url)
+        task_status.started(engine.url)
+
+
+def load_private_key(path: str) -> rsa.RSAPrivateKey:
+    """Read an unencrypted PEM RSA private key; ``ValueError`` if it is anything else."""
+    with open(path, "rb") as file:
+        data = file.read()
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError(f"{path} does not hold an RSA private key")
+    return key
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nullworker engine",
+        description="Run a local emulation of the Vast serverless engine (autoscaler).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_ENGINE_PORT, help="port (default 8080; 0 = any)"
+    )
+    parser.add_argument(
+        "--key-file", help="PEM RSA private key to sign routes with (default: a new key)"
+    )
+    parser.add_argument("--api-key", help="require this api_key on /route/ (default: any)")
+    parser.add_argument(
+        "--master-token", help="require this mtoken on worker reports (default: any)"
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``nullworker engine [--host H] [--port P] [--key-file F] [--api-key K]``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    private_key = None
+    if args.key_file:
+        try:
+            private_key = load_private_key(args.key_file)
+        except (OSError, ValueError, TypeError) as exc:
+            print(f"nullworker engine: cannot load --key-file: {exc}", file=sys.stderr)
+            return 2
+    engine = Engine(private_key=private_key, api_key=args.api_key, master_token=args.master_token)
+
+    async def _run() -> None:
+        # SIGINT/SIGTERM arrive as messages and become a plain cancellation, instead
+        # of a KeyboardInterrupt that could land inside Hypercorn's own tasks.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(
+                    partial(serve_engine, engine, host=args.host, port=args.port)
+                )
+                print(f"nullworker engine on {url}  (workers view: {url}/)", flush=True)
+                async for signum in signals:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(_run)
+    except KeyboardInterrupt:
+        return 0
+    except BaseExceptionGroup as group:
+        if _only(group, KeyboardInterrupt):
+            return 0
+        if _only(group, OSError):  # typically the port is taken
+            print(f"nullworker engine: {_leaves(group)[0]}", file=sys.stderr)
+            return 1
+        raise
+    except OSError as exc:
+        print(f"nullworker engine: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaves(exc))
+        else:
+            leaves.append(exc)
+    return leaves
+
+
+def _only(group: BaseExceptionGroup[BaseException], kind: type[BaseException]) -> bool:
+    """True if every exception in the (nested) group is a ``kind``."""
+    return all(isinstance(exc, kind) for exc in _leaves(group))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Tests of ``nullworker dev``: a real subprocess running the engine and real worker
+children (``python -m nullworker serve``), driven over loopback HTTP.
+
+The engine runs in another process here, so these tests poll its ``/workers`` view
+(bounded, every 0.1 s) instead of using ``Engine.wait_for``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from nullworker.dev import DevOptions, _Console, _run_dev, main
+from nullworker.signing import load_public_key, verify_url
+
+REPO = Path(__file__).resolve().parent.parent
+POLL_S = 0.1
+#: Bound on every wait for the subprocesses (generous: they start in ~1 s).
+WAIT_S = 10.0
+
+
+class DevProcess:
+    """A running ``python -m nullworker.dev`` and the lines it printed so far."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self.url = ""
+        self._changed = trio.Event()
+
+    async def pump(self) -> None:
+        assert self.process.stdout is not None
+        buffer = b""
+        async with self.process.stdout:
+            while chunk := await self.process.stdout.receive_some(65536):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                self.lines.extend(line.decode("utf-8", "replace") for line in lines)
+                self._changed.set()
+                self._changed = trio.Event()
+
+    async def wait_line(self, pattern: str) -> re.Match[str]:
+        with trio.fail_after(WAIT_S):
+            seen = 0
+            while True:
+                changed = self._changed
+                for line in self.lines[seen:]:
+                    match = re.search(pattern, line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                await changed.wait()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def worker_pids(self) -> dict[int, int]:
+        pids: dict[int, int] = {}
+        for line in self.lines:
+            match = re.search(r"\[dev\] worker (\d+) started: pid (\d+)", line)
+            if match:
+                pids[int(match.group(1))] = int(match.group(2))
+        return pids
+
+    async def stop(self, sig: int = signal.SIGINT) -> int:
+        self.process.send_signal(sig)
+        with trio.fail_after(WAIT_S):
+            return await self.process.wait()
+
+
+StartDev = Callable[..., Awaitable[DevProcess]]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _children_of(pid: int) -> set[int]:
+    """Live child processes of ``pid`` (Linux /proc)."""
+    children: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                stat = file.read()
+        except OSError:
+            continue
+        # The command name may hold spaces; the fields after its ")" are fixed.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.add(int(entry))
+    return children
+
+
+@pytest.fixture
+async def start_dev(nursery: trio.Nursery) -> AsyncIterator[StartDev]:
+    started: list[DevProcess] = []
+
+    async def start(*args: str) -> DevProcess:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "nullworker.dev", "--port", "0", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        dev = DevProcess(process)
+        started.append(dev)
+        nursery.start_soon(dev.pump)
+        match = await dev.wait_line(r"engine on (http://127\.0\.0\.1:\d+)")
+        dev.url = match.group(1)
+        return dev
+
+    yield start
+
+    # A failed test must not leave processes behind either.
+    for dev in started:
+        for pid in dev.worker_pids().values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if dev.process.returncode is None:
+            dev.process.kill()
+            with trio.move_on_after(5):
+                await dev.process.wait()
+
+
+async def wait_workers(
+    http: httpx.AsyncClient,
+    predicate: Callable[[list[dict[str, Any]]], bool],
+) -> list[dict[str, Any]]:
+    with trio.fail_after(WAIT_S):
+        while True:
+            workers: list[dict[str, Any]] = (await http.get("/workers")).json()["workers"]
+            if predicate(workers):
+                return workers
+            await trio.sleep(POLL_S)
+
+
+async def route(http: httpx.AsyncClient, request_idx: int = 0) -> dict[str, Any]:
+    response = await http.post(
+        "/route/",
+        json={"endpoint": "dev", "api_key": "dev", "cost": 100, "request_idx": request_idx},
+    )
+    assert response.status_code == 200, response.text
+    reply: dict[str, Any] = response.json()
+    return reply
+
+
+async def route_until_ready(http: httpx.AsyncClient, request_idx: int) -> dict[str, Any]:
+    with trio.fail_after(WAIT_S):
+        while "url" not in (reply := await route(http, request_idx)):
+            await trio.sleep(POLL_S)
+    return reply
+
+
+async def assert_stops_cleanly(dev: DevProcess) -> None:
+    pids = set(dev.worker_pids().values())
+    assert await dev.stop(signal.SIGINT) == 0, dev.output
+    assert not [pid for pid in pids if _alive(pid)], dev.output
+
+
+def idle(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [w for w in workers if w["state"] == "idle"]
+
+
+async def test_dev_starts_min_workers_and_sigint_leaves_no_children(start_dev: StartDev) -> None:
+    dev = await start_dev("--min-workers", "1", "--max-workers", "2")
+    assert f"--engine-url {dev.url} --endpoint dev --duration 60" in dev.output
+    async with httpx.AsyncClient(base_url=dev.url, timeout=5.0) as http:
+        workers = await wait_workers(http, lambda ws: len(idle(ws)) == 1)
+    assert len(workers) == 1 and workers[0]["ready"]
+    assert workers[0]["url"].startswith("http://127.0.0.1:")
+
+    pids = dev.worker_pids()
+    assert list(pids) == [1]
+    assert set(pids.values()) <= _children_of(dev.process.pid)
+    await assert_stops_cleanly(dev)
+    assert not _children_of(dev.process.pid)
+
+
+async def test_route_with_no_free_worker_starts_another_up_to_max(start_dev: StartDev) -> None:
+    dev = await start_dev("--min-workers", "1", "--max-workers", "2")
+    async with httpx.AsyncClient(base_url=dev.url, timeout=5.0) as http:
+        await wait_workers(http, lambda ws: len(idle(ws)) == 1)
+        first = await route(http)
+        assert "url" in first
+
+        waiting = await route(http)  # worker 1 is leased: no free worker
+        assert "url" not in waiting
+        second = await route_until_ready(http, waiting["request_idx"])
+        assert second["url"] != first["url"]
+        assert second["request_idx"] == waiting["request_idx"]
+
+        # The worker trusts this engine's key: the reservation is accepted.
+        key = load_public_key((await http.get("/pubkey/")).text)
+        assert verify_url(key, second["url"], second["signature"])
+        held = await http.post(
+            second["url"] + "/reserve", json={"auth_data": second, "payload": {"duration": 0.2}}
+        )
+        assert held.status_code == 200, held.text
+        assert held.json()["released"] == "duration_elapsed"
+
+        # At the maximum: more demand starts nothing. Each READY leases its worker,
+        # so of three quick routes at least one waits. The hook decides synchronously
+        # while answering, so the view right after the answers is final.
+        replies = [await route(http) for _ in range(3)]
+        assert sum("url" not in r for r in replies) >= 1
+        workers = (await http.get("/workers")).json()["workers"]
+        assert sorted(w["id"] for w in workers) == [1, 2]
+    assert "starting worker 3" not in dev.output
+    await assert_stops_cleanly(dev)
+
+
+async def test_idle_workers_above_the_minimum_are_stopped(start_dev: StartDev) -> None:
+    dev = await start_dev("--min-workers", "0", "--max-workers", "1", "--idle-timeout", "0.5")
+    async with httpx.AsyncClient(base_url=dev.url, timeout=5.0) as http:
+        assert (await http.get("/workers")).json()["workers"] == []
+        waiting = await route(http)
+        assert "url" not in waiting
+        ready = await route_until_ready(http, waiting["request_idx"])
+        held = await http.post(
+            ready["url"] + "/reserve", json={"auth_data": ready, "payload": {"duration": 0.2}}
+        )
+        assert held.status_code == 200, held.text
+        await wait_workers(http, lambda ws: ws == [])
+    await dev.wait_line(r"stopping worker 1 \(idle")
+    (pid,) = dev.worker_pids().values()
+    with trio.fail_after(WAIT_S):
+        while pid in _children_of(dev.process.pid) or _alive(pid):
+            await trio.sleep(POLL_S)
+    await assert_stops_cleanly(dev)
+
+
+def test_invalid_options_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--min-workers", "3", "--max-workers", "2"]) == 2
+    assert "--min-workers" in capsys.readouterr().err
+    assert main(["--max-workers", "0"]) == 2
+    with pytest.raises(ValueError):
+        DevOptions(idle_timeout_s=float("nan"))
+
+
+# -- the supervisor in-process, with stand-in worker commands ---------------------------
+
+
+async def wait_text(buffer: io.StringIO, pattern: str) -> re.Match[str]:
+    with trio.fail_after(WAIT_S):
+        while not (match := re.search(pattern, buffer.getvalue())):
+            await trio.sleep(POLL_S / 2)
+    return match
+
+
+async def test_stop_escalates_to_sigkill_for_a_child_ignoring_sigterm() -> None:
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(60)"
+    )
+    out = io.StringIO()
+    options = DevOptions(
+        port=0,
+        min_workers=1,
+        max_workers=1,
+        stop_timeout_s=0.5,
+        worker_command=(sys.executable, "-c", stubborn),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_dev, options, _Console(out, tty=False))
+        pid = int((await wait_text(out, r"worker 1 started: pid (\d+)")).group(1))
+        await wait_text(out, r"\[worker 1\] up")
+        assert pid in _children_of(os.getpid())
+        nursery.cancel_scope.cancel()
+    # _run_dev returns only after the child was killed and reaped.
+    assert not _alive(pid)
+
+
+async def test_a_crashing_worker_is_replaced_after_a_backoff() -> None:
+    out = io.StringIO()
+    options = DevOptions(
+        port=0,
+        min_workers=1,
+        max_workers=1,
+        worker_command=(sys.executable, "-c", "import sys; sys.exit(3)"),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_dev, options, _Console(out, tty=False))
+        await wait_text(out, r"worker 1 exited on its own with code 3; no new worker for 2 s")
+        await wait_text(out, r"starting worker 2 on port \d+ \(--min-workers\)")
+        # The backoff doubles while workers keep failing.
+        await wait_text(out, r"worker 2 exited on its own with code 3; no new worker for 4 s")
+        nursery.cancel_scope.cancel()
+    assert "starting worker 3" not in out.getvalue()
