@@ -37,6 +37,7 @@ from .reservations import Outcome, ReservationResult, ReservationSlot, SlotStati
 
 if TYPE_CHECKING:
     from .app import create_app
+    from .client import ProgressEvent, Reservation, hold, reserve
     from .server import ServeInfo, serve
 
 __all__ = [
@@ -46,7 +47,9 @@ __all__ = [
     "EnvelopeError",
     "NullworkerError",
     "Outcome",
+    "ProgressEvent",
     "QueueTimeout",
+    "Reservation",
     "ReservationFailed",
     "ReservationRejected",
     "ReservationResult",
@@ -57,15 +60,21 @@ __all__ = [
     "WorkerConfig",
     "__version__",
     "create_app",
+    "hold",
+    "reserve",
     "serve",
 ]
 
-# The web stack (Quart, Hypercorn) is imported on first use, so that the pure-Trio
-# core and the client stay light for programs that only reserve.
+# The web stack (Quart, Hypercorn) and the client are imported on first use, so that a
+# program importing the pure-Trio core pays for neither.
 _LAZY = {
     "create_app": ("app", "create_app"),
     "serve": ("server", "serve"),
     "ServeInfo": ("server", "ServeInfo"),
+    "reserve": ("client", "reserve"),
+    "hold": ("client", "hold"),
+    "Reservation": ("client", "Reservation"),
+    "ProgressEvent": ("client", "ProgressEvent"),
 }
 
 

@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "reserve":
             from .client import main as client_main
 
-            return client_main(rest)
+            return client_main(rest, prog="nullworker reserve")
         if command == "engine":
             from .engine import main as engine_main
 

@@ -306,3 +306,64 @@ async def test_a_crashing_worker_is_replaced_after_a_backoff() -> None:
         await wait_text(out, r"worker 2 exited on its own with code 3; no new worker for 4 s")
         nursery.cancel_scope.cancel()
     assert "starting worker 3" not in out.getvalue()
+
+
+async def _client(dev: DevProcess, *args: str) -> trio.Process:
+    return await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "nullworker.client",
+            "--engine-url",
+            dev.url,
+            "--endpoint",
+            "dev",
+            *args,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VAST_API_KEY": "dev", "PYTHONUNBUFFERED": "1"},
+    )
+
+
+async def test_the_whole_loop_two_clients_scale_out_and_ctrl_c_releases(
+    start_dev: StartDev,
+) -> None:
+    """The README's walk-through: dev with two workers at most, two clients, Ctrl-C one."""
+    dev = await start_dev("--max-workers", "2", "--min-workers", "0", "--idle-timeout", "60")
+    clients: list[trio.Process] = []
+    try:
+        async with httpx.AsyncClient(base_url=dev.url, timeout=5) as http:
+            for _ in range(2):
+                clients.append(await _client(dev, "--duration", "60"))
+            # Demand from two clients starts two workers, and both end up held.
+            workers = await wait_workers(
+                http, lambda ws: len(ws) == 2 and all(w["state"] == "busy" for w in ws)
+            )
+            assert {w["num_requests_working"] for w in workers} == {1}
+            # Ctrl-C on one client: exit 130, and its worker is idle again promptly.
+            clients[0].send_signal(signal.SIGINT)
+            with trio.fail_after(WAIT_S):
+                assert await clients[0].wait() == 130
+            freed = await wait_workers(http, lambda ws: len(idle(ws)) == 1)
+            freed_id = idle(freed)[0]["id"]
+            # The next client gets the freed worker; no third worker is started.
+            third = await _client(dev, "--duration", "1")
+            clients.append(third)
+            with trio.fail_after(WAIT_S):
+                assert await third.wait() == 0
+            assert third.stdout is not None
+            out = (await third.stdout.receive_some(65536)).decode()
+            assert "elapsed" in out
+            workers = (await http.get("/workers")).json()["workers"]
+            assert len(workers) == 2
+            routed = {w["id"]: w["routed_count"] for w in workers}
+            assert routed[freed_id] == 2  # the freed worker served the third client
+    finally:
+        for proc in clients:
+            if proc.returncode is None:
+                proc.kill()
+                with trio.move_on_after(5):
+                    await proc.wait()
+    await assert_stops_cleanly(dev)

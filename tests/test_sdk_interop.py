@@ -1,0 +1,237 @@
+"""Interoperability with the official Vast SDK (``vastai`` 1.9.1).
+
+A null worker built on the official SDK (``tests/sdk_worker/worker.py``) runs as a
+child process, configured by the Vast environment contract to report to our engine
+emulator. The tests check, over real sockets:
+
+1. our engine sees it become ready from the SDK's own ``/worker_status/`` reports and
+   routes to it, and the SDK's signature check accepts our engine's signature;
+2. our client holds a reservation on it (unwrapping the SDK's ``{"result": ...}``
+   answer) and the outcome is ``duration_elapsed``; the SDK reports the request to our
+   engine as a Success through its 1.9.1 ``/delete_requests/`` body;
+3. the SDK refuses a signature made with another key (401, our ``ReservationFailed``),
+   and our client's early exit (dropping the connection) ends the SDK's hold, which it
+   reports as Cancelled.
+
+The SDK is installed once per machine and Python version into a virtual environment
+kept in pytest's cache directory (``pytest --cache-clear`` removes it; with the cache
+plugin off, in the system temporary directory). If it cannot be
+installed (no network to PyPI), these tests are skipped and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from nullworker.client import hold, reserve
+from nullworker.engine import Engine, serve_engine
+from nullworker.errors import ReservationFailed
+
+SDK_VERSION = "1.9.1"
+WORKER_SCRIPT = Path(__file__).parent / "sdk_worker" / "worker.py"
+API_KEY = "interop-key"
+MASTER_TOKEN = "interop-master-token"
+#: Bound on installing the SDK (first run only; ~20 s on a warm index).
+INSTALL_TIMEOUT_S = 600
+
+
+def _venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+@pytest.fixture(scope="session")
+def sdk_python(request: pytest.FixtureRequest) -> Path:
+    """The Python of a virtual environment with ``vastai==1.9.1`` installed."""
+    tag = f"vastai-{SDK_VERSION}-py{sys.version_info.major}{sys.version_info.minor}"
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    if cache is not None:
+        venv = Path(cache.mkdir(f"sdk-venv-{tag}"))
+    else:
+        venv = Path(tempfile.gettempdir()) / f"nullworker-sdk-venv-{tag}"
+    python = _venv_python(venv)
+    marker = venv / "installed.ok"
+    if marker.exists() and python.exists():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--quiet",
+         f"vastai=={SDK_VERSION}"],
+        [str(python), "-c", "import vastai.serverless.server.worker"],
+    ]
+    for step in steps:
+        try:
+            done = subprocess.run(
+                step, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"installing vastai=={SDK_VERSION} timed out (no network to PyPI?)")
+        if done.returncode != 0:
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
+            pytest.skip(
+                f"cannot install the official SDK vastai=={SDK_VERSION} "
+                f"(no network to PyPI?): {' '.join(step[:4])} failed:\n{tail}"
+            )
+    marker.write_text(SDK_VERSION + "\n")
+    return python
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@dataclass
+class SdkWorker:
+    container_id: int
+    url: str
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture
+async def engine(nursery: trio.Nursery) -> Engine:
+    e = Engine(master_token=MASTER_TOKEN)
+    await nursery.start(partial(serve_engine, e))
+    return e
+
+
+@pytest.fixture
+async def sdk_worker(
+    sdk_python: Path, engine: Engine, tmp_path: Path
+) -> AsyncIterator[SdkWorker]:
+    """The official-SDK null worker, reporting to ``engine``; ready when yielded."""
+    assert engine.url is not None
+    port, http_port = _free_port(), _free_port()
+    container_id = 77
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("VAST_", "REPORT_ADDR", "CONTAINER_ID", "WORKER_"))
+    }
+    env.update(
+        REPORT_ADDR=engine.url,
+        CONTAINER_ID=str(container_id),
+        WORKER_PORT=str(port),
+        WORKER_HTTP_PORT=str(http_port),
+        PUBLIC_IPADDR="127.0.0.1",
+        MASTER_TOKEN=MASTER_TOKEN,
+        UNSECURED="false",
+        USE_SSL="false",
+        SDK_WORKER_HOST="127.0.0.1",
+        PYTHONUNBUFFERED="1",
+    )
+    env[f"VAST_TCP_PORT_{port}"] = str(port)
+    workdir = tmp_path / "sdk-worker"  # the SDK writes .has_benchmark into its CWD
+    workdir.mkdir()
+    log_path = tmp_path / "sdk-worker.log"
+    with log_path.open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            [str(sdk_python), str(WORKER_SCRIPT)],
+            cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+    worker = SdkWorker(container_id, f"http://127.0.0.1:{port}", log_path)
+    try:
+        try:
+            await engine.wait_for(lambda e: e.worker_state(container_id) == "idle", timeout=20)
+        except trio.TooSlowError:
+            pytest.fail(
+                f"the SDK worker never reported ready; state "
+                f"{engine.worker_state(container_id)}; exit {process.returncode}; log:\n"
+                f"{worker.log_tail()}"
+            )
+        yield worker
+    finally:
+        with trio.CancelScope(shield=True):
+            process.terminate()
+            with trio.move_on_after(5) as waited:
+                await process.wait()
+            if waited.cancelled_caught:
+                process.kill()
+                await process.wait()
+
+
+def _finished(engine: Engine, request_idx: int | None) -> set[str | None]:
+    """Statuses the worker reported for ``request_idx`` (the impostor engine of one test
+    issues the same small numbers, hence a set)."""
+    return {f.status for f in engine.finished if f.request_idx == request_idx}
+
+
+async def test_engine_routes_to_the_sdk_worker_and_the_client_holds_it(
+    engine: Engine, sdk_worker: SdkWorker
+) -> None:
+    # (1) Ready from the SDK's own reports, in the 1.9.1 shape, with our master token.
+    record = engine.workers[sdk_worker.container_id]
+    assert record.url == sdk_worker.url
+    assert record.max_perf == 100.0 and record.loadtime > 0 and record.error_msg == ""
+    report = next(
+        r.body for r in engine.worker_status_reports if r.body["id"] == sdk_worker.container_id
+    )
+    assert report["mtoken"] == MASTER_TOKEN and "disk_usage" in report
+
+    # (2) Our client, routed by our engine, holds it; the SDK checked our signature
+    # (UNSECURED=false) and answered in its remote-function shape.
+    assert engine.url is not None
+    r = await hold("ep", duration=1, api_key=API_KEY, engine_url=engine.url)
+    assert r.worker_url == sdk_worker.url, sdk_worker.log_tail()
+    assert r.status == 200, sdk_worker.log_tail()
+    assert r.outcome == "duration_elapsed"
+    assert r.body["released"] == "duration_elapsed" and r.body["duration"] == 1.0
+    assert 0.9 <= r.held_s < 3
+    assert [x.worker_id for x in engine.ready_replies] == [sdk_worker.container_id]
+    await engine.wait_for(lambda e: "Success" in _finished(e, r.request_idx), timeout=5)
+    body = next(
+        b.body for b in engine.delete_requests_reports
+        if any(x["request_idx"] == r.request_idx for x in b.body.get("requests", []))
+    )
+    assert body["worker_id"] == sdk_worker.container_id and body["mtoken"] == MASTER_TOKEN
+
+
+async def test_sdk_worker_checks_signatures_and_sees_our_disconnect(
+    engine: Engine, sdk_worker: SdkWorker, nursery: trio.Nursery
+) -> None:
+    # (3a) An engine with another key: the SDK refuses its signature.
+    impostor = Engine()
+    await nursery.start(partial(serve_engine, impostor))
+    impostor.worker_status(
+        next(r.body for r in engine.worker_status_reports if r.body["loadtime"] > 0)
+    )
+    assert impostor.url is not None
+    with pytest.raises(ReservationFailed) as refused:
+        await hold("ep", duration=1, api_key=API_KEY, engine_url=impostor.url)
+    assert refused.value.status == 401, sdk_worker.log_tail()
+
+    # (3b) Leaving the block drops the connection; the SDK cancels the hold at once.
+    assert engine.url is not None
+    with trio.fail_after(10):
+        async with reserve("ep", duration=60, api_key=API_KEY, engine_url=engine.url) as r:
+            assert r.worker_url == sdk_worker.url
+            await engine.wait_for(
+                lambda e: r.request_idx in e.workers[sdk_worker.container_id].working_request_idxs,
+                timeout=5,
+            )
+        await engine.wait_for(lambda e: "Cancelled" in _finished(e, r.request_idx), timeout=5)
+    assert r.outcome == "client_released"
+    statuses = [json.dumps(b.body) for b in engine.delete_requests_reports]
+    assert any('"Rejected"' in s for s in statuses), "the 401 is reported as Rejected"
