@@ -46,9 +46,6 @@ __all__ = ["create_app", "create_control_app", "serve_control"]
 
 log = logging.getLogger("nullworker")
 
-#: Where ``/pyworker/update`` leaves its marker; the instance's start script looks for it.
-FORCE_UPDATE_PATH = "/.force_update"
-
 _NO_SESSIONS = {
     "error": "this worker holds reservations, not sessions: use POST /reserve",
 }
@@ -158,7 +155,7 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
         given = given[7:] if given.lower().startswith("bearer ") else given
         if not token or not hmac.compare_digest(given.strip().encode(), token.encode()):
             return _json({"error": "unauthorized"}, 401)
-        path = os.environ.get("NULLWORKER_FORCE_UPDATE_PATH", FORCE_UPDATE_PATH)
+        path = cfg.force_update_path
         try:
             await trio.Path(path).touch()
         except OSError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -127,6 +128,10 @@ class WorkerConfig:
     tcp_keepidle_s: int = 15
     tcp_keepintvl_s: int = 5
     tcp_keepcnt: int = 3
+    #: The marker ``POST /pyworker/update`` creates for the instance's start script.
+    force_update_path: str = "/.force_update"
+    #: Where the per-port single-process locks live (default: the temp dir).
+    lock_dir: str = dataclasses.field(default_factory=tempfile.gettempdir)
     #: A failed signature check refetches the engine's key at most this often (the
     #: engine may have rotated it; the official worker never refetches).
     key_refresh_min_s: float = 60.0
@@ -238,6 +243,8 @@ class WorkerConfig:
             "ssl_keyfile": env.get("NULLWORKER_SSL_KEYFILE", DEFAULT_KEY_FILE),
             "delete_requests_format": env.get("NULLWORKER_DELETE_REQUESTS_FORMAT", "1.9.1"),
             "log_level": env.get("NULLWORKER_LOG_LEVEL", "INFO").upper(),
+            "force_update_path": env.get("NULLWORKER_FORCE_UPDATE_PATH", "/.force_update"),
+            "lock_dir": env.get("NULLWORKER_LOCK_DIR") or tempfile.gettempdir(),
         }
         values.update(overrides)
         try:

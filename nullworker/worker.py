@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
@@ -123,8 +122,7 @@ class Worker:
         if self.config.port == 0:  # an ephemeral port cannot be shared by accident
             yield
             return
-        lock_dir = os.environ.get("NULLWORKER_LOCK_DIR", tempfile.gettempdir())
-        path = os.path.join(lock_dir, f"nullworker-{self.config.port}.lock")
+        path = os.path.join(self.config.lock_dir, f"nullworker-{self.config.port}.lock")
         handle = open(path, "a+")  # held for the whole serving lifetime
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

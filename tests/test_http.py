@@ -267,18 +267,16 @@ async def test_pyworker_update_needs_the_master_token(
     start_worker: StartWorker,
     http: httpx.AsyncClient,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     marker = tmp_path / "force_update"
-    monkeypatch.setenv("NULLWORKER_FORCE_UPDATE_PATH", str(marker))
-    open_worker = await start_worker()
+    open_worker = await start_worker(force_update_path=str(marker))
     response = await http.post(
         f"{open_worker.url}/pyworker/update", headers={"Authorization": "Bearer x"}
     )
     assert response.status_code == 401  # an empty MASTER_TOKEN never opens the door
     assert not marker.exists()
 
-    info = await start_worker(master_token="s3cret")
+    info = await start_worker(master_token="s3cret", force_update_path=str(marker))
     for header in ("Bearer wrong", "", "s3cre"):
         response = await http.post(f"{info.url}/pyworker/update", headers={"Authorization": header})
         assert response.status_code == 401
