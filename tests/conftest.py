@@ -22,6 +22,29 @@ from nullworker.signing import generate_private_key, sign_url
 
 StartWorker = Callable[..., Awaitable[ServeInfo]]
 
+#: Every field of ``/worker_status/`` (VAST_PROTOCOL.md §5.1 plus 1.9.1's ``disk_usage``)
+#: and the JSON type the official worker sends.
+STATUS_FIELDS = {
+    "id": int,
+    "mtoken": str,
+    "version": str,
+    "loadtime": float,
+    "new_load": float,
+    "cur_load": float,
+    "rej_load": float,
+    "max_perf": float,
+    "cur_perf": float,
+    "error_msg": str,
+    "num_requests_working": int,
+    "num_requests_recieved": int,
+    "additional_disk_usage": float,
+    "disk_usage": float,
+    "working_request_idxs": list,
+    "cur_capacity": int,
+    "max_capacity": int,
+    "url": str,
+}
+
 
 @pytest.fixture(scope="session")
 def rsa_key() -> rsa.RSAPrivateKey:

@@ -40,30 +40,12 @@ from nullworker.reporter import (
 from nullworker.reservations import ReservationSlot
 from nullworker.signing import generate_private_key, public_key_pem
 
+from .conftest import STATUS_FIELDS
+
 STATUS = "/worker_status/"
 DELETE = "/delete_requests/"
 PUBKEY = "/pubkey/"
 
-STATUS_FIELDS = {
-    "id": int,
-    "mtoken": str,
-    "version": str,
-    "loadtime": float,
-    "new_load": float,
-    "cur_load": float,
-    "rej_load": float,
-    "max_perf": float,
-    "cur_perf": float,
-    "error_msg": str,
-    "num_requests_working": int,
-    "num_requests_recieved": int,
-    "additional_disk_usage": float,
-    "disk_usage": float,
-    "working_request_idxs": list,
-    "cur_capacity": int,
-    "max_capacity": int,
-    "url": str,
-}
 DELETE_ENTRY_KEYS = {
     "request_idx",
     "success",

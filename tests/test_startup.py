@@ -215,3 +215,60 @@ async def test_hypercorn_with_two_workers_is_refused(tmp_path: Path) -> None:
     # that case, so the refusal shows as: it stopped by itself, and said why).
     output = (result.stdout + result.stderr).decode()
     assert "run exactly ONE worker process" in output
+
+
+async def test_the_app_runs_under_hypercorns_own_cli(tmp_path: Path) -> None:
+    """`hypercorn --worker-class trio 'nullworker.app:create_app()'` gets the same worker."""
+    env = worker_env(tmp_path)
+    port = env["WORKER_PORT"]
+    hypercorn = Path(sys.executable).parent / "hypercorn"
+    proc = await trio.lowlevel.open_process(
+        [
+            str(hypercorn),
+            "--worker-class",
+            "trio",
+            "--workers",
+            "1",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "nullworker.app:create_app()",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        health = await http.get(f"http://127.0.0.1:{port}/health")
+                        if health.status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await trio.sleep(0.05)
+            response = await http.post(
+                f"http://127.0.0.1:{port}/reserve",
+                json={
+                    "auth_data": {
+                        "signature": "",
+                        "url": "",
+                        "cost": 100,
+                        "endpoint": "e",
+                        "reqnum": 1,
+                        "request_idx": 1,
+                    },
+                    "payload": {"duration": 0.1},
+                },
+            )
+            assert response.status_code == 200
+            assert response.json()["released"] == "duration_elapsed"
+            # Its background work runs too: the control listener answers.
+            control = env["NULLWORKER_CONTROL_PORT"]
+            status = await http.get(f"http://127.0.0.1:{control}/status")
+            assert status.json()["counts"]["duration_elapsed"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            await proc.wait()

@@ -17,29 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from nullworker.server import ServeInfo
 from nullworker.signing import generate_private_key, sign_url
 
-from .conftest import StartWorker, envelope, vast_settings
+from .conftest import STATUS_FIELDS, StartWorker, envelope, vast_settings
 from .test_http import open_raw_reservation, wait_until
-
-STATUS_FIELDS = {
-    "id": int,
-    "mtoken": str,
-    "version": str,
-    "loadtime": float,
-    "new_load": float,
-    "cur_load": float,
-    "rej_load": float,
-    "max_perf": float,
-    "cur_perf": float,
-    "error_msg": str,
-    "num_requests_working": int,
-    "num_requests_recieved": int,
-    "additional_disk_usage": float,
-    "disk_usage": float,
-    "working_request_idxs": list,
-    "cur_capacity": (int, float),
-    "max_capacity": (int, float),
-    "url": str,
-}
 
 
 async def route(http: httpx.AsyncClient, engine: Any) -> dict[str, Any]:
