@@ -996,8 +996,12 @@ class _Cli:
             self._error(job, f"error: {exc}")
             job.code = EXIT_REJECTED
             return
-        ok = reservation.outcome in ("duration_elapsed", "explicit", "completed")
-        job.code = EXIT_OK if ok else EXIT_ENDED_EARLY
+        if reservation.outcome in ("duration_elapsed", "explicit", "completed"):
+            job.code = EXIT_OK
+        elif reservation.outcome == "rejected":  # queued, then refused (a late 429)
+            job.code = EXIT_REJECTED
+        else:
+            job.code = EXIT_ENDED_EARLY
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:

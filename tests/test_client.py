@@ -622,10 +622,16 @@ async def test_engine_down_raises_engine_unavailable(
 @pytest.fixture
 async def busy_setup(
     engine: Engine, start_worker: StartWorker, nursery: trio.Nursery
-) -> AsyncIterator[tuple[Engine, ServeInfo]]:
+) -> tuple[Engine, ServeInfo]:
     """A worker held by someone else (it answers 429 at once), and a routing engine B
-    that still believes it idle. Yields (engine B, the busy worker)."""
-    info = await start_vast_worker(start_worker, engine, 1, max_queue_time_s=0.0)
+    that still believes it idle. Returns (engine B, the busy worker)."""
+    return await occupied_worker(engine, start_worker, nursery, max_queue_time_s=0.0)
+
+
+async def occupied_worker(
+    engine: Engine, start_worker: StartWorker, nursery: trio.Nursery, *, max_queue_time_s: float
+) -> tuple[Engine, ServeInfo]:
+    info = await start_vast_worker(start_worker, engine, 1, max_queue_time_s=max_queue_time_s)
     idle_report = next(
         r.body for r in reversed(engine.worker_status_reports)
         if r.body["id"] == 1 and r.body["num_requests_working"] == 0 and r.body["loadtime"] > 0
@@ -646,7 +652,7 @@ async def busy_setup(
     stale = Engine(private_key=engine.private_key, lease_s=0.0)
     await nursery.start(partial(serve_engine, stale))
     stale.worker_status(idle_report)
-    yield stale, info
+    return stale, info
 
 
 async def test_busy_worker_is_rerouted_with_the_same_request_idx_then_rejected(
@@ -844,6 +850,18 @@ async def test_cli_busy_worker_exits_4(busy_setup: tuple[Engine, ServeInfo], run
     assert await cli.wait() == 4, cli.err
     assert "rejected: gave up after 2 refusal(s)" in cli.err
     assert cli.out.count("asking the engine again") == 1
+
+
+async def test_cli_late_429_after_queueing_exits_4(
+    engine: Engine, start_worker: StartWorker, nursery: trio.Nursery, run_cli: Any
+) -> None:
+    # The worker queues us for 0.8 s (past the client's 0.3 s accept window), then
+    # answers 429: the client said "held", but the outcome is a rejection all the same.
+    stale, _ = await occupied_worker(engine, start_worker, nursery, max_queue_time_s=0.8)
+    assert stale.url is not None
+    cli: Cli = await run_cli("--endpoint", "ep", "--engine-url", stale.url)
+    assert await cli.wait() == 4, cli.out + cli.err
+    assert "held:" in cli.out
 
 
 async def test_cli_worker_refusal_exits_4(
