@@ -40,7 +40,7 @@ from nullworker.reporter import (
 from nullworker.reservations import ReservationSlot
 from nullworker.signing import generate_private_key, public_key_pem
 
-from .conftest import STATUS_FIELDS
+from .conftest import STATUS_FIELDS, StartWorker
 
 STATUS = "/worker_status/"
 DELETE = "/delete_requests/"
@@ -817,3 +817,31 @@ async def test_error_beacon_reports_failure_within_its_bound(make_recorder: Make
     with trio.fail_after(2.0):
         assert await send_error_beacon(config, "boom") is False
     assert len(failing.attempts(STATUS)) == 1
+
+
+async def test_worker_without_the_engine_key_reports_the_error_then_recovers(
+    make_recorder: MakeRecorder, start_worker: StartWorker
+) -> None:
+    """A failed key fetch is an error the engine sees, and it is not sticky (§11.8, §11.9)."""
+    rec = await make_recorder()
+    rec.fail_next[PUBKEY] = 5  # the whole first round of tries fails
+    config = make_config(rec.url)
+    settings = {
+        name: getattr(config, name)
+        for name in ("report_addrs", "container_id", "master_token", "unsecured")
+    }
+    async with trio.open_nursery() as nursery:
+        ready: list[Any] = []
+
+        async def start() -> None:
+            ready.append(await start_worker(**settings, engine_retry_s=0.05))
+
+        nursery.start_soon(start)
+        errored = await rec.wait_status(lambda b: "public key" in b["error_msg"], within_s=10)
+        assert errored["max_perf"] == 0.0
+        recovered = await rec.wait_status(
+            lambda b: b["max_perf"] == 100.0 and b["error_msg"] == "", within_s=10
+        )
+        assert recovered["loadtime"] > 0
+    assert ready and ready[0].worker.public_key is not None
+    assert len(rec.attempts(PUBKEY)) == 6
