@@ -70,6 +70,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import trio
 
+from .envelope import as_int
 from .errors import (
     ClientError,
     ConfigError,
@@ -192,7 +193,7 @@ class Reservation:
     ) -> None:
         self.worker_url = worker_url
         self.auth_data = auth_data
-        self.request_idx = _as_int(auth_data.get("request_idx"))
+        self.request_idx = as_int(auth_data.get("request_idx"))
         self.ended = trio.Event()
         self.outcome: str | None = None
         self.status: int | None = None
@@ -616,11 +617,11 @@ class _Router:
                     raise EngineUnavailable(
                         f"the engine routed us to an invalid worker url: {url!r}"
                     )
-                idx = _as_int(reply.get("request_idx"))
+                idx = as_int(reply.get("request_idx"))
                 if idx:
                     self.request_idx = idx
                 return reply
-            idx = _as_int(reply.get("request_idx"))
+            idx = as_int(reply.get("request_idx"))
             if idx:
                 self.request_idx = idx
             self._notify(
@@ -817,16 +818,6 @@ def _redact(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
 
 
 def _finite(value: float) -> bool:

@@ -19,7 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .errors import EnvelopeError
 from .signing import verify_url
 
-__all__ = ["AUTH_KEYS", "Envelope", "parse_duration", "parse_envelope", "signature_ok"]
+__all__ = [
+    "AUTH_KEYS",
+    "Envelope",
+    "as_int",
+    "parse_duration",
+    "parse_envelope",
+    "signature_ok",
+]
 
 #: The keys every ``auth_data`` must carry, as the official worker requires.
 AUTH_KEYS = ("signature", "url", "cost", "endpoint", "reqnum", "request_idx")
@@ -33,14 +40,15 @@ class Envelope:
 
     @property
     def request_idx(self) -> int | None:
-        return _as_int(self.auth_data.get("request_idx"))
+        return as_int(self.auth_data.get("request_idx"))
 
     @property
     def reqnum(self) -> int | None:
-        return _as_int(self.auth_data.get("reqnum"))
+        return as_int(self.auth_data.get("reqnum"))
 
 
-def _as_int(value: Any) -> int | None:
+def as_int(value: Any) -> int | None:
+    """An engine id (``request_idx``, ``reqnum``) as an int: ints and digit strings; else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
