@@ -43,6 +43,21 @@ def worker_env(tmp_path: Path, engine: Any | None = None, **extra: str) -> dict[
     return env
 
 
+async def serve_to_the_end(env: dict[str, str]) -> tuple[int, str]:
+    """Run `nullworker serve` that is expected to fail; its exit code and its one stderr line."""
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "nullworker", "serve"],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    return result.returncode, lines[0]
+
+
 async def test_serve_becomes_ready_reports_and_stops_on_sigterm(
     vast_engine: Any, tmp_path: Path
 ) -> None:
@@ -84,18 +99,9 @@ async def test_second_copy_on_the_same_port_fails_clearly_and_reports_the_error(
     try:
         await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=20)
         env2 = env | {"CONTAINER_ID": "12", "NULLWORKER_CONTROL_PORT": str(free_port())}
-        with trio.fail_after(30):
-            result = await trio.run_process(
-                [sys.executable, "-m", "nullworker", "serve"],
-                env=env2,
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-        assert result.returncode == 1
-        lines = result.stderr.decode().strip().splitlines()
-        assert len(lines) == 1, lines
-        assert "cannot listen" in lines[0] and env["WORKER_PORT"] in lines[0]
+        code, line = await serve_to_the_end(env2)
+        assert code == 1
+        assert "cannot listen" in line and env["WORKER_PORT"] in line
         await vast_engine.wait_for(lambda e: 12 in e.workers and e.workers[12].error_msg)
         assert "failed to launch" in vast_engine.workers[12].error_msg
         assert vast_engine.workers[11].ready  # the first one is untouched
@@ -118,17 +124,9 @@ async def test_bad_configuration_exits_2_with_one_line(
     tmp_path: Path, variable: str, value: str, needle: str
 ) -> None:
     env = worker_env(tmp_path, **{variable: value})
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [sys.executable, "-m", "nullworker", "serve"],
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    assert result.returncode == 2
-    lines = result.stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], lines
+    code, line = await serve_to_the_end(env)
+    assert code == 2
+    assert needle in line
 
 
 async def test_help_lists_the_commands() -> None:
