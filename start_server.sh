@@ -49,14 +49,12 @@ EOF
 mkdir -p "$(dirname "$LOCK")"
 exec 9>>"$LOCK"
 if ! flock -n 9; then
-    for _ in $(seq 1 100); do
-        if already_running; then
-            say "a nullworker already serves port $PORT; not starting another"
-            exit 0
-        fi
-        sleep 0.1
-    done
-    say "another start_server.sh holds $LOCK but nothing answers on port $PORT yet; not starting another"
+    # Another start_server.sh is installing or running the worker for this port.
+    if already_running; then
+        say "a nullworker already serves port $PORT; not starting another"
+    else
+        say "another start_server.sh for port $PORT is still starting (lock $LOCK); not starting another"
+    fi
     exit 0
 fi
 if already_running; then

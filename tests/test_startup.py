@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -142,6 +143,25 @@ async def test_help_lists_the_commands() -> None:
     assert "MAX_RESERVATION_SECONDS" in result.stdout.decode()
 
 
+def _locked_by_another(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+async def wait_until_locked(path: Path) -> None:
+    """Wait until another process holds an exclusive flock on ``path``."""
+    with trio.fail_after(30):
+        while not _locked_by_another(path):
+            await trio.sleep(0.01)
+
+
 def _listeners(port: str) -> int:
     out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
     return len([line for line in out.stdout.splitlines() if line.strip()])
@@ -162,7 +182,10 @@ async def test_start_server_twice_leaves_exactly_one_worker(tmp_path: Path) -> N
     )
     try:
         # A second start while the first is still starting, and a third once it serves.
-        with trio.fail_after(120):
+        # (The second must come after the first took the start lock, or it would be
+        # the one that starts the worker.)
+        await wait_until_locked(tmp_path / f"nullworker-start-{port}.lock")
+        with trio.fail_after(60):
             second = await trio.run_process([script], env=env, capture_stderr=True, check=False)
         assert second.returncode == 0
         assert b"already serves" in second.stderr or b"not starting another" in second.stderr
