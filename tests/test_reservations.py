@@ -321,3 +321,25 @@ def test_slot_refuses_bad_settings() -> None:
         ReservationSlot(max_reservation_s=0.0, max_queue_time_s=1.0)
     with pytest.raises(ValueError):
         ReservationSlot(max_reservation_s=10.0, max_queue_time_s=-1.0)
+
+
+async def test_an_unexpected_error_in_a_hold_is_recorded_once_and_frees_the_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    events: list[ReservationEvent] = []
+
+    class Broken(ReservationSlot):
+        async def _hold_token(self, res: Reservation) -> ReservationResult:
+            res._move(State.HELD)
+            self._active = res
+            self._emit("started", res)
+            raise RuntimeError("bug while holding")
+
+    slot = Broken(max_reservation_s=10.0, max_queue_time_s=1.0, observer=events.append)
+    with pytest.raises(RuntimeError, match="bug while holding"):
+        await slot.hold(5.0)
+    assert ended(events) == [(1, Outcome.ERROR)]
+    stats = slot.statistics()
+    assert not stats.busy and stats.counts["error"] == 1
+    # The token went back: the slot is free for the next one.
+    assert slot._limiter.statistics().borrowed_tokens == 0
