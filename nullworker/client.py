@@ -209,8 +209,7 @@ class Reservation:
 
     def __repr__(self) -> str:
         return (
-            f"<Reservation {self.worker_url} request_idx={self.request_idx} "
-            f"outcome={self.outcome}>"
+            f"<Reservation {self.worker_url} request_idx={self.request_idx} outcome={self.outcome}>"
         )
 
     @property
@@ -663,8 +662,7 @@ class _Router:
                 self._notify(
                     ProgressEvent(
                         "engine_retry",
-                        f"cannot reach the engine ({problem}); retry {attempt}/"
-                        f"{_ENGINE_TRIES - 1}",
+                        f"cannot reach the engine ({problem}); retry {attempt}/{_ENGINE_TRIES - 1}",
                         waited_s=self.waited_s,
                         attempt=attempt,
                     )
@@ -924,8 +922,9 @@ class _Cli:
         if event.kind == "held":
             job.held = True
             # Always numbered, so scripts can count held lines.
-            print(f"held: {event.worker_url} (reservation {job.number}/{len(self.jobs)})",
-                  flush=True)
+            print(
+                f"held: {event.worker_url} (reservation {job.number}/{len(self.jobs)})", flush=True
+            )
         elif event.kind == "ended":
             job.held = False
             self._say(job, event.message)

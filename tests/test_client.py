@@ -143,7 +143,11 @@ async def test_route_and_reserve_requests_follow_the_protocol(
     fake = FakeVast(worker=answer_after(5, 200, {"released": "duration_elapsed", "held": 5.0}))
     async with fake.client() as http:
         r = await hold(
-            "ep", duration=5, api_key=KEY, engine_url=ENGINE + "/", http=http,
+            "ep",
+            duration=5,
+            api_key=KEY,
+            engine_url=ENGINE + "/",
+            http=http,
             on_progress=events.append,
         )
     assert r.outcome == "duration_elapsed"
@@ -153,7 +157,11 @@ async def test_route_and_reserve_requests_follow_the_protocol(
     assert route.url.query == b""
     assert route.headers["authorization"] == f"Bearer {KEY}"
     assert fake.route_bodies[0] == {
-        "endpoint": "ep", "api_key": KEY, "cost": 100.0, "request_idx": 0, "replay_timeout": 60.0,
+        "endpoint": "ep",
+        "api_key": KEY,
+        "cost": 100.0,
+        "request_idx": 0,
+        "replay_timeout": 60.0,
     }
     # The worker gets the whole route reply as auth_data, and never the API key.
     work = fake.worker_requests[0]
@@ -186,8 +194,14 @@ async def test_api_key_and_engine_url_come_from_the_environment(
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"duration": -1}, {"duration": math.nan}, {"duration": math.inf}, {"max_rejections": -1},
-     {"cost": math.nan}, {"route_timeout_s": 0}],
+    [
+        {"duration": -1},
+        {"duration": math.nan},
+        {"duration": math.inf},
+        {"max_rejections": -1},
+        {"cost": math.nan},
+        {"route_timeout_s": 0},
+    ],
 )
 async def test_invalid_options_raise_config_error(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
@@ -213,8 +227,9 @@ async def test_waiting_polls_reuse_the_request_idx_and_report_progress(
 
     fake = FakeVast(engine=engine, worker=answer_after(1, 200, {"released": "duration_elapsed"}))
     async with fake.client() as http:
-        r = await hold("ep", duration=1, api_key=KEY, engine_url=ENGINE, http=http,
-                       on_progress=events.append)
+        r = await hold(
+            "ep", duration=1, api_key=KEY, engine_url=ENGINE, http=http, on_progress=events.append
+        )
     assert [b["request_idx"] for b in fake.route_bodies] == [0, 42, 42, 42, 42]
     assert r.request_idx == 42
     gaps = [b - a for a, b in zip(fake.route_times, fake.route_times[1:], strict=False)]
@@ -297,8 +312,14 @@ async def test_busy_worker_reroutes_with_the_same_request_idx_then_gives_up(
     fake = FakeVast(worker=answer_now(429, {"error": "busy"}))
     async with fake.client() as http:
         with pytest.raises(ReservationRejected, match="3 refusal"):
-            await hold("ep", api_key=KEY, engine_url=ENGINE, http=http, max_rejections=2,
-                       on_progress=events.append)
+            await hold(
+                "ep",
+                api_key=KEY,
+                engine_url=ENGINE,
+                http=http,
+                max_rejections=2,
+                on_progress=events.append,
+            )
     assert len(fake.worker_requests) == 3
     assert [b["request_idx"] for b in fake.route_bodies] == [0, 7, 7]
     rerouting = [e for e in events if e.kind == "rerouting"]
@@ -331,13 +352,19 @@ async def test_unavailable_or_unreachable_worker_is_rerouted_then_held(
 @pytest.mark.parametrize(
     ("body", "outcome", "inner"),
     [
-        ({"result": {"ok": {"released": "duration_elapsed", "held": 3}}}, "duration_elapsed",
-         {"released": "duration_elapsed", "held": 3}),
+        (
+            {"result": {"ok": {"released": "duration_elapsed", "held": 3}}},
+            "duration_elapsed",
+            {"released": "duration_elapsed", "held": 3},
+        ),
         ({"result": {"released": "explicit"}}, "explicit", {"released": "explicit"}),
         ({"result": {"err": "boom"}}, "error", {"error": "boom"}),
         ({"result": 5}, "completed", 5),
-        ({"released": "duration_elapsed", "result": 1}, "duration_elapsed",
-         {"released": "duration_elapsed", "result": 1}),
+        (
+            {"released": "duration_elapsed", "result": 1},
+            "duration_elapsed",
+            {"released": "duration_elapsed", "result": 1},
+        ),
     ],
 )
 async def test_sdk_result_shapes_are_unwrapped(
@@ -355,8 +382,9 @@ async def test_worker_ending_the_hold_sets_ended_inside_the_block(
 ) -> None:
     fake = FakeVast(worker=answer_after(10, 200, {"released": "explicit", "held": 10.0}))
     async with fake.client() as http:
-        async with reserve("ep", api_key=KEY, engine_url=ENGINE, http=http,
-                           on_progress=events.append) as r:
+        async with reserve(
+            "ep", api_key=KEY, engine_url=ENGINE, http=http, on_progress=events.append
+        ) as r:
             assert outcome_of(r) is None and not r.ended.is_set()
             held_at = trio.current_time()
             await r.ended.wait()
@@ -560,8 +588,12 @@ async def test_worker_shutdown_mid_hold_ends_the_reservation(
     assert engine.url is not None
     stop = trio.Event()
     config = WorkerConfig(
-        port=0, control_port=None, report_addrs=(engine.url,), container_id=5,
-        unsecured=False, graceful_timeout_s=1.0,
+        port=0,
+        control_port=None,
+        report_addrs=(engine.url,),
+        container_id=5,
+        unsecured=False,
+        graceful_timeout_s=1.0,
     )
     await nursery.start(partial(serve, config, shutdown_trigger=stop.wait))
     await engine.wait_for(lambda e: e.worker_state(5) == "idle", timeout=5)
@@ -603,8 +635,9 @@ async def test_waiting_client_is_one_unit_of_demand(engine: Engine) -> None:
             seen.append(engine.waiting)
 
     with pytest.raises(RouteTimeout):
-        await hold("ep", api_key=KEY, engine_url=engine.url, route_timeout_s=1.6,
-                   on_progress=on_progress)
+        await hold(
+            "ep", api_key=KEY, engine_url=engine.url, route_timeout_s=1.6, on_progress=on_progress
+        )
     assert len(seen) >= 2 and set(seen) == {1}
     assert engine.counters["route_waiting"] == len(seen)
 
@@ -614,8 +647,12 @@ async def test_engine_down_raises_engine_unavailable(
 ) -> None:
     monkeypatch.setattr(client_module, "_ENGINE_RETRY_S", (0.01, 0.01))
     with pytest.raises(EngineUnavailable, match="cannot reach the engine"):
-        await hold("ep", api_key=KEY, engine_url=f"http://127.0.0.1:{closed_port()}",
-                   on_progress=events.append)
+        await hold(
+            "ep",
+            api_key=KEY,
+            engine_url=f"http://127.0.0.1:{closed_port()}",
+            on_progress=events.append,
+        )
     assert kinds(events).count("engine_retry") == 2
 
 
@@ -633,7 +670,8 @@ async def occupied_worker(
 ) -> tuple[Engine, ServeInfo]:
     info = await start_vast_worker(start_worker, engine, 1, max_queue_time_s=max_queue_time_s)
     idle_report = next(
-        r.body for r in reversed(engine.worker_status_reports)
+        r.body
+        for r in reversed(engine.worker_status_reports)
         if r.body["id"] == 1 and r.body["num_requests_working"] == 0 and r.body["loadtime"] > 0
     )
     url = info.public_url
@@ -643,8 +681,9 @@ async def occupied_worker(
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as http:
             await http.post(
                 url + "/reserve",
-                json=envelope(url, key=engine.private_key, payload={"duration": 60},
-                              request_idx=999),
+                json=envelope(
+                    url, key=engine.private_key, payload={"duration": 60}, request_idx=999
+                ),
             )
 
     nursery.start_soon(occupy)
@@ -661,8 +700,14 @@ async def test_busy_worker_is_rerouted_with_the_same_request_idx_then_rejected(
     stale, info = busy_setup
     assert stale.url is not None
     with pytest.raises(ReservationRejected, match="busy"):
-        await hold("ep", duration=1, api_key=KEY, engine_url=stale.url, max_rejections=2,
-                   on_progress=events.append)
+        await hold(
+            "ep",
+            duration=1,
+            api_key=KEY,
+            engine_url=stale.url,
+            max_rejections=2,
+            on_progress=events.append,
+        )
     assert kinds(events).count("rerouting") == 2
     idxs = [r.request_idx for r in stale.ready_replies]
     assert len(idxs) == 3 and len(set(idxs)) == 1
@@ -713,7 +758,9 @@ def closed_port() -> int:
     ],
 )
 def test_cli_invalid_arguments_exit_2(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("VAST_API_KEY", KEY)
@@ -733,8 +780,14 @@ def test_cli_engine_down_exits_3(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(client_module, "_ENGINE_RETRY_S", (0.01, 0.01))
-    argv = ["--endpoint", "ep", "--api-key", KEY, "--engine-url",
-            f"http://127.0.0.1:{closed_port()}"]
+    argv = [
+        "--endpoint",
+        "ep",
+        "--api-key",
+        KEY,
+        "--engine-url",
+        f"http://127.0.0.1:{closed_port()}",
+    ]
     assert main(argv) == 3
     captured = capsys.readouterr()
     assert "engine unavailable: cannot reach the engine" in captured.err
@@ -774,7 +827,10 @@ async def run_cli(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]:
         env = dict(os.environ, VAST_API_KEY=KEY)
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "nullworker.client", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
         )
         started.append(process)
         cli = Cli(process)
@@ -844,9 +900,7 @@ async def test_cli_count_2_holds_two_workers(
 async def test_cli_busy_worker_exits_4(busy_setup: tuple[Engine, ServeInfo], run_cli: Any) -> None:
     stale, _ = busy_setup
     assert stale.url is not None
-    cli: Cli = await run_cli(
-        "--endpoint", "ep", "--engine-url", stale.url, "--max-rejections", "1"
-    )
+    cli: Cli = await run_cli("--endpoint", "ep", "--engine-url", stale.url, "--max-rejections", "1")
     assert await cli.wait() == 4, cli.err
     assert "rejected: gave up after 2 refusal(s)" in cli.err
     assert cli.out.count("asking the engine again") == 1

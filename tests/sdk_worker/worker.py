@@ -84,9 +84,7 @@ def main() -> None:
                 allow_parallel_requests=False,
                 max_queue_time=MAX_QUEUE_TIME_S,
                 workload_calculator=lambda payload: WORKLOAD,
-                benchmark_config=BenchmarkConfig(
-                    dataset=[{"duration": 0}], runs=1, concurrency=1
-                ),
+                benchmark_config=BenchmarkConfig(dataset=[{"duration": 0}], runs=1, concurrency=1),
             )
         ],
         lifecycle=NothingToLoad(),
