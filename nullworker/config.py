@@ -20,7 +20,8 @@ import math
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -82,6 +83,16 @@ def _seconds(env: Mapping[str, str], name: str, default: float, *, minimum: floa
     if not math.isfinite(value) or value < minimum:
         raise ConfigError(f"{name} must be a finite number >= {minimum:g}, got {raw!r}")
     return value
+
+
+def _check_engine_url(addr: str) -> None:
+    try:
+        parts = urlsplit(addr)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"REPORT_ADDR entries must be http(s) URLs, got {addr!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +159,11 @@ class WorkerConfig:
             raise ConfigError(
                 f"MAX_QUEUE_TIME must be a finite number >= 0, got {self.max_queue_time_s}"
             )
+        for name, port in (("WORKER_PORT", self.port), ("the control port", self.control_port)):
+            if port is not None and not (isinstance(port, int) and 0 <= port <= 65535):
+                raise ConfigError(f"{name} must be a port between 0 and 65535, got {port!r}")
+        for addr in self.report_addrs:
+            _check_engine_url(addr)
         if self.report_addrs and self.container_id is None:
             raise ConfigError("CONTAINER_ID is required when REPORT_ADDR is set")
         if self.container_id is not None and not self.report_addrs:
@@ -200,7 +216,10 @@ class WorkerConfig:
         vast = bool(report_addrs) or container_id is not None
 
         port = _port(env, "WORKER_PORT", DEFAULT_PORT)
-        use_ssl = env.get("USE_SSL", "false").strip().lower() == "true"
+        if isinstance(overrides.get("port"), int):  # --port decides the advertised URL too
+            port = cast(int, overrides["port"])
+        # Exactly "true", as the official worker reads it.
+        use_ssl = env.get("USE_SSL", "false") == "true"
         public_url: str | None = None
         public_ip = env.get("PUBLIC_IPADDR", "").strip()
         public_port = env.get(f"VAST_TCP_PORT_{port}", "").strip()

@@ -66,6 +66,7 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
+from .envelope import as_int
 from .signing import generate_private_key, public_key_pem, sign_url
 
 __all__ = [
@@ -273,8 +274,8 @@ def _age(now: float, since: float | None) -> float | None:
 
 def _int_field(body: Mapping[str, Any], name: str, *, default: int | None = None) -> int:
     value = body.get(name, default)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        value = as_int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise EngineRequestError(422, {"error": f"{name} must be an integer", "field": name})
     return value
@@ -854,7 +855,7 @@ async def _json_object() -> dict[str, Any]:
     raw = await request.get_data(cache=False)
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise EngineRequestError(400, {"error": "invalid JSON"}) from None
     if not isinstance(data, dict):
         raise EngineRequestError(400, {"error": "the body must be a JSON object"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ __all__ = [
     "parse_envelope",
     "signature_ok",
 ]
+
+#: ASCII digits only: ``str.isdigit`` also accepts "²", which ``int()`` refuses.
+_INT_TEXT = re.compile(r"-?[0-9]{1,30}")
 
 #: The keys every ``auth_data`` must carry, as the official worker requires.
 AUTH_KEYS = ("signature", "url", "cost", "endpoint", "reqnum", "request_idx")
@@ -53,7 +57,7 @@ def as_int(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
         return int(value)
     return None
 
@@ -67,7 +71,7 @@ def parse_envelope(body: bytes | str) -> Envelope:
     """
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: not JSON we take
         raise EnvelopeError({"error": "invalid JSON"}) from None
     if not isinstance(data, dict):
         raise EnvelopeError({"error": "the body must be a JSON object (the Vast envelope)"})

@@ -34,10 +34,12 @@ Concurrency invariants
   next address in order. The first address that accepts ends the round (fallback, not
   fan-out). A round in which every address failed is retried after a backoff that is
   capped at ``heartbeat_s`` -- or at once when the state changes again.
-* Only known transient failures are caught (``httpx.TransportError`` -- timeouts
-  included --, our own per-try deadline, HTTP status >= 400): they are logged in one
-  line without secrets (never the ``mtoken`` or a body) and retried later. Anything
-  else is a bug and propagates. ``trio.Cancelled`` is never swallowed.
+* Every failure of an HTTP exchange is caught (``httpx.HTTPError``: transport errors and
+  timeouts, but also an undecodable reply from a broken engine or proxy; our own per-try
+  deadline; HTTP status >= 400): it is logged in one line without secrets (never the
+  ``mtoken`` or a body) and retried later, because a reporting failure must never take
+  the worker down. Anything else is a bug and propagates. ``trio.Cancelled`` is never
+  swallowed; a round cancelled mid-POST leaves its state to be sent again.
 
 Accounting choices (documented deviations from the official worker)
 -------------------------------------------------------------------
@@ -237,7 +239,7 @@ async def _post_once(
     with trio.move_on_after(timeout_s):
         try:
             response = await client.post(url, json=body, timeout=timeout_s)
-        except httpx.TransportError as exc:  # timeouts are TransportErrors too
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # transport, timeout, bad reply
             return _describe(exc)
         if response.status_code >= 400:
             return f"HTTP {response.status_code}"
@@ -563,16 +565,22 @@ class EngineReporter:
         # Cleared before the POST: a change made while it is in flight sets it again.
         self._dirty = False
         self._last_status_round_at = trio.current_time()
-        for addr in self._config.report_addrs:
-            if await self._post_with_retries(addr, "/worker_status/", snap.body):
-                # Subtract exactly what was delivered; concurrent increments survive.
-                self._counters.subtract(snap.counters)
-                self._last_disk_gib = snap.disk_gib
-                for entry in snap.ended:
-                    entry.reported = True
-                self._reports_sent += 1
-                self._last_success_mono = time.monotonic()
-                return True
+        try:
+            for addr in self._config.report_addrs:
+                if await self._post_with_retries(addr, "/worker_status/", snap.body):
+                    # Subtract exactly what was delivered; concurrent increments survive.
+                    self._counters.subtract(snap.counters)
+                    self._last_disk_gib = snap.disk_gib
+                    for entry in snap.ended:
+                        entry.reported = True
+                    self._reports_sent += 1
+                    self._last_success_mono = time.monotonic()
+                    return True
+        except BaseException:
+            # Cancelled mid-POST (shutdown): the engine may not have it, so the final
+            # flush must send this state again before any delete_requests.
+            self._dirty = True
+            raise
         self._dirty = True
         self._report_failures += 1
         log.warning(
@@ -741,7 +749,7 @@ async def _get_pubkey_once(
     with trio.move_on_after(timeout_s):
         try:
             response = await client.get(url, timeout=timeout_s)
-        except httpx.TransportError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return None, _describe(exc)
         if response.status_code >= 400:
             return None, f"HTTP {response.status_code}"

@@ -42,7 +42,7 @@ def test_vast_contract() -> None:
 
 def test_use_ssl_is_exactly_true_and_changes_the_scheme() -> None:
     assert WorkerConfig.from_env(VAST | {"USE_SSL": "true"}).public_url == "https://1.2.3.4:41234"
-    assert WorkerConfig.from_env(VAST | {"USE_SSL": "True "}).use_ssl is True
+    assert WorkerConfig.from_env(VAST | {"USE_SSL": "True"}).use_ssl is False
     assert WorkerConfig.from_env(VAST | {"USE_SSL": "1"}).use_ssl is False
 
 
@@ -55,6 +55,13 @@ def test_flags_override_the_environment() -> None:
     config = WorkerConfig.from_env({"MAX_QUEUE_TIME": "5"}, max_queue_time_s=0.0, port=0)
     assert config.max_queue_time_s == 0.0
     assert config.port == 0
+
+
+def test_port_flag_decides_the_advertised_url() -> None:
+    env = VAST | {"VAST_TCP_PORT_4000": "42000"}
+    assert WorkerConfig.from_env(env, port=4000).public_url == "http://1.2.3.4:42000"
+    local = {k: v for k, v in VAST.items() if k != "PUBLIC_IPADDR"}
+    assert WorkerConfig.from_env(local, port=4000).public_url == "http://127.0.0.1:4000"
 
 
 def test_control_port_off_and_legacy_name() -> None:
@@ -77,6 +84,9 @@ def test_control_port_off_and_legacy_name() -> None:
         ({"NULLWORKER_CONTROL_PORT": "3000"}, "control port"),
         ({"UNSECURED": "false"}, "UNSECURED"),
         ({"NULLWORKER_DELETE_REQUESTS_FORMAT": "2.0"}, "DELETE_REQUESTS_FORMAT"),
+        ({"REPORT_ADDR": "http://h:abc", "CONTAINER_ID": "1"}, "REPORT_ADDR"),
+        ({"REPORT_ADDR": "run.vast.ai", "CONTAINER_ID": "1"}, "REPORT_ADDR"),
+        ({"REPORT_ADDR": "ftp://run.vast.ai", "CONTAINER_ID": "1"}, "REPORT_ADDR"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], needle: str) -> None:
@@ -87,3 +97,9 @@ def test_bad_settings_name_the_variable(env: dict[str, str], needle: str) -> Non
 def test_unknown_override_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         WorkerConfig.from_env({}, no_such_setting=1)
+
+
+@pytest.mark.parametrize("overrides", [{"port": 70000}, {"port": -1}, {"control_port": 99999}])
+def test_flag_ports_are_range_checked(overrides: dict[str, int]) -> None:
+    with pytest.raises(ConfigError, match="between 0 and 65535"):
+        WorkerConfig.from_env({}, **overrides)

@@ -219,6 +219,7 @@ BAD_INPUTS: list[tuple[str, bytes, int, str]] = [
         "duration",
     ),
     ("session id", body(envelope(URL) | {"session_id": "abc"}), 410, "session"),
+    ("deeply nested", b"[" * 60_000, 422, "invalid JSON"),
     ("body over 64 KiB", body(envelope(URL, payload={"pad": "x" * 70_000})), 413, "large"),
 ]
 
@@ -337,3 +338,14 @@ async def test_two_workers_cannot_share_a_port(nursery: trio.Nursery) -> None:
     port = urlsplit(info.url).port
     with pytest.raises(OSError, match="cannot listen"):
         await serve(WorkerConfig(port=port, control_port=None))
+
+
+@pytest.mark.parametrize("idx", ["--5", "²", "1" * 40, "7x", None, True, 3.5])
+async def test_odd_request_idx_values_never_break_a_reservation(
+    start_worker: StartWorker, http: httpx.AsyncClient, idx: object
+) -> None:
+    info = await start_worker()
+    response = await http.post(
+        f"{info.url}/reserve", json=envelope(URL, payload={"duration": 0}, request_idx=idx)
+    )
+    assert response.status_code == 200, response.text

@@ -845,3 +845,29 @@ async def test_worker_without_the_engine_key_reports_the_error_then_recovers(
         assert recovered["loadtime"] > 0
     assert ready and ready[0].worker.public_key is not None
     assert len(rec.attempts(PUBKEY)) == 6
+
+
+async def test_a_report_cancelled_in_flight_is_sent_again_before_the_deletes(
+    make_recorder: MakeRecorder, nursery: trio.Nursery
+) -> None:
+    """Shutdown cancels the loop mid-POST; the final flush must not skip that state."""
+    rec = await make_recorder()
+    reporter = EngineReporter(make_config(rec.url, engine_timeout_s=5.0))
+    slot = make_slot(reporter)
+    with trio.CancelScope() as loop_scope:
+        async with trio.open_nursery() as loop:
+            await loop.start(reporter.run)
+            reporter.set_ready(max_perf=100.0)
+            nursery.start_soon(hold, slot, 30.0, 42)
+            await rec.wait_status(lambda b: b["working_request_idxs"] == [42])
+            rec.delay_s[STATUS] = 3.0  # the idle report will hang in flight
+            slot.release()
+            await rec.wait_for(lambda: any(r.status is None for r in rec.attempts(STATUS)))
+            loop_scope.cancel()  # what shutdown does to the report loop
+    rec.delay_s.clear()
+    await reporter.flush(timeout_s=2.0)
+    delivered = [r for r in rec.records if r.status == 200]
+    delete_at = next(i for i, r in enumerate(delivered) if r.path == DELETE)
+    last_status = [r for r in delivered[:delete_at] if r.path == STATUS][-1]
+    assert last_status.body["num_requests_working"] == 0
+    assert [e["request_idx"] for e in rec.accepted_entries()] == [42]
