@@ -32,6 +32,7 @@ from .errors import (
     ReservationFailed,
     ReservationRejected,
     ShuttingDown,
+    WorkerFailed,
 )
 from .reservations import Outcome, ReservationResult, ReservationSlot, SlotStatistics
 
@@ -58,6 +59,7 @@ __all__ = [
     "ShuttingDown",
     "SlotStatistics",
     "WorkerConfig",
+    "WorkerFailed",
     "__version__",
     "create_app",
     "hold",

@@ -98,7 +98,7 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
 
     @app.before_serving
     async def _start_background() -> None:
-        await app.nursery.start(worker.run)
+        await app.nursery.start(worker.supervise)
 
     @app.after_serving
     async def _stop() -> None:

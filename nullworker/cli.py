@@ -15,7 +15,7 @@ import trio
 
 from . import __version__
 from .config import DEFAULT_CONTROL_PORT, DEFAULT_PORT, WorkerConfig
-from .errors import ConfigError
+from .errors import ConfigError, WorkerFailed
 
 __all__ = ["main"]
 
@@ -143,6 +143,9 @@ def _serve(args: argparse.Namespace) -> int:
         reason = _one_line(exc)
         if reason is None:
             raise
+        if _contains(exc, WorkerFailed):  # the worker reported it to the engine itself
+            print(f"nullworker: stopped: {reason}", file=sys.stderr)
+            return 1
         print(f"nullworker: failed to start: {reason}", file=sys.stderr)
         if config.reporting:
             trio.run(_send_beacon, config, f"Worker Server failed to launch: {reason}")
@@ -150,11 +153,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_contains(inner, kind) for inner in exc.exceptions)
+    return isinstance(exc, kind)
+
+
 def _one_line(exc: BaseException) -> str | None:
     """The reason behind a start-up failure, or None for what is not one (a bug, Ctrl-C)."""
     if isinstance(exc, KeyboardInterrupt):
         return None
-    if isinstance(exc, OSError | ConfigError):
+    if isinstance(exc, OSError | ConfigError | WorkerFailed):
         return str(exc)
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:

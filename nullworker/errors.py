@@ -7,6 +7,7 @@ The tree::
     ├── EnvelopeError            a request body that is not a valid Vast envelope (-> 422)
     ├── QueueTimeout             the slot did not free up within max_queue_time (-> 429)
     ├── ShuttingDown             the worker is stopping and takes no new reservations (-> 503)
+    ├── WorkerFailed             the worker's background work failed; serve() stops with it
     └── ClientError              raised by the reservation client
         ├── EngineUnavailable    the engine could not be reached or refused the route
         ├── ReservationRejected  workers kept answering 429 (or another refusal)
@@ -27,6 +28,7 @@ __all__ = [
     "ReservationFailed",
     "ReservationRejected",
     "ShuttingDown",
+    "WorkerFailed",
 ]
 
 
@@ -56,6 +58,14 @@ class QueueTimeout(NullworkerError):
 
 class ShuttingDown(NullworkerError):
     """The worker is shutting down and admits no new reservations."""
+
+
+class WorkerFailed(NullworkerError):
+    """The worker's background work (reporter, readiness, control listener) failed.
+
+    A worker that can no longer report or be released must not go on looking alive:
+    :func:`nullworker.serve` stops and raises this, and ``nullworker serve`` exits 1.
+    """
 
 
 class ClientError(NullworkerError):

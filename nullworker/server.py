@@ -133,6 +133,8 @@ async def serve(
     Raises:
       OSError: the port cannot be bound (in use, permission). Nothing was started.
       ConfigError: TLS files unusable, or another process serves the same port.
+      WorkerFailed: the background work (engine reporter, readiness, control
+        listener) failed after start-up; the worker stopped after reporting it.
 
     Resource handling: the listening socket, the control listener, the engine reporter
     and its HTTP client all live inside this call and are closed when it returns.
@@ -148,17 +150,24 @@ async def serve(
         hc = _hypercorn_config(config)
         sockets = Sockets([sock], [], []) if config.use_ssl else Sockets([], [sock], [])
 
+        worker.on_fatal = lambda: None  # serve() stops below, through the trigger
+
         async def _trigger() -> None:
-            assert shutdown_trigger is not None
-            await shutdown_trigger()
+            async with trio.open_nursery() as race:
+
+                async def first(wait: Callable[[], Awaitable[object]]) -> None:
+                    await wait()
+                    race.cancel_scope.cancel()
+
+                race.start_soon(first, worker.failed.wait)
+                if shutdown_trigger is not None:
+                    race.start_soon(first, shutdown_trigger)
             # Release holders before Hypercorn starts its graceful wait, so they are
             # answered (503 shutdown) instead of being cut off at the deadline.
             worker.begin_shutdown()
 
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(
-                _worker_serve, app, hc, sockets, _trigger if shutdown_trigger else None
-            )
+            binds: list[str] = await nursery.start(_worker_serve, app, hc, sockets, _trigger)
             task_status.started(
                 ServeInfo(
                     url=binds[0],
@@ -167,6 +176,8 @@ async def serve(
                     worker=worker,
                 )
             )
+        if worker.failure is not None:
+            raise worker.failure
     finally:
         sock.close()
 
@@ -175,7 +186,7 @@ async def _worker_serve(
     app: object,
     hc: HypercornConfig,
     sockets: Sockets,
-    trigger: Callable[[], Awaitable[None]] | None,
+    trigger: Callable[[], Awaitable[None]],
     *,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:

@@ -23,8 +23,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 import httpx
@@ -32,7 +33,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .config import MAX_PERF, RESERVATION_WORKLOAD, WorkerConfig
-from .errors import ConfigError
+from .errors import ConfigError, WorkerFailed
 from .reservations import Outcome, ReservationSlot
 
 if TYPE_CHECKING:
@@ -44,6 +45,10 @@ log = logging.getLogger("nullworker")
 
 #: Shielded bound on the final report at shutdown.
 FINAL_FLUSH_S = 2.0
+
+
+def _terminate_own_process() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Worker:
@@ -73,8 +78,54 @@ class Worker:
         self._key_fetched_at = -config.key_refresh_min_s
         self._key_refresh = trio.Event()
         self._lock_file: IO[str] | None = None
+        #: Set when the background work failed after start-up (see :meth:`supervise`).
+        self.failed = trio.Event()
+        self.failure: WorkerFailed | None = None
+        #: What a failure after start-up does; ``serve()`` replaces it.
+        self.on_fatal: Callable[[], None] = _terminate_own_process
 
     # -- lifecycle -------------------------------------------------------------------
+
+    async def supervise(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run :meth:`run`; a failure after start-up stops the worker instead of hiding.
+
+        A failure before ``started()`` (the single-process lock, the control port)
+        propagates to the caller, as any start-up error does. A later one is logged,
+        reported to the engine as ``error_msg`` (bounded), ends every reservation, and
+        calls :attr:`on_fatal`: ``serve()`` stops and raises
+        :class:`~nullworker.errors.WorkerFailed`; under Hypercorn's own CLI the process
+        sends itself SIGTERM, so a supervisor sees it stop rather than a worker that
+        answers 503 forever.
+        """
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.run)
+                started = True
+                task_status.started()
+        except Exception as exc:  # a group of real errors; a Cancelled is not caught
+            if not started:
+                raise
+            await self._fail(exc)
+
+    async def _fail(self, exc: Exception) -> None:
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        self.failure = WorkerFailed(f"{type(leaf).__name__}: {leaf}")
+        self.error = f"worker failed: {self.failure}"
+        log.critical("%s; stopping", self.error, exc_info=exc)
+        self.begin_shutdown()
+        if self.config.reporting:
+            from .reporter import send_error_beacon
+
+            with trio.move_on_after(self.config.engine_timeout_s * 2):
+                await send_error_beacon(self.config, self.error)
+        self.failed.set()
+        self.on_fatal()
+
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the background work until cancelled; ``started()`` once the control port listens."""

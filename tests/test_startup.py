@@ -293,3 +293,24 @@ async def test_the_app_runs_under_hypercorns_own_cli(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(15):
             await proc.wait()
+
+
+def test_serve_exits_1_when_the_background_work_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`nullworker serve` does not linger as a worker that can no longer report."""
+    from nullworker import cli
+    from nullworker.reporter import EngineReporter
+
+    async def broken_round(self: EngineReporter) -> bool:
+        raise RuntimeError("reporting bug")
+
+    monkeypatch.setattr(EngineReporter, "_round", broken_round)
+    for name, value in worker_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("REPORT_ADDR", f"http://127.0.0.1:{free_port()}")  # nobody there
+    monkeypatch.setenv("CONTAINER_ID", "5")
+    monkeypatch.setenv("UNSECURED", "true")
+    assert cli.main(["serve", "--control-port", "off"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped" in err[0] and "reporting bug" in err[0], err

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -217,3 +218,50 @@ async def test_a_rotated_engine_key_is_refetched_after_a_failed_check(
     signed = envelope(info.public_url or "", key=new_key, request_idx=801, payload={"duration": 0})
     second = await http.post(f"{info.url}/reserve", json=signed)
     assert second.status_code == 200
+
+
+async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
+    vast_engine: Any, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose reporting broke must stop, not go on looking alive (and idle)."""
+    from nullworker.config import WorkerConfig
+    from nullworker.errors import WorkerFailed
+    from nullworker.reporter import EngineReporter
+    from nullworker.server import serve
+
+    original = EngineReporter._round
+    armed = False
+
+    async def flaky_round(self: EngineReporter) -> bool:
+        if armed:
+            raise RuntimeError("boom")
+        return await original(self)
+
+    monkeypatch.setattr(EngineReporter, "_round", flaky_round)
+    config = WorkerConfig(
+        port=0, control_port=None, graceful_timeout_s=1.0, **vast_settings(vast_engine)
+    )
+    held: dict[str, httpx.Response] = {}
+    failures: list[WorkerFailed] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            info: ServeInfo = await nursery.start(serve, config)
+            await info.worker.ready.wait()
+            url = info.public_url or ""
+
+            async def hold() -> None:
+                signed = envelope(url, key=vast_engine.private_key, payload={"duration": 600})
+                held["response"] = await http.post(f"{info.url}/reserve", json=signed)
+
+            nursery.start_soon(hold)
+            await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].busy)
+            armed = True
+            assert info.worker.reporter is not None
+            info.worker.reporter.set_ready(max_perf=100.0)  # any change starts a round
+    except* WorkerFailed as group:
+        failures.extend(e for e in group.exceptions if isinstance(e, WorkerFailed))
+    assert len(failures) == 1 and "boom" in str(failures[0])
+    assert held["response"].status_code == 503
+    assert held["response"].json()["released"] == "shutdown"
+    await vast_engine.wait_for(lambda e: "boom" in e.workers[7].error_msg)
+    assert "worker failed" in vast_engine.workers[7].error_msg
