@@ -314,3 +314,30 @@ def test_serve_exits_1_when_the_background_work_fails(
     assert cli.main(["serve", "--control-port", "off"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stopped" in err[0] and "reporting bug" in err[0], err
+
+
+async def test_start_server_reports_a_failure_to_the_engine(
+    vast_engine: Any, tmp_path: Path
+) -> None:
+    """An instance that cannot start says why to the engine, like the official script."""
+    old_python = tmp_path / "python-too-old"
+    old_python.write_text(
+        '#!/bin/sh\nif [ "$1" = "--version" ]; then echo "Python 3.10.12"; exit 0; fi\nexit 1\n'
+    )
+    old_python.chmod(0o755)
+    env = worker_env(
+        tmp_path,
+        vast_engine,
+        PYTHON=str(old_python),
+        NULLWORKER_VENV=str(tmp_path / "venv"),
+        NULLWORKER_LOG=str(tmp_path / "w.log"),
+    )
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [str(REPO / "start_server.sh")], env=env, capture_stderr=True, check=False
+        )
+    assert result.returncode == 1
+    assert b"Python 3.11 or newer is required (found: Python 3.10.12)" in result.stderr
+    await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].error_msg)
+    assert "Python 3.10.12" in vast_engine.workers[11].error_msg
+    assert not (tmp_path / "venv").exists()
