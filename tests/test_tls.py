@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import ssl
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ from nullworker.errors import ConfigError
 from nullworker.server import serve
 from nullworker.signing import generate_private_key
 
-from .conftest import StartWorker, envelope
+from .conftest import StartWorker, envelope, vast_settings
 
 
 def make_cert(tmp_path: Path) -> tuple[Path, Path]:
@@ -75,3 +76,24 @@ async def test_unusable_tls_files_fail_before_listening(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"missing\.crt"):
         await serve(config)
+
+
+async def test_client_trusts_a_worker_certificate_named_by_ssl_cert_file(
+    start_worker: StartWorker,
+    vast_engine: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README's recipe for a Vast-signed worker certificate: SSL_CERT_FILE."""
+    from nullworker.client import hold
+
+    cert, key = make_cert(tmp_path)
+    await start_worker(
+        use_ssl=True, ssl_certfile=str(cert), ssl_keyfile=str(key), **vast_settings(vast_engine)
+    )
+    await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+    assert vast_engine.workers[7].url.startswith("https://127.0.0.1:")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    assert vast_engine.url is not None
+    reservation = await hold("ep", duration=0.1, api_key="k", engine_url=vast_engine.url)
+    assert reservation.outcome == "duration_elapsed"
