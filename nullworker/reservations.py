@@ -75,15 +75,6 @@ class Outcome(enum.Enum):
     REJECTED = "rejected"
     ERROR = "error"
 
-    @property
-    def success(self) -> bool:
-        """What the engine's ``success`` flag says: served or cancelled, not refused or failed.
-
-        A shutdown ends a hold the worker had accepted; the engine counts it with the
-        cancelled ones (it did not fail, and the holder was told).
-        """
-        return self in (Outcome.ELAPSED, Outcome.RELEASED, Outcome.CANCELLED, Outcome.SHUTDOWN)
-
 
 _TRANSITIONS: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.HELD, State.ENDED}),

@@ -26,7 +26,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
@@ -77,7 +77,6 @@ class Worker:
         self.control_url: str | None = None
         self._key_fetched_at = -config.key_refresh_min_s
         self._key_refresh = trio.Event()
-        self._lock_file: IO[str] | None = None
         #: Set when the background work failed after start-up (see :meth:`supervise`).
         self.failed = trio.Event()
         self.failure: WorkerFailed | None = None
@@ -125,7 +124,6 @@ class Worker:
                 await send_error_beacon(self.config, self.error)
         self.failed.set()
         self.on_fatal()
-
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the background work until cancelled; ``started()`` once the control port listens."""
@@ -184,11 +182,9 @@ class Worker:
                 f"(lock {path}). The reservation slot is in-process state: run exactly ONE "
                 "worker process (hypercorn --workers 1)."
             ) from None
-        self._lock_file = handle
         try:
             yield
         finally:
-            self._lock_file = None
             handle.close()
 
     def _log_mode(self) -> None:
