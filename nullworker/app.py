@@ -31,7 +31,8 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.config import Sockets
+from hypercorn.utils import wrap_app
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -39,6 +40,7 @@ from werkzeug.exceptions import HTTPException
 from .config import WorkerConfig
 from .envelope import parse_duration, parse_envelope, signature_ok
 from .errors import EnvelopeError, QueueTimeout, ShuttingDown
+from .http_server import ConnectionLimits, listen, serve_http
 from .reservations import Outcome
 from .worker import Worker
 
@@ -67,7 +69,9 @@ def _base_app(name: str, config: WorkerConfig) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     # A hold may last an hour; Quart must not cut the response off.
     app.config["RESPONSE_TIMEOUT"] = None
-    app.config["BODY_TIMEOUT"] = 30
+    # The app answers 408 at this deadline; the connection layer closes the socket a
+    # second later if the body still has not arrived (see http_server).
+    app.config["BODY_TIMEOUT"] = config.body_timeout_s
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:
@@ -204,16 +208,37 @@ async def serve_control(
     worker: Worker, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve the control app on ``control_host:control_port``; ``started(url)`` once bound."""
+    cfg = worker.config
+    assert cfg.control_port is not None
     config = HypercornConfig()
-    config.bind = [f"{worker.config.control_host}:{worker.config.control_port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("nullworker.control")
     config.graceful_timeout = 1.0
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            partial(hypercorn_serve, create_control_app(worker), config)
-        )
-        task_status.started(binds[0])
+    limits = connection_limits(cfg)
+    sock = listen(cfg.control_host, cfg.control_port)
+    try:
+        app = wrap_app(create_control_app(worker), config.wsgi_max_body_size, "asgi")
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(
+                partial(serve_http, app, config, Sockets([], [sock], []), limits=limits)
+            )
+            task_status.started(binds[0])
+    finally:
+        sock.close()
+
+
+def connection_limits(config: WorkerConfig) -> ConnectionLimits:
+    """The connection deadlines for ``config``'s listeners.
+
+    The body deadline is a second past the app's own (``BODY_TIMEOUT``), so a route
+    that reads its body answers ``408`` first and the socket is closed after.
+    """
+    return ConnectionLimits(
+        body_timeout_s=config.body_timeout_s + 1.0,
+        send_timeout_s=config.send_timeout_s,
+        keep_alive_timeout_s=config.keep_alive_timeout_s,
+        keep_alive_max_requests=config.keep_alive_max_requests,
+    )
 
 
 def _health(worker: Worker) -> Response:

@@ -148,6 +148,15 @@ class WorkerConfig:
     key_refresh_min_s: float = 60.0
     #: How long held reservations get on shutdown before the server is cancelled.
     graceful_timeout_s: float = 5.0
+    #: A request's body must be complete this long after its headers, or the
+    #: connection is closed (a stalled body would otherwise hold a socket for good).
+    body_timeout_s: float = 10.0
+    #: A send of response bytes that the client does not read is abandoned after this.
+    send_timeout_s: float = 10.0
+    #: Idle keep-alive connections, and headers from connection start, are cut after this.
+    keep_alive_timeout_s: float = 5.0
+    #: A keep-alive connection is closed after this many requests (Hypercorn's default).
+    keep_alive_max_requests: int = 1000
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -181,6 +190,10 @@ class WorkerConfig:
             )
         if self.engine_tries < 1:
             raise ConfigError("engine_tries must be at least 1")
+        for name in ("body_timeout_s", "send_timeout_s", "keep_alive_timeout_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
 
     @property
     def reporting(self) -> bool:

@@ -1,4 +1,4 @@
-"""The composition root: bind, build the app, serve it with Hypercorn's trio worker.
+"""The composition root: bind, build the app, serve it with Hypercorn's HTTP/1.1 stack.
 
 :func:`serve` follows the ``trio.serve_tcp`` convention: run it in a nursery with
 ``await nursery.start(serve, config)`` and it returns a :class:`ServeInfo` once the
@@ -12,6 +12,9 @@ The listening sockets are made here rather than by Hypercorn so that
 * accepted connections inherit kernel TCP keepalive from the listener, so a client
   that vanished without a FIN frees the slot in seconds rather than the Linux default
   of two hours.
+
+Connections are handled by :mod:`nullworker.http_server`, which hardens Hypercorn's
+per-connection server for a port that anyone on the internet can reach.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from dataclasses import dataclass
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from .app import create_app
+from .app import connection_limits, create_app
 from .config import WorkerConfig
 from .errors import ConfigError
+from .http_server import ConnectionLimits, listen, raise_nofile_limit, serve_http
 from .worker import Worker
 
 __all__ = ["ServeInfo", "serve"]
@@ -50,30 +53,6 @@ class ServeInfo:
     public_url: str | None
     #: The running worker (slot, readiness event, status) for embedding programs.
     worker: Worker
-
-
-def _listen(config: WorkerConfig) -> socket.socket:
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in (
-            ("TCP_KEEPIDLE", config.tcp_keepidle_s),
-            ("TCP_KEEPINTVL", config.tcp_keepintvl_s),
-            ("TCP_KEEPCNT", config.tcp_keepcnt),
-        ):
-            if hasattr(socket, name):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-        sock.bind((config.host, config.port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise OSError(
-            exc.errno, f"cannot listen on {config.host}:{config.port}: {exc.strerror}"
-        ) from None
-    return sock
 
 
 def _hypercorn_config(config: WorkerConfig) -> HypercornConfig:
@@ -142,7 +121,12 @@ async def serve(
     reported to the engine under a short shielded deadline.
     """
     _check_tls(config)
-    sock = _listen(config)
+    sock = listen(
+        config.host,
+        config.port,
+        keepalive=(config.tcp_keepidle_s, config.tcp_keepintvl_s, config.tcp_keepcnt),
+    )
+    log.info("file descriptor limit: %d", raise_nofile_limit())
     try:
         config = _bound_config(config, sock)
         worker = Worker(config, started_at=started_at)
@@ -167,7 +151,9 @@ async def serve(
             worker.begin_shutdown()
 
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(_worker_serve, app, hc, sockets, _trigger)
+            binds: list[str] = await nursery.start(
+                _worker_serve, app, hc, sockets, _trigger, connection_limits(config)
+            )
             task_status.started(
                 ServeInfo(
                     url=binds[0],
@@ -187,13 +173,15 @@ async def _worker_serve(
     hc: HypercornConfig,
     sockets: Sockets,
     trigger: Callable[[], Awaitable[None]],
+    limits: ConnectionLimits,
     *,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
-    await worker_serve(
+    await serve_http(
         wrap_app(app, hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
         hc,
-        sockets=sockets,
+        sockets,
+        limits=limits,
         shutdown_trigger=trigger,
         task_status=task_status,
     )

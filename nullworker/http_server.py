@@ -1,0 +1,376 @@
+"""Serving an ASGI app with Hypercorn's HTTP/1.1 machinery, hardened for a public port.
+
+Hypercorn's ``worker_serve`` is the model for :func:`serve_http`: a lifespan nursery, a
+server nursery, ``started(binds)``, a shutdown trigger, then a graceful deadline. What
+differs is the connection handling, because the worker port is open to the internet:
+
+* **Sends are serialised.** Hypercorn's ``TCPServer`` sends response bytes under a lock
+  but half-closes the socket (``send_eof``) without it. When a request's body is cut
+  short and the client closes its side, the reader task answers ``400`` while the app's
+  task closes the connection after its own response; the two send on one stream at once
+  and trio raises ``BusyResourceError``, which Hypercorn lets escape and which ended the
+  process. :class:`_Connection` closes under the same lock as every send.
+* **Every connection ends once it stops making progress.** Headers must arrive within
+  ``keep_alive_timeout`` (Hypercorn's idle timer, which also ends idle keep-alive
+  connections); a request body must be complete ``body_timeout_s`` after its headers;
+  a send that the peer does not read is abandoned after ``send_timeout_s``. A request
+  that is complete waits for its answer without a read deadline: that is a held
+  reservation, ended by the client's disconnect.
+* **One connection cannot end the server.** An unexpected exception from one
+  connection is logged with its traceback and closes that connection only.
+* **Running out of file descriptors is a condition, not a crash loop.** ``accept``
+  failing with ``EMFILE`` (and kin) is logged once per episode; the listener backs off
+  and accepts again as soon as descriptors come back, while open connections (a held
+  reservation) keep working. :func:`raise_nofile_limit` lifts the soft limit at start.
+
+Only HTTP/1.1 is served (no h2 over TLS, no websockets): that is what the Vast engine
+and its clients speak, and what the progress rules above are written for.
+
+Concurrency invariants: each connection runs in its own task under the server nursery;
+its reader, the app's task and the timers share one ``send_lock``, and only a holder of
+that lock writes to or half-closes the stream.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from math import inf
+from typing import Any
+
+import h11
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr
+
+__all__ = ["ConnectionLimits", "listen", "raise_nofile_limit", "serve_http"]
+
+log = logging.getLogger("nullworker.http")
+
+#: ``accept()`` errors that mean "out of descriptors or memory for now", not "broken".
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: How long the listener waits before accepting again while descriptors are exhausted.
+_CAPACITY_BACKOFF_S = 0.1
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a connection may go without progress (seconds)."""
+
+    #: From the end of a request's headers to the end of its body.
+    body_timeout_s: float = 10.0
+    #: One send of response bytes that the peer does not read.
+    send_timeout_s: float = 10.0
+    #: Idle keep-alive, and from connection start (or a response's end) to complete headers.
+    keep_alive_timeout_s: float = 5.0
+    #: Requests served on one keep-alive connection before it is closed.
+    keep_alive_max_requests: int = 1000
+
+
+def listen(host: str, port: int, *, keepalive: tuple[int, int, int] | None = None) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: ephemeral).
+
+    ``keepalive`` is ``(idle_s, interval_s, count)`` for kernel TCP keepalive, which
+    accepted connections inherit: a client that vanished without a FIN is then seen
+    as gone in seconds rather than Linux's default two hours.
+
+    Raises:
+      OSError: with the address in its message (port in use, permission).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            names = ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")
+            for name, value in zip(names, keepalive, strict=True):
+                if hasattr(socket, name):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have; the caller logs what is in force
+    return soft
+
+
+class _Connection(TCPServer):
+    """Hypercorn's per-connection server with serialised sends and progress deadlines.
+
+    One watchdog task per connection holds the deadline. Hypercorn restarts its idle
+    timer from whichever task reports the state change, and after a response that is
+    the app's task, already cancelled by Quart-Trio: the timer never restarted, so an
+    idle keep-alive connection stayed open for good. Here a state change only moves
+    the watchdog's deadline, a plain assignment that no cancellation can undo.
+    """
+
+    def __init__(self, limits: ConnectionLimits, *args: Any) -> None:
+        super().__init__(*args)
+        self._limits = limits
+        self._deadline = trio.current_time() + limits.keep_alive_timeout_s
+        self._watch: trio.CancelScope | None = None
+        self._reader_done = False
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._watch is not None:
+            self._watch.deadline = deadline
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            async with self.send_lock:
+                with trio.move_on_after(self._limits.send_timeout_s, shield=True) as scope:
+                    try:
+                        await self.stream.send_all(event.data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    else:
+                        return
+                if scope.cancelled_caught:
+                    log.info("closing a connection that did not read its response")
+                await self._abort()
+            await self.protocol.handle(Closed())
+        elif isinstance(event, Closed):
+            await self._close()
+            await self.protocol.handle(Closed())
+        elif isinstance(event, Updated):
+            # idle: the next request's headers are due; busy: this request's body is.
+            timeout = (
+                self._limits.keep_alive_timeout_s if event.idle else self._limits.body_timeout_s
+            )
+            self._set_deadline(trio.current_time() + timeout)
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            # The client is gone (or the stream closed): the connection ends as soon
+            # as its tasks do, so the watchdog must not keep it (and its descriptor).
+            self._reader_done = True
+            self._set_deadline(-inf)
+
+    async def _idle_timeout(self) -> None:
+        # Hypercorn starts this once per connection (``run``); it is the watchdog.
+        while not self._reader_done:
+            with trio.CancelScope(deadline=self._deadline) as self._watch:
+                await self.context.terminated.wait()
+                break  # the server is shutting down: close idle connections now
+            self._watch = None
+            if trio.current_time() < self._deadline:
+                continue  # moved while the old one fired
+            if self._awaiting_answer():
+                self._set_deadline(inf)  # a complete request: a hold ends by disconnect
+                continue
+            break
+        self._watch = None
+        if self._reader_done or self._awaiting_answer():
+            return  # shutting down: the app answers held requests, then the stream closes
+        log.debug("closing a connection that made no progress in time")
+        await self._abort()
+
+    def _awaiting_answer(self) -> bool:
+        connection = getattr(getattr(self, "protocol", None), "protocol", None)
+        h11_connection = getattr(connection, "connection", None)
+        if h11_connection is None:
+            return False
+        return h11_connection.their_state in (h11.DONE, h11.MUST_CLOSE) and (
+            h11_connection.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
+        )
+
+    async def _close(self) -> None:
+        # The root of the crash this module exists for: half-close only while no other
+        # task is sending. The lock is not re-entrant, so a holder closes directly.
+        if self.send_lock.statistics().owner is trio.lowlevel.current_task():
+            await self._half_close_and_close()
+            return
+        with trio.move_on_after(self._limits.send_timeout_s, shield=True):
+            async with self.send_lock:
+                await self._half_close_and_close()
+                return
+        await self._abort()
+
+    async def _half_close_and_close(self) -> None:
+        try:
+            await self.stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
+            pass  # gone already, or a TLS stream (no half-close)
+        await self._abort()
+
+    async def _abort(self) -> None:
+        # Closing the stream wakes the reader, which tells the app the client is gone.
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+
+async def serve_http(
+    app: Any,
+    config: HypercornConfig,
+    sockets: Sockets,
+    *,
+    limits: ConnectionLimits = ConnectionLimits(),
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` (wrapped by ``hypercorn.utils.wrap_app``) on already-bound sockets.
+
+    Args:
+      app: the wrapped ASGI app.
+      config: Hypercorn's settings (log, graceful timeout, TLS files).
+      sockets: bound, listening sockets; secure ones get TLS.
+      limits: the per-connection progress deadlines.
+      shutdown_trigger: when it returns, stop accepting and give open connections
+        ``config.graceful_timeout`` seconds before they are cancelled.
+
+    ``task_status.started()`` receives the bound URLs. The app's lifespan startup runs
+    before that and its shutdown after the connections end, as under Hypercorn.
+    """
+    config.set_statsd_logger_class(StatsdLogger)
+    config.keep_alive_timeout = limits.keep_alive_timeout_s
+    config.keep_alive_max_requests = limits.keep_alive_max_requests
+    config.alpn_protocols = ["http/1.1"]
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(app, config, lifespan_state)
+    context = WorkerContext(None)
+
+    listeners: list[trio.abc.Listener[Any]] = []
+    binds: list[str] = []
+    if sockets.secure_sockets:
+        ssl_context = config.create_ssl_context()
+        assert ssl_context is not None, "secure sockets need certfile and keyfile"
+        for sock in sockets.secure_sockets:
+            listeners.append(
+                trio.SSLListener(
+                    trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
+                    ssl_context,
+                    https_compatible=True,
+                )
+            )
+            binds.append(f"https://{repr_socket_addr(sock.family, sock.getsockname())}")
+    for sock in sockets.insecure_sockets:
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            handler = partial(
+                _serve_connection,
+                partial(_Connection, limits, app, config, context, ConnectionState(lifespan_state)),
+            )
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(_accept_loop, listener, handler, server_nursery)
+                task_status.started(binds)
+                if shutdown_trigger is not None:
+                    await shutdown_trigger()
+                else:
+                    await trio.sleep_forever()
+                accepting.cancel_scope.cancel()
+            await context.terminated.set()
+            server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+class _DescriptorAlarm:
+    """Says once per episode that ``accept`` is out of descriptors, and once that it is over.
+
+    Descriptors are a per-process resource, so every listener of the process shares
+    one alarm. An episode ends at the first successful ``accept`` after ``calm_s``
+    seconds without a failed one, so a table that hovers at its limit is one episode,
+    not a line per connection.
+    """
+
+    def __init__(self, calm_s: float = 1.0) -> None:
+        self._calm_s = calm_s
+        self._since: float | None = None
+        self._last_failure = -inf
+        self._failures = 0
+
+    def failed(self, exc: OSError) -> None:
+        now = trio.current_time()
+        self._last_failure = now
+        self._failures += 1
+        if self._since is None:
+            self._since = now
+            log.warning(
+                "cannot accept connections: %s (file descriptor limit %d); "
+                "open connections keep working, new ones wait until some close",
+                exc.strerror,
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
+
+    def accepted(self) -> None:
+        if self._since is None:
+            return
+        now = trio.current_time()
+        if now - self._last_failure < self._calm_s:
+            return
+        log.warning(
+            "accepting connections again after %.1f s short of descriptors (%d accepts deferred)",
+            self._last_failure - self._since,
+            self._failures,
+        )
+        self._since, self._failures = None, 0
+
+
+_ALARM = _DescriptorAlarm()
+
+
+async def _accept_loop(
+    listener: trio.abc.Listener[Any],
+    handler: Callable[[trio.abc.Stream], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _CAPACITY_ERRNOS:
+                    raise
+                _ALARM.failed(exc)
+                await trio.sleep(_CAPACITY_BACKOFF_S)
+                continue
+            _ALARM.accepted()
+            nursery.start_soon(handler, stream)
+
+
+async def _serve_connection(
+    make: Callable[[trio.abc.Stream], _Connection], stream: trio.abc.Stream
+) -> None:
+    try:
+        await make(stream).run()
+    except Exception:
+        # A bug in the HTTP stack must cost one connection, never the process.
+        log.exception("a connection failed and was closed")
+    finally:
+        await trio.aclose_forcefully(stream)

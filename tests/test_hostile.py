@@ -1,0 +1,347 @@
+"""Hostile clients against a real worker: truncated, stalled and flooding connections.
+
+Each test talks raw TCP to a real Hypercorn server on 127.0.0.1, then checks that the
+worker still holds a reservation and that nothing was logged with a traceback. The
+timeouts are shortened through ``WorkerConfig`` so the progress deadlines are reached
+in a fraction of a second; the code paths are the ones the defaults take.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import trio
+import trio.lowlevel
+
+from nullworker.server import ServeInfo
+
+from .conftest import StartWorker, envelope
+
+URL = "http://127.0.0.1:1"
+
+#: Requests whose body is cut short; the routes answer without reading the body.
+TRUNCATED = {
+    "health": b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",
+    "unknown path": b"GET /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",
+    "pyworker update": (
+        b"POST /pyworker/update HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789"
+    ),
+    "chunked": (b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n40\r\nabc"),
+    "reserve": b'POST /reserve HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"auth',
+}
+
+
+def _addr(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port
+
+
+def _tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def _read_to_eof(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+async def _assert_reserves(info: ServeInfo) -> None:
+    async with httpx.AsyncClient(timeout=5) as http:
+        response = await http.post(
+            f"{info.url}/reserve", json=envelope(URL, payload={"duration": 0})
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["released"] == "duration_elapsed"
+
+
+@pytest.mark.parametrize("pattern", sorted(TRUNCATED))
+@pytest.mark.parametrize("close", ["half-close", "close"])
+async def test_truncated_request_then_fin_never_ends_the_worker(
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture, pattern: str, close: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    info = await start_worker()
+    host, port = _addr(info.url)
+    for _ in range(50):
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(TRUNCATED[pattern])
+        if close == "half-close":
+            await stream.send_eof()
+            with trio.fail_after(5):
+                await _read_to_eof(stream)  # the server closes its side too
+        await stream.aclose()
+    await trio.sleep(0.05)  # let the server finish with the last connections
+    await _assert_reserves(info)
+    assert _tracebacks(caplog) == []
+
+
+async def test_keep_alive_limit_while_the_client_keeps_sending(
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hypercorn closes a keep-alive connection after its Nth request; the client keeps
+    pipelining requests into the closing connection."""
+    caplog.set_level(logging.INFO)
+    info = await start_worker(keep_alive_max_requests=20)
+    host, port = _addr(info.url)
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    for _ in range(50):
+        stream = await trio.open_tcp_stream(host, port)
+        answered = 0
+
+        async def sender(stream: trio.SocketStream = stream) -> None:
+            try:
+                for _ in range(40):
+                    await stream.send_all(request * 2)
+                    await trio.lowlevel.checkpoint()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                try:
+                    data = await _read_to_eof(stream)
+                except trio.BrokenResourceError:
+                    data = b""
+                answered = data.count(b"HTTP/1.1 200")
+                nursery.cancel_scope.cancel()
+        await stream.aclose()
+        assert answered <= 20
+    await _assert_reserves(info)
+    assert _tracebacks(caplog) == []
+
+
+async def test_more_than_1000_requests_on_one_connection(
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default limit (1,000): the 1,000th answer says ``connection: close``."""
+    caplog.set_level(logging.INFO)
+    info = await start_worker()
+    host, port = _addr(info.url)
+    stream = await trio.open_tcp_stream(host, port)
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def sender() -> None:
+        try:
+            for _ in range(105):
+                await stream.send_all(request * 10)
+                await trio.lowlevel.checkpoint()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            try:
+                data = await _read_to_eof(stream)
+            except trio.BrokenResourceError:
+                data = b""
+            nursery.cancel_scope.cancel()
+    await stream.aclose()
+    assert 0 < data.count(b"HTTP/1.1 200") <= 1000
+    await _assert_reserves(info)
+    assert _tracebacks(caplog) == []
+
+
+STALLED = {
+    # headers never finished: the keep-alive/header deadline
+    "headers": b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+    # body never finished: the body deadline (the routes answer or wait first)
+    "reserve body": b'POST /reserve HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"a',
+    "health body": TRUNCATED["health"],
+    "update body": TRUNCATED["pyworker update"],
+    # a complete request, then nothing: the idle keep-alive deadline
+    "idle keep-alive": b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+async def test_stalled_connections_are_closed_within_the_bound(
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    body_s, idle_s = 0.5, 0.5
+    info = await start_worker(body_timeout_s=body_s, keep_alive_timeout_s=idle_s)
+    host, port = _addr(info.url)
+    # the bound: the body deadline plus the connection layer's one-second grace
+    bound_s = body_s + 1.0 + 1.0
+    per_kind = 150
+    closed_after: dict[str, list[float]] = {kind: [] for kind in STALLED}
+
+    async def stall(kind: str) -> None:
+        stream = await trio.open_tcp_stream(host, port)
+        start = trio.current_time()
+        await stream.send_all(STALLED[kind])
+        try:
+            with trio.fail_after(bound_s + 5):
+                await _read_to_eof(stream)
+        except trio.BrokenResourceError:
+            pass  # a reset is a close too
+        closed_after[kind].append(trio.current_time() - start)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for kind in STALLED:
+            for _ in range(per_kind):
+                nursery.start_soon(stall, kind)
+        await trio.sleep(0.2)
+        await _assert_reserves(info)  # served while hundreds of connections stall
+    for kind, times in closed_after.items():
+        assert len(times) == per_kind, kind
+        assert max(times) < bound_s, (kind, max(times))
+    await _assert_reserves(info)
+    assert _tracebacks(caplog) == []
+
+
+async def test_a_client_that_does_not_read_its_answers_is_cut_off(
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pipelined requests whose answers are never read fill the socket buffers; the
+    stuck send is abandoned after ``send_timeout_s`` and the connection closed."""
+    caplog.set_level(logging.INFO)
+    info = await start_worker(send_timeout_s=0.5)
+    host, port = _addr(info.url)
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect((host, port))
+    stream = trio.SocketStream(sock)
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with trio.move_on_after(20):
+        try:
+            while True:  # until the server stops reading and then closes
+                with trio.fail_after(5):
+                    await stream.send_all(request * 100)
+        except (trio.BrokenResourceError, trio.TooSlowError):
+            pass
+    # drain: the server must have closed the connection (EOF or reset) by now
+    with trio.fail_after(10):
+        try:
+            await _read_to_eof(stream)
+        except trio.BrokenResourceError:
+            pass
+    await stream.aclose()
+    await _assert_reserves(info)
+    assert any("did not read its response" in r.getMessage() for r in caplog.records)
+    assert _tracebacks(caplog) == []
+
+
+# --- running out of file descriptors, in a real process with a low limit ---------------
+
+
+@pytest.fixture
+def low_fd_worker(tmp_path: Any) -> Iterator[LowFdWorker]:
+    """``nullworker serve`` with RLIMIT_NOFILE 64 (soft = hard), standalone."""
+    import resource
+    import socket as pysocket
+
+    ports = []
+    for _ in range(2):
+        with pysocket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    env = {
+        **os.environ,
+        "WORKER_PORT": str(ports[0]),
+        "NULLWORKER_CONTROL_PORT": str(ports[1]),
+        "NULLWORKER_LOCK_DIR": str(tmp_path),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nullworker", "serve"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit,
+        )
+    try:
+        yield LowFdWorker(proc, ports[0], ports[1], log_path)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@dataclass
+class LowFdWorker:
+    proc: subprocess.Popen[bytes]
+    port: int
+    control_port: int
+    log_path: Path
+
+
+async def _wait_for(url: str) -> Any:
+    async with httpx.AsyncClient(timeout=2) as http:
+        with trio.fail_after(20):
+            while True:
+                try:
+                    response = await http.get(url)
+                    if response.status_code == 200:
+                        return response.json()
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.1)
+
+
+async def test_running_out_of_descriptors_keeps_the_hold_and_recovers(
+    low_fd_worker: LowFdWorker,
+) -> None:
+    w = low_fd_worker
+    await _wait_for(f"http://127.0.0.1:{w.port}/health")
+
+    # a held reservation, on its own connection
+    hold = await trio.open_tcp_stream("127.0.0.1", w.port)
+    data = json.dumps(envelope(URL, payload={"duration": 60})).encode()
+    await hold.send_all(
+        b"POST /reserve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    status = await _wait_for(f"http://127.0.0.1:{w.control_port}/status")
+    assert status["busy"] is True
+
+    # fill the worker's descriptor table with connections that send nothing
+    flood = [await trio.open_tcp_stream("127.0.0.1", w.port) for _ in range(120)]
+    await trio.sleep(1.5)  # the listener hits EMFILE and backs off, many times over
+    assert w.proc.poll() is None, "the worker died"
+    with trio.move_on_after(0.2) as nothing:
+        await hold.receive_some(1)
+    assert nothing.cancelled_caught, "the held reservation was answered early"
+
+    for stream in flood:
+        await stream.aclose()
+    # descriptors come back: the worker serves again, and the hold survived
+    status = await _wait_for(f"http://127.0.0.1:{w.control_port}/status")
+    assert status["busy"] is True, status
+    await trio.sleep(1.2)  # calm: the next accept ends the episode
+    await _wait_for(f"http://127.0.0.1:{w.port}/health")
+    await hold.aclose()
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(10) == 0
+    log = w.log_path.read_text()
+    assert log.count("cannot accept connections") == 1, log
+    assert log.count("accepting connections again") == 1, log
+    assert "Traceback" not in log, log
