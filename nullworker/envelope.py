@@ -5,6 +5,12 @@ A client's request to a worker is ``{"auth_data": {...}, "payload": {...},
 ``url`` is signed (see :mod:`nullworker.signing`). This module is sans-IO: it turns
 bytes into an :class:`Envelope` or an :class:`~nullworker.errors.EnvelopeError` whose
 ``detail`` names every bad field, and never touches the network.
+
+``request_idx`` and ``reqnum`` are the engine's ids: integers from 0 to 2**63 - 1 (a
+signed 64-bit int, the engine's range), given as JSON integers or as ASCII digit
+strings. Anything else (null, a boolean, a float such as ``1.5``, another string, a
+negative or larger number) is refused: the worker could not report the request to
+the engine under that id. They are not signed, so this is a shape check only.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from .signing import verify_url
 
 __all__ = [
     "AUTH_KEYS",
+    "MAX_ENGINE_ID",
     "Envelope",
     "as_int",
     "parse_duration",
@@ -34,6 +41,12 @@ _INT_TEXT = re.compile(r"-?[0-9]{1,30}")
 
 #: The keys every ``auth_data`` must carry, as the official worker requires.
 AUTH_KEYS = ("signature", "url", "cost", "endpoint", "reqnum", "request_idx")
+
+#: The largest engine id: the engine stores ids as signed 64-bit integers.
+MAX_ENGINE_ID = 2**63 - 1
+
+#: The ``auth_data`` keys that hold engine ids.
+_ID_KEYS = ("request_idx", "reqnum")
 
 
 @dataclass(frozen=True)
@@ -62,8 +75,20 @@ def as_int(value: Any) -> int | None:
     return None
 
 
+def _engine_id(value: Any) -> int | None:
+    """``value`` as an engine id (see :func:`as_int`) if it is in 0..MAX_ENGINE_ID, else None."""
+    number = as_int(value)
+    if number is None or not 0 <= number <= MAX_ENGINE_ID:
+        return None
+    return number
+
+
 def parse_envelope(body: bytes | str) -> Envelope:
     """Parse and validate a request body.
+
+    ``auth_data.request_idx`` and ``auth_data.reqnum`` must be engine ids (an int or
+    an ASCII digit string in 0..2**63 - 1); :attr:`Envelope.request_idx` and
+    :attr:`Envelope.reqnum` of a parsed envelope are then ints.
 
     Raises:
       EnvelopeError: ``detail`` is ``{"error": "invalid JSON"}`` for unparsable bytes,
@@ -91,6 +116,9 @@ def parse_envelope(body: bytes | str) -> Envelope:
             for key in ("signature", "url"):
                 if not isinstance(auth[key], str):
                     bad[key] = f"{key} must be a string"
+            for key in _ID_KEYS:
+                if _engine_id(auth[key]) is None:
+                    bad[key] = f"{key} must be an integer from 0 to {MAX_ENGINE_ID}"
             if bad:
                 problems["auth_data"] = bad
 

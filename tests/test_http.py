@@ -340,12 +340,62 @@ async def test_two_workers_cannot_share_a_port(nursery: trio.Nursery) -> None:
         await serve(WorkerConfig(port=port, control_port=None))
 
 
-@pytest.mark.parametrize("idx", ["--5", "²", "1" * 40, "7x", None, True, 3.5])
-async def test_odd_request_idx_values_never_break_a_reservation(
-    start_worker: StartWorker, http: httpx.AsyncClient, idx: object
+MAX_ID = 2**63 - 1
+BAD_IDS: list[object] = [
+    None,
+    True,
+    False,
+    1.5,
+    3.0,
+    "abc",
+    "",
+    "7x",
+    "--5",
+    "\u00b2",
+    "1" * 40,
+    -5,
+    "-5",
+    MAX_ID + 1,
+    str(MAX_ID + 1),
+    10**100,
+    [1],
+    {"n": 1},
+]
+
+
+@pytest.mark.parametrize("field", ["request_idx", "reqnum"])
+@pytest.mark.parametrize("value", BAD_IDS, ids=lambda v: repr(v)[:24])
+async def test_engine_ids_outside_the_engines_range_get_422_naming_the_field(
+    start_worker: StartWorker, http: httpx.AsyncClient, field: str, value: object
 ) -> None:
     info = await start_worker()
     response = await http.post(
-        f"{info.url}/reserve", json=envelope(URL, payload={"duration": 0}, request_idx=idx)
+        f"{info.url}/reserve", json=envelope(URL, payload={"duration": 0}, **{field: value})
+    )
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "auth_data": {field: f"{field} must be an integer from 0 to {MAX_ID}"}
+    }
+    assert info.worker.slot.statistics().counts["started"] == 0
+    ok = await reserve(http, info, duration=0)
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("value", "as_int"),
+    [(0, 0), (7, 7), ("42", 42), (" 8 ", 8), (MAX_ID, MAX_ID), (str(MAX_ID), MAX_ID)],
+)
+async def test_engine_ids_in_range_are_accepted_as_ints(
+    start_worker: StartWorker, http: httpx.AsyncClient, value: object, as_int: int
+) -> None:
+    info = await start_worker()
+    seen: list[dict[str, Any]] = []
+    info.worker.slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
+    response = await http.post(
+        f"{info.url}/reserve",
+        json=envelope(URL, payload={"duration": 0}, request_idx=value, reqnum=value),
     )
     assert response.status_code == 200, response.text
+    assert seen and all(tag == {"request_idx": as_int, "reqnum": as_int} for tag in seen)
+    assert all(type(tag["request_idx"]) is int for tag in seen)

@@ -265,3 +265,23 @@ async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
     assert held["response"].json()["released"] == "shutdown"
     await vast_engine.wait_for(lambda e: "boom" in e.workers[7].error_msg)
     assert "worker failed" in vast_engine.workers[7].error_msg
+
+
+async def test_a_signed_envelope_with_a_bad_request_idx_gets_422_and_leaves_no_trace(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    info = await start_ready(start_worker, vast_engine)
+    url = info.public_url or ""
+    # Only auth_data.url is signed: these envelopes carry a valid signature.
+    for bad in (1.5, "abc", -5, 10**100):
+        signed = envelope(url, key=vast_engine.private_key, request_idx=bad, payload={})
+        response = await http.post(f"{info.url}/reserve", json=signed)
+        assert response.status_code == 422, (bad, response.text)
+        assert "request_idx" in response.json()["auth_data"]
+    good = envelope(url, key=vast_engine.private_key, request_idx="903", payload={"duration": 0})
+    response = await http.post(f"{info.url}/reserve", json=good)
+    assert response.status_code == 200
+    await vast_engine.wait_for(lambda e: any(f.request_idx == 903 for f in e.finished))
+    assert [f.request_idx for f in vast_engine.finished] == [903]  # the string, as an int
+    reports = [r.body for r in vast_engine.worker_status_reports if r.body["id"] == 7]
+    assert sum(r["new_load"] for r in reports) == 100.0
