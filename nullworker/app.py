@@ -39,7 +39,7 @@ from werkzeug.exceptions import HTTPException
 
 from .config import WorkerConfig
 from .envelope import parse_duration, parse_envelope, signature_ok
-from .errors import EnvelopeError, QueueTimeout, ShuttingDown
+from .errors import DuplicateRequest, EnvelopeError, QueueTimeout, ShuttingDown
 from .http_server import ConnectionLimits, listen, serve_http
 from .reservations import Outcome
 from .worker import Worker
@@ -132,9 +132,21 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
             return _json(exc.detail, 422)
         if not worker.ready.is_set():
             return _json({"error": "not ready yet"}, 503, {"Retry-After": "1"})
-        tag = {"request_idx": envelope.request_idx, "reqnum": envelope.reqnum}
+        idx = envelope.request_idx
+        tag = {"request_idx": idx, "reqnum": envelope.reqnum}
         try:
-            result = await worker.slot.hold(duration, tag=tag)
+            # A replayed envelope (same request_idx) must not hold twice, nor give the
+            # engine two delete entries for one request: the core refuses it before
+            # queueing or reporting anything.
+            result = await worker.slot.hold(duration, tag=tag, key=idx)
+        except DuplicateRequest:
+            return _json(
+                {
+                    "error": f"request_idx {idx} is already held or queued on this worker",
+                    "request_idx": idx,
+                },
+                409,
+            )
         except QueueTimeout as exc:
             return _json({"error": f"busy: {exc}"}, 429, {"Retry-After": _retry_after(worker)})
         except ShuttingDown:

@@ -6,6 +6,7 @@ The tree::
     ├── ConfigError              bad settings (env or flags); raised at start, never later
     ├── EnvelopeError            a request body that is not a valid Vast envelope (-> 422)
     ├── QueueTimeout             the slot did not free up within max_queue_time (-> 429)
+    ├── DuplicateRequest         the same request_idx is already held or queued (-> 409)
     ├── ShuttingDown             the worker is stopping and takes no new reservations (-> 503)
     ├── WorkerFailed             the worker's background work failed; serve() stops with it
     └── ClientError              raised by the reservation client
@@ -21,6 +22,7 @@ from typing import Any
 __all__ = [
     "ClientError",
     "ConfigError",
+    "DuplicateRequest",
     "EngineUnavailable",
     "EnvelopeError",
     "NullworkerError",
@@ -54,6 +56,19 @@ class EnvelopeError(NullworkerError):
 
 class QueueTimeout(NullworkerError):
     """The slot stayed busy for the whole of ``max_queue_time``."""
+
+
+class DuplicateRequest(NullworkerError):
+    """A reservation with the same key (the engine's ``request_idx``) is already held or queued.
+
+    Raised by :meth:`~nullworker.reservations.ReservationSlot.hold` before anything is
+    queued or reported: a replayed envelope must not hold twice, nor give the engine two
+    delete entries for one request. ``key`` is the key in use.
+    """
+
+    def __init__(self, message: str, *, key: object) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class ShuttingDown(NullworkerError):

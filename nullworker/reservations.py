@@ -18,6 +18,11 @@ Concurrency invariants
   ``CapacityLimiter`` requires.
 * ``Cancelled`` is never swallowed: it is recorded as the ``cancelled`` outcome and
   re-raised.
+* At most one live (queued or held) reservation has a given ``key`` (the web layer
+  passes the engine's ``request_idx``). The check and the claim happen synchronously,
+  with no checkpoint between them, before the reservation is queued or any event is
+  emitted; the key is given back when the reservation ends, so a later replay is
+  admitted again.
 
 State transitions of one reservation (anything else is a bug)::
 
@@ -38,13 +43,13 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from .errors import QueueTimeout, ShuttingDown
+from .errors import DuplicateRequest, QueueTimeout, ShuttingDown
 
 __all__ = [
     "Outcome",
@@ -88,14 +93,16 @@ class Reservation:
     """One reservation, from arrival to its outcome.
 
     ``tag`` is the caller's (the web layer stores the engine's ``request_idx`` and
-    ``reqnum`` there). Times named ``*_at`` are wall-clock epoch seconds (for the
-    engine); ``deadline`` is on the Trio clock.
+    ``reqnum`` there); ``key``, if not ``None``, is unique among live reservations.
+    Times named ``*_at`` are wall-clock epoch seconds (for the engine); ``deadline`` is
+    on the Trio clock.
     """
 
     id: int
     duration_s: float
     workload: float
     tag: dict[str, Any] = field(default_factory=dict)
+    key: Hashable | None = None
     state: State = State.QUEUED
     outcome: Outcome | None = None
     entered_queue_at: float = 0.0
@@ -194,6 +201,8 @@ class ReservationSlot:
         self._ids = itertools.count(1)
         self._active: Reservation | None = None
         self._queued: list[Reservation] = []
+        #: The key of each live (queued or held) reservation that has one.
+        self._live_keys: dict[Hashable, Reservation] = {}
         self._closing = False
         self._idle = trio.Event()
         self._idle.set()
@@ -223,14 +232,21 @@ class ReservationSlot:
         return min(float(requested), self.max_reservation_s)
 
     async def hold(
-        self, duration_s: float | None = None, *, tag: dict[str, Any] | None = None
+        self,
+        duration_s: float | None = None,
+        *,
+        tag: dict[str, Any] | None = None,
+        key: Hashable | None = None,
     ) -> ReservationResult:
         """Wait for the slot, hold it, and return how the hold ended.
 
         Returns when the duration elapses, on :meth:`release` and on :meth:`shutdown`
-        (check ``result.outcome``).
+        (check ``result.outcome``). ``key``, if given, must not be the key of a
+        reservation that is still queued or held (the web layer passes the engine's
+        ``request_idx``, so that a replayed envelope cannot hold twice).
 
         Raises:
+          DuplicateRequest: ``key`` is in use; nothing was queued and no event emitted.
           QueueTimeout: the slot stayed busy for ``max_queue_time_s``.
           ShuttingDown: the slot is closing (before or while queued).
           ValueError: ``duration_s`` is negative, NaN or infinite.
@@ -239,13 +255,20 @@ class ReservationSlot:
         duration = self.effective_duration(duration_s)
         if self._closing:
             raise ShuttingDown("the worker is shutting down")
+        if key is not None and key in self._live_keys:
+            raise DuplicateRequest(
+                f"a reservation with key {key!r} is already held or queued", key=key
+            )
         res = Reservation(
             id=next(self._ids),
             duration_s=duration,
             workload=self.workload,
             tag=dict(tag or {}),
+            key=key,
             entered_queue_at=time.time(),
         )
+        if key is not None:
+            self._live_keys[key] = res
         self._queued.append(res)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._emit("queued", res)
@@ -268,6 +291,7 @@ class ReservationSlot:
             self._finish(res, Outcome.ERROR)
             raise
         finally:
+            self._forget_key(res)
             if acquired:
                 self._active = None
                 self._limiter.release()
@@ -360,9 +384,16 @@ class ReservationSlot:
             outcome=outcome, duration_s=res.duration_s, held_s=res.held_s, reservation_id=res.id
         )
 
+    def _forget_key(self, res: Reservation) -> None:
+        if res.key is not None and self._live_keys.get(res.key) is res:
+            del self._live_keys[res.key]
+
     def _finish(self, res: Reservation, outcome: Outcome) -> None:
         if res.state is State.ENDED:
             return
+        # The key is free from the moment the reservation ends: an observer (or the
+        # holder's caller) may see the end and replay at once.
+        self._forget_key(res)
         res._move(State.ENDED)
         res.outcome = outcome
         res.ended_at = time.time()

@@ -6,6 +6,7 @@ reports are covered in test_vast.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from functools import partial
@@ -25,9 +26,13 @@ from .conftest import StartWorker, body, envelope
 
 URL = "http://127.0.0.1:1"  # any url: unsecured workers do not check it
 
+#: A fresh request_idx for each reservation: one request_idx is held or queued only once.
+_REQUEST_IDX = itertools.count(10_000)
+
 
 async def reserve(http: httpx.AsyncClient, info: ServeInfo, **payload: Any) -> httpx.Response:
-    return await http.post(f"{info.url}/reserve", json=envelope(URL, payload=payload))
+    signed = envelope(URL, payload=payload, request_idx=next(_REQUEST_IDX))
+    return await http.post(f"{info.url}/reserve", json=signed)
 
 
 async def open_raw_reservation(
@@ -40,7 +45,9 @@ async def open_raw_reservation(
     parts = urlsplit(info.url)
     assert parts.hostname is not None and parts.port is not None
     stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-    data = body(signed if signed is not None else envelope(URL, payload=payload))
+    if signed is None:
+        signed = envelope(URL, payload=payload, request_idx=next(_REQUEST_IDX))
+    data = body(signed)
     head = (
         f"POST /reserve HTTP/1.1\r\nHost: {parts.netloc}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"

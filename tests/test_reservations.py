@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import trio
 import trio.testing
 
-from nullworker.errors import QueueTimeout, ShuttingDown
+from nullworker.errors import DuplicateRequest, QueueTimeout, ShuttingDown
 from nullworker.reservations import (
     Outcome,
     Reservation,
@@ -343,3 +344,83 @@ async def test_an_unexpected_error_in_a_hold_is_recorded_once_and_frees_the_slot
     assert not stats.busy and stats.counts["error"] == 1
     # The token went back: the slot is free for the next one.
     assert slot._limiter.statistics().borrowed_tokens == 0
+
+
+async def test_a_key_in_use_is_refused_before_queueing_and_free_again_after_the_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    events: list[ReservationEvent] = []
+    slot = make_slot(events, max_queue_time_s=30.0)
+    results: dict[int, ReservationResult] = {}
+
+    async def hold(key: int, duration: float) -> None:
+        results[key] = await slot.hold(duration, tag={"request_idx": key}, key=key)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold, 7, 10.0)  # held
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(hold, 8, 10.0)  # queued behind it
+        await trio.testing.wait_all_tasks_blocked()
+        before = list(events)
+        for key in (7, 8):
+            with pytest.raises(DuplicateRequest) as refused:
+                await slot.hold(1.0, tag={"request_idx": key}, key=key)
+            assert refused.value.key == key
+        assert events == before  # nothing queued, nothing for the reporter
+        stats = slot.statistics()
+        assert (
+            stats.waiting == 1
+            and stats.active is not None
+            and stats.active.tag == {"request_idx": 7}
+        )
+        assert sum(stats.counts.values()) == 1  # only "started" for 7
+    assert results[7].outcome is Outcome.ELAPSED and results[8].outcome is Outcome.ELAPSED
+    assert trio.current_time() == pytest.approx(20.0)  # the refusals never waited
+    # After the end the key is free: a later replay is a new reservation.
+    again = await slot.hold(0.0, key=7)
+    assert again.outcome is Outcome.ELAPSED
+    assert [e.kind for e in events].count("ended") == 3
+
+
+async def test_every_exit_path_gives_the_key_back(autojump_clock: trio.testing.MockClock) -> None:
+    slot = make_slot(max_queue_time_s=5.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(slot.hold, 100.0, key="held"))
+        await trio.testing.wait_all_tasks_blocked()
+        # Rejected after max_queue_time: the key is free while the first still holds.
+        with pytest.raises(QueueTimeout):
+            await slot.hold(1.0, key="late")
+        with pytest.raises(QueueTimeout):
+            await slot.hold(1.0, key="late")
+        # Cancelled while queued.
+        with trio.move_on_after(1.0):
+            await slot.hold(1.0, key="gone")
+        with trio.move_on_after(1.0):
+            await slot.hold(1.0, key="gone")
+        # Released: the holder's key is free at once.
+        assert slot.release() is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(slot.hold, 100.0, key="held"))
+        await trio.testing.wait_all_tasks_blocked()
+        slot.shutdown()
+    assert slot.statistics().counts == {
+        "duration_elapsed": 0,
+        "explicit": 1,
+        "cancelled": 2,
+        "shutdown": 1,
+        "rejected": 2,
+        "error": 0,
+        "started": 2,
+    }
+
+
+async def test_without_a_key_the_same_tag_may_queue_twice(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slot = make_slot()
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(partial(slot.hold, 1.0, tag={"request_idx": 5}))
+            await trio.testing.wait_all_tasks_blocked()
+        assert slot.statistics().waiting == 1
+    assert slot.statistics().counts["duration_elapsed"] == 2

@@ -267,6 +267,65 @@ async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
     assert "worker failed" in vast_engine.workers[7].error_msg
 
 
+async def test_a_replayed_envelope_gets_409_while_held_or_queued_and_is_reported_once(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    info = await start_ready(start_worker, vast_engine, max_queue_time_s=30.0)
+    url = info.public_url or ""
+    slot = info.worker.slot
+    held = envelope(url, key=vast_engine.private_key, request_idx=901, payload={"duration": 600})
+    queued = envelope(url, key=vast_engine.private_key, request_idx=902, payload={"duration": 0})
+    stream = await open_raw_reservation(info, {}, signed=held)
+    await wait_until(lambda: slot.statistics().busy)
+    async with trio.open_nursery() as nursery:
+        result: dict[str, httpx.Response] = {}
+
+        async def queue() -> None:
+            result["queued"] = await http.post(f"{info.url}/reserve", json=queued)
+
+        nursery.start_soon(queue)
+        await wait_until(lambda: slot.statistics().waiting == 1)
+        await vast_engine.wait_for(lambda e: e.workers[7].working_request_idxs == (901, 902))
+        for idx, replay in ((901, held), (902, queued)):
+            with trio.fail_after(5):  # refused at once, never queued
+                response = await http.post(f"{info.url}/reserve", json=replay)
+            assert response.status_code == 409, response.text
+            assert response.headers["content-type"] == "application/json"
+            assert response.json() == {
+                "error": f"request_idx {idx} is already held or queued on this worker",
+                "request_idx": idx,
+            }
+        assert slot.statistics().waiting == 1
+        assert info.worker.reporter is not None
+        assert info.worker.reporter.statistics()["num_requests_working"] == 2
+        await stream.aclose()  # the holder goes away: 901 Cancelled, then 902 runs
+    assert result["queued"].status_code == 200
+    await vast_engine.wait_for(
+        lambda e: {901, 902} <= {f.request_idx for f in e.finished} and not e.workers[7].busy
+    )
+    # Exactly one delete entry per request_idx: none for the two refused replays.
+    assert sorted((f.request_idx, f.status) for f in vast_engine.finished) == [
+        (901, "Cancelled"),
+        (902, "Success"),
+    ]
+
+    # A replay after the first one ended is a new reservation, and is allowed.
+    again = held | {"payload": {"duration": 0}}
+    response = await http.post(f"{info.url}/reserve", json=again)
+    assert response.status_code == 200, response.text
+    await vast_engine.wait_for(
+        lambda e: [f.request_idx for f in e.finished].count(901) == 2 and not e.workers[7].busy
+    )
+    statuses = [(f.request_idx, f.status) for f in vast_engine.finished]
+    # One delete entry per reservation that ran.
+    assert sorted(statuses) == [(901, "Cancelled"), (901, "Success"), (902, "Success")]
+    reports = [r.body for r in vast_engine.worker_status_reports if r.body["id"] == 7]
+    assert max(r["num_requests_working"] for r in reports) == 2
+    for report in reports:
+        idxs = report["working_request_idxs"]
+        assert len(idxs) == len(set(idxs)), idxs
+
+
 async def test_a_signed_envelope_with_a_bad_request_idx_gets_422_and_leaves_no_trace(
     start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
 ) -> None:
