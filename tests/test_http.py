@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from functools import partial
 from pathlib import Path
@@ -300,6 +301,52 @@ async def test_pyworker_update_needs_the_master_token(
     response = await http.post(f"{info.url}/pyworker/update", headers={"Authorization": "s3cret"})
     assert response.status_code == 200
     assert marker.exists()
+
+
+async def test_pyworker_update_refusals_are_logged_rate_limited_and_answered_429(
+    start_worker: StartWorker,
+    http: httpx.AsyncClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    marker = tmp_path / "force_update"
+    master = "master-Token-0123456789"
+    info = await start_worker(master_token=master, force_update_path=str(marker))
+    update = f"{info.url}/pyworker/update"
+    guesses = [f"guess-{i:02d}-Zq" for i in range(10)]
+    for guess in guesses:  # 10 failures within the 60 s window
+        response = await http.post(update, headers={"Authorization": f"Bearer {guess}"})
+        assert response.status_code == 401
+    # The 11th from that address is refused without looking at the token: the right one too.
+    for header in ("Bearer another-guess-Zq", f"Bearer {master}"):
+        response = await http.post(update, headers={"Authorization": header})
+        assert response.status_code == 429, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert "too many failed attempts" in response.json()["error"]
+        assert 1 <= int(response.headers["retry-after"]) <= 60
+        assert response.json()["retry_after"] == int(response.headers["retry-after"])
+    assert not marker.exists()
+
+    # Another address is not affected: the engine's signal still gets through.
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with httpx.AsyncClient(transport=transport, timeout=10) as other:
+        response = await other.post(update, headers={"Authorization": f"Bearer {master}"})
+    assert response.status_code == 200
+    assert marker.exists()
+    # The worker keeps serving everything else.
+    assert (await reserve(http, info, duration=0)).status_code == 200
+
+    lines = [r.getMessage() for r in caplog.records if "/pyworker/update from" in r.getMessage()]
+    # 12 refusals, 2 lines: the first refusal, and the one that blocked the address.
+    assert len(lines) == 2, lines
+    assert all("127.0.0.1" in line for line in lines)
+    assert "1 request(s) refused" in lines[0]
+    assert "9 request(s) refused" in lines[1] and "answering 429" in lines[1]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.getMessage() in lines)
+    everything = caplog.text + "\n".join(r.getMessage() for r in caplog.records)
+    assert master not in everything
+    assert "-Zq" not in everything  # no given token either
 
 
 async def test_shutdown_answers_holders_with_503(
