@@ -232,10 +232,10 @@ async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
     original = EngineReporter._round
     armed = False
 
-    async def flaky_round(self: EngineReporter) -> bool:
+    async def flaky_round(self: EngineReporter, *args: Any, **kwargs: Any) -> bool:
         if armed:
             raise RuntimeError("boom")
-        return await original(self)
+        return await original(self, *args, **kwargs)
 
     monkeypatch.setattr(EngineReporter, "_round", flaky_round)
     config = WorkerConfig(
