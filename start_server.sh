@@ -8,8 +8,18 @@
 #   pyproject.toml changed.
 # - Idempotent: if a nullworker already serves WORKER_PORT (default 3000), it says so and
 #   exits 0 instead of starting a second copy that would fight over the port.
-# - Runs ONE process: Hypercorn's trio worker inside `nullworker serve` (the reservation
-#   slot is in-process state, so there must never be two).
+# - Runs ONE worker process at a time: Hypercorn's trio worker inside `nullworker serve`
+#   (the reservation slot is in-process state, so there must never be two), as a child of
+#   this script, which stays to supervise it:
+#   - SIGTERM or SIGINT to this script is passed on to the worker as SIGTERM; the worker
+#     shuts down gracefully, is not restarted, and the script exits with its status.
+#   - A worker that dies on its own (a non-zero status, or a signal this script did not
+#     send) is restarted after a backoff: NULLWORKER_RESTART_BACKOFF_S (default 1 s),
+#     doubling up to NULLWORKER_RESTART_MAX_S (default 30 s), back to the start once a
+#     worker stayed up NULLWORKER_RESTART_RESET_S (default 60 s). Each restart is logged.
+#   - Not restarted: status 2 (a configuration error; the script exits 2), status 0 (the
+#     worker was stopped by a signal from someone else; the script exits 0), and a
+#     nullworker that meanwhile answers on WORKER_PORT (another copy took over; exit 0).
 # - Logs go to stdout and are appended to NULLWORKER_LOG (default nullworker.log beside
 #   this script).
 # - With USE_SSL=true and no /etc/instance.crt, asks Vast to sign a certificate for the
@@ -73,6 +83,28 @@ EOF
     exit 1
 }
 
+# "1.5" -> 1500 (milliseconds); fails on anything but a plain number of seconds.
+to_ms() {
+    [[ $1 =~ ^([0-9]{1,7})(\.([0-9]{1,3}))?$ ]] || return 1
+    local frac="${BASH_REMATCH[3]}000"
+    echo $((10#${BASH_REMATCH[1]} * 1000 + 10#${frac:0:3}))
+}
+
+# 1500 -> "1.5", 2000 -> "2" (seconds, for sleep and the log).
+seconds() {
+    local text
+    text="$(($1 / 1000)).$(printf '%03d' $(($1 % 1000)))"
+    while [[ $text == *0 ]]; do text="${text%0}"; done
+    echo "${text%.}"
+}
+
+BACKOFF_MS="$(to_ms "${NULLWORKER_RESTART_BACKOFF_S:-1}")" ||
+    fail "NULLWORKER_RESTART_BACKOFF_S must be a number of seconds, got '${NULLWORKER_RESTART_BACKOFF_S:-}'"
+MAX_MS="$(to_ms "${NULLWORKER_RESTART_MAX_S:-30}")" ||
+    fail "NULLWORKER_RESTART_MAX_S must be a number of seconds, got '${NULLWORKER_RESTART_MAX_S:-}'"
+RESET_MS="$(to_ms "${NULLWORKER_RESTART_RESET_S:-60}")" ||
+    fail "NULLWORKER_RESTART_RESET_S must be a number of seconds, got '${NULLWORKER_RESTART_RESET_S:-}'"
+
 already_running() {
     # A nullworker answers GET /health with JSON that has a "ready" key (200 or 503).
     "$PYTHON" - "$PORT" <<'EOF'
@@ -92,8 +124,11 @@ except Exception:
 EOF
 }
 
-# Only one start at a time per port; the lock is inherited by the worker (fd 9) and
-# held for its whole life, so a second start during or after start-up backs off.
+# Only one start at a time per port. This script holds the lock (fd 9) for as long as it
+# supervises the worker, and the worker inherits it too (so it stays held even if this
+# script is killed outright): a second start during or after start-up backs off. The
+# worker's own per-port lock is its own open file, released by the kernel when it dies,
+# so a restarted worker can take it again.
 mkdir -p "$(dirname "$LOCK")"
 exec 9>>"$LOCK"
 if ! flock -n 9; then
@@ -144,5 +179,89 @@ fi
 
 mkdir -p "$(dirname "$LOG")"
 say "starting nullworker on port $PORT (log: $LOG)"
-exec > >(tee -a "$LOG") 2>&1
-exec "$VENV/bin/nullworker" serve "$@"
+# tee ignores SIGINT/SIGTERM, so a signal to the whole process group (Ctrl-C, kill -- -PGID)
+# still logs the worker's shutdown; it ends once the script and the worker are gone.
+exec > >(
+    trap '' INT TERM
+    exec tee -a "$LOG"
+) 2>&1
+
+# Supervise the worker. `wait` returns early when a trapped signal arrives, so the signal
+# is passed on at once; the worker is then waited for again.
+child=""       # pid of the running worker, if any
+stop_signal="" # the signal that told this script to stop
+signals=0      # how many such signals arrived
+on_signal() {
+    stop_signal="$1"
+    signals=$((signals + 1))
+    if [ -n "$child" ]; then
+        say "received $1: stopping the worker (pid $child)"
+        kill -TERM "$child" 2>/dev/null || true
+    fi
+}
+trap 'on_signal SIGTERM' TERM
+trap 'on_signal SIGINT' INT
+
+restarts=0
+delay_ms=$((BACKOFF_MS < MAX_MS ? BACKOFF_MS : MAX_MS))
+while :; do
+    if [ -n "$stop_signal" ]; then # it arrived while no worker ran (e.g. during a probe)
+        say "received $stop_signal; not starting the worker"
+        exit 0
+    fi
+    started_ms="$(date +%s%3N)"
+    "$VENV/bin/nullworker" serve "$@" &
+    child=$!
+    if [ -n "$stop_signal" ]; then # it arrived before $child was known
+        kill -TERM "$child" 2>/dev/null || true
+    fi
+    while :; do
+        seen=$signals
+        status=0
+        wait "$child" 2>/dev/null || status=$? # (bash's own "Killed" notice: ours follows)
+        if [ "$signals" = "$seen" ]; then
+            break # the worker exited (and this was not a trap cutting the wait short)
+        fi
+    done
+    pid=$child
+    child=""
+    up_ms=$(($(date +%s%3N) - started_ms))
+    if [ -n "$stop_signal" ]; then
+        say "worker (pid $pid) stopped with status $status after $stop_signal; not restarting"
+        exit "$status"
+    fi
+    how="status $status"
+    if [ "$status" -gt 128 ]; then
+        how="$how (killed by SIG$(kill -l $((status - 128)) 2>/dev/null || echo "$((status - 128))"))"
+    fi
+    how="$how after $(seconds "$up_ms") s"
+    case "$status" in
+    0)
+        say "worker (pid $pid) exited with $how: it was stopped by someone else; not restarting"
+        exit 0
+        ;;
+    2)
+        say "worker (pid $pid) exited with $how: a configuration error, which a restart cannot fix; not restarting"
+        exit 2
+        ;;
+    esac
+    if [ "$up_ms" -ge "$RESET_MS" ]; then
+        delay_ms=$((BACKOFF_MS < MAX_MS ? BACKOFF_MS : MAX_MS))
+    fi
+    restarts=$((restarts + 1))
+    say "worker (pid $pid) exited with $how; restarting in $(seconds "$delay_ms") s (restart $restarts)"
+    sleep "$(seconds "$delay_ms")" &
+    sleeper=$!
+    wait "$sleeper" 2>/dev/null || true # cut short by SIGTERM/SIGINT
+    kill "$sleeper" 2>/dev/null || true
+    wait "$sleeper" 2>/dev/null || true
+    if [ -n "$stop_signal" ]; then
+        say "received $stop_signal while waiting to restart the worker; not restarting"
+        exit 0
+    fi
+    if already_running; then
+        say "a nullworker already serves port $PORT (another copy took over); not restarting"
+        exit 0
+    fi
+    delay_ms=$((delay_ms * 2 < MAX_MS ? delay_ms * 2 : MAX_MS))
+done
