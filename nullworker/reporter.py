@@ -6,9 +6,9 @@ engine's accounting (VAST_PROTOCOL.md §4, §5) and delivers it:
 * ``POST {addr}/worker_status/`` -- the §5.1 body plus 1.9.1's ``disk_usage``; at once
   (after a short coalescing window) whenever the state changes, and as a heartbeat at
   least every ``config.heartbeat_s``.
-* ``POST {addr}/delete_requests/`` -- every ended request, exactly once, in the 1.9.1
-  shape or the legacy pair of POSTs (``config.delete_requests_format``); sent in the same
-  wake-up as the ``worker_status`` that shows the request gone.
+* ``POST {addr}/delete_requests/`` -- every ended request, in the 1.9.1 shape or the
+  legacy pair of POSTs (``config.delete_requests_format``); sent in the same wake-up as
+  the ``worker_status`` that shows the request gone.
 * ``GET {addr}/pubkey/`` -- the engine's RSA key, per address (never the raw comma list).
 
 Concurrency invariants
@@ -25,21 +25,46 @@ Concurrency invariants
   those copied values. Increments made while the POST was in flight survive into the
   next report; a failed round subtracts nothing, so nothing is lost or counted twice.
 * Delete entries are removed from the pending list only after an address accepted the
-  POST that carried them (by identity, not by ``request_idx``), so each ended request is
-  delivered exactly once even across failed rounds. An entry is sent only once a
-  delivered ``worker_status`` showed the request gone, so the engine always hears
-  "idle" before the deletion (the official order).
+  POST that carried them (by identity, not by ``request_idx``), so a failed POST never
+  loses an entry and an accepted one is never sent again. An entry is sent only once a
+  delivered ``worker_status`` showed the request gone, so the engine always hears "idle"
+  before the deletion (the official order); a round whose ``worker_status`` no address
+  took sends no ``delete_requests`` at all.
+* At-least-once, not exactly-once: a POST the engine accepted but whose answer did not
+  arrive within the try's deadline counts as failed and is sent again, so the engine can
+  count that ``worker_status``'s load figures (or see those delete entries) twice.
+  Opening the connection has its own bound, ``CONNECT_TIMEOUT_S`` (2 s): when it fires
+  nothing reached the engine, and a slow connect no longer eats the time the engine has
+  to answer a body it did get (the rest of ``engine_timeout_s``: 3 s or more with the
+  defaults, where it used to be whatever the connect left of 5 s).
+* A ``delete_requests`` POST the engine refuses (HTTP 4xx other than 408/425/429) is not
+  retried as it is: its entries are sent again in halves (bisection, one POST per round),
+  the halves that are accepted are done, and an entry refused on its own is dropped with
+  one warning naming its ``request_idx`` and the status. Every refusal halves the largest
+  batch its entries may travel in, so the splitting ends (one bad entry among 8 costs 7
+  POSTs in all). A refusal is the answer of an address that does not take this body: the
+  next address is tried, and the batch counts as refused when no address accepted it and
+  at least one refused it. 5xx, 408/425/429 and transport errors are failures and are
+  retried with the whole batch, as for ``worker_status``.
 * Each address gets its own bounded deadline (fixes §11.10): ``engine_tries`` tries of at
-  most ``engine_timeout_s`` each, with ``engine_retry_s`` doubling between tries, then the
-  next address in order. The first address that accepts ends the round (fallback, not
-  fan-out). A round in which every address failed is retried after a backoff that is
-  capped at ``heartbeat_s`` -- or at once when the state changes again.
+  most ``engine_timeout_s`` each, with ``engine_retry_s`` doubling between tries (capped
+  at ``RETRY_CAP_S``), then the next address in order. The first address that accepts
+  ends the round (fallback, not fan-out).
+* Outages: a round in which every address failed is retried after
+  ``engine_retry_s`` doubling per failed round, capped at ``RETRY_CAP_S`` and spread by
+  ``RETRY_JITTER`` (0.5 s, then 0.8-1.2 s with the defaults); until one succeeds, each
+  round gives every address a single try, and state changes wait for that retry instead
+  of starting rounds of their own. So an unreachable engine gets about one request per
+  second per address, and, where the addresses fail fast (refused connections, error
+  statuses), hears the current state within ``RETRY_CAP_S`` x 1.2 plus
+  ``report_coalesce_s`` (1.22 s with the defaults) and one request of answering again.
 * Every failure of an HTTP exchange is caught (``httpx.HTTPError``: transport errors and
   timeouts, but also an undecodable reply from a broken engine or proxy; our own per-try
-  deadline; HTTP status >= 400): it is logged in one line without secrets (never the
-  ``mtoken`` or a body) and retried later, because a reporting failure must never take
-  the worker down. Anything else is a bug and propagates. ``trio.Cancelled`` is never
-  swallowed; a round cancelled mid-POST leaves its state to be sent again.
+  deadline; HTTP status >= 400): it is logged without secrets (never the ``mtoken`` or a
+  body; one warning when the engine becomes unreachable, then at most one a minute, and
+  one line when it is back) and retried later, because a reporting failure must never
+  take the worker down. Anything else is a bug and propagates. ``trio.Cancelled`` is
+  never swallowed; a round cancelled mid-POST leaves its state to be sent again.
 
 Accounting choices (documented deviations from the official worker)
 -------------------------------------------------------------------
@@ -62,6 +87,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import random
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -79,10 +105,14 @@ from .reservations import Outcome, Reservation, ReservationEvent
 from .signing import load_public_key
 
 __all__ = [
+    "CONNECT_TIMEOUT_S",
     "PUBKEY_BACKOFF_S",
+    "RETRY_CAP_S",
+    "RETRY_JITTER",
     "WORKER_VERSION",
     "EngineReporter",
     "PubkeyUnavailable",
+    "retry_pause",
     "send_error_beacon",
 ]
 
@@ -90,8 +120,24 @@ log = logging.getLogger(__name__)
 
 #: The ``version`` field of every ``worker_status`` (what the official worker sends).
 WORKER_VERSION = "1.1.0"
-#: Sleeps between rounds of ``GET /pubkey/`` over all addresses: 5 rounds in all.
-PUBKEY_BACKOFF_S: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+#: Sleeps between rounds of ``GET /pubkey/`` over all addresses: 5 rounds in 2.75 s.
+PUBKEY_BACKOFF_S: tuple[float, ...] = (0.25, 0.5, 1.0, 1.0)
+#: Cap on every retry sleep towards the engine (between tries, between failed rounds,
+#: between key fetches): after an outage the engine hears from the worker within about
+#: this long (times the jitter) of answering again, and meanwhile gets about one request
+#: a second per address.
+RETRY_CAP_S = 1.0
+#: Sleeps between failed rounds and key fetches are spread by +-20 %, so that workers
+#: which lost the engine together do not all come back in step.
+RETRY_JITTER = 0.2
+#: Bound on opening a connection to the engine (TCP and TLS), inside ``engine_timeout_s``.
+#: Nothing reached the engine when it fires, so the retry cannot count anything twice;
+#: a body that was sent keeps at least ``engine_timeout_s`` minus this for its answer.
+CONNECT_TIMEOUT_S = 2.0
+#: 4xx answers that mean "try again later", not "this body is refused".
+_RETRY_LATER_4XX = frozenset({408, 425, 429})
+#: While the engine stays unreachable, at most one warning this often (the rest: debug).
+_FAILURE_LOG_EVERY_S = 60.0
 #: The engine address that takes ``worker_status`` but never ``delete_requests`` (§5.3).
 _NO_DELETES_ADDR = "https://cloud.vast.ai/api/v0"
 #: How many recent ``request_idx`` values are remembered to de-duplicate the count.
@@ -138,6 +184,16 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def retry_pause(seconds: float = RETRY_CAP_S) -> float:
+    """``seconds`` spread by +-``RETRY_JITTER`` (a sleep before trying the engine again)."""
+    return seconds * random.uniform(1.0 - RETRY_JITTER, 1.0 + RETRY_JITTER)
+
+
+def _timeout(timeout_s: float) -> httpx.Timeout:
+    """``timeout_s`` per phase, but at most ``CONNECT_TIMEOUT_S`` to connect."""
+    return httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
+
+
 @dataclass
 class _Counters:
     """Workload totals accumulated since the last delivered report."""
@@ -170,6 +226,9 @@ class _DeleteEntry:
     work_completed_at: float
     #: Set once a delivered worker_status showed this request gone from the working set.
     reported: bool = False
+    #: The largest batch this entry may travel in; halved each time a batch carrying it
+    #: is refused, so a refused entry ends up alone (and is dropped).
+    max_batch: int = _DELETE_BATCH
 
     @property
     def success(self) -> bool:
@@ -232,19 +291,42 @@ def _status_body(
     }
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """How one POST (or the last try of several) went."""
+
+    #: None: accepted; else why not, for the log.
+    error: str | None = None
+    #: The HTTP status when the engine answered >= 400.
+    status: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def refused(self) -> bool:
+        """The engine answered that it does not take this body (retrying it is useless)."""
+        return (
+            self.status is not None
+            and 400 <= self.status < 500
+            and self.status not in _RETRY_LATER_4XX
+        )
+
+
 async def _post_once(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], *, timeout_s: float
-) -> str | None:
-    """One POST under a hard deadline; ``None`` on success, else why it failed."""
+) -> _Answer:
+    """One POST under a hard deadline of ``timeout_s``."""
     with trio.move_on_after(timeout_s):
         try:
-            response = await client.post(url, json=body, timeout=timeout_s)
+            response = await client.post(url, json=body, timeout=_timeout(timeout_s))
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # transport, timeout, bad reply
-            return _describe(exc)
+            return _Answer(_describe(exc))
         if response.status_code >= 400:
-            return f"HTTP {response.status_code}"
-        return None
-    return f"no answer within {timeout_s:g} s"
+            return _Answer(f"HTTP {response.status_code}", response.status_code)
+        return _Answer()
+    return _Answer(f"no answer within {timeout_s:g} s")
 
 
 @asynccontextmanager
@@ -255,7 +337,7 @@ async def _client_for(
     if http is not None:
         yield http
         return
-    async with httpx.AsyncClient(timeout=config.engine_timeout_s) as own:
+    async with httpx.AsyncClient(timeout=_timeout(config.engine_timeout_s)) as own:
         yield own
 
 
@@ -313,8 +395,16 @@ class EngineReporter:
         self._deletes_sent = 0
         self._report_failures = 0
         self._dropped_deletes = 0
+        self._refused_deletes = 0
         self._last_success_mono: float | None = None
         self._last_error: str | None = None
+        self._last_failure_log_at = -math.inf
+        #: Rounds failed in a row (the report loop's backoff and tries depend on it).
+        self._failed_rounds = 0
+        #: True while the last worker_status found no engine address that took it.
+        self._unreachable = False
+        #: Set (and replaced) each time a worker_status is delivered.
+        self._delivered = trio.Event()
 
     # -- inputs (sync, never block, never raise) ------------------------------------------
 
@@ -425,16 +515,17 @@ class EngineReporter:
         Calls ``task_status.started()`` at once. Sends ``/worker_status/`` whenever the
         state changes (a burst within ``report_coalesce_s`` becomes one report) and at
         least every ``heartbeat_s``, then ``/delete_requests/`` for ended requests. When
-        every address fails, the round is retried after a backoff capped at
-        ``heartbeat_s`` (sooner if the state changes).
+        every address fails, the round is retried after ``engine_retry_s`` doubling per
+        failed round, capped at ``RETRY_CAP_S`` and jittered; until a round succeeds, each
+        gives every address one try, and state changes wait for the retry.
 
         Resource handling: a client the reporter opened itself is closed on exit.
         """
         task_status.started()
         if not self._config.report_addrs:
             await trio.sleep_forever()
-        failures = 0
         retry_at = -math.inf
+        failing_since = 0.0
         try:
             while True:
                 await self._wait_for_work(retry_at)
@@ -444,28 +535,42 @@ class EngineReporter:
                 async with self._lock:
                     ok = await self._round()
                 if ok:
-                    failures = 0
+                    if self._failed_rounds:
+                        log.info(
+                            "engine reachable again: delivered after %d failed round(s) "
+                            "over %.1f s",
+                            self._failed_rounds,
+                            trio.current_time() - failing_since,
+                        )
+                    self._failed_rounds = 0
                     retry_at = -math.inf
+                    self._last_failure_log_at = -math.inf
                 else:
-                    failures += 1
-                    backoff = min(
-                        self._config.engine_retry_s * 2 ** min(failures - 1, 16),
-                        self._config.heartbeat_s,
-                    )
-                    retry_at = trio.current_time() + backoff
+                    if not self._failed_rounds:
+                        failing_since = trio.current_time()
+                    self._failed_rounds += 1
+                    retry_at = trio.current_time() + self._retry_backoff(self._failed_rounds)
         finally:
             # flush() may hold the lock (and the client) right now; it closes it then.
             if not self._lock.locked():
                 with trio.move_on_after(1.0, shield=True):
                     await self.aclose()
 
+    def _retry_backoff(self, failures: int) -> float:
+        """The pause after the ``failures``-th failed round in a row."""
+        config = self._config
+        base = config.engine_retry_s * 2 ** min(failures - 1, 16)
+        return retry_pause(min(base, RETRY_CAP_S, config.heartbeat_s))
+
     async def _wait_for_work(self, retry_at: float) -> None:
         while True:
-            if self._changed:
-                return
             now = trio.current_time()
+            # While backing off after a failed round, a state change waits for the retry
+            # (which sends the latest state): an unreachable engine is not hammered.
+            if self._changed and now >= retry_at:
+                return
             heartbeat_at = self._last_status_round_at + self._config.heartbeat_s
-            leftover = self._dirty or bool(self._pending)
+            leftover = self._changed or self._dirty or bool(self._pending)
             due = min(heartbeat_at, retry_at) if leftover else heartbeat_at
             if now >= due:
                 if now >= heartbeat_at:
@@ -508,15 +613,19 @@ class EngineReporter:
         if self._http is not None:
             return self._http
         if self._owned_http is None:
-            self._owned_http = httpx.AsyncClient(timeout=self._config.engine_timeout_s)
+            self._owned_http = httpx.AsyncClient(timeout=_timeout(self._config.engine_timeout_s))
         return self._owned_http
 
     async def _round(self) -> bool:
         """One delivery of whatever is pending; True when nothing is left undelivered."""
+        # After a failed round every address has had its tries: one each until one answers.
+        tries = 1 if self._failed_rounds else self._config.engine_tries
         self._changed = False
-        ok = True
         if self._dirty:
-            ok = await self._send_status()
+            if not await self._send_status(tries):
+                # No address took it: the deletes wait for the next round (they would
+                # only fail too, and each must follow a delivered status anyway).
+                return False
         else:
             # Nothing changed since the last delivered report, so it showed all of
             # these gone already (a safety net: delivery marks them itself).
@@ -526,8 +635,17 @@ class EngineReporter:
         # hears "idle" first, then the deletions (the official order). One that ended
         # while this round's status was in flight waits for the next round.
         if any(entry.reported for entry in self._pending):
-            ok = await self._send_deletes() and ok
-        return ok
+            return await self._send_deletes(tries)
+        return True
+
+    def _log_failure(self, message: str, *args: object) -> None:
+        """A warning when delivery starts failing, then at most one a minute (else debug)."""
+        now = trio.current_time()
+        if now - self._last_failure_log_at >= _FAILURE_LOG_EVERY_S:
+            self._last_failure_log_at = now
+            log.warning(message, *args)
+        else:
+            log.debug(message, *args)
 
     # -- worker_status ------------------------------------------------------------------
 
@@ -560,14 +678,15 @@ class EngineReporter:
             body=body, counters=counters, disk_gib=disk, ended=list(self._pending)
         )
 
-    async def _send_status(self) -> bool:
+    async def _send_status(self, tries: int) -> bool:
         snap = self._snapshot()
         # Cleared before the POST: a change made while it is in flight sets it again.
         self._dirty = False
         self._last_status_round_at = trio.current_time()
         try:
             for addr in self._config.report_addrs:
-                if await self._post_with_retries(addr, "/worker_status/", snap.body):
+                answer = await self._post_with_retries(addr, "/worker_status/", snap.body, tries)
+                if answer.ok:
                     # Subtract exactly what was delivered; concurrent increments survive.
                     self._counters.subtract(snap.counters)
                     self._last_disk_gib = snap.disk_gib
@@ -575,6 +694,9 @@ class EngineReporter:
                         entry.reported = True
                     self._reports_sent += 1
                     self._last_success_mono = time.monotonic()
+                    self._unreachable = False
+                    self._delivered.set()
+                    self._delivered = trio.Event()
                     return True
         except BaseException:
             # Cancelled mid-POST (shutdown): the engine may not have it, so the final
@@ -582,8 +704,9 @@ class EngineReporter:
             self._dirty = True
             raise
         self._dirty = True
+        self._unreachable = True
         self._report_failures += 1
-        log.warning(
+        self._log_failure(
             "worker_status not delivered to any of %d engine address(es); last error: %s",
             len(self._config.report_addrs),
             self._last_error,
@@ -596,86 +719,159 @@ class EngineReporter:
         # The official worker never sends delete_requests to this address (§5.3).
         return [a for a in self._config.report_addrs if a.rstrip("/") != _NO_DELETES_ADDR]
 
-    def _remove_pending(self, delivered: list[_DeleteEntry]) -> None:
-        done = set(delivered)
-        self._pending = [e for e in self._pending if e not in done]
-        self._deletes_sent += len(delivered)
+    def _remove_pending(self, done: list[_DeleteEntry]) -> None:
+        gone = set(done)
+        self._pending = [e for e in self._pending if e not in gone]
 
-    async def _send_deletes(self) -> bool:
+    def _next_batch(self) -> list[_DeleteEntry]:
+        """The oldest reported entries, as many as every one of them may travel with."""
+        batch: list[_DeleteEntry] = []
+        limit = _DELETE_BATCH
+        for entry in self._pending:
+            if not entry.reported:
+                continue
+            limit = min(limit, entry.max_batch)
+            if len(batch) >= limit:
+                break
+            batch.append(entry)
+        return batch
+
+    async def _send_deletes(self, tries: int) -> bool:
+        """One ``delete_requests`` batch; False when it failed (and is to be retried)."""
         addrs = self._delete_addrs()
         if not addrs:
             # Nowhere to deliver them: keeping them would only grow memory.
             log.debug("no engine address takes delete_requests; dropping %d", len(self._pending))
             self._pending.clear()
             return True
-        batch = [entry for entry in self._pending if entry.reported][:_DELETE_BATCH]
+        batch = self._next_batch()
         if self._config.delete_requests_format == "legacy":
-            delivered = await self._send_deletes_legacy(addrs, batch)
+            # Two groups, each done as soon as it is accepted (or refused), so a group is
+            # never sent again when the other one fails.
+            groups = [
+                [e for e in batch if e.success is flag]
+                for flag in (True, False)
+                if any(e.success is flag for e in batch)
+            ]
         else:
-            delivered = await self._send_deletes_191(addrs, batch)
-        if not delivered:
-            self._report_failures += 1
-            log.warning(
-                "delete_requests (%d entries) not delivered to any of %d engine address(es); "
-                "last error: %s",
-                len(batch),
-                len(addrs),
-                self._last_error,
-            )
-        return delivered
+            groups = [batch]
+        for entries in groups:
+            if not await self._deliver_deletes(addrs, entries, tries):
+                self._report_failures += 1
+                self._log_failure(
+                    "delete_requests (%d entries) not delivered to any of %d engine "
+                    "address(es); last error: %s",
+                    len(entries),
+                    len(addrs),
+                    self._last_error,
+                )
+                return False
+        return True
 
-    async def _send_deletes_191(self, addrs: list[str], batch: list[_DeleteEntry]) -> bool:
-        body = {
+    def _delete_body(self, entries: list[_DeleteEntry]) -> dict[str, Any]:
+        if self._config.delete_requests_format == "legacy":
+            return {
+                "worker_id": self._config.container_id,
+                "mtoken": self._config.master_token,
+                "request_idxs": [e.request_idx for e in entries],
+                "success": entries[0].success,  # a group shares its flag
+            }
+        return {
             "worker_id": self._config.container_id,
             "mtoken": self._config.master_token,
-            "requests": [e.as_json() for e in batch],
+            "requests": [e.as_json() for e in entries],
         }
-        for addr in addrs:
-            if await self._post_with_retries(addr, "/delete_requests/", body):
-                self._remove_pending(batch)
-                return True
-        return False
 
-    async def _send_deletes_legacy(self, addrs: list[str], batch: list[_DeleteEntry]) -> bool:
-        # Two groups, each removed as soon as an address accepted it, so a group is
-        # never delivered twice when the other one fails and we fall back.
-        groups = [
-            (flag, [e for e in batch if e.success is flag])
-            for flag in (True, False)
-            if any(e.success is flag for e in batch)
-        ]
+    async def _deliver_deletes(
+        self, addrs: list[str], entries: list[_DeleteEntry], tries: int
+    ) -> bool:
+        """POST ``entries`` (fallback over ``addrs``); False only for a failure to retry.
+
+        Accepted: the entries are done. Refused (no address accepted, one answered a
+        refusing 4xx): a lone entry is dropped, a batch is split for the next rounds.
+        """
+        body = self._delete_body(entries)
+        refusal: tuple[str, int] | None = None
         for addr in addrs:
-            while groups:
-                flag, entries = groups[0]
-                body = {
-                    "worker_id": self._config.container_id,
-                    "mtoken": self._config.master_token,
-                    "request_idxs": [e.request_idx for e in entries],
-                    "success": flag,
-                }
-                if not await self._post_with_retries(addr, "/delete_requests/", body):
-                    break  # this address is failing: fall back to the next one
+            answer = await self._post_with_retries(
+                addr, "/delete_requests/", body, tries, stop_on_refusal=True
+            )
+            if answer.ok:
                 self._remove_pending(entries)
-                groups.pop(0)
-            if not groups:
+                self._deletes_sent += len(entries)
                 return True
-        return False
+            if answer.refused and answer.status is not None:
+                refusal = (addr, answer.status)
+        if refusal is None:
+            return False
+        addr, status = refusal
+        if len(entries) == 1:
+            [entry] = entries
+            self._remove_pending(entries)
+            self._refused_deletes += 1
+            log.warning(
+                "engine refused the delete_requests entry of request_idx %d (HTTP %d at %s); "
+                "dropped it",
+                entry.request_idx,
+                status,
+                addr,
+            )
+        else:
+            half = len(entries) // 2
+            for entry in entries:
+                entry.max_batch = min(entry.max_batch, half)
+            log.info(
+                "engine refused a delete_requests batch of %d entries (HTTP %d at %s); "
+                "sending it again in halves",
+                len(entries),
+                status,
+                addr,
+            )
+        return True
 
     # -- transport ------------------------------------------------------------------------
 
-    async def _post_with_retries(self, addr: str, path: str, body: dict[str, Any]) -> bool:
-        """``engine_tries`` tries at one address; this address's own bounded deadline."""
+    async def _post_with_retries(
+        self,
+        addr: str,
+        path: str,
+        body: dict[str, Any],
+        tries: int,
+        *,
+        stop_on_refusal: bool = False,
+    ) -> _Answer:
+        """``tries`` tries at one address; this address's own bounded deadline.
+
+        With ``stop_on_refusal``, a refusing 4xx answer ends the tries at once (the same
+        body would only be refused again).
+        """
         config = self._config
         url = addr.rstrip("/") + path
-        for attempt in range(1, config.engine_tries + 1):
-            error = await _post_once(self._client(), url, body, timeout_s=config.engine_timeout_s)
-            if error is None:
-                return True
-            self._last_error = f"{path} at {addr}: {error}"
-            log.debug("POST %s failed (try %d/%d): %s", url, attempt, config.engine_tries, error)
-            if attempt < config.engine_tries:
-                await trio.sleep(config.engine_retry_s * 2 ** (attempt - 1))
-        return False
+        answer = _Answer("no attempt made")
+        for attempt in range(1, tries + 1):
+            answer = await _post_once(self._client(), url, body, timeout_s=config.engine_timeout_s)
+            if answer.ok:
+                return answer
+            self._last_error = f"{path} at {addr}: {answer.error}"
+            log.debug("POST %s failed (try %d/%d): %s", url, attempt, tries, answer.error)
+            if stop_on_refusal and answer.refused:
+                return answer
+            if attempt < tries:
+                await trio.sleep(min(config.engine_retry_s * 2 ** (attempt - 1), RETRY_CAP_S))
+        return answer
+
+    async def wait_until_reachable(self, *, timeout_s: float) -> None:
+        """Return once the engine takes reports, or after ``timeout_s`` at the latest.
+
+        At once unless the last ``worker_status`` found no address that took it; then
+        when the report loop delivers one again (within about ``RETRY_CAP_S`` of the
+        engine answering). Lets the key fetch wait out an outage without adding its own
+        requests to the report loop's.
+        """
+        if not self._unreachable:
+            return
+        with trio.move_on_after(timeout_s):
+            await self._delivered.wait()
 
     # -- pubkey ---------------------------------------------------------------------------
 
@@ -734,6 +930,7 @@ class EngineReporter:
             "pending_deletes": len(self._pending),
             "deletes_sent": self._deletes_sent,
             "dropped_deletes": self._dropped_deletes,
+            "refused_deletes": self._refused_deletes,
             "last_error": self._last_error,
             "ready": self._loadtime > 0 and self._max_perf > 0 and not self._error_msg,
             "error_msg": self._error_msg,
@@ -748,7 +945,7 @@ async def _get_pubkey_once(
 ) -> tuple[RSAPublicKey | None, str]:
     with trio.move_on_after(timeout_s):
         try:
-            response = await client.get(url, timeout=timeout_s)
+            response = await client.get(url, timeout=_timeout(timeout_s))
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return None, _describe(exc)
         if response.status_code >= 400:
@@ -788,13 +985,13 @@ async def send_error_beacon(
     accepted: list[str] = []
 
     async def _one(client: httpx.AsyncClient, addr: str) -> None:
-        error = await _post_once(
+        answer = await _post_once(
             client, addr.rstrip("/") + "/worker_status/", body, timeout_s=config.engine_timeout_s
         )
-        if error is None:
+        if answer.ok:
             accepted.append(addr)
         else:
-            log.warning("error beacon to %s failed: %s", addr, error)
+            log.warning("error beacon to %s failed: %s", addr, answer.error)
 
     async with _client_for(http, config) as client, trio.open_nursery() as nursery:
         for addr in config.report_addrs:

@@ -45,6 +45,9 @@ log = logging.getLogger("nullworker")
 
 #: Shielded bound on the final report at shutdown.
 FINAL_FLUSH_S = 2.0
+#: While the engine takes no reports either, the key is fetched again after about this
+#: long (jittered), or as soon as a report is delivered again.
+KEY_RETRY_IN_OUTAGE_S = 5.0
 
 
 def _terminate_own_process() -> None:
@@ -220,17 +223,39 @@ class Worker:
         log.info("ready after %.3f s (max_perf %g)", self.ready_after_s, max_perf)
 
     async def _load_key_until_loaded(self) -> None:
+        """Fetch the engine's key until it loads; the engine hears the error meanwhile.
+
+        First the reporter's quick ramp (``PUBKEY_BACKOFF_S``: 5 rounds over the
+        addresses in 2.75 s), then one round every ``RETRY_CAP_S`` (jittered, 0.8-1.2 s).
+        While the report loop cannot reach the engine either, the next round waits for
+        its next delivered report instead (at most ``KEY_RETRY_IN_OUTAGE_S``, jittered):
+        a worker started during an engine outage then adds about one ``GET /pubkey/``
+        per 5 s to the report loop's one request a second, and still loads the key right
+        after the engine takes a report again. The error is reported (and logged) when it
+        changes, and logged again at most once a minute.
+        """
+        from .reporter import PUBKEY_BACKOFF_S, RETRY_CAP_S, retry_pause
+
         assert self.reporter is not None
-        delay = 1.0
+        backoff: tuple[float, ...] = PUBKEY_BACKOFF_S
+        logged_at = -float("inf")
         while True:
             try:
-                self.public_key = await self.reporter.fetch_pubkey()
-            except Exception as exc:  # the reporter already retried with backoff
-                self.error = f"cannot fetch the engine's public key: {exc}"
-                log.error("%s; retrying in %.0f s", self.error, delay)
-                self.reporter.set_error(self.error)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                self.public_key = await self.reporter.fetch_pubkey(backoff_s=backoff)
+            except Exception as exc:  # PubkeyUnavailable: every try of this call failed
+                error = f"cannot fetch the engine's public key: {exc}"
+                now = trio.current_time()
+                if error != self.error or now - logged_at >= 60.0:
+                    log.error("%s; retrying", error)
+                    logged_at = now
+                if error != self.error:
+                    self.error = error
+                    self.reporter.set_error(error)
+                backoff = ()  # one round per call from now on
+                await trio.sleep(retry_pause(RETRY_CAP_S))
+                await self.reporter.wait_until_reachable(
+                    timeout_s=retry_pause(KEY_RETRY_IN_OUTAGE_S)
+                )
                 continue
             self._key_fetched_at = trio.current_time()
             return
