@@ -1,0 +1,765 @@
+"""The autoscaler: turn a job queue's depth into reservations held.
+
+``nullworker autoscale`` reads how many jobs wait (a :mod:`nullworker.demand` source, or
+any async function returning an int) and holds one reservation
+(:func:`nullworker.client.reserve`) per ``jobs_per_worker`` jobs::
+
+    async with RedisList("redis://queue:6379/0", "jobs") as source:
+        await autoscale("my-endpoint", demand=source.read, max_workers=8)
+
+Policy
+------
+* Every ``poll_s`` the demand is read and turned into a *raw target*:
+  ``clamp(ceil(demand / jobs_per_worker), min_workers, max_workers)``.
+* Up at once: reservations are started up to the raw target as soon as it is read.
+* Down after a delay, with a stabilisation window (as HPA's and KEDA's): the number of
+  reservations *kept* (the target) is the largest raw target read within the last
+  ``scale_down_delay_s``. A drop therefore takes effect ``scale_down_delay_s`` after the
+  last reading that asked for more (a reading exactly that old no longer counts), and
+  demand that dips and comes back within the window cancels nothing.
+* The window keeps capacity; it never asks for more. A reservation that ends by itself
+  (the duration elapsed, the consumer called ``/release``, the worker was lost, it was
+  rejected) is replaced only up to the latest raw target.
+* Scaling down cancels the reservations still waiting for a worker first (the newest
+  first: the oldest are nearest the head of the engine's queue), then held ones, the most
+  recently held first (the longest-held workers are the likeliest to be running a job).
+* A failed attempt -- ``reserve`` raised a :class:`~nullworker.errors.ClientError`, or a
+  hold ended by itself within ``_HEALTHY_HOLD_S`` -- pauses the starting of reservations
+  for ``_BACKOFF_FIRST_S``, doubling with each failure in a row up to ``_BACKOFF_MAX_S``,
+  minus up to 20 % jitter. A hold that lasts ``_HEALTHY_HOLD_S`` ends the streak.
+* When the demand cannot be read, the reservations are kept (the target is frozen and
+  the reading before the outage stands for the demand), the read is retried after
+  ``poll_s``, doubling up to ``max(poll_s, _BACKOFF_MAX_S)``, and the outage is reported
+  once at each end (``source_error``, ``source_recovered``). The outage counts as a
+  reading of the frozen target taken at recovery, so a scale-down still waits
+  ``scale_down_delay_s`` of readings after it.
+
+Concurrency invariants
+----------------------
+* Everything runs in the one nursery :func:`autoscale` opens, as three kinds of task:
+
+  - the *poller* reads the demand. It alone writes the demand, the raw target, the
+    window and the target, and the source-outage state. It never starts or cancels a
+    reservation: it wakes the reconciler.
+  - the *reconciler* alone starts and cancels reservations. It counts and acts in one
+    synchronous step (no checkpoint in between, so no other task can change the count
+    meanwhile), then sleeps until woken or until the backoff ends.
+  - one *slot task* per reservation, inside its own cancel scope. The reconciler creates
+    the scope and the slot before ``start_soon``, so a slot can be cancelled before its
+    task first runs. The task enters ``reserve()``, records when it is held, waits for
+    the end, and in ``finally`` (after ``reserve()``'s ``async with`` has closed the
+    connection) removes its slot and wakes the reconciler.
+
+* A slot counts against ``max_workers`` from the moment the reconciler creates it until
+  its task has left ``reserve()``: waiting, held, and *stopping* (cancelled, still
+  closing) alike. The reconciler creates a slot only while fewer than ``max_workers``
+  exist, and nothing else creates one, so there are never more than ``max_workers``.
+* A scale-down chooses among the slots not already stopping, marks its choices stopping
+  and cancels their scopes. Stopping slots no longer count towards the target, so a later
+  pass never cancels more than the excess.
+* One backoff streak is shared by all slots. A failure lengthens it only if its attempt
+  was started after the current pause was decided (a generation number), so attempts
+  that fail together are one piece of evidence, not many.
+* Cancelling :func:`autoscale` cancels the nursery and with it every slot's scope; each
+  ``reserve()`` context manager closes its connection on the way out, and the worker
+  ends the hold when it sees the disconnect. Nothing here is shielded, and
+  ``trio.Cancelled`` is never caught.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import trio
+
+from .demand import DemandError, redact
+from .errors import ClientError, ConfigError
+
+__all__ = [
+    "AutoscaleEvent",
+    "AutoscaleEventKind",
+    "Autoscaler",
+    "AutoscalerStatistics",
+    "HeldReservation",
+    "ReserveFunction",
+    "autoscale",
+]
+
+log = logging.getLogger(__name__)
+
+#: The pause after the first failed attempt to reserve; it doubles with each failure in
+#: a row, up to the cap. The same cap bounds the retry pause of a demand outage.
+_BACKOFF_FIRST_S = 1.0
+_BACKOFF_MAX_S = 30.0
+#: Each pause is shortened by a random fraction up to this, so that autoscalers that
+#: failed together do not retry in lockstep (and no pause exceeds the cap).
+_JITTER = 0.2
+#: A hold that lasts this long proves that the engine and the workers work: the backoff
+#: streak ends. A hold that ends by itself sooner counts as a failure.
+_HEALTHY_HOLD_S = 5.0
+
+
+class HeldReservation(Protocol):
+    """What the autoscaler needs of a reservation: :class:`nullworker.client.Reservation`."""
+
+    @property
+    def worker_url(self) -> str: ...
+
+    @property
+    def ended(self) -> trio.Event: ...
+
+    @property
+    def outcome(self) -> str | None: ...
+
+
+#: Makes one reservation: entering the context manager waits for a worker and yields the
+#: held reservation (or raises a ``ClientError``); leaving it releases the worker.
+ReserveFunction = Callable[[], AbstractAsyncContextManager[HeldReservation]]
+
+AutoscaleEventKind = Literal[
+    "state",
+    "reservation_started",
+    "reservation_ended",
+    "reservation_failed",
+    "source_error",
+    "source_recovered",
+    "backoff",
+]
+
+EndCause = Literal["worker", "scale_down", "shutdown"]
+
+
+@dataclass(frozen=True)
+class AutoscaleEvent:
+    """One thing the autoscaler did or saw, for displays, logs and metrics.
+
+    Every event carries the state *after* it: ``demand`` (``None`` until the first
+    successful read), ``target`` (reservations kept), ``held`` and ``waiting`` (for a
+    worker). ``at`` is the Trio clock (:func:`trio.current_time`). ``kind`` is one of:
+
+    * ``state`` -- demand, target, held or waiting changed;
+    * ``reservation_started`` -- a reservation is held on ``worker_url`` after
+      ``waited_s``;
+    * ``reservation_ended`` -- a held reservation on ``worker_url`` ended after ``held_s``
+      with ``outcome`` (the reservation's own, e.g. ``duration_elapsed``, ``explicit``,
+      ``connection_lost``, or ``client_released`` when we let go); ``cause`` says who
+      ended it: ``worker`` (it ended by itself), ``scale_down``, or ``shutdown``;
+    * ``reservation_failed`` -- ``reserve`` raised; ``error`` is the exception's text;
+    * ``source_error`` -- the demand could not be read (``error``); sent once when an
+      outage starts, not for every failed read;
+    * ``source_recovered`` -- the demand was read again, after ``outage_s`` and
+      ``failures`` failed reads;
+    * ``backoff`` -- starting reservations pauses for ``delay_s`` after ``failures``
+      failures in a row, the last one being ``error``.
+    """
+
+    kind: AutoscaleEventKind
+    at: float
+    message: str
+    demand: int | None
+    target: int
+    held: int
+    waiting: int
+    worker_url: str | None = None
+    outcome: str | None = None
+    cause: EndCause | None = None
+    held_s: float | None = None
+    waited_s: float | None = None
+    error: str | None = None
+    delay_s: float | None = None
+    failures: int | None = None
+    outage_s: float | None = None
+
+
+@dataclass(frozen=True)
+class AutoscalerStatistics:
+    """A snapshot of an :class:`Autoscaler` (see :meth:`Autoscaler.statistics`).
+
+    Attributes:
+      demand: the last demand read, ``None`` before the first successful read.
+      target: the number of reservations kept (after the stabilisation window).
+      held: reservations held on a worker.
+      waiting: reservations waiting for the engine to give them a worker.
+      stopping: reservations cancelled by a scale-down and still closing; they count
+        against ``max_workers`` until closed.
+      ended_by_outcome: held reservations that ended, by outcome (a copy).
+      reservations_failed: attempts to reserve that raised.
+      source_errors: failed demand reads (every one, not once per outage).
+      source_ok: the last demand read succeeded (``False`` before the first one).
+    """
+
+    demand: int | None
+    target: int
+    held: int
+    waiting: int
+    stopping: int
+    ended_by_outcome: Mapping[str, int]
+    reservations_failed: int
+    source_errors: int
+    source_ok: bool
+
+
+async def autoscale(
+    endpoint: str,
+    *,
+    demand: Callable[[], Awaitable[int]],
+    min_workers: int = 0,
+    max_workers: int = 10,
+    jobs_per_worker: int = 1,
+    poll_s: float = 1.0,
+    scale_down_delay_s: float = 30.0,
+    duration_s: float | None = None,
+    engine_url: str | None = None,
+    api_key: str | None = None,
+    reserve: ReserveFunction | None = None,
+    on_event: Callable[[AutoscaleEvent], None] | None = None,
+    task_status: trio.TaskStatus[Autoscaler] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hold as many reservations of ``endpoint`` as the demand asks for, until cancelled.
+
+    Usage::
+
+        async with trio.open_nursery() as nursery:
+            scaler = await nursery.start(partial(autoscale, "my-endpoint", demand=source.read))
+            ...
+            print(scaler.statistics().held)
+
+    The policy (scale up at once, down after ``scale_down_delay_s``, backoff) is in this
+    module's docstring.
+
+    Args:
+      endpoint: the Vast endpoint name.
+      demand: an async function of no arguments returning the number of jobs (an int
+        >= 0), e.g. a :class:`~nullworker.demand.DemandSource`'s ``read``. It should bound
+        its own time (a ``DemandSource`` does): a read that hangs holds up the next ones.
+      min_workers: reservations held even with no demand.
+      max_workers: the most reservations that exist at once, counting those still waiting
+        for a worker.
+      jobs_per_worker: jobs one reservation stands for (the count is rounded up).
+      poll_s: seconds between demand reads.
+      scale_down_delay_s: how long the demand must stay lower before reservations are
+        cancelled; ``0`` follows it down at once.
+      duration_s: each reservation's duration; one that elapses is replaced if still
+        wanted. ``None`` holds for the worker's cap.
+      engine_url, api_key: for :func:`nullworker.client.reserve` (their defaults are its
+        own: ``$VAST_ENGINE_URL``, ``$VAST_API_KEY``).
+      reserve: makes one reservation; by default :func:`nullworker.client.reserve` with
+        ``endpoint``, ``duration_s``, ``engine_url`` and ``api_key``, which are not used
+        when this is given. Tests pass a fake.
+      on_event: called synchronously with each :class:`AutoscaleEvent`; it must not
+        block. Exceptions it raises are logged and dropped.
+      task_status: receives the :class:`Autoscaler` once running (before the first
+        read), for :meth:`Autoscaler.statistics`.
+
+    Resource handling:
+      Cancelling the call releases everything at once: every reservation's context
+      manager is left, which closes its connection, and the call returns only when all
+      are closed.
+
+    Error handling:
+      A demand read that fails (any ``Exception``: a :class:`~nullworker.demand.DemandError`
+      or the function's own) keeps the reservations and is retried with backoff. A
+      :class:`~nullworker.errors.ClientError` from ``reserve`` (the engine unreachable,
+      the reservation rejected or failed) is reported and retried with backoff. Any other
+      exception from ``reserve`` is a bug: it cancels everything and propagates (in an
+      exception group, as Trio nurseries raise them).
+
+    Raises:
+      ConfigError: (a ``ValueError``) an invalid argument, or no API key for the default
+        ``reserve``; raised before anything starts.
+    """
+    settings = _Settings.build(
+        endpoint=endpoint,
+        min_workers=min_workers,
+        max_workers=max_workers,
+        jobs_per_worker=jobs_per_worker,
+        poll_s=poll_s,
+        scale_down_delay_s=scale_down_delay_s,
+        duration_s=duration_s,
+    )
+    if not callable(demand):
+        raise ConfigError(f"demand must be an async function returning an int, not {demand!r}")
+    if on_event is not None and not callable(on_event):
+        raise ConfigError(f"on_event must be callable, not {on_event!r}")
+    if reserve is None:
+        reserve = _default_reserve(
+            endpoint, duration_s=duration_s, engine_url=engine_url, api_key=api_key
+        )
+    elif not callable(reserve):
+        raise ConfigError(f"reserve must be callable, not {reserve!r}")
+    scaler = Autoscaler(settings, demand=demand, reserve=reserve, on_event=on_event)
+    await scaler._run(task_status=task_status)
+
+
+class Autoscaler:
+    """A running :func:`autoscale` call; ``task_status.started()`` hands it out.
+
+    Made by :func:`autoscale` only. Its one public method is :meth:`statistics`.
+    """
+
+    def __init__(
+        self,
+        settings: _Settings,
+        *,
+        demand: Callable[[], Awaitable[int]],
+        reserve: ReserveFunction,
+        on_event: Callable[[AutoscaleEvent], None] | None,
+    ) -> None:
+        self._settings = settings
+        self._demand_fn = demand
+        self._reserve = reserve
+        self._on_event = on_event
+        # Written by the poller only.
+        self._demand: int | None = None
+        self._raw_target = settings.min_workers
+        self._target = settings.min_workers
+        # (time, raw target) readings of the last scale_down_delay_s, kept as a sliding
+        # maximum: each entry is larger than every later one, so the first is the max.
+        self._window: deque[tuple[float, int]] = deque()
+        self._source_ok = False
+        self._outage_started: float | None = None
+        self._outage_failures = 0
+        self._source_errors = 0
+        # Slots: added by the reconciler only, removed by their own task only.
+        self._slots: list[_Slot] = []
+        self._next_seq = 0
+        self._next_held_seq = 0
+        # The backoff streak; see _note_failure.
+        self._failures = 0
+        self._generation = 0
+        self._retry_at = -math.inf
+        self._reservations_failed = 0
+        self._ended_by_outcome: Counter[str] = Counter()
+        self._wake = trio.Event()
+        self._last_state: tuple[int | None, int, int, int] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._ran = False
+
+    def __repr__(self) -> str:
+        return f"<Autoscaler {self._settings.endpoint!r} target={self._target}>"
+
+    def statistics(self) -> AutoscalerStatistics:
+        """A snapshot of the demand, the target and the reservations, for metrics."""
+        held, waiting, stopping = self._counts()
+        return AutoscalerStatistics(
+            demand=self._demand,
+            target=self._target,
+            held=held,
+            waiting=waiting,
+            stopping=stopping,
+            ended_by_outcome=dict(self._ended_by_outcome),
+            reservations_failed=self._reservations_failed,
+            source_errors=self._source_errors,
+            source_ok=self._source_ok,
+        )
+
+    # -- the tasks ---------------------------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[Autoscaler]) -> None:
+        if self._ran:
+            raise RuntimeError("an Autoscaler runs once")
+        self._ran = True
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._reconcile_loop, name="nullworker autoscale reconciler")
+            nursery.start_soon(self._poll_loop, name="nullworker autoscale poller")
+            task_status.started(self)
+
+    async def _poll_loop(self) -> None:
+        settings = self._settings
+        next_at = trio.current_time()
+        while True:
+            await trio.sleep_until(next_at)
+            started = trio.current_time()
+            try:
+                value = _check_demand(await self._demand_fn())
+            except Exception as exc:
+                self._source_failed(exc)
+                delay = _backoff(
+                    settings.poll_s, self._outage_failures, max(settings.poll_s, _BACKOFF_MAX_S)
+                )
+            else:
+                self._source_read(value)
+                delay = settings.poll_s
+            next_at = started + delay
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            # A fresh event before acting. Acting has no checkpoint, so any change it did
+            # not see (a slot task's, the poller's) comes after it and sets this event.
+            self._wake = trio.Event()
+            self._reconcile()
+            self._publish_state()
+            deadline = math.inf
+            if self._retry_at > trio.current_time() and self._missing() > 0:
+                deadline = self._retry_at
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+
+    async def _hold(self, slot: _Slot) -> None:
+        try:
+            with slot.scope:
+                try:
+                    async with self._reserve() as reservation:
+                        self._on_held(slot, reservation)
+                        with trio.move_on_after(_HEALTHY_HOLD_S):
+                            await reservation.ended.wait()
+                        if not reservation.ended.is_set():
+                            self._on_healthy()
+                            await reservation.ended.wait()
+                        slot.ended_by_itself = True
+                except ClientError as exc:
+                    self._on_failed(slot, exc)
+        finally:
+            self._on_exit(slot)
+
+    # -- the poller's side ---------------------------------------------------------------
+
+    def _source_failed(self, exc: Exception) -> None:
+        now = trio.current_time()
+        self._source_errors += 1
+        self._outage_failures += 1
+        self._source_ok = False
+        # DemandError texts are password-free already; a function's own may not be.
+        error = redact(_describe_error(exc))
+        log.debug("demand read failed: %s", error)
+        if self._outage_started is None:
+            self._outage_started = now
+            self._emit(
+                "source_error",
+                f"cannot read the demand ({error}); keeping {self._target} reservation(s)",
+                error=error,
+            )
+
+    def _source_read(self, demand: int) -> None:
+        now = trio.current_time()
+        settings = self._settings
+        outage_started, failures = self._outage_started, self._outage_failures
+        if outage_started is not None:
+            # The outage counts as a reading of the frozen target taken now, so no
+            # scale-down follows from the readings before it.
+            self._push_reading(now, self._target)
+        self._outage_started = None
+        self._outage_failures = 0
+        self._source_ok = True
+        self._demand = demand
+        raw = -(-demand // settings.jobs_per_worker)
+        self._raw_target = min(max(raw, settings.min_workers), settings.max_workers)
+        self._push_reading(now, self._raw_target)
+        self._target = self._window[0][1]
+        if outage_started is not None:
+            outage_s = now - outage_started
+            self._emit(
+                "source_recovered",
+                f"reading the demand again after {outage_s:.0f} s ({failures} failed read(s))",
+                failures=failures,
+                outage_s=outage_s,
+            )
+        self._wake.set()
+
+    def _push_reading(self, now: float, raw: int) -> None:
+        window = self._window
+        cutoff = now - self._settings.scale_down_delay_s
+        while window and window[0][0] <= cutoff:
+            window.popleft()
+        while window and window[-1][1] <= raw:
+            window.pop()
+        window.append((now, raw))
+
+    # -- the reconciler's side -------------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        settings = self._settings
+        live = [slot for slot in self._slots if not slot.stopping]
+        excess = len(live) - self._target
+        if excess > 0:
+            waiting = [slot for slot in live if slot.held_seq is None]
+            held = [slot for slot in live if slot.held_seq is not None]
+            waiting.sort(key=lambda slot: slot.seq, reverse=True)
+            held.sort(key=lambda slot: slot.held_seq or 0, reverse=True)
+            for slot in (waiting + held)[:excess]:
+                slot.stopping = True
+                slot.scope.cancel()
+            return
+        if trio.current_time() < self._retry_at:
+            return
+        room = min(self._raw_target - len(live), settings.max_workers - len(self._slots))
+        for _ in range(room):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        assert self._nursery is not None
+        assert len(self._slots) < self._settings.max_workers
+        slot = _Slot(
+            seq=self._next_seq,
+            generation=self._generation,
+            scope=trio.CancelScope(),
+            started_at=trio.current_time(),
+        )
+        self._next_seq += 1
+        self._slots.append(slot)
+        self._nursery.start_soon(self._hold, slot, name=f"nullworker autoscale slot {slot.seq}")
+
+    def _missing(self) -> int:
+        return self._raw_target - sum(1 for slot in self._slots if not slot.stopping)
+
+    # -- the slot tasks' side ----------------------------------------------------------------
+
+    def _on_held(self, slot: _Slot, reservation: HeldReservation) -> None:
+        now = trio.current_time()
+        slot.reservation = reservation
+        slot.held_at = now
+        slot.held_seq = self._next_held_seq
+        self._next_held_seq += 1
+        self._emit(
+            "reservation_started",
+            f"held: {reservation.worker_url}",
+            worker_url=reservation.worker_url,
+            waited_s=now - slot.started_at,
+        )
+        self._wake.set()
+
+    def _on_healthy(self) -> None:
+        self._failures = 0
+        self._retry_at = -math.inf
+        self._wake.set()
+
+    def _on_failed(self, slot: _Slot, exc: ClientError) -> None:
+        self._reservations_failed += 1
+        error = _describe_error(exc)
+        self._emit("reservation_failed", f"could not reserve a worker: {error}", error=error)
+        self._note_failure(slot, error)
+
+    def _on_exit(self, slot: _Slot) -> None:
+        self._slots.remove(slot)
+        self._wake.set()
+        reservation = slot.reservation
+        if reservation is None or slot.held_at is None:
+            return
+        held_s = trio.current_time() - slot.held_at
+        cause: EndCause
+        if slot.ended_by_itself:
+            cause = "worker"
+            outcome = reservation.outcome or "ended"
+        else:
+            cause = "scale_down" if slot.stopping else "shutdown"
+            outcome = reservation.outcome or "client_released"
+        self._ended_by_outcome[outcome] += 1
+        how = {"worker": "ended", "scale_down": "released (scale-down)", "shutdown": "released"}
+        self._emit(
+            "reservation_ended",
+            f"{how[cause]}: {reservation.worker_url} ({outcome}) after {held_s:.0f} s",
+            worker_url=reservation.worker_url,
+            outcome=outcome,
+            cause=cause,
+            held_s=held_s,
+        )
+        if slot.ended_by_itself and held_s < _HEALTHY_HOLD_S:
+            self._note_failure(slot, f"the hold ended after {held_s:.1f} s ({outcome})")
+
+    def _note_failure(self, slot: _Slot, error: str) -> None:
+        if slot.generation != self._generation:
+            # Started before the current pause was decided: the failure that decided it
+            # already stands for this one.
+            return
+        self._generation += 1
+        self._failures += 1
+        delay = _backoff(_BACKOFF_FIRST_S, self._failures, _BACKOFF_MAX_S)
+        self._retry_at = trio.current_time() + delay
+        self._emit(
+            "backoff",
+            f"{self._failures} failure(s) in a row; next reservation in {delay:.1f} s",
+            error=error,
+            delay_s=delay,
+            failures=self._failures,
+        )
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _counts(self) -> tuple[int, int, int]:
+        held = waiting = stopping = 0
+        for slot in self._slots:
+            if slot.stopping:
+                stopping += 1
+            elif slot.held_seq is None:
+                waiting += 1
+            else:
+                held += 1
+        return held, waiting, stopping
+
+    def _publish_state(self) -> None:
+        held, waiting, _ = self._counts()
+        state = (self._demand, self._target, held, waiting)
+        if state == self._last_state:
+            return
+        self._last_state = state
+        demand = "unknown" if self._demand is None else str(self._demand)
+        self._emit(
+            "state",
+            f"demand {demand}, target {self._target}: {held} held, {waiting} waiting",
+        )
+
+    def _emit(
+        self,
+        kind: AutoscaleEventKind,
+        message: str,
+        *,
+        worker_url: str | None = None,
+        outcome: str | None = None,
+        cause: EndCause | None = None,
+        held_s: float | None = None,
+        waited_s: float | None = None,
+        error: str | None = None,
+        delay_s: float | None = None,
+        failures: int | None = None,
+        outage_s: float | None = None,
+    ) -> None:
+        log.debug("%s: %s", kind, message)
+        if self._on_event is None:
+            return
+        held, waiting, _ = self._counts()
+        event = AutoscaleEvent(
+            kind=kind,
+            at=trio.current_time(),
+            message=message,
+            demand=self._demand,
+            target=self._target,
+            held=held,
+            waiting=waiting,
+            worker_url=worker_url,
+            outcome=outcome,
+            cause=cause,
+            held_s=held_s,
+            waited_s=waited_s,
+            error=error,
+            delay_s=delay_s,
+            failures=failures,
+            outage_s=outage_s,
+        )
+        try:
+            self._on_event(event)
+        except Exception:
+            # A display or metrics bug must not drop capacity.
+            log.exception("on_event callback failed on a %s event", kind)
+
+
+# -- implementation ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    endpoint: str
+    min_workers: int
+    max_workers: int
+    jobs_per_worker: int
+    poll_s: float
+    scale_down_delay_s: float
+    duration_s: float | None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        endpoint: str,
+        min_workers: int,
+        max_workers: int,
+        jobs_per_worker: int,
+        poll_s: float,
+        scale_down_delay_s: float,
+        duration_s: float | None,
+    ) -> _Settings:
+        if not isinstance(endpoint, str) or not endpoint:
+            raise ConfigError(f"an endpoint name is required, got {endpoint!r}")
+        for name, value, least in (
+            ("min_workers", min_workers, 0),
+            ("max_workers", max_workers, 1),
+            ("jobs_per_worker", jobs_per_worker, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+        if min_workers > max_workers:
+            raise ConfigError(
+                f"min_workers ({min_workers}) must not be greater than max_workers ({max_workers})"
+            )
+        if not (_finite(poll_s) and poll_s > 0):
+            raise ConfigError(f"poll_s must be a finite number of seconds > 0, got {poll_s!r}")
+        if not (_finite(scale_down_delay_s) and scale_down_delay_s >= 0):
+            raise ConfigError(
+                "scale_down_delay_s must be a finite number of seconds >= 0, "
+                f"got {scale_down_delay_s!r}"
+            )
+        if duration_s is not None and not (_finite(duration_s) and duration_s > 0):
+            raise ConfigError(
+                f"duration_s must be a finite number of seconds > 0 or None, got {duration_s!r}"
+            )
+        return cls(
+            endpoint=endpoint,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            jobs_per_worker=jobs_per_worker,
+            poll_s=float(poll_s),
+            scale_down_delay_s=float(scale_down_delay_s),
+            duration_s=float(duration_s) if duration_s is not None else None,
+        )
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One reservation, from the reconciler's decision to its task's exit."""
+
+    seq: int
+    generation: int
+    scope: trio.CancelScope
+    started_at: float
+    held_seq: int | None = None
+    held_at: float | None = None
+    reservation: HeldReservation | None = None
+    stopping: bool = False
+    ended_by_itself: bool = False
+
+
+def _default_reserve(
+    endpoint: str, *, duration_s: float | None, engine_url: str | None, api_key: str | None
+) -> ReserveFunction:
+    # Imported here: the client brings httpx, which a caller passing its own reserve
+    # does not need.
+    from .client import reserve as client_reserve
+
+    def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
+        return client_reserve(endpoint, duration=duration_s, engine_url=engine_url, api_key=api_key)
+
+    # The client checks its settings (the API key above all) when called, before any
+    # I/O: call it once now, so that a missing key stops us here rather than failing
+    # every reservation. The context manager made is never entered.
+    reserve_one()
+    return reserve_one
+
+
+def _check_demand(value: object) -> int:
+    # bool is an int subclass, and True is no job count.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DemandError(f"the demand function returned {value!r}, not an int >= 0")
+    return value
+
+
+def _backoff(first_s: float, failures: int, cap_s: float) -> float:
+    # The exponent is bounded so a long outage cannot overflow the float.
+    base = min(first_s * 2.0 ** min(failures - 1, 32), cap_s)
+    return base * random.uniform(1.0 - _JITTER, 1.0)
+
+
+def _describe_error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
