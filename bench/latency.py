@@ -33,11 +33,11 @@ from typing import Any
 import httpx
 import trio
 
-from nullworker.config import WorkerConfig
 from nullworker.engine import Engine, serve_engine
-from nullworker.reservations import ReservationEvent
-from nullworker.server import ServeInfo, serve
-from nullworker.signing import sign_url
+from nullworker.vast.signing import sign_url
+from nullworker.worker.config import WorkerConfig
+from nullworker.worker.reservations import ReservationEvent
+from nullworker.worker.server import ServeInfo, serve
 
 STEP_LIMIT_S = 30.0
 

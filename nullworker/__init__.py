@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .config import WorkerConfig
 from .errors import (
     ClientError,
     ConfigError,
@@ -34,12 +33,13 @@ from .errors import (
     ShuttingDown,
     WorkerFailed,
 )
-from .reservations import Outcome, ReservationResult, ReservationSlot, SlotStatistics
+from .worker.config import WorkerConfig
+from .worker.reservations import Outcome, ReservationResult, ReservationSlot, SlotStatistics
 
 if TYPE_CHECKING:
-    from .app import create_app
     from .client import ProgressEvent, Reservation, hold, reserve
-    from .server import ServeInfo, serve
+    from .worker.app import create_app
+    from .worker.server import ServeInfo, serve
 
 __all__ = [
     "ClientError",
@@ -70,9 +70,9 @@ __all__ = [
 # The web stack (Quart, Hypercorn) and the client are imported on first use, so that a
 # program importing the pure-Trio core pays for neither.
 _LAZY = {
-    "create_app": ("app", "create_app"),
-    "serve": ("server", "serve"),
-    "ServeInfo": ("server", "ServeInfo"),
+    "create_app": ("worker.app", "create_app"),
+    "serve": ("worker.server", "serve"),
+    "ServeInfo": ("worker.server", "ServeInfo"),
     "reserve": ("client", "reserve"),
     "hold": ("client", "hold"),
     "Reservation": ("client", "Reservation"),

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
-from .config import DEFAULT_CONTROL_PORT, DEFAULT_PORT, WorkerConfig
 from .errors import ConfigError, WorkerFailed
+from .worker.config import DEFAULT_CONTROL_PORT, DEFAULT_PORT, WorkerConfig
 
 __all__ = ["main"]
 
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .engine import main as engine_main
 
             return engine_main(rest)
-        from .dev import main as dev_main
+        from .engine.dev import main as dev_main
 
         return dev_main(rest)
     args = _parser().parse_args(argv)
@@ -177,7 +177,7 @@ def _one_line(exc: BaseException) -> str | None:
 
 
 async def _serve_until_signal(config: WorkerConfig) -> None:
-    from .server import serve
+    from .worker.server import serve
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
@@ -190,7 +190,7 @@ async def _serve_until_signal(config: WorkerConfig) -> None:
 
 
 async def _send_beacon(config: WorkerConfig, message: str) -> None:
-    from .reporter import send_error_beacon
+    from .worker.reporter import send_error_beacon
 
     with trio.move_on_after(15):
         await send_error_beacon(config, message)

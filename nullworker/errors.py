@@ -61,7 +61,7 @@ class QueueTimeout(NullworkerError):
 class DuplicateRequest(NullworkerError):
     """A reservation with the same key (the engine's ``request_idx``) is already held or queued.
 
-    Raised by :meth:`~nullworker.reservations.ReservationSlot.hold` before anything is
+    Raised by :meth:`~nullworker.worker.reservations.ReservationSlot.hold` before anything is
     queued or reported: a replayed envelope must not hold twice, nor give the engine two
     delete entries for one request. ``key`` is the key in use.
     """

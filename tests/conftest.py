@@ -16,9 +16,9 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from nullworker.config import WorkerConfig
-from nullworker.server import ServeInfo, serve
-from nullworker.signing import generate_private_key, sign_url
+from nullworker.vast.signing import generate_private_key, sign_url
+from nullworker.worker.config import WorkerConfig
+from nullworker.worker.server import ServeInfo, serve
 
 StartWorker = Callable[..., Awaitable[ServeInfo]]
 

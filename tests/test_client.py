@@ -5,7 +5,7 @@ Three layers, like the module:
 * client-side policy with ``httpx.MockTransport`` and an autojumping ``MockClock``: what
   is sent where, polling, bounded retries, the meaning of each worker answer, and that
   leaving the ``async with`` block cancels the in-flight request (no sockets);
-* end to end over real sockets with the real worker (``nullworker.server.serve``) and
+* end to end over real sockets with the real worker (``nullworker.worker.server.serve``) and
   the real engine emulator (``nullworker.engine``);
 * the command line, in-process for argument errors and as a subprocess for the rest
   (exit codes, output lines, SIGINT/SIGTERM).
@@ -33,9 +33,8 @@ import httpx
 import pytest
 import trio
 
-from nullworker import client as client_module
 from nullworker.client import ProgressEvent, Reservation, RouteTimeout, hold, main, reserve
-from nullworker.config import WorkerConfig
+from nullworker.client import reservation as client_module
 from nullworker.engine import Engine, serve_engine
 from nullworker.errors import (
     ConfigError,
@@ -43,7 +42,8 @@ from nullworker.errors import (
     ReservationFailed,
     ReservationRejected,
 )
-from nullworker.server import ServeInfo, serve
+from nullworker.worker.config import WorkerConfig
+from nullworker.worker.server import ServeInfo, serve
 
 from .conftest import StartWorker, envelope
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nullworker.config import WorkerConfig
 from nullworker.errors import ConfigError
+from nullworker.worker.config import WorkerConfig
 
 VAST = {
     "REPORT_ADDR": "https://run.vast.ai/, https://backup.example",

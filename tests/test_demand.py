@@ -1,10 +1,10 @@
-"""Demand sources (``nullworker.demand``) against real servers, and the asyncio bridge.
+"""Demand sources (``nullworker.client.demand``) against real servers, and the asyncio bridge.
 
 Redis and NATS run as real subprocesses on free loopback ports (``tests/servers.py``);
 outages are real (the server is stopped and started again on the same port) and so are
 hangs (a listener that never answers, or a server frozen with SIGSTOP). Queues are
 filled with the plain synchronous ``redis`` client and, for NATS, with nats-py run
-through ``nullworker._aio`` (so the test data does not depend on the code under test).
+through ``nullworker.client._aio`` (so the test data does not depend on the code under test).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import redis
 import trio
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from nullworker._aio import current_asyncio_loop, open_asyncio_loop, run_aio
-from nullworker.demand import (
+from nullworker.client._aio import current_asyncio_loop, open_asyncio_loop, run_aio
+from nullworker.client.demand import (
     CallableDemand,
     CommandDemand,
     DemandError,

@@ -21,8 +21,8 @@ import httpx
 import pytest
 import trio
 
-from nullworker.dev import DevOptions, _Console, _run_dev, main
-from nullworker.signing import load_public_key, verify_url
+from nullworker.engine.dev import DevOptions, _Console, _run_dev, main
+from nullworker.vast.signing import load_public_key, verify_url
 
 REPO = Path(__file__).resolve().parent.parent
 POLL_S = 0.1
@@ -31,7 +31,7 @@ WAIT_S = 10.0
 
 
 class DevProcess:
-    """A running ``python -m nullworker.dev`` and the lines it printed so far."""
+    """A running ``python -m nullworker.engine.dev`` and the lines it printed so far."""
 
     def __init__(self, process: trio.Process) -> None:
         self.process = process
@@ -115,7 +115,7 @@ async def start_dev(nursery: trio.Nursery) -> AsyncIterator[StartDev]:
 
     async def start(*args: str) -> DevProcess:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "nullworker.dev", "--port", "0", *args],
+            [sys.executable, "-m", "nullworker.engine.dev", "--port", "0", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nullworker.engine import Engine, EngineRequestError, serve_engine
-from nullworker.envelope import AUTH_KEYS, parse_envelope, signature_ok
-from nullworker.signing import (
+from nullworker.vast.envelope import AUTH_KEYS, parse_envelope, signature_ok
+from nullworker.vast.signing import (
     generate_private_key,
     load_public_key,
     public_key_pem,

@@ -25,7 +25,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from nullworker.server import ServeInfo
+from nullworker.worker.server import ServeInfo
 
 from .conftest import StartWorker, envelope
 

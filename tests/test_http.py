@@ -20,8 +20,8 @@ import pytest
 import trio
 import trio.testing
 
-from nullworker.config import WorkerConfig
-from nullworker.server import ServeInfo, serve
+from nullworker.worker.config import WorkerConfig
+from nullworker.worker.server import ServeInfo, serve
 
 from .conftest import StartWorker, body, envelope
 

@@ -49,7 +49,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from nullworker.envelope import (
+from nullworker.errors import EnvelopeError
+from nullworker.vast.envelope import (
     AUTH_KEYS,
     MAX_ENGINE_ID,
     Envelope,
@@ -57,9 +58,8 @@ from nullworker.envelope import (
     parse_envelope,
     signature_ok,
 )
-from nullworker.errors import EnvelopeError
-from nullworker.server import ServeInfo
-from nullworker.signing import sign_url
+from nullworker.vast.signing import sign_url
+from nullworker.worker.server import ServeInfo
 
 from .conftest import StartWorker, envelope, vast_settings
 

@@ -30,16 +30,16 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart import request
 from quart_trio import QuartTrio
 
-from nullworker.config import WorkerConfig
 from nullworker.errors import NullworkerError, QueueTimeout, ShuttingDown
-from nullworker.reporter import (
+from nullworker.vast.signing import generate_private_key, public_key_pem
+from nullworker.worker.config import WorkerConfig
+from nullworker.worker.reporter import (
     PUBKEY_BACKOFF_S,
     EngineReporter,
     PubkeyUnavailable,
     send_error_beacon,
 )
-from nullworker.reservations import ReservationSlot
-from nullworker.signing import generate_private_key, public_key_pem
+from nullworker.worker.reservations import ReservationSlot
 
 from .conftest import STATUS_FIELDS, StartWorker
 

@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from nullworker.errors import DuplicateRequest, QueueTimeout, ShuttingDown
-from nullworker.reservations import (
+from nullworker.worker.reservations import (
     Outcome,
     Reservation,
     ReservationEvent,

@@ -300,7 +300,7 @@ def test_serve_exits_1_when_the_background_work_fails(
 ) -> None:
     """`nullworker serve` does not linger as a worker that can no longer report."""
     from nullworker import cli
-    from nullworker.reporter import EngineReporter
+    from nullworker.worker.reporter import EngineReporter
 
     async def broken_round(self: EngineReporter) -> bool:
         raise RuntimeError("reporting bug")

@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from nullworker.config import WorkerConfig
 from nullworker.errors import ConfigError
-from nullworker.server import serve
-from nullworker.signing import generate_private_key
+from nullworker.vast.signing import generate_private_key
+from nullworker.worker.config import WorkerConfig
+from nullworker.worker.server import serve
 
 from .conftest import StartWorker, envelope, vast_settings
 

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from nullworker.app import UpdateGuard
+from nullworker.worker.app import UpdateGuard
 
 LOGGER = "nullworker.test_update_guard"
 

@@ -15,8 +15,8 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from nullworker.server import ServeInfo
-from nullworker.signing import generate_private_key, sign_url
+from nullworker.vast.signing import generate_private_key, sign_url
+from nullworker.worker.server import ServeInfo
 
 from .conftest import STATUS_FIELDS, StartWorker, envelope, vast_settings
 from .test_http import open_raw_reservation, wait_until
@@ -204,7 +204,7 @@ async def test_queued_reservation_counts_as_load(
 async def test_a_rotated_engine_key_is_refetched_after_a_failed_check(
     start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
 ) -> None:
-    from nullworker.signing import public_key_pem
+    from nullworker.vast.signing import public_key_pem
 
     info = await start_ready(start_worker, vast_engine, key_refresh_min_s=0.0)
     old = info.worker.public_key
@@ -224,10 +224,10 @@ async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
     vast_engine: Any, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker whose reporting broke must stop, not go on looking alive (and idle)."""
-    from nullworker.config import WorkerConfig
     from nullworker.errors import WorkerFailed
-    from nullworker.reporter import EngineReporter
-    from nullworker.server import serve
+    from nullworker.worker.config import WorkerConfig
+    from nullworker.worker.reporter import EngineReporter
+    from nullworker.worker.server import serve
 
     original = EngineReporter._round
     armed = False

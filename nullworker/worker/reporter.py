@@ -1,6 +1,6 @@
 """The engine reporter: what the worker tells the Vast engine (autoscaler), and when.
 
-The reporter turns :class:`~nullworker.reservations.ReservationEvent` s into the
+The reporter turns :class:`~nullworker.worker.reservations.ReservationEvent` s into the
 engine's accounting (VAST_PROTOCOL.md §4, §5) and delivers it:
 
 * ``POST {addr}/worker_status/`` -- the §5.1 body plus 1.9.1's ``disk_usage``; at once
@@ -99,10 +99,10 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from ..errors import NullworkerError
+from ..vast.signing import load_public_key
 from .config import WorkerConfig
-from .errors import NullworkerError
 from .reservations import Outcome, Reservation, ReservationEvent
-from .signing import load_public_key
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -116,7 +116,7 @@ __all__ = [
     "send_error_beacon",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nullworker.reporter")
 
 #: The ``version`` field of every ``worker_status`` (what the official worker sends).
 WORKER_VERSION = "1.1.0"
@@ -409,7 +409,7 @@ class EngineReporter:
     # -- inputs (sync, never block, never raise) ------------------------------------------
 
     def observe(self, event: ReservationEvent) -> None:
-        """The :class:`~nullworker.reservations.ReservationSlot` observer.
+        """The :class:`~nullworker.worker.reservations.ReservationSlot` observer.
 
         Updates the accounting and wakes the report loop; never blocks, never raises.
         """

@@ -51,7 +51,7 @@ from typing import IO, TextIO
 
 import trio
 
-from .engine import DEFAULT_ENGINE_PORT, Engine, WorkerRecord, serve_engine
+from .core import DEFAULT_ENGINE_PORT, Engine, WorkerRecord, serve_engine
 
 __all__ = ["DevOptions", "main", "run_dev"]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal, cast
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["DEFAULT_CONTROL_PORT", "DEFAULT_PORT", "WorkerConfig"]
 

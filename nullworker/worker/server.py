@@ -13,7 +13,7 @@ The listening sockets are made here rather than by Hypercorn so that
   that vanished without a FIN frees the slot in seconds rather than the Linux default
   of two hours.
 
-Connections are handled by :mod:`nullworker.http_server`, which hardens Hypercorn's
+Connections are handled by :mod:`nullworker.worker.http_server`, which hardens Hypercorn's
 per-connection server for a port that anyone on the internet can reach.
 """
 
@@ -30,11 +30,11 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.utils import wrap_app
 
+from ..errors import ConfigError
 from .app import connection_limits, create_app
 from .config import WorkerConfig
-from .errors import ConfigError
 from .http_server import ConnectionLimits, listen, raise_nofile_limit, serve_http
-from .worker import Worker
+from .runtime import Worker
 
 __all__ = ["ServeInfo", "serve"]
 

@@ -49,7 +49,7 @@ from typing import Any
 
 import trio
 
-from .errors import DuplicateRequest, QueueTimeout, ShuttingDown
+from ..errors import DuplicateRequest, QueueTimeout, ShuttingDown
 
 __all__ = [
     "Outcome",
@@ -61,7 +61,7 @@ __all__ = [
     "State",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nullworker.reservations")
 
 
 class State(enum.Enum):

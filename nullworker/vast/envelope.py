@@ -2,7 +2,7 @@
 
 A client's request to a worker is ``{"auth_data": {...}, "payload": {...},
 "session_id": null}``. ``auth_data`` is the engine's ``/route/`` answer; only its
-``url`` is signed (see :mod:`nullworker.signing`). This module is sans-IO: it turns
+``url`` is signed (see :mod:`nullworker.vast.signing`). This module is sans-IO: it turns
 bytes into an :class:`Envelope` or an :class:`~nullworker.errors.EnvelopeError` whose
 ``detail`` names every bad field, and never touches the network.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .errors import EnvelopeError
+from ..errors import EnvelopeError
 from .signing import verify_url
 
 __all__ = [

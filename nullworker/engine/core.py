@@ -66,8 +66,8 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from .envelope import as_int
-from .signing import generate_private_key, public_key_pem, sign_url
+from ..vast.envelope import as_int
+from ..vast.signing import generate_private_key, public_key_pem, sign_url
 
 __all__ = [
     "DEFAULT_ENGINE_PORT",

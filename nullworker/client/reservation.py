@@ -70,14 +70,14 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import trio
 
-from .envelope import as_int
-from .errors import (
+from ..errors import (
     ClientError,
     ConfigError,
     EngineUnavailable,
     ReservationFailed,
     ReservationRejected,
 )
+from ..vast.envelope import as_int
 
 __all__ = [
     "DEFAULT_ENGINE_URL",
@@ -89,7 +89,7 @@ __all__ = [
     "reserve",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nullworker.client")
 
 #: The official engine (autoscaler); ``VAST_ENGINE_URL`` overrides it.
 DEFAULT_ENGINE_URL = "https://run.vast.ai"

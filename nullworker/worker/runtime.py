@@ -32,8 +32,8 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from ..errors import ConfigError, WorkerFailed
 from .config import MAX_PERF, RESERVATION_WORKLOAD, WorkerConfig
-from .errors import ConfigError, WorkerFailed
 from .reservations import Outcome, ReservationSlot
 
 if TYPE_CHECKING:

@@ -1,0 +1,7 @@
+"""``python -m nullworker.client`` is ``nullworker reserve``."""
+
+import sys
+
+from .reservation import main
+
+sys.exit(main())

@@ -1,0 +1,41 @@
+"""The local engine emulator and ``nullworker dev``, for development and tests.
+
+* :mod:`.core` -- :class:`Engine`, the sans-IO state: routing, reports, demand;
+* :mod:`.dev` -- ``nullworker dev``: the engine plus real worker processes started and
+  stopped on demand.
+
+The engine starts workers only as processes (``python -m nullworker serve``) and never
+imports the worker's internals.
+"""
+
+from __future__ import annotations
+
+from .core import (
+    DEFAULT_ENGINE_PORT,
+    Engine,
+    EngineRequestError,
+    FinishedRequest,
+    PendingRequest,
+    ReceivedBody,
+    RouteRecord,
+    WorkerRecord,
+    create_engine_app,
+    load_private_key,
+    main,
+    serve_engine,
+)
+
+__all__ = [
+    "DEFAULT_ENGINE_PORT",
+    "Engine",
+    "EngineRequestError",
+    "FinishedRequest",
+    "PendingRequest",
+    "ReceivedBody",
+    "RouteRecord",
+    "WorkerRecord",
+    "create_engine_app",
+    "load_private_key",
+    "main",
+    "serve_engine",
+]

@@ -1,0 +1,420 @@
+"""The HTTP layer: the Quart-Trio apps for the main port and the control listener.
+
+Routes only: requests become :class:`~nullworker.worker.reservations.ReservationSlot` calls and
+outcomes become status codes. Errors are mapped to statuses here and nowhere else.
+
+Main port (what the engine routes clients to)
+  ``POST /reserve``          hold the worker (signed Vast envelope)
+  ``GET  /health``           200 once ready, 503 before
+  ``POST /pyworker/update``  the engine's rolling-update signal (bearer MASTER_TOKEN;
+                             refusals are logged and rate-limited, see :class:`UpdateGuard`)
+  ``/session/*``             404: this worker holds reservations, not sessions
+
+Control listener (127.0.0.1 only, for the consumer on the instance)
+  ``POST /release``          end the active reservation now
+  ``GET  /health``, ``GET /status``
+
+Quart-Trio runs each request handler in a nursery beside the task that reads the
+connection; an ``http.disconnect`` cancels the handler. That cancellation is what
+ends a hold the instant the client goes away.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.utils import wrap_app
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..errors import DuplicateRequest, EnvelopeError, QueueTimeout, ShuttingDown
+from ..vast.envelope import parse_duration, parse_envelope, signature_ok
+from .config import WorkerConfig
+from .http_server import ConnectionLimits, listen, serve_http
+from .reservations import Outcome
+from .runtime import Worker
+
+__all__ = ["UpdateGuard", "create_app", "create_control_app", "serve_control"]
+
+log = logging.getLogger("nullworker")
+
+_NO_SESSIONS = {
+    "error": "this worker holds reservations, not sessions: use POST /reserve",
+}
+
+
+@dataclass
+class _Attempts:
+    """What :class:`UpdateGuard` remembers of one address."""
+
+    #: Trio time of the first failure of the current window (None: no open window).
+    window_start: float | None = None
+    failures: int = 0
+    #: Refusals not yet counted in a log line: a bad or missing token, and 429s.
+    unlogged_bad: int = 0
+    unlogged_limited: int = 0
+    last_logged_at: float = -math.inf
+
+
+class UpdateGuard:
+    """Rate-limits and logs refused ``/pyworker/update`` calls, per client address.
+
+    Per address (the connection's peer address, never a header):
+
+    * A refusal for a wrong or missing token (or because no ``MASTER_TOKEN`` is set) is a
+      failure. The first failure opens a window of ``window_s`` (60 s); the
+      ``max_failures``-th (10th) failure in it blocks the address for the rest of that
+      window: every request from it gets ``429`` with ``Retry-After``, **the right token
+      too**, and the token is not even compared. Letting the right token through would
+      let guessing go on at full speed, the 429 being just another "no"; the cost is
+      that the engine's own signal, if it shared an address with a guesser, waits at
+      most one window. When the window is over, the count starts again; a request with
+      the right token outside a block clears the address's failures.
+    * Refusals (401 and 429 alike) are logged as warnings at most once per address every
+      ``log_every_s`` (10 s), the line saying how many were refused since the previous
+      line; the failure that blocks an address is always logged. Neither the given
+      token nor the master token ever appears in a line.
+    * At most ``max_addresses`` (1,024) addresses are remembered; the one seen least
+      recently is forgotten first, so a flood from many addresses cannot grow memory.
+      Addresses whose calls all succeed are not remembered at all.
+
+    Time is ``trio.current_time()``, so the policy runs on a ``MockClock`` in tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_failures: int = 10,
+        window_s: float = 60.0,
+        log_every_s: float = 10.0,
+        max_addresses: int = 1024,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if max_failures < 1 or max_addresses < 1 or window_s <= 0 or log_every_s < 0:
+            raise ValueError("UpdateGuard: limits must be positive")
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.log_every_s = log_every_s
+        self.max_addresses = max_addresses
+        self._log = logger or log
+        self._table: OrderedDict[str, _Attempts] = OrderedDict()
+
+    def __len__(self) -> int:
+        """How many addresses are remembered (at most ``max_addresses``)."""
+        return len(self._table)
+
+    def blocked_for(self, addr: str) -> float | None:
+        """Seconds left of ``addr``'s block (the request is then refused and counted), or None."""
+        now = trio.current_time()
+        entry = self._lookup(addr, now)
+        if entry is None or entry.window_start is None or entry.failures < self.max_failures:
+            return None
+        entry.unlogged_limited += 1
+        self._maybe_log(addr, entry, now, force=False)
+        return max(entry.window_start + self.window_s - now, 0.0)
+
+    def failed(self, addr: str) -> None:
+        """Count a refused token from ``addr``; log if its line is due."""
+        now = trio.current_time()
+        entry = self._lookup(addr, now)
+        if entry is None:
+            if len(self._table) >= self.max_addresses:
+                self._table.popitem(last=False)
+            entry = self._table[addr] = _Attempts()
+        if entry.window_start is None:
+            entry.window_start = now
+        entry.failures += 1
+        entry.unlogged_bad += 1
+        self._maybe_log(addr, entry, now, force=entry.failures == self.max_failures)
+
+    def succeeded(self, addr: str) -> None:
+        """The right token came from ``addr`` (not blocked): forget its failures."""
+        entry = self._table.get(addr)
+        if entry is not None:
+            entry.window_start = None
+            entry.failures = 0
+
+    def _lookup(self, addr: str, now: float) -> _Attempts | None:
+        entry = self._table.get(addr)
+        if entry is None:
+            return None
+        self._table.move_to_end(addr)
+        if entry.window_start is not None and now >= entry.window_start + self.window_s:
+            entry.window_start = None
+            entry.failures = 0
+        return entry
+
+    def _maybe_log(self, addr: str, entry: _Attempts, now: float, *, force: bool) -> None:
+        if not force and now - entry.last_logged_at < self.log_every_s:
+            return
+        refused = entry.unlogged_bad + entry.unlogged_limited
+        text = (
+            f"/pyworker/update from {addr}: {refused} request(s) refused since the last line "
+            f"({entry.unlogged_bad} wrong or missing token, "
+            f"{entry.unlogged_limited} rate-limited with 429)"
+        )
+        if force:
+            text += (
+                f"; {entry.failures} failures within {self.window_s:g} s: "
+                f"answering 429 for {self.window_s:g} s"
+            )
+        self._log.warning("%s; at most one line per address every %g s", text, self.log_every_s)
+        entry.last_logged_at = now
+        entry.unlogged_bad = 0
+        entry.unlogged_limited = 0
+
+
+def _peer(scope: Mapping[str, object]) -> str:
+    """The connection's peer address (ASGI ``client``); never taken from a header."""
+    client = scope.get("client")
+    if isinstance(client, tuple | list) and client:
+        return str(client[0])
+    return "unknown"
+
+
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+    response: Response = Response(
+        _dumps(body), status=status, mimetype="application/json", headers=headers
+    )
+    return response
+
+
+def _dumps(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _base_app(name: str, config: WorkerConfig) -> QuartTrio:
+    app = QuartTrio(name)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    # A hold may last an hour; Quart must not cut the response off.
+    app.config["RESPONSE_TIMEOUT"] = None
+    # The app answers 408 at this deadline; the connection layer closes the socket a
+    # second later if the body still has not arrived (see http_server).
+    app.config["BODY_TIMEOUT"] = config.body_timeout_s
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        headers = dict(error.get_headers()) if status == 405 else {}
+        headers.pop("Content-Type", None)
+        message = error.description or error.name
+        if status == 413:
+            message = f"request body too large: the limit is {config.max_body_bytes} bytes"
+        return _json({"error": message, "status": status}, status, headers)
+
+    return app
+
+
+def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = None) -> QuartTrio:
+    """Build the worker's main app.
+
+    ``hypercorn --worker-class trio 'nullworker.app:create_app()'`` calls it with no
+    arguments: the settings then come from the environment. The app owns its background
+    work (engine reporter, readiness, control listener) through Quart-Trio's serving
+    lifecycle, so it behaves the same under any server.
+    """
+    if worker is None:
+        worker = Worker(config if config is not None else WorkerConfig.from_env(os.environ))
+    cfg = worker.config
+    app = _base_app("nullworker", cfg)
+    app.extensions["nullworker"] = worker
+
+    @app.before_serving
+    async def _start_background() -> None:
+        await app.nursery.start(worker.supervise)
+
+    @app.after_serving
+    async def _stop() -> None:
+        worker.begin_shutdown()
+
+    @app.post("/reserve")
+    async def reserve() -> Response:
+        body = await request.get_data(cache=False, as_text=False)
+        try:
+            envelope = parse_envelope(body)
+        except EnvelopeError as exc:
+            return _json(exc.detail, 422)
+        if not cfg.unsecured:
+            key = worker.public_key
+            if key is None:
+                return _json({"error": "not ready: the engine's public key is not loaded"}, 401)
+            if not signature_ok(envelope, key):
+                worker.request_key_refresh()
+                return _json({"error": "invalid signature"}, 401)
+            if cfg.public_url and _norm(envelope.auth_data["url"]) != _norm(cfg.public_url):
+                return _json({"error": "auth_data.url names another worker"}, 401)
+        if envelope.session_id is not None:
+            return _json({"error": "invalid session", **_NO_SESSIONS}, 410)
+        try:
+            duration = parse_duration(envelope.payload)
+        except EnvelopeError as exc:
+            return _json(exc.detail, 422)
+        if not worker.ready.is_set():
+            return _json({"error": "not ready yet"}, 503, {"Retry-After": "1"})
+        idx = envelope.request_idx
+        tag = {"request_idx": idx, "reqnum": envelope.reqnum}
+        try:
+            # A replayed envelope (same request_idx) must not hold twice, nor give the
+            # engine two delete entries for one request: the core refuses it before
+            # queueing or reporting anything.
+            result = await worker.slot.hold(duration, tag=tag, key=idx)
+        except DuplicateRequest:
+            return _json(
+                {
+                    "error": f"request_idx {idx} is already held or queued on this worker",
+                    "request_idx": idx,
+                },
+                409,
+            )
+        except QueueTimeout as exc:
+            return _json({"error": f"busy: {exc}"}, 429, {"Retry-After": _retry_after(worker)})
+        except ShuttingDown:
+            return _json({"error": "shutting down", "released": Outcome.SHUTDOWN.value}, 503)
+        body_out = {
+            "released": result.outcome.value,
+            "duration": result.duration_s,
+            "held": round(result.held_s, 3),
+        }
+        if result.outcome is Outcome.SHUTDOWN:
+            return _json(body_out, 503)
+        return _json(body_out, 200)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _health(worker)
+
+    update_guard = UpdateGuard()
+
+    @app.post("/pyworker/update")
+    async def pyworker_update() -> Response:
+        addr = _peer(request.scope)
+        blocked = update_guard.blocked_for(addr)
+        if blocked is not None:
+            retry = max(1, math.ceil(blocked))
+            return _json(
+                {
+                    "error": "too many failed attempts from this address: try again later",
+                    "retry_after": retry,
+                },
+                429,
+                {"Retry-After": str(retry)},
+            )
+        token = cfg.master_token
+        given = request.headers.get("Authorization", "")
+        given = given[7:] if given.lower().startswith("bearer ") else given
+        if not token or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            update_guard.failed(addr)
+            return _json({"error": "unauthorized"}, 401)
+        update_guard.succeeded(addr)
+        path = cfg.force_update_path
+        try:
+            await trio.Path(path).touch()
+        except OSError as exc:
+            return _json({"error": f"failed to write file: {exc}"}, 500)
+        log.info("update requested by the engine (%s created)", path)
+        return _json({"ok": True}, 200)
+
+    @app.route("/session/<path:_rest>", methods=["GET", "POST"])
+    async def sessions(_rest: str) -> Response:
+        return _json(_NO_SESSIONS, 404)
+
+    return app
+
+
+def create_control_app(worker: Worker) -> QuartTrio:
+    """The control listener's app: release, health and status for the instance's consumer."""
+    app = _base_app("nullworker-control", worker.config)
+
+    @app.post("/release")
+    async def release() -> Response:
+        info = worker.slot.release()
+        if info is None:
+            return _json({"released": False, "reason": "no active reservation"}, 200)
+        return _json(
+            {
+                "released": True,
+                "reservation": info.id,
+                "request_idx": info.tag.get("request_idx"),
+                "duration": info.duration_s,
+            },
+            200,
+        )
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _health(worker)
+
+    @app.get("/status")
+    async def status() -> Response:
+        return _json(worker.status(), 200)
+
+    return app
+
+
+async def serve_control(
+    worker: Worker, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve the control app on ``control_host:control_port``; ``started(url)`` once bound."""
+    cfg = worker.config
+    assert cfg.control_port is not None
+    config = HypercornConfig()
+    config.accesslog = None
+    config.errorlog = logging.getLogger("nullworker.control")
+    config.graceful_timeout = 1.0
+    limits = connection_limits(cfg)
+    sock = listen(cfg.control_host, cfg.control_port)
+    try:
+        app = wrap_app(create_control_app(worker), config.wsgi_max_body_size, "asgi")
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(
+                partial(serve_http, app, config, Sockets([], [sock], []), limits=limits)
+            )
+            task_status.started(binds[0])
+    finally:
+        sock.close()
+
+
+def connection_limits(config: WorkerConfig) -> ConnectionLimits:
+    """The connection deadlines for ``config``'s listeners.
+
+    The body deadline is a second past the app's own (``BODY_TIMEOUT``), so a route
+    that reads its body answers ``408`` first and the socket is closed after.
+    """
+    return ConnectionLimits(
+        body_timeout_s=config.body_timeout_s + 1.0,
+        send_timeout_s=config.send_timeout_s,
+        keep_alive_timeout_s=config.keep_alive_timeout_s,
+        keep_alive_max_requests=config.keep_alive_max_requests,
+    )
+
+
+def _health(worker: Worker) -> Response:
+    if worker.ready.is_set() and not worker.slot.closing:
+        return _json({"ready": True, "busy": worker.slot.statistics().busy}, 200)
+    reason = worker.error or ("shutting down" if worker.slot.closing else "starting")
+    return _json({"ready": False, "reason": reason}, 503)
+
+
+def _retry_after(worker: Worker) -> str:
+    active = worker.slot.statistics().active
+    if active is None:
+        return "1"
+    return str(max(1, math.ceil(active.ends_at - time.time())))
+
+
+def _norm(url: str) -> str:
+    return url.strip().rstrip("/").lower()
