@@ -235,7 +235,7 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
 
     @app.before_serving
     async def _start_background() -> None:
-        await app.nursery.start(worker.supervise)
+        await app.nursery.start(partial(worker.supervise, serve_control=serve_control))
 
     @app.after_serving
     async def _stop() -> None:

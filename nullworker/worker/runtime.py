@@ -1,9 +1,13 @@
 """The worker's runtime: the slot, readiness, the engine reporter and the control listener.
 
 One :class:`Worker` lives for one serving lifetime. The Quart-Trio app starts
-:meth:`Worker.run` from its ``before_serving`` hook inside the app's own nursery, so the
-background work behaves the same whether Hypercorn's CLI, ``nullworker serve`` or another
-Trio program (``await nullworker.serve(...)``) runs the app.
+:meth:`Worker.supervise` from its ``before_serving`` hook inside the app's own nursery, so
+the background work behaves the same whether Hypercorn's CLI, ``nullworker serve`` or
+another Trio program (``await nullworker.serve(...)``) runs the app.
+
+The runtime knows nothing of the web layer: the app hands it the function that serves
+the control listener (``serve_control``, a :class:`ControlListener`), so this module
+never imports :mod:`nullworker.worker.app`, which imports it.
 
 Invariants
 ----------
@@ -25,8 +29,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import trio
@@ -39,7 +44,7 @@ from .reservations import Outcome, ReservationSlot
 if TYPE_CHECKING:
     from .reporter import EngineReporter
 
-__all__ = ["Worker"]
+__all__ = ["ControlListener", "Worker"]
 
 log = logging.getLogger("nullworker")
 
@@ -52,6 +57,17 @@ KEY_RETRY_IN_OUTAGE_S = 5.0
 
 def _terminate_own_process() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+class ControlListener(Protocol):
+    """Serves ``worker``'s control listener until cancelled; ``started(url)`` once bound.
+
+    The web layer's :func:`~nullworker.worker.app.serve_control`.
+    """
+
+    def __call__(
+        self, worker: Worker, /, *, task_status: trio.TaskStatus[str] = ...
+    ) -> Awaitable[None]: ...
 
 
 class Worker:
@@ -89,9 +105,15 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------
 
     async def supervise(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        serve_control: ControlListener,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run :meth:`run`; a failure after start-up stops the worker instead of hiding.
+
+        ``serve_control`` serves the control listener (when ``config.control_port`` is
+        set); see :meth:`run`.
 
         A failure before ``started()`` (the single-process lock, the control port)
         propagates to the caller, as any start-up error does. A later one is logged,
@@ -104,7 +126,7 @@ class Worker:
         started = False
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.run)
+                await nursery.start(partial(self.run, serve_control=serve_control))
                 started = True
                 task_status.started()
         except Exception as exc:  # a group of real errors; a Cancelled is not caught
@@ -128,8 +150,17 @@ class Worker:
         self.failed.set()
         self.on_fatal()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the background work until cancelled; ``started()`` once the control port listens."""
+    async def run(
+        self,
+        *,
+        serve_control: ControlListener,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the background work until cancelled; ``started()`` once the control port listens.
+
+        ``serve_control`` is started with this worker when ``config.control_port`` is set
+        (the app passes its :func:`~nullworker.worker.app.serve_control`).
+        """
         with self._single_process_lock():
             async with httpx.AsyncClient(timeout=self.config.engine_timeout_s) as http:
                 if self.config.reporting:
@@ -142,8 +173,6 @@ class Worker:
                 try:
                     async with trio.open_nursery() as nursery:
                         if self.config.control_port is not None:
-                            from .app import serve_control  # the web layer, imported late
-
                             self.control_url = await nursery.start(serve_control, self)
                         if self.reporter is not None:
                             await nursery.start(self.reporter.run)
