@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from nullworker.worker.app import UpdateGuard
+from nullworker.worker.update_guard import UpdateGuard
 
 LOGGER = "nullworker.test_update_guard"
 

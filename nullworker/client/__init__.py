@@ -14,13 +14,13 @@ worker or the local engine.
 from __future__ import annotations
 
 from ..errors import ClientError, EngineUnavailable, ReservationFailed, ReservationRejected
+from .cli import main
 from .reservation import (
     DEFAULT_ENGINE_URL,
     ProgressEvent,
     Reservation,
     RouteTimeout,
     hold,
-    main,
     reserve,
 )
 

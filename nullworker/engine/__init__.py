@@ -1,6 +1,8 @@
 """The local engine emulator and ``nullworker dev``, for development and tests.
 
 * :mod:`.core` -- :class:`Engine`, the sans-IO state: routing, reports, demand;
+* :mod:`.web` -- its HTTP layer: the Quart-Trio routes and :func:`serve_engine`;
+* :mod:`.cli` -- ``nullworker engine`` (also ``python -m nullworker.engine``);
 * :mod:`.dev` -- ``nullworker dev``: the engine plus real worker processes started and
   stopped on demand.
 
@@ -10,6 +12,7 @@ imports the worker's internals.
 
 from __future__ import annotations
 
+from .cli import main
 from .core import (
     DEFAULT_ENGINE_PORT,
     Engine,
@@ -19,11 +22,9 @@ from .core import (
     ReceivedBody,
     RouteRecord,
     WorkerRecord,
-    create_engine_app,
     load_private_key,
-    main,
-    serve_engine,
 )
+from .web import create_engine_app, serve_engine
 
 __all__ = [
     "DEFAULT_ENGINE_PORT",

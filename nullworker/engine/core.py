@@ -22,8 +22,9 @@ Layout and concurrency invariants
   Trio is cooperative and none of those methods awaits, so each call is atomic: two
   clients asking at once are served one after the other, never interleaved. That is
   what makes the routing lease sound without a lock.
-* :func:`create_engine_app` is a thin Quart-Trio layer: parse, call the core, map
-  :class:`EngineRequestError` to a JSON error status, log one access line.
+* :func:`~nullworker.engine.web.create_engine_app` is a thin Quart-Trio layer: parse,
+  call the core, map :class:`EngineRequestError` to a JSON error status, log one access
+  line. ``nullworker engine`` is :mod:`nullworker.engine.cli`.
 * Time for ages, leases and expiry is ``trio.current_time()`` (so ``MockClock``
   drives it in tests); the timestamps stored with received bodies are wall-clock
   ``time.time()``, as the worker's own timestamps are.
@@ -44,27 +45,17 @@ Layout and concurrency invariants
 
 from __future__ import annotations
 
-import argparse
 import hmac
-import json
-import logging
 import math
-import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
-import hypercorn.trio
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hypercorn.config import Config as HypercornConfig
-from quart import Response, g, request
-from quart_trio import QuartTrio
 
 from ..vast.envelope import as_int
 from ..vast.signing import generate_private_key, public_key_pem, sign_url
@@ -78,14 +69,8 @@ __all__ = [
     "ReceivedBody",
     "RouteRecord",
     "WorkerRecord",
-    "create_engine_app",
     "load_private_key",
-    "main",
-    "serve_engine",
 ]
-
-log = logging.getLogger("nullworker.engine")
-access_log = logging.getLogger("nullworker.engine.access")
 
 #: The official client's ``instance="local"`` autoscaler is ``http://localhost:8080``.
 DEFAULT_ENGINE_PORT = 8080
@@ -100,7 +85,6 @@ DEFAULT_STALE_AFTER_S = 35.0
 #: Bounds on the in-memory records (received bodies, finished requests, READY answers).
 DEFAULT_HISTORY = 10_000
 RECENT_FINISHED_IN_VIEW = 50
-MAX_BODY_BYTES = 1024 * 1024
 
 #: Finished-request statuses of the vastai 1.9.1 ``/delete_requests/`` body.
 FINISHED_STATUSES = frozenset(
@@ -785,176 +769,6 @@ class Engine:
     statistics = snapshot
 
 
-# -- HTTP layer ------------------------------------------------------------------------
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>nullworker engine</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f3f3f3}
-.idle{color:#070}.busy,.leased{color:#a50}.error,.stale{color:#b00}
-.starting,.loading{color:#666}
-#err{color:#b00}
-</style></head><body>
-<h1>nullworker engine</h1>
-<p>Waiting requests: <b id="waiting">?</b> &middot; <span id="summary"></span>
-<span id="err"></span></p>
-<h2>Workers</h2>
-<table><thead><tr><th>id</th><th>state</th><th>url</th><th>requests</th>
-<th>reservation age (s)</th><th>idle (s)</th><th>last report (s)</th><th>reports</th>
-<th>routed</th><th>error</th></tr></thead><tbody id="workers"></tbody></table>
-<h2>Recently finished requests</h2>
-<table><thead><tr><th>request_idx</th><th>worker</th><th>status</th><th>success</th>
-</tr></thead><tbody id="finished"></tbody></table>
-<script>
-"use strict";
-function row(cells, cls) {
-  const tr = document.createElement("tr");
-  for (const c of cells) {
-    const td = document.createElement("td");
-    td.textContent = c === null || c === undefined ? "" : String(c);
-    tr.appendChild(td);
-  }
-  if (cls) tr.className = cls;
-  return tr;
-}
-async function refresh() {
-  try {
-    const r = await fetch("workers", {cache: "no-store"});
-    const s = await r.json();
-    document.getElementById("waiting").textContent = s.waiting;
-    document.getElementById("summary").textContent =
-      Object.entries(s.breakdown).map(([k, v]) => v + " " + k).join(", ");
-    const w = document.getElementById("workers");
-    w.replaceChildren(...s.workers.map(x => row([x.id, x.state, x.url,
-      x.num_requests_working, x.reservation_age_s, x.idle_age_s, x.last_report_age_s,
-      x.report_count, x.routed_count, x.error], x.state)));
-    const f = document.getElementById("finished");
-    f.replaceChildren(...s.finished.map(x => row([x.request_idx, x.worker_id,
-      x.status, x.success])));
-    document.getElementById("err").textContent = "";
-  } catch (e) {
-    document.getElementById("err").textContent = "(engine unreachable)";
-  }
-}
-refresh();
-setInterval(refresh, 1000);
-</script>
-</body></html>
-"""
-
-
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(json.dumps(data), status=status, mimetype="application/json")
-
-
-async def _json_object() -> dict[str, Any]:
-    raw = await request.get_data(cache=False)
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise EngineRequestError(400, {"error": "invalid JSON"}) from None
-    if not isinstance(data, dict):
-        raise EngineRequestError(400, {"error": "the body must be a JSON object"})
-    return data
-
-
-def create_engine_app(engine: Engine) -> QuartTrio:
-    """The Quart-Trio app serving ``engine`` (see the module docstring for routes)."""
-    app = QuartTrio("nullworker.engine")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-
-    @app.before_request
-    async def _start_timer() -> None:
-        g.nullworker_started = trio.current_time()
-
-    @app.after_request
-    async def _log_access(response: Response) -> Response:
-        started = getattr(g, "nullworker_started", None)
-        elapsed_ms = 0.0 if started is None else (trio.current_time() - started) * 1000
-        # request.path never includes the query string, where clients put api_key.
-        access_log.info(
-            "%s %s %d %.1fms", request.method, request.path, response.status_code, elapsed_ms
-        )
-        return response
-
-    @app.errorhandler(EngineRequestError)
-    async def _refused(exc: EngineRequestError) -> Response:
-        return _json(exc.detail, exc.status)
-
-    @app.get("/pubkey/")
-    async def _pubkey() -> Response:
-        return Response(engine.public_key_pem, mimetype="text/plain")
-
-    @app.post("/route/")
-    async def _route() -> Response:
-        body = await _json_object()
-        auth = request.headers.get("Authorization", "")
-        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-        key = body.get("api_key")
-        candidates = [key if isinstance(key, str) else None, bearer, request.args.get("api_key")]
-        if not engine.check_api_key(candidates):
-            engine.counters["route_rejected"] += 1
-            return _json({"error": "invalid api_key"}, 401)
-        return _json(engine.route(body))
-
-    @app.post("/worker_status/")
-    async def _worker_status() -> Response:
-        engine.worker_status(await _json_object())
-        return _json({"ok": True})
-
-    @app.post("/delete_requests/")
-    async def _delete_requests() -> Response:
-        finished = engine.delete_requests(await _json_object())
-        return _json({"ok": True, "deleted": len(finished)})
-
-    @app.get("/workers")
-    async def _workers() -> Response:
-        return _json(engine.snapshot())
-
-    @app.get("/")
-    async def _page() -> Response:
-        return Response(_PAGE, mimetype="text/html")
-
-    return app
-
-
-def _bind(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
-
-
-async def serve_engine(
-    engine: Engine,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``engine`` over HTTP until cancelled.
-
-    Calls ``task_status.started(url)`` with the bound base URL (e.g.
-    ``"http://127.0.0.1:43121"``) once the socket listens, so ``port=0`` works:
-    ``url = await nursery.start(partial(serve_engine, engine))``. The URL is also
-    stored in ``engine.url``.
-    """
-    config = HypercornConfig()
-    config.bind = [_bind(host, port)]
-    config.accesslog = None  # the app logs one line per request itself
-    config.errorlog = logging.getLogger("nullworker.engine.http")
-    config.graceful_timeout = 1.0
-    app = create_engine_app(engine)
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(partial(hypercorn.trio.serve, app, config))
-        engine.url = binds[0]
-        log.info("engine listening on %s", engine.url)
-        task_status.started(engine.url)
-
-
 def load_private_key(path: str) -> rsa.RSAPrivateKey:
     """Read an unencrypted PEM RSA private key; ``ValueError`` if it is anything else."""
     with open(path, "rb") as file:
@@ -963,88 +777,3 @@ def load_private_key(path: str) -> rsa.RSAPrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError(f"{path} does not hold an RSA private key")
     return key
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nullworker engine",
-        description="Run a local emulation of the Vast serverless engine (autoscaler).",
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument(
-        "--port", type=int, default=DEFAULT_ENGINE_PORT, help="port (default 8080; 0 = any)"
-    )
-    parser.add_argument(
-        "--key-file", help="PEM RSA private key to sign routes with (default: a new key)"
-    )
-    parser.add_argument("--api-key", help="require this api_key on /route/ (default: any)")
-    parser.add_argument(
-        "--master-token", help="require this mtoken on worker reports (default: any)"
-    )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``nullworker engine [--host H] [--port P] [--key-file F] [--api-key K]``."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    private_key = None
-    if args.key_file:
-        try:
-            private_key = load_private_key(args.key_file)
-        except (OSError, ValueError, TypeError) as exc:
-            print(f"nullworker engine: cannot load --key-file: {exc}", file=sys.stderr)
-            return 2
-    engine = Engine(private_key=private_key, api_key=args.api_key, master_token=args.master_token)
-
-    async def _run() -> None:
-        # SIGINT/SIGTERM arrive as messages and become a plain cancellation, instead
-        # of a KeyboardInterrupt that could land inside Hypercorn's own tasks.
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                url = await nursery.start(
-                    partial(serve_engine, engine, host=args.host, port=args.port)
-                )
-                print(f"nullworker engine on {url}  (workers view: {url}/)", flush=True)
-                async for signum in signals:
-                    log.info("received %s: stopping", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
-
-    try:
-        trio.run(_run)
-    except KeyboardInterrupt:
-        return 0
-    except BaseExceptionGroup as group:
-        if _only(group, KeyboardInterrupt):
-            return 0
-        if _only(group, OSError):  # typically the port is taken
-            print(f"nullworker engine: {_leaves(group)[0]}", file=sys.stderr)
-            return 1
-        raise
-    except OSError as exc:
-        print(f"nullworker engine: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            leaves.extend(_leaves(exc))
-        else:
-            leaves.append(exc)
-    return leaves
-
-
-def _only(group: BaseExceptionGroup[BaseException], kind: type[BaseException]) -> bool:
-    """True if every exception in the (nested) group is a ``kind``."""
-    return all(isinstance(exc, kind) for exc in _leaves(group))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -51,7 +51,8 @@ from typing import IO, TextIO
 
 import trio
 
-from .core import DEFAULT_ENGINE_PORT, Engine, WorkerRecord, serve_engine
+from .core import DEFAULT_ENGINE_PORT, Engine, WorkerRecord
+from .web import serve_engine
 
 __all__ = ["DevOptions", "main", "run_dev"]
 

@@ -1,0 +1,234 @@
+"""The reservation client's command line: ``python -m nullworker.client`` and
+``nullworker reserve``.
+
+Argument parsing and printing only: each reservation is one :func:`~.reservation.hold`
+call, run side by side in one Trio run, and every event it reports becomes one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from ..errors import ClientError, EngineUnavailable, ReservationFailed, ReservationRejected
+from .reservation import DEFAULT_ENGINE_URL, ProgressEvent, _default_client, hold
+
+__all__ = [
+    "EXIT_ENDED_EARLY",
+    "EXIT_ENGINE",
+    "EXIT_OK",
+    "EXIT_REJECTED",
+    "EXIT_USAGE",
+    "main",
+]
+
+#: Exit codes of ``python -m nullworker.client``.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_ENGINE = 3
+EXIT_REJECTED = 4
+EXIT_ENDED_EARLY = 5
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+#: Print a WAITING line at most this often per reservation.
+_WAITING_LINE_EVERY_S = 5.0
+
+
+def _build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m nullworker.client",
+        description=(
+            "Reserve worker(s) of a Vast serverless endpoint running nullworker and hold "
+            "them until the duration elapses, the worker releases them, or you press "
+            "Ctrl-C."
+        ),
+        epilog=(
+            "exit status: 0 the hold(s) elapsed or the worker released them; 2 usage; "
+            "3 the engine is unreachable or refused; 4 workers refused (429 bound or "
+            "another 4xx); 5 a hold ended early (worker shut down, connection lost); "
+            "130/143 interrupted by SIGINT/SIGTERM."
+        ),
+    )
+    parser.add_argument("--endpoint", required=True, help="endpoint name")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long to hold (default: the worker's MAX_RESERVATION_SECONDS)",
+    )
+    parser.add_argument(
+        "--count", type=int, default=1, metavar="N", help="hold N workers at once (default 1)"
+    )
+    parser.add_argument("--api-key", default=None, help="endpoint API key (default $VAST_API_KEY)")
+    parser.add_argument(
+        "--engine-url",
+        default=None,
+        metavar="URL",
+        help=f"engine base URL (default $VAST_ENGINE_URL, else {DEFAULT_ENGINE_URL})",
+    )
+    parser.add_argument(
+        "--max-rejections",
+        type=int,
+        default=5,
+        metavar="N",
+        help="re-route at most N times when workers refuse (default 5)",
+    )
+    parser.add_argument(
+        "--route-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up if no worker is free within SECONDS (default: wait)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="print only held/ended lines and errors"
+    )
+    return parser
+
+
+@dataclass
+class _Job:
+    number: int
+    held: bool = False
+    code: int | None = None
+    last_waiting_line: float = -math.inf
+
+
+class _Cli:
+    """Runs N reservations and prints one line per event (progress on stdout, errors on
+    stderr)."""
+
+    def __init__(self, args: argparse.Namespace, *, api_key: str, engine_url: str) -> None:
+        self.args = args
+        self.api_key = api_key
+        self.engine_url = engine_url
+        self.jobs = [_Job(n) for n in range(1, args.count + 1)]
+        self.signum: int | None = None
+        self.released_on_signal = 0
+
+    def _say(self, job: _Job, text: str, *, progress: bool = False) -> None:
+        if progress and self.args.quiet:
+            return
+        suffix = f" (reservation {job.number}/{len(self.jobs)})" if len(self.jobs) > 1 else ""
+        print(f"{text}{suffix}", flush=True)
+
+    def _error(self, job: _Job, text: str) -> None:
+        prefix = f"[reservation {job.number}/{len(self.jobs)}] " if len(self.jobs) > 1 else ""
+        print(f"{prefix}{text}", file=sys.stderr, flush=True)
+
+    def _on_progress(self, job: _Job, event: ProgressEvent) -> None:
+        if event.kind == "held":
+            job.held = True
+            # Always numbered, so scripts can count held lines.
+            print(
+                f"held: {event.worker_url} (reservation {job.number}/{len(self.jobs)})", flush=True
+            )
+        elif event.kind == "ended":
+            job.held = False
+            self._say(job, event.message)
+        elif event.kind == "waiting":
+            if event.waited_s - job.last_waiting_line >= _WAITING_LINE_EVERY_S:
+                job.last_waiting_line = event.waited_s
+                self._say(job, event.message, progress=True)
+        else:
+            self._say(job, event.message, progress=True)
+
+    async def run(self) -> int:
+        async with _default_client() as http, trio.open_nursery() as nursery:
+            await nursery.start(self._watch_signals, nursery.cancel_scope)
+            async with trio.open_nursery() as jobs:
+                for job in self.jobs:
+                    jobs.start_soon(self._run_job, job, http)
+            nursery.cancel_scope.cancel()
+        if self.signum is not None:
+            print(f"interrupted: released {self.released_on_signal} worker(s)", flush=True)
+            return _SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
+        codes = {job.code for job in self.jobs}
+        for code in (EXIT_ENGINE, EXIT_REJECTED, EXIT_ENDED_EARLY):
+            if code in codes:
+                return code
+        return EXIT_OK
+
+    async def _watch_signals(
+        self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                self.signum = signum
+                self.released_on_signal = sum(1 for job in self.jobs if job.held)
+                scope.cancel()
+                return
+
+    async def _run_job(self, job: _Job, http: httpx.AsyncClient) -> None:
+        try:
+            reservation = await hold(
+                self.args.endpoint,
+                duration=self.args.duration,
+                api_key=self.api_key,
+                engine_url=self.engine_url,
+                max_rejections=self.args.max_rejections,
+                route_timeout_s=self.args.route_timeout,
+                http=http,
+                on_progress=lambda event: self._on_progress(job, event),
+            )
+        except EngineUnavailable as exc:
+            self._error(job, f"engine unavailable: {exc}")
+            job.code = EXIT_ENGINE
+            return
+        except (ReservationRejected, ReservationFailed) as exc:
+            self._error(job, f"rejected: {exc}")
+            job.code = EXIT_REJECTED
+            return
+        except ClientError as exc:  # pragma: no cover - no other subclass today
+            self._error(job, f"error: {exc}")
+            job.code = EXIT_REJECTED
+            return
+        if reservation.outcome in ("duration_elapsed", "explicit", "completed"):
+            job.code = EXIT_OK
+        elif reservation.outcome == "rejected":  # queued, then refused (a late 429)
+            job.code = EXIT_REJECTED
+        else:
+            job.code = EXIT_ENDED_EARLY
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """``python -m nullworker.client`` (and ``nullworker reserve``); returns the exit status.
+
+    ``argv`` defaults to ``sys.argv[1:]``; ``prog`` names the command in usage messages
+    (``nullworker reserve`` when dispatched from the main CLI). Runs its own
+    ``trio.run``, so call it from the main thread, outside any Trio run.
+    """
+    parser = _build_parser(prog)
+    try:
+        args = parser.parse_args(argv)
+        if args.duration is not None and not (math.isfinite(args.duration) and args.duration >= 0):
+            parser.error(f"--duration must be a finite number >= 0, got {args.duration}")
+        if args.count < 1:
+            parser.error(f"--count must be at least 1, got {args.count}")
+        if args.max_rejections < 0:
+            parser.error(f"--max-rejections must be >= 0, got {args.max_rejections}")
+        if args.route_timeout is not None and not (
+            math.isfinite(args.route_timeout) and args.route_timeout > 0
+        ):
+            parser.error(f"--route-timeout must be a number > 0, got {args.route_timeout}")
+        api_key = args.api_key or os.environ.get("VAST_API_KEY")
+        if not api_key:
+            parser.error("an API key is required: pass --api-key or set VAST_API_KEY")
+    except SystemExit as exc:  # argparse's way out: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    engine_url = args.engine_url or os.environ.get("VAST_ENGINE_URL") or DEFAULT_ENGINE_URL
+    if not engine_url.startswith(("http://", "https://")):
+        print(f"{parser.prog}: error: --engine-url must be an http(s) URL", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cli = _Cli(args, api_key=api_key, engine_url=engine_url)
+    return trio.run(cli.run)
