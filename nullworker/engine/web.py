@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from functools import partial
+from importlib.resources import files
 from typing import Any
 
 import hypercorn.trio
@@ -31,64 +32,11 @@ access_log = logging.getLogger("nullworker.engine.access")
 
 MAX_BODY_BYTES = 1024 * 1024
 
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>nullworker engine</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f3f3f3}
-.idle{color:#070}.busy,.leased{color:#a50}.error,.stale{color:#b00}
-.starting,.loading{color:#666}
-#err{color:#b00}
-</style></head><body>
-<h1>nullworker engine</h1>
-<p>Waiting requests: <b id="waiting">?</b> &middot; <span id="summary"></span>
-<span id="err"></span></p>
-<h2>Workers</h2>
-<table><thead><tr><th>id</th><th>state</th><th>url</th><th>requests</th>
-<th>reservation age (s)</th><th>idle (s)</th><th>last report (s)</th><th>reports</th>
-<th>routed</th><th>error</th></tr></thead><tbody id="workers"></tbody></table>
-<h2>Recently finished requests</h2>
-<table><thead><tr><th>request_idx</th><th>worker</th><th>status</th><th>success</th>
-</tr></thead><tbody id="finished"></tbody></table>
-<script>
-"use strict";
-function row(cells, cls) {
-  const tr = document.createElement("tr");
-  for (const c of cells) {
-    const td = document.createElement("td");
-    td.textContent = c === null || c === undefined ? "" : String(c);
-    tr.appendChild(td);
-  }
-  if (cls) tr.className = cls;
-  return tr;
-}
-async function refresh() {
-  try {
-    const r = await fetch("workers", {cache: "no-store"});
-    const s = await r.json();
-    document.getElementById("waiting").textContent = s.waiting;
-    document.getElementById("summary").textContent =
-      Object.entries(s.breakdown).map(([k, v]) => v + " " + k).join(", ");
-    const w = document.getElementById("workers");
-    w.replaceChildren(...s.workers.map(x => row([x.id, x.state, x.url,
-      x.num_requests_working, x.reservation_age_s, x.idle_age_s, x.last_report_age_s,
-      x.report_count, x.routed_count, x.error], x.state)));
-    const f = document.getElementById("finished");
-    f.replaceChildren(...s.finished.map(x => row([x.request_idx, x.worker_id,
-      x.status, x.success])));
-    document.getElementById("err").textContent = "";
-  } catch (e) {
-    document.getElementById("err").textContent = "(engine unreachable)";
-  }
-}
-refresh();
-setInterval(refresh, 1000);
-</script>
-</body></html>
-"""
+
+def _read_page() -> str:
+    """The live view served at ``GET /`` (a static page that polls ``GET /workers``), read
+    from the package data: ``nullworker/engine/static/index.html``."""
+    return (files("nullworker.engine") / "static" / "index.html").read_text(encoding="utf-8")
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -108,7 +56,9 @@ async def _json_object() -> dict[str, Any]:
 
 def create_engine_app(engine: Engine) -> QuartTrio:
     """The Quart-Trio app serving ``engine`` (see the module docstring for routes)."""
-    app = QuartTrio("nullworker.engine")
+    page = _read_page()
+    # No static folder: the page is served at GET / only, not under /static/.
+    app = QuartTrio("nullworker.engine", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
     @app.before_request
@@ -161,7 +111,7 @@ def create_engine_app(engine: Engine) -> QuartTrio:
 
     @app.get("/")
     async def _page() -> Response:
-        return Response(_PAGE, mimetype="text/html")
+        return Response(page, mimetype="text/html")
 
     return app
 
