@@ -22,7 +22,7 @@ from nullworker.worker.server import ServeInfo, serve
 
 StartWorker = Callable[..., Awaitable[ServeInfo]]
 
-#: Every field of ``/worker_status/`` (VAST_PROTOCOL.md §5.1 plus 1.9.1's ``disk_usage``)
+#: Every field of ``/worker_status/`` (docs/protocol.md §6.2 plus 1.9.1's ``disk_usage``)
 #: and the JSON type the official worker sends.
 STATUS_FIELDS = {
     "id": int,

@@ -67,7 +67,7 @@ def status_body(
     ready: bool = True,
     error_msg: str = "",
 ) -> dict[str, Any]:
-    """A §5.1 worker_status body in the vastai 1.9.1 shape (with ``disk_usage``)."""
+    """A worker_status body (docs/protocol.md §6.2), vastai 1.9.1 shape (with ``disk_usage``)."""
     working = working or []
     return {
         "id": worker_id,

@@ -838,7 +838,10 @@ async def test_error_beacon_reports_failure_within_its_bound(make_recorder: Make
 async def test_worker_without_the_engine_key_reports_the_error_then_recovers(
     make_recorder: MakeRecorder, start_worker: StartWorker
 ) -> None:
-    """A failed key fetch is an error the engine sees, and it is not sticky (§11.8, §11.9)."""
+    """A failed key fetch is an error the engine sees, and it is not sticky.
+
+    See docs/protocol.md §10.3, §10.8.
+    """
     rec = await make_recorder()
     rec.fail_next[PUBKEY] = 5  # the whole first round of tries fails
     config = make_config(rec.url)

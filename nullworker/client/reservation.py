@@ -12,7 +12,7 @@ Its command line, ``python -m nullworker.client``, is :mod:`nullworker.client.cl
 
 The flow is the official client's (``POST {engine}/route/``, poll while WAITING, then
 ``POST {worker_url}/reserve`` with the whole route reply as ``auth_data``) with its
-pitfalls fixed (VAST_PROTOCOL.md §11.12):
+pitfalls fixed (docs/protocol.md §10.14):
 
 * The API key goes to the engine only, in the body and as ``Authorization: Bearer``;
   never in a query string, never to the worker, never into a log line.

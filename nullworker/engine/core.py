@@ -1,12 +1,12 @@
 """A local emulation of the Vast serverless engine (the autoscaler's routing side).
 
-It speaks the wire protocol of ``/work/shared/VAST_PROTOCOL.md`` from the engine's side:
+It speaks the wire protocol of ``docs/protocol.md`` from the engine's side:
 
 * ``GET /pubkey/`` -- the PEM public key workers verify route signatures with;
 * ``POST /route/`` -- a client asks for a worker; the answer is either READY (it
   carries ``url`` and ``signature``, and becomes the client's ``auth_data``) or
   WAITING (no ``url``; the client polls again with the ``request_idx`` it was given);
-* ``POST /worker_status/`` -- a worker's periodic report (§5.1);
+* ``POST /worker_status/`` -- a worker's periodic report (§6.2);
 * ``POST /delete_requests/`` -- a worker lists finished requests (the vastai 1.9.1
   shape and the older ``request_idxs`` + ``success`` shape are both accepted);
 * ``GET /workers`` and ``GET /`` -- a JSON and an HTML view for humans and tests.
@@ -594,7 +594,7 @@ class Engine:
         return counts
 
     def worker_status(self, body: Mapping[str, Any]) -> WorkerRecord | None:
-        """Record one ``/worker_status/`` report (§5.1; ``disk_usage`` optional).
+        """Record one ``/worker_status/`` report (§6.2; ``disk_usage`` optional).
 
         Returns the updated record, or ``None`` for a retired worker (ignored).
 

@@ -1,9 +1,9 @@
 """The engine reporter: what the worker tells the Vast engine (autoscaler), and when.
 
 The reporter turns :class:`~nullworker.worker.reservations.ReservationEvent` s into the
-engine's accounting (VAST_PROTOCOL.md §4, §5) and delivers it:
+engine's accounting (docs/protocol.md §6.1, §6) and delivers it:
 
-* ``POST {addr}/worker_status/`` -- the §5.1 body plus 1.9.1's ``disk_usage``; at once
+* ``POST {addr}/worker_status/`` -- the §6.2 body plus 1.9.1's ``disk_usage``; at once
   (after a short coalescing window) whenever the state changes, and as a heartbeat at
   least every ``config.heartbeat_s``.
 * ``POST {addr}/delete_requests/`` -- every ended request, in the 1.9.1 shape or the
@@ -20,7 +20,7 @@ Concurrency invariants
 * At most one *round* (a ``worker_status`` and/or a ``delete_requests`` delivery) is in
   flight at a time: rounds run under ``self._lock``, shared by :meth:`run` and
   :meth:`flush`.
-* Snapshot and subtract, never zero (fixes pitfall §11.9): a round copies the counters
+* Snapshot and subtract, never zero (fixes pitfall §10.8): a round copies the counters
   into the body it sends and, only once an address accepted that body, subtracts exactly
   those copied values. Increments made while the POST was in flight survive into the
   next report; a failed round subtracts nothing, so nothing is lost or counted twice.
@@ -46,7 +46,7 @@ Concurrency invariants
   next address is tried, and the batch counts as refused when no address accepted it and
   at least one refused it. 5xx, 408/425/429 and transport errors are failures and are
   retried with the whole batch, as for ``worker_status``.
-* Each address gets its own bounded deadline (fixes §11.10): ``engine_tries`` tries of at
+* Each address gets its own bounded deadline (fixes §10.7): ``engine_tries`` tries of at
   most ``engine_timeout_s`` each, with ``engine_retry_s`` doubling between tries (capped
   at ``RETRY_CAP_S``), then the next address in order. The first address that accepts
   ends the round (fallback, not fan-out).
@@ -138,7 +138,7 @@ CONNECT_TIMEOUT_S = 2.0
 _RETRY_LATER_4XX = frozenset({408, 425, 429})
 #: While the engine stays unreachable, at most one warning this often (the rest: debug).
 _FAILURE_LOG_EVERY_S = 60.0
-#: The engine address that takes ``worker_status`` but never ``delete_requests`` (§5.3).
+#: The engine address that takes ``worker_status`` but never ``delete_requests`` (§6.4).
 _NO_DELETES_ADDR = "https://cloud.vast.ai/api/v0"
 #: How many recent ``request_idx`` values are remembered to de-duplicate the count.
 _RECENT_IDX_WINDOW = 4096
@@ -155,7 +155,7 @@ _STATUS_OF: dict[Outcome, str] = {
     Outcome.REJECTED: "Rejected",
     Outcome.ERROR: "Error",
 }
-#: The engine's ``success`` flag: served or cancelled, not refused or failed (§5.3).
+#: The engine's ``success`` flag: served or cancelled, not refused or failed (§6.4).
 _SUCCESS_STATUSES = frozenset({"Success", "Cancelled"})
 
 
@@ -268,7 +268,7 @@ def _status_body(
     additional_disk_gib: float,
     working_request_idxs: list[int],
 ) -> dict[str, Any]:
-    """The ``/worker_status/`` body: every §5.1 field plus 1.9.1's ``disk_usage``."""
+    """The ``/worker_status/`` body: every §6.2 field plus 1.9.1's ``disk_usage``."""
     return {
         "id": config.container_id,
         "mtoken": config.master_token,
@@ -716,7 +716,7 @@ class EngineReporter:
     # -- delete_requests ------------------------------------------------------------------
 
     def _delete_addrs(self) -> list[str]:
-        # The official worker never sends delete_requests to this address (§5.3).
+        # The official worker never sends delete_requests to this address (§6.4).
         return [a for a in self._config.report_addrs if a.rstrip("/") != _NO_DELETES_ADDR]
 
     def _remove_pending(self, done: list[_DeleteEntry]) -> None:
