@@ -1,0 +1,337 @@
+r"""A job consumer for NATS JetStream, to run beside nullworker on a Vast instance.
+
+It pulls one message at a time from a durable JetStream pull consumer, does the work,
+acknowledges it, and once no message has come for ``--idle-release`` seconds it calls
+the worker's loopback control listener, ``POST /release``: the reservation that brought
+this machine up ends, and the autoscaler decides again.
+
+Jobs
+----
+A job is a message on the stream's subject whose payload is a JSON object::
+
+    nats pub jobs '{"id": 1, "seconds": 0.5}'
+
+``id`` is anything JSON (it is only printed); ``seconds`` is how long the stand-in work
+sleeps (a number >= 0, default 0). Replace :func:`work` with your own. A message that is
+not such an object is printed and acknowledged (dropped), so that it is not redelivered
+for ever.
+
+The loop
+--------
+1. ``fetch(1, timeout)`` on the durable consumer ``--consumer`` of ``--stream`` (every
+   instance binds the same durable consumer: JetStream hands each message to one of
+   them).
+2. work (prints ``job <id> done in <s> s``), telling the server ``in_progress`` every
+   half ``ack_wait`` so that a long job is not redelivered elsewhere meanwhile.
+3. ``ack`` (waiting for the server's confirmation).
+4. When no message came for ``--idle-release`` seconds: ``POST <control-url>/release``,
+   once per idle spell, and the worker's answer is printed. Then it goes on waiting for
+   jobs, or exits 0 with ``--exit-when-idle`` (1 if the release failed).
+
+With ``--create`` it first creates what is missing: the stream ``--stream`` capturing
+``--subject``, and the durable pull consumer ``--consumer`` (explicit acks, filtered on
+``--subject``). Without it, a missing stream or consumer is an error (exit 2).
+
+Demand, as ``nullworker autoscale`` counts it
+---------------------------------------------
+``nullworker autoscale --nats-consumer URL STREAM CONSUMER`` (the
+``nullworker.demand.NatsConsumer`` source) counts the consumer's ``num_pending +
+num_ack_pending``: messages not yet delivered plus messages delivered and not yet
+acknowledged. Give the autoscaler the same stream and consumer as this consumer: a job
+keeps its reservation while it waits *and* while it runs (until ``ack``), and only when
+both are 0 does the demand drop. The release here makes that take effect at once for
+this machine instead of when the reservation's duration elapses: a released reservation
+is replaced only if the demand still asks for it.
+
+Running it on the instance
+--------------------------
+Add this command to the Vast on-start script, before the line that runs
+``start_server.sh`` (the consumer gets its own virtual environment with ``nats-py``; it
+does not need the worker to be up yet, a failed release is retried after the next idle
+spell)::
+
+    (python3 -m venv /workspace/consumer && /workspace/consumer/bin/pip install -q nats-py \
+      && exec /workspace/consumer/bin/python /workspace/nullworker/examples/nats_consumer.py \
+      --nats-url "$NATS_URL" --stream JOBS --consumer workers) >> /workspace/consumer.log 2>&1 &
+
+Options: ``--nats-url`` (default ``nats://127.0.0.1:4222``), ``--stream`` (``JOBS``),
+``--consumer`` (``workers``), ``--subject`` (``jobs``, used by ``--create``),
+``--control-url`` (``$NULLWORKER_CONTROL_URL``, else ``http://127.0.0.1:18999``: set it
+when the worker runs with another ``NULLWORKER_CONTROL_PORT``), ``--idle-release``
+(5 s), ``--exit-when-idle``, ``--create``.
+
+Crashes: a consumer that dies mid-job never acknowledges its message; JetStream
+redelivers it (to this or another instance) once the consumer's ``ack_wait`` has passed,
+and it counts as demand (``num_ack_pending``) until then.
+
+Exit status: 0 (``--exit-when-idle``), 1 (NATS unreachable at start, or the release
+failed with ``--exit-when-idle``), 2 (the stream or consumer is missing), 130/143
+(SIGINT/SIGTERM; a job in progress is redelivered after ``ack_wait``). Errors later on
+(a lost connection, which nats-py reconnects) are printed and retried every second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.client import JetStreamContext
+
+DEFAULT_CONTROL_URL = "http://127.0.0.1:18999"
+#: Longest single fetch; an idle consumer re-checks its idle clock this often.
+FETCH_S = 1.0
+#: How long the first connection may take before the consumer gives up (exit 1).
+CONNECT_S = 10.0
+#: Bound on the POST /release round trip (the listener is on loopback).
+RELEASE_TIMEOUT_S = 5.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--stream", default="JOBS", help="the JetStream stream (default JOBS)")
+    parser.add_argument(
+        "--consumer", default="workers", help="the durable pull consumer (default workers)"
+    )
+    parser.add_argument(
+        "--subject", default="jobs", help="the jobs' subject, for --create (default jobs)"
+    )
+    parser.add_argument(
+        "--control-url",
+        default=os.environ.get("NULLWORKER_CONTROL_URL") or DEFAULT_CONTROL_URL,
+        help=f"the worker's control listener (default $NULLWORKER_CONTROL_URL or "
+        f"{DEFAULT_CONTROL_URL})",
+    )
+    parser.add_argument(
+        "--idle-release",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="POST /release after no job came for this long (default 5)",
+    )
+    parser.add_argument(
+        "--exit-when-idle", action="store_true", help="exit after that release instead of waiting"
+    )
+    parser.add_argument(
+        "--create", action="store_true", help="create the stream and the consumer if missing"
+    )
+    args = parser.parse_args(argv)
+    if not (math.isfinite(args.idle_release) and args.idle_release >= 0):
+        parser.error("--idle-release must be a number of seconds >= 0")
+    return args
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def work(job: dict[str, Any]) -> None:
+    """The job itself: here, sleep for ``job["seconds"]``."""
+    await asyncio.sleep(job["seconds"])
+
+
+def parse_job(raw: bytes) -> dict[str, Any] | None:
+    """The job as a dict, or None when it is not a usable job."""
+    try:
+        job = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(job, dict):
+        return None
+    seconds = job.setdefault("seconds", 0)
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        return None
+    return job
+
+
+def release(control_url: str) -> bool:
+    """POST /release to the worker and print its answer; False if it could not be asked."""
+    url = control_url.rstrip("/") + "/release"
+    # The listener is on loopback: never send this through an http_proxy from the env.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with opener.open(request, timeout=RELEASE_TIMEOUT_S) as response:
+            answer = response.read().decode(errors="replace").strip()
+    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+        say(f"POST {url} failed: {exc}")
+        return False
+    say(f"POST {url} -> {answer}")
+    return True
+
+
+async def ensure_created(js: JetStreamContext, args: argparse.Namespace) -> None:
+    """--create: the stream and the durable pull consumer, when they do not exist."""
+    try:
+        await js.stream_info(args.stream)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(name=args.stream, subjects=[args.subject])
+        say(f"created stream {args.stream!r} on subject {args.subject!r}")
+    try:
+        await js.consumer_info(args.stream, args.consumer)
+    except nats.js.errors.NotFoundError:
+        config = ConsumerConfig(
+            durable_name=args.consumer,
+            ack_policy=AckPolicy.EXPLICIT,
+            filter_subject=args.subject,
+        )
+        await js.add_consumer(args.stream, config)
+        say(f"created durable consumer {args.consumer!r}")
+
+
+async def keep_in_progress(msg: Msg, every_s: float) -> None:
+    """Tell the server the job is still being worked on, so it is not redelivered."""
+    while True:
+        await asyncio.sleep(every_s)
+        await msg.in_progress()
+
+
+async def handle(msg: Msg, ack_wait_s: float) -> None:
+    job = parse_job(msg.data)
+    if job is None:
+        say(f"dropping a malformed job: {msg.data[:200]!r}")
+    else:
+        started = time.monotonic()
+        heartbeat = asyncio.create_task(keep_in_progress(msg, ack_wait_s / 2))
+        try:
+            await work(job)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        say(f"job {job.get('id')} done in {time.monotonic() - started:.2f} s")
+    await msg.ack_sync()  # acknowledge, and wait until the server has it
+
+
+async def consume(
+    nc: Client, sub: JetStreamContext.PullSubscription, args: argparse.Namespace, ack_wait_s: float
+) -> int:
+    """The consumer loop; returns the exit status (with ``--exit-when-idle``)."""
+    idle_since = time.monotonic()  # when the last job was acknowledged (or the start)
+    released = False  # already released during this idle spell
+    while True:
+        try:
+            if released:
+                timeout = FETCH_S
+            else:
+                # Wake up when the idle spell is long enough.
+                timeout = min(FETCH_S, max(0.05, idle_since + args.idle_release - time.monotonic()))
+            try:
+                msgs = await sub.fetch(1, timeout=timeout)
+            except nats.errors.TimeoutError:
+                if not nc.is_connected:
+                    continue  # reconnecting: an empty fetch says nothing about the queue
+                if not released and time.monotonic() - idle_since >= args.idle_release:
+                    say(f"no job for {args.idle_release:g} s: releasing")
+                    ok = await asyncio.to_thread(release, args.control_url)
+                    if args.exit_when_idle:
+                        return 0 if ok else 1
+                    if ok:
+                        released = True
+                    else:
+                        idle_since = time.monotonic()  # try again after another spell
+                continue
+            for msg in msgs:
+                await handle(msg, ack_wait_s)
+            idle_since = time.monotonic()
+            released = False
+        except nats.errors.Error as exc:
+            say(f"nats: {exc!r}; retrying in 1 s")
+            await asyncio.sleep(1.0)
+
+
+async def run(args: argparse.Namespace) -> int:
+    where = args.nats_url.rpartition("@")[2]  # no credentials in the output
+
+    async def on_error(exc: Exception) -> None:
+        say(f"nats at {where}: {exc!r}")
+
+    try:
+        # Reconnect for ever once connected (the consumer outlives a NATS restart), but
+        # give up at start after CONNECT_S: a wrong URL should not hang silently.
+        nc = await asyncio.wait_for(
+            nats.connect(
+                args.nats_url,
+                name="nullworker-example-consumer",
+                connect_timeout=2,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                error_cb=on_error,
+            ),
+            timeout=CONNECT_S,
+        )
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        say(f"nats at {where}: could not connect: {exc!r}")
+        return 1
+    try:
+        js = nc.jetstream()
+        if args.create:
+            await ensure_created(js, args)
+        try:
+            info = await js.consumer_info(args.stream, args.consumer)
+        except nats.js.errors.NotFoundError as exc:
+            say(
+                f"no consumer {args.consumer!r} on stream {args.stream!r} ({exc.description}); "
+                "--create makes them"
+            )
+            return 2
+        ack_wait_s = info.config.ack_wait or 30.0
+        sub = await js.pull_subscribe_bind(durable=args.consumer, stream=args.stream)
+        say(
+            f"consuming {args.consumer!r} on stream {args.stream!r}; "
+            f"release via {args.control_url} after {args.idle_release:g} s idle"
+        )
+        return await consume(nc, sub, args, ack_wait_s)
+    finally:
+        await nc.close()
+
+
+async def run_until_terminated(args: argparse.Namespace) -> int:
+    """run(), with SIGTERM cancelling it (SIGINT is asyncio.run's: KeyboardInterrupt)."""
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await run(args)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        say("terminated")
+        return 128 + signal.SIGTERM
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(run_until_terminated(args))
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

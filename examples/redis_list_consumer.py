@@ -1,0 +1,257 @@
+r"""A job consumer for a Redis list, to run beside nullworker on a Vast instance.
+
+It takes one job at a time from a Redis list with the reliable-queue pattern, does the
+work, acknowledges it, and once the queue has stayed empty for ``--idle-release``
+seconds it calls the worker's loopback control listener, ``POST /release``: the
+reservation that brought this machine up ends, and the autoscaler decides again.
+
+Jobs
+----
+A job is a JSON object pushed onto the left of the queue list::
+
+    redis-cli LPUSH jobs '{"id": 1, "seconds": 0.5}'
+
+``id`` is anything JSON (it is only printed); ``seconds`` is how long the stand-in work
+sleeps (a number >= 0, default 0). Replace :func:`work` with your own. A job that is not
+such an object is printed and dropped, so that it cannot block the queue.
+
+The loop
+--------
+1. ``BLMOVE queue processing RIGHT LEFT <block>``: the oldest job moves atomically onto
+   the processing list, so a job is never only in this process's memory.
+2. work (prints ``job <id> done in <s> s``).
+3. ``LREM processing 1 <job>``: the acknowledgement.
+4. When no job arrived for ``--idle-release`` seconds: ``POST <control-url>/release``,
+   once per idle spell, and the worker's answer is printed. Then it goes on waiting for
+   jobs, or exits 0 with ``--exit-when-idle`` (1 if the release failed).
+
+Demand, as ``nullworker autoscale`` counts it
+---------------------------------------------
+``nullworker autoscale --redis-list URL KEY --processing PROCESSING`` (the
+``nullworker.demand.RedisList`` source) counts ``LLEN KEY + LLEN PROCESSING``: jobs
+waiting plus jobs being worked on. Run every consumer with the same ``--queue`` and
+``--processing`` as the autoscaler's ``KEY`` and ``PROCESSING``: a job keeps its
+reservation while it waits *and* while it runs, and only when both lists are empty does
+the demand drop. The release here makes that take effect at once for this machine
+instead of when the reservation's duration elapses: a released reservation is replaced
+only if the demand still asks for it.
+
+Running it on the instance
+--------------------------
+Add this command to the Vast on-start script, before the line that runs
+``start_server.sh`` (the consumer gets its own virtual environment with ``redis``; it
+does not need the worker to be up yet, a failed release is retried after the next idle
+spell)::
+
+    (python3 -m venv /workspace/consumer && /workspace/consumer/bin/pip install -q redis \
+      && exec /workspace/consumer/bin/python /workspace/nullworker/examples/redis_list_consumer.py \
+      --redis-url "$REDIS_URL" --queue jobs --processing jobs:processing) \
+      >> /workspace/consumer.log 2>&1 &
+
+Options: ``--redis-url`` (default ``redis://127.0.0.1:6379/0``), ``--queue`` (``jobs``),
+``--processing`` (``jobs:processing``), ``--control-url`` (``$NULLWORKER_CONTROL_URL``,
+else ``http://127.0.0.1:18999``: set it when the worker runs with another
+``NULLWORKER_CONTROL_PORT``), ``--idle-release`` (5 s), ``--exit-when-idle``,
+``--requeue-leftovers``.
+
+Crashes and leftovers
+---------------------
+A consumer that dies mid-job (SIGKILL, the instance lost) leaves its job on the
+processing list: nothing is lost, but nothing redoes it either, and the autoscaler keeps
+counting it. ``--requeue-leftovers`` moves every job on the processing list back to the
+head of the queue at start, to be done first. The processing list is shared by all
+consumers, so use it only where no other consumer can be working at that moment (a
+single instance, or a restart after everything stopped): otherwise it requeues jobs that
+are in progress elsewhere and they run twice. A production queue would instead give
+each job a lease (a timestamp) and have a reaper requeue the expired ones.
+
+Exit status: 0 (``--exit-when-idle``), 1 (Redis unreachable at start, or the release
+failed with ``--exit-when-idle``), 130/143 (SIGINT/SIGTERM; a job in progress stays on
+the processing list). A connection lost later is printed and retried every second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import redis
+
+DEFAULT_CONTROL_URL = "http://127.0.0.1:18999"
+#: Longest single BLMOVE wait; an idle consumer re-checks its idle clock this often.
+BLOCK_S = 1.0
+#: Bound on the POST /release round trip (the listener is on loopback).
+RELEASE_TIMEOUT_S = 5.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--queue", default="jobs", help="list of waiting jobs (default jobs)")
+    parser.add_argument(
+        "--processing",
+        default="jobs:processing",
+        help="list of jobs being worked on (default jobs:processing)",
+    )
+    parser.add_argument(
+        "--control-url",
+        default=os.environ.get("NULLWORKER_CONTROL_URL") or DEFAULT_CONTROL_URL,
+        help=f"the worker's control listener (default $NULLWORKER_CONTROL_URL or "
+        f"{DEFAULT_CONTROL_URL})",
+    )
+    parser.add_argument(
+        "--idle-release",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="POST /release after the queue stayed empty this long (default 5)",
+    )
+    parser.add_argument(
+        "--exit-when-idle", action="store_true", help="exit after that release instead of waiting"
+    )
+    parser.add_argument(
+        "--requeue-leftovers",
+        action="store_true",
+        help="at start, move the processing list back onto the queue (only when no other "
+        "consumer is running)",
+    )
+    args = parser.parse_args(argv)
+    if not (math.isfinite(args.idle_release) and args.idle_release >= 0):
+        parser.error("--idle-release must be a number of seconds >= 0")
+    return args
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def work(job: dict[str, Any]) -> None:
+    """The job itself: here, sleep for ``job["seconds"]``."""
+    time.sleep(job["seconds"])
+
+
+def parse_job(raw: bytes) -> dict[str, Any] | None:
+    """The job as a dict, or None when it is not a usable job."""
+    try:
+        job = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(job, dict):
+        return None
+    seconds = job.setdefault("seconds", 0)
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        return None
+    return job
+
+
+def release(control_url: str) -> bool:
+    """POST /release to the worker and print its answer; False if it could not be asked."""
+    url = control_url.rstrip("/") + "/release"
+    # The listener is on loopback: never send this through an http_proxy from the env.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with opener.open(request, timeout=RELEASE_TIMEOUT_S) as response:
+            answer = response.read().decode(errors="replace").strip()
+    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+        say(f"POST {url} failed: {exc}")
+        return False
+    say(f"POST {url} -> {answer}")
+    return True
+
+
+def requeue_leftovers(client: redis.Redis, processing: str, queue: str) -> int:
+    """Move the processing list back to the head of the queue, oldest job nearest it.
+
+    A previous run that crashed mid-job left its job on the processing list. Moving
+    from the processing list's left (its newest) to the queue's right (where BLMOVE takes
+    from) one by one leaves the oldest leftover at the very head.
+    """
+    moved = 0
+    while client.lmove(processing, queue, "LEFT", "RIGHT") is not None:
+        moved += 1
+    return moved
+
+
+def consume(client: redis.Redis, args: argparse.Namespace) -> int:
+    """The consumer loop; returns the exit status (with ``--exit-when-idle``)."""
+    idle_since = time.monotonic()  # when the last job was acknowledged (or the start)
+    released = False  # already released during this idle spell
+    while True:
+        try:
+            now = time.monotonic()
+            if released:
+                block = BLOCK_S
+            else:
+                # Wake up when the idle spell is long enough (BLMOVE's 0 means forever).
+                block = min(BLOCK_S, max(0.01, idle_since + args.idle_release - now))
+            raw = client.blmove(args.queue, args.processing, block, "RIGHT", "LEFT")
+            if raw is None:
+                if not released and time.monotonic() - idle_since >= args.idle_release:
+                    say(f"queue {args.queue!r} empty for {args.idle_release:g} s: releasing")
+                    ok = release(args.control_url)
+                    if args.exit_when_idle:
+                        return 0 if ok else 1
+                    if ok:
+                        released = True
+                    else:
+                        idle_since = time.monotonic()  # try again after another spell
+                continue
+            job = parse_job(raw)
+            if job is None:
+                say(f"dropping a malformed job: {raw[:200]!r}")
+            else:
+                started = time.monotonic()
+                work(job)
+                say(f"job {job.get('id')} done in {time.monotonic() - started:.2f} s")
+            client.lrem(args.processing, 1, raw)  # acknowledge
+            idle_since = time.monotonic()
+            released = False
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            say(f"redis: {exc}; retrying in 1 s")
+            time.sleep(1.0)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    # The socket timeout must outlast the longest BLMOVE wait.
+    client = redis.Redis.from_url(
+        args.redis_url, socket_connect_timeout=5.0, socket_timeout=BLOCK_S + 10.0
+    )
+    try:
+        try:
+            client.ping()
+            if args.requeue_leftovers:
+                moved = requeue_leftovers(client, args.processing, args.queue)
+                say(f"requeued {moved} leftover job(s) from {args.processing!r}")
+        except redis.RedisError as exc:
+            say(f"redis at {args.redis_url.rpartition('@')[2]}: {exc}")
+            return 1
+        say(
+            f"consuming {args.queue!r} (processing list {args.processing!r}); "
+            f"release via {args.control_url} after {args.idle_release:g} s idle"
+        )
+        return consume(client, args)
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

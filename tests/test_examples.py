@@ -1,0 +1,438 @@
+"""The consumers in examples/, run as subprocesses against real servers and a real worker.
+
+Each test starts a real redis-server or nats-server (tests/servers.py) and a standalone
+worker in-process (the ``start_worker`` fixture), holds a reservation on the worker as a
+client does (``POST /reserve``, left open), queues jobs, and runs the example with
+``sys.executable``. The consumer must do every job, acknowledge it, and then end the
+reservation through the worker's control listener: the holder's answer is
+``{"released": "explicit"}``, and it comes only once the queue (and the processing list,
+or the consumer's pending acks) is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import nats
+import redis
+import trio
+
+from nullworker import ServeInfo
+
+from .conftest import StartWorker, envelope
+from .servers import (  # noqa: F401
+    ServerProcess,
+    nats_server_binary_fixture,
+    nats_server_fixture,
+    redis_server_binary_fixture,
+    redis_server_fixture,
+)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REDIS_EXAMPLE = EXAMPLES / "redis_list_consumer.py"
+NATS_EXAMPLE = EXAMPLES / "nats_consumer.py"
+
+URL = "http://127.0.0.1:1"  # any url: unsecured workers do not check it
+QUEUE = "jobs"
+PROCESSING = "jobs:processing"
+STREAM = "JOBS"
+CONSUMER = "workers"
+SUBJECT = "jobs.work"
+IDLE_S = 0.5
+#: Longer than one BLMOVE block or NATS fetch of the examples (1 s).
+LONG_IDLE_S = 1.5
+JOB_S = 0.1
+
+#: A fresh request_idx for each reservation.
+_REQUEST_IDX = itertools.count(50_000)
+
+T = TypeVar("T")
+
+
+def job(job_id: int, seconds: float = JOB_S) -> bytes:
+    return json.dumps({"id": job_id, "seconds": seconds}).encode()
+
+
+def consumer_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "NULLWORKER_CONTROL_URL"}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+async def run_example(
+    script: Path, *args: str, env: dict[str, str] | None = None, limit_s: float = 15.0
+) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(limit_s):
+        return await trio.run_process(
+            [sys.executable, str(script), *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env if env is not None else consumer_env(),
+        )
+
+
+def output(result: subprocess.CompletedProcess[bytes]) -> str:
+    return f"stdout:\n{result.stdout.decode()}\nstderr:\n{result.stderr.decode()}"
+
+
+def done_ids(stdout: str) -> list[int]:
+    """The ids of the ``job <id> done in <s> s`` lines, in order."""
+    return [int(line.split()[1]) for line in stdout.splitlines() if " done in " in line]
+
+
+def release_answers(stdout: str) -> list[dict[str, Any]]:
+    """The worker's answers to the consumer's POST /release, in order."""
+    return [
+        json.loads(line.split(" -> ", 1)[1])
+        for line in stdout.splitlines()
+        if line.startswith("POST ") and " -> " in line
+    ]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, limit_s: float = 5.0) -> None:
+    with trio.fail_after(limit_s):
+        while not await check():
+            await trio.sleep(0.01)
+
+
+class Holder:
+    """A client holding one reservation on the worker (``POST /reserve``, left open).
+
+    When the worker answers, ``demand`` is read at once (what the queue held when the
+    reservation ended) and ``ended`` is set.
+    """
+
+    def __init__(self) -> None:
+        self.request_idx = next(_REQUEST_IDX)
+        self.response: httpx.Response | None = None
+        self.demand_at_end: int | None = None
+        self.ended = trio.Event()
+
+    async def hold(
+        self, http: httpx.AsyncClient, info: ServeInfo, demand: Callable[[], Awaitable[int]]
+    ) -> None:
+        body = envelope(URL, payload={"duration": 60}, request_idx=self.request_idx)
+        self.response = await http.post(f"{info.url}/reserve", json=body)
+        self.demand_at_end = await demand()
+        self.ended.set()
+
+    def answer(self) -> dict[str, Any]:
+        assert self.response is not None, "the reservation has not ended"
+        assert self.response.status_code == 200, self.response.text
+        answer: dict[str, Any] = self.response.json()
+        return answer
+
+
+async def hold_reservation(
+    nursery: trio.Nursery,
+    http: httpx.AsyncClient,
+    info: ServeInfo,
+    demand: Callable[[], Awaitable[int]],
+) -> Holder:
+    """Start holding a reservation in the background; return once the worker is busy."""
+    holder = Holder()
+    nursery.start_soon(holder.hold, http, info, demand)
+    with trio.fail_after(5):
+        while not info.worker.slot.statistics().busy:
+            await trio.sleep(0.005)
+    return holder
+
+
+# -- Redis -------------------------------------------------------------------------------
+
+
+class RedisLists:
+    """The queue and processing lists, through a sync client run in a thread."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(partial(fn, *args))
+
+    async def push(self, *jobs: bytes) -> None:
+        await self.call(self.client.lpush, QUEUE, *jobs)
+
+    async def lists(self) -> tuple[list[bytes], list[bytes]]:
+        queue = await self.call(self.client.lrange, QUEUE, 0, -1)
+        processing = await self.call(self.client.lrange, PROCESSING, 0, -1)
+        return queue, processing
+
+    async def demand(self) -> int:
+        """What ``nullworker autoscale --redis-list URL jobs --processing jobs:processing``
+        counts: LLEN queue + LLEN processing."""
+        queue = await self.call(self.client.llen, QUEUE)
+        processing = await self.call(self.client.llen, PROCESSING)
+        return int(queue) + int(processing)
+
+
+def redis_args(server: ServerProcess, *extra: str, idle_s: float = IDLE_S) -> list[str]:
+    return [
+        "--redis-url",
+        server.url,
+        "--queue",
+        QUEUE,
+        "--processing",
+        PROCESSING,
+        "--idle-release",
+        str(idle_s),
+        *extra,
+    ]
+
+
+async def test_redis_consumer_does_the_jobs_then_releases_the_reservation(
+    redis_server: ServerProcess,
+    start_worker: StartWorker,
+    http: httpx.AsyncClient,
+    nursery: trio.Nursery,
+) -> None:
+    info = await start_worker()
+    assert info.control_url is not None
+    lists = RedisLists(redis_server.url)
+    holder = await hold_reservation(nursery, http, info, lists.demand)
+    await lists.push(job(1), job(2), job(3))
+
+    # An idle spell longer than one BLMOVE block (1 s): the consumer must wait out several.
+    result = await run_example(
+        REDIS_EXAMPLE,
+        *redis_args(
+            redis_server,
+            "--control-url",
+            info.control_url,
+            "--exit-when-idle",
+            idle_s=LONG_IDLE_S,
+        ),
+    )
+
+    assert result.returncode == 0, output(result)
+    stdout = result.stdout.decode()
+    assert done_ids(stdout) == [1, 2, 3], output(result)  # oldest first
+    assert await lists.lists() == ([], [])  # all done and acknowledged
+    # It released once, after the last job, and the release ended our reservation.
+    [answer] = release_answers(stdout)
+    assert answer["released"] is True
+    assert answer["request_idx"] == holder.request_idx
+    assert stdout.index("POST ") > stdout.index("job 3 done")
+    with trio.fail_after(5):
+        await holder.ended.wait()
+    assert holder.answer()["released"] == "explicit"
+    assert holder.answer()["held"] >= 3 * JOB_S + LONG_IDLE_S  # the jobs, then the idle spell
+    assert holder.demand_at_end == 0  # the queue had emptied when the reservation ended
+    assert info.worker.slot.statistics().counts["explicit"] == 1
+
+
+async def test_redis_consumer_keeps_waiting_after_a_release(
+    redis_server: ServerProcess,
+    start_worker: StartWorker,
+    http: httpx.AsyncClient,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    """Without --exit-when-idle: one release per idle spell, and the next job is done."""
+    info = await start_worker()
+    assert info.control_url is not None
+    lists = RedisLists(redis_server.url)
+    first = await hold_reservation(nursery, http, info, lists.demand)
+    await lists.push(job(1))
+    log_path = tmp_path / "consumer.out"
+    # The control URL from the environment this time.
+    env = consumer_env(NULLWORKER_CONTROL_URL=info.control_url)
+    with log_path.open("wb") as log:
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, str(REDIS_EXAMPLE), *redis_args(redis_server)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+                env=env,
+            )
+        )
+    try:
+        with trio.fail_after(10):
+            await first.ended.wait()
+        assert first.answer()["released"] == "explicit"
+        assert first.demand_at_end == 0
+
+        # Still idle: the consumer released once for this spell and must not end a new
+        # reservation that nothing asked it to end.
+        second = await hold_reservation(nursery, http, info, lists.demand)
+        await trio.sleep(3 * IDLE_S)
+        assert not second.ended.is_set()
+        await lists.push(job(2))
+        with trio.fail_after(10):
+            await second.ended.wait()
+        assert second.answer()["released"] == "explicit"
+        assert second.answer()["held"] >= 3 * IDLE_S + JOB_S + IDLE_S
+        assert second.demand_at_end == 0
+        assert process.returncode is None  # still consuming
+    finally:
+        process.terminate()
+        with trio.fail_after(5):
+            await process.wait()
+    assert process.returncode == 128 + signal.SIGTERM
+    stdout = log_path.read_text()
+    assert done_ids(stdout) == [1, 2], stdout
+    answers = release_answers(stdout)
+    assert [a["request_idx"] for a in answers] == [first.request_idx, second.request_idx]
+    assert await lists.lists() == ([], [])
+
+
+async def test_redis_consumer_requeues_a_crashed_runs_job(
+    redis_server: ServerProcess,
+    start_worker: StartWorker,
+    nursery: trio.Nursery,
+) -> None:
+    info = await start_worker()
+    assert info.control_url is not None
+    lists = RedisLists(redis_server.url)
+    crashed_job = job(0, seconds=1.0)
+    await lists.push(crashed_job, job(1), job(2))
+    args = redis_args(redis_server, "--control-url", info.control_url, "--exit-when-idle")
+
+    # A consumer killed (SIGKILL) in the middle of job 0 leaves it on the processing list.
+    process: trio.Process = await nursery.start(
+        partial(
+            trio.run_process,
+            [sys.executable, str(REDIS_EXAMPLE), *args],
+            stdout=subprocess.DEVNULL,
+            check=False,
+            env=consumer_env(),
+        )
+    )
+
+    async def job_0_taken() -> bool:
+        return (await lists.lists())[1] == [crashed_job]
+
+    await eventually(job_0_taken)
+    process.kill()
+    with trio.fail_after(5):
+        await process.wait()
+    assert await lists.lists() == ([job(2), job(1)], [crashed_job])
+
+    # By default a new run leaves the processing list alone (another consumer's jobs).
+    result = await run_example(REDIS_EXAMPLE, *args)
+    assert result.returncode == 0, output(result)
+    assert done_ids(result.stdout.decode()) == [1, 2], output(result)
+    assert await lists.lists() == ([], [crashed_job])
+
+    # --requeue-leftovers puts it back at the head of the queue and does it.
+    await lists.push(job(3))
+    result = await run_example(REDIS_EXAMPLE, *args, "--requeue-leftovers")
+    assert result.returncode == 0, output(result)
+    stdout = result.stdout.decode()
+    assert "requeued 1 leftover job(s)" in stdout, output(result)
+    assert done_ids(stdout) == [0, 3], output(result)  # the leftover first
+    assert await lists.lists() == ([], [])
+    assert release_answers(stdout) == [{"released": False, "reason": "no active reservation"}]
+
+
+# -- NATS --------------------------------------------------------------------------------
+
+
+def _with_jetstream(url: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``fn(jetstream_context)`` on a fresh connection, in a private asyncio loop."""
+
+    async def main() -> T:
+        nc = await nats.connect(url, allow_reconnect=False)
+        try:
+            return await fn(nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+async def jetstream(url: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+    return await trio.to_thread.run_sync(_with_jetstream, url, fn)
+
+
+async def consumer_counts(url: str) -> tuple[int, int]:
+    async def read(js: Any) -> tuple[int, int]:
+        info = await js.consumer_info(STREAM, CONSUMER)
+        return info.num_pending, info.num_ack_pending
+
+    return await jetstream(url, read)
+
+
+def nats_args(server: ServerProcess, *extra: str, idle_s: float = IDLE_S) -> list[str]:
+    return [
+        "--nats-url",
+        server.url,
+        "--stream",
+        STREAM,
+        "--consumer",
+        CONSUMER,
+        "--subject",
+        SUBJECT,
+        "--idle-release",
+        str(idle_s),
+        "--exit-when-idle",
+        *extra,
+    ]
+
+
+async def test_nats_consumer_does_the_jobs_then_releases_the_reservation(
+    nats_server: ServerProcess,
+    start_worker: StartWorker,
+    http: httpx.AsyncClient,
+    nursery: trio.Nursery,
+) -> None:
+    info = await start_worker()
+    assert info.control_url is not None
+    env = consumer_env(NULLWORKER_CONTROL_URL=info.control_url)
+
+    # Without --create a missing consumer is an error; with it, the walkthrough's first
+    # run makes the stream and the durable consumer (and, idle, releases nothing).
+    result = await run_example(NATS_EXAMPLE, *nats_args(nats_server), env=env)
+    assert result.returncode == 2, output(result)
+    assert "--create" in result.stdout.decode(), output(result)
+    result = await run_example(NATS_EXAMPLE, *nats_args(nats_server, "--create"), env=env)
+    assert result.returncode == 0, output(result)
+    stdout = result.stdout.decode()
+    assert f"created stream {STREAM!r}" in stdout, output(result)
+    assert f"created durable consumer {CONSUMER!r}" in stdout, output(result)
+    assert release_answers(stdout) == [{"released": False, "reason": "no active reservation"}]
+
+    async def demand() -> int:
+        """What ``nullworker autoscale --nats-consumer URL JOBS workers`` counts."""
+        return sum(await consumer_counts(nats_server.url))
+
+    holder = await hold_reservation(nursery, http, info, demand)
+
+    async def publish(js: Any) -> None:
+        for job_id in (1, 2, 3):
+            await js.publish(SUBJECT, job(job_id), stream=STREAM)
+
+    await jetstream(nats_server.url, publish)
+    assert await consumer_counts(nats_server.url) == (3, 0)
+
+    # An idle spell longer than one fetch (1 s): the consumer must wait out several.
+    result = await run_example(NATS_EXAMPLE, *nats_args(nats_server, idle_s=LONG_IDLE_S), env=env)
+
+    assert result.returncode == 0, output(result)
+    stdout = result.stdout.decode()
+    assert done_ids(stdout) == [1, 2, 3], output(result)
+    assert await consumer_counts(nats_server.url) == (0, 0)  # all delivered and acked
+    [answer] = release_answers(stdout)
+    assert answer["released"] is True
+    assert answer["request_idx"] == holder.request_idx
+    assert stdout.index("POST ") > stdout.index("job 3 done")
+    with trio.fail_after(5):
+        await holder.ended.wait()
+    assert holder.answer()["released"] == "explicit"
+    assert holder.answer()["held"] >= 3 * JOB_S + LONG_IDLE_S
+    assert holder.demand_at_end == 0
