@@ -35,7 +35,7 @@ With ``--create`` it first creates what is missing: the stream ``--stream`` capt
 Demand, as ``nullworker autoscale`` counts it
 ---------------------------------------------
 ``nullworker autoscale --nats-consumer URL STREAM CONSUMER`` (the
-``nullworker.demand.NatsConsumer`` source) counts the consumer's ``num_pending +
+``nullworker.client.demand.NatsConsumer`` source) counts the consumer's ``num_pending +
 num_ack_pending``: messages not yet delivered plus messages delivered and not yet
 acknowledged. Give the autoscaler the same stream and consumer as this consumer: a job
 keeps its reservation while it waits *and* while it runs (until ``ack``), and only when

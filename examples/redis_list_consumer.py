@@ -28,7 +28,7 @@ The loop
 Demand, as ``nullworker autoscale`` counts it
 ---------------------------------------------
 ``nullworker autoscale --redis-list URL KEY --processing PROCESSING`` (the
-``nullworker.demand.RedisList`` source) counts ``LLEN KEY + LLEN PROCESSING``: jobs
+``nullworker.client.demand.RedisList`` source) counts ``LLEN KEY + LLEN PROCESSING``: jobs
 waiting plus jobs being worked on. Run every consumer with the same ``--queue`` and
 ``--processing`` as the autoscaler's ``KEY`` and ``PROCESSING``: a job keeps its
 reservation while it waits *and* while it runs, and only when both lists are empty does

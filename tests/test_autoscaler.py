@@ -1,4 +1,4 @@
-"""Tests of the autoscaler's control loop (``nullworker.autoscaler``), on a MockClock.
+"""Tests of the autoscaler's control loop (``nullworker.client.autoscaler``), on a MockClock.
 
 No engine and no queue: the demand is a script (a value, or an exception, from a given
 time on) and ``reserve`` is :class:`FakeEngine`'s, an async context manager that can wait
@@ -24,13 +24,13 @@ import pytest
 import trio
 import trio.testing
 
-from nullworker.autoscaler import (
+from nullworker.client.autoscaler import (
     AutoscaleEvent,
     Autoscaler,
     AutoscalerStatistics,
     autoscale,
 )
-from nullworker.demand import DemandError
+from nullworker.client.demand import DemandError
 from nullworker.errors import ConfigError, EngineUnavailable
 
 # -- the fake engine -------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The autoscaler: turn a job queue's depth into reservations held.
 
-``nullworker autoscale`` reads how many jobs wait (a :mod:`nullworker.demand` source, or
+``nullworker autoscale`` reads how many jobs wait (a :mod:`nullworker.client.demand` source, or
 any async function returning an int) and holds one reservation
 (:func:`nullworker.client.reserve`) per ``jobs_per_worker`` jobs::
 
@@ -79,8 +79,8 @@ from typing import Literal, Protocol
 
 import trio
 
+from ..errors import ClientError, ConfigError
 from .demand import DemandError, redact
-from .errors import ClientError, ConfigError
 
 __all__ = [
     "AutoscaleEvent",
@@ -237,7 +237,7 @@ async def autoscale(
     Args:
       endpoint: the Vast endpoint name.
       demand: an async function of no arguments returning the number of jobs (an int
-        >= 0), e.g. a :class:`~nullworker.demand.DemandSource`'s ``read``. It should bound
+        >= 0), e.g. a :class:`~nullworker.client.demand.DemandSource`'s ``read``. It should bound
         its own time (a ``DemandSource`` does): a read that hangs holds up the next ones.
       min_workers: reservations held even with no demand.
       max_workers: the most reservations that exist at once, counting those still waiting
@@ -264,7 +264,7 @@ async def autoscale(
       are closed.
 
     Error handling:
-      A demand read that fails (any ``Exception``: a :class:`~nullworker.demand.DemandError`
+      A demand read that fails (any ``Exception``: a :class:`~nullworker.client.demand.DemandError`
       or the function's own) keeps the reservations and is retried with backoff. A
       :class:`~nullworker.errors.ClientError` from ``reserve`` (the engine unreachable,
       the reservation rejected or failed) is reported and retried with backoff. Any other
@@ -730,7 +730,7 @@ def _default_reserve(
 ) -> ReserveFunction:
     # Imported here: the client brings httpx, which a caller passing its own reserve
     # does not need.
-    from .client import reserve as client_reserve
+    from .reservation import reserve as client_reserve
 
     def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
         return client_reserve(endpoint, duration=duration_s, engine_url=engine_url, api_key=api_key)
