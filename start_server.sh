@@ -42,6 +42,7 @@ if [ -n "${CONTAINER_ID:-}" ] && [ -z "${REPORT_ADDR:-}" ]; then
 fi
 
 # The first Python >= 3.11 on PATH (images often carry several), unless PYTHON is set.
+PYTHON_GIVEN="${PYTHON:-}"
 if [ -z "${PYTHON:-}" ]; then
     for candidate in python3 python3.13 python3.12 python3.11; do
         if command -v "$candidate" >/dev/null 2>&1 &&
@@ -146,7 +147,20 @@ if already_running; then
 fi
 
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    fail "Python 3.11 or newer is required (found: $("$PYTHON" --version 2>&1 || echo none))"
+    # Common CUDA images are Ubuntu 22.04, whose python3 is 3.10: say what to do about it.
+    found="$({ command -v "$PYTHON" >/dev/null 2>&1 && "$PYTHON" --version 2>&1; } || echo none)"
+    if [ -n "$PYTHON_GIVEN" ]; then
+        what="PYTHON=$PYTHON is not 3.11+: point it at one that is"
+    else
+        what="none of python3, python3.13, python3.12, python3.11 on PATH is 3.11+: set PYTHON to one that is"
+    fi
+    fail "Python 3.11 or newer is required (found: $found). $what" \
+        "(on vastai/base-image with a -py311 or -py312 tag: PYTHON=/venv/main/bin/python;" \
+        "on Ubuntu 22.04: install python3.12 and python3.12-venv from the deadsnakes PPA, then PYTHON=python3.12;" \
+        "or: uv python install 3.12, then PYTHON=\$(uv python find 3.12))," \
+        "or use an image with Python 3.11+ (one based on Ubuntu 24.04, which has 3.12, such as" \
+        "vastai/base-image:cuda-12.8.1-cudnn-devel-ubuntu24.04; or python:3.12)." \
+        "See \"Deploying on Vast\" in README.md."
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
