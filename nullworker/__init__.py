@@ -13,6 +13,10 @@ Holding capacity from a Trio program::
 
     async with nullworker.reserve("my-endpoint", duration=300) as reservation:
         ...  # the worker at reservation.worker_url is yours until the block exits
+
+Holding as much capacity as a queue needs, until cancelled::
+
+    await nullworker.autoscale("my-endpoint", demand=count_jobs, max_workers=8)
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from .worker.config import WorkerConfig
 from .worker.reservations import Outcome, ReservationResult, ReservationSlot, SlotStatistics
 
 if TYPE_CHECKING:
-    from .client import ProgressEvent, Reservation, hold, reserve
+    from .client import ProgressEvent, Reservation, autoscale, hold, reserve
     from .worker.app import create_app
     from .worker.server import ServeInfo, serve
 
@@ -61,6 +65,7 @@ __all__ = [
     "WorkerConfig",
     "WorkerFailed",
     "__version__",
+    "autoscale",
     "create_app",
     "hold",
     "reserve",
@@ -77,6 +82,7 @@ _LAZY = {
     "hold": ("client", "hold"),
     "Reservation": ("client", "Reservation"),
     "ProgressEvent": ("client", "ProgressEvent"),
+    "autoscale": ("client", "autoscale"),
 }
 
 

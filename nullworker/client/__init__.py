@@ -4,14 +4,22 @@
   :class:`Reservation`, :class:`ProgressEvent`;
 * :mod:`.cli` -- its command line, ``python -m nullworker.client`` (and
   ``nullworker reserve``);
+* :mod:`.autoscaler` -- :func:`autoscale`, which holds as many reservations as a
+  queue's demand asks for; :mod:`.autoscale_cli` is its command line
+  (``nullworker autoscale``) and :mod:`.metrics` its Prometheus metrics;
 * :mod:`.demand` -- demand sources (how many jobs a queue holds), over the
   trio-asyncio bridge in :mod:`._aio`.
+
+The autoscaler and the demand sources are imported on first use (they bring the Redis
+and NATS clients), so ``nullworker reserve`` does not pay for them.
 
 The client imports :mod:`nullworker.errors` and :mod:`nullworker.vast`, never the
 worker or the local engine.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ClientError, EngineUnavailable, ReservationFailed, ReservationRejected
 from .cli import main
@@ -24,16 +32,61 @@ from .reservation import (
     reserve,
 )
 
+if TYPE_CHECKING:
+    from .autoscaler import AutoscaleEvent, Autoscaler, AutoscalerStatistics, autoscale
+    from .demand import (
+        CallableDemand,
+        CommandDemand,
+        DemandError,
+        DemandSource,
+        NatsConsumer,
+        RedisList,
+        RedisStream,
+    )
+
 __all__ = [
     "DEFAULT_ENGINE_URL",
+    "AutoscaleEvent",
+    "Autoscaler",
+    "AutoscalerStatistics",
+    "CallableDemand",
     "ClientError",
+    "CommandDemand",
+    "DemandError",
+    "DemandSource",
     "EngineUnavailable",
+    "NatsConsumer",
     "ProgressEvent",
+    "RedisList",
+    "RedisStream",
     "Reservation",
     "ReservationFailed",
     "ReservationRejected",
     "RouteTimeout",
+    "autoscale",
     "hold",
     "main",
     "reserve",
 ]
+
+_LAZY = {
+    "AutoscaleEvent": "autoscaler",
+    "Autoscaler": "autoscaler",
+    "AutoscalerStatistics": "autoscaler",
+    "autoscale": "autoscaler",
+    "CallableDemand": "demand",
+    "CommandDemand": "demand",
+    "DemandError": "demand",
+    "DemandSource": "demand",
+    "NatsConsumer": "demand",
+    "RedisList": "demand",
+    "RedisStream": "demand",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

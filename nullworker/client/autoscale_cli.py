@@ -1,0 +1,462 @@
+"""``nullworker autoscale``: hold as many reservations as a job queue needs.
+
+A thin layer over :func:`~.autoscaler.autoscale`: parse the command line, open the
+demand source (a Redis or NATS source opens the trio-asyncio loop itself, in
+``async with``; a command needs none), hand its ``read`` to ``autoscale()``, print one
+line per :class:`~.autoscaler.AutoscaleEvent`, and stop at SIGINT/SIGTERM.
+
+Output (stdout), one line per event; ``--json`` prints each as a JSON object instead::
+
+    12:00:01 autoscaling endpoint 'my-endpoint' on redis list 'jobs' at redis://q:6379 ...
+    12:00:01 metrics on http://127.0.0.1:9464/metrics
+    12:00:01 demand 2, target 2: 0 held, 2 waiting
+    12:00:02 held: http://1.2.3.4:41234
+    ...
+    12:05:00 interrupted: released 2 worker(s)
+
+Exit status: 2 usage, 1 the metrics port cannot be bound, 130/143 SIGINT/SIGTERM (every
+reservation released at once). Nothing else ends the command: an unreadable source or a
+refusing engine is printed and retried with backoff.
+
+Concurrency invariants
+----------------------
+* One Trio run. The signal receiver is open for the whole of it, so SIGINT and SIGTERM
+  always become a cancellation (never a ``KeyboardInterrupt`` between two checkpoints):
+  leaving ``autoscale()`` closes every reservation's connection before the exit status
+  is returned.
+* Events are printed synchronously from the ``on_event`` callback, in the order the
+  autoscaler made them.
+* The metrics server (``prometheus_client``'s, in threads of its own) is bound before
+  the Trio run starts and closed after it ends. A scrape takes its snapshot in the Trio
+  thread (``trio.from_thread.run_sync``), never by reading the autoscaler's state from
+  the server's thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import trio
+
+from .autoscaler import AutoscaleEvent, Autoscaler, AutoscalerStatistics, HeldReservation, autoscale
+from .cli import _SIGNAL_EXIT, EXIT_USAGE
+from .demand import (
+    COMMAND_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    CommandDemand,
+    DemandSource,
+    NatsConsumer,
+    RedisList,
+    RedisStream,
+    redact,
+)
+from .reservation import DEFAULT_ENGINE_URL, _default_client, reserve
+
+__all__ = ["EXIT_METRICS", "EXIT_USAGE", "main"]
+
+#: Exit status when the metrics port cannot be bound.
+EXIT_METRICS = 1
+
+_PROG = "nullworker autoscale"
+
+
+def _build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Hold as many reservations of a Vast serverless endpoint as your job queue "
+            "needs: ceil(demand / jobs-per-worker), between --min and --max; more at once, "
+            "fewer after --scale-down-delay. Runs until SIGINT/SIGTERM, which release "
+            "every reservation."
+        ),
+        epilog=(
+            "exit status: 2 usage; 1 the metrics port cannot be bound; 130/143 interrupted "
+            "by SIGINT/SIGTERM (every reservation released at once). A source or engine "
+            "fault is printed and retried, never an exit."
+        ),
+    )
+    parser.add_argument("--endpoint", required=True, metavar="NAME", help="endpoint name")
+    sources = parser.add_argument_group("demand source: exactly one of the first four")
+    source = sources.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--redis-list",
+        nargs=2,
+        metavar=("URL", "KEY"),
+        help="LLEN KEY (+ LLEN of --processing): a Redis list queue (RQ, Celery, your own)",
+    )
+    source.add_argument(
+        "--redis-stream",
+        nargs=3,
+        metavar=("URL", "STREAM", "GROUP"),
+        help="a Redis stream consumer group's lag + pending entries (XINFO GROUPS)",
+    )
+    source.add_argument(
+        "--nats-consumer",
+        nargs=3,
+        metavar=("URL", "STREAM", "CONSUMER"),
+        help="a NATS JetStream durable consumer's num_pending + num_ack_pending",
+    )
+    source.add_argument(
+        "--demand-command",
+        metavar="CMD",
+        help="a shell command that prints one integer (SQS, RabbitMQ, a database, ...)",
+    )
+    sources.add_argument(
+        "--processing",
+        metavar="KEY",
+        help="with --redis-list: the list of jobs being worked on, counted too",
+    )
+    sources.add_argument(
+        "--demand-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="bound on one read of the source (default 10 for a command, 5 for Redis/NATS)",
+    )
+    parser.add_argument(
+        "--min", type=int, default=0, metavar="N", help="reservations held even with no jobs (0)"
+    )
+    parser.add_argument(
+        "--max",
+        type=int,
+        default=10,
+        metavar="N",
+        help="most reservations at once, counting those waiting for a worker (10)",
+    )
+    parser.add_argument(
+        "--jobs-per-worker", type=int, default=1, metavar="N", help="jobs one worker takes (1)"
+    )
+    parser.add_argument(
+        "--poll", type=float, default=1.0, metavar="SECONDS", help="seconds between reads (1)"
+    )
+    parser.add_argument(
+        "--scale-down-delay",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long the demand must stay lower before reservations are released (30)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="each reservation's duration, renewed while wanted (default: the worker's cap)",
+    )
+    parser.add_argument(
+        "--api-key", default=None, metavar="KEY", help="endpoint API key (default $VAST_API_KEY)"
+    )
+    parser.add_argument(
+        "--engine-url",
+        default=None,
+        metavar="URL",
+        help=f"engine base URL (default $VAST_ENGINE_URL, else {DEFAULT_ENGINE_URL})",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="HOST",
+        help="the metrics server's address (default 127.0.0.1)",
+    )
+    return parser
+
+
+@dataclass(frozen=True)
+class _Options:
+    endpoint: str
+    source: DemandSource
+    min_workers: int
+    max_workers: int
+    jobs_per_worker: int
+    poll_s: float
+    scale_down_delay_s: float
+    duration_s: float | None
+    api_key: str
+    engine_url: str
+    json: bool
+    metrics_host: str
+    metrics_port: int | None
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
+    """The options, or ``parser.error`` (SystemExit 2) with a one-line reason."""
+    args = parser.parse_args(argv)
+    if args.processing is not None and args.redis_list is None:
+        parser.error("--processing goes with --redis-list")
+    if args.metrics_host is not None and args.metrics_port is None:
+        parser.error("--metrics-host goes with --metrics-port")
+    for flag, value, least in (
+        ("--min", args.min, 0),
+        ("--max", args.max, 1),
+        ("--jobs-per-worker", args.jobs_per_worker, 1),
+    ):
+        if value < least:
+            parser.error(f"{flag} must be an integer >= {least}, got {value}")
+    if args.min > args.max:
+        parser.error(f"--min ({args.min}) must not be greater than --max ({args.max})")
+    if not (math.isfinite(args.poll) and args.poll > 0):
+        parser.error(f"--poll must be a finite number of seconds > 0, got {args.poll}")
+    if not (math.isfinite(args.scale_down_delay) and args.scale_down_delay >= 0):
+        parser.error(
+            "--scale-down-delay must be a finite number of seconds >= 0, "
+            f"got {args.scale_down_delay}"
+        )
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        parser.error(f"--duration must be a finite number of seconds > 0, got {args.duration}")
+    if args.demand_timeout is not None and not (
+        math.isfinite(args.demand_timeout) and args.demand_timeout > 0
+    ):
+        parser.error(
+            f"--demand-timeout must be a finite number of seconds > 0, got {args.demand_timeout}"
+        )
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be 0..65535, got {args.metrics_port}")
+    api_key = args.api_key or os.environ.get("VAST_API_KEY")
+    if not api_key:
+        parser.error("an API key is required: pass --api-key or set VAST_API_KEY")
+    engine_url = args.engine_url or os.environ.get("VAST_ENGINE_URL") or DEFAULT_ENGINE_URL
+    if not engine_url.startswith(("http://", "https://")):
+        parser.error(f"--engine-url must be an http(s) URL, got {redact(engine_url)!r}")
+    try:
+        source = _build_source(args)
+    except ValueError as exc:  # a bad URL scheme or name; the message is password-free
+        parser.error(str(exc))
+    return _Options(
+        endpoint=args.endpoint,
+        source=source,
+        min_workers=args.min,
+        max_workers=args.max,
+        jobs_per_worker=args.jobs_per_worker,
+        poll_s=args.poll,
+        scale_down_delay_s=args.scale_down_delay,
+        duration_s=args.duration,
+        api_key=api_key,
+        engine_url=engine_url,
+        json=args.json,
+        metrics_host=args.metrics_host or "127.0.0.1",
+        metrics_port=args.metrics_port,
+    )
+
+
+def _build_source(args: argparse.Namespace) -> DemandSource:
+    # Each source's own default timeout unless --demand-timeout says otherwise.
+    timeout: float | None = args.demand_timeout
+    if args.redis_list is not None:
+        url, key = args.redis_list
+        return RedisList(url, key, args.processing, timeout_s=timeout or DEFAULT_TIMEOUT_S)
+    if args.redis_stream is not None:
+        url, stream, group = args.redis_stream
+        return RedisStream(url, stream, group, timeout_s=timeout or DEFAULT_TIMEOUT_S)
+    if args.nats_consumer is not None:
+        url, stream, consumer = args.nats_consumer
+        return NatsConsumer(url, stream, consumer, timeout_s=timeout or DEFAULT_TIMEOUT_S)
+    return CommandDemand(args.demand_command, timeout_s=timeout or COMMAND_TIMEOUT_S)
+
+
+def _iso_utc(now: float) -> str:
+    return (
+        datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def _event_fields(event: AutoscaleEvent) -> dict[str, Any]:
+    """The event as JSON fields: the common ones always, the others when set."""
+    fields: dict[str, Any] = {
+        "demand": event.demand,
+        "target": event.target,
+        "held": event.held,
+        "waiting": event.waiting,
+    }
+    extras: dict[str, Any] = {
+        "worker_url": event.worker_url,
+        "outcome": event.outcome,
+        "cause": event.cause,
+        "held_s": event.held_s,
+        "waited_s": event.waited_s,
+        "error": event.error,
+        "delay_s": event.delay_s,
+        "failures": event.failures,
+        "outage_s": event.outage_s,
+    }
+    for name, value in extras.items():
+        if value is None:
+            continue
+        if isinstance(value, float):
+            value = round(value, 3)
+        elif isinstance(value, str):
+            value = redact(value)
+        fields[name] = value
+    return fields
+
+
+class _Cli:
+    """One ``nullworker autoscale`` run: the autoscaler, its printer and its signals."""
+
+    def __init__(self, options: _Options) -> None:
+        self.options = options
+        self._scaler: Autoscaler | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self.signum: int | None = None
+        self.released_on_signal = 0
+
+    # -- output ------------------------------------------------------------------------
+
+    def _print(self, kind: str, text: str, **fields: Any) -> None:
+        now = time.time()
+        if self.options.json:
+            line = json.dumps({"kind": kind, "time": _iso_utc(now), "message": text, **fields})
+        else:
+            line = f"{time.strftime('%H:%M:%S', time.localtime(now))} {text}"
+        print(line, flush=True)
+
+    def _on_event(self, event: AutoscaleEvent) -> None:
+        self._print(event.kind, redact(event.message), **_event_fields(event))
+
+    def print_start(self, metrics_url: str | None) -> None:
+        o = self.options
+        duration = "the worker's cap" if o.duration_s is None else f"{o.duration_s:g} s"
+        engine_url = redact(o.engine_url)
+        self._print(
+            "started",
+            f"autoscaling endpoint {o.endpoint!r} on {o.source.describe()}: min {o.min_workers}, "
+            f"max {o.max_workers}, {o.jobs_per_worker} job(s) per worker, poll {o.poll_s:g} s, "
+            f"scale-down delay {o.scale_down_delay_s:g} s, each hold {duration}; "
+            f"engine {engine_url}",
+            endpoint=o.endpoint,
+            source=o.source.describe(),
+            engine_url=engine_url,
+            min=o.min_workers,
+            max=o.max_workers,
+            jobs_per_worker=o.jobs_per_worker,
+            poll_s=o.poll_s,
+            scale_down_delay_s=o.scale_down_delay_s,
+            duration_s=o.duration_s,
+        )
+        if metrics_url is not None:
+            self._print("metrics", f"metrics on {metrics_url}", url=metrics_url)
+
+    # -- the metrics server's side (another thread) ---------------------------------------
+
+    def statistics_for_scrape(self) -> AutoscalerStatistics | None:
+        """A snapshot taken in the Trio thread; called from the metrics server's threads."""
+        scaler, token = self._scaler, self._trio_token
+        if scaler is None or token is None:
+            return None
+        try:
+            return trio.from_thread.run_sync(scaler.statistics, trio_token=token)
+        except trio.RunFinishedError:
+            # The run is over: nothing changes the autoscaler any more.
+            return scaler.statistics()
+
+    # -- the Trio run --------------------------------------------------------------------
+
+    async def run(self, metrics_url: str | None) -> int:
+        self._trio_token = trio.lowlevel.current_trio_token()
+        o = self.options
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with o.source, _default_client() as http, trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
+
+                def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
+                    return reserve(
+                        o.endpoint,
+                        duration=o.duration_s,
+                        api_key=o.api_key,
+                        engine_url=o.engine_url,
+                        http=http,
+                    )
+
+                self.print_start(metrics_url)
+                self._scaler = await nursery.start(
+                    partial(
+                        autoscale,
+                        o.endpoint,
+                        demand=o.source.read,
+                        min_workers=o.min_workers,
+                        max_workers=o.max_workers,
+                        jobs_per_worker=o.jobs_per_worker,
+                        poll_s=o.poll_s,
+                        scale_down_delay_s=o.scale_down_delay_s,
+                        duration_s=o.duration_s,
+                        reserve=reserve_one,
+                        on_event=self._on_event,
+                    )
+                )
+        # Only a signal ends the nursery without an exception.
+        assert self.signum is not None
+        status = _SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
+        self._print(
+            "stopped",
+            f"interrupted: released {self.released_on_signal} worker(s)",
+            signal=signal.Signals(self.signum).name,
+            released=self.released_on_signal,
+            exit_status=status,
+        )
+        return status
+
+    async def _watch_signals(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+        async for signum in signals:
+            self.signum = signum
+            if self._scaler is not None:
+                self.released_on_signal = self._scaler.statistics().held
+            scope.cancel()
+            return
+
+
+def main(argv: list[str] | None = None, *, prog: str = _PROG) -> int:
+    """``nullworker autoscale``; returns the exit status.
+
+    ``argv`` defaults to ``sys.argv[1:]``. Runs its own ``trio.run``, so call it from the
+    main thread, outside any Trio run.
+    """
+    parser = _build_parser(prog)
+    try:
+        options = _parse(parser, argv)
+    except SystemExit as exc:  # argparse's way out: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cli = _Cli(options)
+    metrics = None
+    if options.metrics_port is not None:
+        # Imported here: prometheus_client is needed only with --metrics-port.
+        from .metrics import start_metrics_server
+
+        try:
+            metrics = start_metrics_server(
+                cli.statistics_for_scrape, host=options.metrics_host, port=options.metrics_port
+            )
+        except OSError as exc:
+            print(
+                f"{prog}: error: cannot serve metrics on "
+                f"{options.metrics_host}:{options.metrics_port}: {exc}",
+                file=sys.stderr,
+            )
+            return EXIT_METRICS
+    try:
+        return trio.run(cli.run, None if metrics is None else metrics.url)
+    except KeyboardInterrupt:  # Ctrl-C before the signal receiver was open
+        return _SIGNAL_EXIT[signal.SIGINT]
+    finally:
+        if metrics is not None:
+            metrics.close()

@@ -1,0 +1,153 @@
+"""Prometheus metrics of a running autoscaler, served by ``prometheus-client``.
+
+``nullworker autoscale --metrics-port P`` serves these at ``http://HOST:P/metrics``:
+
+* ``nullworker_autoscale_demand`` (gauge): the last demand read; no sample before one;
+* ``nullworker_autoscale_target`` (gauge): reservations kept (after the scale-down delay);
+* ``nullworker_autoscale_reservations_held`` (gauge): reservations held on a worker;
+* ``nullworker_autoscale_reservations_waiting`` (gauge): reservations waiting for a worker;
+* ``nullworker_autoscale_reservations_ended_total{outcome=...}`` (counter): held
+  reservations that ended, by outcome (``duration_elapsed``, ``explicit``,
+  ``client_released``, ``connection_lost``, ...);
+* ``nullworker_autoscale_reservations_failed_total`` (counter): attempts to reserve that
+  failed;
+* ``nullworker_autoscale_source_errors_total`` (counter): failed demand reads, every one;
+* ``nullworker_autoscale_source_up`` (gauge): 1 if the last demand read succeeded, else 0.
+
+Concurrency invariants
+----------------------
+* The registry is private (a ``CollectorRegistry`` of our own): nothing else registers
+  in it, and the process-wide default registry is left alone.
+* Values are not copied into ``prometheus_client`` metric objects as they change: the
+  :class:`AutoscalerCollector` builds them from one
+  :class:`~nullworker.client.autoscaler.AutoscalerStatistics` snapshot at scrape time,
+  so the figures of one scrape are consistent with each other.
+* ``prometheus_client`` serves from threads of its own (one per scrape), not from the
+  Trio run. The ``statistics`` function given to :func:`start_metrics_server` is called
+  in those threads: it must be safe to call there (the command line hops into the Trio
+  thread with ``trio.from_thread.run_sync`` to take the snapshot).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .autoscaler import AutoscalerStatistics
+
+__all__ = ["PREFIX", "AutoscalerCollector", "MetricsServer", "start_metrics_server"]
+
+#: The prefix of every metric name.
+PREFIX = "nullworker_autoscale_"
+
+#: Returns a snapshot, or ``None`` while there is nothing to report yet.
+StatisticsFunction = Callable[[], AutoscalerStatistics | None]
+
+
+class AutoscalerCollector(Collector):
+    """Builds the autoscaler's metrics from ``statistics()`` at each scrape.
+
+    Args:
+      statistics: returns the snapshot to report, or ``None`` (no metrics yet); called
+        once per scrape, in the thread that serves it.
+    """
+
+    def __init__(self, statistics: StatisticsFunction) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._statistics()
+        if stats is None:
+            return
+        demand = GaugeMetricFamily(
+            PREFIX + "demand", "Jobs the demand source counted at its last successful read."
+        )
+        if stats.demand is not None:
+            demand.add_metric([], stats.demand)
+        yield demand
+        yield GaugeMetricFamily(
+            PREFIX + "target",
+            "Reservations kept: ceil(demand / jobs per worker) clamped to min..max, "
+            "held up during the scale-down delay.",
+            value=stats.target,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "reservations_held", "Reservations held on a worker.", value=stats.held
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "reservations_waiting",
+            "Reservations waiting for the engine to give them a worker.",
+            value=stats.waiting,
+        )
+        ended = CounterMetricFamily(
+            PREFIX + "reservations_ended",
+            "Held reservations that ended, by outcome.",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(stats.ended_by_outcome.items()):
+            ended.add_metric([outcome], count)
+        yield ended
+        yield CounterMetricFamily(
+            PREFIX + "reservations_failed",
+            "Attempts to reserve a worker that failed (engine unreachable, refused, rejected).",
+            value=stats.reservations_failed,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "source_errors",
+            "Demand reads that failed.",
+            value=stats.source_errors,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "source_up",
+            "1 if the last demand read succeeded, else 0.",
+            value=1 if stats.source_ok else 0,
+        )
+
+
+class MetricsServer:
+    """``prometheus_client``'s HTTP server, serving one :class:`AutoscalerCollector`.
+
+    Made by :func:`start_metrics_server`; ``url`` is where the metrics are.
+    """
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread, url: str) -> None:
+        self._server = server
+        self._thread = thread
+        self.url = url
+
+    def close(self) -> None:
+        """Stop serving and close the port. Blocks up to about half a second (the
+        server's poll interval). Idempotent."""
+        if not self._thread.is_alive():
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def start_metrics_server(statistics: StatisticsFunction, *, host: str, port: int) -> MetricsServer:
+    """Serve the autoscaler's metrics on ``http://host:port/metrics``, in a thread.
+
+    Args:
+      statistics: see :class:`AutoscalerCollector`.
+      host: the address to bind (``127.0.0.1``, ``0.0.0.0``, ``::``, a name).
+      port: the port; ``0`` picks a free one (read it from the ``url``).
+
+    Returns:
+      The running server; call :meth:`MetricsServer.close` when done.
+
+    Raises:
+      OSError: the address cannot be bound (in use, not ours, unknown name).
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AutoscalerCollector(statistics))
+    server, thread = start_http_server(port, host, registry=registry)
+    bound_port = server.server_address[1]
+    shown = f"[{host}]" if ":" in host else host
+    return MetricsServer(server, thread, f"http://{shown}:{bound_port}/metrics")
