@@ -3,15 +3,16 @@
 Every module under ``nullworker/`` is read with ``ast``, and every import statement in it
 counts: at the top, inside functions (the lazy imports) and under ``if TYPE_CHECKING:``.
 
-* ``nullworker.errors`` imports nothing of nullworker; ``nullworker.vast`` (the wire
-  format) only itself and the errors.
-* Each role imports only itself, ``nullworker.vast`` and ``nullworker.errors``: the
-  worker (``nullworker.worker``), the client (``nullworker.client``) and the local engine
-  (``nullworker.engine``) never import each other, nor the top-level modules that tie
-  them together (``nullworker``, ``nullworker.cli``, ``nullworker.app``). One exception:
-  the engine may use the worker's public names, ``from nullworker.worker import ...``,
-  never a module inside it. Today it uses none: ``nullworker dev`` starts workers as
-  ``python -m nullworker serve`` processes.
+* ``nullworker.errors`` and ``nullworker.logs`` (log output) import nothing of
+  nullworker; ``nullworker.vast`` (the wire format) only itself and the errors.
+* Each role imports only itself, ``nullworker.vast``, ``nullworker.errors`` and
+  ``nullworker.logs``: the worker (``nullworker.worker``), the client
+  (``nullworker.client``) and the local engine (``nullworker.engine``) never import each
+  other, nor the top-level modules that tie them together (``nullworker``,
+  ``nullworker.cli``, ``nullworker.app``). One exception: the engine may use the worker's
+  public names, ``from nullworker.worker import ...``, never a module inside it. Today it
+  uses none: ``nullworker dev`` starts workers as ``python -m nullworker serve``
+  processes.
 * No import cycle between modules, top-level ones included.
 
 An import of ``a.b.c`` is an edge to ``a.b.c`` only, not to the packages ``a`` and
@@ -35,11 +36,18 @@ ROOT = Path(nullworker.__file__).parent
 #: (``P`` allows ``P`` and ``P.*``) and exact names (the package only, not its modules).
 RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "nullworker.errors": ((), ()),
+    "nullworker.logs": ((), ()),
     "nullworker.vast": (("nullworker.vast", "nullworker.errors"), ()),
-    "nullworker.worker": (("nullworker.worker", "nullworker.vast", "nullworker.errors"), ()),
-    "nullworker.client": (("nullworker.client", "nullworker.vast", "nullworker.errors"), ()),
+    "nullworker.worker": (
+        ("nullworker.worker", "nullworker.vast", "nullworker.errors", "nullworker.logs"),
+        (),
+    ),
+    "nullworker.client": (
+        ("nullworker.client", "nullworker.vast", "nullworker.errors", "nullworker.logs"),
+        (),
+    ),
     "nullworker.engine": (
-        ("nullworker.engine", "nullworker.vast", "nullworker.errors"),
+        ("nullworker.engine", "nullworker.vast", "nullworker.errors", "nullworker.logs"),
         ("nullworker.worker",),
     ),
 }
@@ -219,12 +227,13 @@ def test_the_checks_name_a_bad_import_and_a_cycle(tmp_path: Path) -> None:
     problems, found = _check(tmp_path)
     assert sorted(problems) == [
         "nullworker/client/__init__.py:1: nullworker.client imports nullworker.worker.runtime; "
-        "nullworker.client may import only nullworker.client, nullworker.vast, nullworker.errors",
+        "nullworker.client may import only nullworker.client, nullworker.vast, nullworker.errors, "
+        "nullworker.logs",
         # ``from ..worker import serve`` is allowed (the package's public names), but
         # ``from .. import __version__`` imports the top-level package.
         "nullworker/engine/__init__.py:2: nullworker.engine imports nullworker; "
         "nullworker.engine may import only nullworker.engine, nullworker.vast, "
-        "nullworker.errors, nullworker.worker (the package's public names only)",
+        "nullworker.errors, nullworker.logs, nullworker.worker (the package's public names only)",
         "nullworker/vast/envelope.py:2: nullworker.vast.envelope imports "
         "nullworker.worker.runtime; nullworker.vast may import only nullworker.vast, "
         "nullworker.errors",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
+from .. import logs
 from ..errors import ClientError, EngineUnavailable, ReservationFailed, ReservationRejected
 from .reservation import DEFAULT_ENGINE_URL, ProgressEvent, _default_client, hold
 
@@ -90,6 +91,12 @@ def _build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--quiet", action="store_true", help="print only held/ended lines and errors"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="log lines as text, or json: one object per line "
+        "(default $NULLWORKER_LOG_FORMAT or text)",
     )
     return parser
 
@@ -229,6 +236,6 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     if not engine_url.startswith(("http://", "https://")):
         print(f"{parser.prog}: error: --engine-url must be an http(s) URL", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.WARNING, args.log_format, text_format=logs.SHORT_TEXT_FORMAT)
     cli = _Cli(args, api_key=api_key, engine_url=engine_url)
     return trio.run(cli.run)

@@ -10,6 +10,7 @@ from functools import partial
 
 import trio
 
+from .. import logs
 from .core import DEFAULT_ENGINE_PORT, Engine, load_private_key
 from .web import serve_engine
 
@@ -35,15 +36,18 @@ def _parser() -> argparse.ArgumentParser:
         "--master-token", help="require this mtoken on worker reports (default: any)"
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="text, or json: one object per line (default $NULLWORKER_LOG_FORMAT or text)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """``nullworker engine [--host H] [--port P] [--key-file F] [--api-key K]``."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format)
     private_key = None
     if args.key_file:
         try:

@@ -51,6 +51,7 @@ from typing import IO, TextIO
 
 import trio
 
+from .. import logs
 from .core import DEFAULT_ENGINE_PORT, Engine, WorkerRecord
 from .web import serve_engine
 
@@ -500,12 +501,20 @@ def _parser() -> argparse.ArgumentParser:
         help="passed to the workers as MAX_RESERVATION_SECONDS",
     )
     parser.add_argument("--verbose", action="store_true", help="also log every engine request")
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="text, or json: one object per line, for the engine's lines and the workers' "
+        "(default $NULLWORKER_LOG_FORMAT or text)",
+    )
     return parser
 
 
-def _setup_logging(console: _Console, *, verbose: bool) -> None:
+def _setup_logging(console: _Console, *, verbose: bool, fmt: logs.LogFormat) -> None:
     handler = _ConsoleHandler(console)
-    handler.setFormatter(logging.Formatter("[engine] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logs.make_formatter(fmt, text_format="[engine] %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -523,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_reservation_seconds is not None:
         worker_env["MAX_RESERVATION_SECONDS"] = str(args.max_reservation_seconds)
     try:
+        log_format = logs.resolve_format(args.log_format)
+        worker_env["NULLWORKER_LOG_FORMAT"] = log_format
         if args.log_dir is not None:
             os.makedirs(args.log_dir, exist_ok=True)
         options = DevOptions(
@@ -540,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nullworker dev: {exc}", file=sys.stderr)
         return 2
     console = _Console(sys.stdout, tty=sys.stdout.isatty())
-    _setup_logging(console, verbose=options.verbose)
+    _setup_logging(console, verbose=options.verbose, fmt=log_format)
 
     async def _until_signal() -> None:
         # Receiving SIGINT here (instead of KeyboardInterrupt) lets the shutdown run

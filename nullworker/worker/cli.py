@@ -16,6 +16,7 @@ import sys
 
 import trio
 
+from .. import logs
 from ..errors import ConfigError, WorkerFailed
 from .config import DEFAULT_CONTROL_PORT, DEFAULT_PORT, WorkerConfig
 
@@ -51,6 +52,11 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
         "--max-queue-time", type=float, help="longest wait in the queue (default 30)"
     )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="text, or json: one object per line (default $NULLWORKER_LOG_FORMAT or text)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -74,17 +80,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         out["max_queue_time_s"] = args.max_queue_time
     if args.log_level:
         out["log_level"] = args.log_level.upper()
+    if getattr(args, "log_format", None):
+        out["log_format"] = args.log_format
     return out
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
-    # One line per request is ours to write; the HTTP client's per-call lines are noise.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def run(args: argparse.Namespace, *, started_at: float | None = None) -> int:
@@ -98,7 +96,7 @@ def run(args: argparse.Namespace, *, started_at: float | None = None) -> int:
         print(f"nullworker: configuration error: {exc}", file=sys.stderr)
         _beacon_from_env(f"Worker Server failed to launch: configuration error: {exc}")
         return 2
-    _setup_logging(config.log_level)
+    logs.configure(config.log_level, config.log_format, stream=sys.stdout)
     try:
         trio.run(_serve_until_signal, config, started_at)
     except BaseException as exc:  # start-up failure: one line, a beacon, non-zero

@@ -158,6 +158,8 @@ class WorkerConfig:
     #: A keep-alive connection is closed after this many requests (Hypercorn's default).
     keep_alive_max_requests: int = 1000
     log_level: str = "INFO"
+    #: ``text`` (the default) or ``json``: one JSON object per line (:mod:`nullworker.logs`).
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_reservation_s) or self.max_reservation_s <= 0:
@@ -187,6 +189,10 @@ class WorkerConfig:
             raise ConfigError(
                 "NULLWORKER_DELETE_REQUESTS_FORMAT must be 1.9.1 or legacy, "
                 f"got {self.delete_requests_format!r}"
+            )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(
+                f"NULLWORKER_LOG_FORMAT must be text or json, got {self.log_format!r}"
             )
         if self.engine_tries < 1:
             raise ConfigError("engine_tries must be at least 1")
@@ -275,6 +281,7 @@ class WorkerConfig:
             "ssl_keyfile": env.get("NULLWORKER_SSL_KEYFILE", DEFAULT_KEY_FILE),
             "delete_requests_format": env.get("NULLWORKER_DELETE_REQUESTS_FORMAT", "1.9.1"),
             "log_level": env.get("NULLWORKER_LOG_LEVEL", "INFO").upper(),
+            "log_format": env.get("NULLWORKER_LOG_FORMAT", "text").strip().lower() or "text",
             "force_update_path": env.get("NULLWORKER_FORCE_UPDATE_PATH", "/.force_update"),
             "lock_dir": env.get("NULLWORKER_LOCK_DIR") or tempfile.gettempdir(),
         }
