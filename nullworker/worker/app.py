@@ -13,11 +13,20 @@ Main port (what the engine routes clients to)
 
 Control listener (127.0.0.1 only, for the consumer on the instance)
   ``POST /release``          end the active reservation now
+  ``POST /hold``             keep the worker busy while the request stays open (a local
+                             hold; served below Quart, see :func:`_serve_hold`)
   ``GET  /health``, ``GET /status``
+  ``GET  /metrics``          Prometheus text format (:mod:`nullworker.worker.metrics`)
 
 Quart-Trio runs each request handler in a nursery beside the task that reads the
 connection; an ``http.disconnect`` cancels the handler. That cancellation is what
 ends a hold the instant the client goes away.
+
+``POST /hold`` is the one route that answers twice: its status line and headers as soon
+as the hold is registered (that is how a holder knows it holds), its JSON body when the
+hold ends. Quart sends a response's headers only once the handler has returned, after
+which nothing would own the hold, so the route is a plain ASGI handler in front of the
+control app, which watches for the disconnect itself.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -44,13 +53,34 @@ from ..errors import DuplicateRequest, EnvelopeError, QueueTimeout, ShuttingDown
 from ..vast.envelope import parse_duration, parse_envelope, signature_ok
 from .config import WorkerConfig
 from .http_server import ConnectionLimits, listen, serve_http
+from .local_holds import (
+    MAX_HOLD_BODY_BYTES,
+    HoldOutcome,
+    HoldRequestError,
+    LocalHold,
+    parse_hold_request,
+)
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .reservations import Outcome
 from .runtime import Worker
 from .update_guard import UpdateGuard
 
-__all__ = ["create_app", "create_control_app", "serve_control"]
+__all__ = [
+    "HOLD_DURATION_HEADER",
+    "HOLD_ID_HEADER",
+    "create_app",
+    "create_control_app",
+    "serve_control",
+]
 
 log = logging.getLogger("nullworker")
+
+#: Headers of an accepted ``POST /hold``, sent at once: the hold's id and its length (s).
+HOLD_ID_HEADER = "nullworker-hold-id"
+HOLD_DURATION_HEADER = "nullworker-hold-duration"
+
+_Receive = Callable[[], Awaitable[dict[str, Any]]]
+_Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _NO_SESSIONS = {
     "error": "this worker holds reservations, not sessions: use POST /reserve",
@@ -215,8 +245,18 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
 
 
 def create_control_app(worker: Worker) -> QuartTrio:
-    """The control listener's app: release, health and status for the instance's consumer."""
+    """The control listener's app: release, local holds, health, status and metrics."""
     app = _base_app("nullworker-control", worker.config)
+    quart_asgi: Callable[..., Awaitable[None]] = app.asgi_app
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") == "/hold":
+            await _serve_hold(worker, scope, receive, send)
+            return
+        await quart_asgi(scope, receive, send)
+
+    # Quart's documented place for middleware: the app stays a QuartTrio.
+    app.asgi_app = asgi_app  # type: ignore[method-assign]
 
     @app.post("/release")
     async def release() -> Response:
@@ -241,7 +281,111 @@ def create_control_app(worker: Worker) -> QuartTrio:
     async def status() -> Response:
         return _json(worker.status(), 200)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        response: Response = Response(
+            worker.metrics.render(), status=200, content_type=METRICS_CONTENT_TYPE
+        )
+        return response
+
     return app
+
+
+async def _serve_hold(
+    worker: Worker, scope: dict[str, Any], receive: _Receive, send: _Send
+) -> None:
+    """``POST /hold``: a local hold for as long as the request stays open.
+
+    The status line and headers (200, :data:`HOLD_ID_HEADER`, :data:`HOLD_DURATION_HEADER`)
+    go out once the hold is registered; the body ``{"released", "label", "held", "id",
+    "duration"}`` when it ends by its duration or the worker's shutdown. A disconnect
+    ends it at once (nothing is sent). Refusals are JSON: 422 naming the field, 413, 408,
+    405, and 503 while shutting down.
+    """
+    if scope.get("method") != "POST":
+        error = {"error": "The method is not allowed for the requested URL.", "status": 405}
+        await _send_json(send, 405, error, [(b"allow", b"POST")])
+        return
+    cfg = worker.config
+    body = bytearray()
+    with trio.move_on_after(cfg.body_timeout_s) as body_deadline:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > MAX_HOLD_BODY_BYTES:
+                message_413 = f"request body too large: the limit is {MAX_HOLD_BODY_BYTES} bytes"
+                await _send_json(send, 413, {"error": message_413, "status": 413})
+                return
+            if not message.get("more_body", False):
+                break
+    if body_deadline.cancelled_caught:
+        await _send_json(send, 408, {"error": "the request body did not arrive in time"})
+        return
+    try:
+        wanted = parse_hold_request(bytes(body))
+    except HoldRequestError as exc:
+        await _send_json(send, 422, exc.detail)
+        return
+    try:
+        async with worker.local_holds.open(wanted.duration_s, label=wanted.label) as hold:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"cache-control", b"no-store"),
+                        (HOLD_ID_HEADER.encode(), str(hold.id).encode()),
+                        (HOLD_DURATION_HEADER.encode(), repr(hold.duration_s).encode()),
+                    ],
+                }
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_end_on_disconnect, receive, hold)
+                outcome = await hold.wait()
+                nursery.cancel_scope.cancel()
+    except ShuttingDown:
+        await _send_json(send, 503, {"error": "shutting down", "released": "shutdown"})
+        return
+    if outcome is HoldOutcome.DISCONNECTED:
+        return  # nobody is there to read an answer
+    answer = {
+        "released": outcome.value,
+        "label": hold.label,
+        "held": round(hold.held_s, 3),
+        "id": hold.id,
+        "duration": hold.duration_s,
+    }
+    await send({"type": "http.response.body", "body": _dumps(answer).encode(), "more_body": False})
+
+
+async def _end_on_disconnect(receive: _Receive, hold: LocalHold) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    hold.end(HoldOutcome.DISCONNECTED)
+
+
+async def _send_json(
+    send: _Send,
+    status: int,
+    body: dict[str, Any],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    data = _dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 async def serve_control(
@@ -283,7 +427,7 @@ def connection_limits(config: WorkerConfig) -> ConnectionLimits:
 
 def _health(worker: Worker) -> Response:
     if worker.ready.is_set() and not worker.slot.closing:
-        return _json({"ready": True, "busy": worker.slot.statistics().busy}, 200)
+        return _json({"ready": True, "busy": worker.busy}, 200)
     reason = worker.error or ("shutting down" if worker.slot.closing else "starting")
     return _json({"ready": False, "reason": reason}, 503)
 

@@ -75,6 +75,13 @@ Accounting choices (documented deviations from the official worker)
   Reservations without a ``request_idx`` each count once.
 * ``cur_perf`` keeps the official meaning -- workload served since the last delivered
   report -- but without the lost increments.
+* Local holds (:mod:`nullworker.worker.local_holds`) are not engine requests: they have
+  no ``request_idx``, never reach ``/delete_requests/`` and add nothing to ``new_load``,
+  ``cur_perf`` or ``num_requests_recieved``. While at least one is open the worker reports
+  at least one unit of work: ``cur_load`` at least ``LOCAL_HOLD_LOAD`` (= ``max_perf``,
+  100) and ``num_requests_working`` at least 1, whatever their number: a worker whose
+  consumer is mid-job reports what a held reservation reports. Only the first hold
+  opening and the last one closing change the report.
 * ``error_msg`` is not sticky forever: :meth:`EngineReporter.set_ready` clears an earlier
   start-up error (e.g. a pubkey fetch that failed and then succeeded), and
   ``set_error("")`` clears it explicitly.
@@ -101,11 +108,12 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from ..errors import NullworkerError
 from ..vast.signing import load_public_key
-from .config import WorkerConfig
+from .config import MAX_PERF, WorkerConfig
 from .reservations import Outcome, Reservation, ReservationEvent
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
+    "LOCAL_HOLD_LOAD",
     "PUBKEY_BACKOFF_S",
     "RETRY_CAP_S",
     "RETRY_JITTER",
@@ -146,6 +154,8 @@ _RECENT_IDX_WINDOW = 4096
 _MAX_PENDING_DELETES = 10_000
 #: At most this many entries per ``delete_requests`` POST; the rest go in the next round.
 _DELETE_BATCH = 500
+#: The ``cur_load`` floor while local holds are open: one busy worker (``max_perf``).
+LOCAL_HOLD_LOAD = MAX_PERF
 
 _STATUS_OF: dict[Outcome, str] = {
     Outcome.ELAPSED: "Success",
@@ -378,6 +388,8 @@ class EngineReporter:
         self._received_count = 0
         self._recent_idxs: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._pending: list[_DeleteEntry] = []
+        #: At least one local hold is open (the count itself is not reported).
+        self._local_holds = False
         # 1.9.1 measures the disk delta from the last *delivered* report; the baseline
         # is the figure at start, as the official worker takes it.
         self._last_disk_gib = self._read_disk()
@@ -433,6 +445,16 @@ class EngineReporter:
         self._max_perf = float(max_perf)
         self._error_msg = ""
         self._mark_changed()
+
+    def set_local_holds(self, count: int) -> None:
+        """The number of open local holds; the engine hears at once when it leaves or reaches 0.
+
+        Never blocks, never raises (a local hold's observer calls it).
+        """
+        held = count > 0
+        if held != self._local_holds:
+            self._local_holds = held
+            self._mark_changed()
 
     def set_error(self, message: str) -> None:
         """Report ``error_msg`` at once (``""`` clears it)."""
@@ -661,14 +683,15 @@ class EngineReporter:
         disk = self._read_disk()
         working = list(self._working.values())
         idxs = [i for i in (_as_idx(r.tag.get("request_idx")) for r in working) if i is not None]
+        cur_load, num_working = self._load()
         body = _status_body(
             self._config,
             loadtime=self._loadtime,
             counters=counters,
-            cur_load=sum(float(r.workload) for r in working),
+            cur_load=cur_load,
             max_perf=self._max_perf,
             error_msg=self._error_msg,
-            num_requests_working=len(working),
+            num_requests_working=num_working,
             num_requests_received=self._received_count,
             disk_gib=disk,
             additional_disk_gib=disk - self._last_disk_gib,
@@ -677,6 +700,15 @@ class EngineReporter:
         return _StatusSnapshot(
             body=body, counters=counters, disk_gib=disk, ended=list(self._pending)
         )
+
+    def _load(self) -> tuple[float, int]:
+        """``cur_load`` and ``num_requests_working``: the working set, with the local-hold floor."""
+        cur_load = sum(float(r.workload) for r in self._working.values())
+        num_working = len(self._working)
+        if self._local_holds:
+            cur_load = max(cur_load, LOCAL_HOLD_LOAD)
+            num_working = max(num_working, 1)
+        return cur_load, num_working
 
     async def _send_status(self, tries: int) -> bool:
         snap = self._snapshot()
@@ -934,8 +966,9 @@ class EngineReporter:
             "last_error": self._last_error,
             "ready": self._loadtime > 0 and self._max_perf > 0 and not self._error_msg,
             "error_msg": self._error_msg,
-            "cur_load": sum(float(r.workload) for r in self._working.values()),
-            "num_requests_working": len(self._working),
+            "cur_load": self._load()[0],
+            "num_requests_working": self._load()[1],
+            "local_holds": self._local_holds,
             "num_requests_received": self._received_count,
         }
 

@@ -1,4 +1,5 @@
-"""The worker's runtime: the slot, readiness, the engine reporter and the control listener.
+"""The worker's runtime: the slot, local holds, readiness, the engine reporter, metrics and
+the control listener.
 
 One :class:`Worker` lives for one serving lifetime. The Quart-Trio app starts
 :meth:`Worker.supervise` from its ``before_serving`` hook inside the app's own nursery, so
@@ -16,9 +17,11 @@ Invariants
   to start without it (that is how ``hypercorn --workers 2`` is refused).
 * Readiness comes after the engine's public key (unless unsecured) and a benchmark that
   runs a real zero-length hold through a private slot. ``max_perf`` is pinned to 100.
+* Busy means a reservation held *or* a local hold open (:attr:`Worker.busy`): that is
+  what ``/health``, ``/status``, the metrics and the engine reports say.
 * Shutdown: :meth:`Worker.begin_shutdown` ends every hold with the ``shutdown`` outcome
-  (holders get a 503 they can read); whatever is still pending for the engine is
-  flushed under a short shielded deadline.
+  (holders get a 503 they can read, local holders a 200 saying ``shutdown``); whatever is
+  still pending for the engine is flushed under a short shielded deadline.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigError, WorkerFailed
 from .config import MAX_PERF, RESERVATION_WORKLOAD, WorkerConfig
-from .reservations import Outcome, ReservationSlot
+from .local_holds import LocalHoldEvent, LocalHolds
+from .metrics import MetricsSnapshot, WorkerMetrics
+from .reservations import Outcome, ReservationEvent, ReservationSlot
 
 if TYPE_CHECKING:
     from .reporter import EngineReporter
@@ -88,6 +93,11 @@ class Worker:
             workload=RESERVATION_WORKLOAD,
         )
         self.slot.add_observer(self._log_event)
+        self.local_holds = LocalHolds(max_duration_s=config.max_reservation_s)
+        self.local_holds.add_observer(self._log_local_event)
+        self.metrics = WorkerMetrics(self._metrics_snapshot)
+        self.slot.add_observer(self.metrics.observe)
+        self.local_holds.add_observer(self.metrics.observe_local)
         self.reporter: EngineReporter | None = None
         self.public_key: rsa.RSAPublicKey | None = None
         self.ready = trio.Event()
@@ -170,6 +180,11 @@ class Worker:
                         self.config, http=http, started_at=self.started_at
                     )
                     self.slot.add_observer(self.reporter.observe)
+                    reporter = self.reporter
+                    self.local_holds.add_observer(
+                        lambda _event: reporter.set_local_holds(self.local_holds.count)
+                    )
+                    reporter.set_local_holds(self.local_holds.count)
                 try:
                     async with trio.open_nursery() as nursery:
                         if self.config.control_port is not None:
@@ -190,13 +205,20 @@ class Worker:
                             # final report shows the worker idle.
                             with trio.move_on_after(FINAL_FLUSH_S / 2):
                                 await self.slot.wait_idle()
+                                await self.local_holds.wait_idle()
                             await self.reporter.flush(timeout_s=FINAL_FLUSH_S / 2)
 
     def begin_shutdown(self) -> None:
-        """Take no new reservations and end the held and queued ones (``shutdown``)."""
+        """Take no new reservations or local holds; end the open ones (``shutdown``)."""
         if not self.slot.closing:
-            log.info("shutting down: releasing the active and queued reservations")
+            log.info("shutting down: releasing the active and queued reservations and local holds")
         self.slot.shutdown()
+        self.local_holds.shutdown()
+
+    @property
+    def busy(self) -> bool:
+        """A reservation holds the slot or a local hold is open: the engine hears "busy"."""
+        return self.slot.statistics().busy or self.local_holds.count > 0
 
     @contextlib.contextmanager
     def _single_process_lock(self) -> Iterator[None]:
@@ -235,7 +257,9 @@ class Worker:
             )
         if self.control_url:
             log.info(
-                "control listener on %s (POST /release, GET /health, GET /status)", self.control_url
+                "control listener on %s (POST /release, POST /hold, GET /health, GET /status, "
+                "GET /metrics)",
+                self.control_url,
             )
 
     # -- readiness -------------------------------------------------------------------
@@ -331,12 +355,28 @@ class Worker:
                 "held_s": round(max(time.time() - stats.active.started_at, 0.0), 3),
                 "request_idx": stats.active.tag.get("request_idx"),
             }
+        local = self.local_holds.statistics()
         body: dict[str, Any] = {
             "ready": self.ready.is_set(),
-            "busy": stats.busy,
+            "busy": stats.busy or local.count > 0,
             "closing": stats.closing,
             "active": active,
             "queue_length": stats.waiting,
+            "local_holds": {
+                "count": local.count,
+                "holds": [
+                    {
+                        "id": h.id,
+                        "label": h.label,
+                        "duration": h.duration_s,
+                        "started_at": h.started_at,
+                        "age_s": round(h.age_s, 3),
+                        "remaining_s": round(h.remaining_s, 3),
+                    }
+                    for h in local.holds
+                ],
+                "counts": local.counts,
+            },
             "counts": stats.counts,
             "max_reservation_seconds": self.config.max_reservation_s,
             "max_queue_time": self.config.max_queue_time_s,
@@ -347,29 +387,104 @@ class Worker:
             body["engine"] = self.reporter.statistics()
         return body
 
-    def _log_event(self, event: Any) -> None:
+    def _metrics_snapshot(self) -> MetricsSnapshot:
+        stats = self.slot.statistics()
+        engine = self.reporter.statistics() if self.reporter is not None else None
+        since: float | None = None
+        if engine is not None:
+            age = engine["last_report_age_s"]
+            since = float(age) if age is not None else time.monotonic() - self.started_at
+        return MetricsSnapshot(
+            ready=self.ready.is_set() and not stats.closing,
+            reservation_held=stats.busy,
+            queue_length=stats.waiting,
+            local_holds=self.local_holds.count,
+            reservations_ended={k: v for k, v in stats.counts.items() if k != "started"},
+            local_holds_ended={
+                k: v for k, v in self.local_holds.statistics().counts.items() if k != "started"
+            },
+            reporting=self.config.reporting,
+            reports_sent=int(engine["reports_sent"]) if engine else 0,
+            reports_failed=int(engine["report_failures"]) if engine else 0,
+            seconds_since_last_report=since,
+        )
+
+    def _log_event(self, event: ReservationEvent) -> None:
         res = event.reservation
         idx = res.tag.get("request_idx")
+        fields: dict[str, Any] = {
+            "event": f"reservation_{event.kind}",
+            "reservation_id": res.id,
+            "request_idx": idx,
+        }
         if event.kind == "queued" and self.slot.statistics().busy:
-            log.info("reservation %s (request_idx %s) queued behind the active one", res.id, idx)
+            log.info(
+                "reservation %s (request_idx %s) queued behind the active one",
+                res.id,
+                idx,
+                extra=fields,
+            )
         elif event.kind == "started":
             log.info(
-                "reservation %s (request_idx %s) held for up to %g s", res.id, idx, res.duration_s
+                "reservation %s (request_idx %s) held for up to %g s",
+                res.id,
+                idx,
+                res.duration_s,
+                extra=fields | {"duration_s": res.duration_s},
             )
         elif event.kind == "ended":
+            outcome = res.outcome.value if res.outcome else "?"
+            fields |= {
+                "outcome": outcome,
+                "held_s": round(res.held_s, 3),
+                "duration_s": res.duration_s,
+            }
             if res.outcome is Outcome.CANCELLED:
+                why = "server stopping" if self.slot.closing else "client disconnected"
                 log.info(
                     "reservation %s (request_idx %s) cancelled after %.3f s: %s (499)",
                     res.id,
                     idx,
                     res.held_s,
-                    "server stopping" if self.slot.closing else "client disconnected",
+                    why,
+                    extra=fields | {"reason": why},
                 )
             else:
                 log.info(
                     "reservation %s (request_idx %s) ended: %s after %.3f s",
                     res.id,
                     idx,
-                    res.outcome.value if res.outcome else "?",
+                    outcome,
                     res.held_s,
+                    extra=fields,
                 )
+
+    def _log_local_event(self, event: LocalHoldEvent) -> None:
+        hold = event.hold
+        fields: dict[str, Any] = {
+            "event": f"local_hold_{event.kind}",
+            "local_hold_id": hold.id,
+            "label": hold.label,
+            "local_holds": self.local_holds.count,
+        }
+        shown = f" ({hold.label})" if hold.label else ""
+        if event.kind == "started":
+            log.info(
+                "local hold %s%s opened for up to %g s (%d open)",
+                hold.id,
+                shown,
+                hold.duration_s,
+                self.local_holds.count,
+                extra=fields | {"duration_s": hold.duration_s},
+            )
+        elif event.kind == "ended":
+            outcome = hold.outcome.value if hold.outcome else "?"
+            log.info(
+                "local hold %s%s ended %s after %.3f s (%d open)",
+                hold.id,
+                shown,
+                "by disconnect" if outcome == "disconnected" else f"({outcome})",
+                hold.held_s,
+                self.local_holds.count,
+                extra=fields | {"outcome": outcome, "held_s": round(hold.held_s, 3)},
+            )
