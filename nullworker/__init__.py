@@ -42,6 +42,7 @@ from .worker.reservations import Outcome, ReservationResult, ReservationSlot, Sl
 
 if TYPE_CHECKING:
     from .client import ProgressEvent, Reservation, autoscale, hold, reserve
+    from .client.local_hold import LocalHold, LocalHoldFailed, local_hold
     from .worker.app import create_app
     from .worker.server import ServeInfo, serve
 
@@ -50,6 +51,8 @@ __all__ = [
     "ConfigError",
     "EngineUnavailable",
     "EnvelopeError",
+    "LocalHold",
+    "LocalHoldFailed",
     "NullworkerError",
     "Outcome",
     "ProgressEvent",
@@ -68,6 +71,7 @@ __all__ = [
     "autoscale",
     "create_app",
     "hold",
+    "local_hold",
     "reserve",
     "serve",
 ]
@@ -83,6 +87,9 @@ _LAZY = {
     "Reservation": ("client", "Reservation"),
     "ProgressEvent": ("client", "ProgressEvent"),
     "autoscale": ("client", "autoscale"),
+    "local_hold": ("client.local_hold", "local_hold"),
+    "LocalHold": ("client.local_hold", "LocalHold"),
+    "LocalHoldFailed": ("client.local_hold", "LocalHoldFailed"),
 }
 
 

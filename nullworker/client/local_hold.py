@@ -1,0 +1,353 @@
+"""Local holds from a Trio program: keep this instance's worker busy while a job runs.
+
+Usage, in the consumer that runs beside the worker on the instance::
+
+    async with nullworker.local_hold(label="job 42") as hold:
+        ...  # run the job: the worker counts as busy, so the engine does not scale it in
+    # leaving the block by any path drops the connection, which ends the hold at once
+
+A reservation brings a machine; a local hold keeps it while a job runs, even after the
+reservation that brought it was closed. The hold is ``POST /hold`` on the worker's
+control listener (``NULLWORKER_CONTROL_URL``, default ``http://127.0.0.1:18999``), a
+request kept open for as long as the block runs.
+
+Knowing the hold is there
+-------------------------
+The worker sends ``/hold``'s status line and headers as soon as the hold is registered,
+and its JSON body only when the hold ends. The block is entered once the ``200`` and
+its headers (``nullworker-hold-id``) have arrived: from then on the worker counts as
+busy, and reports say so within its 20 ms coalescing window. A refusal (``422`` bad
+input, ``503`` shutting down) or a control listener that cannot be reached raises
+:class:`LocalHoldFailed` before the block runs.
+
+Durations
+---------
+* ``duration=None`` (the default): held until the block exits. The worker caps one hold
+  at its ``MAX_RESERVATION_SECONDS``; when that elapses a new one is opened at once
+  (both within one coalescing window, so the engine never hears "idle"). If the worker
+  goes away meanwhile (a restart, a shutdown), a new hold is tried every second until it
+  is accepted again; ``hold.held`` is false in between, and one warning says so.
+* ``duration=S``: one hold of at most ``S`` seconds (capped by the worker). When it ends,
+  ``hold.ended`` is set and ``hold.outcome`` says why; the block is not interrupted.
+
+Concurrency invariants
+----------------------
+* One background task per :func:`local_hold` owns the HTTP exchange(s), in a nursery
+  owned by the context manager; it never raises once the block has been entered.
+* Leaving the block cancels that nursery: httpcore closes a cancelled HTTP/1.1
+  exchange's socket, and the worker ends the hold the moment it sees the disconnect.
+* ``trio.Cancelled`` is never swallowed; the nursery's exception group is unwrapped so
+  callers get their own exception (or :class:`LocalHoldFailed`) itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import httpx
+import trio
+
+from ..errors import ClientError
+
+__all__ = [
+    "CONTROL_URL_ENV",
+    "DEFAULT_CONTROL_URL",
+    "LocalHold",
+    "LocalHoldFailed",
+    "local_hold",
+]
+
+log = logging.getLogger("nullworker.local_hold")
+
+#: The worker's control listener when ``NULLWORKER_CONTROL_URL`` is not set.
+DEFAULT_CONTROL_URL = "http://127.0.0.1:18999"
+CONTROL_URL_ENV = "NULLWORKER_CONTROL_URL"
+#: Connect, write and pool bounded; no read timeout (the answer comes when the hold ends).
+_TIMEOUT = httpx.Timeout(5.0, read=None)
+#: While renewing: the pause before trying again after the worker went away or refused.
+_RETRY_S = 1.0
+_USER_AGENT = "nullworker-local-hold"
+
+
+class LocalHoldFailed(ClientError):
+    """The worker's control listener could not be reached, or it refused the hold.
+
+    ``status`` is the HTTP status of a refusal (``None`` when nothing answered).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LocalHold:
+    """A local hold on this instance's worker, as :func:`local_hold` yields it.
+
+    Attributes:
+      label: the label the worker logs and shows in ``/status``.
+      duration: the requested seconds, or ``None`` (held until the block exits).
+      control_url: the control listener's base URL.
+      id: the worker's id of the current (or last) hold.
+      held_for_s: the worker's cap on the current hold, from its answer's headers.
+      held: True while the worker holds for us.
+      holds: how many holds the worker accepted so far (renewals included).
+      ended: set once no hold is left and none will follow: a ``duration`` hold ended,
+        or the block was left.
+      outcome: how the last hold ended: the worker's ``released`` value
+        (``"duration_elapsed"``, ``"shutdown"``), ``"connection_lost"``, ``"refused"``,
+        or ``"client_released"`` (we left the block); ``None`` while held.
+    """
+
+    def __init__(self, *, label: str, duration: float | None, control_url: str) -> None:
+        self.label = label
+        self.duration = duration
+        self.control_url = control_url
+        self.id: int | None = None
+        self.held_for_s: float | None = None
+        self.held = False
+        self.holds = 0
+        self.ended = trio.Event()
+        self.outcome: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<LocalHold id={self.id} label={self.label!r} held={self.held}>"
+
+    @property
+    def renewing(self) -> bool:
+        return self.duration is None
+
+    def _begin(self, headers: httpx.Headers) -> None:
+        self.id = _as_int(headers.get("nullworker-hold-id"))
+        self.held_for_s = _as_float(headers.get("nullworker-hold-duration"))
+        self.held = True
+        self.holds += 1
+        self.outcome = None
+
+    def _lapse(self, outcome: str) -> None:
+        self.held = False
+        self.outcome = outcome
+
+    def _finish(self, outcome: str) -> None:
+        if self.ended.is_set():
+            return
+        if self.held or self.outcome is None:
+            self.outcome = outcome
+        self.held = False
+        self.ended.set()
+
+
+@asynccontextmanager
+async def local_hold(
+    duration: float | None = None,
+    *,
+    label: str | None = None,
+    control_url: str | None = None,
+    http: httpx.AsyncClient | None = None,
+) -> AsyncIterator[LocalHold]:
+    """Keep this instance's worker busy while the ``async with`` block runs.
+
+    Args:
+      duration: seconds to hold at most (capped by the worker's
+        ``MAX_RESERVATION_SECONDS``); ``None`` holds until the block exits, renewing
+        the hold as the worker's cap elapses and after the worker restarts.
+      label: shown in the worker's logs and ``/status`` (at most 200 printable
+        characters).
+      control_url: the worker's control listener; default ``$NULLWORKER_CONTROL_URL``,
+        else ``http://127.0.0.1:18999``.
+      http: a client to use (the caller keeps ownership; each hold keeps one of its
+        connections open, so give it ``httpx.Limits(max_connections=None)`` for many
+        holds at once); by default one of our own, closed on exit.
+
+    Raises:
+      LocalHoldFailed: before the block runs: the control listener could not be reached
+        (``status`` None), or it refused the hold (``status`` 422 bad input, 503 shutting
+        down).
+      ValueError: ``duration`` is negative, NaN or infinite.
+
+    Resource handling: leaving the block by any path (normal exit, exception,
+    cancellation) closes the connection, and the worker ends the hold at once.
+    """
+    if duration is not None:
+        duration = float(duration)
+        if not math.isfinite(duration) or duration < 0:
+            raise ValueError(f"duration must be a finite number >= 0, got {duration}")
+    base = (control_url or os.environ.get(CONTROL_URL_ENV) or DEFAULT_CONTROL_URL).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"the control URL must be an http(s) URL, got {base!r}")
+    body: dict[str, Any] = {}
+    if duration is not None:
+        body["duration"] = duration
+    if label:
+        body["label"] = label
+    hold = LocalHold(label=label or "", duration=duration, control_url=base)
+    async with AsyncExitStack() as stack:
+        if http is None:
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(timeout=_TIMEOUT, headers={"User-Agent": _USER_AGENT})
+            )
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_keep, http, f"{base}/hold", body, hold)
+                try:
+                    yield hold
+                finally:
+                    # Drop the connection now: the worker ends the hold when it sees it go.
+                    nursery.cancel_scope.cancel()
+                    hold._finish("client_released")
+        except BaseExceptionGroup as group:
+            # The nursery wraps even a lone exception (the caller's own, from the block,
+            # or ours from the first try) in a group; callers expect the exception itself.
+            single = _single_exception(group)
+            if single is None:
+                raise
+            context, suppress = single.__context__, single.__suppress_context__
+            try:
+                raise single
+            finally:
+                single.__context__, single.__suppress_context__ = context, suppress
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _keep(
+    http: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    hold: LocalHold,
+    *,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """Hold; ``started()`` once the worker accepted the first hold; renew when asked to."""
+    started = False
+    warned = False
+
+    def on_held() -> None:
+        nonlocal started
+        if not started:
+            started = True
+            task_status.started()
+
+    while True:
+        try:
+            outcome = await _one_hold(http, url, body, hold, on_held)
+        except httpx.TransportError as exc:
+            if not started:
+                raise LocalHoldFailed(
+                    f"cannot reach the worker's control listener at {url}: {_describe(exc)}"
+                ) from None
+            outcome, why = "connection_lost", _describe(exc)
+        except _Refused as exc:
+            if not started:
+                raise LocalHoldFailed(
+                    f"the worker refused the hold (HTTP {exc.status}): {exc}", status=exc.status
+                ) from None
+            outcome, why = "refused", f"HTTP {exc.status}: {exc}"
+        else:
+            why = outcome
+        if not hold.renewing:
+            hold._finish(outcome)
+            return
+        if outcome == "duration_elapsed":
+            warned = False
+            continue  # the worker's cap: open the next one at once
+        if not warned:
+            log.warning(
+                "local hold%s lapsed (%s); trying again every %g s",
+                f" {hold.label!r}" if hold.label else "",
+                why,
+                _RETRY_S,
+            )
+            warned = True
+        await trio.sleep(_RETRY_S)
+
+
+async def _one_hold(
+    http: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    hold: LocalHold,
+    on_held: Callable[[], None],
+) -> str:
+    """One ``/hold`` exchange: ``on_held()`` once accepted, then how it ended.
+
+    Raises :class:`_Refused` for a non-200 answer and ``httpx.TransportError`` when the
+    exchange failed (before or after the worker accepted: see ``hold.held``).
+    """
+    async with http.stream("POST", url, json=body, timeout=_TIMEOUT) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise _Refused(response.status_code, _error_text(response.content))
+        hold._begin(response.headers)
+        on_held()
+        try:
+            data = await response.aread()
+        except httpx.TransportError:
+            hold._lapse("connection_lost")
+            raise
+    outcome = _released(data)
+    hold._lapse(outcome)
+    return outcome
+
+
+def _released(data: bytes) -> str:
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return "connection_lost"  # the worker went away mid-answer
+    released = answer.get("released") if isinstance(answer, dict) else None
+    return released if isinstance(released, str) else "connection_lost"
+
+
+def _error_text(data: bytes) -> str:
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return data[:200].decode("utf-8", "replace") or "no body"
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        field = answer.get("field")
+        return f"{answer['error']} (field {field})" if isinstance(field, str) else answer["error"]
+    return str(answer)[:200]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _as_int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _as_float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one non-Cancelled exception of ``group``, if that is all it holds."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None

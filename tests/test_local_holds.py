@@ -1,0 +1,588 @@
+"""Local holds: ``POST /hold``, the ``local_hold`` helper and ``nullworker hold -- CMD``.
+
+The core runs on ``MockClock``; the rest against real workers (and the local engine
+emulator) on loopback, with ``nullworker hold`` as a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from nullworker import local_hold
+from nullworker.client.local_hold import LocalHoldFailed
+from nullworker.errors import ShuttingDown
+from nullworker.worker.config import WorkerConfig
+from nullworker.worker.local_holds import (
+    HoldOutcome,
+    HoldRequestError,
+    LocalHoldEvent,
+    LocalHolds,
+    parse_hold_request,
+)
+from nullworker.worker.server import ServeInfo, serve
+
+from .conftest import StartWorker, envelope, vast_settings
+from .test_http import open_raw_reservation, wait_until
+
+# -- the core, in virtual time ---------------------------------------------------------
+
+
+async def test_a_hold_is_capped_and_elapses_on_the_trio_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    holds = LocalHolds(max_duration_s=3600.0)
+    start = trio.current_time()
+    async with holds.open(None, label="job") as hold:
+        assert hold.duration_s == 3600.0  # omitted: the cap
+        assert holds.count == 1
+        assert await hold.wait() is HoldOutcome.ELAPSED
+    assert trio.current_time() - start == pytest.approx(3600.0)
+    assert hold.outcome is HoldOutcome.ELAPSED
+    assert holds.count == 0
+    async with holds.open(10_000.0) as hold:
+        assert hold.duration_s == 3600.0  # larger: the cap
+        await hold.wait()
+    async with holds.open(5.0) as hold:
+        assert hold.duration_s == 5.0
+        await hold.wait()
+    assert trio.current_time() - start == pytest.approx(7205.0)
+    assert holds.statistics().counts["duration_elapsed"] == 3
+
+
+async def test_every_way_out_ends_a_hold_once_with_its_outcome(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    holds = LocalHolds(max_duration_s=60.0)
+    events: list[tuple[str, int, HoldOutcome | None]] = []
+    holds.add_observer(lambda e: events.append((e.kind, e.hold.id, e.hold.outcome)))
+
+    # Cancelled (the connection's task went away): disconnected, and Cancelled propagates.
+    with trio.move_on_after(1.0):
+        async with holds.open() as hold:
+            await hold.wait()
+    assert hold.outcome is HoldOutcome.DISCONNECTED
+    # end(): what the HTTP layer calls when the client disconnects.
+    async with holds.open() as hold:
+        hold.end()
+        assert await hold.wait() is HoldOutcome.DISCONNECTED
+    # The block returned without waiting.
+    async with holds.open() as hold:
+        pass
+    assert hold.outcome is HoldOutcome.RELEASED
+    # An error in the block.
+    with pytest.raises(RuntimeError):
+        async with holds.open() as hold:
+            raise RuntimeError("boom")
+    assert hold.outcome is HoldOutcome.ERROR
+    # Shutdown ends the open ones and refuses new ones.
+    async with trio.open_nursery() as nursery:
+        outcomes: list[HoldOutcome] = []
+
+        async def holder() -> None:
+            async with holds.open() as hold:
+                outcomes.append(await hold.wait())
+
+        for _ in range(3):
+            nursery.start_soon(holder)
+        await trio.testing.wait_all_tasks_blocked()
+        assert holds.count == 3
+        holds.shutdown()
+    assert outcomes == [HoldOutcome.SHUTDOWN] * 3
+    with pytest.raises(ShuttingDown):
+        async with holds.open():
+            pass  # pragma: no cover
+    kinds = [kind for kind, _, _ in events]
+    assert kinds.count("started") == kinds.count("ended") == 7
+    assert holds.count == 0
+    with trio.move_on_after(0.1) as scope:
+        await holds.wait_idle()
+    assert not scope.cancelled_caught
+
+
+def test_observer_errors_never_break_a_hold() -> None:
+    def broken(event: LocalHoldEvent) -> None:
+        raise RuntimeError("observer bug")
+
+    async def main() -> None:
+        holds = LocalHolds(max_duration_s=1.0, observer=broken)
+        async with holds.open(0.0) as hold:
+            assert await hold.wait() is HoldOutcome.ELAPSED
+        assert holds.count == 0
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"{nope", None),
+        (b"[1]", None),
+        (b'{"duration": "5"}', "duration"),
+        (b'{"duration": true}', "duration"),
+        (b'{"duration": -1}', "duration"),
+        (b'{"duration": 1' + b"0" * 400 + b"}", "duration"),
+        (b'{"label": 5}', "label"),
+        (b'{"label": "' + b"x" * 201 + b'"}', "label"),
+        (b'{"label": "a\\nb"}', "label"),
+        (b'{"durration": 5}', "durration"),
+    ],
+)
+def test_bad_hold_requests_name_the_field(body: bytes, field: str | None) -> None:
+    with pytest.raises(HoldRequestError) as info:
+        parse_hold_request(body)
+    assert info.value.detail["error"]
+    assert info.value.detail.get("field") == field
+
+
+def test_good_hold_requests() -> None:
+    assert parse_hold_request(b"").duration_s is None
+    assert parse_hold_request(b"{}").label == ""
+    request = parse_hold_request(b'{"duration": 2, "label": "job 17"}')
+    assert (request.duration_s, request.label) == (2.0, "job 17")
+    assert parse_hold_request(b'{"duration": null, "label": null}').duration_s is None
+
+
+# -- POST /hold over HTTP ----------------------------------------------------------------
+
+
+async def test_hold_answers_headers_at_once_and_its_body_at_the_end(
+    start_worker: StartWorker, http: httpx.AsyncClient
+) -> None:
+    info = await start_worker()
+    url = f"{info.control_url}/hold"
+    async with http.stream("POST", url, json={"duration": 0.5, "label": "job 1"}) as response:
+        # The headers are here while the hold is open: that is the "accepted" signal.
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        hold_id = int(response.headers["nullworker-hold-id"])
+        assert float(response.headers["nullworker-hold-duration"]) == 0.5
+        status = (await http.get(f"{info.control_url}/status")).json()
+        assert status["busy"] is True
+        assert status["active"] is None  # no reservation: the slot is free
+        assert status["local_holds"]["count"] == 1
+        [shown] = status["local_holds"]["holds"]
+        assert shown["id"] == hold_id and shown["label"] == "job 1"
+        assert 0 <= shown["age_s"] < 0.5 and 0 < shown["remaining_s"] <= 0.5
+        for base in (info.url, info.control_url):
+            assert (await http.get(f"{base}/health")).json() == {"ready": True, "busy": True}
+        answer = json.loads(await response.aread())
+    assert answer["released"] == "duration_elapsed"
+    assert answer["label"] == "job 1" and answer["id"] == hold_id
+    assert 0.5 <= answer["held"] < 5
+    status = (await http.get(f"{info.control_url}/status")).json()
+    assert status["busy"] is False and status["local_holds"]["count"] == 0
+    assert (await http.get(f"{info.url}/health")).json()["busy"] is False
+
+
+async def test_hold_refusals_are_json_and_name_the_field(
+    start_worker: StartWorker, http: httpx.AsyncClient
+) -> None:
+    info = await start_worker()
+    url = f"{info.control_url}/hold"
+    response = await http.post(url, json={"duration": "soon"})
+    assert response.status_code == 422
+    assert response.json()["field"] == "duration"
+    response = await http.post(url, json={"label": "x" * 500})
+    assert response.status_code == 422 and response.json()["field"] == "label"
+    response = await http.post(url, content=b"{" * 10)
+    assert response.status_code == 422 and response.json()["error"] == "invalid JSON"
+    response = await http.post(url, content=b" " * 5000)
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+    response = await http.get(url)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["status"] == 405
+    # The main port has no /hold: local holds are for the instance only.
+    assert (await http.post(f"{info.url}/hold", json={})).status_code == 404
+    info.worker.begin_shutdown()
+    response = await http.post(url, json={})
+    assert response.status_code == 503 and response.json()["released"] == "shutdown"
+
+
+async def test_shutdown_answers_local_holders_200_shutdown(nursery: trio.Nursery) -> None:
+    stop = trio.Event()
+    config = WorkerConfig(port=0, control_port=0, graceful_timeout_s=2.0)
+    info: ServeInfo = await nursery.start(
+        lambda task_status: serve(config, shutdown_trigger=stop.wait, task_status=task_status)
+    )
+    await info.worker.ready.wait()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as client:
+        async with client.stream("POST", f"{info.control_url}/hold", json={}) as response:
+            assert response.status_code == 200
+            stop.set()
+            answer = json.loads(await response.aread())
+    assert answer["released"] == "shutdown"
+
+
+async def test_a_disconnect_ends_the_hold_at_once(
+    start_worker: StartWorker, http: httpx.AsyncClient
+) -> None:
+    info = await start_worker()
+    async with http.stream("POST", f"{info.control_url}/hold", json={}) as response:
+        assert response.status_code == 200
+        assert info.worker.local_holds.count == 1
+    closed = time.monotonic()
+    await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=1.0)
+    assert time.monotonic() - closed < 0.5
+    counts = info.worker.local_holds.statistics().counts
+    assert counts["disconnected"] == 1
+
+
+async def test_local_holds_and_a_reservation_coexist(
+    start_worker: StartWorker, http: httpx.AsyncClient
+) -> None:
+    """A local hold takes no slot: a reservation is held beside it, and vice versa."""
+    info = await start_worker(max_queue_time_s=0)
+    async with (
+        local_hold(control_url=info.control_url, label="a"),
+        local_hold(control_url=info.control_url, label="b"),
+    ):
+        response = await http.post(
+            f"{info.url}/reserve", json=envelope("http://x", payload={"duration": 0.1})
+        )
+        assert response.status_code == 200  # not 429: the slot was free
+        assert response.json()["released"] == "duration_elapsed"
+        holder = await open_raw_reservation(info, {"duration": 30})
+        await wait_until(lambda: info.worker.slot.statistics().busy)
+        async with local_hold(control_url=info.control_url) as third:
+            assert third.held and info.worker.local_holds.count == 3
+        await holder.aclose()
+    await wait_until(lambda: not info.worker.busy)
+
+
+async def test_a_short_cap_bounds_a_hold(
+    start_worker: StartWorker, http: httpx.AsyncClient
+) -> None:
+    info = await start_worker(max_reservation_s=0.3)
+    for body in ({}, {"duration": 100}):
+        started = time.monotonic()
+        response = await http.post(f"{info.control_url}/hold", json=body)
+        answer = response.json()
+        assert answer["released"] == "duration_elapsed"
+        assert answer["duration"] == 0.3
+        assert 0.3 <= time.monotonic() - started < 3
+
+
+# -- the engine's view -------------------------------------------------------------------
+
+
+async def test_a_local_hold_keeps_the_engines_view_busy_after_the_reservation(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    info = await start_worker(**vast_settings(vast_engine))
+    await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+    url = info.public_url or ""
+    signed = envelope(url, key=vast_engine.private_key, request_idx=4242, payload={"duration": 0.3})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial_post(http, f"{info.url}/reserve", signed))
+        await vast_engine.wait_for(lambda e: 4242 in e.workers[7].working_request_idxs)
+        async with local_hold(control_url=info.control_url, label="job") as hold:
+            assert hold.held
+            # The reservation elapses and is deleted; the worker stays busy.
+            await vast_engine.wait_for(lambda e: any(f.request_idx == 4242 for f in e.finished))
+            ended_at = len(vast_engine.worker_status_reports)
+            await trio.sleep(0.3)
+            after = list(vast_engine.worker_status_reports)[ended_at - 1 :]
+            assert after, "no report after the reservation ended"
+            for report in after:
+                body = report.body
+                assert body["cur_load"] == body["max_perf"] == 100.0, body
+                assert body["num_requests_working"] == 1
+                assert body["working_request_idxs"] == []  # no invented request
+            assert vast_engine.workers[7].busy
+            released = time.monotonic()
+        await vast_engine.wait_for(lambda e: e.workers[7].cur_load == 0.0, timeout=2.0)
+        assert time.monotonic() - released < 1.0
+    assert not vast_engine.workers[7].busy
+    last = vast_engine.worker_status_reports[-1].body
+    assert last["num_requests_working"] == 0 and last["cur_load"] == 0.0
+    # Only the reservation reached /delete_requests/, and new_load counted it once.
+    assert [f.request_idx for f in vast_engine.finished] == [4242]
+    assert sum(r.body["new_load"] for r in vast_engine.worker_status_reports) == 100.0
+
+
+def partial_post(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Any:
+    async def post() -> None:
+        response = await http.post(url, json=body)
+        assert response.status_code == 200, response.text
+
+    return post
+
+
+async def test_many_concurrent_holds_then_idle(start_worker: StartWorker, vast_engine: Any) -> None:
+    info = await start_worker(**vast_settings(vast_engine))
+    await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+    count = 200
+    opened = trio.Event()
+    release = trio.Event()
+    held = 0
+    limits = httpx.Limits(max_connections=None)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(10.0, read=None)) as client:
+
+        async def one(i: int) -> None:
+            nonlocal held
+            async with local_hold(control_url=info.control_url, label=f"job {i}", http=client):
+                held += 1
+                if held == count:
+                    opened.set()
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(one, i)
+            with trio.fail_after(20):
+                await opened.wait()
+            assert info.worker.local_holds.count == count
+            status = (await client.get(f"{info.control_url}/status")).json()
+            assert status["local_holds"]["count"] == count
+            assert len({h["label"] for h in status["local_holds"]["holds"]}) == count
+            await vast_engine.wait_for(lambda e: e.workers[7].busy)
+            assert vast_engine.workers[7].cur_load == 100.0  # one busy worker, not 200
+            release.set()
+    await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=5.0)
+    await vast_engine.wait_for(lambda e: not e.workers[7].busy and e.workers[7].cur_load == 0.0)
+    assert info.worker.local_holds.statistics().counts["disconnected"] == count
+    assert not info.worker.busy
+
+
+# -- the helper --------------------------------------------------------------------------
+
+
+async def test_local_hold_renews_at_the_cap_and_after_a_worker_restart(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    control_port = _free_port()
+
+    async def start() -> tuple[ServeInfo, trio.CancelScope]:
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[ServeInfo]) -> None:
+            with scope:
+                config = WorkerConfig(
+                    port=0,
+                    control_port=control_port,
+                    max_reservation_s=0.2,
+                    graceful_timeout_s=0.5,
+                    lock_dir=str(tmp_path),
+                )
+                await serve(config, task_status=task_status)
+
+        info: ServeInfo = await nursery.start(run)
+        await info.worker.ready.wait()
+        return info, scope
+
+    first, first_scope = await start()
+    async with local_hold(control_url=first.control_url, label="long job") as hold:
+        assert hold.held and hold.duration is None
+        await trio.sleep(0.7)
+        assert hold.holds >= 3  # renewed each time the 0.2 s cap elapsed
+        assert first.worker.local_holds.count == 1
+        first_scope.cancel()  # the worker goes away (a crash, a restart)
+        await wait_until(lambda: not hold.held, limit_s=3.0)
+        second, _ = await start()
+        await wait_until(lambda: hold.held, limit_s=3.0)  # back within the 1 s retry
+        assert second.worker.local_holds.count == 1
+        assert not hold.ended.is_set()
+    await wait_until(lambda: second.worker.local_holds.count == 0, limit_s=1.0)
+    assert hold.ended.is_set() and hold.outcome == "client_released"
+
+
+async def test_local_hold_with_a_duration_reports_its_end(start_worker: StartWorker) -> None:
+    info = await start_worker()
+    async with local_hold(0.2, control_url=info.control_url) as hold:
+        assert hold.held_for_s == 0.2
+        with trio.fail_after(3):
+            await hold.ended.wait()
+        assert hold.outcome == "duration_elapsed" and not hold.held
+        assert info.worker.local_holds.count == 0
+    assert hold.outcome == "duration_elapsed"
+
+
+async def test_local_hold_raises_when_the_worker_cannot_be_reached_or_refuses(
+    start_worker: StartWorker,
+) -> None:
+    with pytest.raises(LocalHoldFailed) as info:
+        async with local_hold(control_url=f"http://127.0.0.1:{_free_port()}"):
+            pass  # pragma: no cover
+    assert info.value.status is None and "cannot reach" in str(info.value)
+    worker = await start_worker()
+    worker.worker.begin_shutdown()
+    with pytest.raises(LocalHoldFailed) as info:
+        async with local_hold(control_url=worker.control_url):
+            pass  # pragma: no cover
+    assert info.value.status == 503
+    with pytest.raises(ValueError):
+        async with local_hold(-1.0, control_url=worker.control_url):
+            pass  # pragma: no cover
+
+
+async def test_local_hold_reads_the_control_url_from_the_environment(
+    start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = await start_worker()
+    assert info.control_url is not None
+    monkeypatch.setenv("NULLWORKER_CONTROL_URL", info.control_url)
+    async with local_hold(label="from env") as hold:
+        assert hold.control_url == info.control_url
+        assert info.worker.local_holds.statistics().holds[0].label == "from env"
+
+
+async def test_an_exception_in_the_block_propagates_and_ends_the_hold(
+    start_worker: StartWorker,
+) -> None:
+    info = await start_worker()
+    with pytest.raises(KeyError):
+        async with local_hold(control_url=info.control_url):
+            raise KeyError("job failed")
+    await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=1.0)
+
+
+# -- nullworker hold -- CMD --------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _hold_env(control_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "NULLWORKER_CONTROL_URL"}
+    if control_url is not None:
+        env["NULLWORKER_CONTROL_URL"] = control_url
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def run_hold(*args: str, control_url: str | None) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [sys.executable, "-m", "nullworker", "hold", *args],
+            env=_hold_env(control_url),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
+async def test_hold_cli_exits_with_the_commands_status(start_worker: StartWorker) -> None:
+    info = await start_worker()
+    result = await run_hold("--", "sh", "-c", "exit 3", control_url=info.control_url)
+    assert result.returncode == 3, result.stderr
+    assert b"local hold 1" in result.stderr
+    assert info.worker.local_holds.statistics().counts["started"] == 1
+    result = await run_hold("--quiet", "--", "sh", "-c", "echo out", control_url=info.control_url)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"out\n", b"")
+    result = await run_hold("--", "sh", "-c", "kill -TERM $$", control_url=info.control_url)
+    assert result.returncode == 128 + signal.SIGTERM
+    result = await run_hold("--", "no-such-command-here", control_url=info.control_url)
+    assert result.returncode == 127
+    result = await run_hold("--duration", "-1", "--", "true", control_url=info.control_url)
+    assert result.returncode == 2
+    result = await run_hold(control_url=info.control_url)
+    assert result.returncode == 2 and b"command is required" in result.stderr
+    assert info.worker.local_holds.count == 0
+
+
+async def test_hold_cli_holds_while_the_command_runs_with_its_label(
+    start_worker: StartWorker, tmp_path: Path
+) -> None:
+    info = await start_worker()
+    seen: dict[str, Any] = {}
+    marker = tmp_path / "running"
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            seen["result"] = await run_hold(
+                "--label",
+                "job 9",
+                "--",
+                "sh",
+                "-c",
+                f"touch {marker}; sleep 0.5",
+                control_url=info.control_url,
+            )
+
+        nursery.start_soon(run)
+        await wait_until(marker.exists, limit_s=10)
+        # The hold was taken before the command started.
+        holds = info.worker.local_holds.statistics().holds
+        assert [h.label for h in holds] == ["job 9"]
+    assert seen["result"].returncode == 0
+    await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=1.0)
+
+
+async def test_killing_the_hold_process_ends_the_hold_at_once(
+    start_worker: StartWorker, http: httpx.AsyncClient
+) -> None:
+    info = await start_worker()
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "nullworker", "hold", "--quiet", "--", "sleep", "1"],
+        env=_hold_env(info.control_url),
+        start_new_session=True,  # so the orphaned sleep can be reaped with the group
+    )
+    try:
+        await wait_until(lambda: info.worker.local_holds.count == 1, limit_s=10)
+        process.kill()  # SIGKILL: no cleanup of any kind runs in the hold process
+        killed = time.monotonic()
+        await process.wait()
+        await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=1.0)
+        assert time.monotonic() - killed < 1.0
+        status = (await http.get(f"{info.control_url}/status")).json()
+        assert status["local_holds"]["count"] == 0 and status["busy"] is False
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await process.wait()
+
+
+async def test_sigterm_is_passed_on_to_the_command(start_worker: StartWorker) -> None:
+    info = await start_worker()
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "nullworker", "hold", "--quiet", "--", "sleep", "30"],
+        env=_hold_env(info.control_url),
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        await wait_until(lambda: info.worker.local_holds.count == 1, limit_s=10)
+        await trio.sleep(0.2)  # the command runs
+        process.terminate()
+        with trio.fail_after(5):
+            await process.wait()
+        assert process.returncode == 128 + signal.SIGTERM
+        await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=1.0)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_an_unreachable_worker_stops_the_command_unless_best_effort(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "ran"
+    dead = f"http://127.0.0.1:{_free_port()}"
+    result = await run_hold("--", "touch", str(marker), control_url=dead)
+    assert result.returncode == 3
+    assert b"cannot reach" in result.stderr and b"not running the command" in result.stderr
+    assert not marker.exists()
+    result = await run_hold("--best-effort", "--", "touch", str(marker), control_url=dead)
+    assert result.returncode == 0
+    assert b"without a hold" in result.stderr
+    assert marker.exists()

@@ -1,0 +1,288 @@
+"""Log output: the JSON format, ``configure()``, the worker's structured fields, and secrets.
+
+The secrets test runs the real commands (``nullworker serve`` in Vast mode with a master
+token, ``nullworker reserve`` with an API key, ``nullworker hold``) through a full
+reservation against the local engine, in both formats, and greps everything they wrote.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from nullworker import logs
+from nullworker.engine import Engine, serve_engine
+from nullworker.worker.config import WorkerConfig
+
+from .conftest import StartWorker
+from .test_http import reserve, wait_until
+from .test_startup import free_port
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def _record(message: str = "hello %s", *args: object, **extra: object) -> logging.LogRecord:
+    record = logging.getLogger("nullworker.test").makeRecord(
+        "nullworker.test", logging.INFO, __file__, 1, message, args or ("world",), None
+    )
+    for key, val in extra.items():
+        setattr(record, key, val)
+    return record
+
+
+def test_json_lines_have_time_level_logger_message_and_the_extra_fields() -> None:
+    line = logs.JsonFormatter().format(
+        _record(reservation_id=3, request_idx=4242, outcome="duration_elapsed", held_s=1.5)
+    )
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert ISO_UTC.match(entry.pop("time")), line
+    assert entry == {
+        "level": "INFO",
+        "logger": "nullworker.test",
+        "message": "hello world",
+        "reservation_id": 3,
+        "request_idx": 4242,
+        "outcome": "duration_elapsed",
+        "held_s": 1.5,
+    }
+
+
+def test_json_lines_keep_tracebacks_and_odd_values_on_one_line() -> None:
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        record = logging.getLogger("x").makeRecord(
+            "x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    record.path = Path("/tmp/a")
+    line = logs.JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert "ValueError: bad\nthing" in entry["exc_info"]
+    assert entry["path"] == "/tmp/a"  # str() of what JSON cannot hold
+
+
+def test_resolve_format() -> None:
+    assert logs.resolve_format(None, {}) == "text"
+    assert logs.resolve_format(None, {"NULLWORKER_LOG_FORMAT": " JSON "}) == "json"
+    assert logs.resolve_format("text", {"NULLWORKER_LOG_FORMAT": "json"}) == "text"
+    with pytest.raises(ValueError, match="NULLWORKER_LOG_FORMAT"):
+        logs.resolve_format(None, {"NULLWORKER_LOG_FORMAT": "xml"})
+    with pytest.raises(ValueError, match="log format"):
+        logs.resolve_format("xml")
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    """The root logger, restored after the test (configure() changes it)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield root
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def test_configure_replaces_its_own_handler_and_leaves_others(
+    root_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    others = list(root_logger.handlers)
+    first, second = io.StringIO(), io.StringIO()
+    assert logs.configure("info", "text", stream=first) == "text"
+    assert logs.configure("DEBUG", "json", stream=second) == "json"
+    assert [h for h in root_logger.handlers if h not in others] != []
+    assert len(root_logger.handlers) == len(others) + 1  # the first one was replaced
+    assert root_logger.level == logging.DEBUG
+    logging.getLogger("nullworker.test").debug("one %d", 1, extra={"job": "j"})
+    assert first.getvalue() == ""
+    entry = json.loads(second.getvalue())
+    assert entry["message"] == "one 1" and entry["job"] == "j" and entry["level"] == "DEBUG"
+    # A bad value in the environment is said once, and text is used.
+    stream = io.StringIO()
+    fmt = logs.configure("INFO", None, stream=stream, env={"NULLWORKER_LOG_FORMAT": "yaml"})
+    assert fmt == "text"
+    assert "NULLWORKER_LOG_FORMAT" in capsys.readouterr().err
+    logging.getLogger("nullworker.test").info("plain")
+    assert stream.getvalue().endswith("INFO nullworker.test: plain\n")
+
+
+def test_the_worker_reads_the_format_from_its_environment() -> None:
+    assert WorkerConfig.from_env({}).log_format == "text"
+    assert WorkerConfig.from_env({"NULLWORKER_LOG_FORMAT": "JSON"}).log_format == "json"
+    assert WorkerConfig.from_env({}, log_format="json").log_format == "json"
+    with pytest.raises(ValueError, match="NULLWORKER_LOG_FORMAT"):
+        WorkerConfig.from_env({"NULLWORKER_LOG_FORMAT": "xml"})
+
+
+async def test_reservation_and_local_hold_lines_carry_structured_fields(
+    start_worker: StartWorker, http: httpx.AsyncClient, root_logger: logging.Logger
+) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    worker_log = logging.getLogger("nullworker")
+    old_level = worker_log.level
+    worker_log.setLevel(logging.INFO)
+    worker_log.addHandler(handler)
+    try:
+        info = await start_worker()
+        assert (await reserve(http, info, duration=0.05)).status_code == 200
+        answer = await http.post(f"{info.control_url}/hold", json={"duration": 0, "label": "j"})
+        assert answer.json()["released"] == "duration_elapsed"
+        await wait_until(lambda: info.worker.local_holds.count == 0)
+    finally:
+        worker_log.removeHandler(handler)
+        worker_log.setLevel(old_level)
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    by_event = {e.get("event"): e for e in entries if "event" in e}
+    started = by_event["reservation_started"]
+    ended = by_event["reservation_ended"]
+    assert started["reservation_id"] == ended["reservation_id"]
+    assert isinstance(ended["request_idx"], int)
+    assert ended["outcome"] == "duration_elapsed"
+    assert 0.05 <= ended["held_s"] < 5
+    assert ended["duration_s"] == 0.05
+    local = by_event["local_hold_ended"]
+    assert local["label"] == "j" and local["outcome"] == "duration_elapsed"
+    assert local["local_holds"] == 0 and "held_s" in local
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REPORT_ADDR", "CONTAINER_ID", "MASTER_TOKEN", "VAST_", "NULLWORKER"))
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_no_secret_in_either_format(
+    fmt: str,
+    nursery: trio.Nursery,
+    rsa_key: rsa.RSAPrivateKey,
+    tmp_path: Path,
+    root_logger: logging.Logger,
+) -> None:
+    master_token = "mtoken-" + secrets.token_hex(16)
+    api_key = "apikey-" + secrets.token_hex(16)
+    # The engine runs here; its own lines are captured in the same format.
+    engine_lines = io.StringIO()
+    handler = logging.StreamHandler(engine_lines)
+    handler.setFormatter(logs.make_formatter("json" if fmt == "json" else "text"))
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.DEBUG)
+    engine = Engine(private_key=rsa_key, api_key=api_key, master_token=master_token)
+    await nursery.start(partial(serve_engine, engine))
+    assert engine.url is not None
+
+    control_port = free_port()
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("wb") as out:
+        worker = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "nullworker", "serve", "--log-format", fmt],
+            env=_env(
+                REPORT_ADDR=engine.url,
+                CONTAINER_ID="11",
+                MASTER_TOKEN=master_token,
+                WORKER_PORT=str(free_port()),
+                NULLWORKER_CONTROL_PORT=str(control_port),
+                NULLWORKER_HOST="127.0.0.1",
+                NULLWORKER_LOCK_DIR=str(tmp_path),
+                NULLWORKER_LOG_LEVEL="DEBUG",
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=20)
+        with trio.fail_after(30):
+            client = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "nullworker",
+                    "reserve",
+                    "--engine-url",
+                    engine.url,
+                    "--endpoint",
+                    "test",
+                    "--duration",
+                    "0.3",
+                    "--log-format",
+                    fmt,
+                ],
+                env=_env(VAST_API_KEY=api_key),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert client.returncode == 0, client.stderr
+            held = await trio.run_process(
+                [sys.executable, "-m", "nullworker", "hold", "--log-format", fmt, "--", "true"],
+                env=_env(NULLWORKER_CONTROL_URL=f"http://127.0.0.1:{control_port}"),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert held.returncode == 0, held.stderr
+        await engine.wait_for(lambda e: len(e.finished) == 1)
+    finally:
+        with trio.CancelScope(shield=True):
+            worker.terminate()
+            with trio.move_on_after(10):
+                await worker.wait()
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+    assert worker.returncode == 0
+    worker_text = worker_log.read_text()
+    everything = "\n".join(
+        [
+            worker_text,
+            client.stdout.decode(),
+            client.stderr.decode(),
+            held.stdout.decode(),
+            held.stderr.decode(),
+            engine_lines.getvalue(),
+        ]
+    )
+    assert master_token not in everything
+    assert api_key not in everything
+    # The secrets were there to leak: the engine checked both.
+    assert engine.workers[11].ready and engine.finished[0].status == "Success"
+
+    lines = worker_text.splitlines()
+    assert len(lines) > 5
+    if fmt == "json":
+        entries = [json.loads(line) for line in lines]  # every line is one JSON object
+        ended = [e for e in entries if e.get("event") == "reservation_ended"]
+        assert len(ended) == 1
+        [entry] = ended
+        assert entry["outcome"] == "duration_elapsed"
+        assert entry["request_idx"] == engine.finished[0].request_idx
+        assert entry["held_s"] >= 0.3 and ISO_UTC.match(entry["time"])
+        assert any(e.get("event") == "local_hold_ended" for e in entries)
+    else:
+        assert not lines[0].startswith("{")
+        assert any("ended: duration_elapsed" in line for line in lines)
