@@ -1,7 +1,9 @@
 """The ``nullworker`` command: ``serve`` the worker, ``reserve`` capacity, ``autoscale``
-with a job queue, run a local ``engine`` or a whole ``dev`` loop. Dispatch only: each
+with a job queue, ``hold`` an instance while a command runs, run a local ``engine`` or a
+whole ``dev`` loop. Dispatch only: each
 role's command line lives in its own package (:mod:`nullworker.worker.cli`,
 :mod:`nullworker.client.cli`, :mod:`nullworker.client.autoscale_cli`,
+:mod:`nullworker.client.hold_cli`,
 :mod:`nullworker.engine.cli`, :mod:`nullworker.engine.dev`) and is imported when its
 command runs."""
 
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         ("engine", "run a local emulation of the Vast engine"),
         ("dev", "run a local engine that starts and stops workers on demand"),
         ("autoscale", "hold as many reservations as your job queue needs"),
+        ("hold", "keep this instance busy while a command runs (nullworker hold -- CMD)"),
     ):
         cmd = sub.add_parser(name, help=help_text, add_help=False)
         cmd.add_argument("args", nargs=argparse.REMAINDER)
@@ -53,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nullworker`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # Sub-commands with their own parsers get the rest of the line untouched.
-    if argv and argv[0] in ("reserve", "engine", "dev", "autoscale"):
+    if argv and argv[0] in ("reserve", "engine", "dev", "autoscale", "hold"):
         command, rest = argv[0], argv[1:]
         if command == "reserve":
             from .client.cli import main as client_main
@@ -63,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .client.autoscale_cli import main as autoscale_main
 
             return autoscale_main(rest)
+        if command == "hold":
+            from .client.hold_cli import main as hold_main
+
+            return hold_main(rest)
         if command == "engine":
             from .engine.cli import main as engine_main
 
