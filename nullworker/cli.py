@@ -1,9 +1,10 @@
 """The ``nullworker`` command: ``serve`` the worker, ``reserve`` capacity, ``autoscale``
 with a job queue, ``hold`` an instance while a command runs, run a local ``engine`` or a
-whole ``dev`` loop. Dispatch only: each
-role's command line lives in its own package (:mod:`nullworker.worker.cli`,
-:mod:`nullworker.client.cli`, :mod:`nullworker.client.autoscale_cli`,
-:mod:`nullworker.client.hold_cli`,
+whole ``dev`` loop.
+
+Dispatch only: each role's command line lives in its own package
+(:mod:`nullworker.worker.cli`, :mod:`nullworker.client.cli`,
+:mod:`nullworker.client.autoscale_cli`, :mod:`nullworker.client.hold_cli`,
 :mod:`nullworker.engine.cli`, :mod:`nullworker.engine.dev`) and is imported when its
 command runs."""
 
