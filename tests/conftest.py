@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,12 +52,27 @@ def rsa_key() -> rsa.RSAPrivateKey:
     return generate_private_key()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _lock_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The workers' per-port start locks go to this run's temporary directory, not the
+    system temp dir: worker processes the tests start inherit ``NULLWORKER_LOCK_DIR``."""
+    path = tmp_path_factory.mktemp("locks")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NULLWORKER_LOCK_DIR", str(path))
+        yield path
+
+
 @pytest.fixture
-def start_worker(nursery: trio.Nursery) -> StartWorker:
+def start_worker(nursery: trio.Nursery, tmp_path: Path) -> StartWorker:
     """Start a real worker (Hypercorn on 127.0.0.1:0) with ``WorkerConfig(**overrides)``."""
 
     async def start(**overrides: Any) -> ServeInfo:
-        settings: dict[str, Any] = {"port": 0, "control_port": 0, "graceful_timeout_s": 1.0}
+        settings: dict[str, Any] = {
+            "port": 0,
+            "control_port": 0,
+            "graceful_timeout_s": 1.0,
+            "lock_dir": str(tmp_path),
+        }
         settings.update(overrides)
         info: ServeInfo = await nursery.start(serve, WorkerConfig(**settings))
         with trio.fail_after(10):
