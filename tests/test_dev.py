@@ -10,7 +10,10 @@ from __future__ import annotations
 import io
 import os
 import re
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -175,6 +178,9 @@ async def assert_stops_cleanly(dev: DevProcess) -> None:
     pids = set(dev.worker_pids().values())
     assert await dev.stop(signal.SIGINT) == 0, dev.output
     assert not [pid for pid in pids if _alive(pid)], dev.output
+    # The last word is that everything stopped, not a view of workers now gone.
+    await dev.wait_line(r"^\[dev\] stopped$")
+    assert dev.lines[-1] == "[dev] stopped", dev.output
 
 
 def idle(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,12 +247,64 @@ async def test_idle_workers_above_the_minimum_are_stopped(start_dev: StartDev) -
         )
         assert held.status_code == 200, held.text
         await wait_workers(http, lambda ws: ws == [])
+        # The page keeps it among the recent workers, with how long it lived and why it went.
+        (stopped,) = (await http.get("/workers")).json()["stopped"]
+        assert stopped["id"] == 1 and stopped["reason"] == "stopped by dev: idle for 0.5 s"
+        assert stopped["lived_s"] > 0.5 and stopped["routed_count"] == 1
+        assert stopped["pid"] in dev.worker_pids().values()
     await dev.wait_line(r"stopping worker 1 \(idle")
     (pid,) = dev.worker_pids().values()
     with trio.fail_after(WAIT_S):
         while pid in _children_of(dev.process.pid) or _alive(pid):
             await trio.sleep(POLL_S)
     await assert_stops_cleanly(dev)
+
+
+async def test_the_printed_client_command_works_as_pasted(
+    start_dev: StartDev, tmp_path: Path
+) -> None:
+    """The banner's command runs in a shell with no virtualenv on its PATH, elsewhere."""
+    dev = await start_dev("--max-workers", "1")
+    (line,) = [line.strip() for line in dev.lines if "-m nullworker.client" in line]
+    assert line == (
+        f"VAST_API_KEY=dev {shlex.quote(sys.executable)} -m nullworker.client "
+        f"--engine-url {dev.url} --endpoint dev --duration 60"
+    )
+    bash = shutil.which("bash")
+    assert bash is not None
+    with trio.fail_after(2 * WAIT_S):
+        result = await trio.run_process(
+            [bash, "-c", line.removesuffix("--duration 60") + "--duration 1"],
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+            cwd=tmp_path,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0, output
+    assert "held: http://127.0.0.1:" in output and "elapsed" in output
+    await assert_stops_cleanly(dev)
+
+
+async def test_a_taken_port_is_named_with_a_way_out() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with trio.fail_after(WAIT_S):
+            result = await trio.run_process(
+                [sys.executable, "-m", "nullworker.engine.dev", "--port", str(port)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                cwd=REPO,
+            )
+    error = result.stderr.decode()
+    assert result.returncode == 1, error
+    assert error.startswith(f"nullworker dev: port {port} on 127.0.0.1 is already in use")
+    assert "choose another port with --port" in error
+    assert "Traceback" not in error and b"[dev] stopped" not in result.stdout
 
 
 def test_invalid_options_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -288,6 +346,34 @@ async def test_stop_escalates_to_sigkill_for_a_child_ignoring_sigterm() -> None:
         nursery.cancel_scope.cancel()
     # _run_dev returns only after the child was killed and reaped.
     assert not _alive(pid)
+
+
+async def test_after_stopping_the_status_line_is_wiped_not_redrawn() -> None:
+    """On a terminal the one-line view is redrawn below every line; once stopping it
+    would only be stale, so it is wiped and the last line says everything stopped."""
+    out = io.StringIO()
+    options = DevOptions(
+        port=0,
+        min_workers=1,
+        max_workers=1,
+        verbose=True,  # one more line while stopping: "worker 1 exited"
+        worker_command=(
+            sys.executable,
+            "-c",
+            "import time; print('up', flush=True); time.sleep(60)",
+        ),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_dev, options, _Console(out, tty=True))
+        await wait_text(out, r"\[worker 1\] up")
+        await wait_text(out, r"\[dev\] waiting 0 \| w1 starting")
+        nursery.cancel_scope.cancel()
+    text = out.getvalue()
+    assert text.endswith("\n[dev] stopped\n")
+    # After the last drawing of the view comes the wipe, before any line ends.
+    after = text[text.rindex("[dev] waiting") :]
+    assert after.index("\r\x1b[K") < after.index("\n"), repr(after)
+    assert "[dev] worker 1 exited" in after
 
 
 async def test_a_crashing_worker_is_replaced_after_a_backoff() -> None:
@@ -342,6 +428,15 @@ async def test_the_whole_loop_two_clients_scale_out_and_ctrl_c_releases(
                 http, lambda ws: len(ws) == 2 and all(w["state"] == "busy" for w in ws)
             )
             assert {w["num_requests_working"] for w in workers} == {1}
+            # dev asks each busy worker about its hold: the page shows the time left.
+            workers = await wait_workers(http, lambda ws: all(w["hold"] for w in ws))
+            for worker in workers:
+                assert worker["hold"]["duration_s"] == 60.0
+                assert 0 < worker["hold"]["remaining_s"] <= 60.0
+                assert worker["hold"]["request_idx"] == worker["working_request_idxs"][0]
+                assert worker["pid"] in dev.worker_pids().values()
+            page = (await http.get("/")).text
+            assert re.search(r"held, \d+ s left \(request \d+\)", page), page
             # Ctrl-C on one client: exit 130, and its worker is idle again promptly.
             clients[0].send_signal(signal.SIGINT)
             with trio.fail_after(WAIT_S):
@@ -349,7 +444,7 @@ async def test_the_whole_loop_two_clients_scale_out_and_ctrl_c_releases(
             freed = await wait_workers(http, lambda ws: len(idle(ws)) == 1)
             freed_id = idle(freed)[0]["id"]
             # The next client gets the freed worker; no third worker is started.
-            third = await _client(dev, "--duration", "1")
+            third = await _client(dev, "--duration", "2")
             clients.append(third)
             with trio.fail_after(WAIT_S):
                 assert await third.wait() == 0
@@ -360,6 +455,14 @@ async def test_the_whole_loop_two_clients_scale_out_and_ctrl_c_releases(
             assert len(workers) == 2
             routed = {w["id"]: w["routed_count"] for w in workers}
             assert routed[freed_id] == 2  # the freed worker served the third client
+            # How each hold ended, in the page's words.
+            with trio.fail_after(WAIT_S):
+                while len(finished := (await http.get("/workers")).json()["finished"]) < 2:
+                    await trio.sleep(POLL_S)
+            assert [(f["status"], f["ended"]) for f in finished] == [
+                ("Success", "elapsed"),
+                ("Cancelled", "client disconnected"),
+            ]
     finally:
         for proc in clients:
             if proc.returncode is None:

@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nullworker.engine import Engine, EngineRequestError, serve_engine
+from nullworker.engine.core import Hold, Scaling
+from nullworker.engine.view import dashboard, render_table, span
 from nullworker.vast.envelope import AUTH_KEYS, parse_envelope, signature_ok
 from nullworker.vast.signing import (
     generate_private_key,
@@ -454,9 +456,39 @@ async def test_workers_json_and_html_page(engine: Engine, http: httpx.AsyncClien
     page = await http.get("/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    assert "<table" in page.text and "fetch(" in page.text
-    # Self-contained: no external scripts, styles or images.
-    assert not re.search(r"(src|href)\s*=", page.text)
+    # Server-rendered: the tables are there without any script running.
+    assert "http://127.0.0.1:45071" in page.text and "leased" in page.text
+    assert f"<td>{waiting['request_idx']}</td>" in page.text
+    assert not re.search(r"<!--(summary|count:|table:)", page.text)
+    # Self-contained: every script, style sheet and link is the engine's own.
+    links = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page.text)
+    assert set(links) == {
+        "static/dashboard.css",
+        "static/dashboard.js",
+        "workers",
+        "timeline",
+        "dashboard",
+    }
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name, kind, needle in [
+        ("dashboard.js", "text/javascript", "fetch("),
+        ("dashboard.css", "text/css", "--busy"),
+    ]:
+        asset = await http.get(f"/static/{name}")
+        assert asset.status_code == 200
+        assert asset.headers["content-type"].startswith(kind)
+        assert needle in asset.text
+    assert (await http.get("/static/index.html")).status_code == 404
+    assert (await http.get("/static/missing.js")).status_code == 404
+
+
+async def test_page_escapes_what_workers_report(engine: Engine, http: httpx.AsyncClient) -> None:
+    await report(
+        http, status_body(1, "http://127.0.0.1:45072", error_msg="<script>alert(1)</script>")
+    )
+    page = (await http.get("/")).text
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
 async def test_retired_workers_are_forgotten(engine: Engine, http: httpx.AsyncClient) -> None:
@@ -484,6 +516,42 @@ async def test_wait_for_wakes_on_incoming_report(engine: Engine, http: httpx.Asy
         assert not woke.is_set()
         await report(http, status_body(9, "http://127.0.0.1:45091"))
     assert woke.is_set()
+
+
+async def test_timeline_and_dashboard_endpoints(engine: Engine, http: httpx.AsyncClient) -> None:
+    await report(http, status_body(1, "http://127.0.0.1:45073", working=[5]))
+    await route(http)  # no free worker: one request waits
+    engine.sample()
+    timeline = (await http.get("/timeline")).json()
+    assert timeline["series"] == ["t", "waiting", "busy", "idle", "starting", "unhealthy"]
+    assert timeline["interval_s"] == 1.0 and timeline["keep_s"] == 600.0
+    assert timeline["samples"]  # serve_engine's sampler took one at start, too
+    assert timeline["samples"][-1][1:] == [1, 1, 0, 0, 0]
+    last = timeline["samples"][-1][0]
+    assert (await http.get("/timeline", params={"since": last})).json()["samples"] == []
+
+    data = (await http.get("/dashboard", params={"since": last - 0.001})).json()
+    assert [s[0] for s in data["timeline"]["samples"]] == [last]
+    view = data["view"]
+    assert view["counts"] == {"waiting": 1, "busy": 1, "idle": 0, "starting": 0, "unhealthy": 0}
+    assert "1 worker: 1 busy" in view["summary"] and "1 request waiting" in view["summary"]
+    (worker,) = view["tables"]["workers"]["rows"]
+    assert worker["cells"][1] == {"text": "http://127.0.0.1:45073", "cls": "url"}
+    assert worker["cells"][4]["text"].endswith("held (request 5)")
+    (pending,) = view["tables"]["pending"]["rows"]
+    assert pending["cells"][-1] == "no free worker (1 busy; this engine starts none)"
+
+    for bad in ("soon", "nan"):
+        refused = await http.get("/timeline", params={"since": bad})
+        assert refused.status_code == 400, bad
+
+
+async def test_the_sampler_samples_every_second(engine: Engine) -> None:
+    with trio.fail_after(3):
+        while len(engine.timeline) < 2:
+            await trio.sleep(0.05)
+    first, second = list(engine.timeline)[:2]
+    assert second[0] - first[0] == pytest.approx(1.0, abs=0.3)
 
 
 # -- the sans-IO core under a mock clock -----------------------------------------------------
@@ -550,6 +618,174 @@ async def test_wait_for_times_out(
     engine = Engine(private_key=private_key)
     with pytest.raises(trio.TooSlowError):
         await engine.wait_for(lambda e: bool(e.workers), timeout=5)
+
+
+async def test_timeline_keeps_the_last_minutes(
+    autojump_clock: trio.testing.MockClock, private_key: rsa.RSAPrivateKey
+) -> None:
+    engine = Engine(private_key=private_key, timeline_s=5.0)
+    engine.register_worker(1)  # starting
+    engine.worker_status(status_body(2, "http://127.0.0.1:45111"))  # idle
+    engine.worker_status(status_body(3, "http://127.0.0.1:45112", working=[9]))  # busy
+    engine.worker_status(status_body(4, "http://127.0.0.1:45113", error_msg="boom"))
+    engine.route(route_body())  # leases worker 2
+    engine.route(route_body())  # waits
+    for _ in range(7):
+        engine.sample()
+        await trio.sleep(1)
+    # Five samples kept. The first shows worker 2 leased (busy), the last after the
+    # 3 s lease expired (idle again).
+    assert len(engine.timeline) == 5
+    assert engine.timeline[0][1:] == (1, 2, 0, 1, 1)
+    assert engine.timeline[-1][1:] == (1, 1, 1, 1, 1)
+
+
+async def test_how_finished_holds_ended(private_key: rsa.RSAPrivateKey) -> None:
+    engine = Engine(private_key=private_key)
+    engine.worker_status(status_body(1, "http://127.0.0.1:45121", working=[1]))
+    engine.worker_status(status_body(2, "http://127.0.0.1:45122", working=[3]))
+
+    def entry(idx: int, status: str, held: float) -> dict[str, Any]:
+        return {
+            "request_idx": idx,
+            "success": status in ("Success", "Cancelled"),
+            "status": status,
+            "entered_queue_at": 1000.0,
+            "work_started_at": 1000.0 if held else 0.0,
+            "work_completed_at": 1000.0 + held,
+        }
+
+    # What the worker's control listener said about the holds, as nullworker dev relays it.
+    engine.set_hold(1, Hold(request_idx=1, duration_s=60.0, started_at=1000.0, ends_at=1060.0))
+    engine.set_hold(2, Hold(request_idx=3, duration_s=60.0, started_at=1000.0, ends_at=1060.0))
+    assert engine.snapshot()["workers"][0]["hold"]["duration_s"] == 60.0
+    engine.set_hold(1, Hold(request_idx=2, duration_s=30.0, started_at=1000.0, ends_at=1030.0))
+    entries = [
+        entry(1, "Success", 60.02),  # the deadline: elapsed
+        entry(2, "Success", 12.0),  # ended before it: POST /release
+        entry(4, "Success", 5.0),  # never described: the engine cannot tell
+        entry(5, "Cancelled", 3.0),
+        entry(6, "Rejected", 0.0),
+        entry(7, "Error", 1.0),
+    ]
+    engine.delete_requests({"worker_id": 1, "requests": entries})
+    engine.retire_worker(2, reason="idle for 60 s")
+    engine.delete_requests({"worker_id": 2, "requests": [entry(3, "Cancelled", 20.0)]})
+    engine.delete_requests({"worker_id": 1, "request_idxs": [8], "success": False})
+    ended = {f.request_idx: f.ended for f in engine.finished}
+    assert ended == {
+        1: "elapsed",
+        2: "released by consumer",
+        4: "completed",
+        5: "client disconnected",
+        6: "rejected: the worker stayed busy past its queue time",
+        7: "failed on the worker",
+        3: "worker shut down",
+        8: "failed",
+    }
+    # A report that shows the worker idle forgets its hold.
+    engine.worker_status(status_body(1, "http://127.0.0.1:45121"))
+    assert engine.workers[1].hold is None
+
+    rows = dashboard(engine)["tables"]["finished"]["rows"]
+    by_request = {row["cells"][0]: row["cells"] for row in rows}
+    assert by_request["2"][4] == "12 s"
+    assert by_request["2"][5] == {"text": "released by consumer", "cls": "end-ok"}
+    assert by_request["2"][6] == {"text": "Success", "title": "success: true"}
+    assert by_request["3"][5]["cls"] == "end-note"
+    assert by_request["8"][6]["text"] == "failure"
+
+
+async def test_why_requests_wait(
+    autojump_clock: trio.testing.MockClock, private_key: rsa.RSAPrivateKey
+) -> None:
+    def reasons(engine: Engine) -> list[str]:
+        return [p["reason"] for p in engine.snapshot()["pending"]]
+
+    plain = Engine(private_key=private_key)
+    plain.route(route_body())
+    assert reasons(plain) == ["no worker has reported (this engine starts none)"]
+
+    scaling = Scaling(min_workers=0, max_workers=2, idle_timeout_s=60.0)
+    engine = Engine(private_key=private_key, scaling=scaling)
+    engine.worker_status(status_body(1, "http://127.0.0.1:45131", working=[1]))
+    engine.register_worker(2)
+    await trio.sleep(2)
+    engine.route(route_body())
+    await trio.sleep(1)
+    engine.route(route_body())
+    assert reasons(engine) == [
+        "no ready worker yet: worker 2 is starting (3 s)",
+        "at --max-workers 2 (1 busy, 1 starting)",
+    ]
+    engine.retire_worker(2, reason="exited on its own with code 3")
+    scaling.paused_until = trio.current_time() + 4
+    assert reasons(engine) == ["a worker failed: no new worker for 4 s"] * 2
+    scaling.paused_until = None
+    assert reasons(engine) == ["no free worker: starting one"] * 2
+
+    rows = dashboard(engine)["tables"]["pending"]["rows"]
+    assert [row["cells"][2] for row in rows] == ["1.0 s", "0.0 s"]
+
+
+async def test_idle_countdown_and_recent_workers(
+    autojump_clock: trio.testing.MockClock, private_key: rsa.RSAPrivateKey
+) -> None:
+    scaling = Scaling(min_workers=1, max_workers=3, idle_timeout_s=60.0)
+    engine = Engine(private_key=private_key, scaling=scaling)
+    engine.register_worker(1, label="port 45141", log="/tmp/logs/worker-1.log")
+    engine.set_pid(1, 4141)
+    engine.worker_status(status_body(1, "http://127.0.0.1:45141"))
+    await trio.sleep(20)
+    engine.worker_status(status_body(2, "http://127.0.0.1:45142"))
+    await trio.sleep(10)
+    workers = {w["id"]: w for w in engine.snapshot()["workers"]}
+    # Above --min-workers 1, the longest idle goes first; the other one stays.
+    assert workers[1]["scale_down_in_s"] == pytest.approx(30)
+    assert workers[2]["scale_down_in_s"] is None
+    assert workers[1]["pid"] == 4141 and workers[1]["uptime_s"] == pytest.approx(30)
+
+    rows = {row["cells"][0]: row["cells"] for row in dashboard(engine)["tables"]["workers"]["rows"]}
+    assert rows["1"][5] == "idle 30 s, stops in 30 s"
+    assert rows["2"][5] == "idle 10 s, kept (--min-workers 1)"
+    assert rows["1"][7] == "4141"
+    assert rows["1"][8]["text"] == "/tmp/logs/worker-1.log"
+
+    engine.retire_worker(1, reason="stopped by dev: idle for 60 s")
+    await trio.sleep(5)
+    (stopped,) = engine.snapshot()["stopped"]
+    assert stopped["id"] == 1 and stopped["reason"] == "stopped by dev: idle for 60 s"
+    assert stopped["lived_s"] == pytest.approx(30) and stopped["stopped_ago_s"] == pytest.approx(5)
+    (row,) = dashboard(engine)["tables"]["stopped"]["rows"]
+    assert row["cells"][2:5] == ["30 s", "5.0 s ago", "stopped by dev: idle for 60 s"]
+
+
+async def test_requests_that_stop_polling_are_listed_as_abandoned(
+    autojump_clock: trio.testing.MockClock, private_key: rsa.RSAPrivateKey
+) -> None:
+    engine = Engine(private_key=private_key, demand_ttl_s=10.0)
+    idx = engine.route(route_body())["request_idx"]
+    await trio.sleep(4)
+    engine.route(route_body(idx))
+    await trio.sleep(11)
+    assert engine.waiting == 0
+    (gone,) = engine.snapshot()["abandoned"]
+    assert gone["request_idx"] == idx and gone["waited_s"] == pytest.approx(4)
+    (row,) = dashboard(engine)["tables"]["finished"]["rows"]
+    assert row["cells"][5]["text"] == "gave up after waiting 4.0 s"
+
+
+def test_spans_read_as_people_say_them() -> None:
+    assert [span(s) for s in (None, 0.04, 9.96, 12.4, 185, 3725)] == [
+        "\u2014",
+        "0.0 s",
+        "10.0 s",
+        "12 s",
+        "3 min 05 s",
+        "1 h 02 min",
+    ]
+    table = {"columns": ["a", "b"], "rows": [], "empty": "nothing <here>"}
+    assert 'colspan="2">nothing &lt;here&gt;<' in render_table("t", table)
 
 
 async def test_core_refuses_negative_request_idx(private_key: rsa.RSAPrivateKey) -> None:

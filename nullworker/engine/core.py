@@ -9,7 +9,8 @@ It speaks the wire protocol of ``docs/protocol.md`` from the engine's side:
 * ``POST /worker_status/`` -- a worker's periodic report (§6.2);
 * ``POST /delete_requests/`` -- a worker lists finished requests (the vastai 1.9.1
   shape and the older ``request_idxs`` + ``success`` shape are both accepted);
-* ``GET /workers`` and ``GET /`` -- a JSON and an HTML view for humans and tests.
+* ``GET /workers`` and ``GET /`` -- a JSON and an HTML view for humans and tests;
+  ``GET /timeline`` -- the last minutes of one-second samples behind the page's chart.
 
 It is an emulator, not a scheduler: every endpoint name shares one pool of workers,
 and there is no billing, no benchmark bookkeeping and no scaling of its own. Scaling
@@ -40,7 +41,14 @@ Layout and concurrency invariants
   ``request_idx``. Polls re-send the same index and only refresh it, so they never
   count as new demand; an entry not polled for ``demand_ttl_s`` expires.
 * Records of received bodies are bounded deques, so a long ``nullworker dev`` session
-  does not grow without limit.
+  does not grow without limit. So are the page's records: the timeline (a ring of
+  :meth:`Engine.sample` calls, one a second while served), the stopped workers and the
+  requests that stopped polling.
+* What the page says beyond the protocol comes from whoever runs the workers:
+  ``nullworker dev`` passes its :class:`Scaling` policy (for "why is this request
+  waiting" and the idle countdown), each worker's pid and log, and the active hold it
+  reads from the worker's control listener (:meth:`Engine.set_hold`, for the time left
+  and to tell an elapsed hold from a released one).
 """
 
 from __future__ import annotations
@@ -62,12 +70,15 @@ from ..vast.signing import generate_private_key, public_key_pem, sign_url
 
 __all__ = [
     "DEFAULT_ENGINE_PORT",
+    "AbandonedRequest",
     "Engine",
     "EngineRequestError",
     "FinishedRequest",
+    "Hold",
     "PendingRequest",
     "ReceivedBody",
     "RouteRecord",
+    "Scaling",
     "WorkerRecord",
     "load_private_key",
 ]
@@ -85,6 +96,18 @@ DEFAULT_STALE_AFTER_S = 35.0
 #: Bounds on the in-memory records (received bodies, finished requests, READY answers).
 DEFAULT_HISTORY = 10_000
 RECENT_FINISHED_IN_VIEW = 50
+#: Stopped workers and abandoned requests kept for the page.
+RECENT_STOPPED = 50
+#: How much history the timeline keeps, and the sampling interval it assumes.
+DEFAULT_TIMELINE_S = 600.0
+SAMPLE_INTERVAL_S = 1.0
+#: The worker's clock marks a hold's end at its deadline; a hold that ended more than
+#: this before its full duration was released by the consumer, not elapsed.
+ELAPSED_SLACK_S = 0.1
+#: Hold durations remembered by request_idx (to name how a finished hold ended).
+_DURATIONS_KEPT = 4096
+#: Series of each timeline sample, after its wall-clock time.
+TIMELINE_SERIES = ("waiting", "busy", "idle", "starting", "unhealthy")
 
 #: Finished-request statuses of the vastai 1.9.1 ``/delete_requests/`` body.
 FINISHED_STATUSES = frozenset(
@@ -124,6 +147,9 @@ class FinishedRequest:
     entered_queue_at: float | None = None
     work_started_at: float | None = None
     work_completed_at: float | None = None
+    #: How it ended in the project's words ("elapsed", "client disconnected", ...),
+    #: from the status and what the engine knew when the entry arrived.
+    ended: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,10 +157,75 @@ class FinishedRequest:
             "request_idx": self.request_idx,
             "success": self.success,
             "status": self.status,
+            "ended": self.ended,
             "received_at": self.received_at,
             "entered_queue_at": self.entered_queue_at,
             "work_started_at": self.work_started_at,
             "work_completed_at": self.work_completed_at,
+        }
+
+
+@dataclass(frozen=True)
+class AbandonedRequest:
+    """A WAITING request whose client stopped polling before a worker was free."""
+
+    request_idx: int
+    endpoint: str
+    waited_s: float
+    forgotten_at: float  # wall clock
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_idx": self.request_idx,
+            "endpoint": self.endpoint,
+            "waited_s": round(self.waited_s, 3),
+            "forgotten_at": self.forgotten_at,
+        }
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A worker's active hold as the worker itself describes it (its control ``/status``).
+
+    Times are the worker's wall clock, ``time.time()``.
+    """
+
+    request_idx: int | None
+    duration_s: float
+    started_at: float
+    ends_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_idx": self.request_idx,
+            "duration_s": self.duration_s,
+            "started_at": self.started_at,
+            "ends_at": self.ends_at,
+            "remaining_s": round(max(0.0, self.ends_at - time.time()), 3),
+        }
+
+
+@dataclass
+class Scaling:
+    """How the workers behind the engine are scaled, as the page explains it.
+
+    The engine does not scale; whoever does (``nullworker dev``) describes its policy
+    here, so the page can say why a request waits and when an idle worker stops.
+    """
+
+    min_workers: int
+    max_workers: int
+    idle_timeout_s: float
+    #: No new worker is started before this ``trio.current_time()`` (after a crash).
+    paused_until: float | None = None
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        until = self.paused_until
+        return {
+            "min_workers": self.min_workers,
+            "max_workers": self.max_workers,
+            "idle_timeout_s": self.idle_timeout_s,
+            "paused_s": round(until - now, 3) if until is not None and until > now else None,
         }
 
 
@@ -191,6 +282,15 @@ class WorkerRecord:
     last_routed_at: float | None = None
     routed_count: int = 0
 
+    #: Set by whoever started the process (``nullworker dev``).
+    pid: int | None = None
+    log: str | None = None
+    #: The active hold as the worker describes it, when someone asked it (dev).
+    hold: Hold | None = None
+    #: Set when the worker is retired: ``trio.current_time()`` and why.
+    stopped_at: float | None = None
+    stop_reason: str = ""
+
     @property
     def ready(self) -> bool:
         return self.loadtime > 0 and self.max_perf > 0 and not self.error_msg
@@ -246,6 +346,26 @@ class WorkerRecord:
             "report_count": self.report_count,
             "routed_count": self.routed_count,
             "version": self.version,
+            "uptime_s": _age(now, self.first_seen),
+            "pid": self.pid,
+            "log": self.log,
+            "hold": None if self.hold is None else self.hold.to_json(),
+        }
+
+    def stopped_json(self, now: float) -> dict[str, Any]:
+        """The record of a retired worker: how long it lived and why it stopped."""
+        assert self.stopped_at is not None
+        return {
+            "id": self.id,
+            "label": self.label,
+            "url": self.url,
+            "lived_s": round(max(0.0, self.stopped_at - self.first_seen), 3),
+            "stopped_ago_s": _age(now, self.stopped_at),
+            "reason": self.stop_reason,
+            "routed_count": self.routed_count,
+            "report_count": self.report_count,
+            "pid": self.pid,
+            "log": self.log,
         }
 
 
@@ -325,6 +445,8 @@ class Engine:
         a WAITING answer is given. It must not block; schedule work instead.
       lease_s, demand_ttl_s, stale_after_s: see the module docstring.
       history: bound on each record deque.
+      scaling: the policy of whoever starts and stops the workers, for the page.
+      timeline_s: how many seconds of :meth:`sample` calls the timeline keeps.
     """
 
     def __init__(
@@ -338,6 +460,8 @@ class Engine:
         demand_ttl_s: float = DEFAULT_DEMAND_TTL_S,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
         history: int = DEFAULT_HISTORY,
+        scaling: Scaling | None = None,
+        timeline_s: float = DEFAULT_TIMELINE_S,
     ) -> None:
         self.private_key = private_key if private_key is not None else generate_private_key()
         self.public_key_pem = public_key_pem(self.private_key)
@@ -347,8 +471,10 @@ class Engine:
         self.lease_s = lease_s
         self.demand_ttl_s = demand_ttl_s
         self.stale_after_s = stale_after_s
-        #: Base URL once served (set by :func:`serve_engine`).
+        self.scaling = scaling
+        #: Base URL and ``trio.current_time()`` once served (set by :func:`serve_engine`).
         self.url: str | None = None
+        self.started_at: float | None = None
 
         self.workers: dict[int, WorkerRecord] = {}
         self.pending: dict[int, PendingRequest] = {}
@@ -356,6 +482,15 @@ class Engine:
         self.delete_requests_reports: deque[ReceivedBody] = deque(maxlen=history)
         self.finished: deque[FinishedRequest] = deque(maxlen=history)
         self.ready_replies: deque[RouteRecord] = deque(maxlen=history)
+        #: Retired workers, most recent last.
+        self.stopped: deque[WorkerRecord] = deque(maxlen=RECENT_STOPPED)
+        #: WAITING requests whose client stopped polling, most recent last.
+        self.abandoned: deque[AbandonedRequest] = deque(maxlen=RECENT_STOPPED)
+        #: One tuple per :meth:`sample`: wall-clock time, then :data:`TIMELINE_SERIES`.
+        self.timeline: deque[tuple[float, int, int, int, int, int]] = deque(
+            maxlen=max(1, math.ceil(timeline_s / SAMPLE_INTERVAL_S))
+        )
+        self._durations: dict[int, float] = {}
         self.counters: dict[str, int] = {
             "route_ready": 0,
             "route_waiting": 0,
@@ -409,6 +544,14 @@ class Engine:
             if now - pending.last_seen > self.demand_ttl_s:
                 del self.pending[idx]
                 self.counters["demand_expired"] += 1
+                self.abandoned.append(
+                    AbandonedRequest(
+                        request_idx=idx,
+                        endpoint=pending.endpoint,
+                        waited_s=pending.last_seen - pending.first_seen,
+                        forgotten_at=time.time(),
+                    )
+                )
         for worker in self.workers.values():
             if worker.lease_until is not None and worker.lease_until <= now:
                 # The client never showed up at the worker (or the report is late):
@@ -432,22 +575,57 @@ class Engine:
 
     # -- workers ---------------------------------------------------------------------
 
-    def register_worker(self, worker_id: int, *, label: str = "") -> WorkerRecord:
+    def register_worker(
+        self, worker_id: int, *, label: str = "", log: str | None = None
+    ) -> WorkerRecord:
         """Announce a worker before it reports (state ``starting``), as the real
-        engine knows the instances it created. Used by ``nullworker dev``."""
+        engine knows the instances it created. Used by ``nullworker dev``, which also
+        says where the worker's output goes (``log``)."""
         now = self._now()
         self._retired.discard(worker_id)
         worker = self.workers.get(worker_id)
         if worker is None:
             worker = self.workers[worker_id] = WorkerRecord(id=worker_id, first_seen=now)
         worker.label = label
+        worker.log = log
         self._notify()
         return worker
 
-    def retire_worker(self, worker_id: int) -> None:
-        """Forget a worker and ignore its later reports (it is being stopped)."""
+    def set_pid(self, worker_id: int, pid: int) -> None:
+        """Record the process id of a registered worker (for the page)."""
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.pid = pid
+            self._notify()
+
+    def set_hold(self, worker_id: int, hold: Hold | None) -> None:
+        """Record the worker's active hold as the worker describes it (``None``: none).
+
+        The engine learns a hold's duration only this way; with it the page shows the
+        time left, and a finished hold is named *elapsed* or *released by consumer*.
+        """
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.hold == hold:
+            return
+        worker.hold = hold
+        if hold is not None and hold.request_idx is not None:
+            self._durations[hold.request_idx] = hold.duration_s
+            while len(self._durations) > _DURATIONS_KEPT:
+                del self._durations[next(iter(self._durations))]
+        self._notify()
+
+    def retire_worker(self, worker_id: int, *, reason: str = "") -> None:
+        """Forget a worker and ignore its later reports (it is being stopped).
+
+        Its record moves to :attr:`stopped` with ``reason``, for the page.
+        """
         self._retired.add(worker_id)
-        if self.workers.pop(worker_id, None) is not None:
+        worker = self.workers.pop(worker_id, None)
+        if worker is not None:
+            worker.stopped_at = self._now()
+            worker.stop_reason = reason
+            worker.hold = None
+            self.stopped.append(worker)
             self._notify()
 
     def free_workers(self) -> list[WorkerRecord]:
@@ -639,6 +817,8 @@ class Engine:
         worker.working_request_idxs = tuple(working_idxs)
         worker.report_count += 1
         worker.last_report_at = now
+        if not worker.busy:
+            worker.hold = None
         if worker.busy and worker.lease_until is not None:
             # The reservation arrived: the report now speaks for the worker, so the
             # lease has done its job. The reservation age keeps counting from routing.
@@ -685,6 +865,8 @@ class Engine:
                             422,
                             {"error": "success must be a boolean", "field": "requests[].success"},
                         )
+                    started = _optional_time(entry, "work_started_at")
+                    completed = _optional_time(entry, "work_completed_at")
                     finished.append(
                         FinishedRequest(
                             worker_id=worker_id,
@@ -693,8 +875,11 @@ class Engine:
                             status=status,
                             received_at=received_at,
                             entered_queue_at=_optional_time(entry, "entered_queue_at"),
-                            work_started_at=_optional_time(entry, "work_started_at"),
-                            work_completed_at=_optional_time(entry, "work_completed_at"),
+                            work_started_at=started,
+                            work_completed_at=completed,
+                            ended=self._how_it_ended(
+                                worker_id, idx, status, success, started, completed
+                            ),
                         )
                     )
             elif "request_idxs" in body:
@@ -711,6 +896,7 @@ class Engine:
                         success=success,
                         status=None,
                         received_at=received_at,
+                        ended=self._how_it_ended(worker_id, idx, None, success, None, None),
                     )
                     for idx in idxs
                 ]
@@ -729,20 +915,159 @@ class Engine:
         self._notify()
         return finished
 
+    def _how_it_ended(
+        self,
+        worker_id: int,
+        request_idx: int,
+        status: str | None,
+        success: bool | None,
+        started: float | None,
+        completed: float | None,
+    ) -> str:
+        """A finished request's end in the project's words.
+
+        The status alone merges outcomes (the worker reports an elapsed hold and one
+        released through ``POST /release`` both as Success, a client that went away and
+        a worker shutting down both as Cancelled); what the engine knows separates
+        them: the hold's duration (:meth:`set_hold`) and whether the worker was retired.
+        """
+        if status == "Success":
+            duration = self._durations.get(request_idx)
+            if duration is None or not started or not completed:
+                return "completed"  # elapsed or released: the duration is unknown here
+            if completed - started >= duration - ELAPSED_SLACK_S:
+                return "elapsed"
+            return "released by consumer"
+        if status == "Cancelled":
+            return "worker shut down" if worker_id in self._retired else "client disconnected"
+        if status == "Rejected":
+            return "rejected: the worker stayed busy past its queue time"
+        if status == "Error":
+            return "failed on the worker"
+        if status is None:
+            return "completed" if success else "failed"
+        return status.lower()
+
+    # -- the page's data -------------------------------------------------------------
+
+    def sample(self) -> None:
+        """Append one timeline sample: requests waiting and workers by kind, now.
+
+        :func:`~nullworker.engine.web.serve_engine` calls it every second.
+        """
+        now = self._now()
+        self._expire(now)
+        counts = self._breakdown(now)
+        self.timeline.append(
+            (
+                round(time.time(), 3),
+                len(self.pending),
+                counts.get("busy", 0) + counts.get("leased", 0),
+                counts.get("idle", 0),
+                counts.get("starting", 0) + counts.get("loading", 0),
+                counts.get("error", 0) + counts.get("stale", 0),
+            )
+        )
+
+    def timeline_json(self, since: float | None = None) -> dict[str, Any]:
+        """The timeline's samples (all, or those taken after wall-clock ``since``)."""
+        samples = [list(s) for s in self.timeline if since is None or s[0] > since]
+        return {
+            "interval_s": SAMPLE_INTERVAL_S,
+            "keep_s": (self.timeline.maxlen or 0) * SAMPLE_INTERVAL_S,
+            "series": ["t", *TIMELINE_SERIES],
+            "samples": samples,
+        }
+
+    def _wait_reasons(self, now: float) -> dict[int, str]:
+        """Why each pending request waits, oldest first.
+
+        The oldest requests are matched with the workers starting up (one each, as
+        ``nullworker dev`` starts one per waiting request); the rest wait for the
+        reason the pool has: at its maximum, paused after a crash, or no one to start
+        a worker at all.
+        """
+        states = {w.id: w.state(now, self.stale_after_s) for w in self.workers.values()}
+        starting = sorted(
+            (w for w in self.workers.values() if states[w.id] in ("starting", "loading")),
+            key=lambda w: w.first_seen,
+        )
+        counts = self._breakdown(now)
+        pool = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        scaling = self.scaling
+        paused = None if scaling is None else scaling.paused_until
+        if scaling is not None and len(self.workers) >= scaling.max_workers:
+            rest = f"at --max-workers {scaling.max_workers} ({pool})"
+        elif scaling is not None and paused is not None and paused > now:
+            rest = f"a worker failed: no new worker for {paused - now:.0f} s"
+        elif scaling is not None:
+            rest = "no free worker: starting one"
+        elif not self.workers:
+            rest = "no worker has reported (this engine starts none)"
+        else:
+            rest = f"no free worker ({pool}; this engine starts none)"
+        reasons: dict[int, str] = {}
+        by_age = sorted(self.pending.values(), key=lambda p: (p.first_seen, p.request_idx))
+        for position, pending in enumerate(by_age):
+            if position < len(starting):
+                worker = starting[position]
+                doing = "is starting" if states[worker.id] == "starting" else "is loading"
+                reasons[pending.request_idx] = (
+                    f"no ready worker yet: worker {worker.id} {doing} "
+                    f"({now - worker.first_seen:.0f} s)"
+                )
+            else:
+                reasons[pending.request_idx] = rest
+        return reasons
+
+    def _scale_down_in(self, now: float) -> dict[int, float | None]:
+        """Seconds until each idle worker is stopped (``None``: kept by --min-workers).
+
+        Mirrors ``nullworker dev``'s rule: the longest idle ones above the minimum go.
+        """
+        scaling = self.scaling
+        if scaling is None:
+            return {}
+        idle = sorted(
+            (
+                w
+                for w in self.workers.values()
+                if w.idle_since is not None and w.state(now, self.stale_after_s) == "idle"
+            ),
+            key=lambda w: w.idle_since or 0.0,
+        )
+        excess = max(0, len(self.workers) - scaling.min_workers)
+        countdown: dict[int, float | None] = {}
+        for position, worker in enumerate(idle):
+            assert worker.idle_since is not None
+            left = scaling.idle_timeout_s - (now - worker.idle_since)
+            countdown[worker.id] = round(max(0.0, left), 3) if position < excess else None
+        return countdown
+
     # -- views -----------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready view: workers, demand, recent finished requests, counters."""
+        """A JSON-ready view: workers, demand, recent finished requests, counters.
+
+        Also what the page shows: stopped workers, requests that stopped polling, why
+        each pending request waits and, with a :class:`Scaling`, the idle countdown.
+        """
         now = self._now()
         self._expire(now)
         recent = list(self.finished)[-RECENT_FINISHED_IN_VIEW:]
+        reasons = self._wait_reasons(now)
+        countdown = self._scale_down_in(now)
+        workers = []
+        for worker in sorted(self.workers.values(), key=lambda w: w.id):
+            view = worker.to_json(now, self.stale_after_s)
+            view["scale_down_in_s"] = countdown.get(worker.id)
+            workers.append(view)
         return {
             "url": self.url,
             "time": time.time(),
-            "workers": [
-                w.to_json(now, self.stale_after_s)
-                for w in sorted(self.workers.values(), key=lambda w: w.id)
-            ],
+            "uptime_s": _age(now, self.started_at),
+            "workers": workers,
+            "stopped": [w.stopped_json(now) for w in reversed(self.stopped)],
             "breakdown": self._breakdown(now),
             "waiting": len(self.pending),
             "pending": [
@@ -752,11 +1077,14 @@ class Engine:
                     "cost": p.cost,
                     "age_s": _age(now, p.first_seen),
                     "polls": p.polls,
+                    "reason": reasons.get(p.request_idx, ""),
                 }
-                for p in self.pending.values()
+                for p in sorted(self.pending.values(), key=lambda p: p.first_seen)
             ],
             "finished": [f.to_json() for f in reversed(recent)],
+            "abandoned": [a.to_json() for a in reversed(self.abandoned)],
             "counters": dict(self.counters),
+            "scaling": None if self.scaling is None else self.scaling.to_json(now),
             "settings": {
                 "lease_s": self.lease_s,
                 "demand_ttl_s": self.demand_ttl_s,

@@ -30,15 +30,23 @@ Concurrency invariants
 * Workers are registered with the engine before they start (state ``starting``) and
   retired before they are signalled, so the engine never routes to a worker that is
   going away.
+
+What the engine page shows beyond the protocol comes from here: the scaling policy
+(:class:`~.core.Scaling`, with the pause after a crash), each worker's pid and log,
+why it stopped, and, while a worker is busy, its active hold as its control listener's
+``GET /status`` describes it (polled every ``HOLD_POLL_S``): the time left, and whether
+a finished hold elapsed or was released.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -47,12 +55,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import IO, TextIO
+from typing import IO, Any, TextIO
 
+import httpx
 import trio
 
 from .. import logs
-from .core import DEFAULT_ENGINE_PORT, Engine, WorkerRecord
+from .core import DEFAULT_ENGINE_PORT, Engine, Hold, Scaling, WorkerRecord
 from .web import serve_engine
 
 __all__ = ["DevOptions", "main", "run_dev"]
@@ -65,6 +74,8 @@ VIEW_INTERVAL_S = 0.25
 MAX_RESPAWN_BACKOFF_S = 30.0
 #: How long the output pump may drain a child's last lines after it exited.
 DRAIN_S = 1.0
+#: How often a busy worker's control listener is asked about its hold (for the page).
+HOLD_POLL_S = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +123,7 @@ class _Console:
         self._stream = stream
         self.tty = tty
         self._status = ""
+        self._status_ended = False
 
     def line(self, text: str) -> None:
         if self.tty and self._status:
@@ -122,6 +134,8 @@ class _Console:
         self._stream.flush()
 
     def status(self, text: str) -> None:
+        if self._status_ended:
+            return
         width = max(20, shutil.get_terminal_size().columns - 1)
         text = text[:width]
         if text == self._status:
@@ -129,6 +143,14 @@ class _Console:
         self._status = text
         self._stream.write("\r\x1b[K" + self._status)
         self._stream.flush()
+
+    def end_status(self) -> None:
+        """Wipe the status line for good: once stopping, it would only be stale."""
+        self._status_ended = True
+        if self.tty and self._status:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+        self._status = ""
 
     def close(self) -> None:
         if self.tty and self._status:
@@ -159,16 +181,24 @@ class _Child:
     process: trio.Process | None = None
     stopping: bool = False
     was_ready: bool = False
+    #: Why it stopped, for the page's list of recent workers.
+    stop_reason: str = ""
 
 
 class _Supervisor:
     def __init__(
-        self, engine: Engine, options: DevOptions, console: _Console, master_token: str
+        self,
+        engine: Engine,
+        options: DevOptions,
+        console: _Console,
+        master_token: str,
+        http: httpx.AsyncClient,
     ) -> None:
         self.engine = engine
         self.options = options
         self.console = console
         self.master_token = master_token
+        self.http = http
         self.children: dict[int, _Child] = {}
         self._next_id = 1
         self._nursery: trio.Nursery | None = None
@@ -209,13 +239,20 @@ class _Supervisor:
         )
         self._next_id += 1
         self.children[child.id] = child
-        self.engine.register_worker(child.id, label=f"port {port}")
+        self.engine.register_worker(child.id, label=f"port {port}", log=self._output_of(child))
         self.console.line(f"[dev] starting worker {child.id} on port {port} ({reason})")
         self._nursery.start_soon(self._run_child, child)
 
+    def _output_of(self, child: _Child) -> str:
+        """Where the worker's output goes: its log file, or dev's own output."""
+        if self.options.log_dir is None:
+            return f"dev's output, [worker {child.id}]"
+        return os.path.join(self.options.log_dir, f"worker-{child.id}.log")
+
     def _stop(self, child: _Child, reason: str) -> None:
         child.stopping = True
-        self.engine.retire_worker(child.id)
+        child.stop_reason = f"stopped by dev: {reason}"
+        self.engine.retire_worker(child.id, reason=child.stop_reason)
         self.console.line(f"[dev] stopping worker {child.id} ({reason})")
         child.scope.cancel()
 
@@ -292,7 +329,7 @@ class _Supervisor:
         try:
             with child.scope:
                 if self.options.log_dir is not None:
-                    path = os.path.join(self.options.log_dir, f"worker-{child.id}.log")
+                    path = self._output_of(child)
                     log_file = open(path, "ab")  # noqa: ASYNC230 -- a local file, opened once
                 try:
                     process = await trio.lowlevel.open_process(
@@ -306,6 +343,7 @@ class _Supervisor:
                     self._crashed(child, f"could not be started: {exc}")
                     return
                 child.process = process
+                self.engine.set_pid(child.id, process.pid)
                 self.console.line(
                     f"[dev] worker {child.id} started: pid {process.pid}, "
                     f"url http://{self.options.host}:{child.port}"
@@ -313,6 +351,7 @@ class _Supervisor:
                 async with trio.open_nursery() as nursery:
                     if process.stdout is not None:
                         nursery.start_soon(self._pump, child.id, process.stdout)
+                    nursery.start_soon(self._watch_hold, child)
                     await process.wait()
                     # Let the pump print the child's last words, but not forever.
                     nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
@@ -320,12 +359,15 @@ class _Supervisor:
                 if process.returncode == 0:
                     # A clean exit (it got a signal of its own, e.g. Ctrl-C in the
                     # terminal): not a crash, and --min-workers replaces it if needed.
+                    child.stop_reason = "exited by itself (code 0)"
                     self.console.line(f"[dev] worker {child.id} exited")
                 else:
                     self._crashed(child, f"exited on its own with code {process.returncode}")
         finally:
             child.stopping = True
-            self.engine.retire_worker(child.id)
+            self.engine.retire_worker(
+                child.id, reason=child.stop_reason or "nullworker dev stopped"
+            )
             if process is not None:
                 # Shielded so Ctrl-C cannot skip it; bounded by the stop timeout.
                 with trio.move_on_after(self.options.stop_timeout_s + 2.0, shield=True):
@@ -340,7 +382,29 @@ class _Supervisor:
         self._crashes += 1
         backoff = min(2.0**self._crashes, MAX_RESPAWN_BACKOFF_S)
         self._spawn_not_before = trio.current_time() + backoff
+        child.stop_reason = what
+        if self.engine.scaling is not None:
+            self.engine.scaling.paused_until = self._spawn_not_before
         self.console.line(f"[dev] worker {child.id} {what}; no new worker for {backoff:g} s")
+
+    async def _watch_hold(self, child: _Child) -> None:
+        """Tell the engine about the worker's active hold while it is busy.
+
+        Only the worker knows how long a hold lasts; its control listener says so. A
+        worker that does not answer (starting, a stand-in command) is simply asked
+        again in the next round.
+        """
+        url = f"http://{_url_host(self.options.host)}:{child.control_port}/status"
+        while True:
+            await trio.sleep(HOLD_POLL_S)
+            if self.engine.worker_state(child.id) not in ("busy", "leased"):
+                continue
+            try:
+                response = await self.http.get(url)
+                active = response.json().get("active") if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError, AttributeError):
+                continue
+            self.engine.set_hold(child.id, _hold_of(active))
 
     async def _pump(self, worker_id: int, stream: trio.abc.ReceiveStream) -> None:
         prefix = f"[worker {worker_id}] "
@@ -356,6 +420,34 @@ class _Supervisor:
                     self.console.line(prefix + raw.decode("utf-8", "replace").rstrip("\r"))
             if buffer:
                 self.console.line(prefix + buffer.decode("utf-8", "replace"))
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _hold_of(active: Any) -> Hold | None:
+    """The control listener's ``active`` object as a :class:`Hold` (``None`` if absent
+    or not understood)."""
+    if not isinstance(active, dict):
+        return None
+    keys = ("duration", "started_at", "ends_at")
+    duration, started, ends = (_number(active.get(key)) for key in keys)
+    if duration is None or started is None or ends is None:
+        return None
+    idx = active.get("request_idx")
+    return Hold(
+        request_idx=idx if isinstance(idx, int) and not isinstance(idx, bool) else None,
+        duration_s=duration,
+        started_at=started,
+        ends_at=ends,
+    )
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 async def _terminate(process: trio.Process, grace_s: float) -> None:
@@ -400,14 +492,18 @@ def _render_view(engine: Engine, supervisor: _Supervisor) -> tuple[str, tuple[ob
 
 async def _view_loop(engine: Engine, supervisor: _Supervisor, console: _Console) -> None:
     last_key: tuple[object, ...] | None = None
-    while True:
-        text, key = _render_view(engine, supervisor)
-        if console.tty:
-            console.status(text)
-        elif key != last_key:
-            console.line(text)
-        last_key = key
-        await trio.sleep(VIEW_INTERVAL_S)
+    try:
+        while True:
+            text, key = _render_view(engine, supervisor)
+            if console.tty:
+                console.status(text)
+            elif key != last_key:
+                console.line(text)
+            last_key = key
+            await trio.sleep(VIEW_INTERVAL_S)
+    finally:
+        # Stopping: the view would go stale while the workers are stopped.
+        console.end_status()
 
 
 # -- composition ---------------------------------------------------------------------------
@@ -419,7 +515,10 @@ def _banner(options: DevOptions, url: str) -> str:
         if options.log_dir is not None
         else "below, each line prefixed [worker N]"
     )
-    key = "dev" if options.api_key is None else "<your --api-key>"
+    key = "dev" if options.api_key is None else shlex.quote("<the --api-key value>")
+    # The running interpreter by its full path: the line works as pasted in any shell,
+    # without the virtualenv activated and on systems with no `python` command.
+    client = shlex.join([sys.executable, "-m", "nullworker.client"])
     return "\n".join(
         [
             f"nullworker dev: engine on {url}",
@@ -427,8 +526,7 @@ def _banner(options: DevOptions, url: str) -> str:
             f"  workers: min {options.min_workers}, max {options.max_workers}, "
             f"stopped after {options.idle_timeout_s:g} s idle; worker logs {logs}",
             "  hold a worker for 60 s:",
-            f"    VAST_API_KEY={key} python -m nullworker.client --engine-url {url} "
-            "--endpoint dev --duration 60",
+            f"    VAST_API_KEY={key} {client} --engine-url {url} --endpoint dev --duration 60",
             "  Ctrl-C stops the engine and every worker.",
         ]
     )
@@ -457,19 +555,35 @@ async def _run_dev(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     master_token = secrets.token_urlsafe(16)
-    engine = Engine(api_key=options.api_key, master_token=master_token)
-    supervisor = _Supervisor(engine, options, console, master_token)
-    engine.on_demand = supervisor.on_demand
+    scaling = Scaling(
+        min_workers=options.min_workers,
+        max_workers=options.max_workers,
+        idle_timeout_s=options.idle_timeout_s,
+    )
+    engine = Engine(api_key=options.api_key, master_token=master_token, scaling=scaling)
+    started = False
+    probe_log = logging.getLogger("httpx")
+    if probe_log.level == logging.NOTSET:
+        # One INFO line per hold probe (twice a second per busy worker) would bury the
+        # output; the probes' failures are expected and handled.
+        probe_log.setLevel(logging.WARNING)
     try:
-        async with trio.open_nursery() as nursery:
+        async with httpx.AsyncClient(timeout=1.0) as http, trio.open_nursery() as nursery:
+            supervisor = _Supervisor(engine, options, console, master_token, http)
+            engine.on_demand = supervisor.on_demand
             url = await nursery.start(
                 partial(serve_engine, engine, host=options.host, port=options.port)
             )
+            started = True
             console.line(_banner(options, url))
             await nursery.start(supervisor.run)
             nursery.start_soon(_view_loop, engine, supervisor, console)
             task_status.started(url)
     finally:
+        console.end_status()
+        if started:
+            # Every worker is reaped and the engine closed by now.
+            console.line("[dev] stopped")
         console.close()
 
 
@@ -560,6 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             async with trio.open_nursery() as nursery:
                 await nursery.start(partial(_run_dev, options, console))
                 async for signum in signals:
+                    console.end_status()
                     console.line(
                         f"[dev] {signal.Signals(signum).name}: stopping the workers and the engine"
                     )
@@ -572,12 +687,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = _os_error(group)
         if reason is None:
             raise
-        print(f"nullworker dev: {reason}", file=sys.stderr)
+        print(f"nullworker dev: {_start_failure(reason, options)}", file=sys.stderr)
         return 1
     except OSError as exc:  # typically the engine port is taken
-        print(f"nullworker dev: {exc}", file=sys.stderr)
+        print(f"nullworker dev: {_start_failure(exc, options)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _start_failure(exc: OSError, options: DevOptions) -> str:
+    """What went wrong at start, and what to do about the usual case: the port is taken."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"port {options.port} on {options.host} is already in use (another nullworker "
+            "dev or engine?): stop it, or choose another port with --port "
+            "(--port 0 picks a free one)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"not allowed to listen on port {options.port}: choose another one with --port"
+    return str(exc)
 
 
 def _os_error(group: BaseExceptionGroup[BaseException]) -> OSError | None:

@@ -2,7 +2,14 @@
 
 * ``GET /pubkey/``, ``POST /route/``, ``POST /worker_status/``, ``POST /delete_requests/``
   -- the engine's side of the wire protocol (see :mod:`nullworker.engine.core`);
-* ``GET /workers`` and ``GET /`` -- a JSON and an HTML view for humans and tests.
+* ``GET /workers`` -- the engine's state as JSON (:meth:`~.core.Engine.snapshot`);
+* ``GET /`` -- the page (``static/index.html`` with the tables filled in on the server,
+  see :mod:`.view`); ``GET /static/<file>`` -- its script and style sheet;
+* ``GET /dashboard`` -- the page's tables as display rows plus the new timeline samples,
+  which the script fetches every second; ``GET /timeline`` -- the samples alone. Both
+  take ``?since=<wall-clock time>`` to get only the samples after it.
+
+:func:`serve_engine` also samples the engine once a second for the timeline.
 
 Each route parses the JSON body, calls the core, maps
 :class:`~.core.EngineRequestError` to a JSON error status and logs one access line
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from functools import partial
 from importlib.resources import files
 from typing import Any
@@ -23,7 +31,8 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from .core import Engine, EngineRequestError
+from .core import SAMPLE_INTERVAL_S, Engine, EngineRequestError
+from .view import dashboard, render_page
 
 __all__ = ["create_engine_app", "serve_engine"]
 
@@ -33,10 +42,33 @@ access_log = logging.getLogger("nullworker.engine.access")
 MAX_BODY_BYTES = 1024 * 1024
 
 
-def _read_page() -> str:
-    """The live view served at ``GET /`` (a static page that polls ``GET /workers``), read
-    from the package data: ``nullworker/engine/static/index.html``."""
-    return (files("nullworker.engine") / "static" / "index.html").read_text(encoding="utf-8")
+#: The page's files (package data in ``nullworker/engine/static/``) and their types.
+STATIC_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
+#: The page loads nothing from elsewhere: a user's machine may be offline.
+PAGE_POLICY = "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+
+
+def _read_static() -> dict[str, tuple[str, str]]:
+    """The page's files by name, with their media types, read once from the package."""
+    found: dict[str, tuple[str, str]] = {}
+    for entry in (files("nullworker.engine") / "static").iterdir():
+        suffix = "." + entry.name.rsplit(".", 1)[-1]
+        if suffix in STATIC_TYPES:
+            found[entry.name] = (entry.read_text(encoding="utf-8"), STATIC_TYPES[suffix])
+    return found
+
+
+def _since() -> float | None:
+    raw = request.args.get("since")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise EngineRequestError(400, {"error": "since must be a number"}) from None
+    if not math.isfinite(value):
+        raise EngineRequestError(400, {"error": "since must be finite"})
+    return value
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -56,8 +88,10 @@ async def _json_object() -> dict[str, Any]:
 
 def create_engine_app(engine: Engine) -> QuartTrio:
     """The Quart-Trio app serving ``engine`` (see the module docstring for routes)."""
-    page = _read_page()
-    # No static folder: the page is served at GET / only, not under /static/.
+    static = _read_static()
+    template = static.pop("index.html")[0]
+    # Quart's own static folder is off: the files are read through importlib.resources
+    # (so they are found in any installed form) and served from memory below.
     app = QuartTrio("nullworker.engine", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
@@ -111,7 +145,29 @@ def create_engine_app(engine: Engine) -> QuartTrio:
 
     @app.get("/")
     async def _page() -> Response:
-        return Response(page, mimetype="text/html")
+        page = render_page(template, dashboard(engine))
+        response = Response(page, mimetype="text/html")
+        response.headers["Content-Security-Policy"] = PAGE_POLICY
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.get("/static/<name>")
+    async def _static(name: str) -> Response:
+        if name not in static:
+            return _json({"error": "not found"}, 404)
+        text, mimetype = static[name]
+        response = Response(text, mimetype=mimetype)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    @app.get("/dashboard")
+    async def _dashboard() -> Response:
+        since = _since()
+        return _json({"view": dashboard(engine), "timeline": engine.timeline_json(since)})
+
+    @app.get("/timeline")
+    async def _timeline() -> Response:
+        return _json(engine.timeline_json(_since()))
 
     return app
 
@@ -145,5 +201,17 @@ async def serve_engine(
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(partial(hypercorn.trio.serve, app, config))
         engine.url = binds[0]
+        engine.started_at = trio.current_time()
         log.info("engine listening on %s", engine.url)
+        nursery.start_soon(_sample_forever, engine)
         task_status.started(engine.url)
+
+
+async def _sample_forever(engine: Engine) -> None:
+    """One timeline sample a second, on a fixed grid (a slow sample does not drift it)."""
+    next_at = trio.current_time()
+    while True:
+        engine.sample()
+        # After a stall, start a new grid instead of catching up in a burst.
+        next_at = max(next_at + SAMPLE_INTERVAL_S, trio.current_time())
+        await trio.sleep_until(next_at)
