@@ -39,7 +39,8 @@ Layout and concurrency invariants
   Among free workers the least recently routed one wins.
 * Demand: a WAITING answer keeps the request in ``pending`` under its
   ``request_idx``. Polls re-send the same index and only refresh it, so they never
-  count as new demand; an entry not polled for ``demand_ttl_s`` expires.
+  count as new demand; an entry not polled for ``demand_ttl_s`` expires. The answer
+  also says why it waits (``reason``, the page's words; Vast's engine sends none).
 * Records of received bodies are bounded deques, so a long ``nullworker dev`` session
   does not grow without limit. So are the page's records: the timeline (a ring of
   :meth:`Engine.sample` calls, one a second while served), the stopped workers and the
@@ -762,6 +763,9 @@ class Engine:
         self._notify()
         if self.on_demand is not None:
             self.on_demand(waiting)
+        # Why it waits, as the page says it (an extension: Vast's engine gives no reason).
+        # Asked after the hook, which may just have started a worker for this request.
+        reply["reason"] = self._wait_reasons(self._now()).get(request_idx, "")
         return reply
 
     def _breakdown(self, now: float) -> dict[str, int]:
