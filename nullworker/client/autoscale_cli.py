@@ -18,6 +18,13 @@ Exit status: 2 usage, 1 the metrics port cannot be bound, 130/143 SIGINT/SIGTERM
 reservation released at once). Nothing else ends the command: an unreadable source or a
 refusing engine is printed and retried with backoff.
 
+With ``--lease URL KEY`` several of these processes run side by side and only the holder
+of a Redis lease (:mod:`.lease`) holds reservations: the command loops { wait for the
+lease (``standby``) -> ``lease_acquired`` -> ``autoscale()`` until the lease is lost
+(``lease_lost``, which cancels it and so closes every reservation) }. At SIGINT/SIGTERM
+the leader closes its reservations first, then deletes the lease (``lease_released``) so
+that a standby takes over at its next attempt.
+
 Concurrency invariants
 ----------------------
 * One Trio run. The signal receiver is open for the whole of it, so SIGINT and SIGTERM
@@ -27,9 +34,13 @@ Concurrency invariants
 * Events are printed synchronously from the ``on_event`` callback, in the order the
   autoscaler made them.
 * The metrics server (``prometheus_client``'s, in threads of its own) is bound before
-  the Trio run starts and closed after it ends. A scrape takes its snapshot in the Trio
+  the Trio run starts and closed after it ends. A scrape takes its snapshots in the Trio
   thread (``trio.from_thread.run_sync``), never by reading the autoscaler's state from
   the server's thread.
+* With a lease, each term runs its own ``autoscale()`` call. The counters of the terms
+  that ended are added up here (``_Totals``), so the metrics' counters never go back; a
+  standby has no autoscaler, and serves the lease metrics only. ``lease_lost`` is printed
+  (with the reservations about to be released) before the term's cancellation runs.
 """
 
 from __future__ import annotations
@@ -42,12 +53,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -63,9 +75,19 @@ from .demand import (
     RedisStream,
     redact,
 )
+from .lease import (
+    DEFAULT_RENEW_S,
+    DEFAULT_TTL_S,
+    TOKEN_SHOWN,
+    LeaseEvent,
+    LeaseStatistics,
+    RedisLease,
+)
 from .reservation import DEFAULT_ENGINE_URL, _default_client, reserve
 
 __all__ = ["EXIT_METRICS", "EXIT_USAGE", "main"]
+
+_T = TypeVar("_T")
 
 #: Exit status when the metrics port cannot be bound.
 EXIT_METRICS = 1
@@ -165,6 +187,29 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         metavar="URL",
         help=f"engine base URL (default $VAST_ENGINE_URL, else {DEFAULT_ENGINE_URL})",
     )
+    lease = parser.add_argument_group(
+        "standby autoscalers: only the holder of a Redis lease holds reservations"
+    )
+    lease.add_argument(
+        "--lease",
+        nargs=2,
+        metavar=("URL", "KEY"),
+        help="hold reservations only while holding the lease KEY on this Redis server",
+    )
+    lease.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"how long the lease lives after each renewal ({DEFAULT_TTL_S:g})",
+    )
+    lease.add_argument(
+        "--lease-renew",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"seconds between renewals, and between a standby's attempts ({DEFAULT_RENEW_S:g})",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     parser.add_argument(
         "--metrics-port",
@@ -183,6 +228,14 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
+class _LeaseOptions:
+    url: str
+    key: str
+    ttl_s: float
+    renew_s: float
+
+
+@dataclass(frozen=True)
 class _Options:
     endpoint: str
     source: DemandSource
@@ -197,6 +250,7 @@ class _Options:
     json: bool
     metrics_host: str
     metrics_port: int | None
+    lease: _LeaseOptions | None = None
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
@@ -242,6 +296,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         source = _build_source(args)
     except ValueError as exc:  # a bad URL scheme or name; the message is password-free
         parser.error(str(exc))
+    lease = _parse_lease(parser, args)
     return _Options(
         endpoint=args.endpoint,
         source=source,
@@ -256,7 +311,30 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         json=args.json,
         metrics_host=args.metrics_host or "127.0.0.1",
         metrics_port=args.metrics_port,
+        lease=lease,
     )
+
+
+def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _LeaseOptions | None:
+    if args.lease is None:
+        for flag, value in (("--lease-ttl", args.lease_ttl), ("--lease-renew", args.lease_renew)):
+            if value is not None:
+                parser.error(f"{flag} goes with --lease")
+        return None
+    url, key = args.lease
+    ttl = DEFAULT_TTL_S if args.lease_ttl is None else args.lease_ttl
+    renew = DEFAULT_RENEW_S if args.lease_renew is None else args.lease_renew
+    if not (math.isfinite(renew) and renew > 0):
+        parser.error(f"--lease-renew must be a finite number of seconds > 0, got {renew}")
+    if not (math.isfinite(ttl) and ttl > 2 * renew):
+        parser.error(
+            f"--lease-ttl must be more than twice --lease-renew ({2 * renew:g} s), got {ttl}"
+        )
+    try:
+        RedisLease(url, key, ttl_s=ttl, renew_s=renew)  # checks the URL and the key; no I/O
+    except ValueError as exc:  # the message is password-free
+        parser.error(f"--lease: {exc}")
+    return _LeaseOptions(url=url, key=key, ttl_s=ttl, renew_s=renew)
 
 
 def _build_source(args: argparse.Namespace) -> DemandSource:
@@ -288,17 +366,40 @@ def _event_fields(event: AutoscaleEvent) -> dict[str, Any]:
         "held": event.held,
         "waiting": event.waiting,
     }
-    extras: dict[str, Any] = {
-        "worker_url": event.worker_url,
-        "outcome": event.outcome,
-        "cause": event.cause,
-        "held_s": event.held_s,
-        "waited_s": event.waited_s,
-        "error": event.error,
-        "delay_s": event.delay_s,
-        "failures": event.failures,
-        "outage_s": event.outage_s,
+    fields.update(
+        _set_fields(
+            worker_url=event.worker_url,
+            outcome=event.outcome,
+            cause=event.cause,
+            held_s=event.held_s,
+            waited_s=event.waited_s,
+            error=event.error,
+            delay_s=event.delay_s,
+            failures=event.failures,
+            outage_s=event.outage_s,
+        )
+    )
+    return fields
+
+
+def _lease_fields(event: LeaseEvent) -> dict[str, Any]:
+    """A lease event as JSON fields: ``term`` always, the others when set."""
+    return {
+        "term": event.term,
+        **_set_fields(
+            holder=event.holder,
+            reason=event.reason,
+            error=event.error,
+            held_for_s=event.held_for_s,
+            waited_s=event.waited_s,
+            deleted=event.deleted,
+        ),
     }
+
+
+def _set_fields(**extras: Any) -> dict[str, Any]:
+    """The fields that are not ``None``: floats rounded, strings without passwords."""
+    fields: dict[str, Any] = {}
     for name, value in extras.items():
         if value is None:
             continue
@@ -310,12 +411,36 @@ def _event_fields(event: AutoscaleEvent) -> dict[str, Any]:
     return fields
 
 
+@dataclass
+class _Totals:
+    """The counters of the autoscalers of terms that ended (with ``--lease``)."""
+
+    ended_by_outcome: Counter[str] = field(default_factory=Counter)
+    reservations_failed: int = 0
+    source_errors: int = 0
+
+    def add(self, stats: AutoscalerStatistics) -> None:
+        self.ended_by_outcome.update(stats.ended_by_outcome)
+        self.reservations_failed += stats.reservations_failed
+        self.source_errors += stats.source_errors
+
+    def on_top_of(self, stats: AutoscalerStatistics) -> AutoscalerStatistics:
+        return replace(
+            stats,
+            ended_by_outcome=dict(self.ended_by_outcome + Counter(stats.ended_by_outcome)),
+            reservations_failed=self.reservations_failed + stats.reservations_failed,
+            source_errors=self.source_errors + stats.source_errors,
+        )
+
+
 class _Cli:
     """One ``nullworker autoscale`` run: the autoscaler, its printer and its signals."""
 
     def __init__(self, options: _Options) -> None:
         self.options = options
         self._scaler: Autoscaler | None = None
+        self._lease: RedisLease | None = None
+        self._totals = _Totals()
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self.signum: int | None = None
         self.released_on_signal = 0
@@ -333,16 +458,39 @@ class _Cli:
     def _on_event(self, event: AutoscaleEvent) -> None:
         self._print(event.kind, redact(event.message), **_event_fields(event))
 
+    def _on_lease_event(self, event: LeaseEvent) -> None:
+        fields = _lease_fields(event)
+        message = event.message
+        if event.kind == "lease_lost":
+            # Printed before the term's cancellation runs: these are about to go.
+            held = 0 if self._scaler is None else self._scaler.statistics().held
+            fields["released"] = held
+            message += f"; releasing {held} worker(s)"
+        self._print(event.kind, redact(message), **fields)
+
     def print_start(self, metrics_url: str | None) -> None:
         o = self.options
         duration = "the worker's cap" if o.duration_s is None else f"{o.duration_s:g} s"
         engine_url = redact(o.engine_url)
+        lease: dict[str, Any] = {}
+        lease_text = ""
+        if o.lease is not None and self._lease is not None:
+            lease = {
+                "lease": self._lease.describe(),
+                "lease_ttl_s": o.lease.ttl_s,
+                "lease_renew_s": o.lease.renew_s,
+                "token": self._lease.token[:TOKEN_SHOWN],
+            }
+            lease_text = (
+                f"; {self._lease.describe()}, ttl {o.lease.ttl_s:g} s, renewed every "
+                f"{o.lease.renew_s:g} s, token {self._lease.token[:TOKEN_SHOWN]}"
+            )
         self._print(
             "started",
             f"autoscaling endpoint {o.endpoint!r} on {o.source.describe()}: min {o.min_workers}, "
             f"max {o.max_workers}, {o.jobs_per_worker} job(s) per worker, poll {o.poll_s:g} s, "
             f"scale-down delay {o.scale_down_delay_s:g} s, each hold {duration}; "
-            f"engine {engine_url}",
+            f"engine {engine_url}{lease_text}",
             endpoint=o.endpoint,
             source=o.source.describe(),
             engine_url=engine_url,
@@ -352,6 +500,7 @@ class _Cli:
             poll_s=o.poll_s,
             scale_down_delay_s=o.scale_down_delay_s,
             duration_s=o.duration_s,
+            **lease,
         )
         if metrics_url is not None:
             self._print("metrics", f"metrics on {metrics_url}", url=metrics_url)
@@ -360,14 +509,30 @@ class _Cli:
 
     def statistics_for_scrape(self) -> AutoscalerStatistics | None:
         """A snapshot taken in the Trio thread; called from the metrics server's threads."""
-        scaler, token = self._scaler, self._trio_token
-        if scaler is None or token is None:
+        return self._in_trio(self._statistics)
+
+    def lease_statistics_for_scrape(self) -> LeaseStatistics | None:
+        """The lease's snapshot, taken in the Trio thread (``None`` without ``--lease``)."""
+        return self._in_trio(self._lease_statistics)
+
+    def _in_trio(self, snapshot: Callable[[], _T | None]) -> _T | None:
+        token = self._trio_token
+        if token is None:
             return None
         try:
-            return trio.from_thread.run_sync(scaler.statistics, trio_token=token)
+            return trio.from_thread.run_sync(snapshot, trio_token=token)
         except trio.RunFinishedError:
-            # The run is over: nothing changes the autoscaler any more.
-            return scaler.statistics()
+            # The run is over: nothing changes any more.
+            return snapshot()
+
+    def _statistics(self) -> AutoscalerStatistics | None:
+        scaler = self._scaler
+        if scaler is None:
+            return None
+        return self._totals.on_top_of(scaler.statistics())
+
+    def _lease_statistics(self) -> LeaseStatistics | None:
+        return None if self._lease is None else self._lease.statistics()
 
     # -- the Trio run --------------------------------------------------------------------
 
@@ -375,21 +540,20 @@ class _Cli:
         self._trio_token = trio.lowlevel.current_trio_token()
         o = self.options
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with o.source, _default_client() as http, trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
+            async with o.source, self._open_lease() as lease, _default_client() as http:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
 
-                def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
-                    return reserve(
-                        o.endpoint,
-                        duration=o.duration_s,
-                        api_key=o.api_key,
-                        engine_url=o.engine_url,
-                        http=http,
-                    )
+                    def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
+                        return reserve(
+                            o.endpoint,
+                            duration=o.duration_s,
+                            api_key=o.api_key,
+                            engine_url=o.engine_url,
+                            http=http,
+                        )
 
-                self.print_start(metrics_url)
-                self._scaler = await nursery.start(
-                    partial(
+                    run_autoscale = partial(
                         autoscale,
                         o.endpoint,
                         demand=o.source.read,
@@ -402,7 +566,14 @@ class _Cli:
                         reserve=reserve_one,
                         on_event=self._on_event,
                     )
-                )
+                    self.print_start(metrics_url)
+                    if lease is None:
+                        self._scaler = await nursery.start(run_autoscale)
+                    else:
+                        nursery.start_soon(self._lead, lease, run_autoscale)
+                if lease is not None:
+                    # Every reservation is closed by now: hand over at once.
+                    await lease.release()
         # Only a signal ends the nursery without an exception.
         assert self.signum is not None
         status = _SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
@@ -414,6 +585,34 @@ class _Cli:
             exit_status=status,
         )
         return status
+
+    @asynccontextmanager
+    async def _open_lease(self) -> AsyncIterator[RedisLease | None]:
+        lease_options = self.options.lease
+        if lease_options is None:
+            yield None
+            return
+        lease = RedisLease(
+            lease_options.url,
+            lease_options.key,
+            ttl_s=lease_options.ttl_s,
+            renew_s=lease_options.renew_s,
+            on_event=self._on_lease_event,
+        )
+        async with lease:
+            self._lease = lease
+            yield lease
+
+    async def _lead(self, lease: RedisLease, run_autoscale: Callable[..., Awaitable[None]]) -> None:
+        """Each term: wait for the lease, then autoscale until the term is lost."""
+        while True:
+            try:
+                async with lease.leadership(), trio.open_nursery() as nursery:
+                    self._scaler = await nursery.start(run_autoscale)
+            finally:
+                scaler, self._scaler = self._scaler, None
+                if scaler is not None:
+                    self._totals.add(scaler.statistics())
 
     async def _watch_signals(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
         async for signum in signals:
@@ -444,7 +643,10 @@ def main(argv: list[str] | None = None, *, prog: str = _PROG) -> int:
 
         try:
             metrics = start_metrics_server(
-                cli.statistics_for_scrape, host=options.metrics_host, port=options.metrics_port
+                cli.statistics_for_scrape,
+                lease=cli.lease_statistics_for_scrape if options.lease is not None else None,
+                host=options.metrics_host,
+                port=options.metrics_port,
             )
         except OSError as exc:
             print(

@@ -14,6 +14,14 @@
 * ``nullworker_autoscale_source_errors_total`` (counter): failed demand reads, every one;
 * ``nullworker_autoscale_source_up`` (gauge): 1 if the last demand read succeeded, else 0.
 
+With ``--lease`` (:mod:`.lease`), also:
+
+* ``nullworker_autoscale_lease_leader`` (gauge): 1 while this process holds the lease
+  (and so may hold reservations), else 0;
+* ``nullworker_autoscale_lease_terms_total`` (counter): terms of leadership begun.
+
+A standby runs no autoscaler: it serves the lease metrics only.
+
 Concurrency invariants
 ----------------------
 * The registry is private (a ``CollectorRegistry`` of our own): nothing else registers
@@ -23,9 +31,10 @@ Concurrency invariants
   :class:`~nullworker.client.autoscaler.AutoscalerStatistics` snapshot at scrape time,
   so the figures of one scrape are consistent with each other.
 * ``prometheus_client`` serves from threads of its own (one per scrape), not from the
-  Trio run. The ``statistics`` function given to :func:`start_metrics_server` is called
-  in those threads: it must be safe to call there (the command line hops into the Trio
-  thread with ``trio.from_thread.run_sync`` to take the snapshot).
+  Trio run. The ``statistics`` (and ``lease``) functions given to
+  :func:`start_metrics_server` are called in those threads: they must be safe to call
+  there (the command line hops into the Trio thread with ``trio.from_thread.run_sync``
+  to take each snapshot).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .autoscaler import AutoscalerStatistics
+from .lease import LeaseStatistics
 
 __all__ = ["PREFIX", "AutoscalerCollector", "MetricsServer", "start_metrics_server"]
 
@@ -48,20 +58,41 @@ PREFIX = "nullworker_autoscale_"
 
 #: Returns a snapshot, or ``None`` while there is nothing to report yet.
 StatisticsFunction = Callable[[], AutoscalerStatistics | None]
+#: Returns the lease's snapshot, or ``None`` (no lease metrics).
+LeaseStatisticsFunction = Callable[[], LeaseStatistics | None]
 
 
 class AutoscalerCollector(Collector):
     """Builds the autoscaler's metrics from ``statistics()`` at each scrape.
 
     Args:
-      statistics: returns the snapshot to report, or ``None`` (no metrics yet); called
-        once per scrape, in the thread that serves it.
+      statistics: returns the snapshot to report, or ``None`` (no autoscaler metrics:
+        none runs yet, or this process stands by); called once per scrape, in the
+        thread that serves it.
+      lease: with ``--lease``, returns the lease's snapshot (or ``None``); called once
+        per scrape too.
     """
 
-    def __init__(self, statistics: StatisticsFunction) -> None:
+    def __init__(
+        self, statistics: StatisticsFunction, *, lease: LeaseStatisticsFunction | None = None
+    ) -> None:
         self._statistics = statistics
+        self._lease = lease
 
     def collect(self) -> Iterator[Metric]:
+        if self._lease is not None:
+            lease = self._lease()
+            if lease is not None:
+                yield GaugeMetricFamily(
+                    PREFIX + "lease_leader",
+                    "1 while this autoscaler holds the lease (and may hold reservations), else 0.",
+                    value=1 if lease.leader else 0,
+                )
+                yield CounterMetricFamily(
+                    PREFIX + "lease_terms",
+                    "Terms of leadership begun (times the lease was acquired).",
+                    value=lease.terms,
+                )
         stats = self._statistics()
         if stats is None:
             return
@@ -131,11 +162,17 @@ class MetricsServer:
         self._thread.join()
 
 
-def start_metrics_server(statistics: StatisticsFunction, *, host: str, port: int) -> MetricsServer:
+def start_metrics_server(
+    statistics: StatisticsFunction,
+    *,
+    host: str,
+    port: int,
+    lease: LeaseStatisticsFunction | None = None,
+) -> MetricsServer:
     """Serve the autoscaler's metrics on ``http://host:port/metrics``, in a thread.
 
     Args:
-      statistics: see :class:`AutoscalerCollector`.
+      statistics, lease: see :class:`AutoscalerCollector`.
       host: the address to bind (``127.0.0.1``, ``0.0.0.0``, ``::``, a name).
       port: the port; ``0`` picks a free one (read it from the ``url``).
 
@@ -146,7 +183,7 @@ def start_metrics_server(statistics: StatisticsFunction, *, host: str, port: int
       OSError: the address cannot be bound (in use, not ours, unknown name).
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AutoscalerCollector(statistics))
+    registry.register(AutoscalerCollector(statistics, lease=lease))
     server, thread = start_http_server(port, host, registry=registry)
     bound_port = server.server_address[1]
     shown = f"[{host}]" if ":" in host else host
