@@ -1,9 +1,10 @@
 r"""A job consumer for NATS JetStream, to run beside nullworker on a Vast instance.
 
-It pulls one message at a time from a durable JetStream pull consumer, does the work,
-acknowledges it, and once no message has come for ``--idle-release`` seconds it calls
-the worker's loopback control listener, ``POST /release``: the reservation that brought
-this machine up ends, and the autoscaler decides again.
+It pulls one message at a time from a durable JetStream pull consumer, does the work
+inside a local hold on the worker, acknowledges it, and once no message has come for
+``--idle-release`` seconds it calls the worker's loopback control listener,
+``POST /release``: the reservation that brought this machine up ends, and the autoscaler
+decides again.
 
 Jobs
 ----
@@ -21,12 +22,39 @@ The loop
 1. ``fetch(1, timeout)`` on the durable consumer ``--consumer`` of ``--stream`` (every
    instance binds the same durable consumer: JetStream hands each message to one of
    them).
-2. work (prints ``job <id> done in <s> s``), telling the server ``in_progress`` every
-   half ``ack_wait`` so that a long job is not redelivered elsewhere meanwhile.
-3. ``ack`` (waiting for the server's confirmation).
-4. When no message came for ``--idle-release`` seconds: ``POST <control-url>/release``,
+2. ``POST <control-url>/hold`` with ``{"label": "job <id>"}``: a local hold, kept open
+   (see below).
+3. work (prints ``job <id> done in <s> s (local hold <n>)``), telling the server
+   ``in_progress`` every half ``ack_wait`` so that a long job is not redelivered
+   elsewhere meanwhile.
+4. ``ack`` (waiting for the server's confirmation); then the hold's connection is
+   closed, and the worker ends the hold at once.
+5. When no message came for ``--idle-release`` seconds: ``POST <control-url>/release``,
    once per idle spell, and the worker's answer is printed. Then it goes on waiting for
    jobs, or exits 0 with ``--exit-when-idle`` (1 if the release failed).
+
+A running job is never scaled away
+----------------------------------
+The reservation brought this machine, but whoever holds it (``nullworker autoscale``,
+your dispatcher) cannot know which instance is mid-job: when the demand drops it may
+close the very reservation this consumer is working under. The worker would then report
+idle and Vast could stop the instance under the job. So each job is worked inside a
+**local hold**: ``POST /hold`` on the control listener keeps the worker busy for as long
+as the request stays open, whatever happens to the reservation. The worker answers
+``200`` and its headers (``nullworker-hold-id``) at once, and its body only when the hold
+ends: this consumer writes a plain HTTP/1.1 request on an ``asyncio.open_connection``,
+reads the status line and headers (200: held), leaves the connection open while it
+works, and closes it after the ack. A consumer that dies mid-job closes it too (the
+kernel does), so a crash never leaves the worker busy for ever. The standard library is
+enough, so the consumer's environment needs nothing but ``nats-py``. One hold lasts at
+most the worker's ``MAX_RESERVATION_SECONDS`` (an hour by default): raise it above your
+longest job, or open the next hold when one's body arrives, as ``nullworker.local_hold``
+does.
+
+When the worker cannot be reached, or refuses the hold, the job is worked anyway,
+unprotected: the job matters more than the hold. That is said once (``local hold
+unavailable: ...; working without it``) and again only after a hold succeeded in
+between, not for every job.
 
 With ``--create`` it first creates what is missing: the stream ``--stream`` capturing
 ``--subject``, and the durable pull consumer ``--consumer`` (explicit acks, filtered on
@@ -47,8 +75,8 @@ Running it on the instance
 --------------------------
 Add this command to the Vast on-start script, before the line that runs
 ``start_server.sh`` (the consumer gets its own virtual environment with ``nats-py``; it
-does not need the worker to be up yet, a failed release is retried after the next idle
-spell)::
+does not need the worker to be up yet: a job taken before then is worked without a local
+hold, and a failed release is retried after the next idle spell)::
 
     (python3 -m venv /workspace/consumer && /workspace/consumer/bin/pip install -q nats-py \
       && exec /workspace/consumer/bin/python /workspace/nullworker/examples/nats_consumer.py \
@@ -81,7 +109,9 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -99,6 +129,10 @@ FETCH_S = 1.0
 CONNECT_S = 10.0
 #: Bound on the POST /release round trip (the listener is on loopback).
 RELEASE_TIMEOUT_S = 5.0
+#: Bound on connecting to the control listener and getting /hold's headers.
+HOLD_TIMEOUT_S = 5.0
+#: The worker refuses longer labels.
+MAX_LABEL_CHARS = 200
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,6 +211,86 @@ def release(control_url: str) -> bool:
     return True
 
 
+class HoldUnavailable(Exception):
+    """The control listener could not be reached, or it did not answer 200."""
+
+
+async def open_hold(control_url: str, label: str) -> tuple[asyncio.StreamWriter, str]:
+    """``POST /hold``; returns the open connection and the hold's id once the worker holds.
+
+    The worker sends its status line and headers as soon as the hold is registered and
+    the body only when the hold ends: this reads up to the blank line after the headers
+    and leaves the rest. Closing the connection ends the hold.
+    """
+    parts = urllib.parse.urlsplit(control_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise HoldUnavailable(f"not an http:// URL: {control_url!r}")
+    host, port = parts.hostname, parts.port or 80
+    body = json.dumps({"label": label}).encode()
+    request = (
+        f"POST {parts.path.rstrip('/')}/hold HTTP/1.1\r\n"
+        f"Host: {parts.netloc}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "\r\n"
+    ).encode() + body
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(HOLD_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        if writer is not None:
+            writer.close()
+        raise HoldUnavailable(str(exc) or type(exc).__name__) from None
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    if status_line.split(" ")[1:2] != ["200"]:
+        writer.close()
+        raise HoldUnavailable(status_line.strip() or "no status line")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return writer, headers.get("nullworker-hold-id", "?")
+
+
+class LocalHolds:
+    """One local hold per job, warning once while the worker cannot be reached."""
+
+    def __init__(self, control_url: str) -> None:
+        self.control_url = control_url
+        self.warned = False
+
+    @contextlib.asynccontextmanager
+    async def hold(self, label: str) -> AsyncIterator[str | None]:
+        """Hold the worker while the block runs; yields the hold's id, None if unheld."""
+        try:
+            writer, hold_id = await open_hold(self.control_url, label)
+        except HoldUnavailable as exc:
+            if not self.warned:
+                say(f"local hold unavailable: {exc}; working without it")
+                self.warned = True
+            yield None
+            return
+        self.warned = False
+        try:
+            yield hold_id
+        finally:
+            writer.close()  # the worker sees the disconnect and ends the hold at once
+
+
+def job_label(job: dict[str, Any]) -> str:
+    """``job <id>``, made acceptable to the worker (printable, at most 200 characters)."""
+    label = "".join(ch if ch.isprintable() else "?" for ch in f"job {job.get('id')}")
+    return label[:MAX_LABEL_CHARS]
+
+
 async def ensure_created(js: JetStreamContext, args: argparse.Namespace) -> None:
     """--create: the stream and the durable pull consumer, when they do not exist."""
     try:
@@ -203,11 +317,14 @@ async def keep_in_progress(msg: Msg, every_s: float) -> None:
         await msg.in_progress()
 
 
-async def handle(msg: Msg, ack_wait_s: float) -> None:
+async def handle(msg: Msg, ack_wait_s: float, holds: LocalHolds) -> None:
     job = parse_job(msg.data)
     if job is None:
         say(f"dropping a malformed job: {msg.data[:200]!r}")
-    else:
+        await msg.ack_sync()
+        return
+    # Held from before the work until after the acknowledgement.
+    async with holds.hold(job_label(job)) as hold_id:
         started = time.monotonic()
         heartbeat = asyncio.create_task(keep_in_progress(msg, ack_wait_s / 2))
         try:
@@ -216,8 +333,9 @@ async def handle(msg: Msg, ack_wait_s: float) -> None:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        say(f"job {job.get('id')} done in {time.monotonic() - started:.2f} s")
-    await msg.ack_sync()  # acknowledge, and wait until the server has it
+        held = f"local hold {hold_id}" if hold_id is not None else "not held"
+        say(f"job {job.get('id')} done in {time.monotonic() - started:.2f} s ({held})")
+        await msg.ack_sync()  # acknowledge, and wait until the server has it
 
 
 async def consume(
@@ -226,6 +344,7 @@ async def consume(
     """The consumer loop; returns the exit status (with ``--exit-when-idle``)."""
     idle_since = time.monotonic()  # when the last job was acknowledged (or the start)
     released = False  # already released during this idle spell
+    holds = LocalHolds(args.control_url)
     while True:
         try:
             if released:
@@ -249,7 +368,7 @@ async def consume(
                         idle_since = time.monotonic()  # try again after another spell
                 continue
             for msg in msgs:
-                await handle(msg, ack_wait_s)
+                await handle(msg, ack_wait_s, holds)
             idle_since = time.monotonic()
             released = False
         except nats.errors.Error as exc:

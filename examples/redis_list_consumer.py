@@ -1,9 +1,10 @@
 r"""A job consumer for a Redis list, to run beside nullworker on a Vast instance.
 
 It takes one job at a time from a Redis list with the reliable-queue pattern, does the
-work, acknowledges it, and once the queue has stayed empty for ``--idle-release``
-seconds it calls the worker's loopback control listener, ``POST /release``: the
-reservation that brought this machine up ends, and the autoscaler decides again.
+work inside a local hold on the worker, acknowledges it, and once the queue has stayed
+empty for ``--idle-release`` seconds it calls the worker's loopback control listener,
+``POST /release``: the reservation that brought this machine up ends, and the
+autoscaler decides again.
 
 Jobs
 ----
@@ -19,11 +20,36 @@ The loop
 --------
 1. ``BLMOVE queue processing RIGHT LEFT <block>``: the oldest job moves atomically onto
    the processing list, so a job is never only in this process's memory.
-2. work (prints ``job <id> done in <s> s``).
-3. ``LREM processing 1 <job>``: the acknowledgement.
-4. When no job arrived for ``--idle-release`` seconds: ``POST <control-url>/release``,
+2. ``POST <control-url>/hold`` with ``{"label": "job <id>"}``: a local hold, kept open
+   (see below).
+3. work (prints ``job <id> done in <s> s (local hold <n>)``).
+4. ``LREM processing 1 <job>``: the acknowledgement; then the hold's connection is
+   closed, and the worker ends the hold at once.
+5. When no job arrived for ``--idle-release`` seconds: ``POST <control-url>/release``,
    once per idle spell, and the worker's answer is printed. Then it goes on waiting for
    jobs, or exits 0 with ``--exit-when-idle`` (1 if the release failed).
+
+A running job is never scaled away
+----------------------------------
+The reservation brought this machine, but whoever holds it (``nullworker autoscale``,
+your dispatcher) cannot know which instance is mid-job: when the demand drops it may
+close the very reservation this consumer is working under. The worker would then report
+idle and Vast could stop the instance under the job. So each job is worked inside a
+**local hold**: ``POST /hold`` on the control listener keeps the worker busy for as long
+as the request stays open, whatever happens to the reservation. The worker answers
+``200`` and its headers (``nullworker-hold-id``) at once, and its body only when the hold
+ends: this consumer waits for the headers (200: held), leaves the connection open while
+it works, and closes it after the acknowledgement. A consumer that dies mid-job closes
+it too (the kernel does), so a crash never leaves the worker busy for ever. It uses only
+the standard library (``http.client``). One hold lasts at most the worker's
+``MAX_RESERVATION_SECONDS`` (an hour by default): raise it above your longest job, or
+open the next hold when one's body arrives, as ``nullworker.local_hold`` does.
+
+When the worker cannot be reached, or refuses the hold, the job is worked anyway,
+unprotected: the job matters more than the hold. That is said once (``local hold
+unavailable: ...; working without it``) and again only after a hold succeeded in
+between, not for every job. (``nullworker hold -- CMD`` chooses the other way by default:
+it does not run CMD without a hold unless ``--best-effort``.)
 
 Demand, as ``nullworker autoscale`` counts it
 ---------------------------------------------
@@ -40,8 +66,8 @@ Running it on the instance
 --------------------------
 Add this command to the Vast on-start script, before the line that runs
 ``start_server.sh`` (the consumer gets its own virtual environment with ``redis``; it
-does not need the worker to be up yet, a failed release is retried after the next idle
-spell)::
+does not need the worker to be up yet: a job taken before then is worked without a
+local hold, and a failed release is retried after the next idle spell)::
 
     (python3 -m venv /workspace/consumer && /workspace/consumer/bin/pip install -q redis \
       && exec /workspace/consumer/bin/python /workspace/nullworker/examples/redis_list_consumer.py \
@@ -73,13 +99,17 @@ the processing list). A connection lost later is printed and retried every secon
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
 import math
 import os
 import signal
 import sys
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -89,6 +119,10 @@ DEFAULT_CONTROL_URL = "http://127.0.0.1:18999"
 BLOCK_S = 1.0
 #: Bound on the POST /release round trip (the listener is on loopback).
 RELEASE_TIMEOUT_S = 5.0
+#: Bound on connecting to the control listener and getting /hold's headers.
+HOLD_TIMEOUT_S = 5.0
+#: The worker refuses longer labels.
+MAX_LABEL_CHARS = 200
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -169,6 +203,78 @@ def release(control_url: str) -> bool:
     return True
 
 
+class HoldUnavailable(Exception):
+    """The control listener could not be reached, or it did not answer 200."""
+
+
+def open_hold(
+    control_url: str, label: str
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """``POST /hold``; returns the connection and the response (its body unread) once
+    the worker holds.
+
+    The worker sends its status line and headers as soon as the hold is registered and
+    the body only when the hold ends, so ``getresponse()`` (which reads the headers, not
+    the body) returns at once. Closing both closes the socket, and that ends the hold.
+    """
+    parts = urllib.parse.urlsplit(control_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise HoldUnavailable(f"not an http:// URL: {control_url!r}")
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=HOLD_TIMEOUT_S)
+    try:
+        conn.request(
+            "POST",
+            parts.path.rstrip("/") + "/hold",
+            body=json.dumps({"label": label}),
+            headers={"Content-Type": "application/json"},
+        )
+        response = conn.getresponse()
+        if response.status != 200:
+            answer = response.read(500).decode(errors="replace").strip()
+            raise HoldUnavailable(f"HTTP {response.status}: {answer}")
+    except (OSError, http.client.HTTPException) as exc:  # timeouts are OSErrors
+        conn.close()
+        raise HoldUnavailable(str(exc) or type(exc).__name__) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn, response
+
+
+class LocalHolds:
+    """One local hold per job, warning once while the worker cannot be reached."""
+
+    def __init__(self, control_url: str) -> None:
+        self.control_url = control_url
+        self.warned = False
+
+    @contextlib.contextmanager
+    def hold(self, label: str) -> Iterator[str | None]:
+        """Hold the worker while the block runs; yields the hold's id, None if unheld."""
+        try:
+            conn, response = open_hold(self.control_url, label)
+        except HoldUnavailable as exc:
+            if not self.warned:
+                say(f"local hold unavailable: {exc}; working without it")
+                self.warned = True
+            yield None
+            return
+        self.warned = False
+        try:
+            yield response.getheader("nullworker-hold-id") or "?"
+        finally:
+            # Both: the response may hold the socket alone (after a "Connection: close").
+            # The worker sees the disconnect and ends the hold at once.
+            response.close()
+            conn.close()
+
+
+def job_label(job: dict[str, Any]) -> str:
+    """``job <id>``, made acceptable to the worker (printable, at most 200 characters)."""
+    label = "".join(ch if ch.isprintable() else "?" for ch in f"job {job.get('id')}")
+    return label[:MAX_LABEL_CHARS]
+
+
 def requeue_leftovers(client: redis.Redis, processing: str, queue: str) -> int:
     """Move the processing list back to the head of the queue, oldest job nearest it.
 
@@ -186,6 +292,7 @@ def consume(client: redis.Redis, args: argparse.Namespace) -> int:
     """The consumer loop; returns the exit status (with ``--exit-when-idle``)."""
     idle_since = time.monotonic()  # when the last job was acknowledged (or the start)
     released = False  # already released during this idle spell
+    holds = LocalHolds(args.control_url)
     while True:
         try:
             now = time.monotonic()
@@ -209,11 +316,16 @@ def consume(client: redis.Redis, args: argparse.Namespace) -> int:
             job = parse_job(raw)
             if job is None:
                 say(f"dropping a malformed job: {raw[:200]!r}")
+                client.lrem(args.processing, 1, raw)
             else:
-                started = time.monotonic()
-                work(job)
-                say(f"job {job.get('id')} done in {time.monotonic() - started:.2f} s")
-            client.lrem(args.processing, 1, raw)  # acknowledge
+                # Held from before the work until after the acknowledgement.
+                with holds.hold(job_label(job)) as hold_id:
+                    started = time.monotonic()
+                    work(job)
+                    took = time.monotonic() - started
+                    held = f"local hold {hold_id}" if hold_id is not None else "not held"
+                    say(f"job {job.get('id')} done in {took:.2f} s ({held})")
+                    client.lrem(args.processing, 1, raw)  # acknowledge
             idle_since = time.monotonic()
             released = False
         except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -7,6 +7,12 @@ client does (``POST /reserve``, left open), queues jobs, and runs the example wi
 reservation through the worker's control listener: the holder's answer is
 ``{"released": "explicit"}``, and it comes only once the queue (and the processing list,
 or the consumer's pending acks) is empty.
+
+Every consumer works each job inside a local hold (``POST /hold`` on the control listener;
+``nullworker.local_hold`` in ``trio_consumer.py``, ``nullworker hold -- CMD`` in
+``hold_job.sh``). The "protects" tests run a Vast-mode worker reporting to the local
+engine, release the reservation mid-job as a scale-down would, and watch the worker's
+``/health`` and the engine's view stay busy until the job is done, then go idle.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -25,12 +32,14 @@ from typing import Any, TypeVar
 
 import httpx
 import nats
+import pytest
 import redis
 import trio
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from nullworker import ServeInfo
 
-from .conftest import StartWorker, envelope
+from .conftest import StartWorker, envelope, vast_settings
 from .servers import (  # noqa: F401
     ServerProcess,
     nats_server_binary_fixture,
@@ -42,6 +51,8 @@ from .servers import (  # noqa: F401
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 REDIS_EXAMPLE = EXAMPLES / "redis_list_consumer.py"
 NATS_EXAMPLE = EXAMPLES / "nats_consumer.py"
+TRIO_EXAMPLE = EXAMPLES / "trio_consumer.py"
+SHELL_EXAMPLE = EXAMPLES / "hold_job.sh"
 
 URL = "http://127.0.0.1:1"  # any url: unsecured workers do not check it
 QUEUE = "jobs"
@@ -53,6 +64,10 @@ IDLE_S = 0.5
 #: Longer than one BLMOVE block or NATS fetch of the examples (1 s).
 LONG_IDLE_S = 1.5
 JOB_S = 0.1
+#: Long enough to see the hold and release the reservation while the job runs.
+LONG_JOB_S = 1.0
+#: The Vast-mode worker's id (vast_settings' container_id).
+WORKER_ID = 7
 
 #: A fresh request_idx for each reservation.
 _REQUEST_IDX = itertools.count(50_000)
@@ -112,11 +127,13 @@ class Holder:
     """A client holding one reservation on the worker (``POST /reserve``, left open).
 
     When the worker answers, ``demand`` is read at once (what the queue held when the
-    reservation ended) and ``ended`` is set.
+    reservation ended) and ``ended`` is set. ``engine``: sign the envelope with the local
+    engine's key, for a Vast-mode worker.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Any = None) -> None:
         self.request_idx = next(_REQUEST_IDX)
+        self.engine = engine
         self.response: httpx.Response | None = None
         self.demand_at_end: int | None = None
         self.ended = trio.Event()
@@ -124,7 +141,10 @@ class Holder:
     async def hold(
         self, http: httpx.AsyncClient, info: ServeInfo, demand: Callable[[], Awaitable[int]]
     ) -> None:
-        body = envelope(URL, payload={"duration": 60}, request_idx=self.request_idx)
+        url, key = URL, None
+        if self.engine is not None:
+            url, key = info.public_url or "", self.engine.private_key
+        body = envelope(url, key=key, payload={"duration": 60}, request_idx=self.request_idx)
         self.response = await http.post(f"{info.url}/reserve", json=body)
         self.demand_at_end = await demand()
         self.ended.set()
@@ -141,14 +161,128 @@ async def hold_reservation(
     http: httpx.AsyncClient,
     info: ServeInfo,
     demand: Callable[[], Awaitable[int]],
+    engine: Any = None,
 ) -> Holder:
     """Start holding a reservation in the background; return once the worker is busy."""
-    holder = Holder()
+    holder = Holder(engine)
     nursery.start_soon(holder.hold, http, info, demand)
     with trio.fail_after(5):
         while not info.worker.slot.statistics().busy:
             await trio.sleep(0.005)
     return holder
+
+
+# -- a running job is never scaled away ---------------------------------------------------
+
+
+async def start_vast_worker(start_worker: StartWorker, engine: Any) -> ServeInfo:
+    """A worker in Vast mode reporting to the local engine, once the engine sees it ready."""
+    info = await start_worker(**vast_settings(engine))
+    await engine.wait_for(lambda e: WORKER_ID in e.workers and e.workers[WORKER_ID].ready)
+    assert info.control_url is not None
+    return info
+
+
+async def start_consumer(
+    nursery: trio.Nursery, command: list[str], log_path: Path, env: dict[str, str]
+) -> trio.Process:
+    """Run ``command`` in the background, its stdout and stderr to ``log_path``."""
+    with log_path.open("wb") as log:
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+                env=env,
+            )
+        )
+    return process
+
+
+async def check_the_job_is_protected(
+    http: httpx.AsyncClient,
+    info: ServeInfo,
+    engine: Any,
+    holder: Holder,
+    process: trio.Process,
+    log_path: Path,
+    job_id: int,
+    *,
+    done: str | None = None,
+) -> None:
+    """The consumer works job ``job_id`` (LONG_JOB_S) under ``holder``'s reservation.
+
+    During the job the worker lists one local hold named after it; the reservation is
+    released mid-job (as a scale-down would close it), and the worker (``/health``) and
+    the engine's view stay busy until the job is done, then both go idle. The consumer
+    (``--exit-when-idle``) then exits 0. ``done``: what the log says once the job is
+    done, before the hold is dropped (default ``job <id> done``).
+    """
+    assert info.control_url is not None
+    done = done or f"job {job_id} done"
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")
+
+    async def status() -> dict[str, Any]:
+        answer: dict[str, Any] = (await http.get(f"{info.control_url}/status")).json()
+        return answer
+
+    async def held() -> bool:
+        return bool((await status())["local_holds"]["count"] == 1)
+
+    await eventually(held, limit_s=10)
+    [hold] = (await status())["local_holds"]["holds"]
+    assert hold["label"] == f"job {job_id}"
+    assert done not in log(), log()
+
+    # The reservation that brought the machine ends while the job runs.
+    response = await http.post(f"{info.control_url}/release")
+    assert response.json()["released"] is True, response.text
+    assert response.json()["request_idx"] == holder.request_idx
+    with trio.fail_after(5):
+        await holder.ended.wait()
+    assert holder.answer()["released"] == "explicit"
+    assert not info.worker.slot.statistics().busy  # no reservation any more
+
+    # Busy for the worker and the engine until the job is done. Polled in this order,
+    # since the job is logged done before the hold is dropped: whenever either says
+    # idle, ``done`` must already be in the log.
+    busy_polls = 0
+    with trio.fail_after(10):
+        while True:
+            worker_busy = (await http.get(f"{info.control_url}/health")).json()["busy"]
+            engine_busy = engine.workers[WORKER_ID].busy
+            job_done = done in log()
+            if not (worker_busy and engine_busy):
+                assert job_done, f"idle mid-job (worker {worker_busy}, engine {engine_busy})"
+            elif not job_done:
+                busy_polls += 1
+            if not (worker_busy or engine_busy):
+                break
+            await trio.sleep(0.02)
+    assert busy_polls >= 10, busy_polls  # the rest of the job, after the reservation
+    assert engine.workers[WORKER_ID].cur_load == 0.0
+    final = await status()
+    assert final["busy"] is False and final["local_holds"]["count"] == 0
+    assert final["local_holds"]["counts"]["disconnected"] == 1  # the consumer let go
+
+    with trio.fail_after(10):
+        await process.wait()
+    assert process.returncode == 0, log()
+    assert f"local hold {hold['id']}" in log(), log()
+    # Its own idle release found nothing to end: the reservation was already gone.
+    assert '"no active reservation"' in log(), log()
+
+
+def closed_port_url() -> str:
+    """A control URL on which nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
 
 
 # -- Redis -------------------------------------------------------------------------------
@@ -314,14 +448,23 @@ async def test_redis_consumer_requeues_a_crashed_runs_job(
         )
     )
 
-    async def job_0_taken() -> bool:
-        return (await lists.lists())[1] == [crashed_job]
+    async def job_0_taken_and_held() -> bool:
+        held = info.worker.local_holds.count == 1
+        return held and (await lists.lists())[1] == [crashed_job]
 
-    await eventually(job_0_taken)
+    await eventually(job_0_taken_and_held)
     process.kill()
     with trio.fail_after(5):
         await process.wait()
     assert await lists.lists() == ([job(2), job(1)], [crashed_job])
+
+    # The kernel closed the hold's connection: the worker is not left busy.
+    async def unheld() -> bool:
+        return info.worker.local_holds.count == 0
+
+    await eventually(unheld, limit_s=1.0)
+    assert info.worker.local_holds.statistics().counts["disconnected"] == 1
+    assert not info.worker.busy
 
     # By default a new run leaves the processing list alone (another consumer's jobs).
     result = await run_example(REDIS_EXAMPLE, *args)
@@ -338,6 +481,82 @@ async def test_redis_consumer_requeues_a_crashed_runs_job(
     assert done_ids(stdout) == [0, 3], output(result)  # the leftover first
     assert await lists.lists() == ([], [])
     assert release_answers(stdout) == [{"released": False, "reason": "no active reservation"}]
+
+
+@pytest.mark.parametrize("script", [REDIS_EXAMPLE, TRIO_EXAMPLE], ids=["sync", "trio"])
+async def test_redis_consumers_protect_the_running_job(
+    script: Path,
+    redis_server: ServerProcess,
+    start_worker: StartWorker,
+    vast_engine: Any,
+    http: httpx.AsyncClient,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    info = await start_vast_worker(start_worker, vast_engine)
+    assert info.control_url is not None
+    lists = RedisLists(redis_server.url)
+    holder = await hold_reservation(nursery, http, info, lists.demand, vast_engine)
+    await lists.push(job(1, seconds=LONG_JOB_S))
+    args = redis_args(redis_server, "--control-url", info.control_url, "--exit-when-idle")
+    log_path = tmp_path / "consumer.out"
+    process = await start_consumer(
+        nursery, [sys.executable, str(script), *args], log_path, consumer_env()
+    )
+    await check_the_job_is_protected(http, info, vast_engine, holder, process, log_path, 1)
+    assert await lists.lists() == ([], [])  # done and acknowledged
+
+
+@pytest.mark.parametrize("script", [REDIS_EXAMPLE, TRIO_EXAMPLE], ids=["sync", "trio"])
+async def test_redis_consumers_work_without_a_hold_when_the_worker_is_unreachable(
+    script: Path, redis_server: ServerProcess
+) -> None:
+    """The job matters more than the hold: worked anyway, and said once, not per job."""
+    lists = RedisLists(redis_server.url)
+    await lists.push(job(1), job(2))
+    args = redis_args(redis_server, "--control-url", closed_port_url(), "--exit-when-idle")
+    result = await run_example(script, *args)
+    assert result.returncode == 1, output(result)  # the idle release failed too
+    stdout = result.stdout.decode()
+    assert done_ids(stdout) == [1, 2], output(result)
+    assert stdout.count("local hold unavailable") == 1, output(result)
+    assert stdout.count("(not held)") == 2, output(result)
+    assert await lists.lists() == ([], [])
+
+
+async def test_shell_example_protects_the_running_job(
+    redis_server: ServerProcess,
+    start_worker: StartWorker,
+    vast_engine: Any,
+    http: httpx.AsyncClient,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    info = await start_vast_worker(start_worker, vast_engine)
+    assert info.control_url is not None
+    lists = RedisLists(redis_server.url)
+    holder = await hold_reservation(nursery, http, info, lists.demand, vast_engine)
+    await lists.push(b"1")  # the shell example's jobs are ids
+    env = consumer_env(
+        REDIS_URL=redis_server.url,
+        QUEUE=QUEUE,
+        PROCESSING=PROCESSING,
+        NULLWORKER_CONTROL_URL=info.control_url,
+        IDLE_RELEASE=str(IDLE_S),
+        EXIT_WHEN_IDLE="1",
+        NULLWORKER=str(Path(sys.executable).parent / "nullworker"),
+    )
+    # The example prints "job 1 done" once `nullworker hold` has exited, after the hold:
+    # the command itself says when the work is done.
+    work = f'sleep {LONG_JOB_S}; echo "finished job $1"'
+    log_path = tmp_path / "consumer.out"
+    command = [str(SHELL_EXAMPLE), "sh", "-c", work, "work"]
+    process = await start_consumer(nursery, command, log_path, env)
+    await check_the_job_is_protected(
+        http, info, vast_engine, holder, process, log_path, 1, done="finished job 1"
+    )
+    assert "job 1 done" in log_path.read_text()
+    assert await lists.lists() == ([], [])
 
 
 # -- NATS --------------------------------------------------------------------------------
@@ -436,3 +655,38 @@ async def test_nats_consumer_does_the_jobs_then_releases_the_reservation(
     assert holder.answer()["released"] == "explicit"
     assert holder.answer()["held"] >= 3 * JOB_S + LONG_IDLE_S
     assert holder.demand_at_end == 0
+
+
+async def test_nats_consumer_protects_the_running_job(
+    nats_server: ServerProcess,
+    start_worker: StartWorker,
+    vast_engine: Any,
+    http: httpx.AsyncClient,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    info = await start_vast_worker(start_worker, vast_engine)
+    assert info.control_url is not None
+
+    async def create(js: Any) -> None:
+        await js.add_stream(name=STREAM, subjects=[SUBJECT])
+        config = ConsumerConfig(
+            durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, filter_subject=SUBJECT
+        )
+        await js.add_consumer(STREAM, config)
+
+    async def publish(js: Any) -> None:
+        await js.publish(SUBJECT, job(1, seconds=LONG_JOB_S), stream=STREAM)
+
+    async def demand() -> int:
+        return sum(await consumer_counts(nats_server.url))
+
+    await jetstream(nats_server.url, create)
+    holder = await hold_reservation(nursery, http, info, demand, vast_engine)
+    await jetstream(nats_server.url, publish)
+    env = consumer_env(NULLWORKER_CONTROL_URL=info.control_url)
+    log_path = tmp_path / "consumer.out"
+    command = [sys.executable, str(NATS_EXAMPLE), *nats_args(nats_server)]
+    process = await start_consumer(nursery, command, log_path, env)
+    await check_the_job_is_protected(http, info, vast_engine, holder, process, log_path, 1)
+    assert await consumer_counts(nats_server.url) == (0, 0)  # delivered and acked
