@@ -63,6 +63,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from .. import logs
 from .autoscaler import AutoscaleEvent, Autoscaler, AutoscalerStatistics, HeldReservation, autoscale
 from .cli import _SIGNAL_EXIT, EXIT_USAGE
 from .demand import (
@@ -212,6 +213,12 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="log lines (warnings, errors) as text, or json: one object per line "
+        "(default $NULLWORKER_LOG_FORMAT or text)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -251,6 +258,7 @@ class _Options:
     metrics_host: str
     metrics_port: int | None
     lease: _LeaseOptions | None = None
+    log_format: str | None = None
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
@@ -309,6 +317,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         api_key=api_key,
         engine_url=engine_url,
         json=args.json,
+        log_format=args.log_format,
         metrics_host=args.metrics_host or "127.0.0.1",
         metrics_port=args.metrics_port,
         lease=lease,
@@ -634,7 +643,7 @@ def main(argv: list[str] | None = None, *, prog: str = _PROG) -> int:
         options = _parse(parser, argv)
     except SystemExit as exc:  # argparse's way out: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.WARNING, options.log_format, text_format=logs.SHORT_TEXT_FORMAT)
     cli = _Cli(options)
     metrics = None
     if options.metrics_port is not None:
