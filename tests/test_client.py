@@ -8,7 +8,8 @@ Three layers, like the module:
 * end to end over real sockets with the real worker (``nullworker.worker.server.serve``) and
   the real engine emulator (``nullworker.engine``);
 * the command line, in-process for argument errors and as a subprocess for the rest
-  (exit codes, output lines, SIGINT/SIGTERM).
+  (exit codes, output lines, SIGINT/SIGTERM), with its stdout a pipe or, for the status
+  line redrawn in place, a pseudo-terminal.
 
 A busy worker (429) needs an engine whose view is stale, which the real engine only
 has for a moment. The tests make that moment last: the worker reports to engine A (its
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pty
+import re
 import signal
 import socket
 import subprocess
@@ -35,7 +38,10 @@ import trio
 
 from nullworker.client import ProgressEvent, Reservation, RouteTimeout, hold, main, reserve
 from nullworker.client import reservation as client_module
+from nullworker.client.cli import _Job, _status_line
+from nullworker.client.reservation import EngineRefused
 from nullworker.engine import Engine, serve_engine
+from nullworker.engine.core import Scaling
 from nullworker.errors import (
     ConfigError,
     EngineUnavailable,
@@ -240,6 +246,68 @@ async def test_waiting_polls_reuse_the_request_idx_and_report_progress(
     assert [e.waited_s for e in waiting] == sorted(e.waited_s for e in waiting)
     assert waiting[-1].waited_s > 2.0
     assert "waiting for a worker" in waiting[-1].message
+    assert waiting[-1].message.endswith("(the engine has no free worker)")
+    assert all(e.reason is None for e in waiting)
+
+
+async def test_the_engines_reason_for_waiting_is_passed_on(
+    autojump_clock: trio.testing.MockClock, events: list[ProgressEvent]
+) -> None:
+    reasons = ["no ready worker yet: worker 1 is starting (0 s)", "at --max-workers 1 (1 busy)"]
+
+    def engine(request: httpx.Request, n: int) -> httpx.Response:
+        reason = reasons[min(n, 2) - 1]
+        return httpx.Response(200, json={"status": "WAITING", "request_idx": 9, "reason": reason})
+
+    fake = FakeVast(engine=engine)
+    async with fake.client() as http:
+        with pytest.raises(RouteTimeout) as caught:
+            await hold(
+                "ep",
+                api_key=KEY,
+                engine_url=ENGINE,
+                http=http,
+                route_timeout_s=5,
+                on_progress=events.append,
+            )
+    waiting = [e for e in events if e.kind == "waiting"]
+    assert waiting[0].reason == reasons[0]
+    assert waiting[-1].reason == reasons[1]
+    assert waiting[-1].message.endswith("(engine: at --max-workers 1 (1 busy))")
+    assert caught.value.reason == reasons[1] and caught.value.timeout_s == 5
+    assert str(caught.value) == (
+        "no worker became free within 5 s (endpoint 'ep'; the engine said: "
+        "at --max-workers 1 (1 busy))"
+    )
+
+
+@pytest.mark.parametrize(
+    ("reason", "shown"),
+    [
+        ("", None),
+        (42, None),
+        ("  at --max-workers 3\n(3 busy) ", "at --max-workers 3 (3 busy)"),
+        ("x" * 500, "x" * 197 + "..."),
+        ("at\x1b[2J --max-workers 1\x07", "at [2J --max-workers 1"),
+    ],
+)
+async def test_a_waiting_reason_is_one_short_line_or_none(
+    autojump_clock: trio.testing.MockClock, reason: Any, shown: str | None
+) -> None:
+    events: list[ProgressEvent] = []
+    reply = {"status": "WAITING", "request_idx": 9, "reason": reason}
+    fake = FakeVast(engine=lambda request, n: httpx.Response(200, json=reply))
+    async with fake.client() as http:
+        with pytest.raises(RouteTimeout):
+            await hold(
+                "ep",
+                api_key=KEY,
+                engine_url=ENGINE,
+                http=http,
+                route_timeout_s=2,
+                on_progress=events.append,
+            )
+    assert next(e.reason for e in events if e.kind == "waiting") == shown
 
 
 @pytest.mark.parametrize("status", [401, 404, 500, 503])
@@ -248,9 +316,13 @@ async def test_engine_http_error_is_final(
 ) -> None:
     fake = FakeVast(engine=lambda request, n: httpx.Response(status, json={"error": "nope"}))
     async with fake.client() as http:
-        with pytest.raises(EngineUnavailable, match=f"HTTP {status}: nope"):
+        with pytest.raises(EngineRefused, match=f"HTTP {status}: nope") as caught:
             await hold("ep", api_key=KEY, engine_url=ENGINE, http=http)
     assert len(fake.route_requests) == 1
+    assert isinstance(caught.value, EngineUnavailable)
+    assert caught.value.status == status
+    assert caught.value.api_key_refused == (status == 401)
+    assert ("refused the API key" in str(caught.value)) == (status == 401)
 
 
 async def test_engine_unreachable_is_retried_a_few_times_then_raises(
@@ -285,9 +357,10 @@ async def test_route_timeout(autojump_clock: trio.testing.MockClock) -> None:
     fake = FakeVast(engine=lambda request, n: httpx.Response(200, json={"request_idx": 3}))
     async with fake.client() as http:
         start = trio.current_time()
-        with pytest.raises(RouteTimeout, match="within 30 s"):
+        with pytest.raises(RouteTimeout, match=r"^no worker became free within 30 s") as caught:
             await hold("ep", api_key=KEY, engine_url=ENGINE, http=http, route_timeout_s=30)
     assert 30 <= trio.current_time() - start < 31
+    assert caught.value.reason is None
     assert isinstance(RouteTimeout("x"), EngineUnavailable)
 
 
@@ -794,6 +867,61 @@ def test_cli_engine_down_exits_3(
     assert KEY not in captured.err + captured.out
 
 
+# -- the status line ---------------------------------------------------------------------
+
+
+def held_job(number: int, since: float) -> _Job:
+    return _Job(number, state="held", held_since=since)
+
+
+def waiting_job(number: int, since: float, reason: str | None = None) -> _Job:
+    return _Job(number, state="waiting", waiting_since=since, reason=reason)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "duration", "line"),
+    [
+        ([_Job(1)], 60, ""),
+        ([_Job(1, state="done")], 60, ""),
+        ([held_job(1, 100.0)], 300, "held for 0:05, 4:55 remaining, Ctrl-C to release"),
+        ([held_job(1, 100.0)], None, "held for 0:05, Ctrl-C to release"),
+        ([held_job(1, 100.0)], 2, "held for 0:05, 0:00 remaining, Ctrl-C to release"),
+        (
+            [held_job(1, 105.0 - 3725.4)],
+            7200,
+            "held for 1:02:05, 57:55 remaining, Ctrl-C to release",
+        ),
+        (
+            [waiting_job(1, 93.0)],
+            60,
+            "waiting for a worker... 12 s (no free worker), Ctrl-C to give up",
+        ),
+        (
+            [waiting_job(1, 93.0, "at --max-workers 3 (3 busy)")],
+            60,
+            "waiting for a worker... 12 s (engine: at --max-workers 3 (3 busy)), Ctrl-C to give up",
+        ),
+        (
+            [held_job(1, 40.0), held_job(2, 90.0), waiting_job(3, 95.0, "at --max-workers 2")],
+            600,
+            "2/3 held for 1:05, 8:55 remaining, 1 waiting for a worker... 10 s "
+            "(engine: at --max-workers 2), Ctrl-C to release",
+        ),
+    ],
+)
+def test_status_line(jobs: list[_Job], duration: float | None, line: str) -> None:
+    assert _status_line(jobs, now=105.0, duration_s=duration, width=200) == line
+
+
+def test_status_line_fits_the_terminal() -> None:
+    job = waiting_job(1, 0.0, "at --max-workers 3 " + "(3 busy) " * 20)
+    line = _status_line([job], now=1.0, duration_s=None, width=50)
+    assert len(line) == 50 and line.endswith("...")
+
+
+# -- command line: the messages ------------------------------------------------------------
+
+
 class Cli:
     """``python -m nullworker.client`` as a child process, its output read as it comes."""
 
@@ -821,21 +949,39 @@ class Cli:
 
 @pytest.fixture
 async def run_cli(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]:
+    """Start the client with ``args``; ``terminal=True`` gives it a pseudo-terminal
+    (100 columns) as stdout instead of a pipe. ``VAST_API_KEY`` is ``KEY`` unless
+    ``api_key`` says otherwise."""
     started: list[trio.Process] = []
 
-    async def run(*args: str) -> Cli:
-        env = dict(os.environ, VAST_API_KEY=KEY)
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "nullworker.client", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
+    async def run(*args: str, terminal: bool = False, api_key: str = KEY) -> Cli:
+        env = dict(os.environ, VAST_API_KEY=api_key, COLUMNS="100")
+        if not terminal:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "nullworker.client", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+            stdout: trio.abc.ReceiveStream | None = process.stdout
+        else:
+            controller, terminal_fd = pty.openpty()
+            try:
+                process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "nullworker.client", *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=terminal_fd,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                )
+            finally:
+                os.close(terminal_fd)
+            stdout = _PtyReader(controller)
         started.append(process)
         cli = Cli(process)
-        assert process.stdout is not None and process.stderr is not None
-        nursery.start_soon(cli.pump, process.stdout, "out")
+        assert stdout is not None and process.stderr is not None
+        nursery.start_soon(cli.pump, stdout, "out")
         nursery.start_soon(cli.pump, process.stderr, "err")
         return cli
 
@@ -843,6 +989,23 @@ async def run_cli(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Any]]:
     for process in started:  # a failed test must not leave a child behind
         if process.returncode is None:
             process.kill()
+
+
+class _PtyReader(trio.abc.ReceiveStream):
+    """The controlling side of a pseudo-terminal, read until the child side is closed
+    (Linux then answers EIO, which ends the stream here)."""
+
+    def __init__(self, fd: int) -> None:
+        self._stream = trio.lowlevel.FdStream(fd)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            return await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, OSError):
+            return b""
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def test_cli_duration_1_exits_0(
@@ -931,6 +1094,115 @@ async def test_cli_worker_refusal_exits_4(
     cli: Cli = await run_cli("--endpoint", "ep", "--engine-url", impostor.url)
     assert await cli.wait() == 4, cli.err
     assert "rejected:" in cli.err and "HTTP 401" in cli.err
+
+
+async def test_cli_wrong_api_key_says_so_and_exits_3(nursery: trio.Nursery, run_cli: Any) -> None:
+    keyed = Engine(api_key="the-right-key")
+    await nursery.start(partial(serve_engine, keyed))
+    assert keyed.url is not None
+    cli: Cli = await run_cli("--endpoint", "ep", "--engine-url", keyed.url)
+    assert await cli.wait() == 3, cli.err
+    assert cli.err.startswith("the engine refused the API key (HTTP 401)"), cli.err
+    assert "engine unavailable" not in cli.err
+    assert KEY not in cli.out + cli.err and "the-right-key" not in cli.out + cli.err
+
+
+@pytest.fixture
+async def engine_at_max_workers(
+    start_worker: StartWorker, nursery: trio.Nursery
+) -> AsyncIterator[Engine]:
+    """An engine told that no more than one worker may run (as ``nullworker dev
+    --max-workers 1`` tells it), with its one worker held by another client."""
+    engine = Engine(scaling=Scaling(min_workers=0, max_workers=1, idle_timeout_s=60.0))
+    await nursery.start(partial(serve_engine, engine))
+    await start_vast_worker(start_worker, engine, 1)
+    assert engine.url is not None
+    url = engine.url
+
+    async def occupy(*, task_status: trio.TaskStatus[None]) -> None:
+        async with reserve("ep", duration=60, api_key=KEY, engine_url=url):
+            task_status.started()
+            await trio.sleep_forever()
+
+    await nursery.start(occupy)
+    await engine.wait_for(lambda e: e.worker_state(1) == "busy", timeout=5)
+    yield engine
+
+
+async def test_cli_route_timeout_says_no_worker_became_free_and_why(
+    engine_at_max_workers: Engine, run_cli: Any
+) -> None:
+    """The engine answers WAITING until --route-timeout, saying why. On a pipe, the
+    waiting lines are plain lines: no status line, no terminal codes."""
+    engine = engine_at_max_workers
+    assert engine.url is not None
+    cli: Cli = await run_cli(
+        "--endpoint", "ep", "--engine-url", engine.url, "--route-timeout", "1.5"
+    )
+    assert await cli.wait() == 3, cli.err
+    assert cli.err == (
+        "no worker became free within 1.5 s; the engine said: at --max-workers 1 (1 busy)\n"
+    )
+    assert "waiting for a worker... 0 s (engine: at --max-workers 1 (1 busy))\n" in cli.out
+    assert "\r" not in cli.out and "\x1b" not in cli.out and "Ctrl-C" not in cli.out
+
+
+async def test_cli_on_a_terminal_redraws_a_status_line_while_it_holds(
+    engine: Engine, start_worker: StartWorker, run_cli: Any
+) -> None:
+    info = await start_vast_worker(start_worker, engine, 1)
+    assert engine.url is not None
+    cli: Cli = await run_cli(
+        "--endpoint", "ep", "--duration", "2.5", "--engine-url", engine.url, terminal=True
+    )
+    await cli.wait_for_output("remaining, Ctrl-C to release")
+    assert await cli.wait() == 0, cli.err
+    out = cli.out.replace("\r\n", "\n")  # the terminal's own line ends
+    assert f"held: {info.public_url} (reservation 1/1)\n" in out
+    # Drawn in place: each status line erases the previous one, from 0:03 left down.
+    drawn = [part.split("\n")[0] for part in out.split("\r\x1b[K")[1:]]
+    assert drawn[0] == "held for 0:00, 0:03 remaining, Ctrl-C to release"
+    later = {
+        line for line in drawn if re.fullmatch(r"held for 0:0[12], 0:0[12] remaining, .*", line)
+    }
+    assert later, drawn  # redrawn as the hold went on
+    # The status line is erased before the last line, which stands alone.
+    assert out.endswith("\r\x1b[Kelapsed after 2 s\n") or out.endswith(
+        "\r\x1b[Kelapsed after 3 s\n"
+    ), repr(out[-200:])
+
+
+async def test_cli_on_a_terminal_shows_the_wait_and_why_in_the_status_line(
+    engine_at_max_workers: Engine, run_cli: Any
+) -> None:
+    engine = engine_at_max_workers
+    assert engine.url is not None
+    cli: Cli = await run_cli(
+        "--endpoint", "ep", "--engine-url", engine.url, "--route-timeout", "1.5", terminal=True
+    )
+    await cli.wait_for_output(
+        "\r\x1b[Kwaiting for a worker... 1 s (engine: at --max-workers 1 (1 busy)), "
+        "Ctrl-C to give up"
+    )
+    assert await cli.wait() == 3, cli.err
+    # The wait is on the status line only, not printed once per poll, and the status
+    # line is erased at the end.
+    assert "(engine: at --max-workers 1 (1 busy))\r\n" not in cli.out
+    assert cli.out.endswith("\r\x1b[K"), repr(cli.out[-100:])
+    assert cli.err.startswith("no worker became free within 1.5 s")
+
+
+async def test_cli_quiet_on_a_terminal_draws_no_status_line(
+    engine: Engine, start_worker: StartWorker, run_cli: Any
+) -> None:
+    await start_vast_worker(start_worker, engine, 1)
+    assert engine.url is not None
+    cli: Cli = await run_cli(
+        "--endpoint", "ep", "--duration", "1", "--engine-url", engine.url, "--quiet", terminal=True
+    )
+    assert await cli.wait() == 0, cli.err
+    assert "\x1b" not in cli.out and "Ctrl-C" not in cli.out
+    assert "held:" in cli.out and "elapsed after 1 s" in cli.out
 
 
 async def test_an_exception_group_from_the_block_comes_out_unchanged(

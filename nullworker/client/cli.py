@@ -3,6 +3,12 @@
 
 Argument parsing and printing only: each reservation is one :func:`~.reservation.hold`
 call, run side by side in one Trio run, and every event it reports becomes one line.
+
+When stdout is a terminal (and without ``--quiet``), one more line sits under those:
+a status line redrawn in place (``held for 1:05, 3:55 remaining, Ctrl-C to release``,
+or how long the request has waited for a worker and why). Every other line is printed
+above it: the status line is cleared first and drawn again after. Nothing of it is
+written when stdout is a file or a pipe, so scripts read the same lines as before.
 """
 
 from __future__ import annotations
@@ -11,16 +17,26 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, TextIO
 
 import httpx
 import trio
 
 from .. import logs
 from ..errors import ClientError, EngineUnavailable, ReservationFailed, ReservationRejected
-from .reservation import DEFAULT_ENGINE_URL, ProgressEvent, _default_client, hold
+from .reservation import (
+    DEFAULT_ENGINE_URL,
+    EngineRefused,
+    ProgressEvent,
+    RouteTimeout,
+    _default_client,
+    hold,
+)
 
 __all__ = [
     "EXIT_ENDED_EARLY",
@@ -38,8 +54,12 @@ EXIT_ENGINE = 3
 EXIT_REJECTED = 4
 EXIT_ENDED_EARLY = 5
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-#: Print a WAITING line at most this often per reservation.
+#: Print a WAITING line at most this often per reservation (when not on a terminal).
 _WAITING_LINE_EVERY_S = 5.0
+#: How often the status line is redrawn on a terminal.
+_STATUS_EVERY_S = 0.5
+#: Return to the line's start and erase it (every VT100-style terminal knows both).
+_CLEAR_LINE = "\r\x1b[K"
 
 
 def _build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -52,7 +72,8 @@ def _build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit status: 0 the hold(s) elapsed or the worker released them; 2 usage; "
-            "3 the engine is unreachable or refused; 4 workers refused (429 bound or "
+            "3 the engine is unreachable or refused (e.g. the API key), or no worker "
+            "became free within --route-timeout; 4 workers refused (429 bound or "
             "another 4xx); 5 a hold ended early (worker shut down, connection lost); "
             "130/143 interrupted by SIGINT/SIGTERM."
         ),
@@ -90,7 +111,9 @@ def _build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="give up if no worker is free within SECONDS (default: wait)",
     )
     parser.add_argument(
-        "--quiet", action="store_true", help="print only held/ended lines and errors"
+        "--quiet",
+        action="store_true",
+        help="print only held/ended lines and errors (no status line on a terminal)",
     )
     parser.add_argument(
         "--log-format",
@@ -101,48 +124,155 @@ def _build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_JobState = Literal["routing", "waiting", "held", "done"]
+
+
 @dataclass
 class _Job:
     number: int
-    held: bool = False
+    state: _JobState = "routing"
     code: int | None = None
     last_waiting_line: float = -math.inf
+    #: Trio clock: when the engine was first asked, and when the hold began.
+    waiting_since: float | None = None
+    held_since: float | None = None
+    #: Why the engine has no free worker, when it said so.
+    reason: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.state == "held"
+
+
+def _clock(seconds: float) -> str:
+    """``42`` -> ``0:42``, ``3725`` -> ``1:02:05`` (whole seconds, rounded down)."""
+    total = max(int(seconds), 0)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _status_line(jobs: Sequence[_Job], *, now: float, duration_s: float | None, width: int) -> str:
+    """The terminal's status line for ``jobs`` at Trio time ``now``, at most ``width``
+    characters; ``""`` when there is nothing to show (nothing held or waiting yet).
+
+    One reservation: ``held for 1:05, 3:55 remaining, Ctrl-C to release`` (no
+    remaining time without ``--duration``: the worker's cap is not known here), or
+    ``waiting for a worker... 12 s (engine: at --max-workers 3 (3 busy)), Ctrl-C to
+    give up``. Several: how many are held, for the longest hold and the time left on
+    it, then how many wait, for the longest wait.
+    """
+    held = [j.held_since for j in jobs if j.state == "held" and j.held_since is not None]
+    waiting = [j for j in jobs if j.state == "waiting" and j.waiting_since is not None]
+    parts: list[str] = []
+    if held:
+        longest = now - min(held)
+        count = f"{len(held)}/{len(jobs)} " if len(jobs) > 1 else ""
+        parts.append(f"{count}held for {_clock(longest)}")
+        if duration_s is not None:
+            # Round the time left up, so that it reads 0:00 only when the hold ends.
+            parts.append(f"{_clock(math.ceil(max(duration_s - longest, 0.0)))} remaining")
+    if waiting:
+        waited = max(now - j.waiting_since for j in waiting if j.waiting_since is not None)
+        if len(jobs) > 1:
+            text = f"{len(waiting)} waiting for a worker... {waited:.0f} s"
+        else:
+            text = f"waiting for a worker... {waited:.0f} s"
+        reason = next((j.reason for j in waiting if j.reason), None)
+        parts.append(f"{text} ({'engine: ' + reason if reason else 'no free worker'})")
+    if not parts:
+        return ""
+    parts.append("Ctrl-C to release" if held else "Ctrl-C to give up")
+    line = ", ".join(parts)
+    if len(line) > width:
+        line = line[: max(width - 3, 0)] + "..."
+    return line
 
 
 class _Cli:
     """Runs N reservations and prints one line per event (progress on stdout, errors on
-    stderr)."""
+    stderr), with a status line redrawn in place under them when ``live``."""
 
-    def __init__(self, args: argparse.Namespace, *, api_key: str, engine_url: str) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        *,
+        api_key: str,
+        engine_url: str,
+        live: bool = False,
+    ) -> None:
         self.args = args
         self.api_key = api_key
         self.engine_url = engine_url
         self.jobs = [_Job(n) for n in range(1, args.count + 1)]
         self.signum: int | None = None
         self.released_on_signal = 0
+        #: Draw the status line (stdout is a terminal and not --quiet).
+        self.live = live
+        self._status_shown = ""
+
+    # -- output ------------------------------------------------------------------------
+
+    def _print(self, text: str, *, file: TextIO | None = None) -> None:
+        """One permanent line, above the status line (which is drawn again after)."""
+        self._clear_status()
+        print(text, file=file or sys.stdout, flush=True)
+        self._draw_status()
+
+    def _clear_status(self) -> None:
+        if self._status_shown:
+            sys.stdout.write(_CLEAR_LINE)
+            sys.stdout.flush()
+            self._status_shown = ""
+
+    def _draw_status(self) -> None:
+        if not self.live:
+            return
+        width = shutil.get_terminal_size().columns - 1  # the last column would wrap
+        line = _status_line(
+            self.jobs, now=trio.current_time(), duration_s=self.args.duration, width=width
+        )
+        if line == self._status_shown:
+            return
+        sys.stdout.write(f"{_CLEAR_LINE}{line}")
+        sys.stdout.flush()
+        self._status_shown = line
+
+    async def _redraw_status(self) -> None:
+        try:
+            while True:
+                self._draw_status()
+                await trio.sleep(_STATUS_EVERY_S)
+        finally:
+            self._clear_status()
 
     def _say(self, job: _Job, text: str, *, progress: bool = False) -> None:
         if progress and self.args.quiet:
             return
         suffix = f" (reservation {job.number}/{len(self.jobs)})" if len(self.jobs) > 1 else ""
-        print(f"{text}{suffix}", flush=True)
+        self._print(f"{text}{suffix}")
 
     def _error(self, job: _Job, text: str) -> None:
         prefix = f"[reservation {job.number}/{len(self.jobs)}] " if len(self.jobs) > 1 else ""
-        print(f"{prefix}{text}", file=sys.stderr, flush=True)
+        self._print(f"{prefix}{text}", file=sys.stderr)
 
     def _on_progress(self, job: _Job, event: ProgressEvent) -> None:
         if event.kind == "held":
-            job.held = True
+            job.state = "held"
+            job.held_since = trio.current_time()
             # Always numbered, so scripts can count held lines.
-            print(
-                f"held: {event.worker_url} (reservation {job.number}/{len(self.jobs)})", flush=True
-            )
+            self._print(f"held: {event.worker_url} (reservation {job.number}/{len(self.jobs)})")
         elif event.kind == "ended":
-            job.held = False
+            job.state = "done"
             self._say(job, event.message)
         elif event.kind == "waiting":
-            if event.waited_s - job.last_waiting_line >= _WAITING_LINE_EVERY_S:
+            job.state = "waiting"
+            job.reason = event.reason
+            if job.waiting_since is None:
+                job.waiting_since = trio.current_time() - event.waited_s
+            if self.live:
+                self._draw_status()  # the status line shows the wait; no line per poll
+            elif event.waited_s - job.last_waiting_line >= _WAITING_LINE_EVERY_S:
                 job.last_waiting_line = event.waited_s
                 self._say(job, event.message, progress=True)
         else:
@@ -151,10 +281,13 @@ class _Cli:
     async def run(self) -> int:
         async with _default_client() as http, trio.open_nursery() as nursery:
             await nursery.start(self._watch_signals, nursery.cancel_scope)
+            if self.live:
+                nursery.start_soon(self._redraw_status)
             async with trio.open_nursery() as jobs:
                 for job in self.jobs:
                     jobs.start_soon(self._run_job, job, http)
             nursery.cancel_scope.cancel()
+        self._clear_status()
         if self.signum is not None:
             print(f"interrupted: released {self.released_on_signal} worker(s)", flush=True)
             return _SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
@@ -187,15 +320,31 @@ class _Cli:
                 http=http,
                 on_progress=lambda event: self._on_progress(job, event),
             )
+        except RouteTimeout as exc:
+            job.state = "done"
+            said = f"; the engine said: {exc.reason}" if exc.reason else ""
+            self._error(job, f"no worker became free within {self.args.route_timeout:g} s{said}")
+            job.code = EXIT_ENGINE
+            return
         except EngineUnavailable as exc:
-            self._error(job, f"engine unavailable: {exc}")
+            job.state = "done"
+            if isinstance(exc, EngineRefused) and exc.api_key_refused:
+                self._error(
+                    job,
+                    f"the engine refused the API key (HTTP {exc.status}): check --api-key "
+                    "or VAST_API_KEY (the endpoint's key)",
+                )
+            else:
+                self._error(job, f"engine unavailable: {exc}")
             job.code = EXIT_ENGINE
             return
         except (ReservationRejected, ReservationFailed) as exc:
+            job.state = "done"
             self._error(job, f"rejected: {exc}")
             job.code = EXIT_REJECTED
             return
         except ClientError as exc:  # pragma: no cover - no other subclass today
+            job.state = "done"
             self._error(job, f"error: {exc}")
             job.code = EXIT_REJECTED
             return
@@ -237,5 +386,13 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         print(f"{parser.prog}: error: --engine-url must be an http(s) URL", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(logging.WARNING, args.log_format, text_format=logs.SHORT_TEXT_FORMAT)
-    cli = _Cli(args, api_key=api_key, engine_url=engine_url)
+    live = not args.quiet and _is_terminal(sys.stdout)
+    cli = _Cli(args, api_key=api_key, engine_url=engine_url, live=live)
     return trio.run(cli.run)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False

@@ -75,6 +75,7 @@ from ..vast.envelope import as_int
 
 __all__ = [
     "DEFAULT_ENGINE_URL",
+    "EngineRefused",
     "ProgressEvent",
     "Reservation",
     "RouteTimeout",
@@ -112,12 +113,41 @@ _KEEPINTVL_S = 10
 _KEEPCNT = 3
 
 _USER_AGENT = "nullworker-client"
+#: A WAITING answer's ``reason`` longer than this is cut (it ends up in one line).
+_REASON_MAX_CHARS = 200
 
 ProgressKind = Literal["routing", "waiting", "engine_retry", "rerouting", "held", "ended"]
 
 
+class EngineRefused(EngineUnavailable):
+    """The engine answered ``/route/`` with an HTTP error.
+
+    ``status`` is that status: 401 (or 403) means the engine refused the API key.
+    """
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def api_key_refused(self) -> bool:
+        """Whether the engine refused the API key (401 or 403)."""
+        return self.status in (401, 403)
+
+
 class RouteTimeout(EngineUnavailable):
-    """No worker became free within ``route_timeout_s``."""
+    """No worker became free within ``route_timeout_s``.
+
+    ``timeout_s`` is that bound; ``reason`` the last reason the engine gave for having
+    no free worker (its WAITING answer's ``reason``), ``None`` when it gave none.
+    """
+
+    def __init__(
+        self, message: str, *, timeout_s: float | None = None, reason: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.timeout_s = timeout_s
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -127,7 +157,9 @@ class ProgressEvent:
     ``kind`` is one of:
 
     * ``routing`` -- about to ask the engine for a worker (first call or a re-route);
-    * ``waiting`` -- the engine answered WAITING; ``waited_s`` counts from the first call;
+    * ``waiting`` -- the engine answered WAITING (it has no free worker); ``waited_s``
+      counts from the first call, and ``reason`` is why, when the engine says (the
+      answer's ``reason``, e.g. ``"at --max-workers 3 (3 busy)"`` from the local engine);
     * ``engine_retry`` -- the engine could not be reached; retry ``attempt`` follows;
     * ``rerouting`` -- a worker refused (429, 503) or could not be reached; ``attempt``
       counts these against ``max_rejections``;
@@ -142,6 +174,7 @@ class ProgressEvent:
     worker_url: str | None = None
     request_idx: int | None = None
     outcome: str | None = None
+    reason: str | None = None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -357,8 +390,9 @@ def reserve(
       wait on it) if you need to know.
 
     Raises (on entering the block):
-      EngineUnavailable: the engine could not be reached (after a few quick retries) or
-        answered an HTTP error; :class:`RouteTimeout` if ``route_timeout_s`` passed.
+      EngineUnavailable: the engine could not be reached (after a few quick retries);
+        :class:`EngineRefused` if it answered an HTTP error (``status``; 401 is a
+        wrong API key); :class:`RouteTimeout` if ``route_timeout_s`` passed.
       ReservationRejected: workers refused more than ``max_rejections`` times.
       ReservationFailed: the worker answered 401, 413, 422 or another error (``status``).
       ConfigError: no API key, or an invalid ``duration``/``cost``/``max_rejections``.
@@ -514,9 +548,13 @@ async def _acquire(
         with trio.move_on_at(deadline) as scope:
             auth_data = await router.route()
         if scope.cancelled_caught:
+            assert options.route_timeout_s is not None
+            said = f"; the engine said: {router.reason}" if router.reason else ""
             raise RouteTimeout(
-                f"no worker of endpoint {options.endpoint!r} became free within "
-                f"{options.route_timeout_s:g} s"
+                f"no worker became free within {options.route_timeout_s:g} s "
+                f"(endpoint {options.endpoint!r}{said})",
+                timeout_s=options.route_timeout_s,
+                reason=router.reason,
             )
         reservation = Reservation(
             worker_url=str(auth_data["url"]), auth_data=auth_data, notify=notify
@@ -581,6 +619,8 @@ class _Router:
         self._http = http
         self._notify = notify
         self.request_idx = 0
+        #: Why the engine last said it has no free worker (``None``: it did not say).
+        self.reason: str | None = None
         self._started: float | None = None
 
     @property
@@ -616,12 +656,15 @@ class _Router:
             idx = as_int(reply.get("request_idx"))
             if idx:
                 self.request_idx = idx
+            self.reason = _wait_reason(reply)
+            why = f"engine: {self.reason}" if self.reason else "the engine has no free worker"
             self._notify(
                 ProgressEvent(
                     "waiting",
-                    f"waiting for a worker... {self.waited_s:.0f} s",
+                    f"waiting for a worker... {self.waited_s:.0f} s ({why})",
                     waited_s=self.waited_s,
                     request_idx=self.request_idx or None,
+                    reason=self.reason,
                 )
             )
             delay = min(_POLL_FIRST_S * _POLL_GROWTH**polls, _POLL_MAX_S)
@@ -662,10 +705,13 @@ class _Router:
                 )
                 await trio.sleep(_ENGINE_RETRY_S[min(attempt, len(_ENGINE_RETRY_S)) - 1])
                 continue
-            if not 200 <= response.status_code < 300:
-                raise EngineUnavailable(
-                    f"the engine at {_redact(options.engine_url)} refused /route/: "
-                    f"HTTP {response.status_code}: {_error_text(_decode(response))}"
+            status = response.status_code
+            if not 200 <= status < 300:
+                what = "the API key" if status in (401, 403) else "/route/"
+                raise EngineRefused(
+                    f"the engine at {_redact(options.engine_url)} refused {what}: "
+                    f"HTTP {status}: {_error_text(_decode(response))}",
+                    status=status,
                 )
             reply = _decode(response)
             if not isinstance(reply, dict):
@@ -726,6 +772,18 @@ def _safe_callback(callback: ProgressCallback | None) -> Callable[[ProgressEvent
             log.exception("on_progress callback failed on a %s event", event.kind)
 
     return notify
+
+
+def _wait_reason(reply: dict[str, Any]) -> str | None:
+    """A WAITING answer's ``reason`` (why the engine has no free worker), on one line."""
+    reason = reply.get("reason")
+    if not isinstance(reason, str):
+        return None
+    # Printed on a terminal: no control characters from the engine get there.
+    text = " ".join("".join(c if c.isprintable() else " " for c in reason).split())
+    if len(text) > _REASON_MAX_CHARS:
+        text = text[: _REASON_MAX_CHARS - 3] + "..."
+    return text or None
 
 
 def _refusal_reason(answer: _Answer) -> str | None:
