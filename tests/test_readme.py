@@ -1,0 +1,401 @@
+"""The README's examples, run as written, so that they cannot drift from the code.
+
+* Every ```python block runs as a program of its own (``python -u``, in a temporary
+  directory, under a time bound) against a real local engine
+  (:class:`nullworker.engine.Engine`, served here) with one real worker registered to
+  it. The block sees the engine the way a user's program does, through
+  ``VAST_ENGINE_URL`` and ``VAST_API_KEY``; the engine checks the key.
+* A block that runs until stopped is interrupted (SIGINT, as Ctrl-C) once its output
+  shows that it works. What shows it, and whether it must then end cleanly, is in
+  :data:`PLANS`, keyed by a piece of the block's code; any other block must end by
+  itself with status 0.
+* A block that cannot run on its own (a fragment of a larger program) is preceded in the
+  README by ``<!-- not-run: REASON -->``. Such markers are few, and each gives a reason.
+* A ```bash block holds commands only: a line that looks like a command's output (JSON,
+  an HTTP status line) belongs in a ```text block of its own, or pasting the block runs
+  it as a command.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from nullworker.engine import Engine, serve_engine
+from nullworker.worker.server import ServeInfo
+
+from .conftest import StartWorker, envelope
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+KEY = "readme-api-key"
+#: Bound on one block's run, from start to exit.
+RUN_TIMEOUT_S = 30.0
+#: Bound on the exit after SIGINT.
+EXIT_TIMEOUT_S = 10.0
+#: At most this many blocks may be marked not-run.
+MAX_NOT_RUN = 2
+
+_FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w+-]*)\s*$")
+_NOT_RUN = re.compile(r"^\s*<!--\s*not-run:(?P<reason>.*?)-->\s*$")
+
+
+# -- the README's blocks ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced code block: its language, code (unindented) and where it starts."""
+
+    lang: str
+    code: str
+    line: int  # 1-based line of the opening fence
+    not_run: str | None  # the reason of a <!-- not-run: ... --> right above it
+
+    @property
+    def id(self) -> str:
+        return f"README.md:{self.line}"
+
+
+def readme_blocks(text: str) -> list[Block]:
+    blocks: list[Block] = []
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        opening = _FENCE.match(lines[index])
+        if opening is None:
+            index += 1
+            continue
+        indent = len(opening["indent"])
+        body: list[str] = []
+        end = index + 1
+        while end < len(lines) and lines[end].strip() != "```":
+            body.append(lines[end][indent:] if lines[end][:indent].isspace() else lines[end])
+            end += 1
+        assert end < len(lines), f"README.md:{index + 1}: the code block is never closed"
+        marker = _NOT_RUN.match(lines[index - 1]) if index else None
+        blocks.append(
+            Block(
+                lang=opening["lang"],
+                code="\n".join(body) + "\n",
+                line=index + 1,
+                not_run=marker["reason"].strip() if marker else None,
+            )
+        )
+        index = end + 1
+    return blocks
+
+
+BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+PYTHON = [b for b in BLOCKS if b.lang == "python"]
+TO_RUN = [b for b in PYTHON if b.not_run is None]
+SHELL = [b for b in BLOCKS if b.lang in ("bash", "sh", "shell")]
+
+
+def test_the_readme_has_python_examples_to_run() -> None:
+    assert len(TO_RUN) >= 3
+
+
+def test_not_run_markers_are_few_each_with_a_reason() -> None:
+    text = README.read_text(encoding="utf-8")
+    markers = [line for line in text.splitlines() if "not-run" in line]
+    marked = [b for b in BLOCKS if b.not_run is not None]
+    # Every marker stands right above a Python block (a stray one would excuse nothing).
+    assert len(markers) == len(marked), markers
+    assert all(b.lang == "python" for b in marked), [b.id for b in marked]
+    assert len(marked) <= MAX_NOT_RUN, [b.id for b in marked]
+    for block in marked:
+        assert block.not_run is not None and len(block.not_run.split()) >= 4, (
+            f"{block.id}: say why the block cannot run on its own"
+        )
+
+
+# -- running a block ----------------------------------------------------------------------
+
+
+class Running:
+    """A block running as a child process; its output read as it comes."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.out = ""
+        self.err = ""
+        self._changed = trio.Event()
+
+    async def pump(self, stream: trio.abc.ReceiveStream, name: str) -> None:
+        async for chunk in stream:
+            setattr(self, name, getattr(self, name) + chunk.decode(errors="replace"))
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        """The first match of ``pattern`` in stdout, once it is there."""
+        while True:
+            found = re.search(pattern, self.out)
+            if found is not None:
+                return found
+            if self.process.returncode is not None:
+                await trio.sleep(0.1)  # the last output may still be in the pipe
+                found = re.search(pattern, self.out)
+                assert found is not None, (
+                    f"exited with {self.process.returncode} before printing {pattern!r}\n"
+                    f"stdout:\n{self.out}\nstderr:\n{self.err}"
+                )
+                return found
+            with trio.move_on_after(0.5):
+                await self._changed.wait()
+
+    @property
+    def output(self) -> str:
+        return f"status {self.process.returncode}\nstdout:\n{self.out}\nstderr:\n{self.err}"
+
+
+During = Callable[[Running, re.Match[str]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a block that does not end by itself shows that it works.
+
+    ``shows`` is a pattern its stdout must match; ``during`` (optional) then exercises
+    the running program; ``interrupt`` sends SIGINT after that; ``clean`` requires an
+    exit with status 0 and no traceback (after the SIGINT too), and ``ends`` a pattern
+    the whole stdout must match at its end.
+    """
+
+    shows: str
+    interrupt: bool = False
+    clean: bool = True
+    during: During | None = None
+    ends: str = ""
+
+
+async def hold_until_shutdown(running: Running, shown: re.Match[str]) -> None:
+    """Hold a reservation on the example's worker, then Ctrl-C it: the holder must be
+    answered ``503 {"released": "shutdown"}``, not cut off."""
+    url = shown["url"]
+    answers: list[httpx.Response] = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as http:
+
+        async def hold() -> None:
+            payload = {"duration": 60}
+            answers.append(await http.post(f"{url}/reserve", json=envelope(url, payload=payload)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold)
+            with trio.fail_after(5):
+                while not (await http.get(f"{url}/health")).json().get("busy"):
+                    await trio.sleep(0.05)
+            running.process.send_signal(signal.SIGINT)
+            with trio.fail_after(EXIT_TIMEOUT_S):
+                while not answers:
+                    await trio.sleep(0.05)
+    assert answers[0].status_code == 503, answers[0].text
+    assert answers[0].json()["released"] == "shutdown"
+
+
+#: The blocks that need more than "runs and exits 0", keyed by a piece of their code.
+PLANS: dict[str, Plan] = {
+    # Holds a reservation through the engine, does its "work" (2 s) and lets go.
+    "nullworker.reserve(": Plan(shows=r"holding http://\S+\nreleased: client_released\n"),
+    # autoscale() runs 60 s: it works once it holds a reservation. It does not catch
+    # SIGINT, so Ctrl-C ends it with Python's KeyboardInterrupt (the worker is freed all
+    # the same: the connection drops).
+    "nullworker.autoscale(": Plan(shows=r"reservation_started ", interrupt=True, clean=False),
+    # A worker served until Ctrl-C: it must answer its holder and end cleanly.
+    "nullworker.serve,": Plan(
+        shows=r"serving on (?P<url>http://\S+)\n",
+        interrupt=True,
+        during=hold_until_shutdown,
+        ends=r"received SIGINT - stopping\nstopped\n",
+    ),
+}
+
+
+def plan_for(block: Block) -> Plan:
+    keys = [key for key in PLANS if key in block.code]
+    assert len(keys) <= 1, f"{block.id}: more than one plan matches: {keys}"
+    return PLANS[keys[0]] if keys else Plan(shows="")
+
+
+def test_every_plan_names_a_block() -> None:
+    for key in PLANS:
+        assert any(key in b.code for b in TO_RUN), f"no README block to run contains {key!r}"
+
+
+@pytest.fixture
+async def engine_with_worker(
+    nursery: trio.Nursery, start_worker: StartWorker
+) -> AsyncIterator[tuple[Engine, ServeInfo]]:
+    """The local engine (it requires ``KEY``) and one idle worker registered to it."""
+    engine = Engine(api_key=KEY)
+    await nursery.start(partial(serve_engine, engine))
+    assert engine.url is not None
+    info = await start_worker(report_addrs=(engine.url,), container_id=1, unsecured=False)
+    await engine.wait_for(lambda e: e.worker_state(1) == "idle", timeout=5)
+    yield engine, info
+
+
+@pytest.mark.parametrize("block", TO_RUN, ids=[b.id for b in TO_RUN])
+async def test_python_block_runs(
+    block: Block,
+    engine_with_worker: tuple[Engine, ServeInfo],
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    engine, _ = engine_with_worker
+    assert engine.url is not None
+    plan = plan_for(block)
+    script = tmp_path / f"readme_{block.line}.py"
+    script.write_text(block.code, encoding="utf-8")
+    env = dict(
+        os.environ,
+        VAST_ENGINE_URL=engine.url,
+        VAST_API_KEY=KEY,
+        TMPDIR=str(tmp_path),  # the worker's per-port lock files
+        PYTHONUNBUFFERED="1",
+    )
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-u", str(script)],
+        cwd=str(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    running = Running(process)
+    assert process.stdout is not None and process.stderr is not None
+    nursery.start_soon(running.pump, process.stdout, "out")
+    nursery.start_soon(running.pump, process.stderr, "err")
+    try:
+        with trio.fail_after(RUN_TIMEOUT_S):
+            shown = await running.wait_for(plan.shows)
+            if plan.during is not None:
+                await plan.during(running, shown)
+            elif plan.interrupt:
+                process.send_signal(signal.SIGINT)
+        with trio.fail_after(EXIT_TIMEOUT_S if plan.interrupt else RUN_TIMEOUT_S):
+            await process.wait()
+    except trio.TooSlowError:
+        pytest.fail(f"{block.id} did not finish in time\n{running.output}")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    await trio.sleep(0.1)  # the rest of the output
+    if plan.clean:
+        assert process.returncode == 0, f"{block.id}\n{running.output}"
+        assert "Traceback" not in running.err, f"{block.id}\n{running.output}"
+        assert re.search(f"{plan.ends}$", running.out), f"{block.id}\n{running.output}"
+    else:
+        # Ended by the SIGINT: Python's own KeyboardInterrupt, nothing else.
+        ended = process.returncode in (0, -signal.SIGINT) or (
+            process.returncode == 1 and "KeyboardInterrupt" in running.err
+        )
+        assert ended, f"{block.id}\n{running.output}"
+
+
+async def test_the_reserve_example_reports_a_missing_api_key(tmp_path: Path) -> None:
+    """Its ``except nullworker.ConfigError`` branch, as documented: nothing is sent."""
+    (block,) = [b for b in TO_RUN if "nullworker.reserve(" in b.code]
+    script = tmp_path / "reserve.py"
+    script.write_text(block.code, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("VAST_API_KEY", "VAST_ENGINE_URL")}
+    env["VAST_ENGINE_URL"] = "http://127.0.0.1:9"  # never asked
+    with trio.fail_after(RUN_TIMEOUT_S):
+        done = await trio.run_process(
+            [sys.executable, str(script)],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr.decode() == (
+        "cannot reserve: an API key is required: pass api_key or set VAST_API_KEY\n"
+    )
+
+
+# -- commands apart from their output -----------------------------------------------------
+
+#: How a line of output starts (JSON, an HTTP status line); a command line does not.
+_OUTPUT_STARTS = ("{", "}", "[{", "HTTP/")
+_HEREDOC = re.compile(r"<<-?\s*(['\"]?)(?P<word>\w+)\1")
+
+
+def output_lines(code: str) -> list[str]:
+    """The lines of a shell block that look like a command's output.
+
+    Lines inside a heredoc or inside a quoted string that spans lines (a JSON body
+    given to ``curl -d '...'``) are the command's own and are not looked at.
+    """
+    found: list[str] = []
+    heredoc: str | None = None
+    quote: str | None = None
+    for line in code.splitlines():
+        if heredoc is not None:
+            if line.strip() == heredoc:
+                heredoc = None
+            continue
+        if quote is None and line.lstrip().startswith(_OUTPUT_STARTS):
+            found.append(line)
+        quote, comment_at = _scan_quotes(line, quote)
+        if quote is None:
+            start = _HEREDOC.search(line[:comment_at])
+            if start is not None:
+                heredoc = start["word"]
+    return found
+
+
+def _scan_quotes(line: str, quote: str | None) -> tuple[str | None, int]:
+    """The quote still open at the end of ``line`` (given the one open at its start),
+    and where a comment starts (``len(line)`` if none)."""
+    index = 0
+    while index < len(line):
+        char = line[index]
+        if quote == "'":
+            if char == "'":
+                quote = None
+        elif char == "\\":
+            index += 1  # an escaped character, in double quotes or none
+        elif quote == '"':
+            if char == '"':
+                quote = None
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return None, index
+        index += 1
+    return quote, len(line)
+
+
+@pytest.mark.parametrize(
+    ("code", "found"),
+    [
+        ('curl -s localhost:18999/release\n{"released":true}\n', ['{"released":true}']),
+        ("curl -si localhost:3000/health\nHTTP/1.1 200 OK\n", ["HTTP/1.1 200 OK"]),
+        ('curl -d \'{"a": 1,\n  "b": 2}\n}\' localhost\n', []),
+        ("cat > x.json <<'EOF'\n{\"a\": 1}\nEOF\necho done\n", []),
+        ('echo "it\'s"   # a \'comment\n{"out": 1}\n', ['{"out": 1}']),
+        ("[ -d x ] || mkdir x\n", []),
+    ],
+)
+def test_output_lines(code: str, found: list[str]) -> None:
+    assert output_lines(code) == found
+
+
+@pytest.mark.parametrize("block", SHELL, ids=[b.id for b in SHELL])
+def test_shell_block_holds_commands_only(block: Block) -> None:
+    assert output_lines(block.code) == [], (
+        f"{block.id}: output inside a command block; put it in a ```text block of its own"
+    )
