@@ -595,7 +595,7 @@ def report(
         return pct(samples, 0.99) if samples else math.inf
 
     how = (
-        "`nullworker autoscale --demand-command 'cat FILE'` (shared HTTP client)"
+        "`nullworker autoscale --demand-command 'cat FILE'` (an HTTP client per reservation)"
         if driver == "cli"
         else "`autoscale()` with its default `reserve` (an HTTP client per reservation)"
     )

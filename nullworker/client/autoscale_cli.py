@@ -84,7 +84,7 @@ from .lease import (
     LeaseStatistics,
     RedisLease,
 )
-from .reservation import DEFAULT_ENGINE_URL, _default_client, reserve
+from .reservation import DEFAULT_ENGINE_URL, reserve
 
 __all__ = ["EXIT_METRICS", "EXIT_USAGE", "main"]
 
@@ -549,7 +549,10 @@ class _Cli:
         self._trio_token = trio.lowlevel.current_trio_token()
         o = self.options
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with o.source, self._open_lease() as lease, _default_client() as http:
+            # No shared HTTP client: each reservation gets its own small one (with the
+            # shared TLS context), since one pool holding every held connection makes
+            # each new request scan them all.
+            async with o.source, self._open_lease() as lease:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
 
@@ -559,7 +562,6 @@ class _Cli:
                             duration=o.duration_s,
                             api_key=o.api_key,
                             engine_url=o.engine_url,
-                            http=http,
                         )
 
                     run_autoscale = partial(
