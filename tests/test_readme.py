@@ -208,10 +208,13 @@ async def hold_until_shutdown(running: Running, shown: re.Match[str]) -> None:
 PLANS: dict[str, Plan] = {
     # Holds a reservation through the engine, does its "work" (2 s) and lets go.
     "nullworker.reserve(": Plan(shows=r"holding http://\S+\nreleased: client_released\n"),
-    # autoscale() runs 60 s: it works once it holds a reservation. It does not catch
-    # SIGINT, so Ctrl-C ends it with Python's KeyboardInterrupt (the worker is freed all
-    # the same: the connection drops).
-    "nullworker.autoscale(": Plan(shows=r"reservation_started ", interrupt=True, clean=False),
+    # autoscale() runs until Ctrl-C: it works once it holds a reservation, and the
+    # SIGINT must end it cleanly, releasing everything.
+    "nullworker.autoscale,": Plan(
+        shows=r"reservation_started ",
+        interrupt=True,
+        ends=r"stopping: releasing every reservation\n(reservation_ended released: .*\n)+",
+    ),
     # A worker served until Ctrl-C: it must answer its holder and end cleanly.
     "nullworker.serve,": Plan(
         shows=r"serving on (?P<url>http://\S+)\n",

@@ -7,6 +7,7 @@
 * :mod:`.autoscaler` -- :func:`autoscale`, which holds as many reservations as a
   queue's demand asks for; :mod:`.autoscale_cli` is its command line
   (``nullworker autoscale``) and :mod:`.metrics` its Prometheus metrics;
+* :mod:`.lease` -- the Redis lease that lets standby autoscalers take over;
 * :mod:`.demand` -- demand sources (how many jobs a queue holds), over the
   trio-asyncio bridge in :mod:`._aio`.
 
@@ -25,6 +26,7 @@ from ..errors import ClientError, EngineUnavailable, ReservationFailed, Reservat
 from .cli import main
 from .reservation import (
     DEFAULT_ENGINE_URL,
+    EngineRefused,
     ProgressEvent,
     Reservation,
     RouteTimeout,
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
         RedisList,
         RedisStream,
     )
+    from .lease import Lease, RedisLease
 
 __all__ = [
     "DEFAULT_ENGINE_URL",
@@ -54,9 +57,12 @@ __all__ = [
     "CommandDemand",
     "DemandError",
     "DemandSource",
+    "EngineRefused",
     "EngineUnavailable",
+    "Lease",
     "NatsConsumer",
     "ProgressEvent",
+    "RedisLease",
     "RedisList",
     "RedisStream",
     "Reservation",
@@ -81,6 +87,8 @@ _LAZY = {
     "NatsConsumer": "demand",
     "RedisList": "demand",
     "RedisStream": "demand",
+    "Lease": "lease",
+    "RedisLease": "lease",
 }
 
 
