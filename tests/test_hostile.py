@@ -177,8 +177,10 @@ async def test_stalled_connections_are_closed_within_the_bound(
     body_s, idle_s = 0.5, 0.5
     info = await start_worker(body_timeout_s=body_s, keep_alive_timeout_s=idle_s)
     host, port = _addr(info.url)
-    # the bound: the body deadline plus the connection layer's one-second grace
-    bound_s = body_s + 1.0 + 1.0
+    # the bound: the body deadline plus the connection layer's one-second grace, plus
+    # slack for a loaded 2-core machine answering 750 connections at once (a connection
+    # that is never closed fails by the fail_after below, far past this)
+    bound_s = body_s + 1.0 + 3.0
     per_kind = 150
     closed_after: dict[str, list[float]] = {kind: [] for kind in STALLED}
 

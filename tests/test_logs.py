@@ -104,7 +104,9 @@ def root_logger() -> Iterator[logging.Logger]:
 def test_configure_replaces_its_own_handler_and_leaves_others(
     root_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    others = list(root_logger.handlers)
+    # An earlier test that ran a command in-process may have left configure()'s own
+    # handler behind: that one is configure()'s to replace, not one of the "others".
+    others = [h for h in root_logger.handlers if not getattr(h, logs._OWN_HANDLER_ATTR, False)]
     first, second = io.StringIO(), io.StringIO()
     assert logs.configure("info", "text", stream=first) == "text"
     assert logs.configure("DEBUG", "json", stream=second) == "json"
