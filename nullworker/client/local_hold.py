@@ -54,6 +54,7 @@ import httpx
 import trio
 
 from ..errors import ClientError
+from .reservation import lone_exception_unwrapped
 
 __all__ = [
     "CONTROL_URL_ENV",
@@ -191,7 +192,9 @@ async def local_hold(
             http = await stack.enter_async_context(
                 httpx.AsyncClient(timeout=_TIMEOUT, headers={"User-Agent": _USER_AGENT})
             )
-        try:
+        # The nursery wraps even a lone exception (the caller's own, from the block, or
+        # ours from the first try) in a group; callers expect the exception itself.
+        with lone_exception_unwrapped():
             async with trio.open_nursery() as nursery:
                 await nursery.start(_keep, http, f"{base}/hold", body, hold)
                 try:
@@ -200,17 +203,6 @@ async def local_hold(
                     # Drop the connection now: the worker ends the hold when it sees it go.
                     nursery.cancel_scope.cancel()
                     hold._finish("client_released")
-        except BaseExceptionGroup as group:
-            # The nursery wraps even a lone exception (the caller's own, from the block,
-            # or ours from the first try) in a group; callers expect the exception itself.
-            single = _single_exception(group)
-            if single is None:
-                raise
-            context, suppress = single.__context__, single.__suppress_context__
-            try:
-                raise single
-            finally:
-                single.__context__, single.__suppress_context__ = context, suppress
 
 
 class _Refused(Exception):
@@ -336,18 +328,3 @@ def _as_float(value: str | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
-
-
-def _single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one non-Cancelled exception of ``group``, if that is all it holds."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else None

@@ -58,8 +58,13 @@ import os
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -506,7 +511,9 @@ async def _reserve(
     async with AsyncExitStack() as stack:
         if http is None:
             http = await stack.enter_async_context(_default_client())
-        try:
+        # The nursery wraps even a lone exception (the caller's own, from the block, or
+        # ours from _acquire) in a group; callers expect the exception itself.
+        with lone_exception_unwrapped():
             async with trio.open_nursery() as nursery:
                 reservation = await _acquire(options, http=http, nursery=nursery, notify=notify)
                 try:
@@ -516,17 +523,6 @@ async def _reserve(
                     # the worker ends the hold the moment it sees the disconnect.
                     nursery.cancel_scope.cancel()
                     reservation._end("client_released")
-        except BaseExceptionGroup as group:
-            # The nursery wraps even a lone exception (the caller's own, from the block,
-            # or ours from _acquire) in a group; callers expect the exception itself.
-            single = _single_exception(group)
-            if single is None:
-                raise
-            context, suppress = single.__context__, single.__suppress_context__
-            try:
-                raise single
-            finally:
-                single.__context__, single.__suppress_context__ = context, suppress
 
 
 async def _acquire(
@@ -757,6 +753,29 @@ def _ssl_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
     thousand times. ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured as httpx does.
     """
     return httpx.create_ssl_context(trust_env=True)
+
+
+@contextmanager
+def lone_exception_unwrapped() -> Iterator[None]:
+    """Re-raise the one exception a nursery's group stands for, as itself.
+
+    Wrap an ``async with trio.open_nursery()`` whose body yields to a caller: an
+    exception from the caller's block (or from our own task) comes out of the nursery
+    inside a group, and callers of a context manager expect the exception itself. Its
+    ``__context__`` is kept as it was. A group that stands for more than one exception
+    is raised unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        single = _single_exception(group)
+        if single is None:
+            raise
+        context, suppress = single.__context__, single.__suppress_context__
+        try:
+            raise single
+        finally:
+            single.__context__, single.__suppress_context__ = context, suppress
 
 
 def _single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
