@@ -53,6 +53,7 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     redis_server_binary_fixture,
     redis_server_fixture,
 )
+from .test_dev import DevProcess
 
 REPO = Path(__file__).resolve().parent.parent
 ENDPOINT = "dev"
@@ -71,40 +72,10 @@ Workers = list[dict[str, Any]]
 # -- nullworker dev as a subprocess ------------------------------------------------------
 
 
-class Dev:
-    """A running ``python -m nullworker.engine.dev`` and the lines it printed so far."""
+class Dev(DevProcess):
+    """``nullworker dev`` as in tests/test_dev.py, plus what these tests read from its log."""
 
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self.url = ""
-        self._changed = trio.Event()
-
-    async def pump(self) -> None:
-        assert self.process.stdout is not None
-        buffer = b""
-        async with self.process.stdout:
-            while chunk := await self.process.stdout.receive_some(65536):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                self.lines.extend(line.decode("utf-8", "replace") for line in lines)
-                self._changed.set()
-                self._changed = trio.Event()
-
-    async def wait_line(self, pattern: str) -> re.Match[str]:
-        with trio.fail_after(WAIT_S):
-            seen = 0
-            while True:
-                changed = self._changed
-                for line in self.lines[seen:]:
-                    if match := re.search(pattern, line):
-                        return match
-                seen = len(self.lines)
-                await changed.wait()
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
+    wait_s = WAIT_S
 
     def control_url(self, worker_url: str) -> str:
         """The control listener of the worker serving ``worker_url``, from its log lines."""
@@ -118,13 +89,6 @@ class Dev:
             if match := re.match(rf"\[worker {number}\] .*control listener on (\S+) ", line):
                 return match.group(1)
         raise AssertionError(f"worker {number} logged no control listener:\n{self.output}")
-
-    def worker_pids(self) -> list[int]:
-        return [
-            int(match.group(1))
-            for line in self.lines
-            if (match := re.search(r"\[dev\] worker \d+ started: pid (\d+)", line))
-        ]
 
 
 StartDev = Callable[..., Awaitable[Dev]]
@@ -160,7 +124,7 @@ async def start_dev(nursery: trio.Nursery) -> AsyncIterator[StartDev]:
             dev.process.kill()
             with trio.move_on_after(5):
                 await dev.process.wait()
-        for pid in dev.worker_pids():  # only after a failed stop
+        for pid in dev.worker_pids().values():  # only after a failed stop
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -36,6 +36,9 @@ WAIT_S = 10.0
 class DevProcess:
     """A running ``python -m nullworker.engine.dev`` and the lines it printed so far."""
 
+    #: Bound on each wait for a line.
+    wait_s = WAIT_S
+
     def __init__(self, process: trio.Process) -> None:
         self.process = process
         self.lines: list[str] = []
@@ -54,7 +57,7 @@ class DevProcess:
                 self._changed = trio.Event()
 
     async def wait_line(self, pattern: str) -> re.Match[str]:
-        with trio.fail_after(WAIT_S):
+        with trio.fail_after(self.wait_s):
             seen = 0
             while True:
                 changed = self._changed
