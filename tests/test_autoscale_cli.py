@@ -239,8 +239,9 @@ class Autoscale:
 RunAutoscale = Callable[..., Awaitable[Autoscale]]
 
 
-@pytest.fixture
-async def run_autoscale(nursery: trio.Nursery) -> AsyncIterator[RunAutoscale]:
+@pytest.fixture(name="run_autoscale")
+async def run_autoscale_fixture(nursery: trio.Nursery) -> AsyncIterator[RunAutoscale]:
+    """Start ``nullworker autoscale --endpoint ep ARGS [--json]``; killed at the end if still up."""
     started: list[trio.Process] = []
 
     async def run(*args: str, json_lines: bool = True) -> Autoscale:

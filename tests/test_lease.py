@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,12 +53,12 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
 )
 from .test_autoscale_cli import (
     KEY,
-    REPO,
     WAIT_S,
     Autoscale,
     RunAutoscale,
     engine_view,
     parse_metrics,
+    run_autoscale_fixture,  # noqa: F401  (a fixture, used by name)
     start_vast_worker,
     wait_engine,
     write_demand,
@@ -441,43 +438,6 @@ def test_the_collector_names_the_lease_metrics() -> None:
 MAX = 2
 
 
-@pytest.fixture(name="run_cli")
-async def run_cli_fixture(nursery: trio.Nursery) -> AsyncIterator[RunAutoscale]:
-    """Start ``nullworker autoscale --endpoint ep ARGS --json``; killed at the end if still up."""
-    started: list[trio.Process] = []
-
-    async def run(*args: str) -> Autoscale:
-        argv = [
-            sys.executable,
-            "-m",
-            "nullworker",
-            "autoscale",
-            "--endpoint",
-            "ep",
-            *args,
-            "--json",
-        ]
-        process = await trio.lowlevel.open_process(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=REPO,
-            env={**os.environ, "VAST_API_KEY": KEY, "PYTHONUNBUFFERED": "1"},
-        )
-        started.append(process)
-        cli = Autoscale(process, json_lines=True)
-        assert process.stdout is not None and process.stderr is not None
-        nursery.start_soon(cli.pump, process.stdout, "out")
-        nursery.start_soon(cli.pump, process.stderr, "err")
-        return cli
-
-    yield run
-    for process in started:
-        if process.returncode is None:
-            process.kill()
-
-
 class BusyMeter:
     """The most workers busy at once in the engine's ``/workers``, sampled every 50 ms."""
 
@@ -512,10 +472,10 @@ def held_now(cli: Autoscale) -> int:
 class Pair:
     """The setup of each test: three workers, the meter, and two autoscalers A then B."""
 
-    def __init__(self, engine: Engine, run_cli: RunAutoscale, argv: list[str]) -> None:
+    def __init__(self, engine: Engine, run_autoscale: RunAutoscale, argv: list[str]) -> None:
         self.engine = engine
         self.meter = BusyMeter(engine)
-        self._run = run_cli
+        self._run = run_autoscale
         self.argv = argv
 
     async def start(self, nursery: trio.Nursery, start_worker: StartWorker) -> None:
@@ -538,7 +498,7 @@ async def two_autoscalers(
     nursery: trio.Nursery,
     engine: Engine,
     start_worker: StartWorker,
-    run_cli: RunAutoscale,
+    run_autoscale: RunAutoscale,
     redis: ServerProcess,
     demand: Path,
     *,
@@ -566,7 +526,7 @@ async def two_autoscalers(
         "--lease-renew",
         str(renew),
     ]
-    pair = Pair(engine, run_cli, argv)
+    pair = Pair(engine, run_autoscale, argv)
     await pair.start(nursery, start_worker)
     return pair
 
@@ -576,14 +536,14 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_the_ttl(
     redis_server: ServerProcess,
     vast_engine: Engine,
     start_worker: StartWorker,
-    run_cli: RunAutoscale,
+    run_autoscale: RunAutoscale,
     tmp_path: Path,
 ) -> None:
     pair = await two_autoscalers(
         nursery,
         vast_engine,
         start_worker,
-        run_cli,
+        run_autoscale,
         redis_server,
         tmp_path / "demand",
         ttl=2.0,
@@ -622,14 +582,14 @@ async def test_redis_down_the_leader_drops_its_capacity_after_the_ttl(
     redis_server: ServerProcess,
     vast_engine: Engine,
     start_worker: StartWorker,
-    run_cli: RunAutoscale,
+    run_autoscale: RunAutoscale,
     tmp_path: Path,
 ) -> None:
     pair = await two_autoscalers(
         nursery,
         vast_engine,
         start_worker,
-        run_cli,
+        run_autoscale,
         redis_server,
         tmp_path / "demand",
         ttl=2.0,
@@ -672,7 +632,7 @@ async def test_sigterm_of_the_leader_hands_over_at_once(
     redis_server: ServerProcess,
     vast_engine: Engine,
     start_worker: StartWorker,
-    run_cli: RunAutoscale,
+    run_autoscale: RunAutoscale,
     tmp_path: Path,
 ) -> None:
     # A long TTL, so that a handover at the TTL would show.
@@ -680,7 +640,7 @@ async def test_sigterm_of_the_leader_hands_over_at_once(
         nursery,
         vast_engine,
         start_worker,
-        run_cli,
+        run_autoscale,
         redis_server,
         tmp_path / "demand",
         ttl=5.0,
