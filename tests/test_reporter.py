@@ -374,6 +374,55 @@ async def test_a_burst_of_events_is_coalesced(
     slot.release()
 
 
+async def test_sustained_changes_are_paced_and_the_last_state_is_delivered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    statuses: list[tuple[float, dict[str, Any]]] = []
+    deleted: list[int] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        body = json.loads(req.content)
+        if req.url.path.endswith(STATUS):
+            statuses.append((trio.current_time(), body))
+        else:
+            deleted.extend(entry["request_idx"] for entry in body["requests"])
+        return httpx.Response(200, json={})
+
+    config = make_config("http://engine.test")  # 20 ms coalescing, burst 4, 0.2 s
+    assert (config.report_burst, config.report_interval_s) == (4, 0.2)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        reporter = EngineReporter(config, http=http)
+        slot = make_slot(reporter)
+        async with trio.open_nursery() as inner:
+            await inner.start(reporter.run)
+            await trio.sleep(1.0)  # the first report, then a quiet spell
+            start = trio.current_time()
+            for idx in range(500):  # 2 s of back-to-back short reservations
+                await hold(slot, 0.0, idx)
+                await trio.sleep(0.004)
+            end = trio.current_time()
+            await trio.sleep(1.0)
+            lone_at = trio.current_time()
+            inner.start_soon(hold, slot, 5.0, 1000)
+            await trio.sleep(0.5)
+            inner.cancel_scope.cancel()
+
+    during = [t for t, _ in statuses if start <= t <= end]
+    # Unpaced, a round per 20 ms window: about 100. Paced: the burst of 4, then one
+    # per 0.2 s.
+    assert 4 <= len(during) <= 4 + 2.0 / 0.2 + 1, len(during)
+    gaps = [b - a for a, b in itertools.pairwise(during[4:])]
+    assert all(gap >= 0.2 - 1e-6 for gap in gaps), gaps
+    # Nothing is lost to the pacing: the state after the churn, every request once.
+    settled = [body for t, body in statuses if end < t < lone_at]
+    assert settled and settled[-1]["num_requests_working"] == 0
+    assert settled[-1]["num_requests_recieved"] == 500
+    assert sorted(deleted) == list(range(500))
+    # After a quiet spell a change goes out within the coalescing window again.
+    busy_at = next(t for t, body in statuses if body["working_request_idxs"] == [1000])
+    assert busy_at - lone_at == pytest.approx(config.report_coalesce_s)
+
+
 async def test_heartbeat_without_state_changes(
     make_recorder: MakeRecorder, nursery: trio.Nursery
 ) -> None:

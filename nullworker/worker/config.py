@@ -126,6 +126,11 @@ class WorkerConfig:
     heartbeat_s: float = 10.0
     #: Bursts of state changes within this window are sent as one report.
     report_coalesce_s: float = 0.02
+    #: Rounds are paced by a token bucket: up to ``report_burst`` rounds back to back,
+    #: then one per ``report_interval_s`` while the state keeps changing (what changes in
+    #: between goes out in the next round). A change after a quiet spell goes at once.
+    report_burst: int = 4
+    report_interval_s: float = 0.2
     #: Per-try timeout of every call to the engine.
     engine_timeout_s: float = 5.0
     #: Tries per engine address before falling back to the next one.
@@ -196,6 +201,12 @@ class WorkerConfig:
             )
         if self.engine_tries < 1:
             raise ConfigError("engine_tries must be at least 1")
+        if self.report_burst < 1:
+            raise ConfigError("report_burst must be at least 1")
+        if not math.isfinite(self.report_interval_s) or self.report_interval_s < 0:
+            raise ConfigError(
+                f"report_interval_s must be a finite number >= 0, got {self.report_interval_s!r}"
+            )
         for name in ("body_timeout_s", "send_timeout_s", "keep_alive_timeout_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

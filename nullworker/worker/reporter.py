@@ -5,7 +5,10 @@ engine's accounting (docs/protocol.md §6.1, §6) and delivers it:
 
 * ``POST {addr}/worker_status/`` -- the §6.2 body plus 1.9.1's ``disk_usage``; at once
   (after a short coalescing window) whenever the state changes, and as a heartbeat at
-  least every ``config.heartbeat_s``.
+  least every ``config.heartbeat_s``. Rounds are paced by a token bucket
+  (``report_burst`` back to back, then one per ``report_interval_s``): a change after a
+  quiet spell goes out at once, and a state that changes hundreds of times a second
+  (short reservations back to back) is sent five times a second, as it stands then.
 * ``POST {addr}/delete_requests/`` -- every ended request, in the 1.9.1 shape or the
   legacy pair of POSTs (``config.delete_requests_format``); sent in the same wake-up as
   the ``worker_status`` that shows the request gone.
@@ -402,6 +405,9 @@ class EngineReporter:
         self._wake = trio.Event()
         self._lock = trio.Lock()
         self._last_status_round_at = -math.inf
+        #: The round pacing bucket (:meth:`_pace`): full at start.
+        self._tokens = float(config.report_burst)
+        self._tokens_at = -math.inf
         # -- statistics -----------------------------------------------------------------
         self._reports_sent = 0
         self._deletes_sent = 0
@@ -535,11 +541,12 @@ class EngineReporter:
         """Report until cancelled.
 
         Calls ``task_status.started()`` at once. Sends ``/worker_status/`` whenever the
-        state changes (a burst within ``report_coalesce_s`` becomes one report) and at
-        least every ``heartbeat_s``, then ``/delete_requests/`` for ended requests. When
-        every address fails, the round is retried after ``engine_retry_s`` doubling per
-        failed round, capped at ``RETRY_CAP_S`` and jittered; until a round succeeds, each
-        gives every address one try, and state changes wait for the retry.
+        state changes (a burst within ``report_coalesce_s`` becomes one report; rounds
+        are paced by :meth:`_pace`) and at least every ``heartbeat_s``, then
+        ``/delete_requests/`` for ended requests. When every address fails, the round
+        is retried after ``engine_retry_s`` doubling per failed round, capped at
+        ``RETRY_CAP_S`` and jittered; until a round succeeds, each gives every address
+        one try, and state changes wait for the retry.
 
         Resource handling: a client the reporter opened itself is closed on exit.
         """
@@ -552,8 +559,9 @@ class EngineReporter:
             while True:
                 await self._wait_for_work(retry_at)
                 # Let a burst of events (a release followed by the next admission) land
-                # in the same report.
+                # in the same report; under sustained change, rounds are paced.
                 await trio.sleep(self._config.report_coalesce_s)
+                await self._pace()
                 async with self._lock:
                     ok = await self._round()
                 if ok:
@@ -577,6 +585,27 @@ class EngineReporter:
             if not self._lock.locked():
                 with trio.move_on_after(1.0, shield=True):
                     await self.aclose()
+
+    async def _pace(self) -> None:
+        """Take a token for one round, waiting for it when the bucket is empty.
+
+        ``report_burst`` tokens at most, one more every ``report_interval_s``: changes
+        after a quiet spell are reported at once, and a worker whose state changes
+        hundreds of times a second (short reservations back to back) sends a round
+        every ``report_interval_s`` with the state at that moment, not one per change.
+        """
+        config = self._config
+        now = trio.current_time()
+        if config.report_interval_s > 0:
+            refill = (now - self._tokens_at) / config.report_interval_s
+            self._tokens = min(float(config.report_burst), self._tokens + refill)
+        else:
+            self._tokens = float(config.report_burst)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            await trio.sleep((1.0 - self._tokens) * config.report_interval_s)
+            self._tokens, self._tokens_at = 1.0, trio.current_time()
+        self._tokens -= 1.0
 
     def _retry_backoff(self, failures: int) -> float:
         """The pause after the ``failures``-th failed round in a row."""
