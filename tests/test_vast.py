@@ -15,7 +15,8 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from nullworker.vast.signing import generate_private_key, sign_url
+from nullworker.vast import signing
+from nullworker.vast.signing import generate_private_key, sign_url, verify_url
 from nullworker.worker.server import ServeInfo
 
 from .conftest import STATUS_FIELDS, StartWorker, envelope, vast_settings
@@ -115,6 +116,13 @@ async def test_tampered_or_foreign_signatures_get_401_and_leave_no_trace(
             "signature": sign_url(vast_engine.private_key, "http://10.0.0.1:1"),
         },
     }
+    # A genuine envelope first: its signature is then remembered as good, and the bad
+    # ones below must still be refused.
+    first = auth | {"request_idx": 998_999}
+    response = await http.post(
+        f"{info.url}/reserve", json={"auth_data": first, "payload": {"duration": 0}}
+    )
+    assert response.status_code == 200
     for case, bad in cases.items():
         bad = bad | {"request_idx": 999_000}
         response = await http.post(
@@ -134,6 +142,27 @@ async def test_tampered_or_foreign_signatures_get_401_and_leave_no_trace(
         999_000 not in r.body.get("working_request_idxs", [])
         for r in vast_engine.worker_status_reports
     )
+
+
+def test_a_remembered_good_signature_vouches_for_nothing_else() -> None:
+    key = generate_private_key()
+    public = key.public_key()
+    url = "http://10.0.0.2:5000"
+    good = sign_url(key, url)
+    assert verify_url(public, url, good)
+    assert signing._verified.get((id(public), url, good)) is public
+    assert verify_url(public, url, good)  # answered from the table
+    other = generate_private_key().public_key()
+    assert not verify_url(other, url, good)
+    assert not verify_url(public, "http://10.0.0.2:5001", good)
+    assert not verify_url(public, url, good[:-8] + "AAAAAAA=")
+    assert not verify_url(public, url, "!!!")
+    # Failures are not remembered, and the table stays bounded.
+    assert all(memo[0] != id(other) for memo in signing._verified)
+    for port in range(signing._VERIFIED_MAX + 5):
+        peer = f"http://10.0.0.3:{port}"
+        assert verify_url(public, peer, sign_url(key, peer))
+    assert len(signing._verified) <= signing._VERIFIED_MAX
 
 
 async def test_disconnect_is_reported_cancelled_and_next_in_queue_runs(

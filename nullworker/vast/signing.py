@@ -62,13 +62,30 @@ def sign_url(key: rsa.RSAPrivateKey, url: str) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+#: Bound on remembered good signatures (the engine signs one URL per worker and key).
+_VERIFIED_MAX = 64
+#: (id(key), url, signature) -> key, for triples that verified: the same signature of
+#: the same URL under the same key verifies again, so a repeat is answered from here.
+#: Only successes enter, so no input can fill it with garbage; the key is kept as the
+#: value and compared by identity, so a reused ``id`` cannot match another key.
+_verified: dict[tuple[int, str, str], rsa.RSAPublicKey] = {}
+
+
 def verify_url(key: rsa.RSAPublicKey, url: str, signature: str) -> bool:
     """True if ``signature`` is the engine's signature of ``url``.
 
     Decoding is lenient the way the official worker's is (characters outside the
     base64 alphabet are dropped), but bad padding or a wrong signature is a plain
     ``False``, never an exception.
+
+    RSA verification is deterministic, so a triple (key, url, signature) that verified
+    once is remembered (a bounded table of successes) and a repeat costs a dict lookup
+    instead of an RSA operation: every request is still checked against the key, and
+    anything not seen verifying before is verified in full.
     """
+    memo = (id(key), url, signature)
+    if _verified.get(memo) is key:
+        return True
     try:
         raw = base64.b64decode(signature, validate=False)
     except (binascii.Error, ValueError):
@@ -77,4 +94,7 @@ def verify_url(key: rsa.RSAPublicKey, url: str, signature: str) -> bool:
         key.verify(raw, signed_message(url), padding.PKCS1v15(), hashes.SHA256())
     except InvalidSignature:
         return False
+    if len(_verified) >= _VERIFIED_MAX:
+        _verified.clear()
+    _verified[memo] = key
     return True
