@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -75,6 +76,32 @@ async def test_reserve_elapses_with_200_body(
     assert data["duration"] == 0.2
     assert 0.2 <= data["held"] < 5
     assert not info.worker.slot.statistics().busy
+
+
+async def test_each_response_is_written_in_one_piece(
+    start_worker: StartWorker, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every write of the process (the server's and the client's) goes through here.
+    writes: list[bytes] = []
+    send_all = trio.SocketStream.send_all
+
+    async def recording(self: trio.SocketStream, data: bytes | bytearray | memoryview) -> None:
+        writes.append(bytes(data))
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", recording)
+    info = await start_worker()
+    assert (await reserve(http, info, duration=0)).status_code == 200
+    assert (await http.get(f"{info.url}/health")).status_code == 200
+    assert (await http.post(f"{info.url}/reserve", content=b"{")).status_code == 422
+    assert (await http.get(f"{info.url}/no-such-page")).status_code == 404
+    answers = [w for w in writes if w.startswith(b"HTTP/1.1 ")]
+    assert [int(w.split(b" ", 2)[1]) for w in answers] == [200, 200, 422, 404]
+    for answer in answers:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        assert length is not None, head
+        assert len(rest) == int(length.group(1)) > 0, answer  # head and body together
 
 
 async def test_duration_is_capped_by_max_reservation_seconds(
