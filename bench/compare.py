@@ -54,7 +54,7 @@ from nullworker.vast.signing import sign_url
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests import test_sdk_interop as interop  # noqa: E402  (the SDK venv installer)
+from tests.sdk_worker import install as interop  # noqa: E402  (the SDK venv installer)
 
 MASTER_TOKEN = "bench-token"
 MAX_QUEUE_TIME_S = 30.0

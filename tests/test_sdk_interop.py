@@ -15,20 +15,18 @@ emulator. The tests check, over real sockets:
 
 The SDK is installed once per machine and Python version into a virtual environment
 kept in pytest's cache directory (``pytest --cache-clear`` removes it; with the cache
-plugin off, in the system temporary directory). If it cannot be
-installed for want of a network to PyPI, these tests are skipped and say why, except
-in CI (``CI`` set), where that is a failure; any other install failure always fails.
+plugin off, in the system temporary directory) by ``tests/sdk_worker/install.py``, which
+the README's test command runs before pytest. If it cannot be installed for want of a
+network to PyPI, these tests are skipped and say why, except in CI (``CI`` set), where
+that is a failure; any other install failure always fails.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,74 +40,26 @@ from nullworker.client import hold, reserve
 from nullworker.engine import Engine, serve_engine
 from nullworker.errors import ReservationFailed
 
-SDK_VERSION = "1.9.1"
-WORKER_SCRIPT = Path(__file__).parent / "sdk_worker" / "worker.py"
+from .sdk_worker import install
+
 API_KEY = "interop-key"
 MASTER_TOKEN = "interop-master-token"
-#: Bound on installing the SDK (first run only; ~20 s on a warm index).
-INSTALL_TIMEOUT_S = 600
-
-
-def _venv_python(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 @pytest.fixture(scope="session")
 def sdk_python(request: pytest.FixtureRequest) -> Path:
-    """The Python of a virtual environment with ``vastai==1.9.1`` installed."""
-    tag = f"vastai-{SDK_VERSION}-py{sys.version_info.major}{sys.version_info.minor}"
+    """The Python of a virtual environment with ``vastai==1.9.1`` installed: built by
+    ``tests/sdk_worker/install.py`` (ahead of the tests by the README's test command, or
+    here on first use), in pytest's cache directory."""
     cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
     if cache is not None:
-        venv = Path(cache.mkdir(f"sdk-venv-{tag}"))
+        venv = Path(cache.mkdir(install.VENV_NAME))
     else:
-        venv = Path(tempfile.gettempdir()) / f"nullworker-sdk-venv-{tag}"
-    python = _venv_python(venv)
-    marker = venv / "installed.ok"
-    # Two test sessions on one machine must not build the same venv at once.
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (marker.exists() and python.exists()):
-            _install_sdk(venv, python)
-            marker.write_text(SDK_VERSION + "\n")
-    return python
-
-
-def _install_sdk(venv: Path, python: Path) -> None:
-    shutil.rmtree(venv, ignore_errors=True)
-    steps = [
-        ("venv", [sys.executable, "-m", "venv", str(venv)]),
-        (
-            "pip",
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--quiet",
-                f"vastai=={SDK_VERSION}",
-            ],
-        ),
-        ("import", [str(python), "-c", "import vastai.serverless.server.worker"]),
-    ]
-    for name, step in steps:
-        try:
-            done = subprocess.run(
-                step, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, check=False
-            )
-            failed = done.returncode != 0
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
-        except subprocess.TimeoutExpired:
-            failed, tail = True, f"timed out after {INSTALL_TIMEOUT_S} s"
-        if not failed:
-            continue
-        message = f"installing the official SDK vastai=={SDK_VERSION}: {name} step failed:\n{tail}"
-        # Only a download failure off CI is a reason to skip (no network to PyPI);
-        # anything else, and anything in CI (which reaches PyPI), is a real failure.
-        if name == "pip" and not os.environ.get("CI"):
-            pytest.skip(message + "\n(no network to PyPI?)")
-        pytest.fail(message)
+        venv = Path(tempfile.gettempdir()) / f"nullworker-{install.VENV_NAME}"
+    try:
+        return install.ensure_sdk(venv)
+    except install.InstallError as error:
+        install.fail_or_skip(error)
 
 
 def _free_port() -> int:
@@ -169,7 +119,7 @@ async def sdk_worker(sdk_python: Path, engine: Engine, tmp_path: Path) -> AsyncI
     log_path = tmp_path / "sdk-worker.log"
     with log_path.open("wb") as log:
         process = await trio.lowlevel.open_process(
-            [str(sdk_python), str(WORKER_SCRIPT)],
+            [str(sdk_python), str(install.WORKER_SCRIPT)],
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,
