@@ -37,6 +37,7 @@ that lock writes to or half-closes the stream.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import resource
@@ -52,12 +53,14 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol import ProtocolWrapper
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
-from hypercorn.utils import repr_socket_addr
+from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
 __all__ = ["ConnectionLimits", "listen", "raise_nofile_limit", "serve_http"]
 
@@ -67,6 +70,8 @@ log = logging.getLogger("nullworker.http")
 _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: How long the listener waits before accepting again while descriptors are exhausted.
 _CAPACITY_BACKOFF_S = 0.1
+#: The most one read takes off a connection (Hypercorn's figure).
+_MAX_RECV = 2**16
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,52 @@ class _Connection(TCPServer):
         self._reader_done = False
         #: A response head waiting for its body (see :meth:`_body_follows`).
         self._head = b""
+        #: The stream is closed (or being closed): every later close is a no-op.
+        self._closed = False
+
+    async def run(self) -> None:
+        """Hypercorn's ``TCPServer.run``, with the watchdog started once by ``start_soon``.
+
+        Hypercorn starts its idle timer through ``nursery.start`` (a nursery of its own
+        per connection) and wraps the plain-socket case in a handshake timeout; neither
+        is needed here, and a connection is the unit of work of this server.
+        """
+        stream: Any = self.stream
+        if isinstance(stream, trio.SSLStream):
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                return  # the handshake failed; the caller closes the stream
+            alpn_protocol = stream.selected_alpn_protocol()
+            sock = stream.transport_stream.socket
+            ssl = True
+        else:
+            alpn_protocol, sock, ssl = "http/1.1", stream.socket, False
+        try:
+            client = parse_socket_addr(sock.family, sock.getpeername())
+            server = parse_socket_addr(sock.family, sock.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = ProtocolWrapper(
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    ssl,
+                    client,
+                    server,
+                    self.protocol_send,
+                    alpn_protocol,
+                )
+                await self.protocol.initiate()
+                task_group.spawn(self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
 
     def _set_deadline(self, deadline: float) -> None:
         self._deadline = deadline
@@ -217,8 +268,18 @@ class _Connection(TCPServer):
             lock.release()
 
     async def _read_data(self) -> None:
+        # Hypercorn's loop without its per-read ``fail_after(read_timeout)``: the
+        # watchdog holds every deadline of this connection.
         try:
-            await super()._read_data()
+            while True:
+                try:
+                    data = await self.stream.receive_some(_MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                await self.protocol.handle(RawData(data=bytes(data)))
+                if not data:
+                    break
+            await self.protocol.handle(Closed())
         finally:
             # The client is gone (or the stream closed): the connection ends as soon
             # as its tasks do, so the watchdog must not keep it (and its descriptor).
@@ -256,26 +317,45 @@ class _Connection(TCPServer):
     async def _close(self) -> None:
         # The root of the crash this module exists for: half-close only while no other
         # task is sending. The lock is not re-entrant, so a holder closes directly.
-        if self.send_lock.statistics().owner is trio.lowlevel.current_task():
+        if self._closed:
+            return
+        lock = self.send_lock
+        if lock.statistics().owner is trio.lowlevel.current_task():
             await self._half_close_and_close()
             return
-        with trio.move_on_after(self._limits.send_timeout_s, shield=True):
-            async with self.send_lock:
-                await self._half_close_and_close()
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(self._limits.send_timeout_s, shield=True):
+                await lock.acquire()
+            if lock.statistics().owner is not trio.lowlevel.current_task():
+                await self._abort()  # a send stuck past its own bound: cut it off
                 return
-        await self._abort()
+        try:
+            await self._half_close_and_close()
+        finally:
+            lock.release()
 
     async def _half_close_and_close(self) -> None:
-        try:
-            await self.stream.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
-            pass  # gone already, or a TLS stream (no half-close)
+        stream: trio.abc.Stream = self.stream
+        if isinstance(stream, trio.SocketStream):
+            # What ``send_eof`` does, without its checkpoint: no other task sends now.
+            with contextlib.suppress(OSError):
+                stream.socket.shutdown(socket.SHUT_WR)
+        # A TLS stream has no half-close.
         await self._abort()
 
     async def _abort(self) -> None:
         # Closing the stream wakes the reader, which tells the app the client is gone.
+        if self._closed:
+            return
+        self._closed = True
+        stream: trio.abc.Stream = self.stream
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()  # what ``aclose`` does, without its checkpoint
+            return
         with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(self.stream)
+            await trio.aclose_forcefully(stream)
 
 
 async def serve_http(
@@ -416,10 +496,15 @@ async def _accept_loop(
 async def _serve_connection(
     make: Callable[[trio.abc.Stream], _Connection], stream: trio.abc.Stream
 ) -> None:
+    connection = None
     try:
-        await make(stream).run()
+        connection = make(stream)
+        await connection.run()
     except Exception:
         # A bug in the HTTP stack must cost one connection, never the process.
         log.exception("a connection failed and was closed")
     finally:
-        await trio.aclose_forcefully(stream)
+        if connection is not None:
+            await connection._abort()
+        else:
+            await trio.aclose_forcefully(stream)
