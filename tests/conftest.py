@@ -62,6 +62,26 @@ def _lock_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield path
 
 
+@pytest.fixture(autouse=True)
+def _logging_record_switches() -> Iterator[None]:
+    """Restore what ``nullworker.logs.configure()`` switches off in records (caller,
+    thread, process) after each test: a command run in-process calls it, and pytest's
+    own log lines print the caller's file and line."""
+    saved = (
+        logging.logThreads,
+        logging.logProcesses,
+        logging.logMultiprocessing,
+        logging._srcfile,
+    )
+    yield
+    (
+        logging.logThreads,
+        logging.logProcesses,
+        logging.logMultiprocessing,
+        logging._srcfile,
+    ) = saved
+
+
 @pytest.fixture
 def start_worker(nursery: trio.Nursery, tmp_path: Path) -> StartWorker:
     """Start a real worker (Hypercorn on 127.0.0.1:0) with ``WorkerConfig(**overrides)``."""

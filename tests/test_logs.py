@@ -126,6 +126,25 @@ def test_configure_replaces_its_own_handler_and_leaves_others(
     assert stream.getvalue().endswith("INFO nullworker.test: plain\n")
 
 
+def test_configured_records_skip_the_caller_lookup_and_thread_ids(
+    root_logger: logging.Logger,
+) -> None:
+    stream = io.StringIO()
+    logs.configure("INFO", "json", stream=stream)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    root_logger.addHandler(Keep())
+    logging.getLogger("nullworker.test").info("cheap", extra={"reservation_id": 3})
+    [record] = seen
+    assert (record.lineno, record.thread, record.process) == (0, None, None)
+    entry = json.loads(stream.getvalue())
+    assert entry["message"] == "cheap" and entry["reservation_id"] == 3
+
+
 def test_the_worker_reads_the_format_from_its_environment() -> None:
     assert WorkerConfig.from_env({}).log_format == "text"
     assert WorkerConfig.from_env({"NULLWORKER_LOG_FORMAT": "JSON"}).log_format == "json"
