@@ -104,6 +104,37 @@ async def test_each_response_is_written_in_one_piece(
         assert len(rest) == int(length.group(1)) > 0, answer  # head and body together
 
 
+def _count_tasks() -> int:
+    """Every task of this trio run (a walk of the task tree from the root)."""
+    tasks = [trio.lowlevel.current_root_task()]
+    count = 0
+    while tasks:
+        task = tasks.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            tasks.extend(nursery.child_tasks)
+    return count
+
+
+async def test_an_open_queued_reservation_costs_three_tasks(start_worker: StartWorker) -> None:
+    # Memory per waiting request is mostly per-task state (coroutine frames, cancel
+    # status, context): the connection's reader, the app's task and Quart-Trio's
+    # message reader. No idle timer per connection, no second task per request.
+    info = await start_worker(max_queue_time_s=60.0)
+    slot = info.worker.slot
+    holder = await open_raw_reservation(info, {"duration": 600})
+    await wait_until(lambda: slot.busy and slot.statistics().busy)
+    before = _count_tasks()
+    queued = [await open_raw_reservation(info, {"duration": 600}) for _ in range(20)]
+    await wait_until(lambda: slot.statistics().waiting == 20)
+    await trio.testing.wait_all_tasks_blocked()
+    assert _count_tasks() - before == 3 * 20
+    for stream in [holder, *queued]:
+        await stream.aclose()
+    await wait_until(lambda: not slot.busy and slot.statistics().waiting == 0)
+    await wait_until(lambda: _count_tasks() == before - 3)
+
+
 async def test_duration_is_capped_by_max_reservation_seconds(
     start_worker: StartWorker, http: httpx.AsyncClient
 ) -> None:

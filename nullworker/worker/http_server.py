@@ -11,7 +11,7 @@ differs is the connection handling, because the worker port is open to the inter
   and trio raises ``BusyResourceError``, which Hypercorn lets escape and which ended the
   process. :class:`_Connection` closes under the same lock as every send.
 * **Every connection ends once it stops making progress.** Headers must arrive within
-  ``keep_alive_timeout`` (Hypercorn's idle timer, which also ends idle keep-alive
+  ``keep_alive_timeout`` (the reader keeps this deadline; it also ends idle keep-alive
   connections); a request body must be complete ``body_timeout_s`` after its headers;
   a send that the peer does not read is abandoned after ``send_timeout_s``. A request
   that is complete waits for its answer without a read deadline: that is a held
@@ -30,9 +30,10 @@ differs is the connection handling, because the worker port is open to the inter
 Only HTTP/1.1 is served (no h2 over TLS, no websockets): that is what the Vast engine
 and its clients speak, and what the progress rules above are written for.
 
-Concurrency invariants: each connection runs in its own task under the server nursery;
-its reader, the app's task and the timers share one ``send_lock``, and only a holder of
-that lock writes to or half-closes the stream.
+Concurrency invariants: each connection runs in its own task under the server nursery
+(that task is its reader); the reader and the app's task share one ``send_lock``, and
+only a holder of that lock writes to or half-closes the stream. At shutdown every live
+connection's deadline is moved to now: idle ones close, held requests get their answer.
 """
 
 from __future__ import annotations
@@ -133,11 +134,13 @@ def raise_nofile_limit() -> int:
 class _Connection(TCPServer):
     """Hypercorn's per-connection server with serialised sends and progress deadlines.
 
-    One watchdog task per connection holds the deadline. Hypercorn restarts its idle
-    timer from whichever task reports the state change, and after a response that is
-    the app's task, already cancelled by Quart-Trio: the timer never restarted, so an
-    idle keep-alive connection stayed open for good. Here a state change only moves
-    the watchdog's deadline, a plain assignment that no cancellation can undo.
+    The reader task holds the deadline: it waits for bytes under a cancel scope whose
+    deadline is the connection's, so a connection costs one task besides the app's.
+    (Hypercorn starts a second, its idle timer, and restarts it from whichever task
+    reports a state change; after a response that is the app's task, already cancelled
+    by Quart-Trio, so the timer never restarted and an idle keep-alive connection stayed
+    open for good.) Here a state change only moves the deadline, a plain assignment that
+    no cancellation can undo.
     """
 
     def __init__(self, limits: ConnectionLimits, *args: Any) -> None:
@@ -145,19 +148,14 @@ class _Connection(TCPServer):
         self._limits = limits
         self._deadline = trio.current_time() + limits.keep_alive_timeout_s
         self._watch: trio.CancelScope | None = None
-        self._reader_done = False
         #: A response head waiting for its body (see :meth:`_body_follows`).
         self._head = b""
         #: The stream is closed (or being closed): every later close is a no-op.
         self._closed = False
 
     async def run(self) -> None:
-        """Hypercorn's ``TCPServer.run``, with the watchdog started once by ``start_soon``.
-
-        Hypercorn starts its idle timer through ``nursery.start`` (a nursery of its own
-        per connection) and wraps the plain-socket case in a handshake timeout; neither
-        is needed here, and a connection is the unit of work of this server.
-        """
+        """Hypercorn's ``TCPServer.run`` without its idle-timer task (the reader keeps the
+        deadline) and without a handshake timeout around a plain socket."""
         stream: Any = self.stream
         if isinstance(stream, trio.SSLStream):
             try:
@@ -188,12 +186,15 @@ class _Connection(TCPServer):
                     alpn_protocol,
                 )
                 await self.protocol.initiate()
-                task_group.spawn(self._idle_timeout)
                 await self._read_data()
         except OSError:
             pass
         finally:
             await self._close()
+
+    def terminate(self) -> None:
+        """The server is shutting down: close now unless a complete request awaits its answer."""
+        self._set_deadline(-inf)
 
     def _set_deadline(self, deadline: float) -> None:
         self._deadline = deadline
@@ -268,42 +269,52 @@ class _Connection(TCPServer):
             lock.release()
 
     async def _read_data(self) -> None:
-        # Hypercorn's loop without its per-read ``fail_after(read_timeout)``: the
-        # watchdog holds every deadline of this connection.
-        try:
-            while True:
+        # Hypercorn's reader, with the deadline: only the wait for bytes is cancelled
+        # (trio's receive_some loses nothing then), never the protocol's handling of them.
+        while True:
+            with trio.CancelScope(deadline=self._deadline) as watch:
+                self._watch = watch
                 try:
-                    data = await self.stream.receive_some(_MAX_RECV)
+                    data = await self._receive()
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     break
-                await self.protocol.handle(RawData(data=bytes(data)))
-                if not data:
-                    break
-            await self.protocol.handle(Closed())
-        finally:
-            # The client is gone (or the stream closed): the connection ends as soon
-            # as its tasks do, so the watchdog must not keep it (and its descriptor).
-            self._reader_done = True
-            self._set_deadline(-inf)
-
-    async def _idle_timeout(self) -> None:
-        # Hypercorn starts this once per connection (``run``); it is the watchdog.
-        while not self._reader_done:
-            with trio.CancelScope(deadline=self._deadline) as self._watch:
-                await self.context.terminated.wait()
-                break  # the server is shutting down: close idle connections now
             self._watch = None
-            if trio.current_time() < self._deadline:
-                continue  # moved while the old one fired
-            if self._awaiting_answer():
-                self._set_deadline(inf)  # a complete request: a hold ends by disconnect
-                continue
-            break
+            if watch.cancelled_caught:
+                if trio.current_time() < self._deadline or self._keep_reading():
+                    continue  # moved while the old one fired, or a complete request
+                log.debug("closing a connection that made no progress in time")
+                await self._abort()
+                break
+            await self.protocol.handle(RawData(data=bytes(data)))
+            if not data:
+                break
+            del data  # the next bytes may be an hour away (a held request): keep none
         self._watch = None
-        if self._reader_done or self._awaiting_answer():
-            return  # shutting down: the app answers held requests, then the stream closes
-        log.debug("closing a connection that made no progress in time")
-        await self._abort()
+        await self.protocol.handle(Closed())
+
+    async def _receive(self) -> bytes | bytearray:
+        stream: trio.abc.ReceiveStream = self.stream
+        # Wait for readability first, then read what is there: the same as
+        # ``receive_some`` alone, but the task that waits (every open connection's
+        # reader, all the time) keeps a few small objects alive instead of the receive
+        # path's stack of coroutines and its caught ``BlockingIOError``, and the empty
+        # read before each wait is saved. Not for TLS (its stream may hold decrypted
+        # bytes with nothing to read), nor for a closed socket (descriptor -1, which
+        # trio must never be asked to watch): ``receive_some`` says it is closed.
+        if isinstance(stream, trio.SocketStream) and stream.socket.fileno() >= 0:
+            with contextlib.suppress(trio.ClosedResourceError):
+                await trio.lowlevel.wait_readable(stream.socket)
+        return await stream.receive_some(_MAX_RECV)
+
+    def _keep_reading(self) -> bool:
+        """The deadline passed: whether the connection lives on (reading for a disconnect)."""
+        if self._awaiting_answer():
+            # A complete request: a hold ends by its answer or the client's disconnect,
+            # also while shutting down (the app answers held requests, then the stream
+            # closes).
+            self._deadline = inf
+            return True
+        return False
 
     def _awaiting_answer(self) -> bool:
         connection = getattr(getattr(self, "protocol", None), "protocol", None)
@@ -410,9 +421,11 @@ async def serve_http(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
+            live: set[_Connection] = set()
             handler = partial(
                 _serve_connection,
                 partial(_Connection, limits, app, config, context, ConnectionState(lifespan_state)),
+                live,
             )
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
@@ -424,6 +437,8 @@ async def serve_http(
                     await trio.sleep_forever()
                 accepting.cancel_scope.cancel()
             await context.terminated.set()
+            for connection in list(live):
+                connection.terminate()
             server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
@@ -494,17 +509,25 @@ async def _accept_loop(
 
 
 async def _serve_connection(
-    make: Callable[[trio.abc.Stream], _Connection], stream: trio.abc.Stream
+    make: Callable[[trio.abc.Stream], _Connection],
+    live: set[_Connection],
+    stream: trio.abc.Stream,
 ) -> None:
-    connection = None
+    connection: _Connection | None = None
     try:
         connection = make(stream)
+        live.add(connection)
         await connection.run()
     except Exception:
         # A bug in the HTTP stack must cost one connection, never the process.
         log.exception("a connection failed and was closed")
     finally:
-        if connection is not None:
-            await connection._abort()
-        else:
+        if connection is None:
             await trio.aclose_forcefully(stream)
+        else:
+            live.discard(connection)
+            await connection._abort()
+            # The protocol objects refer back to the connection (their ``send``): drop
+            # them now, so that its memory is freed at once, not at a later collection.
+            connection.__dict__.pop("protocol", None)
+            connection.__dict__.pop("_task_group", None)
