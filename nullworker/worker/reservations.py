@@ -344,6 +344,11 @@ class ReservationSlot:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def busy(self) -> bool:
+        """A reservation holds the slot (``statistics().busy``, without walking the queue)."""
+        return self._active is not None
+
     # -- internals -------------------------------------------------------------------
 
     def _info(self, res: Reservation) -> ActiveInfo:

@@ -218,7 +218,7 @@ class Worker:
     @property
     def busy(self) -> bool:
         """A reservation holds the slot or a local hold is open: the engine hears "busy"."""
-        return self.slot.statistics().busy or self.local_holds.count > 0
+        return self.slot.busy or self.local_holds.count > 0
 
     @contextlib.contextmanager
     def _single_process_lock(self) -> Iterator[None]:
@@ -417,7 +417,7 @@ class Worker:
             "reservation_id": res.id,
             "request_idx": idx,
         }
-        if event.kind == "queued" and self.slot.statistics().busy:
+        if event.kind == "queued" and self.slot.busy:
             log.info(
                 "reservation %s (request_idx %s) queued behind the active one",
                 res.id,
