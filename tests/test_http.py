@@ -135,6 +135,40 @@ async def test_an_open_queued_reservation_costs_three_tasks(start_worker: StartW
     await wait_until(lambda: _count_tasks() == before - 3)
 
 
+async def test_an_early_answer_says_close_and_the_rest_of_the_body_is_drained(
+    start_worker: StartWorker,
+) -> None:
+    # A body over the limit gets its 413 before it is all sent. The answer must say
+    # the connection closes (or a client reuses it and loses its next request), and
+    # the server must keep reading what the client still sends for a while (closing
+    # at once answers those bytes with a RST, which can destroy the 413 itself).
+    info = await start_worker()
+    parts = urlsplit(info.url)
+    assert parts.hostname is not None and parts.port is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    head = (
+        f"POST /reserve HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    await stream.send_all(head.encode() + b"x" * 70_000)
+    answer = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):
+            answer += chunk  # up to the server's half-close
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 413"), answer[:200]
+    headers = rest.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nconnection: close" in b"\r\n" + headers, answer[:400]
+    # Still being read and dropped: more of the body goes through without a reset.
+    for _ in range(3):
+        await trio.sleep(0.1)
+        await stream.send_all(b"x" * 65536)
+    await stream.aclose()
+    # And the worker serves on.
+    async with httpx.AsyncClient() as http:
+        assert (await reserve(http, info, duration=0)).status_code == 200
+
+
 async def test_duration_is_capped_by_max_reservation_seconds(
     start_worker: StartWorker, http: httpx.AsyncClient
 ) -> None:

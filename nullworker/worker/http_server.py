@@ -20,6 +20,11 @@ differs is the connection handling, because the worker port is open to the inter
   the response and its body when the app sends it; a head with a Content-Length waits
   for its body, so the client gets one segment, and nothing is written for the empty
   end of such a body (fewer system calls and scheduler trips per request).
+* **A close does not destroy the answer.** An answer sent before the request's body is
+  all in (413, 404, 405) says ``connection: close``, and the server then half-closes
+  and reads and drops what the client still sends for up to ``_LINGER_S`` before it
+  closes (RFC 9112 §9.6): closing at once would answer those bytes with a RST, which
+  can destroy the response the client has not read yet.
 * **One connection cannot end the server.** An unexpected exception from one
   connection is logged with its traceback and closes that connection only.
 * **Running out of file descriptors is a condition, not a crash loop.** ``accept``
@@ -73,6 +78,11 @@ _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 _CAPACITY_BACKOFF_S = 0.1
 #: The most one read takes off a connection (Hypercorn's figure).
 _MAX_RECV = 2**16
+#: After the server half-closes a connection whose client may still be sending (a
+#: request body nobody read), how long its bytes are read and dropped before the close.
+#: Closing at once would answer them with a RST, which can destroy the response the
+#: client has not read yet.
+_LINGER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -148,10 +158,15 @@ class _Connection(TCPServer):
         self._limits = limits
         self._deadline = trio.current_time() + limits.keep_alive_timeout_s
         self._watch: trio.CancelScope | None = None
-        #: A response head waiting for its body (see :meth:`_body_follows`).
+        #: A response head waiting for its body (see :meth:`_is_response_head`).
         self._head = b""
         #: The stream is closed (or being closed): every later close is a no-op.
         self._closed = False
+        #: The reader loop runs (it closes the stream when it ends).
+        self._reading = False
+        #: Half-closed by the server: the reader drops what comes until EOF or the
+        #: linger deadline, then closes (see ``_LINGER_S``).
+        self._lingering = False
 
     async def run(self) -> None:
         """Hypercorn's ``TCPServer.run`` without its idle-timer task (the reader keeps the
@@ -209,38 +224,61 @@ class _Connection(TCPServer):
                 data, self._head = self._head + data, b""
             elif not data:
                 return  # the end of a Content-Length body writes nothing
-            elif self._body_follows(data):
-                self._head = data
-                return
+            elif self._is_response_head(data):
+                data = self._close_if_body_unread(data)
+                if b"\r\ncontent-length:" in data.lower():
+                    self._head = data  # see _is_response_head
+                    return
             if not await self._send(data):
                 await self.protocol.handle(Closed())
         elif isinstance(event, Closed):
-            if self._head:
-                head, self._head = self._head, b""
-                await self._send(head)
+            self._head = b""  # a head without its body: the response is cut off anyway
             await self._close()
             await self.protocol.handle(Closed())
-        elif isinstance(event, Updated):
+        elif isinstance(event, Updated) and not self._lingering:
             # idle: the next request's headers are due; busy: this request's body is.
             timeout = (
                 self._limits.keep_alive_timeout_s if event.idle else self._limits.body_timeout_s
             )
             self._set_deadline(trio.current_time() + timeout)
 
-    def _body_follows(self, data: bytes) -> bool:
-        """True when ``data`` is a response head whose Content-Length body comes next.
-
-        Hypercorn writes a response's head as soon as the app starts the response and
-        its body when the app sends it, a moment later; for a body of known length
-        (every response of the app but the streaming ``/hold``) the head waits for
-        it, so the client gets one write (one segment, one wake-up) instead of two.
-        Whatever the connection writes or does next sends the head first.
-        """
-        if not data.startswith(b"HTTP/1.1 ") or b"\r\ncontent-length:" not in data.lower():
-            return False
+    def _h11(self) -> h11.Connection | None:
         connection = getattr(getattr(self, "protocol", None), "protocol", None)
         h11_connection = getattr(connection, "connection", None)
-        return h11_connection is not None and h11_connection.our_state is h11.SEND_BODY
+        return h11_connection if isinstance(h11_connection, h11.Connection) else None
+
+    def _is_response_head(self, data: bytes) -> bool:
+        """True when ``data`` is the head of the response being sent.
+
+        Hypercorn writes a response's head as soon as the app starts the response and
+        its body when the app sends it, a moment later. A head with a Content-Length
+        (every response of the app but the streaming ``/hold``) waits for its body, so
+        the client gets one write (one segment, one wake-up) instead of two; whatever
+        the connection writes next sends the head first.
+        """
+        h11_connection = self._h11()
+        return (
+            h11_connection is not None
+            and h11_connection.our_state is h11.SEND_BODY
+            and data.startswith(b"HTTP/1.1 ")
+            and data.endswith(b"\r\n\r\n")
+        )
+
+    def _close_if_body_unread(self, head: bytes) -> bytes:
+        """``head`` with ``connection: close`` when the request's body is not all in.
+
+        An early answer (413 for a body over the limit, 404, 405) leaves the rest of the
+        body unread, and Hypercorn then closes the connection after the response.
+        Without the header the client would keep the connection for its next request
+        and could send it just as the server closes (RFC 9112 §9.6: a server that
+        closes says so).
+        """
+        h11_connection = self._h11()
+        if h11_connection is None or h11_connection.their_state is not h11.SEND_BODY:
+            return head
+        if b"\r\nconnection: close\r\n" in head.lower():
+            return head
+        return head[:-2] + b"connection: close\r\n\r\n"
 
     async def _send(self, data: bytes) -> bool:
         """Write ``data`` under the send lock, within ``send_timeout_s``; False if it failed.
@@ -248,6 +286,9 @@ class _Connection(TCPServer):
         A failed write (the peer is gone, or it did not read within the bound) closes the
         stream.
         """
+        # A cancelled task sends nothing (the server is stopping, or the app's request
+        # was cancelled), as when the lock's acquire was the first checkpoint.
+        await trio.lowlevel.checkpoint_if_cancelled()
         lock = self.send_lock
         try:
             lock.acquire_nowait()  # the usual case, without a trip through the scheduler
@@ -271,6 +312,15 @@ class _Connection(TCPServer):
     async def _read_data(self) -> None:
         # Hypercorn's reader, with the deadline: only the wait for bytes is cancelled
         # (trio's receive_some loses nothing then), never the protocol's handling of them.
+        self._reading = True
+        try:
+            await self._read_loop()
+        finally:
+            self._reading = False
+        self._watch = None
+        await self.protocol.handle(Closed())
+
+    async def _read_loop(self) -> None:
         while True:
             with trio.CancelScope(deadline=self._deadline) as watch:
                 self._watch = watch
@@ -280,17 +330,21 @@ class _Connection(TCPServer):
                     break
             self._watch = None
             if watch.cancelled_caught:
+                if self._lingering:
+                    break  # the linger time is up: the stream closes now
                 if trio.current_time() < self._deadline or self._keep_reading():
                     continue  # moved while the old one fired, or a complete request
                 log.debug("closing a connection that made no progress in time")
                 await self._abort()
                 break
+            if self._lingering:
+                if not data:
+                    break
+                continue  # the answer is out: the rest of the request is not wanted
             await self.protocol.handle(RawData(data=bytes(data)))
             if not data:
                 break
             del data  # the next bytes may be an hour away (a held request): keep none
-        self._watch = None
-        await self.protocol.handle(Closed())
 
     async def _receive(self) -> bytes | bytearray:
         stream: trio.abc.ReceiveStream = self.stream
@@ -350,9 +404,17 @@ class _Connection(TCPServer):
     async def _half_close_and_close(self) -> None:
         stream: trio.abc.Stream = self.stream
         if isinstance(stream, trio.SocketStream):
-            # What ``send_eof`` does, without its checkpoint: no other task sends now.
-            with contextlib.suppress(OSError):
-                stream.socket.shutdown(socket.SHUT_WR)
+            if not self._lingering:
+                # What ``send_eof`` does, without its checkpoint: no other task sends now.
+                with contextlib.suppress(OSError):
+                    stream.socket.shutdown(socket.SHUT_WR)
+            if self._reading:
+                # The client may still be sending: the reader drops its bytes until it
+                # closes too or the linger time passes, then closes (``_LINGER_S``).
+                if not self._lingering:
+                    self._lingering = True
+                    self._set_deadline(trio.current_time() + _LINGER_S)
+                return
         # A TLS stream has no half-close.
         await self._abort()
 
