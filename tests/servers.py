@@ -40,6 +40,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -170,9 +171,27 @@ class ServerProcess:
         await self.start()
 
     def pause(self) -> None:
-        """Freeze the server (SIGSTOP): it accepts connections and answers nothing."""
+        """Freeze the server (SIGSTOP): it accepts connections and answers nothing.
+
+        Returns once the kernel shows every thread of the process stopped: a signal is
+        delivered asynchronously, and a server still running for a moment after
+        ``kill()`` would answer the request a test sends next.
+        """
         assert self._process is not None, f"{self.name} is not running"
         self._process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self._process.pid}/task")
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            states = []
+            for stat in tasks.glob("*/stat"):
+                try:
+                    states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+                except (OSError, IndexError):
+                    continue  # a thread that just ended
+            if states and all(state in ("T", "t") for state in states):
+                return
+            time.sleep(0.001)
+        raise AssertionError(f"{self.name} did not stop within 5 s of SIGSTOP")
 
     def resume(self) -> None:
         assert self._process is not None, f"{self.name} is not running"
