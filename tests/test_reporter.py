@@ -295,6 +295,30 @@ async def test_readiness_is_reported_at_once(
     assert ready["error_msg"] == ""
 
 
+async def test_readiness_skips_the_coalescing_window_in_virtual_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    times: list[tuple[float, float]] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path.endswith(STATUS):
+            times.append((trio.current_time(), json.loads(req.content)["max_perf"]))
+        return httpx.Response(200, json={})
+
+    config = make_config("http://engine.test", report_coalesce_s=0.5)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        reporter = EngineReporter(config, http=http)
+        async with trio.open_nursery() as inner:
+            await inner.start(reporter.run)
+            await trio.sleep(2.0)
+            ready_at = trio.current_time()
+            reporter.set_ready(max_perf=100.0)
+            await trio.sleep(2.0)
+            inner.cancel_scope.cancel()
+    # The first report (loading) waits out the window; readiness goes at once.
+    assert times == [(pytest.approx(0.5), 0.0), (pytest.approx(ready_at), 100.0)]
+
+
 async def test_errors_are_reported_at_once_and_cleared_by_readiness(
     make_recorder: MakeRecorder, nursery: trio.Nursery
 ) -> None:

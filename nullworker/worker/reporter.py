@@ -405,6 +405,8 @@ class EngineReporter:
         self._wake = trio.Event()
         self._lock = trio.Lock()
         self._last_status_round_at = -math.inf
+        #: Readiness or an error changed: the next round skips the coalescing window.
+        self._urgent = False
         #: The round pacing bucket (:meth:`_pace`): full at start.
         self._tokens = float(config.report_burst)
         self._tokens_at = -math.inf
@@ -450,6 +452,7 @@ class EngineReporter:
         self._loadtime = max(time.monotonic() - self._started_at, 1e-3)
         self._max_perf = float(max_perf)
         self._error_msg = ""
+        self._urgent = True
         self._mark_changed()
 
     def set_local_holds(self, count: int) -> None:
@@ -465,6 +468,7 @@ class EngineReporter:
     def set_error(self, message: str) -> None:
         """Report ``error_msg`` at once (``""`` clears it)."""
         self._error_msg = str(message)
+        self._urgent = True
         self._mark_changed()
 
     def _mark_changed(self) -> None:
@@ -560,7 +564,11 @@ class EngineReporter:
                 await self._wait_for_work(retry_at)
                 # Let a burst of events (a release followed by the next admission) land
                 # in the same report; under sustained change, rounds are paced.
-                await trio.sleep(self._config.report_coalesce_s)
+                # Readiness and errors are one-off changes: they go without the wait.
+                if self._urgent:
+                    self._urgent = False
+                else:
+                    await trio.sleep(self._config.report_coalesce_s)
                 await self._pace()
                 async with self._lock:
                     ok = await self._round()
