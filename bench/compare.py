@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/compare.py [--tiny] [--reps N] [--out DIR]
 
-Both workers run in turn as child processes with the same Vast environment contract
+Both workers run as child processes with the same Vast environment contract
 (``REPORT_ADDR``, ``CONTAINER_ID``, ``WORKER_PORT``, ``PUBLIC_IPADDR``, ``MASTER_TOKEN``,
 ``UNSECURED=false``, ``MAX_QUEUE_TIME``) against one local engine served in this process,
 so both check the engine's signature on every request and report to it. Reservations
@@ -17,7 +17,9 @@ Rows (medians over ``--reps`` unless said):
   busy / idle  reservation sent -> the engine shows it working; answer received -> idle
   queue bound  a second request while one is held: what it gets within ``--queue-window``
   churn        duration-0 reservations per second: sequential keep-alive, a new connection
-               each, 20 concurrent clients; worker CPU seconds per 1,000 (/proc/PID/stat)
+               each, 20 concurrent clients; worker CPU seconds per 1,000 (/proc/PID/stat).
+               Measured last, with both workers running and their repetitions alternating
+               (A B B A ...), from a minimal raw HTTP/1.1 client (see ``bench_churn``)
   memory       RSS idle, with ``--open`` open (1 held, the rest queued), after they close
   idle CPU     worker CPU over ``--idle-seconds`` doing nothing
 
@@ -408,8 +410,32 @@ CHURN_MODES = {
 }
 
 
-async def bench_churn(w: Worker, sizes: Sizes) -> dict[str, Any]:
+async def churn_once(w: Worker, run: Any, n: int) -> dict[str, Any]:
+    """One churn run of ``n`` duration-0 reservations against ``w``."""
+    requests = [_post_bytes(w.port, json.dumps(w.envelope(0)).encode()) for _ in range(n)]
+    statuses: list[int] = []
+    cpu0, own0, t0 = cpu_s(w.pid), time.process_time(), time.monotonic()
+    with trio.fail_after(STEP_LIMIT_S * 10):
+        await trio.to_thread.run_sync(run, w.port, requests, statuses)
+    elapsed = time.monotonic() - t0
+    if len(statuses) != n:
+        raise RuntimeError(f"churn: {len(statuses)} answers for {n} requests")
+    bad = [status for status in statuses if status != 200]
+    if bad:
+        w.errors.append(f"churn: {len(bad)} answers not 200: {sorted(set(bad))}")
+    return {
+        "per_s": n / elapsed,
+        "cpu_s_per_1000": (cpu_s(w.pid) - cpu0) / n * 1000,
+        "bench_cpu_s_per_1000": (time.process_time() - own0) / n * 1000,
+    }
+
+
+async def bench_churn(workers: dict[str, Worker], sizes: Sizes) -> dict[str, dict[str, Any]]:
     """Duration-0 reservations per second, and CPU per 1,000 in the worker and in this process.
+
+    Both workers run at once (the idle one costs nothing) and their repetitions
+    alternate, A B B A ..., so that a machine that gets slower or faster during the
+    run (these are shared machines) weighs on both alike.
 
     The load comes from a minimal HTTP/1.1 client on blocking sockets in threads, with
     every envelope encoded before the clock starts, so that the worker rather than
@@ -417,29 +443,16 @@ async def bench_churn(w: Worker, sizes: Sizes) -> dict[str, Any]:
     process then measured itself). Its own CPU is recorded as ``bench_cpu_s_per_1000``
     (client and the engine that takes the reports, which share this process).
     """
-    n = sizes.churn
-    out: dict[str, Any] = {}
-    bad: list[int] = []
+    out: dict[str, dict[str, Any]] = {kind: {} for kind in workers}
     for name, run in CHURN_MODES.items():
-        rates: list[float] = []
-        cpus: list[float] = []
-        bench_cpus: list[float] = []
-        for _ in range(sizes.reps):
-            requests = [_post_bytes(w.port, json.dumps(w.envelope(0)).encode()) for _ in range(n)]
-            statuses: list[int] = []
-            cpu0, own0, t0 = cpu_s(w.pid), time.process_time(), time.monotonic()
-            with trio.fail_after(STEP_LIMIT_S * 10):
-                await trio.to_thread.run_sync(run, w.port, requests, statuses)
-            elapsed = time.monotonic() - t0
-            rates.append(n / elapsed)
-            cpus.append((cpu_s(w.pid) - cpu0) / n * 1000)
-            bench_cpus.append((time.process_time() - own0) / n * 1000)
-            bad.extend(status for status in statuses if status != 200)
-            if len(statuses) != n:
-                raise RuntimeError(f"churn {name}: {len(statuses)} answers for {n} requests")
-        out[name] = {"per_s": rates, "cpu_s_per_1000": cpus, "bench_cpu_s_per_1000": bench_cpus}
-    if bad:
-        w.errors.append(f"churn: {len(bad)} answers not 200: {sorted(set(bad))}")
+        for kind in workers:
+            out[kind][name] = {"per_s": [], "cpu_s_per_1000": [], "bench_cpu_s_per_1000": []}
+        for rep in range(sizes.reps):
+            order = list(workers) if rep % 2 == 0 else list(reversed(workers))
+            for kind in order:
+                one = await churn_once(workers[kind], run, sizes.churn)
+                for key, value in one.items():
+                    out[kind][name][key].append(value)
     return out
 
 
@@ -473,7 +486,8 @@ async def bench_idle_cpu(w: Worker, sizes: Sizes) -> float:
 
 async def bench_worker(
     kind: str, engine: Engine, sdk: Path, logdir: Path, sizes: Sizes, first_container: int
-) -> dict[str, Any]:
+) -> tuple[Worker, dict[str, Any]]:
+    """Every measurement of one worker but churn; the worker is left running."""
     w = Worker(kind, engine, sdk, logdir)
     ready: list[float] = []
     try:
@@ -488,20 +502,19 @@ async def bench_worker(
             print(f"  {kind}: busy/idle done", flush=True)
             release = await bench_release(w, sizes, http)
             print(f"  {kind}: release done", flush=True)
-            churn = await bench_churn(w, sizes)
-            print(f"  {kind}: churn done", flush=True)
             memory = await bench_memory(w, sizes, http)
             print(f"  {kind}: memory done", flush=True)
             queue = await bench_queue_bound(w, sizes, http)
             print(f"  {kind}: queue bound: {queue['summary']}", flush=True)
             idle_cpu = await bench_idle_cpu(w, sizes)
-    finally:
+            await w.settle(http)
+    except BaseException:
         await w.stop()
-    return {
+        raise
+    return w, {
         "ready_s": ready,
         **busy_idle,
         "release_s": release,
-        "churn": churn,
         "memory": memory,
         "queue_bound": queue,
         "idle_cpu_pct": idle_cpu,
@@ -622,11 +635,19 @@ async def measure(sizes: Sizes, sdk: Path) -> dict[str, dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="nullworker-compare-") as tmp:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(serve_engine, engine))
-            for n, kind in enumerate(WORKERS):
-                print(f"measuring {kind} ...", flush=True)
-                results[kind] = await bench_worker(
-                    kind, engine, sdk, Path(tmp), sizes, 100 * (n + 1)
-                )
+            running: dict[str, Worker] = {}
+            try:
+                for n, kind in enumerate(WORKERS):
+                    print(f"measuring {kind} ...", flush=True)
+                    running[kind], results[kind] = await bench_worker(
+                        kind, engine, sdk, Path(tmp), sizes, 100 * (n + 1)
+                    )
+                print("churn, both workers in turn ...", flush=True)
+                for kind, churn in (await bench_churn(running, sizes)).items():
+                    results[kind]["churn"] = churn
+            finally:
+                for w in running.values():
+                    await w.stop()
             nursery.cancel_scope.cancel()
     return results
 
