@@ -371,8 +371,7 @@ class _Connection(TCPServer):
         return False
 
     def _awaiting_answer(self) -> bool:
-        connection = getattr(getattr(self, "protocol", None), "protocol", None)
-        h11_connection = getattr(connection, "connection", None)
+        h11_connection = self._h11()
         if h11_connection is None:
             return False
         return h11_connection.their_state in (h11.DONE, h11.MUST_CLOSE) and (
