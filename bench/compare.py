@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import itertools
 import json
 import os
 import platform
@@ -45,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
@@ -350,7 +350,7 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
-def _churn_keepalive(port: int, requests: list[bytes], statuses: list[int]) -> None:
+def _keepalive_client(port: int, requests: Iterator[bytes], statuses: list[int]) -> None:
     """Send ``requests`` one after another on one connection (reopened if the server
     closes it, as Hypercorn does after 1,000 requests)."""
     sock, buf = _connect(port), bytearray()
@@ -366,6 +366,11 @@ def _churn_keepalive(port: int, requests: list[bytes], statuses: list[int]) -> N
         sock.close()
 
 
+def _churn_keepalive(port: int, requests: list[bytes], statuses: list[int]) -> None:
+    """One keep-alive client sending every request."""
+    _keepalive_client(port, iter(requests), statuses)
+
+
 def _churn_new_connections(port: int, requests: list[bytes], statuses: list[int]) -> None:
     """Each request on a connection of its own, closed by the client after the answer."""
     for data in requests:
@@ -379,24 +384,18 @@ def _churn_concurrent(port: int, requests: list[bytes], statuses: list[int]) -> 
     pending = iter(requests)
     lock = threading.Lock()
 
-    def take() -> list[bytes]:
-        with lock:
-            return list(itertools.islice(pending, 1))
+    def take() -> Iterator[bytes]:
+        while True:
+            with lock:
+                data = next(pending, None)
+            if data is None:
+                return
+            yield data
 
-    def client() -> None:
-        sock, buf = _connect(port), bytearray()
-        try:
-            while batch := take():
-                sock.sendall(batch[0])
-                status, closes = _read_answer(sock, buf)
-                statuses.append(status)
-                if closes:
-                    sock.close()
-                    sock, buf = _connect(port), bytearray()
-        finally:
-            sock.close()
-
-    threads = [threading.Thread(target=client) for _ in range(CONCURRENT_CLIENTS)]
+    threads = [
+        threading.Thread(target=_keepalive_client, args=(port, take(), statuses))
+        for _ in range(CONCURRENT_CLIENTS)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
