@@ -64,8 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return client_main(rest, prog="nullworker reserve")
         if command == "autoscale":
-            from .client.autoscale_cli import main as autoscale_main
+            from .client.extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
 
+            try:
+                from .client.autoscale_cli import main as autoscale_main
+            except ModuleNotFoundError as exc:
+                if exc.name not in AUTOSCALE_EXTRA_MODULES:
+                    raise
+                print(f"nullworker autoscale: {missing_extra_message(exc.name)}", file=sys.stderr)
+                return 2
             return autoscale_main(rest)
         if command == "hold":
             from .client.hold_cli import main as hold_main

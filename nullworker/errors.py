@@ -9,6 +9,9 @@ The tree::
     ├── DuplicateRequest         the same request_idx is already held or queued (-> 409)
     ├── ShuttingDown             the worker is stopping and takes no new reservations (-> 503)
     ├── WorkerFailed             the worker's background work failed; serve() stops with it
+    ├── DemandError              a demand source of the autoscaler could not be read
+    │   ├── DemandTimeout        the source did not answer within its timeout
+    │   └── DemandNotFound       what the source reads (stream, consumer) does not exist
     └── ClientError              raised by the reservation client
         ├── EngineUnavailable    the engine could not be reached or refused the route
         ├── ReservationRejected  workers kept answering 429 (or another refusal)
@@ -22,6 +25,9 @@ from typing import Any
 __all__ = [
     "ClientError",
     "ConfigError",
+    "DemandError",
+    "DemandNotFound",
+    "DemandTimeout",
     "DuplicateRequest",
     "EngineUnavailable",
     "EnvelopeError",
@@ -81,6 +87,18 @@ class WorkerFailed(NullworkerError):
     A worker that can no longer report or be released must not go on looking alive:
     :func:`nullworker.serve` stops and raises this, and ``nullworker serve`` exits 1.
     """
+
+
+class DemandError(NullworkerError):
+    """A demand source could not be read; the message names the source and the reason."""
+
+
+class DemandTimeout(DemandError):
+    """The source did not answer within its ``timeout_s``."""
+
+
+class DemandNotFound(DemandError):
+    """What the source reads (a stream, a consumer group, a consumer) does not exist."""
 
 
 class ClientError(NullworkerError):

@@ -14,6 +14,9 @@ counts: at the top, inside functions (the lazy imports) and under ``if TYPE_CHEC
   uses none: ``nullworker dev`` starts workers as ``python -m nullworker serve``
   processes.
 * No import cycle between modules, top-level ones included.
+* The queue clients of the ``autoscale`` extra (redis, nats-py, trio-asyncio) are imported
+  only by the modules that need them (:data:`EXTRA_USERS`), so ``pip install nullworker``
+  gives a worker without them and the autoscaler's core runs without them too.
 
 An import of ``a.b.c`` is an edge to ``a.b.c`` only, not to the packages ``a`` and
 ``a.b`` whose ``__init__`` Python runs first: otherwise every package that re-exports
@@ -51,6 +54,12 @@ RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("nullworker.worker",),
     ),
 }
+
+
+#: Third-party top-level modules that come with the ``autoscale`` extra, and the only
+#: modules that may import them.
+EXTRA_MODULES = ("redis", "nats", "trio_asyncio")
+EXTRA_USERS = ("nullworker.client.demand", "nullworker.client.lease", "nullworker.client._aio")
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,45 @@ def test_each_role_imports_only_what_it_may() -> None:
 def test_no_import_cycle() -> None:
     _, found = _check(ROOT)
     assert not found, "\n".join(found)
+
+
+def extra_imports(root: Path) -> list[str]:
+    """One message per import of an ``autoscale``-extra module outside :data:`EXTRA_USERS`."""
+    problems: list[str] = []
+    for module, path in modules(root).items():
+        if module in EXTRA_USERS:
+            continue
+        shown = Path(PACKAGE) / path.relative_to(root)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            for name in names:
+                if name.split(".")[0] in EXTRA_MODULES:
+                    problems.append(f"{shown}:{node.lineno}: {module} imports {name}")
+    return sorted(problems)
+
+
+def test_only_the_queue_clients_import_the_autoscale_extra() -> None:
+    problems = extra_imports(ROOT)
+    assert not problems, (
+        "modules outside "
+        + ", ".join(EXTRA_USERS)
+        + " import the autoscale extra:\n"
+        + "\n".join(problems)
+    )
+
+
+def test_the_extra_check_names_a_bad_import(tmp_path: Path) -> None:
+    (tmp_path / "worker").mkdir()
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "worker" / "__init__.py").write_text("")
+    (tmp_path / "worker" / "app.py").write_text("def f():\n    from redis.asyncio import Redis\n")
+    assert extra_imports(tmp_path) == [
+        "nullworker/worker/app.py:2: nullworker.worker.app imports redis.asyncio"
+    ]
 
 
 def test_every_sub_package_has_a_rule() -> None:

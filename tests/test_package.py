@@ -1,9 +1,12 @@
-"""The public surface: every exported name resolves, and the core imports without the web stack."""
+"""The public surface: every exported name resolves, the core imports without the web stack,
+and the worker runs without the queue clients of the ``autoscale`` extra."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import nullworker
 
@@ -21,3 +24,80 @@ def test_the_core_does_not_import_the_web_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+#: Run first in a child Python: every import of a module of the ``autoscale`` extra fails,
+#: as in an environment where only ``pip install nullworker`` ran.
+_WITHOUT_EXTRA = """
+import sys
+class _Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("redis", "nats", "trio_asyncio"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _Missing())
+"""
+
+
+def _run_without_extra(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRA + code], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_worker_serves_without_the_autoscale_extra() -> None:
+    code = (
+        "import httpx, trio, nullworker\n"
+        "AUTH = dict(signature='', url='', cost=100, endpoint='e', reqnum=1, request_idx=1)\n"
+        "ENVELOPE = {'auth_data': AUTH, 'payload': {'duration': 0.01}}\n"
+        "async def main():\n"
+        "    async with trio.open_nursery() as nursery:\n"
+        "        config = nullworker.WorkerConfig(port=0, control_port=0)\n"
+        "        info = await nursery.start(nullworker.serve, config)\n"
+        "        async with httpx.AsyncClient() as client:\n"
+        "            answer = await client.post(info.url + '/reserve', json=ENVELOPE)\n"
+        "        print(answer.status_code, answer.json()['released'])\n"
+        "        nursery.cancel_scope.cancel()\n"
+        "trio.run(main)\n"
+        "import nullworker.client.autoscaler, nullworker.engine.dev, nullworker.client.hold_cli\n"
+        "print(sorted(m for m in ('redis', 'nats', 'trio_asyncio') if m in sys.modules))\n"
+    )
+    out = _run_without_extra(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["200 duration_elapsed", "[]"]
+
+
+def test_autoscale_without_the_extra_names_it() -> None:
+    code = (
+        "from nullworker.cli import main\n"
+        "sys.exit(main(['autoscale', '--endpoint', 'e', '--redis-list', "
+        "'redis://127.0.0.1:1/0', 'jobs']))\n"
+    )
+    out = _run_without_extra(code)
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(
+        "nullworker autoscale: the demand sources and leases need the 'autoscale' extra "
+        "(no module named "
+    )
+    assert line.endswith("): pip install 'nullworker[autoscale]'")
+    library = _run_without_extra(
+        "import nullworker.client\n"
+        "try:\n"
+        "    nullworker.client.RedisList\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc.name, '|', exc)\n"
+    )
+    name, _, message = library.stdout.strip().partition(" | ")
+    assert name in ("redis", "nats", "trio_asyncio"), library.stderr
+    assert message.endswith("pip install 'nullworker[autoscale]'")
+
+
+def test_the_install_leaves_the_queue_clients_to_the_extra() -> None:
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names = {
+        dep.split(">")[0].split("=")[0].split("<")[0].strip() for dep in project["dependencies"]
+    }
+    assert not names & {"redis", "nats-py", "trio-asyncio"}, names
+    extra = {dep.split(">")[0].strip() for dep in project["optional-dependencies"]["autoscale"]}
+    assert extra == {"redis", "nats-py", "trio-asyncio"}
+    assert "nullworker[autoscale]" in project["optional-dependencies"]["dev"]

@@ -11,8 +11,11 @@
 * :mod:`.demand` -- demand sources (how many jobs a queue holds), over the
   trio-asyncio bridge in :mod:`._aio`.
 
-The autoscaler and the demand sources are imported on first use (they bring the Redis
-and NATS clients), so ``nullworker reserve`` does not pay for them.
+The autoscaler and the demand sources are imported on first use, so ``nullworker
+reserve`` does not pay for them. The queue clients the demand sources and the lease use
+(redis, nats-py, trio-asyncio) come with the ``autoscale`` extra
+(``pip install 'nullworker[autoscale]'``), not with the worker's own install; without
+them, importing those names raises an :class:`ImportError` that names the extra.
 
 The client imports :mod:`nullworker.errors` and :mod:`nullworker.vast`, never the
 worker or the local engine.
@@ -22,8 +25,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ClientError, EngineUnavailable, ReservationFailed, ReservationRejected
+from ..errors import (
+    ClientError,
+    DemandError,
+    EngineUnavailable,
+    ReservationFailed,
+    ReservationRejected,
+)
 from .cli import main
+from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
 from .reservation import (
     DEFAULT_ENGINE_URL,
     EngineRefused,
@@ -39,7 +49,6 @@ if TYPE_CHECKING:
     from .demand import (
         CallableDemand,
         CommandDemand,
-        DemandError,
         DemandSource,
         NatsConsumer,
         RedisList,
@@ -82,7 +91,6 @@ _LAZY = {
     "autoscale": "autoscaler",
     "CallableDemand": "demand",
     "CommandDemand": "demand",
-    "DemandError": "demand",
     "DemandSource": "demand",
     "NatsConsumer": "demand",
     "RedisList": "demand",
@@ -96,5 +104,11 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        try:
+            module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name not in AUTOSCALE_EXTRA_MODULES:
+                raise
+            raise ModuleNotFoundError(missing_extra_message(exc.name), name=exc.name) from exc
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -79,8 +79,8 @@ from typing import Literal, Protocol
 
 import trio
 
-from ..errors import ClientError, ConfigError
-from .demand import DemandError, redact
+from ..errors import ClientError, ConfigError, DemandError
+from ._redact import redact
 
 __all__ = [
     "AutoscaleEvent",

@@ -70,8 +70,9 @@ from nats.aio.client import Client as NatsClient
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..errors import NullworkerError
+from ..errors import DemandError, DemandNotFound, DemandTimeout
 from ._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
+from ._redact import redact
 
 __all__ = [
     "CallableDemand",
@@ -107,51 +108,6 @@ _NATS_STREAM_NOT_FOUND = 10059
 _NATS_CONSUMER_NOT_FOUND = 10014
 #: Characters NATS refuses in stream and consumer names.
 _NATS_BAD_NAME_CHARS = frozenset(">*. /\\\t\r\n")
-
-
-class DemandError(NullworkerError):
-    """A demand source could not be read; the message names the source and the reason."""
-
-
-class DemandTimeout(DemandError):
-    """The source did not answer within its ``timeout_s``."""
-
-
-class DemandNotFound(DemandError):
-    """What the source reads (a stream, a consumer group, a consumer) does not exist."""
-
-
-# -- redaction -------------------------------------------------------------------------
-
-_URL_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>[^\s'\"<>]*)")
-_SECRET_PARAM_RE = re.compile(
-    r"(?P<key>(?:^|[?&;])(?:password|passwd|pass|token|secret|auth|auth_token)=)[^&;#]*",
-    re.IGNORECASE,
-)
-
-
-def redact(text: str) -> str:
-    """``text`` with the credentials of every URL in it masked.
-
-    ``redis://:secret@host`` -> ``redis://:***@host``, ``redis://user:pw@host`` ->
-    ``redis://user:***@host``, ``nats://TOKEN@host`` -> ``nats://***@host`` (a lone
-    user-info part may be a token), and ``?password=…``/``?token=…`` query values ->
-    ``***``. The user-info runs to the *last* ``@`` before the query, so a password
-    holding an unescaped ``@`` or ``/`` is masked whole too.
-    """
-    return _URL_RE.sub(_redact_url_match, text)
-
-
-def _redact_url_match(match: re.Match[str]) -> str:
-    rest = match["rest"]
-    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    head, query = rest[:cut], rest[cut:]
-    if "@" in head:
-        userinfo, host_and_path = head.rsplit("@", 1)
-        user, colon, _ = userinfo.partition(":")
-        head = f"{user}:***@{host_and_path}" if colon else f"***@{host_and_path}"
-    query = _SECRET_PARAM_RE.sub(r"\g<key>***", query)
-    return match["scheme"] + head + query
 
 
 # -- the interface ---------------------------------------------------------------------

@@ -87,7 +87,7 @@ from redis.backoff import NoBackoff
 
 from ..errors import ConfigError, NullworkerError
 from ._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
-from .demand import redact
+from ._redact import redact
 
 __all__ = [
     "DEFAULT_RENEW_S",
