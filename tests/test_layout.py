@@ -59,7 +59,12 @@ RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 #: Third-party top-level modules that come with the ``autoscale`` extra, and the only
 #: modules that may import them.
 EXTRA_MODULES = ("redis", "nats", "trio_asyncio")
-EXTRA_USERS = ("nullworker.client.demand", "nullworker.client.lease", "nullworker.client._aio")
+EXTRA_USERS = (
+    "nullworker.client.demand._redis",
+    "nullworker.client.demand._nats",
+    "nullworker.client.lease",
+    "nullworker.client._aio",
+)
 
 
 @dataclass(frozen=True)

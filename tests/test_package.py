@@ -59,6 +59,7 @@ def test_the_worker_serves_without_the_autoscale_extra() -> None:
         "        nursery.cancel_scope.cancel()\n"
         "trio.run(main)\n"
         "import nullworker.client.autoscaler, nullworker.engine.dev, nullworker.client.hold_cli\n"
+        "from nullworker.client.demand import CommandDemand, CallableDemand\n"
         "print(sorted(m for m in ('redis', 'nats', 'trio_asyncio') if m in sys.modules))\n"
     )
     out = _run_without_extra(code)

@@ -105,10 +105,9 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         try:
-            module = importlib.import_module(f".{_LAZY[name]}", __name__)
+            return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         except ModuleNotFoundError as exc:
             if exc.name not in AUTOSCALE_EXTRA_MODULES:
                 raise
             raise ModuleNotFoundError(missing_extra_message(exc.name), name=exc.name) from exc
-        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

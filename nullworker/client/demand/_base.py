@@ -1,0 +1,121 @@
+"""The demand source interface: a bounded, serialized read of one job count."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import ClassVar, Self
+
+import trio
+
+from ...errors import DemandError, DemandTimeout
+from .._redact import redact
+
+#: Default bound on one read of a queue server.
+DEFAULT_TIMEOUT_S = 5.0
+#: Bound on closing a client that is being thrown away (shielded from cancellation).
+CLOSE_TIMEOUT_S = 1.0
+
+# -- the interface ---------------------------------------------------------------------
+
+
+def check_count(value: object, source: str) -> int:
+    # bool is an int subclass, and True is no job count.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DemandError(f"{source}: got {value!r} ({type(value).__name__}), not an int")
+    if value < 0:
+        raise DemandError(f"{source}: got {value}, a negative count")
+    return value
+
+
+def reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return redact(f"{name}: {text}" if text else name)
+
+
+class DemandSource(ABC):
+    """A number of jobs to read, at most ``timeout_s`` per read.
+
+    Subclasses implement :meth:`describe` and ``_read`` (one unbounded attempt), and may
+    override ``_close``. Exceptions of the types in ``_wrapped_errors`` raised by
+    ``_read`` become :class:`DemandError` (:class:`DemandTimeout` for timeouts).
+    """
+
+    #: What ``_read`` may raise that means "this read failed" rather than a bug.
+    _wrapped_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: Which of those mean "no answer in time" (:class:`DemandTimeout`). asyncio's
+    #: TimeoutError is the built-in one (3.11+); a client with its own adds it.
+    _timeout_errors: ClassVar[tuple[type[BaseException], ...]] = (TimeoutError,)
+
+    def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a finite number of seconds > 0, not {timeout_s!r}")
+        self.timeout_s = float(timeout_s)
+        self._lock = trio.Lock()
+        self._closed = False
+
+    @abstractmethod
+    def describe(self) -> str:
+        """What this source reads, for logs: never includes a password."""
+
+    @abstractmethod
+    async def _read(self) -> int: ...
+
+    async def _close(self) -> None:
+        return None
+
+    def _timeout_message(self) -> str:
+        return f"{self.describe()}: no answer within {self.timeout_s:g} s"
+
+    async def read(self) -> int:
+        """The number of jobs now.
+
+        Returns:
+          An int >= 0.
+
+        Raises:
+          DemandError: the read failed (server down, bad answer, …); the source stays
+            usable and the next read tries again from scratch.
+          DemandTimeout: no answer within ``timeout_s``.
+          DemandNotFound: the stream, group or consumer does not exist.
+          trio.ClosedResourceError: the source was closed.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError(f"{self.describe()} is closed")
+        async with self._lock:
+            with trio.move_on_after(self.timeout_s):
+                try:
+                    value = await self._read()
+                except DemandError:
+                    raise
+                except self._wrapped_errors as exc:
+                    kind = DemandTimeout if isinstance(exc, self._timeout_errors) else DemandError
+                    raise kind(f"{self.describe()}: {reason(exc)}") from exc
+                return check_count(value, self.describe())
+            raise DemandTimeout(self._timeout_message())
+
+    async def aclose(self) -> None:
+        """Release the source's connections. Idempotent; reading afterwards is an error.
+
+        Call it from the task that entered ``async with source:`` (``__aexit__`` does).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        await self._close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"

@@ -1,0 +1,175 @@
+"""Redis sources: a list (plus its processing list) and a stream's consumer group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ...errors import DemandError, DemandNotFound
+from .._redact import redact
+from ._asyncio import AsyncioSource
+from ._base import DEFAULT_TIMEOUT_S, reason
+
+#: RedisStream without a usable ``lag``: entries fetched per XRANGE while counting ...
+STREAM_SCAN_BATCH = 1000
+#: ... and the count at which it stops (the demand then reads as this number).
+STREAM_SCAN_LIMIT = 10_000
+
+
+class _RedisSource(AsyncioSource[redis.asyncio.Redis]):
+    _scheme_names = ("redis", "rediss", "unix")
+    _wrapped_errors = (redis.exceptions.RedisError, OSError, TimeoutError)
+    _timeout_errors = (TimeoutError, redis.exceptions.TimeoutError)
+
+    def _new_client(self) -> redis.asyncio.Redis:
+        return redis.asyncio.Redis.from_url(
+            self.url,
+            decode_responses=True,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            # One immediate retry: the pooled connection may predate a server restart
+            # (the retry reconnects); more would only spend the read's time budget.
+            retry=Retry(NoBackoff(), 1),
+            client_name="nullworker-demand",
+        )
+
+    async def _aio_close(self, client: redis.asyncio.Redis) -> None:
+        await client.aclose()
+
+    def _answer_error(self, exc: redis.exceptions.ResponseError) -> DemandError:
+        return DemandError(f"{self.describe()}: the server answered {reason(exc)}")
+
+
+class RedisList(_RedisSource):
+    """The length of a Redis list, plus that of its "processing" list when given.
+
+    The usual Redis work queue: producers ``LPUSH`` jobs onto ``key``, consumers
+    ``BLMOVE`` them onto ``processing`` while they work and ``LREM`` them when done.
+    Demand is ``LLEN key + LLEN processing``, read in one round trip (a pipeline). A
+    missing key is an empty list (0), as in Redis.
+
+    Args:
+      url: ``redis://[[user]:password@]host[:port][/db]`` (or ``rediss://``, ``unix://``).
+      key: the list of waiting jobs.
+      processing: the list of jobs being worked on, if any.
+      timeout_s: bound on one read.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        processing: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        if not key or processing == "":
+            raise ValueError("RedisList needs a key (and a non-empty processing key if any)")
+        super().__init__(url, timeout_s=timeout_s)
+        self.key = key
+        self.processing = processing
+
+    def describe(self) -> str:
+        keys = repr(self.key) if self.processing is None else f"{self.key!r} + {self.processing!r}"
+        return f"redis list {keys} at {redact(self.url)}"
+
+    async def _aio_query(self, client: redis.asyncio.Redis) -> int:
+        keys = [self.key] if self.processing is None else [self.key, self.processing]
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.llen(key)
+                lengths: list[Any] = await pipe.execute()
+        except redis.exceptions.ResponseError as exc:
+            # WRONGTYPE and the like: the server answered, the connection is fine.
+            raise self._answer_error(exc) from exc
+        return sum(int(length) for length in lengths)
+
+
+class RedisStream(_RedisSource):
+    """Entries of a Redis stream that a consumer group has not finished with.
+
+    Demand is the group's ``lag`` (entries not yet delivered to any consumer of the
+    group) plus its ``pending`` (delivered, not yet acknowledged), both from one
+    ``XINFO GROUPS``.
+
+    Redis reports ``lag`` as null when it cannot compute it: the group was created at
+    (or moved to) an arbitrary ID, or entries after the group's last-delivered-id were
+    deleted (``XDEL``); Redis before 7.0 has no ``lag`` at all. The source then counts
+    the entries after last-delivered-id itself with ``XRANGE`` (Redis 6.2+), in batches
+    of :data:`STREAM_SCAN_BATCH`, and stops at ``scan_limit``: past that, the lag reads
+    as ``scan_limit`` (set it above the most reservations you would ever hold). Such a
+    read costs a few more round trips and transfers the entries' fields.
+
+    Args:
+      url: ``redis://…`` as for :class:`RedisList`.
+      stream: the stream's key.
+      group: the consumer group.
+      timeout_s: bound on one read.
+      scan_limit: the cap on counting entries when ``lag`` is unknown.
+
+    A missing stream or group raises :class:`DemandNotFound`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        group: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        scan_limit: int = STREAM_SCAN_LIMIT,
+    ) -> None:
+        if not stream or not group:
+            raise ValueError("RedisStream needs a stream and a group")
+        if isinstance(scan_limit, bool) or not isinstance(scan_limit, int) or scan_limit < 1:
+            raise ValueError(f"scan_limit must be an int >= 1, not {scan_limit!r}")
+        super().__init__(url, timeout_s=timeout_s)
+        self.stream = stream
+        self.group = group
+        self.scan_limit = scan_limit
+
+    def describe(self) -> str:
+        return f"redis stream {self.stream!r} group {self.group!r} at {redact(self.url)}"
+
+    async def _aio_query(self, client: redis.asyncio.Redis) -> int:
+        try:
+            groups = await client.xinfo_groups(self.stream)
+        except redis.exceptions.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                raise DemandNotFound(
+                    f"{self.describe()}: the stream {self.stream!r} does not exist"
+                ) from exc
+            raise self._answer_error(exc) from exc
+        for info in groups:
+            if info.get("name") == self.group:
+                break
+        else:
+            raise DemandNotFound(
+                f"{self.describe()}: the stream has no consumer group {self.group!r}"
+            )
+        pending = int(info["pending"])
+        lag = info.get("lag")
+        if lag is None:
+            lag = await self._aio_count_after(client, str(info["last-delivered-id"]))
+        return int(lag) + pending
+
+    async def _aio_count_after(self, client: redis.asyncio.Redis, last_id: str) -> int:
+        count = 0
+        start = f"({last_id}"  # exclusive range start (Redis 6.2+)
+        while count < self.scan_limit:
+            want = min(STREAM_SCAN_BATCH, self.scan_limit - count)
+            try:
+                batch = await client.xrange(self.stream, min=start, max="+", count=want) or []
+            except redis.exceptions.ResponseError as exc:
+                raise self._answer_error(exc) from exc
+            count += len(batch)
+            if len(batch) < want:
+                break
+            last = batch[-1][0]
+            start = f"({last.decode() if isinstance(last, bytes) else last}"
+        return count
