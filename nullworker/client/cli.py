@@ -352,8 +352,23 @@ class _Cli:
             job.code = EXIT_OK
         elif reservation.outcome == "rejected":  # queued, then refused (a late 429)
             job.code = EXIT_REJECTED
+        elif _late_refusal(reservation.status):
+            # A refusal (bad signature, bad envelope, too large) that a slow worker sent
+            # after the accept window: the same mistake as one within it, so the same
+            # line and exit status, not "ended early".
+            self._error(job, f"rejected: HTTP {reservation.status}: {reservation.error}")
+            job.code = EXIT_REJECTED
         else:
             job.code = EXIT_ENDED_EARLY
+
+
+def _late_refusal(status: int | None) -> bool:
+    """Whether a reservation that ended with ``status`` was refused rather than cut short.
+
+    A 4xx is the worker refusing the request itself; 408 (the body came too slowly) and
+    499 (reported when the client went away) describe the connection, not the request.
+    """
+    return status is not None and 400 <= status < 500 and status not in (408, 429, 499)
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
