@@ -40,6 +40,7 @@ __all__ = [
     "JsonFormatter",
     "LogFormat",
     "configure",
+    "json_line",
     "make_formatter",
     "resolve_format",
 ]
@@ -113,6 +114,20 @@ class JsonFormatter(logging.Formatter):
 def _iso_utc(created: float) -> str:
     stamp = datetime.fromtimestamp(created, tz=UTC)
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def json_line(
+    message: str, *, level: int = logging.INFO, logger: str = "nullworker", **fields: Any
+) -> str:
+    """``message`` and ``fields`` as one line of the ``json`` format, without logging it.
+
+    For a command's own output lines (``held: …``, ``ended …``), so that with
+    ``--log-format json`` every line it writes is an object of the same shape as its log
+    records: ``time``, ``level``, ``logger``, ``message``, then ``fields``.
+    """
+    record = logging.LogRecord(logger, level, "", 0, message, None, None)
+    record.__dict__.update(fields)
+    return JsonFormatter().format(record)
 
 
 def make_formatter(fmt: LogFormat, *, text_format: str = TEXT_FORMAT) -> logging.Formatter:

@@ -304,6 +304,12 @@ async def test_no_secret_in_either_format(
         assert entry["request_idx"] == engine.finished[0].request_idx
         assert entry["held_s"] >= 0.3 and ISO_UTC.match(entry["time"])
         assert any(e.get("event") == "local_hold_ended" for e in entries)
+        # The client's own lines are objects of the same shape, not text.
+        said = [json.loads(line) for line in client.stdout.decode().splitlines()]
+        assert [e["event"] for e in said][-2:] == ["held", "ended"], said
+        assert said[-2]["worker_url"].startswith("http://") and said[-2]["reservation"] == 1
+        assert all(e["logger"] == "nullworker.reserve" and ISO_UTC.match(e["time"]) for e in said)
+        assert said[-1]["message"].startswith("elapsed after")
     else:
         assert not lines[0].startswith("{")
         assert any("ended: duration_elapsed" in line for line in lines)

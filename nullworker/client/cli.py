@@ -200,6 +200,7 @@ class _Cli:
         api_key: str,
         engine_url: str,
         live: bool = False,
+        json_lines: bool = False,
     ) -> None:
         self.args = args
         self.api_key = api_key
@@ -208,14 +209,29 @@ class _Cli:
         self.signum: int | None = None
         self.released_on_signal = 0
         #: Draw the status line (stdout is a terminal and not --quiet).
-        self.live = live
+        self.live = live and not json_lines
+        #: ``--log-format json``: every line is a JSON object (:func:`logs.json_line`).
+        self.json_lines = json_lines
         self._status_shown = ""
 
     # -- output ------------------------------------------------------------------------
 
-    def _print(self, text: str, *, file: TextIO | None = None) -> None:
-        """One permanent line, above the status line (which is drawn again after)."""
+    def _print(
+        self,
+        text: str,
+        *,
+        file: TextIO | None = None,
+        level: int = logging.INFO,
+        **fields: object,
+    ) -> None:
+        """One permanent line, above the status line (which is drawn again after).
+
+        With ``--log-format json`` the line is a JSON object with ``fields`` (``event``
+        names what happened), on the same stream as the text line would be.
+        """
         self._clear_status()
+        if self.json_lines:
+            text = logs.json_line(text, level=level, logger="nullworker.reserve", **fields)
         print(text, file=file or sys.stdout, flush=True)
         self._draw_status()
 
@@ -246,25 +262,36 @@ class _Cli:
         finally:
             self._clear_status()
 
-    def _say(self, job: _Job, text: str, *, progress: bool = False) -> None:
+    def _say(self, job: _Job, text: str, *, event: str, progress: bool = False) -> None:
         if progress and self.args.quiet:
             return
         suffix = f" (reservation {job.number}/{len(self.jobs)})" if len(self.jobs) > 1 else ""
-        self._print(f"{text}{suffix}")
+        self._print(f"{text}{suffix}", event=event, reservation=job.number)
 
     def _error(self, job: _Job, text: str) -> None:
         prefix = f"[reservation {job.number}/{len(self.jobs)}] " if len(self.jobs) > 1 else ""
-        self._print(f"{prefix}{text}", file=sys.stderr)
+        self._print(
+            f"{prefix}{text}",
+            file=sys.stderr,
+            level=logging.ERROR,
+            event="error",
+            reservation=job.number,
+        )
 
     def _on_progress(self, job: _Job, event: ProgressEvent) -> None:
         if event.kind == "held":
             job.state = "held"
             job.held_since = trio.current_time()
             # Always numbered, so scripts can count held lines.
-            self._print(f"held: {event.worker_url} (reservation {job.number}/{len(self.jobs)})")
+            self._print(
+                f"held: {event.worker_url} (reservation {job.number}/{len(self.jobs)})",
+                event="held",
+                reservation=job.number,
+                worker_url=event.worker_url,
+            )
         elif event.kind == "ended":
             job.state = "done"
-            self._say(job, event.message)
+            self._say(job, event.message, event="ended")
         elif event.kind == "waiting":
             job.state = "waiting"
             job.reason = event.reason
@@ -274,9 +301,9 @@ class _Cli:
                 self._draw_status()  # the status line shows the wait; no line per poll
             elif event.waited_s - job.last_waiting_line >= _WAITING_LINE_EVERY_S:
                 job.last_waiting_line = event.waited_s
-                self._say(job, event.message, progress=True)
+                self._say(job, event.message, event="waiting", progress=True)
         else:
-            self._say(job, event.message, progress=True)
+            self._say(job, event.message, event=event.kind, progress=True)
 
     async def run(self) -> int:
         async with _default_client() as http, trio.open_nursery() as nursery:
@@ -289,8 +316,14 @@ class _Cli:
             nursery.cancel_scope.cancel()
         self._clear_status()
         if self.signum is not None:
-            print(f"interrupted: released {self.released_on_signal} worker(s)", flush=True)
-            return _SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
+            status = _SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
+            self._print(
+                f"interrupted: released {self.released_on_signal} worker(s)",
+                event="interrupted",
+                released=self.released_on_signal,
+                exit_status=status,
+            )
+            return status
         codes = {job.code for job in self.jobs}
         for code in (EXIT_ENGINE, EXIT_REJECTED, EXIT_ENDED_EARLY):
             if code in codes:
@@ -400,9 +433,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     if not engine_url.startswith(("http://", "https://")):
         print(f"{parser.prog}: error: --engine-url must be an http(s) URL", file=sys.stderr)
         return EXIT_USAGE
-    logs.configure(logging.WARNING, args.log_format, text_format=logs.SHORT_TEXT_FORMAT)
+    fmt = logs.configure(logging.WARNING, args.log_format, text_format=logs.SHORT_TEXT_FORMAT)
     live = not args.quiet and _is_terminal(sys.stdout)
-    cli = _Cli(args, api_key=api_key, engine_url=engine_url, live=live)
+    cli = _Cli(args, api_key=api_key, engine_url=engine_url, live=live, json_lines=fmt == "json")
     return trio.run(cli.run)
 
 
