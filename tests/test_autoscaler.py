@@ -261,6 +261,12 @@ async def test_scales_down_exactly_after_the_delay(autojump_clock: trio.testing.
     targets = [(e.at, e.target) for e in run.of_kind("state")]
     assert (39.0, 1) in targets
     assert all(target == 3 for at, target in targets if 0 < at < 39.0)
+    # While the delay keeps the target above the demand, the line says so.
+    messages = {e.at: e.message for e in run.of_kind("state")}
+    assert messages[10.0] == (
+        "demand 1, target 3 (kept by the scale-down delay; 1 after it): 3 held, 0 waiting"
+    )
+    assert messages[39.0] == "demand 1, target 1: 1 held, 0 waiting"
 
 
 async def test_flapping_demand_inside_the_window_never_scales_down(

@@ -338,7 +338,7 @@ class Autoscaler:
         self._reservations_failed = 0
         self._ended_by_outcome: Counter[str] = Counter()
         self._wake = trio.Event()
-        self._last_state: tuple[int | None, int, int, int] | None = None
+        self._last_state: tuple[int | None, int, int, int, int] | None = None
         self._nursery: trio.Nursery | None = None
         self._ran = False
 
@@ -596,14 +596,21 @@ class Autoscaler:
 
     def _publish_state(self) -> None:
         held, waiting, _ = self._counts()
-        state = (self._demand, self._target, held, waiting)
+        state = (self._demand, self._target, self._raw_target, held, waiting)
         if state == self._last_state:
             return
         self._last_state = state
         demand = "unknown" if self._demand is None else str(self._demand)
+        # A target above what the demand asks is the scale-down delay at work: say so,
+        # or "demand 0, target 2: 0 held" reads as two reservations that failed.
+        kept = (
+            f" (kept by the scale-down delay; {self._raw_target} after it)"
+            if self._target > self._raw_target
+            else ""
+        )
         self._emit(
             "state",
-            f"demand {demand}, target {self._target}: {held} held, {waiting} waiting",
+            f"demand {demand}, target {self._target}{kept}: {held} held, {waiting} waiting",
         )
 
     def _emit(
