@@ -440,10 +440,15 @@ async def test_an_http2_preface_gets_an_http11_400_and_a_close(
 ) -> None:
     caplog.set_level(logging.INFO)
     info = await start_worker()
-    host, port = _addr(info.url)
-    for tail in (b"", _h2_rapid_reset(3)[len(H2_PREFACE) :]):
-        data = await _exchange(host, port, H2_PREFACE + tail)
-        assert "HTTP/2" in _assert_http11_refusal(data, 400)["error"]
+    assert info.control_url is not None
+    for url in (info.url, info.control_url):  # the control listener has the same server
+        host, port = _addr(url)
+        for tail in (b"", _h2_rapid_reset(3)[len(H2_PREFACE) :]):
+            data = await _exchange(host, port, H2_PREFACE + tail)
+            assert "HTTP/2" in _assert_http11_refusal(data, 400)["error"]
+        # any other version than HTTP/1.x: 505
+        data = await _exchange(host, port, b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n")
+        assert "HTTP/2.0" in _assert_http11_refusal(data, 505)["error"]
     await _assert_reserves(info)
     assert _tracebacks(caplog) == []
 
