@@ -7,9 +7,9 @@ Each phase starts its own `python -m nullworker serve` (standalone, free ports o
 control listener on, the default connection limits) and talks to it over raw TCP, as a hostile
 or careless client would. It prints a markdown table (measurement, result, check) and exits 1
 if a check failed; a time check allows 1 s of scheduling slack over the documented bound.
-Every loop is bounded by a count and every wait by a deadline. A full run takes about 25 s on
-2 cores; `--quick` shrinks the counts for a smoke run (about 20 s: the stalled-body phase still
-waits out the default 10 s body deadline).
+Every loop is bounded by a count and every wait by a deadline. A full run takes about 30 s on
+2 cores (the http2 phase about 5 s of it); `--quick` shrinks the counts for a smoke run (about
+25 s: the stalled-body phase still waits out the default 10 s body deadline).
 
 Phases:
   hostile      truncated requests then FIN (or an abrupt close), 50 of each pattern; 1,100
