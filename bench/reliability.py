@@ -7,9 +7,9 @@ Each phase starts its own `python -m nullworker serve` (standalone, free ports o
 control listener on, the default connection limits) and talks to it over raw TCP, as a hostile
 or careless client would. It prints a markdown table (measurement, result, check) and exits 1
 if a check failed; a time check allows 1 s of scheduling slack over the documented bound.
-Every loop is bounded by a count and every wait by a deadline. A full run takes about 25 s on
-2 cores; `--quick` shrinks the counts for a smoke run (about 20 s: the stalled-body phase still
-waits out the default 10 s body deadline).
+Every loop is bounded by a count and every wait by a deadline. A full run takes about 30 s on
+2 cores (the http2 phase about 5 s of it); `--quick` shrinks the counts for a smoke run (about
+25 s: the stalled-body phase still waits out the default 10 s body deadline).
 
 Phases:
   hostile      truncated requests then FIN (or an abrupt close), 50 of each pattern; 1,100
@@ -21,11 +21,19 @@ Phases:
                holds never overlap (the worker's log), then the slot is free
   signals      1 held and 3 queued reservations, then SIGTERM
   descriptors  RLIMIT_NOFILE 64: a held reservation while 120 idle connections exhaust the table
+  http2        HTTP/2 on the HTTP/1.1 port, for 2 s each (loopback, bounded by a count): a
+               "rapid reset" flood (HTTP/2 requests each cancelled at once, CVE-2023-44487)
+               from 40 clients, then DATA frames on answered streams from 100; worker CPU
+               seconds, log bytes, a reservation during and after, and the time until the
+               worker is idle again
+
+`--phases hostile,http2` runs only those phases (all by default).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -683,6 +691,203 @@ async def phase_descriptors(tmp: Path, flood_size: int) -> None:
         check_log(phase, w)
 
 
+# --- 6. HTTP/2 on the HTTP/1.1 port ------------------------------------------------------
+
+#: How long each HTTP/2 flood runs, and the most it sends in all (streams, DATA frames).
+H2_FLOOD_S = 2.0
+H2_FLOOD_STREAMS = 20_000
+H2_FLOOD_FRAMES = 200_000
+#: The worker is idle again once it uses less than this share of a core over IDLE_WINDOW_S.
+IDLE_SHARE = 0.05
+IDLE_WINDOW_S = 0.25
+
+_H2_GET = [(":method", "GET"), (":path", "/health"), (":scheme", "http"), (":authority", "b")]
+
+
+def _cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _h2_client() -> Any:
+    """An HTTP/2 client connection (the ``h2`` package, which Hypercorn depends on)."""
+    import h2.config
+    import h2.connection
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    return conn
+
+
+def _h2_data_frame(stream_id: int) -> bytes:
+    return (16).to_bytes(3, "big") + b"\x00\x01" + stream_id.to_bytes(4, "big") + b"x" * 16
+
+
+class _RapidReset:
+    """Batches of 100 HTTP/2 requests, each reset at once (CVE-2023-44487)."""
+
+    limit = H2_FLOOD_STREAMS
+
+    def __init__(self) -> None:
+        self._conn = _h2_client()
+
+    def opening(self) -> bytes:
+        return bytes(self._conn.data_to_send())
+
+    def batch(self) -> tuple[bytes, int]:
+        for _ in range(100):
+            stream_id = self._conn.get_next_available_stream_id()
+            self._conn.send_headers(stream_id, _H2_GET)
+            self._conn.reset_stream(stream_id)
+        return bytes(self._conn.data_to_send()), 100
+
+
+class _DataAfterAnswer:
+    """10 HTTP/2 requests whose bodies never end; once they are answered, batches of 20
+    DATA frames on their streams (the first logged a traceback and cost the connection)."""
+
+    limit = H2_FLOOD_FRAMES
+
+    def __init__(self) -> None:
+        self._conn = _h2_client()
+        self._ids = []
+        for _ in range(10):
+            stream_id = self._conn.get_next_available_stream_id()
+            self._conn.send_headers(stream_id, _H2_GET)
+            self._ids.append(stream_id)
+        self._frames = b"".join(_h2_data_frame(self._ids[i % 10]) for i in range(20))
+
+    def opening(self) -> bytes:
+        return bytes(self._conn.data_to_send())
+
+    def batch(self) -> tuple[bytes, int]:
+        return self._frames, 20
+
+
+async def _until_idle(pid: int, limit_s: float) -> float:
+    """Seconds until process ``pid`` spends under ``IDLE_SHARE`` of a core (``limit_s`` at most)."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        before = _cpu_s(pid)
+        await trio.sleep(IDLE_WINDOW_S)
+        if _cpu_s(pid) - before < IDLE_SHARE * IDLE_WINDOW_S:
+            return max(0.0, time.monotonic() - start - IDLE_WINDOW_S)
+    return limit_s
+
+
+async def _h2_flood(
+    w: Worker, connections: int, client: Callable[[], _RapidReset | _DataAfterAnswer]
+) -> tuple[int, int, Counter[str], list[tuple[int | None, float]]]:
+    """``connections`` clients, each sending ``client()``'s opening then its batches on one
+    connection as fast as the server takes them, reconnecting whenever it closes, for
+    ``H2_FLOOD_S`` or up to the client's ``limit`` in all; a reservation half-way.
+
+    Returns the units sent (streams or frames), the connections opened, the count of each
+    answer's first bytes, and the reservation's (status, time).
+    """
+    sent = [0, 0]
+    answers: Counter[str] = Counter()
+    probe: list[tuple[int | None, float]] = []
+    deadline = trio.current_time() + H2_FLOOD_S
+
+    async def session(attack: _RapidReset | _DataAfterAnswer) -> None:
+        stream = await _connect(w.port)
+        sent[1] += 1
+        first = bytearray()  # the first 12 bytes of the answer
+
+        async def drain(nursery: trio.Nursery) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while chunk := await stream.receive_some(65536):
+                    first.extend(chunk[: 12 - len(first)])
+            nursery.cancel_scope.cancel()  # the server closed: reconnect
+
+        async with stream:
+            with (
+                trio.move_on_at(deadline),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(drain, nursery)
+                    await stream.send_all(attack.opening())
+                    await trio.sleep(0.05)  # the answers to the opening are under way
+                    while sent[0] < attack.limit:
+                        data, units = attack.batch()
+                        await stream.send_all(data)
+                        sent[0] += units
+                    nursery.cancel_scope.cancel()
+        if first.startswith(b"HTTP/1.1 "):
+            answers[first.decode(errors="replace").strip()] += 1
+        else:
+            answers["HTTP/2 frames" if first else "EOF"] += 1
+
+    async def clients() -> None:
+        async def one() -> None:
+            while trio.current_time() < deadline:
+                attack = client()
+                if sent[0] >= attack.limit:
+                    return
+                await session(attack)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(connections):
+                nursery.start_soon(one)
+
+    async def reserve_during() -> None:
+        await trio.sleep(H2_FLOOD_S / 2)
+        status, _, took = await _reserve(w.port, 0)
+        probe.append((status, took))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(clients)
+        nursery.start_soon(reserve_during)
+    return sent[0], sent[1], answers, probe
+
+
+async def phase_http2(tmp: Path, scale: int) -> None:
+    phase = "http2"
+    floods: list[tuple[str, str, int, Callable[[], _RapidReset | _DataAfterAnswer]]] = [
+        ("rapid reset (HEADERS then RST_STREAM)", "streams", 40 // scale, _RapidReset),
+        ("DATA frames on answered streams", "DATA frames", 100 // scale, _DataAfterAnswer),
+    ]
+    async with worker(tmp, "http2") as w:
+        pid = w.proc.pid
+        for name, unit, connections, client in floods:
+            short = name.split(" (")[0]
+            log_before, cpu_before = w.log_path.stat().st_size, _cpu_s(pid)
+            started = time.monotonic()
+            units, opened, answers, probe = await _h2_flood(w, connections, client)
+            flood_s = time.monotonic() - started
+            idle_after = await _until_idle(pid, STEP_LIMIT_S)
+            cpu = _cpu_s(pid) - cpu_before
+            log_bytes = w.log_path.stat().st_size - log_before
+            http2 = answers["HTTP/2 frames"]
+            row(
+                phase,
+                f"{name}: {connections} clients for {H2_FLOOD_S:.0f} s",
+                f"{units} {unit} sent on {opened} connections in {_ms(flood_s)}; "
+                f"answers begin: {_counts(answers)}",
+                http2 == 0,
+            )
+            row(
+                phase,
+                f"{short}: worker CPU, log bytes; idle again",
+                f"{cpu:.2f} s CPU, {log_bytes} log bytes; idle {_ms(idle_after)} after the flood",
+                log_bytes < 10_000 and idle_after < STEP_LIMIT_S,
+            )
+            for status, took in probe:
+                row(
+                    phase,
+                    f"{short}: POST /reserve (duration 0) during the flood",
+                    f"{status}, {_ms(took)}",
+                    status == 200,
+                )
+            await check_reserves(phase, w, f"after the {short} flood")
+        after = await _status_until(w, lambda s: True)
+        row(phase, "/status busy afterwards", str(after["busy"]), after["busy"] is False)
+        check_log(phase, w)
+
+
 # --- main ---------------------------------------------------------------------------------
 
 
@@ -697,7 +902,10 @@ def _versions() -> str:
     return ", ".join(found)
 
 
-async def main(quick: bool) -> int:
+PHASES = ("hostile", "stalled", "concurrency", "signals", "descriptors", "http2")
+
+
+async def main(quick: bool, phases: tuple[str, ...] = PHASES) -> int:
     # 1,000 concurrent connections from this process: lift our own soft descriptor limit.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
@@ -705,11 +913,18 @@ async def main(quick: bool) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="nullworker-reliability-") as tmp_name:
         tmp = Path(tmp_name)
-        await phase_hostile(tmp, 10 if quick else 50)
-        await phase_stalled(tmp, 20 if quick else 200)
-        await phase_concurrency(tmp, 100 if quick else 1000)
-        await phase_signals(tmp)
-        await phase_descriptors(tmp, 120)
+        if "hostile" in phases:
+            await phase_hostile(tmp, 10 if quick else 50)
+        if "stalled" in phases:
+            await phase_stalled(tmp, 20 if quick else 200)
+        if "concurrency" in phases:
+            await phase_concurrency(tmp, 100 if quick else 1000)
+        if "signals" in phases:
+            await phase_signals(tmp)
+        if "descriptors" in phases:
+            await phase_descriptors(tmp, 120)
+        if "http2" in phases:
+            await phase_http2(tmp, 4 if quick else 1)
     failed = [r for r in ROWS if r.ok is False]
     print(
         f"nullworker reliability benchmark{' (--quick)' if quick else ''}, {date.today()}, "
@@ -730,5 +945,14 @@ async def main(quick: bool) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts, a smoke run")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated phases to run (default: all of {','.join(PHASES)})",
+    )
     args = parser.parse_args()
-    sys.exit(trio.run(main, args.quick))
+    chosen = tuple(p.strip() for p in args.phases.split(",") if p.strip())
+    unknown = sorted(set(chosen) - set(PHASES))
+    if unknown:
+        parser.error(f"--phases: unknown phase(s) {', '.join(unknown)}; known: {', '.join(PHASES)}")
+    sys.exit(trio.run(main, args.quick, chosen))

@@ -8,10 +8,12 @@ in a fraction of a second; the code paths are the ones the defaults take.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ import trio.lowlevel
 from nullworker.worker.server import ServeInfo
 
 from .conftest import StartWorker, envelope
+from .test_tls import make_cert
 
 URL = "http://127.0.0.1:1"
 
@@ -347,3 +350,258 @@ async def test_running_out_of_descriptors_keeps_the_hold_and_recovers(
     assert log.count("cannot accept connections") == 1, log
     assert log.count("accepting connections again") == 1, log
     assert "Traceback" not in log, log
+
+
+# --- HTTP/1.1 only: HTTP/2 prefaces, h2c upgrades and h2 floods -------------------------
+
+#: The HTTP/2 client connection preface (RFC 9113 §3.4), sent with prior knowledge.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _h2_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes([kind, flags])
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+def _h2_rapid_reset(streams: int) -> bytes:
+    """A client's preface, then ``streams`` requests each cancelled at once (CVE-2023-44487)."""
+    import h2.config
+    import h2.connection
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    for _ in range(streams):
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream_id,
+            [(":method", "GET"), (":path", "/health"), (":scheme", "http"), (":authority", "x")],
+        )
+        conn.reset_stream(stream_id)
+    return conn.data_to_send()
+
+
+def _h2_data_on_closed_streams(streams: int) -> bytes:
+    """Complete requests, then DATA frames on each (already ended) stream."""
+    import h2.config
+    import h2.connection
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    ids = []
+    for _ in range(streams):
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream_id,
+            [(":method", "GET"), (":path", "/health"), (":scheme", "http"), (":authority", "x")],
+            end_stream=True,
+        )
+        ids.append(stream_id)
+    data = conn.data_to_send()
+    return data + b"".join(_h2_frame(0, 1, stream_id, b"x" * 16) for stream_id in ids)
+
+
+async def _exchange(host: str, port: int, data: bytes, *, then: bytes = b"") -> bytes:
+    """Send ``data`` (and ``then``, after the first answer bytes), read to EOF or a reset."""
+    stream = await trio.open_tcp_stream(host, port)
+    received = b""
+    try:
+        with trio.fail_after(10):
+            await stream.send_all(data)
+            if then:
+                received = await stream.receive_some(65536)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(then)
+            received += await _read_to_eof(stream)
+    except trio.BrokenResourceError:
+        pass  # a reset is a close too
+    finally:
+        await stream.aclose()
+    return received
+
+
+def _assert_http11_refusal(data: bytes, status: int) -> dict[str, Any]:
+    """``data`` is exactly one HTTP/1.1 answer, ``status`` with a JSON error body."""
+    assert data.startswith(f"HTTP/1.1 {status} ".encode()), data[:200]
+    assert data.count(b"HTTP/1.1 ") == 1, data
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert b"\r\nconnection: close\r\n" in head.lower() + b"\r\n", head
+    assert b"hypercorn-h2" not in data
+    answer: dict[str, Any] = json.loads(payload)
+    assert answer["error"]
+    return answer
+
+
+async def test_an_http2_preface_gets_an_http11_400_and_a_close(
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    info = await start_worker()
+    assert info.control_url is not None
+    for url in (info.url, info.control_url):  # the control listener has the same server
+        host, port = _addr(url)
+        for tail in (b"", _h2_rapid_reset(3)[len(H2_PREFACE) :]):
+            data = await _exchange(host, port, H2_PREFACE + tail)
+            assert "HTTP/2" in _assert_http11_refusal(data, 400)["error"]
+        # any other version than HTTP/1.x: 505
+        data = await _exchange(host, port, b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n")
+        assert "HTTP/2.0" in _assert_http11_refusal(data, 505)["error"]
+    await _assert_reserves(info)
+    assert _tracebacks(caplog) == []
+
+
+async def test_an_h2c_upgrade_is_ignored_and_answered_as_http11(
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    info = await start_worker()
+    host, port = _addr(info.url)
+    upgrade = (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    )
+    # twice on one connection, then a plain request: the connection stays HTTP/1.1
+    closing = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    data = await _exchange(host, port, upgrade * 2 + closing)
+    assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+    assert data.count(b"HTTP/1.1 200 ") == 3, data
+    assert b" 101 " not in data and b"hypercorn-h2" not in data
+    assert b"upgrade" not in data.lower()
+    await _assert_reserves(info)
+    assert _tracebacks(caplog) == []
+
+
+async def test_a_reservation_held_with_an_upgrade_header_ends_at_the_disconnect(
+    start_worker: StartWorker,
+) -> None:
+    """A pending upgrade would pause the reader until the answer: the client's leaving
+    would go unseen and the reservation keep the slot for its whole duration."""
+    info = await start_worker()
+    host, port = _addr(info.url)
+    slot = info.worker.slot
+    data = json.dumps(envelope(URL, payload={"duration": 600})).encode()
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(
+        b"POST /reserve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: Upgrade\r\nUpgrade: h2c\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    with trio.fail_after(10):
+        while not slot.statistics().busy:
+            await trio.sleep(0.01)
+    await stream.aclose()
+    with trio.fail_after(10):
+        while slot.statistics().busy:
+            await trio.sleep(0.01)
+    assert slot.statistics().counts["cancelled"] == 1
+    await _assert_reserves(info)
+
+
+@pytest.mark.parametrize("pattern", ["rapid reset", "data on closed streams"])
+async def test_h2_floods_are_refused_without_an_error_and_the_worker_serves_on(
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture, pattern: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    info = await start_worker()
+    host, port = _addr(info.url)
+    if pattern == "rapid reset":
+        first, then = _h2_rapid_reset(200), b""
+    else:
+        # the requests first, the DATA frames once the answers are under way
+        flood = _h2_data_on_closed_streams(50)
+        frames_at = flood.index(_h2_frame(0, 1, 1, b"x" * 16))
+        first, then = flood[:frames_at], flood[frames_at:] * 4
+    results: list[bytes] = []
+
+    async def one() -> None:
+        results.append(await _exchange(host, port, first, then=then))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(one)
+        await _assert_reserves(info)  # served during the flood
+    for data in results:
+        assert data == b"" or data.startswith(b"HTTP/1.1 400 "), data[:200]
+        assert b"hypercorn-h2" not in data
+    await _assert_reserves(info)
+    counts = info.worker.slot.statistics().counts
+    assert counts.get("cancelled", 0) == 0, counts
+    assert _tracebacks(caplog) == []
+
+
+# --- no request smuggling: every framing conflict is a 400 and a close ----------------
+
+_SMUGGLED = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+
+#: Request heads whose body length is ambiguous or unsupported (RFC 9112 §6.1, §6.3).
+AMBIGUOUS = {
+    "content-length and chunked": (
+        b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "chunked and content-length": (
+        b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 40\r\n\r\n0\r\n\r\n"
+    ),
+    "two content-lengths": (
+        b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 2\r\n\r\nab"
+    ),
+    "a content-length list": b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0, 2\r\n\r\nab",
+    "a signed content-length": b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nab",
+    "a hex content-length": b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0x2\r\n\r\nab",
+    "chunked not last": (
+        b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"
+    ),
+    "gzip then chunked": (
+        b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "two transfer-encodings": (
+        b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "chunked on HTTP/1.0": (
+        b"POST /health HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(AMBIGUOUS))
+async def test_ambiguous_framing_gets_400_and_the_smuggled_request_is_never_served(
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture, pattern: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    info = await start_worker()
+    host, port = _addr(info.url)
+    data = await _exchange(host, port, AMBIGUOUS[pattern] + _SMUGGLED)
+    _assert_http11_refusal(data, 400)  # one answer: the 404 for /nowhere never comes
+    assert not info.worker.slot.statistics().busy
+    await _assert_reserves(info)
+    assert _tracebacks(caplog) == []
+
+
+@pytest.mark.parametrize("offered", [["h2", "http/1.1"], ["h2"]])
+async def test_tls_alpn_never_selects_h2(
+    start_worker: StartWorker, tmp_path: Path, offered: list[str]
+) -> None:
+    cert, key = make_cert(tmp_path)
+    info = await start_worker(use_ssl=True, ssl_certfile=str(cert), ssl_keyfile=str(key))
+    host, port = _addr(info.url)
+    context = ssl.create_default_context(cafile=str(cert))
+    context.set_alpn_protocols(offered)
+    stream = trio.SSLStream(await trio.open_tcp_stream(host, port), context, server_hostname=host)
+    with trio.fail_after(10):
+        await stream.do_handshake()
+        assert stream.selected_alpn_protocol() == ("http/1.1" if "http/1.1" in offered else None)
+        # a client that assumes h2 anyway gets an HTTP/1.1 refusal
+        await stream.send_all(_h2_rapid_reset(2) if offered == ["h2"] else _SMUGGLED)
+        data = b""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while b"\r\n\r\n" not in data and (chunk := await stream.receive_some(65536)):
+                data += chunk
+    await trio.aclose_forcefully(stream)
+    assert data.startswith(b"HTTP/1.1 400 " if offered == ["h2"] else b"HTTP/1.1 404 "), data
+    assert b"hypercorn-h2" not in data

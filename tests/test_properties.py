@@ -621,3 +621,93 @@ async def test_vast_worker_answers_signed_fuzzed_envelopes_with_200_or_4xx(
     await _check_worker_after(http, info, statuses, len(examples), caplog)
     assert statuses[200] >= 10 and statuses[422] >= 10, statuses
     assert statuses[401] >= 1 and statuses[410] >= 1 and statuses[413] >= 1, statuses
+
+
+# -- request framing against a real worker ---------------------------------------------
+
+#: ``Content-Length`` values, well-formed and not.
+LENGTHS = ["0", "3", "03", " 3", "3, 3", "3, 4", "+3", "-3", "0x3", "3.0", "", "three"]
+#: ``Transfer-Encoding`` values, well-formed and not.
+CODINGS = ["chunked", "CHUNKED", "gzip", "gzip, chunked", "chunked, gzip", "identity", ""]
+
+FRAMING_EXAMPLES = 120
+
+
+@st.composite
+def framings(draw: st.DrawFn) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """An HTTP version and up to three framing header lines, in any order."""
+    version = draw(st.sampled_from(["1.1", "1.0"]))
+    line = st.tuples(st.just("Content-Length"), st.sampled_from(LENGTHS)) | st.tuples(
+        st.just("Transfer-Encoding"), st.sampled_from(CODINGS)
+    )
+    return version, tuple(draw(st.lists(line, max_size=3)))
+
+
+def _strict_length(version: str, lines: tuple[tuple[str, str], ...]) -> int | str | None:
+    """RFC 9112's framing, strictly: the body's length, ``"chunked"``, or None (ambiguous)."""
+    lengths = [
+        v.strip() for name, value in lines if name == "Content-Length" for v in value.split(",")
+    ]
+    codings = [value for name, value in lines if name == "Transfer-Encoding"]
+    if codings:
+        if lengths or version == "1.0" or len(codings) > 1:
+            return None
+        return "chunked" if codings[0].lower() == "chunked" else None
+    if not lengths:
+        return 0
+    if len(set(lengths)) != 1 or not lengths[0].isdigit():
+        return None
+    return int(lengths[0])
+
+
+async def test_the_worker_frames_a_request_body_as_rfc_9112_does_or_refuses_it(
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever ``Content-Length`` and ``Transfer-Encoding`` lines a request carries, the
+    worker either reads its body as a strict reading of RFC 9112 does, or answers a JSON
+    ``400`` and closes, so the request sent behind it is never served: a proxy in front
+    that framed the body differently cannot smuggle a request through."""
+    examples = draw_examples(framings(), FRAMING_EXAMPLES)
+    caplog.set_level(logging.INFO)
+    info = await start_worker()
+    host, port = info.url.removeprefix("http://").rsplit(":", 1)
+    smuggled = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+    seen: Counter[str] = Counter()
+    for index, (version, lines) in enumerate(examples):
+        length = _strict_length(version, lines)
+        body = (
+            b"0\r\n\r\n"
+            if length == "chunked"
+            else b"x" * (length if isinstance(length, int) else 3)
+        )
+        head = f"POST /health HTTP/{version}\r\nHost: x\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in lines
+        )
+        what = f"example {index}: {head!r}"
+        stream = await trio.open_tcp_stream(host, int(port))
+        data = b""
+        with trio.fail_after(10):
+            # HTTP/1.0 without keep-alive ends with its answer: more bytes are an error
+            behind = smuggled if version == "1.1" else b""
+            await stream.send_all(head.encode() + b"\r\n" + body + behind)
+            try:
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+                    if length is not None and data.count(b"HTTP/1.1 ") == 2:
+                        break  # a keep-alive connection: both answered
+            except trio.BrokenResourceError:
+                pass
+        await stream.aclose()
+        assert data.startswith(b"HTTP/1.1 "), what
+        status = int(data.split(b" ", 2)[1])
+        if length is None:
+            assert status == 400, f"{data[:300]!r}: {what}"
+            assert data.count(b"HTTP/1.1 ") == 1, f"the request behind was served: {what}"
+            assert json.loads(data.partition(b"\r\n\r\n")[2])["error"], what
+            seen["refused"] += 1
+        else:
+            assert status == 405, f"{data[:300]!r}: {what}"  # POST /health, read as framed
+            seen["framed"] += 1
+    assert seen["refused"] >= 10 and seen["framed"] >= 10, seen
+    assert not info.worker.slot.statistics().busy
+    assert _tracebacks(caplog) == []

@@ -32,8 +32,21 @@ differs is the connection handling, because the worker port is open to the inter
   and accepts again as soon as descriptors come back, while open connections (a held
   reservation) keep working. :func:`raise_nofile_limit` lifts the soft limit at start.
 
-Only HTTP/1.1 is served (no h2 over TLS, no websockets): that is what the Vast engine
-and its clients speak, and what the progress rules above are written for.
+* **Only HTTP/1.1 is served** (no HTTP/2, no websockets): that is what the Vast engine
+  and its clients speak, and what the progress rules above are written for. Hypercorn's
+  HTTP/1.1 protocol switches to HTTP/2 on a prior-knowledge preface (``PRI * HTTP/2.0``)
+  or an ``Upgrade: h2c`` request, and TLS offers ``h2`` by ALPN; HTTP/2's stream
+  multiplexing escapes every rule above (a "rapid reset" flood kept the worker busy long
+  after its client left). :class:`_H11Protocol` never switches: the preface gets a
+  ``400`` and a close, an ``Upgrade`` header is ignored and the request answered as
+  HTTP/1.1, and ALPN offers ``http/1.1`` only.
+* **A body's length is never ambiguous.** A request with both ``Content-Length`` and
+  ``Transfer-Encoding``, or ``Transfer-Encoding`` on HTTP/1.0, is how one request is
+  smuggled inside another past a proxy that frames it differently (RFC 9112 §6.1,
+  §6.3). h11 reads such a body as chunked and would serve what follows it as the next
+  request; :class:`_H11Protocol` answers ``400`` and closes instead, as it does for
+  every request h11 cannot frame (conflicting or non-numeric ``Content-Length``, a
+  ``Transfer-Encoding`` other than ``chunked``), each with a JSON body naming the problem.
 
 Concurrency invariants: each connection runs in its own task under the server nursery
 (that task is its reader); the reader and the app's task share one ``send_lock``, and
@@ -45,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import resource
 import socket
@@ -59,7 +73,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.events import Body, EndBody
+from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
 from hypercorn.trio.task_group import TaskGroup
@@ -141,6 +156,122 @@ def raise_nofile_limit() -> int:
     return soft
 
 
+def _refusal(request: h11.Request) -> tuple[int, str] | None:
+    """Why ``request`` is not served (status, message), or None: what h11 lets through.
+
+    h11 itself refuses differing or non-numeric ``Content-Length`` values and any
+    ``Transfer-Encoding`` but a lone ``chunked``; these are the rest.
+    """
+    if request.method == b"PRI" and request.target == b"*" and request.http_version == b"2.0":
+        return 400, "HTTP/2 is not served on this port: speak HTTP/1.1"
+    if request.http_version not in (b"1.0", b"1.1"):
+        return 505, f"HTTP/{request.http_version.decode()} is not served: speak HTTP/1.1"
+    names = {name for name, _ in request.headers}
+    if b"transfer-encoding" in names:
+        if b"content-length" in names:
+            return 400, (
+                "both Content-Length and Transfer-Encoding: the body's length is ambiguous"
+            )
+        if request.http_version == b"1.0":
+            return 400, "Transfer-Encoding is not allowed in an HTTP/1.0 request"
+    return None
+
+
+def _has_upgrade(request: h11.Request) -> bool:
+    return any(name == b"upgrade" for name, _ in request.headers)
+
+
+def _without_upgrade(request: h11.Request) -> h11.Request:
+    """``request`` without its ``Upgrade`` header, which no answer of this server accepts."""
+    headers = [
+        (name, value) for name, value in request.headers.raw_items() if name.lower() != b"upgrade"
+    ]
+    return h11.Request(
+        method=request.method,
+        target=request.target,
+        headers=headers,
+        http_version=request.http_version,
+    )
+
+
+class _H11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol that stays HTTP/1.1 and refuses ambiguous framing.
+
+    ``_handle_events`` is Hypercorn's (0.18) with three changes: a request is checked by
+    :func:`_refusal` where Hypercorn checked for a switch to HTTP/2 (``_check_protocol``,
+    never called here); an ``Upgrade`` proposal is withdrawn before the request is served;
+    and a request h11 cannot parse gets a JSON body naming the problem. Every refusal says
+    ``connection: close`` and closes, so whatever follows the refused request on the
+    connection (a smuggled second request, HTTP/2 frames) is read and dropped, never served.
+    """
+
+    async def _handle_events(self) -> None:
+        while True:
+            if self.connection.they_are_waiting_for_100_continue:
+                await self._send_h11_event(
+                    h11.InformationalResponse(
+                        status_code=100, headers=self.config.response_headers("h11")
+                    )
+                )
+            try:
+                event = self.connection.next_event()
+            except h11.RemoteProtocolError as error:
+                # h11's hint is 501 for a Transfer-Encoding it does not implement; a
+                # body whose framing is not understood is a 400 (RFC 9112 §6.3).
+                status = 400 if error.error_status_hint == 501 else error.error_status_hint
+                await self._refuse(status, f"malformed request: {str(error)[:200]}")
+                break
+            if isinstance(event, h11.Request):
+                await self.send(Updated(idle=False))
+                refusal = _refusal(event)
+                if refusal is not None:
+                    await self._refuse(*refusal)
+                    break
+                if _has_upgrade(event):
+                    event = self._decline_upgrade(event)
+                await self._create_stream(event)
+            elif event is h11.PAUSED:
+                await self.can_read.clear()
+                await self.can_read.wait()
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.NEED_DATA:
+                break
+            elif self.stream is None:
+                break
+            elif isinstance(event, h11.Data):
+                await self.stream.handle(Body(stream_id=STREAM_ID, data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self.stream.handle(EndBody(stream_id=STREAM_ID))
+
+    def _decline_upgrade(self, request: h11.Request) -> h11.Request:
+        """Withdraw ``request``'s ``Upgrade`` proposal; return it without the header.
+
+        With a proposal pending, h11 pauses the connection from the end of the request
+        until its answer (the switch might be accepted), so the reader would stop reading
+        and a client that leaves during a held reservation would go unnoticed. The
+        answer is never a ``101``, so the proposal is dropped at once (h11 keeps it in its
+        private state machine; ``tests/test_versions.py`` pins the h11 this is written
+        for). Without the header the app does not see a websocket handshake either.
+        """
+        connection: Any = self.connection
+        connection._cstate.pending_switch_proposals.discard(h11._state._SWITCH_UPGRADE)
+        return _without_upgrade(request)
+
+    async def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with ``{"error": message}`` if nothing was answered yet; close."""
+        if self.connection.our_state in {h11.IDLE, h11.SEND_RESPONSE}:
+            body = json.dumps({"error": message, "status": status}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *self.config.response_headers("h11"),
+            ]
+            await self._send_h11_event(h11.Response(status_code=status, headers=headers))
+            await self._send_h11_event(h11.Data(data=body))
+            await self._send_h11_event(h11.EndOfMessage())
+        await self.send(Closed())
+
+
 class _Connection(TCPServer):
     """Hypercorn's per-connection server with serialised sends and progress deadlines.
 
@@ -178,17 +309,18 @@ class _Connection(TCPServer):
                     await stream.do_handshake()
             except (trio.BrokenResourceError, trio.TooSlowError):
                 return  # the handshake failed; the caller closes the stream
-            alpn_protocol = stream.selected_alpn_protocol()
             sock = stream.transport_stream.socket
             ssl = True
         else:
-            alpn_protocol, sock, ssl = "http/1.1", stream.socket, False
+            sock, ssl = stream.socket, False
         try:
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
             async with TaskGroup() as task_group:
                 self._task_group = task_group
-                self.protocol = ProtocolWrapper(
+                # HTTP/1.1 whatever ALPN said: Hypercorn's ``ProtocolWrapper`` would serve
+                # HTTP/2 for ``h2`` and switch to it on a preface or an h2c upgrade.
+                self.protocol: Any = _H11Protocol(
                     self.app,
                     self.config,
                     self.context,
@@ -198,7 +330,6 @@ class _Connection(TCPServer):
                     client,
                     server,
                     self.protocol_send,
-                    alpn_protocol,
                 )
                 await self.protocol.initiate()
                 await self._read_data()
@@ -243,8 +374,7 @@ class _Connection(TCPServer):
             self._set_deadline(trio.current_time() + timeout)
 
     def _h11(self) -> h11.Connection | None:
-        connection = getattr(getattr(self, "protocol", None), "protocol", None)
-        h11_connection = getattr(connection, "connection", None)
+        h11_connection = getattr(getattr(self, "protocol", None), "connection", None)
         return h11_connection if isinstance(h11_connection, h11.Connection) else None
 
     def _is_response_head(self, data: bytes) -> bool:
