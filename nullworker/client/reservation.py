@@ -750,9 +750,24 @@ def _ssl_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
 
     Loading the CA bundle costs about 25 ms and 0.8 MB per context; an autoscaler
     holding a thousand reservations, each with its own client, would pay that a
-    thousand times. ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured as httpx does.
+    thousand times. ``SSL_CERT_FILE`` (else ``SSL_CERT_DIR``) replaces the public roots,
+    as in httpx; without either, httpx's default (certifi) is used unchanged.
+
+    A bundle the user names is how a client trusts Vast's root (``jvastai_root.cer``),
+    which signs the workers' certificates under ``USE_SSL``. That root gives a path
+    length but no key usage extension, which OpenSSL's strict mode rejects, and Python
+    3.13 turns strict mode on in ``ssl.create_default_context``. So for a named bundle
+    ``VERIFY_X509_STRICT`` is cleared, as vastai's own client does for that root; the
+    chain, signatures, validity dates and the hostname are still checked.
     """
-    return httpx.create_ssl_context(trust_env=True)
+    if not (cert_file or cert_dir):
+        return httpx.create_ssl_context(trust_env=False)
+    if cert_file:
+        context = ssl.create_default_context(cafile=cert_file)
+    else:
+        context = ssl.create_default_context(capath=cert_dir)
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    return context
 
 
 @contextmanager
