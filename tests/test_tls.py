@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from nullworker.client.reservation import _default_client
-from nullworker.errors import ConfigError
+from nullworker.errors import ConfigError, ReservationRejected
 from nullworker.vast.signing import generate_private_key
 from nullworker.worker.config import WorkerConfig
 from nullworker.worker.server import serve
@@ -236,9 +236,17 @@ async def test_the_client_accepts_a_vast_shaped_chain_that_strict_x509_refuses(
             await http.get(f"{info.url}/health")
     assert "keyCertSign" in verify_error(refused.value)
 
+    # Without that root the client does not trust the worker, and says why.
+    assert vast_engine.url is not None
+    with pytest.raises(ReservationRejected) as rejected:
+        await hold("ep", duration=0.1, api_key="k", engine_url=vast_engine.url, max_rejections=0)
+    assert (
+        "TLS certificate not trusted: unable to get local issuer certificate "
+        "(SSL_CERT_FILE names the CA bundle)" in str(rejected.value)
+    )
+
     # The client, pointed at a bundle with that root, holds the worker.
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    assert vast_engine.url is not None
     reservation = await hold("ep", duration=0.1, api_key="k", engine_url=vast_engine.url)
     assert reservation.outcome == "duration_elapsed"
 

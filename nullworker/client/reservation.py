@@ -687,7 +687,7 @@ class _Router:
                 )
             except httpx.TransportError as exc:
                 # The exception text names the host, never the key (it is not in the URL).
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                problem = _problem(exc)
                 if attempt == _ENGINE_TRIES:
                     raise EngineUnavailable(
                         f"cannot reach the engine at {_redact(options.engine_url)} "
@@ -843,12 +843,31 @@ def _refusal_reason(answer: _Answer) -> str | None:
     """Why a worker refused in a way worth asking the engine again, else ``None``."""
     if answer.error is not None:
         exc = answer.error
-        return f"could not be reached ({type(exc).__name__}: {exc})"
+        return f"could not be reached ({_problem(exc)})"
     if answer.status == 429:
         return f"is busy (429: {_error_text(answer.body)})"
     if answer.status == 503:
         return f"is unavailable (503: {_error_text(answer.body)})"
     return None
+
+
+def _problem(exc: BaseException) -> str:
+    """``Type: text`` for a transport error, for one line.
+
+    A certificate the client does not trust raises an httpx error with no text; the
+    reason is on the ``ssl`` error it chains, and the fix is usually ``SSL_CERT_FILE``.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; never loop on a cycle
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (
+                f"{type(exc).__name__}: TLS certificate not trusted: {seen.verify_message} "
+                "(SSL_CERT_FILE names the CA bundle)"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _decode(response: httpx.Response) -> Any:
