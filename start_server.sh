@@ -132,7 +132,8 @@ already_running() {
     "$PYTHON" - "$PORT" "$USE_SSL" <<'EOF'
 import json, ssl, sys, urllib.request, urllib.error
 port, tls = sys.argv[1], sys.argv[2] == "true"
-context = ssl._create_unverified_context() if tls else None
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
 try:
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
     with urllib.request.urlopen(url, timeout=2, context=context) as r:

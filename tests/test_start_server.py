@@ -427,6 +427,13 @@ async def test_on_vast_tls_is_on_by_default_with_a_certificate_vast_signed(
             # The advertised URL is https, and the worker serves the signed certificate.
             assert vast_engine.workers[11].url == f"https://127.0.0.1:{port}"
             await wait_until_serving(port, tls=trusted)
+            # A second start finds it over TLS and leaves it alone.
+            with trio.fail_after(60):
+                again = await trio.run_process([SCRIPT], env=env, capture_stderr=True, check=False)
+            assert again.returncode == 0
+            assert f"a nullworker already serves port {port}; not starting another" in (
+                again.stderr.decode()
+            )
 
     # Signed on the third try, after two pauses, each twice as long as the one before.
     text = err.read_text()
