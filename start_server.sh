@@ -22,8 +22,12 @@
 #     nullworker that meanwhile answers on WORKER_PORT (another copy took over; exit 0).
 # - Logs go to stdout and are appended to NULLWORKER_LOG (default nullworker.log beside
 #   this script).
-# - With USE_SSL=true and no /etc/instance.crt, asks Vast to sign a certificate for the
-#   instance first, as the official start script does.
+# - TLS, as the official start script: on a Vast instance (CONTAINER_ID set) USE_SSL defaults
+#   to true, standalone to false; USE_SSL=false opts out. With TLS on and no usable
+#   certificate (NULLWORKER_SSL_CERTFILE/_KEYFILE, default /etc/instance.crt and .key), it
+#   makes a key and a request (with the official SAN config) and has Vast sign it
+#   (NULLWORKER_SIGN_CERT_URL), 5 tries with a pause of NULLWORKER_CERT_RETRY_S (default
+#   2 s) doubling between them. If all fail, the worker is not started (exit 1, below).
 # - On a Vast instance (CONTAINER_ID set) REPORT_ADDR defaults to https://run.vast.ai, and
 #   a failure here (no suitable Python, install, certificate) is reported to the engine
 #   as error_msg before exiting 1.
@@ -105,14 +109,34 @@ MAX_MS="$(to_ms "${NULLWORKER_RESTART_MAX_S:-30}")" ||
     fail "NULLWORKER_RESTART_MAX_S must be a number of seconds, got '${NULLWORKER_RESTART_MAX_S:-}'"
 RESET_MS="$(to_ms "${NULLWORKER_RESTART_RESET_S:-60}")" ||
     fail "NULLWORKER_RESTART_RESET_S must be a number of seconds, got '${NULLWORKER_RESTART_RESET_S:-}'"
+CERT_RETRY_MS="$(to_ms "${NULLWORKER_CERT_RETRY_S:-2}")" ||
+    fail "NULLWORKER_CERT_RETRY_S must be a number of seconds, got '${NULLWORKER_CERT_RETRY_S:-}'"
+
+# TLS on a Vast instance unless USE_SSL=false, as in the official start script. Exported as
+# exactly "true" or "false": the worker serves TLS (and advertises https) for exactly "true".
+case "${USE_SSL:-}" in
+"") if [ -n "${CONTAINER_ID:-}" ]; then USE_SSL=true; else USE_SSL=false; fi ;;
+true | false) ;;
+*) fail "USE_SSL must be true or false, got '$USE_SSL'" ;;
+esac
+export USE_SSL
+CERT="${NULLWORKER_SSL_CERTFILE:-/etc/instance.crt}"
+KEY="${NULLWORKER_SSL_KEYFILE:-/etc/instance.key}"
+SIGN_CERT_URL="${NULLWORKER_SIGN_CERT_URL:-https://console.vast.ai/api/v0/sign_cert/}"
+SIGN_CERT_TRIES=5
 
 already_running() {
-    # A nullworker answers GET /health with JSON that has a "ready" key (200 or 503).
-    "$PYTHON" - "$PORT" <<'EOF'
-import json, sys, urllib.request, urllib.error
-port = sys.argv[1]
+    # A nullworker answers GET /health with JSON that has a "ready" key (200 or 503). With
+    # TLS its certificate names the public address, not 127.0.0.1: this local probe only
+    # asks whether a nullworker is there, so it does not check it.
+    "$PYTHON" - "$PORT" "$USE_SSL" <<'EOF'
+import json, ssl, sys, urllib.request, urllib.error
+port, tls = sys.argv[1], sys.argv[2] == "true"
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
 try:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
+    with urllib.request.urlopen(url, timeout=2, context=context) as r:
         body = r.read()
 except urllib.error.HTTPError as e:
     body = e.read()
@@ -179,16 +203,93 @@ if [ ! -x "$VENV/bin/nullworker" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT"
     echo "$WANT" >"$STAMP"
 fi
 
-if [ "${USE_SSL:-false}" = "true" ] && [ ! -s /etc/instance.crt ]; then
-    : "${CONTAINER_ID:?USE_SSL=true needs CONTAINER_ID to have the certificate signed}"
+# The certificate and key pair up and stay valid for another hour.
+cert_usable() {
+    [ -s "$1" ] && [ -s "$2" ] &&
+        openssl x509 -in "$1" -noout -checkend 3600 >/dev/null 2>&1 &&
+        [ "$(openssl x509 -in "$1" -noout -pubkey 2>/dev/null)" = \
+            "$(openssl pkey -in "$2" -pubout 2>/dev/null)" ]
+}
+
+# A new key and request, signed by Vast for this instance as in the official start script
+# (same subject and SAN config); installed only once a signed certificate for that key came
+# back, so a failed try leaves nothing half-made behind.
+request_certificate() {
+    local dir url attempt code problem delay_ms=$CERT_RETRY_MS
+    dir="$(mktemp -d)"
+    cat >"$dir/san.cnf" <<'EOF'
+[req]
+default_bits       = 2048
+distinguished_name = req_distinguished_name
+req_extensions     = v3_req
+
+[req_distinguished_name]
+countryName         = US
+stateOrProvinceName = CA
+organizationName    = Vast.ai Inc.
+commonName          = vast.ai
+
+[v3_req]
+basicConstraints = CA:FALSE
+keyUsage         = nonRepudiation, digitalSignature, keyEncipherment
+subjectAltName   = @alt_names
+
+[alt_names]
+IP.1   = 0.0.0.0
+EOF
+    if ! openssl req -newkey rsa:2048 -subj "/C=US/ST=CA/CN=pyworker.vast.ai/" -nodes -sha256 \
+        -keyout "$dir/instance.key" -out "$dir/instance.csr" -config "$dir/san.cnf" \
+        >/dev/null 2>"$dir/openssl.err"; then
+        problem="$(tail -n 1 "$dir/openssl.err")"
+        rm -rf "$dir"
+        fail "USE_SSL=true: openssl could not make a key and certificate request ($problem)"
+    fi
+    url="$SIGN_CERT_URL?instance_id=$CONTAINER_ID"
+    for attempt in $(seq 1 "$SIGN_CERT_TRIES"); do
+        code="$(curl --silent --show-error --max-time 30 --output "$dir/instance.crt" \
+            --write-out '%{http_code}' --header 'Content-Type: application/octet-stream' \
+            --data-binary @"$dir/instance.csr" "$url" 2>"$dir/curl.err")" || true
+        if [[ $code == 2[0-9][0-9] ]] && cert_usable "$dir/instance.crt" "$dir/instance.key"; then
+            if ! { mkdir -p "$(dirname "$CERT")" "$(dirname "$KEY")" &&
+                chmod 600 "$dir/instance.key" && mv -f "$dir/instance.key" "$KEY" &&
+                mv -f "$dir/instance.crt" "$CERT"; }; then
+                rm -rf "$dir"
+                fail "USE_SSL=true: could not write the signed certificate to $CERT and $KEY"
+            fi
+            rm -rf "$dir"
+            say "TLS certificate for instance $CONTAINER_ID signed (try $attempt/$SIGN_CERT_TRIES)"
+            return 0
+        fi
+        if [[ $code == 2[0-9][0-9] ]]; then
+            problem="HTTP $code, but not a valid certificate for the key sent"
+        elif [ "${code:-000}" != 000 ]; then
+            problem="HTTP $code"
+        else
+            problem="$(tail -n 1 "$dir/curl.err")"
+        fi
+        if [ "$attempt" -lt "$SIGN_CERT_TRIES" ]; then
+            say "signing the TLS certificate failed ($problem); try $attempt/$SIGN_CERT_TRIES, next in $(seconds "$delay_ms") s"
+            sleep "$(seconds "$delay_ms")"
+            delay_ms=$((delay_ms * 2))
+        fi
+    done
+    rm -rf "$dir"
+    fail "USE_SSL=true: Vast did not sign the TLS certificate for instance $CONTAINER_ID" \
+        "after $SIGN_CERT_TRIES tries (last: $problem; $SIGN_CERT_URL);" \
+        "not serving plain HTTP instead: set USE_SSL=false for that"
+}
+
+if [ "$USE_SSL" = true ] && ! cert_usable "$CERT" "$KEY"; then
+    if [ -z "${CONTAINER_ID:-}" ]; then
+        fail "USE_SSL=true needs a certificate and key at $CERT and $KEY" \
+            "(NULLWORKER_SSL_CERTFILE, NULLWORKER_SSL_KEYFILE), or CONTAINER_ID to have Vast sign one"
+    fi
+    for tool in openssl curl; do
+        command -v "$tool" >/dev/null 2>&1 ||
+            fail "USE_SSL=true needs $tool to have the certificate signed (apt-get install -y $tool), or set USE_SSL=false"
+    done
     say "requesting a TLS certificate for instance $CONTAINER_ID"
-    openssl req -newkey rsa:2048 -subj "/C=US/ST=CA/CN=pyworker.vast.ai/" -nodes -sha256 \
-        -keyout /etc/instance.key -out /etc/instance.csr ||
-        fail "USE_SSL=true: making a key and CSR with openssl failed"
-    curl --fail --silent --show-error --header 'Content-Type: application/octet-stream' \
-        --data-binary @/etc/instance.csr -X POST \
-        "https://console.vast.ai/api/v0/sign_cert/?instance_id=$CONTAINER_ID" >/etc/instance.crt ||
-        { rm -f /etc/instance.crt; fail "USE_SSL=true: Vast did not sign the certificate"; }
+    request_certificate
 fi
 
 mkdir -p "$(dirname "$LOG")"

@@ -1,27 +1,37 @@
 """`start_server.sh` supervising the worker: real processes, found through /proc.
 
 The script runs `nullworker serve` as its child and restarts it when it dies on its own;
-SIGTERM to the script stops the worker gracefully and nothing is restarted.
+SIGTERM to the script stops the worker gracefully and nothing is restarted. On a Vast
+instance it first has the instance certificate signed, by a stand-in for Vast's endpoint
+on 127.0.0.1 here.
 """
 
 from __future__ import annotations
 
+import http.server
+import ipaddress
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import httpx
 import pytest
 import trio
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from .test_startup import REPO, _locked_by_another, worker_env
+from .test_tls import vast_shaped_leaf, vast_shaped_root, write_pem
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("flock") is None, reason="start_server.sh needs flock(1)"),
@@ -108,12 +118,14 @@ async def wait_for_worker(script_pid: int, not_pid: int | None = None) -> int:
             await trio.sleep(0.02)
 
 
-async def wait_until_serving(port: str) -> None:
-    async with httpx.AsyncClient(timeout=5) as http:
+async def wait_until_serving(port: str, *, tls: ssl.SSLContext | None = None) -> None:
+    """Until the worker answers ``/health`` with 200 (over TLS trusting ``tls``, if given)."""
+    url = f"{'http' if tls is None else 'https'}://127.0.0.1:{port}/health"
+    async with httpx.AsyncClient(timeout=5, verify=tls or True) as http:
         with trio.fail_after(120):  # the first run may install the package
             while True:
                 try:
-                    if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                    if (await http.get(url)).status_code == 200:
                         return
                 except httpx.TransportError:
                     pass
@@ -139,13 +151,15 @@ async def wait_until_gone(tmp_path: Path) -> None:
 
 
 @asynccontextmanager
-async def started_script(env: dict[str, str]) -> AsyncIterator[trio.Process]:
+async def started_script(
+    env: dict[str, str], *, stderr: IO[bytes] | None = None
+) -> AsyncIterator[trio.Process]:
     """start_server.sh in its own session; whatever is left of it is killed at the end."""
     proc = await trio.lowlevel.open_process(
         [SCRIPT],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if stderr is None else stderr,
         start_new_session=True,
     )
     try:
@@ -317,3 +331,178 @@ async def test_a_bad_backoff_setting_stops_the_script(
     assert result.returncode == 1
     assert f"{variable} must be a number of seconds, got '{value}'".encode() in result.stderr
     assert not processes_of(tmp_path)
+
+
+class Signer:
+    """A stand-in for Vast's certificate endpoint (``POST /sign_cert/?instance_id=N`` with
+    a CSR, answered with the certificate) on 127.0.0.1. It answers 503 to the first
+    ``failures`` requests, then signs for 127.0.0.1 with a root shaped like Vast's."""
+
+    def __init__(self, directory: Path) -> None:
+        self.root, self._root_key = vast_shaped_root()
+        self.root_file = write_pem(directory / "signer-root.pem", self.root)
+        self.failures = 0
+        #: (path, Content-Type, CSR) of every request, in order.
+        self.requests: list[tuple[str, str, x509.CertificateSigningRequest | None]] = []
+        signer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                data = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                try:
+                    csr: x509.CertificateSigningRequest | None = x509.load_pem_x509_csr(data)
+                except ValueError:
+                    csr = None
+                signer.requests.append((self.path, self.headers.get("Content-Type", ""), csr))
+                if len(signer.requests) <= signer.failures or csr is None:
+                    self._answer(503, b"try again later\n")
+                    return
+                leaf = vast_shaped_leaf(signer.root, signer._root_key, csr.public_key())  # type: ignore[arg-type]
+                self._answer(200, write_pem_bytes(leaf))
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/sign_cert/"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def write_pem_bytes(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def signer(tmp_path: Path) -> Iterator[Signer]:
+    stand_in = Signer(tmp_path)
+    try:
+        yield stand_in
+    finally:
+        stand_in.close()
+
+
+def vast_env(tmp_path: Path, engine: Any, signer: Signer, **extra: str) -> dict[str, str]:
+    """The script on a Vast instance (CONTAINER_ID 11) with USE_SSL left unset."""
+    env = script_env(
+        tmp_path,
+        REPORT_ADDR=engine.url,
+        CONTAINER_ID="11",
+        MASTER_TOKEN="tok",
+        NULLWORKER_SSL_CERTFILE=str(tmp_path / "tls" / "instance.crt"),
+        NULLWORKER_SSL_KEYFILE=str(tmp_path / "tls" / "instance.key"),
+        NULLWORKER_SIGN_CERT_URL=signer.url,
+        NULLWORKER_CERT_RETRY_S="0.01",
+    )
+    env.pop("USE_SSL", None)
+    return env | extra
+
+
+async def test_on_vast_tls_is_on_by_default_with_a_certificate_vast_signed(
+    tmp_path: Path, vast_engine: Any, signer: Signer
+) -> None:
+    signer.failures = 2
+    env = vast_env(tmp_path, vast_engine, signer)
+    port, err = env["WORKER_PORT"], tmp_path / "script.err"
+    trusted = ssl.create_default_context(cafile=str(signer.root_file))
+    trusted.verify_flags &= ~ssl.VERIFY_X509_STRICT  # as for Vast's root (tests/test_tls.py)
+    async with await trio.open_file(err, "wb") as stderr:
+        async with started_script(env, stderr=stderr.wrapped):
+            await vast_engine.wait_for(
+                lambda e: 11 in e.workers and e.workers[11].ready, timeout=120
+            )
+            # The advertised URL is https, and the worker serves the signed certificate.
+            assert vast_engine.workers[11].url == f"https://127.0.0.1:{port}"
+            await wait_until_serving(port, tls=trusted)
+            # A second start finds it over TLS and leaves it alone.
+            with trio.fail_after(60):
+                again = await trio.run_process([SCRIPT], env=env, capture_stderr=True, check=False)
+            assert again.returncode == 0
+            assert f"a nullworker already serves port {port}; not starting another" in (
+                again.stderr.decode()
+            )
+
+    # Signed on the third try, after two pauses, each twice as long as the one before.
+    text = err.read_text()
+    assert "signing the TLS certificate failed (HTTP 503); try 1/5, next in 0.01 s" in text
+    assert "signing the TLS certificate failed (HTTP 503); try 2/5, next in 0.02 s" in text
+    assert "TLS certificate for instance 11 signed (try 3/5)" in text
+    assert len(signer.requests) == 3
+    for path, content_type, csr in signer.requests:
+        assert path == "/sign_cert/?instance_id=11"
+        assert content_type == "application/octet-stream"
+        # The request the official script makes: its subject and its SAN config.
+        assert csr is not None and csr.is_signature_valid
+        common_name = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        assert common_name == "pyworker.vast.ai"
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("0.0.0.0")]
+        assert csr.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+        usage = csr.extensions.get_extension_for_class(x509.KeyUsage).value
+        assert usage.digital_signature and usage.key_encipherment and usage.content_commitment
+    assert (tmp_path / "tls" / "instance.key").stat().st_mode & 0o077 == 0
+    await wait_until_gone(tmp_path)
+
+    # The next start finds a usable certificate and key: nothing is requested.
+    async with await trio.open_file(err, "wb") as stderr:
+        async with started_script(env, stderr=stderr.wrapped):
+            await wait_until_serving(port, tls=trusted)
+    assert len(signer.requests) == 3
+    assert "requesting a TLS certificate" not in err.read_text()
+
+
+async def test_a_certificate_vast_does_not_sign_stops_the_start(
+    tmp_path: Path, vast_engine: Any, signer: Signer
+) -> None:
+    """No worker that serves plain HTTP while the engine expects https: one line, exit 1."""
+    signer.failures = 100
+    env = vast_env(tmp_path, vast_engine, signer)
+    with trio.fail_after(120):
+        result = await trio.run_process(
+            [SCRIPT], env=env, capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(signer.requests) == 5
+    pauses = [re.search(r"next in ([0-9.]+) s", line) for line in lines]
+    assert [m.group(1) for m in pauses if m] == ["0.01", "0.02", "0.04", "0.08"]
+    last = lines[-1]
+    assert last.startswith("start_server.sh: USE_SSL=true: Vast did not sign the TLS certificate")
+    assert "after 5 tries (last: HTTP 503;" in last and "set USE_SSL=false" in last
+    await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].error_msg)
+    assert "Vast did not sign the TLS certificate" in vast_engine.workers[11].error_msg
+    assert "starting nullworker" not in result.stderr.decode()
+    assert not (tmp_path / "tls").exists()  # nothing half-made left behind
+    await wait_until_gone(tmp_path)
+
+
+async def test_use_ssl_false_opts_out_on_vast_and_other_values_are_refused(
+    tmp_path: Path, vast_engine: Any, signer: Signer
+) -> None:
+    env = vast_env(tmp_path, vast_engine, signer, USE_SSL="True")
+    with trio.fail_after(60):
+        result = await trio.run_process([SCRIPT], env=env, capture_stderr=True, check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        "start_server.sh: USE_SSL must be true or false, got 'True'\n"
+    )
+
+    env = vast_env(tmp_path, vast_engine, signer, USE_SSL="false")
+    async with started_script(env):
+        await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=120)
+        assert vast_engine.workers[11].url == f"http://127.0.0.1:{env['WORKER_PORT']}"
+        await wait_until_serving(env["WORKER_PORT"])
+    assert signer.requests == []

@@ -687,7 +687,7 @@ class _Router:
                 )
             except httpx.TransportError as exc:
                 # The exception text names the host, never the key (it is not in the URL).
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                problem = _problem(exc)
                 if attempt == _ENGINE_TRIES:
                     raise EngineUnavailable(
                         f"cannot reach the engine at {_redact(options.engine_url)} "
@@ -750,9 +750,24 @@ def _ssl_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
 
     Loading the CA bundle costs about 25 ms and 0.8 MB per context; an autoscaler
     holding a thousand reservations, each with its own client, would pay that a
-    thousand times. ``SSL_CERT_FILE``/``SSL_CERT_DIR`` are honoured as httpx does.
+    thousand times. ``SSL_CERT_FILE`` (else ``SSL_CERT_DIR``) replaces the public roots,
+    as in httpx; without either, httpx's default (certifi) is used unchanged.
+
+    A bundle the user names is how a client trusts Vast's root (``jvastai_root.cer``),
+    which signs the workers' certificates under ``USE_SSL``. That root gives a path
+    length but no key usage extension, which OpenSSL's strict mode rejects, and Python
+    3.13 turns strict mode on in ``ssl.create_default_context``. So for a named bundle
+    ``VERIFY_X509_STRICT`` is cleared, as vastai's own client does for that root; the
+    chain, signatures, validity dates and the hostname are still checked.
     """
-    return httpx.create_ssl_context(trust_env=True)
+    if not (cert_file or cert_dir):
+        return httpx.create_ssl_context(trust_env=False)
+    if cert_file:
+        context = ssl.create_default_context(cafile=cert_file)
+    else:
+        context = ssl.create_default_context(capath=cert_dir)
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    return context
 
 
 @contextmanager
@@ -828,12 +843,31 @@ def _refusal_reason(answer: _Answer) -> str | None:
     """Why a worker refused in a way worth asking the engine again, else ``None``."""
     if answer.error is not None:
         exc = answer.error
-        return f"could not be reached ({type(exc).__name__}: {exc})"
+        return f"could not be reached ({_problem(exc)})"
     if answer.status == 429:
         return f"is busy (429: {_error_text(answer.body)})"
     if answer.status == 503:
         return f"is unavailable (503: {_error_text(answer.body)})"
     return None
+
+
+def _problem(exc: BaseException) -> str:
+    """``Type: text`` for a transport error, for one line.
+
+    A certificate the client does not trust raises an httpx error with no text; the
+    reason is on the ``ssl`` error it chains, and the fix is usually ``SSL_CERT_FILE``.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; never loop on a cycle
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (
+                f"{type(exc).__name__}: TLS certificate not trusted: {seen.verify_message} "
+                "(SSL_CERT_FILE names the CA bundle)"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _decode(response: httpx.Response) -> Any:
