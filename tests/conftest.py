@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ from nullworker.worker.config import WorkerConfig
 from nullworker.worker.server import ServeInfo, serve
 
 StartWorker = Callable[..., Awaitable[ServeInfo]]
+
+# Nothing in the suite may fetch Vast's root certificate from the internet: a reservation
+# to an https:// worker would (nullworker.client.transport). The tests that exercise the
+# fetch point it at a loopback server; child processes inherit the empty setting.
+os.environ["NULLWORKER_VAST_ROOT_CERT_URL"] = ""
 
 #: Every field of ``/worker_status/`` (docs/protocol.md §6.2 plus 1.9.1's ``disk_usage``)
 #: and the JSON type the official worker sends.

@@ -11,17 +11,20 @@ import datetime
 import ipaddress
 import ssl
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from nullworker.client.reservation import _default_client
+from nullworker.client import transport
+from nullworker.client.transport import default_client
 from nullworker.errors import ConfigError, ReservationRejected
 from nullworker.vast.signing import generate_private_key
 from nullworker.worker.config import WorkerConfig
@@ -261,7 +264,106 @@ async def test_the_client_accepts_a_vast_shaped_chain_that_strict_x509_refuses(
         other = await start_worker(
             use_ssl=True, ssl_certfile=str(cert_path), ssl_keyfile=str(key_path)
         )
-        async with _default_client() as http:
+        async with default_client() as http:
             with pytest.raises(httpx.ConnectError) as refused:
                 await http.get(f"{other.url}/health")
         assert refusal in verify_error(refused.value)
+
+
+@pytest.fixture
+def fresh_trust(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The client's process-wide TLS state as in a new process, and again after the test."""
+    monkeypatch.setattr(transport, "_root", transport._RootState())
+    transport.ssl_context.cache_clear()
+    yield
+    transport.ssl_context.cache_clear()
+
+
+async def serve_bytes(nursery: trio.Nursery, body: bytes) -> tuple[str, list[bytes]]:
+    """A loopback HTTP server answering every GET with ``body``; the request heads it saw."""
+    heads: list[bytes] = []
+
+    async def answer(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            head += chunk
+        heads.append(head)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    return f"http://127.0.0.1:{port}/jvastai_root.cer", heads
+
+
+async def test_the_client_fetches_vast_root_once_and_holds_an_https_worker(
+    start_worker: StartWorker,
+    vast_engine: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    strict_x509_by_default: None,
+    fresh_trust: None,
+) -> None:
+    """As vastai's client does: no bundle named, so Vast's root is fetched, added to the
+    public roots and strict mode cleared; once per process, however many reservations."""
+    from nullworker.client import hold
+
+    root, root_key = vast_shaped_root()
+    cert, key = instance_files(tmp_path / "vast", root, root_key)
+    url, heads = await serve_bytes(nursery, root.public_bytes(serialization.Encoding.PEM))
+    monkeypatch.setenv("NULLWORKER_VAST_ROOT_CERT_URL", url)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)  # the public roots: httpx's certifi
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    await start_worker(
+        use_ssl=True, ssl_certfile=str(cert), ssl_keyfile=str(key), **vast_settings(vast_engine)
+    )
+    await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+    assert vast_engine.url is not None
+    for _ in range(2):
+        reservation = await hold("ep", duration=0.1, api_key="k", engine_url=vast_engine.url)
+        assert reservation.outcome == "duration_elapsed"
+    assert len(heads) == 1 and heads[0].startswith(b"GET /jvastai_root.cer HTTP/1.1")
+    # Public roots are still there beside it.
+    assert len(transport.ssl_context(None, None).get_ca_certs()) > 1
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"<html>not a certificate</html>", "not a PEM or DER certificate"),
+        (b"x" * (transport.VAST_ROOT_MAX_BYTES + 1), "over 65536 bytes"),
+    ],
+)
+async def test_a_root_that_cannot_be_fetched_is_named_in_the_refusal(
+    body: bytes,
+    reason: str,
+    start_worker: StartWorker,
+    vast_engine: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    fresh_trust: None,
+) -> None:
+    from nullworker.client import hold
+
+    root, root_key = vast_shaped_root()
+    cert, key = instance_files(tmp_path / "vast", root, root_key)
+    url, heads = await serve_bytes(nursery, body)
+    monkeypatch.setenv("NULLWORKER_VAST_ROOT_CERT_URL", url)
+    await start_worker(
+        use_ssl=True, ssl_certfile=str(cert), ssl_keyfile=str(key), **vast_settings(vast_engine)
+    )
+    await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+    assert vast_engine.url is not None
+    with pytest.raises(ReservationRejected) as rejected:
+        await hold("ep", duration=0.1, api_key="k", engine_url=vast_engine.url, max_rejections=1)
+    message = str(rejected.value)
+    assert f"Vast's root certificate could not be fetched from {url}" in message
+    assert reason in message and "TLS certificate not trusted" in message
+    assert len(heads) == 1  # the retry waits a minute, not one fetch per attempt

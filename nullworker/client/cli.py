@@ -34,9 +34,9 @@ from .reservation import (
     EngineRefused,
     ProgressEvent,
     RouteTimeout,
-    _default_client,
     hold,
 )
+from .transport import default_client
 
 __all__ = [
     "EXIT_ENDED_EARLY",
@@ -306,7 +306,7 @@ class _Cli:
             self._say(job, event.message, event=event.kind, progress=True)
 
     async def run(self) -> int:
-        async with _default_client() as http, trio.open_nursery() as nursery:
+        async with default_client() as http, trio.open_nursery() as nursery:
             await nursery.start(self._watch_signals, nursery.cancel_scope)
             if self.live:
                 nursery.start_soon(self._redraw_status)

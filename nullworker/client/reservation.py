@@ -50,13 +50,11 @@ Concurrency invariants
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import os
 import random
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import (
@@ -79,6 +77,7 @@ from ..errors import (
     ReservationRejected,
 )
 from ..vast.envelope import as_int
+from .transport import default_client, trust_vast_root, vast_root_problem
 
 __all__ = [
     "DEFAULT_ENGINE_URL",
@@ -113,11 +112,6 @@ _REROUTE_FIRST_S = 0.1
 _REROUTE_MAX_S = 1.0
 #: See "What "held" means" in the module docstring.
 _ACCEPT_WINDOW_S = 0.3
-#: Client-side TCP keepalive on our own connections, so a worker that vanished without
-#: FIN (host lost) shows up as ``connection_lost`` in about a minute instead of hours.
-_KEEPIDLE_S = 30
-_KEEPINTVL_S = 10
-_KEEPCNT = 3
 
 _USER_AGENT = "nullworker-client"
 #: A WAITING answer's ``reason`` longer than this is cut (it ends up in one line).
@@ -266,6 +260,8 @@ class Reservation:
 
     async def _post(self, http: httpx.AsyncClient, body: bytes) -> None:
         url = _join(self.worker_url, "/reserve")
+        if url.startswith("https://"):
+            await trust_vast_root()
 
         async def stream() -> AsyncIterator[bytes]:
             yield body
@@ -510,7 +506,7 @@ async def _reserve(
 ) -> AsyncIterator[Reservation]:
     async with AsyncExitStack() as stack:
         if http is None:
-            http = await stack.enter_async_context(_default_client())
+            http = await stack.enter_async_context(default_client())
         # The nursery wraps even a lone exception (the caller's own, from the block, or
         # ours from _acquire) in a group; callers expect the exception itself.
         with lone_exception_unwrapped():
@@ -721,55 +717,6 @@ class _Router:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _default_client() -> httpx.AsyncClient:
-    options: list[tuple[int, int, int]] = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    # Linux names; other platforms keep the OS defaults.
-    for name, value in (
-        ("TCP_KEEPIDLE", _KEEPIDLE_S),
-        ("TCP_KEEPINTVL", _KEEPINTVL_S),
-        ("TCP_KEEPCNT", _KEEPCNT),
-    ):
-        if hasattr(socket, name):
-            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    # Every connection is one we mean to hold (one per reservation): no pool cap, or
-    # the 101st concurrent hold would wait for a pool slot and time out.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=10)
-    transport = httpx.AsyncHTTPTransport(
-        socket_options=options, limits=limits, verify=_ssl_context(*_ca_settings())
-    )
-    return httpx.AsyncClient(transport=transport, timeout=_ROUTE_TIMEOUT)
-
-
-def _ca_settings() -> tuple[str | None, str | None]:
-    return os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
-
-
-@functools.cache
-def _ssl_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
-    """One TLS context per CA setting, shared by every client this module makes.
-
-    Loading the CA bundle costs about 25 ms and 0.8 MB per context; an autoscaler
-    holding a thousand reservations, each with its own client, would pay that a
-    thousand times. ``SSL_CERT_FILE`` (else ``SSL_CERT_DIR``) replaces the public roots,
-    as in httpx; without either, httpx's default (certifi) is used unchanged.
-
-    A bundle the user names is how a client trusts Vast's root (``jvastai_root.cer``),
-    which signs the workers' certificates under ``USE_SSL``. That root gives a path
-    length but no key usage extension, which OpenSSL's strict mode rejects, and Python
-    3.13 turns strict mode on in ``ssl.create_default_context``. So for a named bundle
-    ``VERIFY_X509_STRICT`` is cleared, as vastai's own client does for that root; the
-    chain, signatures, validity dates and the hostname are still checked.
-    """
-    if not (cert_file or cert_dir):
-        return httpx.create_ssl_context(trust_env=False)
-    if cert_file:
-        context = ssl.create_default_context(cafile=cert_file)
-    else:
-        context = ssl.create_default_context(capath=cert_dir)
-    context.verify_flags &= ~ssl.VERIFY_X509_STRICT
-    return context
-
-
 @contextmanager
 def lone_exception_unwrapped() -> Iterator[None]:
     """Re-raise the one exception a nursery's group stands for, as itself.
@@ -862,9 +809,11 @@ def _problem(exc: BaseException) -> str:
         if seen is None:
             break
         if isinstance(seen, ssl.SSLCertVerificationError):
+            root = vast_root_problem()
+            hint = f"{root}; " if root else ""
             return (
                 f"{type(exc).__name__}: TLS certificate not trusted: {seen.verify_message} "
-                "(SSL_CERT_FILE names the CA bundle)"
+                f"({hint}SSL_CERT_FILE names the CA bundle)"
             )
         seen = seen.__cause__ or seen.__context__
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
