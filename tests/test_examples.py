@@ -234,8 +234,9 @@ async def check_the_job_is_protected(
     ``holder``'s reservation.
 
     During the job the worker lists one local hold named after it; the reservation ends
-    at the cap, while the job runs, and the worker (``/health``) and every report the
-    engine receives stay busy until the job is done, then both go idle. The consumer
+    at the cap (before the job is done: it started first, and the job lasts three caps),
+    and the worker (``/health``) and every report the engine receives stay busy until the
+    job is done, then both go idle. The consumer
     (``--exit-when-idle``) then exits 0. ``done``: what the log says once the job is
     done, before the hold is dropped (default ``job <id> done``).
     """
@@ -253,13 +254,16 @@ async def check_the_job_is_protected(
         return bool((await status())["local_holds"]["count"] == 1)
 
     await eventually(held, limit_s=10)
+    # The engine hears of the hold within a report (the reservation may have elapsed
+    # already while the consumer started): from then on it must never hear "idle".
+    await engine.wait_for(lambda e: e.workers[WORKER_ID].busy, timeout=5.0)
     held_since = time.time()
     [hold] = (await status())["local_holds"]["holds"]
     assert hold["label"] == f"job {job_id}" and hold["duration"] is None
     assert done not in log(), log()
 
     # The reservation that brought the machine ends (its duration, capped at CAP_S)
-    # while the job runs: it started before the job, which lasts three times as long.
+    # before the job is done: it started before the job, which lasts three times as long.
     with trio.fail_after(5):
         await holder.ended.wait()
     assert holder.answer()["released"] == "duration_elapsed"

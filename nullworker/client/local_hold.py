@@ -206,10 +206,6 @@ class LocalHold:
     def __repr__(self) -> str:
         return f"<LocalHold id={self.id} label={self.label!r} held={self.held}>"
 
-    @property
-    def renewing(self) -> bool:
-        return self.duration is None
-
     def _begin(self, headers: httpx.Headers) -> None:
         self.id = _as_int(headers.get("nullworker-hold-id"))
         self.held_for_s = _as_float(headers.get("nullworker-hold-duration"))
@@ -398,7 +394,7 @@ async def _keep(
             outcome, why = "refused", f"HTTP {exc.status}: {exc}"
         else:
             why = outcome
-        if not hold.renewing:
+        if hold.duration is not None:  # one hold of that length, whatever its end
             hold._finish(outcome)
             return
         if not warned:
