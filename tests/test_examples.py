@@ -599,6 +599,10 @@ async def test_redis_consumers_work_without_a_hold_when_the_worker_is_unreachabl
     stdout = result.stdout.decode()
     assert done_ids(stdout) == [1, 2], output(result)
     assert stdout.count("local hold unavailable") == 1, output(result)
+    # It names the URL it tried and where that URL comes from.
+    [said] = [line for line in stdout.splitlines() if "local hold unavailable" in line]
+    assert args[args.index("--control-url") + 1] in said, said
+    assert "NULLWORKER_CONTROL_URL" in said and "NULLWORKER_CONTROL_PORT" in said, said
     assert stdout.count("(not held)") == 2, output(result)
     assert await lists.lists() == ([], [])
 
