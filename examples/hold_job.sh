@@ -23,8 +23,9 @@
 #      so that it cannot block the queue; keep it somewhere else if it matters).
 #   3. LREM $PROCESSING 1 $ID: the acknowledgement.
 #   4. A BLMOVE that waited IDLE_RELEASE seconds for nothing: POST /release on the control
-#      listener (the reservation ends, the autoscaler decides again), once per idle spell,
-#      printing the worker's answer. Local holds are separate: a job still running
+#      listener with {"started_before": <now>} (the reservation ends, the autoscaler
+#      decides again; one that started after this decision is left alone, 409), once per
+#      idle spell, printing the worker's answer. Local holds are separate: a job still running
 #      elsewhere on this worker keeps it busy. With EXIT_WHEN_IDLE=1 the loop then exits
 #      (0, or 1 when the release failed).
 #
@@ -35,7 +36,9 @@
 # Settings (environment):
 #   REDIS_URL               redis://127.0.0.1:6379/0 (the password: REDISCLI_AUTH)
 #   QUEUE, PROCESSING       jobs, jobs:processing
-#   NULLWORKER_CONTROL_URL  http://127.0.0.1:18999 (`nullworker hold` reads it too)
+#   NULLWORKER_CONTROL_URL  else http://127.0.0.1:$NULLWORKER_CONTROL_PORT (or
+#                           $NULL_CONTROL_PORT), else http://127.0.0.1:18999: found as
+#                           the worker finds its port (`nullworker hold` is given it)
 #   IDLE_RELEASE            5 (seconds, > 0)
 #   EXIT_WHEN_IDLE          unset: keep waiting for jobs after a release
 #   NULLWORKER              nullworker (start_server.sh installs it in the checkout's
@@ -60,7 +63,9 @@ fi
 REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 QUEUE="${QUEUE:-jobs}"
 PROCESSING="${PROCESSING:-jobs:processing}"
-CONTROL_URL="${NULLWORKER_CONTROL_URL:-http://127.0.0.1:18999}"
+CONTROL_PORT="${NULLWORKER_CONTROL_PORT-${NULL_CONTROL_PORT:-}}"
+CONTROL_URL="${NULLWORKER_CONTROL_URL:-http://127.0.0.1:${CONTROL_PORT:-18999}}"
+CONTROL_URL="${CONTROL_URL%/}"
 IDLE_RELEASE="${IDLE_RELEASE:-5}"
 NULLWORKER="${NULLWORKER:-nullworker}"
 export NULLWORKER_CONTROL_URL="$CONTROL_URL"
@@ -80,7 +85,10 @@ while true; do
         [ "$released" = 1 ] && continue
         echo "queue '$QUEUE' empty for $IDLE_RELEASE s: releasing"
         # --noproxy: the listener is on loopback, never through an http_proxy.
-        if answer=$(curl -sS --noproxy '*' --max-time 5 -X POST "$CONTROL_URL/release"); then
+        decided_at=$(date +%s.%N)
+        if answer=$(curl -sS --noproxy '*' --max-time 5 -X POST \
+            -H 'Content-Type: application/json' -d "{\"started_before\": $decided_at}" \
+            "$CONTROL_URL/release"); then
             echo "POST $CONTROL_URL/release -> $answer"
             released=1
             [ -n "${EXIT_WHEN_IDLE:-}" ] && exit 0

@@ -29,9 +29,12 @@ The loop
    elsewhere meanwhile.
 4. ``ack`` (waiting for the server's confirmation); then the hold's connection is
    closed, and the worker ends the hold at once.
-5. When no message came for ``--idle-release`` seconds: ``POST <control-url>/release``,
-   once per idle spell, and the worker's answer is printed. Then it goes on waiting for
-   jobs, or exits 0 with ``--exit-when-idle`` (1 if the release failed).
+5. When no message came for ``--idle-release`` seconds: ``POST <control-url>/release``
+   with ``{"started_before": <now>}``, once per idle spell, and the worker's answer is
+   printed. Naming the moment of the decision means a reservation that started after
+   it (the autoscaler brought the next one meanwhile) is left alone (``409``). Then it
+   goes on waiting for jobs, or exits 0 with ``--exit-when-idle`` (1 if the release
+   failed).
 
 A running job is never scaled away
 ----------------------------------
@@ -46,10 +49,9 @@ ends: this consumer writes a plain HTTP/1.1 request on an ``asyncio.open_connect
 reads the status line and headers (200: held), leaves the connection open while it
 works, and closes it after the ack. A consumer that dies mid-job closes it too (the
 kernel does), so a crash never leaves the worker busy for ever. The standard library is
-enough, so the consumer's environment needs nothing but ``nats-py``. One hold lasts at
-most the worker's ``MAX_RESERVATION_SECONDS`` (an hour by default): raise it above your
-longest job, or open the next hold when one's body arrives, as ``nullworker.local_hold``
-does.
+enough, so the consumer's environment needs nothing but ``nats-py``. A hold without a
+duration has no cap: one hold covers a job of any length, however far past
+``MAX_RESERVATION_SECONDS``.
 
 When the worker cannot be reached, or refuses the hold, the job is worked anyway,
 unprotected: the job matters more than the hold. That is said once (``local hold
@@ -84,9 +86,9 @@ hold, and a failed release is retried after the next idle spell)::
 
 Options: ``--nats-url`` (default ``nats://127.0.0.1:4222``), ``--stream`` (``JOBS``),
 ``--consumer`` (``workers``), ``--subject`` (``jobs``, used by ``--create``),
-``--control-url`` (``$NULLWORKER_CONTROL_URL``, else ``http://127.0.0.1:18999``: set it
-when the worker runs with another ``NULLWORKER_CONTROL_PORT``), ``--idle-release``
-(5 s), ``--exit-when-idle``, ``--create``.
+``--control-url`` (default :func:`control_url`: ``$NULLWORKER_CONTROL_URL``, else
+``http://127.0.0.1:$NULLWORKER_CONTROL_PORT``, else ``http://127.0.0.1:18999``, as the
+worker finds its port), ``--idle-release`` (5 s), ``--exit-when-idle``, ``--create``.
 
 Crashes: a consumer that dies mid-job never acknowledges its message; JetStream
 redelivers it (to this or another instance) once the consumer's ``ack_wait`` has passed,
@@ -109,9 +111,10 @@ import os
 import signal
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import nats
@@ -133,6 +136,36 @@ RELEASE_TIMEOUT_S = 5.0
 HOLD_TIMEOUT_S = 5.0
 #: The worker refuses longer labels.
 MAX_LABEL_CHARS = 200
+#: Said when the control listener cannot be reached: where its URL comes from.
+WHERE = (
+    "the URL is $NULLWORKER_CONTROL_URL, else http://127.0.0.1:$NULLWORKER_CONTROL_PORT; "
+    "set them as the worker runs"
+)
+
+
+def control_url(environ: Mapping[str, str] = os.environ) -> str:
+    """The worker's control listener, found from the environment the worker runs with.
+
+    A copy of ``nullworker.control_url`` (this consumer needs nothing but the standard
+    library and its queue's client): ``NULLWORKER_CONTROL_URL``, else
+    ``http://127.0.0.1:$NULLWORKER_CONTROL_PORT`` (or the official ``NULL_CONTROL_PORT``,
+    which the worker accepts too), else port 18999. Raises ValueError naming the variable
+    when it names no listener (``off``, ``0``: a port picked at start, not a port).
+    """
+    url = environ.get("NULLWORKER_CONTROL_URL", "").strip()
+    if url:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"NULLWORKER_CONTROL_URL must be an http(s) URL, got {url!r}")
+        return url.rstrip("/")
+    name = "NULLWORKER_CONTROL_PORT"
+    if name not in environ:
+        name = "NULL_CONTROL_PORT"
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return DEFAULT_CONTROL_URL
+    if not (raw.isdigit() and 0 < int(raw) <= 65535):
+        raise ValueError(f"{name}={raw} names no control listener: set NULLWORKER_CONTROL_URL")
+    return f"http://127.0.0.1:{int(raw)}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,9 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--control-url",
-        default=os.environ.get("NULLWORKER_CONTROL_URL") or DEFAULT_CONTROL_URL,
-        help=f"the worker's control listener (default $NULLWORKER_CONTROL_URL or "
-        f"{DEFAULT_CONTROL_URL})",
+        help="the worker's control listener (default $NULLWORKER_CONTROL_URL, else "
+        f"http://127.0.0.1:$NULLWORKER_CONTROL_PORT, else {DEFAULT_CONTROL_URL})",
     )
     parser.add_argument(
         "--idle-release",
@@ -167,6 +199,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not (math.isfinite(args.idle_release) and args.idle_release >= 0):
         parser.error("--idle-release must be a number of seconds >= 0")
+    if args.control_url is None:
+        try:
+            args.control_url = control_url()
+        except ValueError as exc:
+            parser.error(str(exc))
     return args
 
 
@@ -195,16 +232,30 @@ def parse_job(raw: bytes) -> dict[str, Any] | None:
     return job
 
 
-def release(control_url: str) -> bool:
-    """POST /release to the worker and print its answer; False if it could not be asked."""
+def release(control_url: str, decided_at: float) -> bool:
+    """POST /release to the worker and print its answer; False if it could not be asked.
+
+    It names what it ends: a reservation that started before ``decided_at`` (epoch
+    seconds, when the idle spell was judged long enough). A reservation that started
+    after that, because the one this consumer meant ended meanwhile and the autoscaler
+    brought the next, is left alone: the worker answers 409, and that counts as done.
+    """
     url = control_url.rstrip("/") + "/release"
     # The listener is on loopback: never send this through an http_proxy from the env.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(url, data=b"", method="POST")
+    body = json.dumps({"started_before": decided_at}).encode()
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with opener.open(request, timeout=RELEASE_TIMEOUT_S) as response:
             answer = response.read().decode(errors="replace").strip()
-    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+    except urllib.error.HTTPError as exc:
+        answer = exc.read().decode(errors="replace").strip()
+        if exc.code != 409:
+            say(f"POST {url} failed: HTTP {exc.code}: {answer}")
+            return False
+    except (OSError, ValueError) as exc:  # URLError is an OSError
         say(f"POST {url} failed: {exc}")
         return False
     say(f"POST {url} -> {answer}")
@@ -244,7 +295,10 @@ async def open_hold(control_url: str, label: str) -> tuple[asyncio.StreamWriter,
     except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         if writer is not None:
             writer.close()
-        raise HoldUnavailable(str(exc) or type(exc).__name__) from None
+        why = str(exc) or type(exc).__name__
+        raise HoldUnavailable(
+            f"cannot reach the worker's control listener at {control_url} ({why}); {WHERE}"
+        ) from None
     except BaseException:
         if writer is not None:
             writer.close()
@@ -359,7 +413,7 @@ async def consume(
                     continue  # reconnecting: an empty fetch says nothing about the queue
                 if not released and time.monotonic() - idle_since >= args.idle_release:
                     say(f"no job for {args.idle_release:g} s: releasing")
-                    ok = await asyncio.to_thread(release, args.control_url)
+                    ok = await asyncio.to_thread(release, args.control_url, time.time())
                     if args.exit_when_idle:
                         return 0 if ok else 1
                     if ok:

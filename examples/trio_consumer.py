@@ -14,8 +14,8 @@ While the block runs the worker counts as busy, even if the reservation that bro
 this machine is closed meanwhile (``nullworker autoscale`` scaling down cannot know
 this instance is mid-job), so Vast does not stop the instance under the job. The helper
 enters the block once the worker has accepted the hold (``/hold``'s ``200`` and headers
-arrived) and renews it if the job outlives the worker's ``MAX_RESERVATION_SECONDS`` or
-the worker restarts.
+arrived); the hold has no cap, so it covers a job of any length, and it is taken again
+if the worker restarts.
 
 ``redis`` is a dependency of nullworker, so this runs with the Python of the checkout's
 virtual environment (``start_server.sh`` makes it): its synchronous client runs in a
@@ -29,6 +29,11 @@ When the worker cannot be reached or refuses the hold (``nullworker.LocalHoldFai
 raised before the block runs), the job is worked anyway, unprotected: the job matters
 more than the hold. That is said once, and again only after a hold succeeded in between.
 
+The idle release is ``nullworker.release_reservation()``: ``POST /release`` naming the
+reservations that started before the decision, so one that started after it is left
+alone (``409``). The control listener is ``nullworker.control_url()``, found as the
+worker finds its port (``NULLWORKER_CONTROL_URL``, else ``NULLWORKER_CONTROL_PORT``).
+
 Options: ``--redis-url``, ``--queue``, ``--processing``, ``--control-url``,
 ``--idle-release``, ``--exit-when-idle``, as for ``redis_list_consumer.py``. Exit status:
 0 (``--exit-when-idle``), 1 (Redis unreachable at start, or the release failed with
@@ -41,19 +46,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import httpx
 import redis
 import trio
 
 import nullworker
 
-DEFAULT_CONTROL_URL = "http://127.0.0.1:18999"
 #: Longest single BLMOVE wait; an idle consumer re-checks its idle clock this often.
 BLOCK_S = 1.0
 
@@ -63,14 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--queue", default="jobs")
     parser.add_argument("--processing", default="jobs:processing")
-    parser.add_argument(
-        "--control-url", default=os.environ.get("NULLWORKER_CONTROL_URL") or DEFAULT_CONTROL_URL
-    )
+    parser.add_argument("--control-url")
     parser.add_argument("--idle-release", type=float, default=5.0, metavar="SECONDS")
     parser.add_argument("--exit-when-idle", action="store_true")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.idle_release) and args.idle_release >= 0):
         parser.error("--idle-release must be a number of seconds >= 0")
+    if args.control_url is None:
+        try:
+            args.control_url = nullworker.control_url()
+        except ValueError as exc:
+            parser.error(str(exc))
     return args
 
 
@@ -132,17 +138,21 @@ class Consumer:
         await self.redis(self.client.lrem, self.args.processing, 1, raw)  # acknowledge
 
     async def release(self) -> bool:
-        """POST /release to the worker and print its answer; False if it could not be asked."""
+        """POST /release to the worker and print its answer; False if it could not be asked.
+
+        Only a reservation that started before this decision ends: one that started
+        after it is left alone (the worker answers 409), and that counts as done.
+        """
         url = self.args.control_url.rstrip("/") + "/release"
         try:
-            # The listener is on loopback: never through an http_proxy from the environment.
-            async with httpx.AsyncClient(trust_env=False, timeout=5.0) as http:
-                response = await http.post(url)
-        except httpx.HTTPError as exc:
-            say(f"POST {url} failed: {exc!r}")
+            answer = await nullworker.release_reservation(
+                started_before=time.time(), control_url=self.args.control_url
+            )
+        except nullworker.ClientError as exc:  # ReleaseFailed
+            say(f"POST {url} failed: {exc}")
             return False
-        say(f"POST {url} -> {response.text.strip()}")
-        return response.is_success
+        say(f"POST {url} -> {json.dumps(answer, separators=(',', ':'))}")
+        return True
 
     async def consume(self) -> int:
         """The consumer loop; returns the exit status (with ``--exit-when-idle``)."""

@@ -42,7 +42,13 @@ from .worker.reservations import Outcome, ReservationResult, ReservationSlot, Sl
 
 if TYPE_CHECKING:
     from .client import ProgressEvent, Reservation, autoscale, hold, reserve
-    from .client.local_hold import LocalHold, LocalHoldFailed, local_hold
+    from .client.local_hold import (
+        LocalHold,
+        LocalHoldFailed,
+        control_url,
+        local_hold,
+        release_reservation,
+    )
     from .worker.app import create_app
     from .worker.server import ServeInfo, serve
 
@@ -69,9 +75,11 @@ __all__ = [
     "WorkerFailed",
     "__version__",
     "autoscale",
+    "control_url",
     "create_app",
     "hold",
     "local_hold",
+    "release_reservation",
     "reserve",
     "serve",
 ]
@@ -90,6 +98,8 @@ _LAZY = {
     "local_hold": ("client.local_hold", "local_hold"),
     "LocalHold": ("client.local_hold", "LocalHold"),
     "LocalHoldFailed": ("client.local_hold", "LocalHoldFailed"),
+    "control_url": ("client.local_hold", "control_url"),
+    "release_reservation": ("client.local_hold", "release_reservation"),
 }
 
 

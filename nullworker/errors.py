@@ -7,6 +7,7 @@ The tree::
     ├── EnvelopeError            a request body that is not a valid Vast envelope (-> 422)
     ├── QueueTimeout             the slot did not free up within max_queue_time (-> 429)
     ├── DuplicateRequest         the same request_idx is already held or queued (-> 409)
+    ├── ReleaseConflict          a release named another reservation than the active one (-> 409)
     ├── ShuttingDown             the worker is stopping and takes no new reservations (-> 503)
     ├── WorkerFailed             the worker's background work failed; serve() stops with it
     ├── DemandError              a demand source of the autoscaler could not be read
@@ -33,6 +34,7 @@ __all__ = [
     "EnvelopeError",
     "NullworkerError",
     "QueueTimeout",
+    "ReleaseConflict",
     "ReservationFailed",
     "ReservationRejected",
     "ShuttingDown",
@@ -75,6 +77,18 @@ class DuplicateRequest(NullworkerError):
     def __init__(self, message: str, *, key: object) -> None:
         super().__init__(message)
         self.key = key
+
+
+class ReleaseConflict(NullworkerError):
+    """A release named a reservation (by id, or by its start) that is not the active one.
+
+    Raised by :meth:`~nullworker.worker.reservations.ReservationSlot.release`; nothing was
+    released. ``active`` is the reservation that is held now (an ``ActiveInfo``).
+    """
+
+    def __init__(self, message: str, *, active: Any) -> None:
+        super().__init__(message)
+        self.active = active
 
 
 class ShuttingDown(NullworkerError):

@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -429,7 +430,9 @@ async def test_a_consumers_release_ends_one_reservation_and_it_is_replaced(
         kept_url = sorted(run.held_urls())[1]
 
         # The consumer on that instance is done: POST /release on its control listener.
-        answer = await http.post(dev.control_url(released_url) + "/release")
+        answer = await http.post(
+            dev.control_url(released_url) + "/release", json={"started_before": time.time()}
+        )
         assert answer.status_code == 200, answer.text
         assert answer.json()["released"] is True
         released = trio.current_time()

@@ -11,13 +11,16 @@ or the consumer's pending acks) is empty.
 Every consumer works each job inside a local hold (``POST /hold`` on the control listener;
 ``nullworker.local_hold`` in ``trio_consumer.py``, ``nullworker hold -- CMD`` in
 ``hold_job.sh``). The "protects" tests run a Vast-mode worker reporting to the local
-engine, release the reservation mid-job as a scale-down would, and watch the worker's
-``/health`` and the engine's view stay busy until the job is done, then go idle.
+engine with ``MAX_RESERVATION_SECONDS`` a third of the job, on a control port the
+consumer finds from the worker's environment alone (``NULLWORKER_CONTROL_PORT`` or
+``NULL_CONTROL_PORT``). The reservation ends mid-job, and the worker's ``/health`` and
+every report the engine receives stay busy until the job is done, then go idle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import json
 import os
@@ -25,10 +28,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import nats
@@ -37,11 +42,13 @@ import redis
 import trio
 from nats.js.api import AckPolicy, ConsumerConfig
 
+import nullworker
 from nullworker import ServeInfo
 
 from .conftest import StartWorker, envelope, vast_settings
 from .servers import (  # noqa: F401
     ServerProcess,
+    free_port,
     nats_server_binary_fixture,
     nats_server_fixture,
     redis_server_binary_fixture,
@@ -64,8 +71,10 @@ IDLE_S = 0.5
 #: Longer than one BLMOVE block or NATS fetch of the examples (1 s).
 LONG_IDLE_S = 1.5
 JOB_S = 0.1
-#: Long enough to see the hold and release the reservation while the job runs.
-LONG_JOB_S = 1.0
+#: MAX_RESERVATION_SECONDS in the "protects" tests: the reservation ends mid-job.
+CAP_S = 0.5
+#: Three times the cap: a hold that the cap ended would leave the job unprotected.
+LONG_JOB_S = 3 * CAP_S
 #: The Vast-mode worker's id (vast_settings' container_id).
 WORKER_ID = 7
 
@@ -79,8 +88,12 @@ def job(job_id: int, seconds: float = JOB_S) -> bytes:
     return json.dumps({"id": job_id, "seconds": seconds}).encode()
 
 
+#: Where the consumers look for the control listener; set only by the tests.
+CONTROL_VARIABLES = ("NULLWORKER_CONTROL_URL", "NULLWORKER_CONTROL_PORT", "NULL_CONTROL_PORT")
+
+
 def consumer_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "NULLWORKER_CONTROL_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in CONTROL_VARIABLES}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -176,8 +189,13 @@ async def hold_reservation(
 
 
 async def start_vast_worker(start_worker: StartWorker, engine: Any) -> ServeInfo:
-    """A worker in Vast mode reporting to the local engine, once the engine sees it ready."""
-    info = await start_worker(**vast_settings(engine))
+    """A worker in Vast mode reporting to the local engine, once the engine sees it ready.
+
+    MAX_RESERVATION_SECONDS is CAP_S, a heartbeat report goes out every 0.1 s, and the
+    control listener is on a port of its own (not 18999): read it from ``control_url``.
+    """
+    settings = vast_settings(engine, max_reservation_s=CAP_S, heartbeat_s=0.1)
+    info = await start_worker(**settings, control_port=free_port())
     await engine.wait_for(lambda e: WORKER_ID in e.workers and e.workers[WORKER_ID].ready)
     assert info.control_url is not None
     return info
@@ -212,11 +230,13 @@ async def check_the_job_is_protected(
     *,
     done: str | None = None,
 ) -> None:
-    """The consumer works job ``job_id`` (LONG_JOB_S) under ``holder``'s reservation.
+    """The consumer works job ``job_id`` (LONG_JOB_S, three times the cap) under
+    ``holder``'s reservation.
 
-    During the job the worker lists one local hold named after it; the reservation is
-    released mid-job (as a scale-down would close it), and the worker (``/health``) and
-    the engine's view stay busy until the job is done, then both go idle. The consumer
+    During the job the worker lists one local hold named after it; the reservation ends
+    at the cap (before the job is done: it started first, and the job lasts three caps),
+    and the worker (``/health``) and every report the engine receives stay busy until the
+    job is done, then both go idle. The consumer
     (``--exit-when-idle``) then exits 0. ``done``: what the log says once the job is
     done, before the hold is dropped (default ``job <id> done``).
     """
@@ -234,25 +254,29 @@ async def check_the_job_is_protected(
         return bool((await status())["local_holds"]["count"] == 1)
 
     await eventually(held, limit_s=10)
+    # The engine hears of the hold within a report (the reservation may have elapsed
+    # already while the consumer started): from then on it must never hear "idle".
+    await engine.wait_for(lambda e: e.workers[WORKER_ID].busy, timeout=5.0)
+    held_since = time.time()
     [hold] = (await status())["local_holds"]["holds"]
-    assert hold["label"] == f"job {job_id}"
+    assert hold["label"] == f"job {job_id}" and hold["duration"] is None
     assert done not in log(), log()
 
-    # The reservation that brought the machine ends while the job runs.
-    response = await http.post(f"{info.control_url}/release")
-    assert response.json()["released"] is True, response.text
-    assert response.json()["request_idx"] == holder.request_idx
+    # The reservation that brought the machine ends (its duration, capped at CAP_S)
+    # before the job is done: it started before the job, which lasts three times as long.
     with trio.fail_after(5):
         await holder.ended.wait()
-    assert holder.answer()["released"] == "explicit"
+    assert holder.answer()["released"] == "duration_elapsed"
     assert not info.worker.slot.statistics().busy  # no reservation any more
 
     # Busy for the worker and the engine until the job is done. Polled in this order,
     # since the job is logged done before the hold is dropped: whenever either says
     # idle, ``done`` must already be in the log.
     busy_polls = 0
+    running_at = held_since  # the last moment the log said the job was still running
     with trio.fail_after(10):
         while True:
+            now = time.time()
             worker_busy = (await http.get(f"{info.control_url}/health")).json()["busy"]
             engine_busy = engine.workers[WORKER_ID].busy
             job_done = done in log()
@@ -260,14 +284,24 @@ async def check_the_job_is_protected(
                 assert job_done, f"idle mid-job (worker {worker_busy}, engine {engine_busy})"
             elif not job_done:
                 busy_polls += 1
+                running_at = now
             if not (worker_busy or engine_busy):
                 break
             await trio.sleep(0.02)
     assert busy_polls >= 10, busy_polls  # the rest of the job, after the reservation
+    # Every report of the job's span said busy: one request working (the local hold).
+    during = [
+        r.body for r in engine.worker_status_reports if held_since <= r.received_at <= running_at
+    ]
+    assert len(during) >= 2, during
+    for body in during:
+        assert body["cur_load"] == 100.0 and body["num_requests_working"] == 1, body
     assert engine.workers[WORKER_ID].cur_load == 0.0
     final = await status()
     assert final["busy"] is False and final["local_holds"]["count"] == 0
-    assert final["local_holds"]["counts"]["disconnected"] == 1  # the consumer let go
+    counts = final["local_holds"]["counts"]
+    assert counts["disconnected"] == 1  # the consumer let go
+    assert counts["duration_elapsed"] == 0 and counts["started"] == 1  # one hold, no cap
 
     with trio.fail_after(10):
         await process.wait()
@@ -277,12 +311,53 @@ async def check_the_job_is_protected(
     assert '"no active reservation"' in log(), log()
 
 
+def control_port_env(info: ServeInfo, variable: str = "NULLWORKER_CONTROL_PORT") -> dict[str, str]:
+    """The consumer's environment with the worker's control port, as the worker has it."""
+    assert info.control_url is not None
+    port = urlsplit(info.control_url).port
+    assert port is not None and port != 18999
+    return consumer_env(**{variable: str(port)})
+
+
 def closed_port_url() -> str:
     """A control URL on which nothing listens."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+def load_example(script: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", [REDIS_EXAMPLE, NATS_EXAMPLE], ids=["redis", "nats"])
+def test_the_examples_find_the_control_listener_as_the_library_does(script: Path) -> None:
+    """The stdlib consumers carry a copy of ``nullworker.control_url``: it must agree."""
+    copy = load_example(script).control_url
+    for env in [
+        {},
+        {"NULLWORKER_CONTROL_PORT": "19001"},
+        {"NULL_CONTROL_PORT": "19002"},
+        {"NULLWORKER_CONTROL_PORT": "19001", "NULL_CONTROL_PORT": "19002"},
+        {"NULLWORKER_CONTROL_PORT": "", "NULL_CONTROL_PORT": "19002"},
+        {"NULLWORKER_CONTROL_URL": "http://127.0.0.1:7/", "NULLWORKER_CONTROL_PORT": "1"},
+        {"NULLWORKER_CONTROL_PORT": "off"},
+        {"NULL_CONTROL_PORT": "0"},
+        {"NULLWORKER_CONTROL_PORT": "70000"},
+        {"NULLWORKER_CONTROL_URL": "127.0.0.1:7"},
+    ]:
+        try:
+            expected = nullworker.control_url(env)
+        except ValueError:
+            with pytest.raises(ValueError):
+                copy(env)
+            continue
+        assert copy(env) == expected, env
 
 
 # -- Redis -------------------------------------------------------------------------------
@@ -483,9 +558,14 @@ async def test_redis_consumer_requeues_a_crashed_runs_job(
     assert release_answers(stdout) == [{"released": False, "reason": "no active reservation"}]
 
 
-@pytest.mark.parametrize("script", [REDIS_EXAMPLE, TRIO_EXAMPLE], ids=["sync", "trio"])
+@pytest.mark.parametrize(
+    ("script", "variable"),
+    [(REDIS_EXAMPLE, "NULLWORKER_CONTROL_PORT"), (TRIO_EXAMPLE, "NULL_CONTROL_PORT")],
+    ids=["sync", "trio"],
+)
 async def test_redis_consumers_protect_the_running_job(
     script: Path,
+    variable: str,
     redis_server: ServerProcess,
     start_worker: StartWorker,
     vast_engine: Any,
@@ -498,11 +578,10 @@ async def test_redis_consumers_protect_the_running_job(
     lists = RedisLists(redis_server.url)
     holder = await hold_reservation(nursery, http, info, lists.demand, vast_engine)
     await lists.push(job(1, seconds=LONG_JOB_S))
-    args = redis_args(redis_server, "--control-url", info.control_url, "--exit-when-idle")
+    args = redis_args(redis_server, "--exit-when-idle")  # the control URL from the env
     log_path = tmp_path / "consumer.out"
-    process = await start_consumer(
-        nursery, [sys.executable, str(script), *args], log_path, consumer_env()
-    )
+    env = control_port_env(info, variable)
+    process = await start_consumer(nursery, [sys.executable, str(script), *args], log_path, env)
     await check_the_job_is_protected(http, info, vast_engine, holder, process, log_path, 1)
     assert await lists.lists() == ([], [])  # done and acknowledged
 
@@ -520,6 +599,10 @@ async def test_redis_consumers_work_without_a_hold_when_the_worker_is_unreachabl
     stdout = result.stdout.decode()
     assert done_ids(stdout) == [1, 2], output(result)
     assert stdout.count("local hold unavailable") == 1, output(result)
+    # It names the URL it tried and where that URL comes from.
+    [said] = [line for line in stdout.splitlines() if "local hold unavailable" in line]
+    assert args[args.index("--control-url") + 1] in said, said
+    assert "NULLWORKER_CONTROL_URL" in said and "NULLWORKER_CONTROL_PORT" in said, said
     assert stdout.count("(not held)") == 2, output(result)
     assert await lists.lists() == ([], [])
 
@@ -541,13 +624,13 @@ async def test_shell_example_protects_the_running_job(
         REDIS_URL=redis_server.url,
         QUEUE=QUEUE,
         PROCESSING=PROCESSING,
-        NULLWORKER_CONTROL_URL=info.control_url,
         IDLE_RELEASE=str(IDLE_S),
         EXIT_WHEN_IDLE="1",
         NULLWORKER=str(Path(sys.executable).parent / "nullworker"),
     )
     # The example prints "job 1 done" once `nullworker hold` has exited, after the hold:
     # the command itself says when the work is done.
+    env.update(control_port_env(info))
     work = f'sleep {LONG_JOB_S}; echo "finished job $1"'
     log_path = tmp_path / "consumer.out"
     command = [str(SHELL_EXAMPLE), "sh", "-c", work, "work"]
@@ -684,7 +767,7 @@ async def test_nats_consumer_protects_the_running_job(
     await jetstream(nats_server.url, create)
     holder = await hold_reservation(nursery, http, info, demand, vast_engine)
     await jetstream(nats_server.url, publish)
-    env = consumer_env(NULLWORKER_CONTROL_URL=info.control_url)
+    env = control_port_env(info)
     log_path = tmp_path / "consumer.out"
     command = [sys.executable, str(NATS_EXAMPLE), *nats_args(nats_server)]
     process = await start_consumer(nursery, command, log_path, env)

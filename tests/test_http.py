@@ -232,7 +232,9 @@ async def test_busy_worker_answers_429_after_max_queue_time(
         assert waited >= 0.3  # it really waited in the queue first
         # The worker keeps serving: the consumer releases the first reservation.
         assert info.control_url is not None
-        released = await http.post(f"{info.control_url}/release")
+        released = await http.post(
+            f"{info.control_url}/release", json={"started_before": time.time()}
+        )
         assert released.json()["released"] is True
     assert first["response"].status_code == 200
     assert first["response"].json()["released"] == "explicit"
@@ -257,7 +259,7 @@ async def test_release_with_nothing_held(
     start_worker: StartWorker, http: httpx.AsyncClient
 ) -> None:
     info = await start_worker()
-    response = await http.post(f"{info.control_url}/release")
+    response = await http.post(f"{info.control_url}/release", json={"id": 1})
     assert response.status_code == 200
     assert response.json() == {"released": False, "reason": "no active reservation"}
 

@@ -7,6 +7,7 @@ emulator) on loopback, with ``nullworker hold`` as a real process.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ import trio
 import trio.testing
 
 from nullworker import local_hold
-from nullworker.client.local_hold import LocalHoldFailed
+from nullworker.client.local_hold import LocalHoldFailed, control_url
 from nullworker.errors import ShuttingDown
 from nullworker.worker.config import WorkerConfig
 from nullworker.worker.local_holds import (
@@ -40,32 +41,51 @@ from .test_http import open_raw_reservation, wait_until
 # -- the core, in virtual time ---------------------------------------------------------
 
 
-async def test_a_hold_is_capped_and_elapses_on_the_trio_clock(
+async def test_a_hold_without_a_duration_has_no_cap(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    holds = LocalHolds(max_duration_s=3600.0)
+    """Held until its holder goes away, however long: a week of virtual time here."""
+    holds = LocalHolds()
     start = trio.current_time()
-    async with holds.open(None, label="job") as hold:
-        assert hold.duration_s == 3600.0  # omitted: the cap
-        assert holds.count == 1
-        assert await hold.wait() is HoldOutcome.ELAPSED
-    assert trio.current_time() - start == pytest.approx(3600.0)
-    assert hold.outcome is HoldOutcome.ELAPSED
+    async with trio.open_nursery() as nursery:
+        async with holds.open(None, label="job") as hold:
+            assert hold.duration_s is None and holds.count == 1
+            nursery.start_soon(trio.sleep, 7 * 24 * 3600.0)  # the job
+            with trio.move_on_after(7 * 24 * 3600.0) as job:
+                await hold.wait()
+            assert job.cancelled_caught  # the week passed and the hold is still open
+            assert holds.count == 1 and hold.outcome is None
+            [shown] = holds.statistics().holds
+            assert shown.duration_s is None and shown.remaining_s is None
+            hold.end()  # the holder goes away
+            assert await hold.wait() is HoldOutcome.DISCONNECTED
+    assert trio.current_time() - start == pytest.approx(7 * 24 * 3600.0)
     assert holds.count == 0
+
+
+async def test_a_hold_with_a_duration_elapses_on_the_trio_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    holds = LocalHolds()
+    start = trio.current_time()
     async with holds.open(10_000.0) as hold:
-        assert hold.duration_s == 3600.0  # larger: the cap
-        await hold.wait()
+        assert hold.duration_s == 10_000.0  # honoured: no cap
+        assert holds.statistics().holds[0].remaining_s == pytest.approx(10_000.0)
+        assert await hold.wait() is HoldOutcome.ELAPSED
     async with holds.open(5.0) as hold:
-        assert hold.duration_s == 5.0
         await hold.wait()
-    assert trio.current_time() - start == pytest.approx(7205.0)
-    assert holds.statistics().counts["duration_elapsed"] == 3
+    assert trio.current_time() - start == pytest.approx(10_005.0)
+    assert holds.statistics().counts["duration_elapsed"] == 2
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            async with holds.open(bad):
+                pass  # pragma: no cover
 
 
 async def test_every_way_out_ends_a_hold_once_with_its_outcome(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    holds = LocalHolds(max_duration_s=60.0)
+    holds = LocalHolds()
     events: list[tuple[str, int, HoldOutcome | None]] = []
     holds.add_observer(lambda e: events.append((e.kind, e.hold.id, e.hold.outcome)))
 
@@ -117,7 +137,7 @@ def test_observer_errors_never_break_a_hold() -> None:
         raise RuntimeError("observer bug")
 
     async def main() -> None:
-        holds = LocalHolds(max_duration_s=1.0, observer=broken)
+        holds = LocalHolds(observer=broken)
         async with holds.open(0.0) as hold:
             assert await hold.wait() is HoldOutcome.ELAPSED
         assert holds.count == 0
@@ -262,17 +282,28 @@ async def test_local_holds_and_a_reservation_coexist(
     await wait_until(lambda: not info.worker.busy)
 
 
-async def test_a_short_cap_bounds_a_hold(
+async def test_a_hold_without_a_duration_outlasts_max_reservation_seconds(
     start_worker: StartWorker, http: httpx.AsyncClient
 ) -> None:
-    info = await start_worker(max_reservation_s=0.3)
-    for body in ({}, {"duration": 100}):
-        started = time.monotonic()
-        response = await http.post(f"{info.control_url}/hold", json=body)
-        answer = response.json()
-        assert answer["released"] == "duration_elapsed"
-        assert answer["duration"] == 0.3
-        assert 0.3 <= time.monotonic() - started < 3
+    """The cap is for reservations: a local hold stays until its holder goes away."""
+    cap = 0.3
+    info = await start_worker(max_reservation_s=cap)
+    async with http.stream("POST", f"{info.control_url}/hold", json={"label": "long"}) as response:
+        assert response.status_code == 200
+        assert "nullworker-hold-duration" not in response.headers  # no duration: no end
+        [shown] = (await http.get(f"{info.control_url}/status")).json()["local_holds"]["holds"]
+        assert shown["duration"] is None and shown["remaining_s"] is None
+        await trio.sleep(3 * cap)
+        assert info.worker.local_holds.count == 1
+        assert (await http.get(f"{info.control_url}/health")).json()["busy"] is True
+    await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=1.0)
+    counts = info.worker.local_holds.statistics().counts
+    assert counts["disconnected"] == 1 and counts["duration_elapsed"] == 0
+    # An explicit duration is honoured, past the cap too.
+    response = await http.post(f"{info.control_url}/hold", json={"duration": 2 * cap})
+    answer = response.json()
+    assert answer["released"] == "duration_elapsed" and answer["duration"] == 2 * cap
+    assert answer["held"] >= 2 * cap
 
 
 # -- the engine's view -------------------------------------------------------------------
@@ -311,6 +342,72 @@ async def test_a_local_hold_keeps_the_engines_view_busy_after_the_reservation(
     # Only the reservation reached /delete_requests/, and new_load counted it once.
     assert [f.request_idx for f in vast_engine.finished] == [4242]
     assert sum(r.body["new_load"] for r in vast_engine.worker_status_reports) == 100.0
+
+
+#: MAX_RESERVATION_SECONDS for the long-job tests; each job lasts three times as long.
+CAP_S = 0.5
+
+
+async def start_long_job_worker(
+    start_worker: StartWorker, engine: Any, **overrides: Any
+) -> ServeInfo:
+    """A Vast-mode worker with MAX_RESERVATION_SECONDS = CAP_S that reports every 0.1 s."""
+    settings = vast_settings(engine, max_reservation_s=CAP_S, heartbeat_s=0.1)
+    info = await start_worker(**settings, **overrides)
+    await engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+    return info
+
+
+def assert_busy_in_every_report(engine: Any, since: float, until: float) -> None:
+    """Every report the engine received between ``since`` and ``until`` (wall clock) says
+    busy: the whole worker's load, one request working (the local hold)."""
+    during = [r.body for r in engine.worker_status_reports if since <= r.received_at <= until]
+    assert len(during) >= 2, during  # heartbeats every 0.1 s over the job
+    for body in during:
+        assert body["cur_load"] == 100.0 and body["num_requests_working"] == 1, body
+
+
+async def test_a_library_hold_covers_a_job_three_times_the_cap(
+    start_worker: StartWorker, vast_engine: Any
+) -> None:
+    info = await start_long_job_worker(start_worker, vast_engine)
+    async with local_hold(control_url=info.control_url, label="long job") as hold:
+        await vast_engine.wait_for(lambda e: e.workers[7].busy)
+        since = time.time()
+        await trio.sleep(3 * CAP_S)  # the job
+        until = time.time()
+        assert hold.held and hold.holds == 1  # one hold, never renewed
+        assert hold.held_for_s is None
+    assert_busy_in_every_report(vast_engine, since, until)
+    await vast_engine.wait_for(lambda e: not e.workers[7].busy)
+    counts = info.worker.local_holds.statistics().counts
+    assert counts["started"] == 1 and counts["duration_elapsed"] == 0
+
+
+async def test_the_hold_cli_covers_a_job_three_times_the_cap_on_another_port(
+    start_worker: StartWorker, vast_engine: Any, tmp_path: Path
+) -> None:
+    """``nullworker hold`` finds the worker from NULLWORKER_CONTROL_PORT alone."""
+    port = _free_port()
+    info = await start_long_job_worker(start_worker, vast_engine, control_port=port)
+    done = tmp_path / "done"
+    env = _hold_env(None) | {"NULLWORKER_CONTROL_PORT": str(port)}
+    command = ["sh", "-c", f"sleep {3 * CAP_S}; touch {done}"]
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "nullworker", "hold", "--", *command],
+            env=env,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert f"local hold 1 on http://127.0.0.1:{port}".encode() in result.stderr
+    assert b"warning" not in result.stderr  # the hold never ended under the command
+    reports = vast_engine.worker_status_reports
+    held_since = min(r.received_at for r in reports if r.body["cur_load"])
+    assert_busy_in_every_report(vast_engine, held_since, done.stat().st_mtime)
+    counts = info.worker.local_holds.statistics().counts
+    assert counts["started"] == 1 and counts["duration_elapsed"] == 0
 
 
 def partial_post(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Any:
@@ -360,7 +457,7 @@ async def test_many_concurrent_holds_then_idle(start_worker: StartWorker, vast_e
 # -- the helper --------------------------------------------------------------------------
 
 
-async def test_local_hold_renews_at_the_cap_and_after_a_worker_restart(
+async def test_local_hold_is_one_hold_past_the_cap_and_holds_again_after_a_worker_restart(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     control_port = _free_port()
@@ -387,8 +484,9 @@ async def test_local_hold_renews_at_the_cap_and_after_a_worker_restart(
     async with local_hold(control_url=first.control_url, label="long job") as hold:
         assert hold.held and hold.duration is None
         await trio.sleep(0.7)
-        assert hold.holds >= 3  # renewed each time the 0.2 s cap elapsed
+        assert hold.holds == 1  # one hold past the 0.2 s cap: nothing to renew
         assert first.worker.local_holds.count == 1
+        assert first.worker.local_holds.statistics().counts["duration_elapsed"] == 0
         first_scope.cancel()  # the worker goes away (a crash, a restart)
         await wait_until(lambda: not hold.held, limit_s=3.0)
         second, _ = await start()
@@ -417,6 +515,8 @@ async def test_local_hold_raises_when_the_worker_cannot_be_reached_or_refuses(
         async with local_hold(control_url=f"http://127.0.0.1:{_free_port()}"):
             pass  # pragma: no cover
     assert info.value.status is None and "cannot reach" in str(info.value)
+    for named in ("NULLWORKER_CONTROL_URL", "NULLWORKER_CONTROL_PORT", "http://127.0.0.1:"):
+        assert named in str(info.value)
     worker = await start_worker()
     worker.worker.begin_shutdown()
     with pytest.raises(LocalHoldFailed) as info:
@@ -437,6 +537,86 @@ async def test_local_hold_reads_the_control_url_from_the_environment(
     async with local_hold(label="from env") as hold:
         assert hold.control_url == info.control_url
         assert info.worker.local_holds.statistics().holds[0].label == "from env"
+
+
+@pytest.mark.parametrize(
+    ("env", "url"),
+    [
+        ({}, "http://127.0.0.1:18999"),
+        ({"NULLWORKER_CONTROL_PORT": "19001"}, "http://127.0.0.1:19001"),
+        ({"NULL_CONTROL_PORT": "19002"}, "http://127.0.0.1:19002"),
+        (
+            {"NULLWORKER_CONTROL_PORT": "19001", "NULL_CONTROL_PORT": "19002"},
+            "http://127.0.0.1:19001",
+        ),
+        ({"NULLWORKER_CONTROL_PORT": " ", "NULL_CONTROL_PORT": "19002"}, "http://127.0.0.1:18999"),
+        (
+            {"NULLWORKER_CONTROL_URL": "http://127.0.0.1:7/", "NULLWORKER_CONTROL_PORT": "19001"},
+            "http://127.0.0.1:7",
+        ),
+    ],
+)
+def test_control_url_is_where_the_worker_listens(env: dict[str, str], url: str) -> None:
+    """The client finds the port the worker reads from the same environment."""
+    assert control_url(env) == url
+    if "NULLWORKER_CONTROL_URL" not in env:
+        assert url == f"http://127.0.0.1:{WorkerConfig.from_env(env).control_port}"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"NULLWORKER_CONTROL_PORT": "off"}, "NULLWORKER_CONTROL_PORT"),
+        ({"NULL_CONTROL_PORT": "0"}, "NULL_CONTROL_PORT"),
+        ({"NULLWORKER_CONTROL_PORT": "port"}, "NULLWORKER_CONTROL_PORT"),
+        ({"NULLWORKER_CONTROL_PORT": "70000"}, "NULLWORKER_CONTROL_PORT"),
+        ({"NULLWORKER_CONTROL_URL": "127.0.0.1:7"}, "NULLWORKER_CONTROL_URL"),
+    ],
+)
+def test_control_url_names_the_setting_that_leads_nowhere(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        control_url(env)
+
+
+@pytest.mark.parametrize("variable", ["NULLWORKER_CONTROL_PORT", "NULL_CONTROL_PORT"])
+async def test_local_hold_finds_a_worker_on_another_control_port(
+    start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    port = _free_port()
+    info = await start_worker(control_port=port)
+    monkeypatch.delenv("NULLWORKER_CONTROL_URL", raising=False)
+    monkeypatch.delenv("NULLWORKER_CONTROL_PORT", raising=False)
+    monkeypatch.setenv(variable, str(port))
+    async with local_hold(label="on another port") as hold:
+        assert hold.control_url == f"http://127.0.0.1:{port}"
+        assert info.worker.local_holds.statistics().holds[0].label == "on another port"
+
+
+async def test_an_unreachable_port_from_the_environment_is_named(tmp_path: Path) -> None:
+    port = _free_port()  # nothing listens there
+    env = _hold_env(None) | {"NULLWORKER_CONTROL_PORT": str(port)}
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "nullworker", "hold", "--", "touch", str(tmp_path / "ran")],
+            env=env,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 3
+    message = result.stderr.decode()
+    assert f"http://127.0.0.1:{port}/hold" in message, message
+    assert "NULLWORKER_CONTROL_URL" in message and "NULLWORKER_CONTROL_PORT" in message
+    assert not (tmp_path / "ran").exists()
+    env["NULLWORKER_CONTROL_PORT"] = "off"
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-m", "nullworker", "hold", "--", "true"],
+            env=env,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 3
+    assert b"NULLWORKER_CONTROL_PORT=off" in result.stderr
 
 
 async def test_an_exception_in_the_block_propagates_and_ends_the_hold(

@@ -9,14 +9,17 @@ import pytest
 import trio
 import trio.testing
 
-from nullworker.errors import DuplicateRequest, QueueTimeout, ShuttingDown
+from nullworker.errors import DuplicateRequest, QueueTimeout, ReleaseConflict, ShuttingDown
 from nullworker.worker.reservations import (
     Outcome,
+    ReleaseRequest,
+    ReleaseRequestError,
     Reservation,
     ReservationEvent,
     ReservationResult,
     ReservationSlot,
     State,
+    parse_release_request,
 )
 
 
@@ -229,6 +232,77 @@ async def test_explicit_release_ends_the_hold(autojump_clock: trio.testing.MockC
     assert results[0].outcome is Outcome.RELEASED
     assert trio.current_time() == released_at
     assert slot.statistics().counts["explicit"] == 1
+
+
+async def test_a_named_release_ends_only_the_reservation_it_names(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The consumer saw reservation 1 and decided to release it; meanwhile 1 ended and 2
+    started. Its release names 1 (by id, or by starting before the decision): 2 stays."""
+    slot = make_slot()
+    results: list[ReservationResult] = []
+
+    async def holder(duration: float) -> None:
+        results.append(await slot.hold(duration))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder, 10.0)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(holder, 100.0)  # queued behind 1
+        await trio.testing.wait_all_tasks_blocked()
+        seen = slot.statistics().active
+        assert seen is not None and seen.id == 1
+        await trio.sleep(10.5)  # 1 elapses, 2 starts
+        active = slot.statistics().active
+        assert active is not None and active.id == 2
+        active_started = active.started_at
+        for named in (
+            {"id": 1},
+            {"started_before": active_started},
+            {"id": 2, "started_before": 1.0},
+        ):
+            with pytest.raises(ReleaseConflict) as conflict:
+                slot.release(**named)
+            assert conflict.value.active.id == 2
+        assert slot.statistics().active is not None  # left alone
+        info = slot.release(id=2, started_before=active_started + 0.001)
+        assert info is not None and info.id == 2
+        assert slot.release(id=2) is None  # ended: nothing to release
+    assert [r.outcome for r in results] == [Outcome.ELAPSED, Outcome.RELEASED]
+    assert slot.release(id=1) is None and slot.release(started_before=math.inf) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (b"", 428, None),
+        (b"{}", 428, None),
+        (b'{"id": null}', 428, None),
+        (b"{nope", 422, None),
+        (b"[1]", 422, None),
+        (b'{"id": "3"}', 422, "id"),
+        (b'{"id": true}', 422, "id"),
+        (b'{"id": 0}', 422, "id"),
+        (b'{"id": 1.5}', 422, "id"),
+        (b'{"started_before": "now"}', 422, "started_before"),
+        (b'{"started_before": 1' + b"0" * 400 + b"}", 422, "started_before"),
+        (b'{"reservation": 3}', 422, "reservation"),
+    ],
+)
+def test_bad_release_requests_are_refused_naming_the_field(
+    body: bytes, status: int, field: str | None
+) -> None:
+    with pytest.raises(ReleaseRequestError) as info:
+        parse_release_request(body)
+    assert info.value.status == status
+    assert info.value.detail["released"] is False and info.value.detail["error"]
+    assert info.value.detail.get("field") == field
+
+
+def test_good_release_requests() -> None:
+    assert parse_release_request(b'{"id": 3}') == ReleaseRequest(id=3)
+    assert parse_release_request(b'{"started_before": 17.5}') == ReleaseRequest(started_before=17.5)
+    assert parse_release_request(b'{"id": 4, "started_before": 2}') == ReleaseRequest(4, 2.0)
 
 
 async def test_shutdown_ends_holders_and_waiters_and_refuses_new(

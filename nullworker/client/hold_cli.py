@@ -8,9 +8,12 @@ The hold (:func:`~nullworker.client.local_hold.local_hold`) is taken before the 
 starts and dropped the moment it exits, or the moment this process dies, whatever kills
 it: the hold is an open connection, and the kernel closes it.
 
-* Without ``--duration`` the worker is held for as long as the command runs (renewed as
-  the worker's ``MAX_RESERVATION_SECONDS`` elapses, and after a worker restart). With
-  it, at most that long; a warning says when the hold ended before the command.
+* Without ``--duration`` the worker is held for as long as the command runs, however long
+  (the worker puts no cap on such a hold; after a worker restart it is taken again).
+  With it, at most that long; a warning says when the hold ended before the command.
+* The control listener is found as the worker's environment says (``--control-url``,
+  else ``NULLWORKER_CONTROL_URL``, else ``NULLWORKER_CONTROL_PORT`` or
+  ``NULL_CONTROL_PORT`` on 127.0.0.1, else port 18999).
 * SIGTERM, and SIGINT sent to this process, are passed on to the command. Ctrl-C on a
   terminal already reaches the command (it runs in the same foreground process group),
   so it is not sent a second time.
@@ -36,7 +39,15 @@ from contextlib import AsyncExitStack
 import trio
 
 from .. import logs
-from .local_hold import CONTROL_URL_ENV, DEFAULT_CONTROL_URL, LocalHold, LocalHoldFailed, local_hold
+from .local_hold import (
+    CONTROL_PORT_ENV,
+    CONTROL_URL_ENV,
+    DEFAULT_CONTROL_URL,
+    LocalHold,
+    LocalHoldFailed,
+    control_url,
+    local_hold,
+)
 
 __all__ = ["EXIT_CANNOT_RUN", "EXIT_NOT_FOUND", "EXIT_UNAVAILABLE", "EXIT_USAGE", "main"]
 
@@ -72,8 +83,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--control-url",
         metavar="URL",
-        help=f"the worker's control listener (default ${CONTROL_URL_ENV}, "
-        f"else {DEFAULT_CONTROL_URL})",
+        help=f"the worker's control listener (default ${CONTROL_URL_ENV}, else "
+        f"http://127.0.0.1:${CONTROL_PORT_ENV}, else {DEFAULT_CONTROL_URL})",
     )
     parser.add_argument(
         "--best-effort",
@@ -148,10 +159,11 @@ async def _run(args: argparse.Namespace, command: list[str], label: str) -> int:
         async with AsyncExitStack() as stack:
             hold: LocalHold | None = None
             try:
+                url = args.control_url or control_url()
                 hold = await stack.enter_async_context(
-                    local_hold(args.duration, label=label, control_url=args.control_url)
+                    local_hold(args.duration, label=label, control_url=url)
                 )
-            except LocalHoldFailed as exc:
+            except (LocalHoldFailed, ValueError) as exc:  # ValueError: the environment's URL
                 if not args.best_effort:
                     print(
                         f"nullworker hold: {exc}; not running the command "

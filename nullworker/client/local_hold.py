@@ -8,8 +8,17 @@ Usage, in the consumer that runs beside the worker on the instance::
 
 A reservation brings a machine; a local hold keeps it while a job runs, even after the
 reservation that brought it was closed. The hold is ``POST /hold`` on the worker's
-control listener (``NULLWORKER_CONTROL_URL``, default ``http://127.0.0.1:18999``), a
-request kept open for as long as the block runs.
+control listener (:func:`control_url`), a request kept open for as long as the block
+runs.
+
+Finding the control listener
+----------------------------
+:func:`control_url` reads the environment the worker runs with:
+``NULLWORKER_CONTROL_URL`` if set, else ``http://127.0.0.1:$NULLWORKER_CONTROL_PORT``
+(or the official worker's ``NULL_CONTROL_PORT``, which the worker accepts too), else
+``http://127.0.0.1:18999``. A consumer started with the worker's environment finds it
+on any port. When nothing answers there, :class:`LocalHoldFailed` names the URL tried
+and both variables.
 
 Knowing the hold is there
 -------------------------
@@ -22,13 +31,20 @@ input, ``503`` shutting down) or a control listener that cannot be reached raise
 
 Durations
 ---------
-* ``duration=None`` (the default): held until the block exits. The worker caps one hold
-  at its ``MAX_RESERVATION_SECONDS``; when that elapses a new one is opened at once
-  (both within one coalescing window, so the engine never hears "idle"). If the worker
-  goes away meanwhile (a restart, a shutdown), a new hold is tried every second until it
-  is accepted again; ``hold.held`` is false in between, and one warning says so.
-* ``duration=S``: one hold of at most ``S`` seconds (capped by the worker). When it ends,
-  ``hold.ended`` is set and ``hold.outcome`` says why; the block is not interrupted.
+* ``duration=None`` (the default): held until the block exits, however long. The worker
+  puts no cap on a hold without a duration (its holder is on this machine, and its
+  socket closes when it dies). If the worker goes away meanwhile (a restart, a
+  shutdown), a new hold is tried every second until it is accepted again; ``hold.held``
+  is false in between, and one warning says so.
+* ``duration=S``: one hold of ``S`` seconds. When it ends, ``hold.ended`` is set and
+  ``hold.outcome`` says why; the block is not interrupted.
+
+Ending the reservation
+----------------------
+:func:`release_reservation` is ``POST /release`` naming what it ends: a reservation's
+``id`` (``GET /status``'s ``active.id``), or ``started_before`` (the moment the caller
+decided, by default the call): a reservation that started after that is left alone
+(``409``), so a release racing the next reservation's start never ends it.
 
 Concurrency invariants
 ----------------------
@@ -46,7 +62,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -57,21 +74,34 @@ from ..errors import ClientError
 from .reservation import lone_exception_unwrapped
 
 __all__ = [
+    "CONTROL_PORT_ALIAS_ENV",
+    "CONTROL_PORT_ENV",
     "CONTROL_URL_ENV",
     "DEFAULT_CONTROL_URL",
     "LocalHold",
     "LocalHoldFailed",
+    "ReleaseFailed",
+    "control_url",
     "local_hold",
+    "release_reservation",
 ]
 
 log = logging.getLogger("nullworker.local_hold")
 
-#: The worker's control listener when ``NULLWORKER_CONTROL_URL`` is not set.
+#: The worker's control listener when neither variable below is set.
 DEFAULT_CONTROL_URL = "http://127.0.0.1:18999"
 CONTROL_URL_ENV = "NULLWORKER_CONTROL_URL"
+#: The worker's own setting; ``NULL_CONTROL_PORT`` (the official worker's) when unset.
+CONTROL_PORT_ENV = "NULLWORKER_CONTROL_PORT"
+CONTROL_PORT_ALIAS_ENV = "NULL_CONTROL_PORT"
+#: Said when nothing answers: where the URL comes from.
+_WHERE = (
+    f"the URL is ${CONTROL_URL_ENV}, else http://127.0.0.1:${CONTROL_PORT_ENV}; "
+    "set them as the worker runs"
+)
 #: Connect, write and pool bounded; no read timeout (the answer comes when the hold ends).
 _TIMEOUT = httpx.Timeout(5.0, read=None)
-#: While renewing: the pause before trying again after the worker went away or refused.
+#: After the worker went away or refused mid-block: the pause before holding again.
 _RETRY_S = 1.0
 _USER_AGENT = "nullworker-local-hold"
 
@@ -87,6 +117,61 @@ class LocalHoldFailed(ClientError):
         self.status = status
 
 
+class ReleaseFailed(ClientError):
+    """``POST /release`` could not be sent, or the worker answered neither 200 nor 409.
+
+    ``status`` is the HTTP status of the answer (``None`` when nothing answered).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def control_url(environ: Mapping[str, str] | None = None) -> str:
+    """The worker's control listener, found from the environment the worker runs with.
+
+    ``NULLWORKER_CONTROL_URL`` wins; else ``http://127.0.0.1:`` and the port the worker
+    reads (``NULLWORKER_CONTROL_PORT``, else ``NULL_CONTROL_PORT``); else
+    :data:`DEFAULT_CONTROL_URL`. An empty variable counts as unset, as for the worker.
+
+    Raises:
+      ValueError: a variable cannot lead to a listener (not an http(s) URL, not a port,
+        ``off``, or ``0``, a port picked at start); the message names it.
+    """
+    env = os.environ if environ is None else environ
+    url = env.get(CONTROL_URL_ENV, "").strip()
+    if url:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{CONTROL_URL_ENV} must be an http(s) URL, got {url!r}")
+        return url.rstrip("/")
+    name = CONTROL_PORT_ENV if CONTROL_PORT_ENV in env else CONTROL_PORT_ALIAS_ENV
+    raw = env.get(name, "").strip()
+    if not raw:
+        return DEFAULT_CONTROL_URL
+    if raw.lower() in ("off", "none", "-"):
+        raise ValueError(f"{name}={raw}: the worker runs without a control listener")
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a port number, got {raw!r}") from None
+    if port == 0:
+        raise ValueError(
+            f"{name}=0: the worker picks a free port at start; set {CONTROL_URL_ENV} to "
+            "the control URL it logs"
+        )
+    if not 0 < port <= 65535:
+        raise ValueError(f"{name} must be between 1 and 65535, got {port}")
+    return f"http://127.0.0.1:{port}"
+
+
+def _base_url(given: str | None) -> str:
+    base = (given or control_url()).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"the control URL must be an http(s) URL, got {base!r}")
+    return base
+
+
 class LocalHold:
     """A local hold on this instance's worker, as :func:`local_hold` yields it.
 
@@ -95,9 +180,11 @@ class LocalHold:
       duration: the requested seconds, or ``None`` (held until the block exits).
       control_url: the control listener's base URL.
       id: the worker's id of the current (or last) hold.
-      held_for_s: the worker's cap on the current hold, from its answer's headers.
+      held_for_s: the current hold's duration from the worker's answer (``None``: until
+        the block exits).
       held: True while the worker holds for us.
-      holds: how many holds the worker accepted so far (renewals included).
+      holds: how many holds the worker accepted so far (after a worker restart, more
+        than one).
       ended: set once no hold is left and none will follow: a ``duration`` hold ended,
         or the block was left.
       outcome: how the last hold ended: the worker's ``released`` value
@@ -118,10 +205,6 @@ class LocalHold:
 
     def __repr__(self) -> str:
         return f"<LocalHold id={self.id} label={self.label!r} held={self.held}>"
-
-    @property
-    def renewing(self) -> bool:
-        return self.duration is None
 
     def _begin(self, headers: httpx.Headers) -> None:
         self.id = _as_int(headers.get("nullworker-hold-id"))
@@ -154,13 +237,12 @@ async def local_hold(
     """Keep this instance's worker busy while the ``async with`` block runs.
 
     Args:
-      duration: seconds to hold at most (capped by the worker's
-        ``MAX_RESERVATION_SECONDS``); ``None`` holds until the block exits, renewing
-        the hold as the worker's cap elapses and after the worker restarts.
+      duration: seconds to hold at most; ``None`` holds until the block exits, however
+        long (the worker puts no cap on it), holding again after a worker restart.
       label: shown in the worker's logs and ``/status`` (at most 200 printable
         characters).
-      control_url: the worker's control listener; default ``$NULLWORKER_CONTROL_URL``,
-        else ``http://127.0.0.1:18999``.
+      control_url: the worker's control listener; default :func:`control_url` (from
+        ``NULLWORKER_CONTROL_URL`` or ``NULLWORKER_CONTROL_PORT``).
       http: a client to use (the caller keeps ownership; each hold keeps one of its
         connections open, so give it ``httpx.Limits(max_connections=None)`` for many
         holds at once); by default one of our own, closed on exit.
@@ -169,7 +251,8 @@ async def local_hold(
       LocalHoldFailed: before the block runs: the control listener could not be reached
         (``status`` None), or it refused the hold (``status`` 422 bad input, 503 shutting
         down).
-      ValueError: ``duration`` is negative, NaN or infinite.
+      ValueError: ``duration`` is negative, NaN or infinite, or the control URL cannot
+        be found (:func:`control_url`).
 
     Resource handling: leaving the block by any path (normal exit, exception,
     cancellation) closes the connection, and the worker ends the hold at once.
@@ -178,9 +261,7 @@ async def local_hold(
         duration = float(duration)
         if not math.isfinite(duration) or duration < 0:
             raise ValueError(f"duration must be a finite number >= 0, got {duration}")
-    base = (control_url or os.environ.get(CONTROL_URL_ENV) or DEFAULT_CONTROL_URL).rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise ValueError(f"the control URL must be an http(s) URL, got {base!r}")
+    base = _base_url(control_url)
     body: dict[str, Any] = {}
     if duration is not None:
         body["duration"] = duration
@@ -205,6 +286,70 @@ async def local_hold(
                     hold._finish("client_released")
 
 
+async def release_reservation(
+    *,
+    id: int | None = None,
+    started_before: float | None = None,
+    control_url: str | None = None,
+    http: httpx.AsyncClient | None = None,
+) -> dict[str, Any]:
+    """End this worker's reservation early, naming which: ``POST /release``.
+
+    A release that names nothing could end a reservation that started after the caller
+    decided to release (the one it meant ended meanwhile, and the next one began).
+    So it names one:
+
+    Args:
+      id: the reservation's id (``GET /status``'s ``active.id``): only that one ends.
+      started_before: wall-clock epoch seconds: only a reservation that started
+        before then ends. Default, when ``id`` is not given either: now, the moment
+        of this call.
+      control_url: default :func:`control_url`.
+      http: a client to use (the caller keeps ownership).
+
+    Returns:
+      The worker's JSON answer: ``{"released": true, "reservation": id, ...}``;
+      ``{"released": false, "reason": "no active reservation"}``; or, when another
+      reservation is active (HTTP 409), ``{"released": false, "error": ..., "active":
+      {"id", "started_at", ...}}``: that one was left alone.
+
+    Raises:
+      ReleaseFailed: the worker could not be reached, or answered something else.
+    """
+    if id is None and started_before is None:
+        started_before = time.time()
+    body: dict[str, Any] = {}
+    if id is not None:
+        body["id"] = id
+    if started_before is not None:
+        body["started_before"] = started_before
+    url = f"{_base_url(control_url)}/release"
+    async with AsyncExitStack() as stack:
+        if http is None:
+            # Loopback: never through an http_proxy from the environment.
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(timeout=5.0, trust_env=False, headers={"User-Agent": _USER_AGENT})
+            )
+        try:
+            response = await http.post(url, json=body)
+        except httpx.TransportError as exc:
+            raise ReleaseFailed(
+                f"cannot reach the worker's control listener at {url} ({_describe(exc)}); {_WHERE}"
+            ) from None
+    if response.status_code not in (200, 409):
+        raise ReleaseFailed(
+            f"POST {url}: HTTP {response.status_code}: {_error_text(response.content)}",
+            status=response.status_code,
+        )
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ReleaseFailed(f"POST {url}: not a JSON object", status=response.status_code)
+    return answer
+
+
 class _Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -219,12 +364,14 @@ async def _keep(
     *,
     task_status: trio.TaskStatus[None],
 ) -> None:
-    """Hold; ``started()`` once the worker accepted the first hold; renew when asked to."""
+    """Hold; ``started()`` once the worker accepted the first hold; hold again after the
+    worker went away, while the block runs without a duration."""
     started = False
     warned = False
 
     def on_held() -> None:
-        nonlocal started
+        nonlocal started, warned
+        warned = False  # a later lapse is worth a warning again
         if not started:
             started = True
             task_status.started()
@@ -235,7 +382,8 @@ async def _keep(
         except httpx.TransportError as exc:
             if not started:
                 raise LocalHoldFailed(
-                    f"cannot reach the worker's control listener at {url}: {_describe(exc)}"
+                    f"cannot reach the worker's control listener at {url} "
+                    f"({_describe(exc)}); {_WHERE}"
                 ) from None
             outcome, why = "connection_lost", _describe(exc)
         except _Refused as exc:
@@ -246,12 +394,9 @@ async def _keep(
             outcome, why = "refused", f"HTTP {exc.status}: {exc}"
         else:
             why = outcome
-        if not hold.renewing:
+        if hold.duration is not None:  # one hold of that length, whatever its end
             hold._finish(outcome)
             return
-        if outcome == "duration_elapsed":
-            warned = False
-            continue  # the worker's cap: open the next one at once
         if not warned:
             log.warning(
                 "local hold%s lapsed (%s); trying again every %g s",

@@ -12,7 +12,8 @@ Main port (what the engine routes clients to)
   ``/session/*``             404: this worker holds reservations, not sessions
 
 Control listener (127.0.0.1 only, for the consumer on the instance)
-  ``POST /release``          end the active reservation now
+  ``POST /release``          end the reservation the body names (``{"id": N}`` or
+                             ``{"started_before": T}``) now; 409 if another is held
   ``POST /hold``             keep the worker busy while the request stays open (a local
                              hold; served below Quart, see :func:`_serve_hold`)
   ``GET  /health``, ``GET /status``
@@ -50,7 +51,13 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
-from ..errors import DuplicateRequest, EnvelopeError, QueueTimeout, ShuttingDown
+from ..errors import (
+    DuplicateRequest,
+    EnvelopeError,
+    QueueTimeout,
+    ReleaseConflict,
+    ShuttingDown,
+)
 from ..vast.envelope import parse_duration, parse_envelope, signature_ok
 from .config import WorkerConfig
 from .http_server import ConnectionLimits, listen, serve_http
@@ -62,7 +69,12 @@ from .local_holds import (
     parse_hold_request,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .reservations import Outcome
+from .reservations import (
+    MAX_RELEASE_BODY_BYTES,
+    Outcome,
+    ReleaseRequestError,
+    parse_release_request,
+)
 from .runtime import Worker
 from .update_guard import UpdateGuard
 
@@ -76,7 +88,8 @@ __all__ = [
 
 log = logging.getLogger("nullworker")
 
-#: Headers of an accepted ``POST /hold``, sent at once: the hold's id and its length (s).
+#: Headers of an accepted ``POST /hold``, sent at once: the hold's id and, when the body
+#: gave one, its duration (s).
 HOLD_ID_HEADER = "nullworker-hold-id"
 HOLD_DURATION_HEADER = "nullworker-hold-duration"
 
@@ -289,7 +302,33 @@ def create_control_app(worker: Worker) -> QuartTrio:
 
     @app.post("/release")
     async def release() -> Response:
-        info = worker.slot.release()
+        # Compare-and-release: the body names the reservation (by id, or by starting
+        # before the sender's decision), so a release that races the end of one
+        # reservation and the start of the next never ends the next.
+        body = await request.get_data(cache=False, as_text=False)
+        body = body.encode() if isinstance(body, str) else body
+        if len(body) > MAX_RELEASE_BODY_BYTES:
+            message = f"request body too large: the limit is {MAX_RELEASE_BODY_BYTES} bytes"
+            return _json({"error": message, "status": 413}, 413)
+        try:
+            wanted = parse_release_request(body)
+            info = worker.slot.release(id=wanted.id, started_before=wanted.started_before)
+        except ReleaseRequestError as exc:
+            return _json(exc.detail, exc.status)
+        except ReleaseConflict as exc:
+            active = exc.active
+            return _json(
+                {
+                    "released": False,
+                    "error": str(exc),
+                    "active": {
+                        "id": active.id,
+                        "request_idx": active.tag.get("request_idx"),
+                        "started_at": active.started_at,
+                    },
+                },
+                409,
+            )
         if info is None:
             return _json({"released": False, "reason": "no active reservation"}, 200)
         return _json(
@@ -298,6 +337,7 @@ def create_control_app(worker: Worker) -> QuartTrio:
                 "reservation": info.id,
                 "request_idx": info.tag.get("request_idx"),
                 "duration": info.duration_s,
+                "started_at": info.started_at,
             },
             200,
         )
@@ -325,9 +365,11 @@ async def _serve_hold(
 ) -> None:
     """``POST /hold``: a local hold for as long as the request stays open.
 
-    The status line and headers (200, :data:`HOLD_ID_HEADER`, :data:`HOLD_DURATION_HEADER`)
-    go out once the hold is registered; the body ``{"released", "label", "held", "id",
-    "duration"}`` when it ends by its duration or the worker's shutdown. A disconnect
+    The status line and headers (200, :data:`HOLD_ID_HEADER`, and
+    :data:`HOLD_DURATION_HEADER` when the body gave a duration) go out once the hold is
+    registered; the body ``{"released", "label", "held", "id", "duration"}`` when it
+    ends by its duration or the worker's shutdown. Without a duration the hold has no
+    cap (see :mod:`~nullworker.worker.local_holds`): ``duration`` is then ``null``. A disconnect
     ends it at once (nothing is sent). Refusals are JSON: 422 naming the field, 413, 408,
     405, and 503 while shutting down.
     """
@@ -359,18 +401,14 @@ async def _serve_hold(
         return
     try:
         async with worker.local_holds.open(wanted.duration_s, label=wanted.label) as hold:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"cache-control", b"no-store"),
-                        (HOLD_ID_HEADER.encode(), str(hold.id).encode()),
-                        (HOLD_DURATION_HEADER.encode(), repr(hold.duration_s).encode()),
-                    ],
-                }
-            )
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"cache-control", b"no-store"),
+                (HOLD_ID_HEADER.encode(), str(hold.id).encode()),
+            ]
+            if hold.duration_s is not None:
+                headers.append((HOLD_DURATION_HEADER.encode(), repr(hold.duration_s).encode()))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_end_on_disconnect, receive, hold)
                 outcome = await hold.wait()

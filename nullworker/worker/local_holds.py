@@ -22,9 +22,18 @@ Concurrency invariants
 * Deadlines are on the Trio clock (``MockClock`` drives them in tests); the ``*_at``
   times are wall-clock epoch seconds, for people.
 
+No cap on a hold without a duration
+-----------------------------------
+A hold without a duration lasts until its holder goes away: no ``MAX_RESERVATION_SECONDS``,
+no renewal. That cap exists for remote clients, which can forget a reservation while
+their connection stays up behind a proxy; a local holder is a process on this machine
+holding a loopback connection, and when it dies, however it dies, the kernel closes its
+socket and the worker ends the hold at once (``disconnected``). A job of any length is
+then held for exactly as long as it runs. An explicit ``duration`` is honoured as given.
+
 States of one hold::
 
-    OPEN --deadline-----------------> ENDED(duration_elapsed)
+    OPEN --deadline (if any)--------> ENDED(duration_elapsed)
       |--shutdown()-----------------> ENDED(shutdown)
       |--holder gone (end/cancel)---> ENDED(disconnected)
       |--the block returned---------> ENDED(released)
@@ -95,7 +104,7 @@ class HoldRequestError(ValueError):
 
 @dataclass(frozen=True)
 class HoldRequest:
-    """A parsed ``/hold`` body: ``duration_s`` None means the cap."""
+    """A parsed ``/hold`` body: ``duration_s`` None means until the holder goes away."""
 
     duration_s: float | None = None
     label: str = ""
@@ -105,9 +114,9 @@ def parse_hold_request(body: bytes) -> HoldRequest:
     """Parse a ``/hold`` body: empty, or a JSON object with ``duration`` and ``label``.
 
     ``duration`` is a finite number of seconds >= 0 (booleans and strings are refused;
-    ``null`` means the cap); ``label`` a printable string of at most
+    ``null`` means until the holder goes away); ``label`` a printable string of at most
     :data:`MAX_LABEL_CHARS` characters. Any other field is refused, so that a typo does
-    not silently hold for the cap.
+    not silently hold without a bound.
 
     Raises:
       HoldRequestError: the body is not that; its ``detail`` names the field.
@@ -157,10 +166,11 @@ class LocalHold:
 
     id: int
     label: str
-    duration_s: float
+    #: ``None``: until the holder goes away.
+    duration_s: float | None
     #: Wall-clock epoch seconds.
     started_at: float
-    #: On the Trio clock.
+    #: On the Trio clock; ``math.inf`` without a duration.
     deadline: float
     outcome: HoldOutcome | None = None
     ended_at: float = 0.0
@@ -199,10 +209,11 @@ class LocalHoldEvent:
 class LocalHoldInfo:
     id: int
     label: str
-    duration_s: float
+    #: ``None`` (and ``remaining_s`` too): until the holder goes away.
+    duration_s: float | None
     started_at: float
     age_s: float
-    remaining_s: float
+    remaining_s: float | None
 
 
 @dataclass(frozen=True)
@@ -219,19 +230,14 @@ Observer = Callable[[LocalHoldEvent], None]
 
 
 class LocalHolds:
-    """Any number of local holds, each capped at ``max_duration_s``.
+    """Any number of local holds, each until its holder goes away or its own duration.
 
     Args:
-      max_duration_s: the cap on a hold; a larger or missing duration gets it (the
-        worker passes ``MAX_RESERVATION_SECONDS``).
       observer: called synchronously with every :class:`LocalHoldEvent`; it must not
         block, and an exception it raises is logged and dropped.
     """
 
-    def __init__(self, *, max_duration_s: float, observer: Observer | None = None) -> None:
-        if not (math.isfinite(max_duration_s) and max_duration_s > 0):
-            raise ValueError("max_duration_s must be a finite number > 0")
-        self.max_duration_s = max_duration_s
+    def __init__(self, *, observer: Observer | None = None) -> None:
         self._observers: list[Observer] = [observer] if observer else []
         self._ids = itertools.count(1)
         self._open: dict[int, LocalHold] = {}
@@ -260,38 +266,35 @@ class LocalHolds:
     def closing(self) -> bool:
         return self._closing
 
-    def effective_duration(self, requested: float | None) -> float:
-        """The hold length for a requested duration: the cap when omitted or larger."""
-        if requested is None:
-            return self.max_duration_s
-        if not math.isfinite(requested) or requested < 0:
-            raise ValueError("duration must be a finite number >= 0")
-        return min(float(requested), self.max_duration_s)
-
     @asynccontextmanager
     async def open(
         self, duration_s: float | None = None, *, label: str = ""
     ) -> AsyncIterator[LocalHold]:
         """Open a hold for the block's lifetime; usually the block awaits :meth:`LocalHold.wait`.
 
-        The hold is registered (and the ``started`` event emitted) before the block
-        runs, and ends when the block exits: with the reason :meth:`LocalHold.wait`
-        returned, else ``disconnected`` when the block was cancelled, ``error`` when it
-        raised, ``released`` when it returned without waiting.
+        ``duration_s`` ``None``: no deadline (see the module docstring); else the hold
+        elapses after that many seconds. The hold is registered (and the ``started``
+        event emitted) before the block runs, and ends when the block exits: with the
+        reason :meth:`LocalHold.wait` returned, else ``disconnected`` when the block was
+        cancelled, ``error`` when it raised, ``released`` when it returned without
+        waiting.
 
         Raises:
           ShuttingDown: the worker is stopping; nothing was registered.
           ValueError: ``duration_s`` is negative, NaN or infinite.
         """
-        duration = self.effective_duration(duration_s)
+        if duration_s is not None:
+            duration_s = float(duration_s)
+            if not math.isfinite(duration_s) or duration_s < 0:
+                raise ValueError("duration must be a finite number >= 0")
         if self._closing:
             raise ShuttingDown("the worker is shutting down")
         hold = LocalHold(
             id=next(self._ids),
             label=label,
-            duration_s=duration,
+            duration_s=duration_s,
             started_at=time.time(),
-            deadline=trio.current_time() + duration,
+            deadline=math.inf if duration_s is None else trio.current_time() + duration_s,
         )
         self._open[hold.id] = hold
         self._idle = trio.Event() if self._idle.is_set() else self._idle
@@ -329,7 +332,7 @@ class LocalHolds:
                 duration_s=h.duration_s,
                 started_at=h.started_at,
                 age_s=max(now_wall - h.started_at, 0.0),
-                remaining_s=max(h.deadline - now, 0.0),
+                remaining_s=None if h.duration_s is None else max(h.deadline - now, 0.0),
             )
             for h in self._open.values()
         )

@@ -27,7 +27,7 @@ Concurrency invariants
 State transitions of one reservation (anything else is a bug)::
 
     QUEUED --token--> HELD --deadline--------> ENDED(duration_elapsed)
-       |                 |--release()--------> ENDED(explicit)
+       |                 |--release()--------> ENDED(explicit)  (if it names this one)
        |                 |--shutdown()-------> ENDED(shutdown)
        |                 |--caller cancelled-> ENDED(cancelled)
        |                 '--exception--------> ENDED(error)
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import logging
 import math
 import time
@@ -49,16 +50,20 @@ from typing import Any
 
 import trio
 
-from ..errors import DuplicateRequest, QueueTimeout, ShuttingDown
+from ..errors import DuplicateRequest, QueueTimeout, ReleaseConflict, ShuttingDown
 
 __all__ = [
+    "MAX_RELEASE_BODY_BYTES",
     "Outcome",
+    "ReleaseRequest",
+    "ReleaseRequestError",
     "Reservation",
     "ReservationEvent",
     "ReservationResult",
     "ReservationSlot",
     "SlotStatistics",
     "State",
+    "parse_release_request",
 ]
 
 log = logging.getLogger("nullworker.reservations")
@@ -166,6 +171,86 @@ class SlotStatistics:
 
 
 Observer = Callable[[ReservationEvent], None]
+
+#: A ``/release`` body is two small fields.
+MAX_RELEASE_BODY_BYTES = 4096
+
+
+class ReleaseRequestError(ValueError):
+    """A ``/release`` body the worker cannot use; ``detail`` is the JSON answer.
+
+    ``status`` is 428 when the body names no reservation, else 422 (``detail`` names the
+    field).
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail: dict[str, Any] = {"released": False, "error": message}
+        if field is not None:
+            self.detail["field"] = field
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """A parsed ``/release`` body: what :meth:`ReservationSlot.release` is to end."""
+
+    id: int | None = None
+    started_before: float | None = None
+
+
+def parse_release_request(body: bytes) -> ReleaseRequest:
+    """Parse a ``/release`` body: a JSON object with ``id`` and/or ``started_before``.
+
+    ``id`` is a reservation's id (an integer >= 1, as ``GET /status`` shows it);
+    ``started_before`` wall-clock epoch seconds (a finite number). At least one is
+    required: a release that names nothing could end a reservation that started after
+    its sender decided (see :meth:`ReservationSlot.release`). Any other field is
+    refused, so that a typo does not release by accident.
+
+    Raises:
+      ReleaseRequestError: 428 when nothing is named, 422 naming the bad field.
+    """
+    data: Any = {}
+    if body.strip():
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise ReleaseRequestError("invalid JSON") from None
+        if not isinstance(data, dict):
+            raise ReleaseRequestError("the body must be a JSON object")
+    unknown = sorted(set(data) - {"id", "started_before"})
+    if unknown:
+        raise ReleaseRequestError(
+            f"unknown field {unknown[0]!r}: /release takes id and started_before",
+            field=unknown[0],
+        )
+    raw_id = data.get("id")
+    if raw_id is not None and (
+        isinstance(raw_id, bool) or not isinstance(raw_id, int) or raw_id < 1
+    ):
+        raise ReleaseRequestError("id must be a reservation id (an integer >= 1)", field="id")
+    before = data.get("started_before")
+    if before is not None:
+        if isinstance(before, bool) or not isinstance(before, int | float):
+            raise ReleaseRequestError(
+                "started_before must be wall-clock epoch seconds", field="started_before"
+            )
+        try:
+            before = float(before)
+        except OverflowError:
+            before = math.inf
+        if not math.isfinite(before):
+            raise ReleaseRequestError(
+                "started_before must be a finite number", field="started_before"
+            )
+    if raw_id is None and before is None:
+        raise ReleaseRequestError(
+            'name the reservation to release: {"id": N} (GET /status shows active.id) '
+            'or {"started_before": EPOCH_SECONDS} (when you decided to release)',
+            status=428,
+        )
+    return ReleaseRequest(id=raw_id, started_before=before)
 
 
 class ReservationSlot:
@@ -300,14 +385,35 @@ class ReservationSlot:
             if self._active is None and not self._queued:
                 self._idle.set()
 
-    def release(self) -> ActiveInfo | None:
-        """End the active hold now with the ``explicit`` outcome.
+    def release(
+        self, *, id: int | None = None, started_before: float | None = None
+    ) -> ActiveInfo | None:
+        """End the active hold now with the ``explicit`` outcome, if it is the one named.
 
-        Returns what was released, or ``None`` if the slot was free.
+        A release is decided from what its caller saw a moment before; meanwhile that
+        reservation may have ended and the next one started. So the caller names what
+        it means: ``id`` (the reservation's :attr:`Reservation.id`) and/or
+        ``started_before`` (wall-clock epoch seconds: only a reservation that started
+        before then). The check and the release happen with no checkpoint between.
+        Naming neither releases whatever is active.
+
+        Returns what was released, or ``None`` if nothing is held (the named one ended).
+
+        Raises:
+          ReleaseConflict: another reservation is held now; it was left alone.
         """
         res = self._active
         if res is None or res._release_reason is not None:
             return None
+        if id is not None and res.id != id:
+            raise ReleaseConflict(
+                f"reservation {id} is not active: reservation {res.id} is", active=self._info(res)
+            )
+        if started_before is not None and not res.started_at < started_before:
+            raise ReleaseConflict(
+                f"the active reservation {res.id} started after started_before",
+                active=self._info(res),
+            )
         res._release_reason = Outcome.RELEASED
         res._released.set()
         return self._info(res)

@@ -93,7 +93,7 @@ class Worker:
             workload=RESERVATION_WORKLOAD,
         )
         self.slot.add_observer(self._log_event)
-        self.local_holds = LocalHolds(max_duration_s=config.max_reservation_s)
+        self.local_holds = LocalHolds()
         self.local_holds.add_observer(self._log_local_event)
         self.metrics = WorkerMetrics(self._metrics_snapshot)
         self.slot.add_observer(self.metrics.observe)
@@ -371,7 +371,9 @@ class Worker:
                         "duration": h.duration_s,
                         "started_at": h.started_at,
                         "age_s": round(h.age_s, 3),
-                        "remaining_s": round(h.remaining_s, 3),
+                        "remaining_s": (
+                            round(h.remaining_s, 3) if h.remaining_s is not None else None
+                        ),
                     }
                     for h in local.holds
                 ],
@@ -470,10 +472,12 @@ class Worker:
         shown = f" ({hold.label})" if hold.label else ""
         if event.kind == "started":
             log.info(
-                "local hold %s%s opened for up to %g s (%d open)",
+                "local hold %s%s opened %s (%d open)",
                 hold.id,
                 shown,
-                hold.duration_s,
+                "until its holder goes away"
+                if hold.duration_s is None
+                else f"for up to {hold.duration_s:g} s",
                 self.local_holds.count,
                 extra=fields | {"duration_s": hold.duration_s},
             )
