@@ -217,7 +217,7 @@ async def test_no_secret_in_either_format(
     await nursery.start(partial(serve_engine, engine))
     assert engine.url is not None
 
-    control_port = free_port()
+    port, control_port = free_port(), free_port()
     worker_log = tmp_path / "worker.log"
     with worker_log.open("wb") as out:
         worker = await trio.lowlevel.open_process(
@@ -226,7 +226,8 @@ async def test_no_secret_in_either_format(
                 REPORT_ADDR=engine.url,
                 CONTAINER_ID="11",
                 MASTER_TOKEN=master_token,
-                WORKER_PORT=str(free_port()),
+                WORKER_PORT=str(port),
+                NULLWORKER_PUBLIC_URL=f"http://127.0.0.1:{port}",
                 NULLWORKER_CONTROL_PORT=str(control_port),
                 NULLWORKER_HOST="127.0.0.1",
                 NULLWORKER_LOCK_DIR=str(tmp_path),

@@ -39,7 +39,14 @@ def worker_env(tmp_path: Path, engine: Any | None = None, **extra: str) -> dict[
         }
     )
     if engine is not None:
-        env.update({"REPORT_ADDR": engine.url, "CONTAINER_ID": "11", "MASTER_TOKEN": "tok"})
+        env.update(
+            {
+                "REPORT_ADDR": engine.url,
+                "CONTAINER_ID": "11",
+                "MASTER_TOKEN": "tok",
+                "NULLWORKER_PUBLIC_URL": f"http://127.0.0.1:{env['WORKER_PORT']}",
+            }
+        )
     env.update(extra)
     return env
 
@@ -310,6 +317,7 @@ def test_serve_exits_1_when_the_background_work_fails(
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("REPORT_ADDR", f"http://127.0.0.1:{free_port()}")  # nobody there
     monkeypatch.setenv("CONTAINER_ID", "5")
+    monkeypatch.setenv("NULLWORKER_PUBLIC_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("UNSECURED", "true")
     assert cli.main(["serve", "--control-port", "off"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
