@@ -39,6 +39,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
+from types import TracebackType
 from typing import Any
 
 import trio
@@ -50,7 +51,14 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
-from ..errors import DuplicateRequest, EnvelopeError, QueueTimeout, ShuttingDown
+from ..errors import (
+    ConfigError,
+    DuplicateRequest,
+    EnvelopeError,
+    QueueTimeout,
+    ShuttingDown,
+    StartupFailed,
+)
 from ..vast.envelope import parse_duration, parse_envelope, signature_ok
 from .config import WorkerConfig
 from .http_server import ConnectionLimits, listen, serve_http
@@ -124,8 +132,25 @@ class _HTTPConnection(TrioASGIHTTPConnection):
             await self.handle_request(nursery, request, send)
 
 
+class _App(QuartTrio):
+    def log_exception(
+        self,
+        exception_info: tuple[type[BaseException], BaseException, TracebackType]
+        | tuple[None, None, None],
+    ) -> None:
+        """Quart logs a failed start with a traceback; ours are one line, said by the caller.
+
+        (``nullworker serve`` prints it and tells the engine; Hypercorn's CLI prints it
+        as its "Lifespan failure".) The traceback is logged at DEBUG.
+        """
+        if isinstance(exception_info[1], ConfigError | StartupFailed):
+            log.debug("start-up failed: %s", exception_info[1], exc_info=exception_info)
+            return
+        super().log_exception(exception_info)
+
+
 def _base_app(name: str, config: WorkerConfig) -> QuartTrio:
-    app = QuartTrio(name)
+    app = _App(name)
     app.asgi_http_class = _HTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     # A hold may last an hour; Quart must not cut the response off.
