@@ -194,11 +194,14 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
     async def _stop() -> None:
         worker.begin_shutdown()
 
-    def admit(body: bytes | str) -> Response | tuple[float | None, int | None, int | None]:
+    async def admit(
+        body: bytes | str,
+    ) -> Response | tuple[float | None, int | None, int | None]:
         """The envelope's refusal, or what a hold needs: (duration, request_idx, reqnum).
 
-        Synchronous, so that nothing of the request body (its bytes, the parsed JSON)
-        stays referenced while the reservation waits and holds.
+        A function of its own, so that nothing of the request body (its bytes, the parsed
+        JSON) stays referenced while the reservation waits and holds. It awaits only
+        when a signature fails, for the engine's key to be refetched (bounded).
         """
         try:
             envelope = parse_envelope(body)
@@ -209,8 +212,12 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
             if key is None:
                 return _json({"error": "not ready: the engine's public key is not loaded"}, 401)
             if not signature_ok(envelope, key):
-                worker.request_key_refresh()
-                return _json({"error": "invalid signature"}, 401)
+                # The engine may have rotated its key: check again with the new one.
+                if not await worker.key_changed():
+                    return _json({"error": "invalid signature"}, 401)
+                key = worker.public_key
+                if key is None or not signature_ok(envelope, key):
+                    return _json({"error": "invalid signature"}, 401)
             if cfg.public_url and _norm(envelope.auth_data["url"]) != _norm(cfg.public_url):
                 return _json({"error": "auth_data.url names another worker"}, 401)
         if envelope.session_id is not None:
@@ -225,7 +232,7 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
 
     @app.post("/reserve")
     async def reserve() -> Response:
-        admitted = admit(await request.get_data(cache=False, as_text=False))
+        admitted = await admit(await request.get_data(cache=False, as_text=False))
         if isinstance(admitted, Response):
             return admitted
         duration, idx, reqnum = admitted

@@ -184,9 +184,9 @@ class WorkerConfig:
     force_update_path: str = "/.force_update"
     #: Where the per-port single-process locks live (default: the temp dir).
     lock_dir: str = dataclasses.field(default_factory=tempfile.gettempdir)
-    #: A failed signature check refetches the engine's key at most this often (the
-    #: engine may have rotated it; the official worker never refetches).
-    key_refresh_min_s: float = 60.0
+    #: A failed signature check refetches the engine's key (the engine may have rotated
+    #: it; the official worker never refetches), at most once per this many seconds.
+    key_refresh_min_s: float = 3.0
     #: How long held reservations get on shutdown before the server is cancelled.
     graceful_timeout_s: float = 5.0
     #: A request's body must be complete this long after its headers, or the

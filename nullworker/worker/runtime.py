@@ -354,25 +354,53 @@ class Worker:
             raise RuntimeError(f"benchmark hold ended with {result.outcome}")
         return MAX_PERF
 
-    def request_key_refresh(self) -> None:
-        """Called after a failed signature check: the engine may have a new key."""
-        if trio.current_time() - self._key_fetched_at >= self.config.key_refresh_min_s:
+    async def key_changed(self) -> bool:
+        """Called after a failed signature check: has the engine rotated its key?
+
+        Returns True when a refetch found a new key (check the signature again with
+        :attr:`public_key`), False otherwise. A refetch already in flight is waited for
+        (bounded by one round over the engine addresses); else one is started if the last
+        began at least ``key_refresh_min_s`` ago; else the answer is False at once. So a
+        valid request after a rotation is accepted as soon as any request, an
+        attacker's included, has triggered the refetch, and however many bad
+        signatures arrive the engine sees at most one ``GET /pubkey/`` per
+        ``key_refresh_min_s`` from this worker.
+        """
+        before = self.public_key
+        done = self._key_refetched
+        if done is None:
+            if trio.current_time() - self._key_fetched_at < self.config.key_refresh_min_s:
+                return False
+            done = self._key_refetched = trio.Event()
+            self._key_fetched_at = trio.current_time()
             self._key_refresh.set()
+        with trio.move_on_after(
+            self.config.engine_timeout_s * max(1, len(self.config.report_addrs)) + 1.0
+        ):
+            await done.wait()
+        return self.public_key is not before
 
     async def _refresh_key_on_demand(self) -> None:
+        """Run the refetches :meth:`key_changed` asks for, in this task rather than in a
+        request's: a client that goes away does not cancel the fetch the others wait for."""
         assert self.reporter is not None
         while True:
             await self._key_refresh.wait()
             self._key_refresh = trio.Event()
-            self._key_fetched_at = trio.current_time()
             try:
-                key = await self.reporter.fetch_pubkey()
+                key = await self.reporter.fetch_pubkey(backoff_s=())
             except Exception as exc:
                 log.warning("refreshing the engine's public key failed: %s", exc)
-                continue
-            if self.public_key is None or key.public_numbers() != self.public_key.public_numbers():
-                log.info("the engine's public key changed; using the new one")
-            self.public_key = key
+            else:
+                if self.public_key is None or (
+                    key.public_numbers() != self.public_key.public_numbers()
+                ):
+                    log.info("the engine's public key changed; using the new one")
+                    self.public_key = key
+            finally:
+                done, self._key_refetched = self._key_refetched, None
+                if done is not None:
+                    done.set()
 
     # -- views -----------------------------------------------------------------------
 
