@@ -6,6 +6,7 @@ fetches its public key over HTTP, and every report travels over loopback sockets
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 from typing import Any
@@ -452,3 +453,57 @@ async def test_a_signed_envelope_with_a_bad_request_idx_gets_422_and_leaves_no_t
     assert [f.request_idx for f in vast_engine.finished] == [903]  # the string, as an int
     reports = [r.body for r in vast_engine.worker_status_reports if r.body["id"] == 7]
     assert sum(r["new_load"] for r in reports) == 100.0
+
+
+@pytest.mark.parametrize(
+    ("own", "signed"),
+    [
+        ("http://127.0.0.1:41234", "HTTP://127.0.0.1:41234/"),
+        ("https://worker.example", "https://WORKER.Example:443/"),
+        ("https://worker.example:443", "https://worker.example"),
+        ("http://worker.example:80/", "http://worker.example"),
+        ("http://[2001:db8::1]:8080", "http://[2001:DB8:0:0::1]:8080/"),
+    ],
+)
+async def test_equivalent_forms_of_the_workers_url_are_accepted(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient, own: str, signed: str
+) -> None:
+    info = await start_ready(start_worker, vast_engine, public_url=own)
+    body = envelope(signed, key=vast_engine.private_key, payload={"duration": 0})
+    response = await http.post(f"{info.url}/reserve", json=body)
+    assert response.status_code == 200, response.text
+
+
+async def test_another_workers_url_is_refused_and_logged_once_per_episode(
+    start_worker: StartWorker,
+    vast_engine: Any,
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    own = "http://10.1.2.3:41234"
+    info = await start_ready(start_worker, vast_engine, public_url=own)
+    key = vast_engine.private_key
+    caplog.set_level(logging.INFO, logger="nullworker")
+
+    def warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "auth_data.url" in r.getMessage()
+        ]
+
+    others = ["http://10.1.2.3:41235", "https://10.1.2.3:41234", "http://10.1.2.4:41234"]
+    for i in range(60):  # a flood of misaddressed requests, each validly signed
+        body = envelope(others[i % 3], key=key, request_idx=1000 + i, payload={"duration": 0})
+        response = await http.post(f"{info.url}/reserve", json=body)
+        assert response.status_code == 401
+        assert response.json() == {"error": "auth_data.url names another worker"}
+    assert len(warnings()) == 1
+    assert "http://10.1.2.3:41235" in warnings()[0] and own in warnings()[0]
+    # A request for this worker ends the episode; the next mismatch is said again.
+    ok = envelope(own, key=key, request_idx=1100, payload={"duration": 0})
+    assert (await http.post(f"{info.url}/reserve", json=ok)).status_code == 200
+    assert any("after 60 refused request(s)" in r.getMessage() for r in caplog.records)
+    bad = envelope(others[2], key=key, request_idx=1101, payload={"duration": 0})
+    assert (await http.post(f"{info.url}/reserve", json=bad)).status_code == 401
+    assert len(warnings()) == 2 and "http://10.1.2.4:41234" in warnings()[1]

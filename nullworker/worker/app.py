@@ -32,6 +32,7 @@ control app, which watches for the disconnect itself.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -194,6 +196,8 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
     async def _stop() -> None:
         worker.begin_shutdown()
 
+    url_mismatch = _UrlMismatchLog()
+
     async def admit(
         body: bytes | str,
     ) -> Response | tuple[float | None, int | None, int | None]:
@@ -218,8 +222,12 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
                 key = worker.public_key
                 if key is None or not signature_ok(envelope, key):
                     return _json({"error": "invalid signature"}, 401)
-            if cfg.public_url and _norm(envelope.auth_data["url"]) != _norm(cfg.public_url):
-                return _json({"error": "auth_data.url names another worker"}, 401)
+            if cfg.public_url:
+                signed_url = envelope.auth_data["url"]
+                if not _same_url(signed_url, cfg.public_url):
+                    url_mismatch.refused(signed_url, cfg.public_url)
+                    return _json({"error": "auth_data.url names another worker"}, 401)
+                url_mismatch.matched()
         if envelope.session_id is not None:
             return _json({"error": "invalid session", **_NO_SESSIONS}, 410)
         try:
@@ -500,5 +508,72 @@ def _retry_after(worker: Worker) -> str:
     return str(max(1, math.ceil(active.ends_at - time.time())))
 
 
-def _norm(url: str) -> str:
-    return url.strip().rstrip("/").lower()
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _url_key(url: object) -> tuple[str, str, int | None, str] | None:
+    """What identifies a worker URL: scheme, host, port (the default one spelled out), path.
+
+    None for what is not an http(s) URL at all.
+    """
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = parts.hostname  # lower case, IPv6 brackets removed
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    try:
+        host = ipaddress.ip_address(host).compressed
+    except ValueError:
+        host = host.rstrip(".")
+    return (
+        scheme,
+        host,
+        port if port is not None else _DEFAULT_PORTS[scheme],
+        parts.path.rstrip("/"),
+    )
+
+
+def _same_url(signed: object, own: str) -> bool:
+    """Whether the engine's ``auth_data.url`` names this worker's ``own`` URL.
+
+    Forms that reach the same place are equal: scheme and host in any case, a trailing
+    slash, the default port (:80, :443) written or implied, IPv6 in any spelling.
+    """
+    key = _url_key(signed)
+    return key is not None and key == _url_key(own)
+
+
+class _UrlMismatchLog:
+    """Says once per episode that signed requests name another URL than ours.
+
+    The first refusal logs both URLs (a warning); later ones are only counted until a
+    request names our URL again, which ends the episode. A flood of misaddressed
+    requests thus costs one log line, not one per request.
+    """
+
+    def __init__(self) -> None:
+        self._refused = 0
+
+    def refused(self, signed: object, own: str) -> None:
+        self._refused += 1
+        if self._refused == 1:
+            log.warning(
+                "refusing /reserve (401): auth_data.url is %r but this worker's URL is %r; "
+                "further refusals for this reason are not logged until the URLs match again",
+                signed[:200] if isinstance(signed, str) else type(signed).__name__,
+                own,
+            )
+
+    def matched(self) -> None:
+        if self._refused:
+            log.info(
+                "auth_data.url matches this worker's URL again, after %d refused request(s)",
+                self._refused,
+            )
+            self._refused = 0
