@@ -450,3 +450,17 @@ async def test_vast_mode_without_a_public_address_refuses_to_start_and_tells_the
     assert f"VAST_TCP_PORT_{port} not set" in message
     # The engine shows the instance as broken, never as ready (and idle).
     assert not vast_engine.workers[11].ready
+
+
+async def test_unreadable_tls_files_are_a_configuration_error_the_engine_hears(
+    vast_engine: Any, tmp_path: Path
+) -> None:
+    missing = tmp_path / "instance.crt"
+    env = worker_env(tmp_path, vast_engine, USE_SSL="true", NULLWORKER_SSL_CERTFILE=str(missing))
+    env["NULLWORKER_PUBLIC_URL"] = env["NULLWORKER_PUBLIC_URL"].replace("http:", "https:")
+    code, line, out = await failed_start(env)
+    assert code == 2  # a restart cannot fix it
+    assert line.startswith("nullworker: failed to start: configuration error: USE_SSL=true")
+    assert str(missing) in line and "Traceback" not in out
+    reason = line.removeprefix("nullworker: failed to start: ")
+    assert reason in await engine_error(vast_engine)
