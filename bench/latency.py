@@ -75,6 +75,7 @@ async def bench_startup(engine: Engine, runs: int) -> tuple[list[float], list[fl
                 "CONTAINER_ID": str(container),
                 "MASTER_TOKEN": "tok",
                 "WORKER_PORT": str(port),
+                "NULLWORKER_PUBLIC_URL": f"http://127.0.0.1:{port}",
                 "NULLWORKER_HOST": "127.0.0.1",
                 "NULLWORKER_CONTROL_PORT": "off",
             }

@@ -4,6 +4,7 @@ The tree::
 
     NullworkerError
     ├── ConfigError              bad settings (env or flags); raised at start, never later
+    ├── StartupFailed            could not start (a port in use, the port's lock held)
     ├── EnvelopeError            a request body that is not a valid Vast envelope (-> 422)
     ├── QueueTimeout             the slot did not free up within max_queue_time (-> 429)
     ├── DuplicateRequest         the same request_idx is already held or queued (-> 409)
@@ -38,6 +39,7 @@ __all__ = [
     "ReservationFailed",
     "ReservationRejected",
     "ShuttingDown",
+    "StartupFailed",
     "WorkerFailed",
 ]
 
@@ -48,6 +50,14 @@ class NullworkerError(Exception):
 
 class ConfigError(NullworkerError, ValueError):
     """A setting is missing or invalid; the message names the variable."""
+
+
+class StartupFailed(NullworkerError, OSError):
+    """The worker could not start for a reason a later start may not have: a port in use,
+    the port's single-process lock held by another process. The message says which
+    port (or lock) in one line; ``nullworker serve`` exits 1 (a supervisor may retry),
+    where a :class:`ConfigError` exits 2. An :class:`OSError`, as a failed bind always was.
+    """
 
 
 class EnvelopeError(NullworkerError):

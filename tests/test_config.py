@@ -46,9 +46,38 @@ def test_use_ssl_is_exactly_true_and_changes_the_scheme() -> None:
     assert WorkerConfig.from_env(VAST | {"USE_SSL": "1"}).use_ssl is False
 
 
-def test_without_public_address_the_url_is_local() -> None:
-    env = {k: v for k, v in VAST.items() if k != "PUBLIC_IPADDR"}
-    assert WorkerConfig.from_env(env).public_url == "http://127.0.0.1:3000"
+@pytest.mark.parametrize(
+    ("drop", "missing"),
+    [
+        (("PUBLIC_IPADDR",), "PUBLIC_IPADDR not set"),
+        (("VAST_TCP_PORT_3000",), "VAST_TCP_PORT_3000 not set"),
+        (("PUBLIC_IPADDR", "VAST_TCP_PORT_3000"), "PUBLIC_IPADDR and VAST_TCP_PORT_3000 not set"),
+    ],
+)
+def test_vast_mode_without_a_public_address_refuses_to_start(
+    drop: tuple[str, ...], missing: str
+) -> None:
+    """No guessed loopback URL: the engine would route clients to an address that cannot work."""
+    env = {k: v for k, v in VAST.items() if k not in drop}
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env(env)
+    message = str(caught.value)
+    assert message.startswith(missing) and "\n" not in message
+    assert "NULLWORKER_PUBLIC_URL" in message
+
+
+def test_a_local_engine_opts_in_to_a_loopback_url() -> None:
+    local = {k: v for k, v in VAST.items() if k != "PUBLIC_IPADDR"}
+    url = "http://127.0.0.1:3000"
+    assert WorkerConfig.from_env(local | {"NULLWORKER_PUBLIC_URL": url + "/"}).public_url == url
+    # The explicit URL wins over Vast's pair, which a local engine may have inherited.
+    assert WorkerConfig.from_env(VAST | {"NULLWORKER_PUBLIC_URL": url}).public_url == url
+    host = local | {"NULLWORKER_PUBLIC_HOST": "::1"}
+    assert WorkerConfig.from_env(host).public_url == "http://[::1]:3000"
+    with pytest.raises(ConfigError, match="NULLWORKER_PUBLIC_URL"):
+        WorkerConfig.from_env(local | {"NULLWORKER_PUBLIC_URL": "127.0.0.1:3000"})
+    # Standalone advertises nothing, whatever is set.
+    assert WorkerConfig.from_env({"NULLWORKER_PUBLIC_URL": url}).public_url is None
 
 
 def test_flags_override_the_environment() -> None:
@@ -61,7 +90,19 @@ def test_port_flag_decides_the_advertised_url() -> None:
     env = VAST | {"VAST_TCP_PORT_4000": "42000"}
     assert WorkerConfig.from_env(env, port=4000).public_url == "http://1.2.3.4:42000"
     local = {k: v for k, v in VAST.items() if k != "PUBLIC_IPADDR"}
+    with pytest.raises(ConfigError, match="VAST_TCP_PORT_4000"):
+        WorkerConfig.from_env(VAST, port=4000)
+    local |= {"NULLWORKER_PUBLIC_HOST": "127.0.0.1"}
     assert WorkerConfig.from_env(local, port=4000).public_url == "http://127.0.0.1:4000"
+
+
+def test_no_secret_in_repr_or_str() -> None:
+    token = "mtoken-d1st1nct1ve-53cr3t"
+    config = WorkerConfig.from_env(VAST | {"MASTER_TOKEN": token})
+    assert config.master_token == token
+    for shown in (repr(config), str(config), f"{config}", repr(config.replace(port=1))):
+        assert token not in shown
+        assert "container_id=4242" in shown  # the rest is still there
 
 
 def test_control_port_off_and_legacy_name() -> None:

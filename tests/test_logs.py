@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nullworker import logs
 from nullworker.engine import Engine, serve_engine
+from nullworker.vast.signing import generate_private_key
 from nullworker.worker.config import WorkerConfig
 
 from .conftest import StartWorker
@@ -217,7 +218,7 @@ async def test_no_secret_in_either_format(
     await nursery.start(partial(serve_engine, engine))
     assert engine.url is not None
 
-    control_port = free_port()
+    port, control_port = free_port(), free_port()
     worker_log = tmp_path / "worker.log"
     with worker_log.open("wb") as out:
         worker = await trio.lowlevel.open_process(
@@ -226,7 +227,8 @@ async def test_no_secret_in_either_format(
                 REPORT_ADDR=engine.url,
                 CONTAINER_ID="11",
                 MASTER_TOKEN=master_token,
-                WORKER_PORT=str(free_port()),
+                WORKER_PORT=str(port),
+                NULLWORKER_PUBLIC_URL=f"http://127.0.0.1:{port}",
                 NULLWORKER_CONTROL_PORT=str(control_port),
                 NULLWORKER_HOST="127.0.0.1",
                 NULLWORKER_LOCK_DIR=str(tmp_path),
@@ -313,3 +315,142 @@ async def test_no_secret_in_either_format(
     else:
         assert not lines[0].startswith("{")
         assert any("ended: duration_elapsed" in line for line in lines)
+
+
+async def test_the_master_token_never_leaves_the_worker_in_vast_mode(
+    nursery: trio.Nursery, rsa_key: rsa.RSAPrivateKey, tmp_path: Path, root_logger: logging.Logger
+) -> None:
+    """Start, reports, an engine address that is down, an engine that refuses the token,
+    refused requests and a failed start, all at DEBUG: the token (and a valid route
+    signature) is in no log line and no response body (the engine checked the token,
+    so it was sent)."""
+    from nullworker.vast.signing import sign_url
+
+    token = "mtoken-" + secrets.token_hex(16)
+    wrong_token = "mtoken-wrong-" + secrets.token_hex(16)
+    engine_lines = io.StringIO()
+    handler = logging.StreamHandler(engine_lines)
+    handler.setFormatter(logs.make_formatter("text"))
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.DEBUG)
+    engine = Engine(private_key=rsa_key, master_token=token)
+    await nursery.start(partial(serve_engine, engine))
+    assert engine.url is not None
+    dead = f"http://127.0.0.1:{free_port()}"  # tried first, never answers
+
+    def worker_env(container: int, port: int, mtoken: str) -> dict[str, str]:
+        return _env(
+            REPORT_ADDR=f"{dead},{engine.url}",
+            CONTAINER_ID=str(container),
+            MASTER_TOKEN=mtoken,
+            WORKER_PORT=str(port),
+            NULLWORKER_PUBLIC_URL=f"http://127.0.0.1:{port}",
+            NULLWORKER_CONTROL_PORT=str(free_port()),
+            NULLWORKER_HOST="127.0.0.1",
+            NULLWORKER_LOCK_DIR=str(tmp_path),
+            NULLWORKER_LOG_LEVEL="DEBUG",
+        )
+
+    async def start(name: str, env: dict[str, str]) -> trio.Process:
+        with (tmp_path / name).open("wb") as out:
+            return await trio.lowlevel.open_process(
+                [sys.executable, "-m", "nullworker", "serve"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def stop(process: trio.Process) -> None:
+        with trio.CancelScope(shield=True):
+            process.terminate()
+            with trio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    port = free_port()
+    good_env = worker_env(21, port, token)
+    good = await start("good.log", good_env)
+    refused = await start("refused.log", worker_env(23, free_port(), wrong_token))
+    bodies: list[str] = []
+    try:
+        await engine.wait_for(lambda e: 21 in e.workers and e.workers[21].ready, timeout=30)
+        own = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(timeout=10) as http:
+
+            async def post(path: str, **kwargs: object) -> httpx.Response:
+                response = await http.post(f"{own}{path}", **kwargs)  # type: ignore[arg-type]
+                bodies.append(response.text + str(response.headers))
+                return response
+
+            def signed(url: str, signature: str, idx: int) -> dict[str, object]:
+                auth = {"signature": signature, "url": url, "cost": 1, "endpoint": "e"}
+                return {"auth_data": auth | {"reqnum": idx, "request_idx": idx}, "payload": {}}
+
+            forged = signed(own, sign_url(generate_private_key(), own), 1)
+            assert (await post("/reserve", json=forged)).status_code == 401
+            other = "http://127.0.0.1:9"
+            assert (
+                await post("/reserve", json=signed(other, sign_url(rsa_key, other), 2))
+            ).status_code == 401
+            assert (await post("/reserve", content=b"{")).status_code == 422
+            for bearer in (wrong_token, token[:-1]):
+                update = await post(
+                    "/pyworker/update", headers={"Authorization": f"Bearer {bearer}"}
+                )
+                assert update.status_code == 401
+            signature = sign_url(rsa_key, own)
+            ok = signed(own, signature, 3) | {"payload": {"duration": 0}}
+            assert (await post("/reserve", json=ok)).status_code == 200
+            control = good_env["NULLWORKER_CONTROL_PORT"]
+            for path in ("/status", "/metrics", "/health"):
+                answer = await http.get(f"http://127.0.0.1:{control}{path}")
+                bodies.append(answer.text)
+        # The engine refuses the other worker's token (401): it logs the refusal.
+        await engine.wait_for(lambda e: e.counters["worker_status_rejected"] >= 2, timeout=30)
+        # A failed start (the port is taken) prints a line and tells the engine.
+        with trio.fail_after(60):
+            failed = await trio.run_process(
+                [sys.executable, "-m", "nullworker", "serve"],
+                env=good_env | {"CONTAINER_ID": "22", "NULLWORKER_CONTROL_PORT": str(free_port())},
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert failed.returncode == 1
+        await engine.wait_for(lambda e: 22 in e.workers and e.workers[22].error_msg, timeout=20)
+    finally:
+        await stop(refused)
+        await stop(good)
+    everything = "\n".join(
+        [
+            (tmp_path / "good.log").read_text(),
+            (tmp_path / "refused.log").read_text(),
+            failed.stdout.decode(),
+            failed.stderr.decode(),
+            engine_lines.getvalue(),
+            *bodies,
+        ]
+    )
+    assert "worker_status" in everything and "cannot listen" in everything  # the logs are there
+    assert token not in everything
+    assert wrong_token not in everything
+    assert signature not in everything
+    # The token was sent: the engine took the good worker's reports and its beacon.
+    assert engine.workers[21].ready and "cannot listen" in engine.workers[22].error_msg
+
+
+def test_an_envelope_repr_has_no_signature(rsa_key: rsa.RSAPrivateKey) -> None:
+    from nullworker.vast.envelope import parse_envelope
+    from nullworker.vast.signing import sign_url
+
+    from .conftest import envelope
+
+    url = "http://127.0.0.1:41234"
+    signature = sign_url(rsa_key, url)
+    parsed = parse_envelope(json.dumps(envelope(url, key=rsa_key, request_idx=5)))
+    assert parsed.auth_data["signature"] == signature
+    for shown in (repr(parsed), str(parsed), f"{parsed!r}"):
+        assert signature not in shown
+        assert "request_idx': 5" in shown and url in shown

@@ -39,7 +39,14 @@ def worker_env(tmp_path: Path, engine: Any | None = None, **extra: str) -> dict[
         }
     )
     if engine is not None:
-        env.update({"REPORT_ADDR": engine.url, "CONTAINER_ID": "11", "MASTER_TOKEN": "tok"})
+        env.update(
+            {
+                "REPORT_ADDR": engine.url,
+                "CONTAINER_ID": "11",
+                "MASTER_TOKEN": "tok",
+                "NULLWORKER_PUBLIC_URL": f"http://127.0.0.1:{env['WORKER_PORT']}",
+            }
+        )
     env.update(extra)
     return env
 
@@ -310,6 +317,7 @@ def test_serve_exits_1_when_the_background_work_fails(
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("REPORT_ADDR", f"http://127.0.0.1:{free_port()}")  # nobody there
     monkeypatch.setenv("CONTAINER_ID", "5")
+    monkeypatch.setenv("NULLWORKER_PUBLIC_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("UNSECURED", "true")
     assert cli.main(["serve", "--control-port", "off"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -341,3 +349,118 @@ async def test_start_server_reports_a_failure_to_the_engine(
     await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].error_msg)
     assert "Python 3.10.12" in vast_engine.workers[11].error_msg
     assert not (tmp_path / "venv").exists()
+
+
+async def failed_start(env: dict[str, str]) -> tuple[int, str, str]:
+    """Run `nullworker serve` that must fail: exit code, its one stderr line, its stdout."""
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [sys.executable, "-m", "nullworker", "serve"],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    err = result.stderr.decode()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return result.returncode, lines[0], result.stdout.decode()
+
+
+async def engine_error(engine: Any, container_id: int = 11) -> str:
+    """The ``error_msg`` the engine recorded for ``container_id``."""
+    await engine.wait_for(
+        lambda e: container_id in e.workers and e.workers[container_id].error_msg, timeout=20
+    )
+    message: str = engine.workers[container_id].error_msg
+    return message
+
+
+async def test_a_taken_control_port_is_one_line_and_the_engine_hears_it(
+    vast_engine: Any, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = worker_env(tmp_path, vast_engine, NULLWORKER_CONTROL_PORT=str(port))
+        code, line, out = await failed_start(env)
+    assert code == 1  # may be free on the next start: start_server.sh restarts it
+    reason = line.removeprefix("nullworker: failed to start: ")
+    assert reason != line
+    assert reason == (
+        f"control port (NULLWORKER_CONTROL_PORT): cannot listen on 127.0.0.1:{port}: "
+        "Address already in use"
+    )
+    assert "Traceback" not in out and "Lifespan" not in out + line
+    assert reason in await engine_error(vast_engine)
+
+
+@pytest.mark.parametrize("kind", ["missing", "a-file"])
+async def test_an_unusable_lock_dir_is_one_line_and_the_engine_hears_it(
+    vast_engine: Any, tmp_path: Path, kind: str
+) -> None:
+    lock_dir = tmp_path / "no" / "such" if kind == "missing" else tmp_path / "plain-file"
+    if kind == "a-file":
+        lock_dir.write_text("")
+    env = worker_env(tmp_path, vast_engine, NULLWORKER_LOCK_DIR=str(lock_dir))
+    code, line, out = await failed_start(env)
+    assert code == 2  # a configuration error: not restarted
+    assert line.startswith(
+        f"nullworker: failed to start: configuration error: NULLWORKER_LOCK_DIR {lock_dir} "
+        "is not usable"
+    ), line
+    assert "Traceback" not in out and "Lifespan" not in out + line
+    reason = line.removeprefix("nullworker: failed to start: ")
+    assert reason in await engine_error(vast_engine)
+
+
+async def test_the_traceback_of_a_failed_start_is_logged_only_when_debugging(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        quiet = worker_env(tmp_path, NULLWORKER_CONTROL_PORT=port)
+        code, line, out = await failed_start(quiet)
+        assert code == 1 and port in line and "Traceback" not in out
+        debug = quiet | {"NULLWORKER_LOG_LEVEL": "DEBUG"}
+        code, line, out = await failed_start(debug)
+    assert code == 1 and port in line
+    assert "Traceback" in out  # on stdout, with the log; stderr keeps its one line
+
+
+async def test_vast_mode_without_a_public_address_refuses_to_start_and_tells_the_engine(
+    vast_engine: Any, tmp_path: Path
+) -> None:
+    env = worker_env(tmp_path, vast_engine)
+    del env["NULLWORKER_PUBLIC_URL"]
+    for name in [
+        k for k in env if k.startswith(("PUBLIC_IPADDR", "VAST_TCP_PORT_", "NULLWORKER_PUBLIC"))
+    ]:
+        del env[name]
+    env["PUBLIC_IPADDR"] = "203.0.113.7"  # the port mapping is what is missing
+    code, line, _ = await failed_start(env)
+    assert code == 2
+    port = env["WORKER_PORT"]
+    assert line.startswith(f"nullworker: configuration error: VAST_TCP_PORT_{port} not set"), line
+    assert "PUBLIC_IPADDR" not in line.split(":")[2]  # only what is missing is named
+    message = await engine_error(vast_engine)
+    assert f"VAST_TCP_PORT_{port} not set" in message
+    # The engine shows the instance as broken, never as ready (and idle).
+    assert not vast_engine.workers[11].ready
+
+
+async def test_unreadable_tls_files_are_a_configuration_error_the_engine_hears(
+    vast_engine: Any, tmp_path: Path
+) -> None:
+    missing = tmp_path / "instance.crt"
+    env = worker_env(tmp_path, vast_engine, USE_SSL="true", NULLWORKER_SSL_CERTFILE=str(missing))
+    env["NULLWORKER_PUBLIC_URL"] = env["NULLWORKER_PUBLIC_URL"].replace("http:", "https:")
+    code, line, out = await failed_start(env)
+    assert code == 2  # a restart cannot fix it
+    assert line.startswith("nullworker: failed to start: configuration error: USE_SSL=true")
+    assert str(missing) in line and "Traceback" not in out
+    reason = line.removeprefix("nullworker: failed to start: ")
+    assert reason in await engine_error(vast_engine)

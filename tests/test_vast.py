@@ -6,6 +6,7 @@ fetches its public key over HTTP, and every report travels over loopback sockets
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 from typing import Any
@@ -230,23 +231,102 @@ async def test_queued_reservation_counts_as_load(
         assert last_report(vast_engine)["cur_load"] == 200.0
 
 
-async def test_a_rotated_engine_key_is_refetched_after_a_failed_check(
-    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
-) -> None:
+def rotate_key(engine: Any) -> rsa.RSAPrivateKey:
+    """Give the engine a new signing key, as a real engine's rotation does."""
     from nullworker.vast.signing import public_key_pem
 
+    new_key = generate_private_key()
+    engine.private_key = new_key
+    engine.public_key_pem = public_key_pem(new_key)
+    return new_key
+
+
+async def test_a_rotated_engine_key_is_refetched_and_the_failing_request_accepted(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
     info = await start_ready(start_worker, vast_engine, key_refresh_min_s=0.0)
     old = info.worker.public_key
-    new_key = generate_private_key()
-    vast_engine.private_key = new_key
-    vast_engine.public_key_pem = public_key_pem(new_key)
+    rotate_key(vast_engine)
     auth = await route(http, vast_engine)
-    first = await http.post(f"{info.url}/reserve", json={"auth_data": auth, "payload": {}})
-    assert first.status_code == 401  # signed with a key the worker does not know yet
-    await wait_until(lambda: info.worker.public_key is not old)
-    signed = envelope(info.public_url or "", key=new_key, request_idx=801, payload={"duration": 0})
-    second = await http.post(f"{info.url}/reserve", json=signed)
-    assert second.status_code == 200
+    # Signed with a key the worker does not know yet: it refetches and checks again.
+    first = await http.post(
+        f"{info.url}/reserve", json={"auth_data": auth, "payload": {"duration": 0}}
+    )
+    assert first.status_code == 200, first.text
+    assert info.worker.public_key is not old
+
+
+async def test_an_attackers_bad_signature_does_not_delay_valid_requests_after_a_rotation(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    """The refetch a bad signature starts is one valid requests use, not one they lose."""
+    min_s = 1.0
+    info = await start_ready(start_worker, vast_engine, key_refresh_min_s=min_s)
+    url = info.public_url or ""
+    idx = iter(range(900, 1000))
+
+    async def send(key: rsa.RSAPrivateKey) -> int:
+        body = envelope(url, key=key, request_idx=next(idx), payload={"duration": 0})
+        return (await http.post(f"{info.url}/reserve", json=body)).status_code
+
+    attacker = generate_private_key()
+    await trio.sleep(min_s + 0.2)  # the start-up fetch is at least min_s old
+    fetches = vast_engine.counters["pubkey"]
+
+    # A rotation, then the attacker's request: its refetch brings the new key.
+    key = rotate_key(vast_engine)
+    assert await send(attacker) == 401
+    assert await send(key) == 200
+    assert vast_engine.counters["pubkey"] - fetches == 1
+
+    # The attacker's request before a rotation fetches the old key again...
+    await trio.sleep(min_s + 0.2)
+    assert await send(attacker) == 401
+    assert vast_engine.counters["pubkey"] - fetches == 2
+    key = rotate_key(vast_engine)
+    # ...so within min_s a valid request is refused (no refetch: the bound holds)...
+    assert await send(key) == 401
+    assert vast_engine.counters["pubkey"] - fetches == 2
+    # ...and after it the first valid request refetches, waits and is accepted.
+    await trio.sleep(min_s + 0.2)
+    assert await send(key) == 200
+    assert vast_engine.counters["pubkey"] - fetches == 3
+
+
+async def test_a_flood_of_bad_signatures_fetches_the_key_a_bounded_number_of_times(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
+) -> None:
+    min_s = 0.05
+    info = await start_ready(start_worker, vast_engine, key_refresh_min_s=min_s)
+    url = info.public_url or ""
+    forged = envelope(url, key=generate_private_key(), request_idx=950, payload={"duration": 0})
+    await trio.sleep(min_s + 0.1)  # the start-up fetch is at least min_s old
+    new_key = rotate_key(vast_engine)
+    fetches = vast_engine.counters["pubkey"]
+    started = trio.current_time()
+    statuses: list[int] = []
+    valid: list[int] = []
+
+    async def attacker() -> None:
+        for _ in range(20):
+            statuses.append((await http.post(f"{info.url}/reserve", json=forged)).status_code)
+
+    async def client() -> None:
+        for i in range(5):  # valid requests in the middle of the flood
+            body = envelope(url, key=new_key, request_idx=960 + i, payload={"duration": 0})
+            valid.append((await http.post(f"{info.url}/reserve", json=body)).status_code)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):  # 10 connections x 20 requests
+            nursery.start_soon(attacker)
+        nursery.start_soon(client)
+    elapsed = trio.current_time() - started
+    flood_fetches = vast_engine.counters["pubkey"] - fetches
+    assert statuses == [401] * 200
+    assert valid == [200] * 5
+    # At most one GET /pubkey/ per min_s, however many bad signatures came.
+    assert 1 <= flood_fetches <= 1 + elapsed / min_s, (flood_fetches, elapsed)
+    print(f"200 bad signatures in {elapsed:.2f} s: {flood_fetches} key fetches")
 
 
 async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
@@ -373,3 +453,57 @@ async def test_a_signed_envelope_with_a_bad_request_idx_gets_422_and_leaves_no_t
     assert [f.request_idx for f in vast_engine.finished] == [903]  # the string, as an int
     reports = [r.body for r in vast_engine.worker_status_reports if r.body["id"] == 7]
     assert sum(r["new_load"] for r in reports) == 100.0
+
+
+@pytest.mark.parametrize(
+    ("own", "signed"),
+    [
+        ("http://127.0.0.1:41234", "HTTP://127.0.0.1:41234/"),
+        ("https://worker.example", "https://WORKER.Example:443/"),
+        ("https://worker.example:443", "https://worker.example"),
+        ("http://worker.example:80/", "http://worker.example"),
+        ("http://[2001:db8::1]:8080", "http://[2001:DB8:0:0::1]:8080/"),
+    ],
+)
+async def test_equivalent_forms_of_the_workers_url_are_accepted(
+    start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient, own: str, signed: str
+) -> None:
+    info = await start_ready(start_worker, vast_engine, public_url=own)
+    body = envelope(signed, key=vast_engine.private_key, payload={"duration": 0})
+    response = await http.post(f"{info.url}/reserve", json=body)
+    assert response.status_code == 200, response.text
+
+
+async def test_another_workers_url_is_refused_and_logged_once_per_episode(
+    start_worker: StartWorker,
+    vast_engine: Any,
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    own = "http://10.1.2.3:41234"
+    info = await start_ready(start_worker, vast_engine, public_url=own)
+    key = vast_engine.private_key
+    caplog.set_level(logging.INFO, logger="nullworker")
+
+    def warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "auth_data.url" in r.getMessage()
+        ]
+
+    others = ["http://10.1.2.3:41235", "https://10.1.2.3:41234", "http://10.1.2.4:41234"]
+    for i in range(60):  # a flood of misaddressed requests, each validly signed
+        body = envelope(others[i % 3], key=key, request_idx=1000 + i, payload={"duration": 0})
+        response = await http.post(f"{info.url}/reserve", json=body)
+        assert response.status_code == 401
+        assert response.json() == {"error": "auth_data.url names another worker"}
+    assert len(warnings()) == 1
+    assert "http://10.1.2.3:41235" in warnings()[0] and own in warnings()[0]
+    # A request for this worker ends the episode; the next mismatch is said again.
+    ok = envelope(own, key=key, request_idx=1100, payload={"duration": 0})
+    assert (await http.post(f"{info.url}/reserve", json=ok)).status_code == 200
+    assert any("after 60 refused request(s)" in r.getMessage() for r in caplog.records)
+    bad = envelope(others[2], key=key, request_idx=1101, payload={"duration": 0})
+    assert (await http.post(f"{info.url}/reserve", json=bad)).status_code == 401
+    assert len(warnings()) == 2 and "http://10.1.2.4:41234" in warnings()[1]

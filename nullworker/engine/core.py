@@ -501,6 +501,7 @@ class Engine:
             "delete_requests": 0,
             "delete_requests_rejected": 0,
             "demand_expired": 0,
+            "pubkey": 0,
         }
         self._retired: set[int] = set()
         self._next_request_idx = 1

@@ -310,8 +310,9 @@ class _Supervisor:
                 "REPORT_ADDR": self.engine.url,
                 "CONTAINER_ID": str(child.id),
                 "WORKER_PORT": str(child.port),
-                "PUBLIC_IPADDR": self.options.host,
-                f"VAST_TCP_PORT_{child.port}": str(child.port),
+                # Said outright: a Vast-mode worker without a public address refuses
+                # to start, and an inherited PUBLIC_IPADDR must not send clients elsewhere.
+                "NULLWORKER_PUBLIC_URL": f"http://{_url_host(self.options.host)}:{child.port}",
                 "MASTER_TOKEN": self.master_token,
                 "NULLWORKER_HOST": self.options.host,
                 "NULLWORKER_CONTROL_PORT": str(child.control_port),

@@ -115,6 +115,7 @@ def create_engine_app(engine: Engine) -> QuartTrio:
 
     @app.get("/pubkey/")
     async def _pubkey() -> Response:
+        engine.counters["pubkey"] += 1
         return Response(engine.public_key_pem, mimetype="text/plain")
 
     @app.post("/route/")

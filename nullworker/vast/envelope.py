@@ -55,6 +55,15 @@ class Envelope:
     payload: dict[str, Any]
     session_id: str | None
 
+    def __repr__(self) -> str:
+        # The signature admits its holder to the worker it names (it never expires):
+        # a credential, kept out of reprs and so out of log lines.
+        auth = {k: ("<redacted>" if k == "signature" else v) for k, v in self.auth_data.items()}
+        return (
+            f"Envelope(auth_data={auth!r}, payload={self.payload!r}, "
+            f"session_id={self.session_id!r})"
+        )
+
     @property
     def request_idx(self) -> int | None:
         return as_int(self.auth_data.get("request_idx"))

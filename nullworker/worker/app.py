@@ -33,6 +33,7 @@ control app, which watches for the disconnect itself.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -40,7 +41,9 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
+from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -52,11 +55,13 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
 from ..errors import (
+    ConfigError,
     DuplicateRequest,
     EnvelopeError,
     QueueTimeout,
     ReleaseConflict,
     ShuttingDown,
+    StartupFailed,
 )
 from ..vast.envelope import parse_duration, parse_envelope, signature_ok
 from .config import WorkerConfig
@@ -137,8 +142,25 @@ class _HTTPConnection(TrioASGIHTTPConnection):
             await self.handle_request(nursery, request, send)
 
 
+class _App(QuartTrio):
+    def log_exception(
+        self,
+        exception_info: tuple[type[BaseException], BaseException, TracebackType]
+        | tuple[None, None, None],
+    ) -> None:
+        """Quart logs a failed start with a traceback; ours are one line, said by the caller.
+
+        (``nullworker serve`` prints it and tells the engine; Hypercorn's CLI prints it
+        as its "Lifespan failure".) The traceback is logged at DEBUG.
+        """
+        if isinstance(exception_info[1], ConfigError | StartupFailed):
+            log.debug("start-up failed: %s", exception_info[1], exc_info=exception_info)
+            return
+        super().log_exception(exception_info)
+
+
 def _base_app(name: str, config: WorkerConfig) -> QuartTrio:
-    app = QuartTrio(name)
+    app = _App(name)
     app.asgi_http_class = _HTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     # A hold may last an hour; Quart must not cut the response off.
@@ -182,11 +204,16 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
     async def _stop() -> None:
         worker.begin_shutdown()
 
-    def admit(body: bytes | str) -> Response | tuple[float | None, int | None, int | None]:
+    url_mismatch = _UrlMismatchLog()
+
+    async def admit(
+        body: bytes | str,
+    ) -> Response | tuple[float | None, int | None, int | None]:
         """The envelope's refusal, or what a hold needs: (duration, request_idx, reqnum).
 
-        Synchronous, so that nothing of the request body (its bytes, the parsed JSON)
-        stays referenced while the reservation waits and holds.
+        A function of its own, so that nothing of the request body (its bytes, the parsed
+        JSON) stays referenced while the reservation waits and holds. It awaits only
+        when a signature fails, for the engine's key to be refetched (bounded).
         """
         try:
             envelope = parse_envelope(body)
@@ -197,10 +224,18 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
             if key is None:
                 return _json({"error": "not ready: the engine's public key is not loaded"}, 401)
             if not signature_ok(envelope, key):
-                worker.request_key_refresh()
-                return _json({"error": "invalid signature"}, 401)
-            if cfg.public_url and _norm(envelope.auth_data["url"]) != _norm(cfg.public_url):
-                return _json({"error": "auth_data.url names another worker"}, 401)
+                # The engine may have rotated its key: check again with the new one.
+                if not await worker.key_changed():
+                    return _json({"error": "invalid signature"}, 401)
+                key = worker.public_key
+                if key is None or not signature_ok(envelope, key):
+                    return _json({"error": "invalid signature"}, 401)
+            if cfg.public_url:
+                signed_url = envelope.auth_data["url"]
+                if not _same_url(signed_url, cfg.public_url):
+                    url_mismatch.refused(signed_url, cfg.public_url)
+                    return _json({"error": "auth_data.url names another worker"}, 401)
+                url_mismatch.matched()
         if envelope.session_id is not None:
             return _json({"error": "invalid session", **_NO_SESSIONS}, 410)
         try:
@@ -213,7 +248,7 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
 
     @app.post("/reserve")
     async def reserve() -> Response:
-        admitted = admit(await request.get_data(cache=False, as_text=False))
+        admitted = await admit(await request.get_data(cache=False, as_text=False))
         if isinstance(admitted, Response):
             return admitted
         duration, idx, reqnum = admitted
@@ -506,5 +541,72 @@ def _retry_after(worker: Worker) -> str:
     return str(max(1, math.ceil(active.ends_at - time.time())))
 
 
-def _norm(url: str) -> str:
-    return url.strip().rstrip("/").lower()
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _url_key(url: object) -> tuple[str, str, int | None, str] | None:
+    """What identifies a worker URL: scheme, host, port (the default one spelled out), path.
+
+    None for what is not an http(s) URL at all.
+    """
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = parts.hostname  # lower case, IPv6 brackets removed
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    try:
+        host = ipaddress.ip_address(host).compressed
+    except ValueError:
+        host = host.rstrip(".")
+    return (
+        scheme,
+        host,
+        port if port is not None else _DEFAULT_PORTS[scheme],
+        parts.path.rstrip("/"),
+    )
+
+
+def _same_url(signed: object, own: str) -> bool:
+    """Whether the engine's ``auth_data.url`` names this worker's ``own`` URL.
+
+    Forms that reach the same place are equal: scheme and host in any case, a trailing
+    slash, the default port (:80, :443) written or implied, IPv6 in any spelling.
+    """
+    key = _url_key(signed)
+    return key is not None and key == _url_key(own)
+
+
+class _UrlMismatchLog:
+    """Says once per episode that signed requests name another URL than ours.
+
+    The first refusal logs both URLs (a warning); later ones are only counted until a
+    request names our URL again, which ends the episode. A flood of misaddressed
+    requests thus costs one log line, not one per request.
+    """
+
+    def __init__(self) -> None:
+        self._refused = 0
+
+    def refused(self, signed: object, own: str) -> None:
+        self._refused += 1
+        if self._refused == 1:
+            log.warning(
+                "refusing /reserve (401): auth_data.url is %r but this worker's URL is %r; "
+                "further refusals for this reason are not logged until the URLs match again",
+                signed[:200] if isinstance(signed, str) else type(signed).__name__,
+                own,
+            )
+
+    def matched(self) -> None:
+        if self._refused:
+            log.info(
+                "auth_data.url matches this worker's URL again, after %d refused request(s)",
+                self._refused,
+            )
+            self._refused = 0

@@ -2,8 +2,17 @@
 
 Its arguments (:func:`add_arguments`, used by the ``nullworker`` command's parser) and
 running them (:func:`run`): settings from the environment and the flags, logging, the
-worker until SIGINT/SIGTERM, and the exit code -- 2 for a configuration error, 1 for a
-failure to start or a failure of the background work, each reported to the engine.
+worker until SIGINT/SIGTERM, and the exit code (what ``start_server.sh`` supervises by):
+
+* 0 -- stopped by SIGINT/SIGTERM.
+* 1 -- failed to start for a reason a later start may not have (a port in use, the
+  port's lock held by another process), or the background work failed after start-up.
+* 2 -- a configuration error (a bad or missing setting, an unusable
+  ``NULLWORKER_LOCK_DIR``, TLS files that cannot be loaded): a restart cannot fix it.
+
+A failure to start is one line on stderr, ``nullworker: <what failed>``, and the same
+words go to the engine as ``error_msg`` (every ``REPORT_ADDR``, bounded). The traceback
+is logged only with ``NULLWORKER_LOG_LEVEL=DEBUG``.
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ HELP = "run the worker (POST /reserve)"
 EPILOG = """\
 Settings come from the environment (the Vast contract: WORKER_PORT, REPORT_ADDR, CONTAINER_ID,
 PUBLIC_IPADDR, VAST_TCP_PORT_<port>, MASTER_TOKEN, UNSECURED, USE_SSL; and MAX_RESERVATION_SECONDS,
-MAX_QUEUE_TIME, NULLWORKER_CONTROL_PORT, NULLWORKER_HOST). Flags override them. With neither
-REPORT_ADDR nor CONTAINER_ID set the worker runs standalone on 127.0.0.1, unsecured, not reporting.
+MAX_QUEUE_TIME, NULLWORKER_CONTROL_PORT, NULLWORKER_HOST, NULLWORKER_PUBLIC_URL). Flags override
+them. With neither REPORT_ADDR nor CONTAINER_ID set the worker runs standalone on 127.0.0.1,
+unsecured, not reporting. Exit codes: 0 stopped by a signal, 1 failed (a port in use; a restart
+may help), 2 a configuration error (a restart cannot help).
 """
 
 
@@ -94,6 +105,7 @@ def run(args: argparse.Namespace, *, started_at: float | None = None) -> int:
         config = WorkerConfig.from_env(os.environ, **_overrides(args))
     except ConfigError as exc:
         print(f"nullworker: configuration error: {exc}", file=sys.stderr)
+        logs.configure("INFO", "text", stream=sys.stdout)  # the beacon's own lines
         _beacon_from_env(f"Worker Server failed to launch: configuration error: {exc}")
         return 2
     logs.configure(config.log_level, config.log_format, stream=sys.stdout)
@@ -106,10 +118,14 @@ def run(args: argparse.Namespace, *, started_at: float | None = None) -> int:
         if _contains(exc, WorkerFailed):  # the worker reported it to the engine itself
             print(f"nullworker: stopped: {reason}", file=sys.stderr)
             return 1
+        log.debug("failed to start", exc_info=exc)  # the traceback, when debugging
+        configuration = _contains(exc, ConfigError)
+        if configuration:
+            reason = f"configuration error: {reason}"
         print(f"nullworker: failed to start: {reason}", file=sys.stderr)
         if config.reporting:
             trio.run(_send_beacon, config, f"Worker Server failed to launch: {reason}")
-        return 1
+        return 2 if configuration else 1
     return 0
 
 
@@ -124,7 +140,7 @@ def _one_line(exc: BaseException) -> str | None:
     if isinstance(exc, KeyboardInterrupt):
         return None
     if isinstance(exc, OSError | ConfigError | WorkerFailed):
-        return str(exc)
+        return " ".join(str(exc).split())  # one line, whatever the message held
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
             found = _one_line(inner)

@@ -7,7 +7,11 @@ Two modes:
 
 * **Vast mode** -- ``REPORT_ADDR`` and ``CONTAINER_ID`` are set (the instance's start
   script exports them). The worker binds all interfaces, checks signatures unless
-  ``UNSECURED=true`` and reports to the engine.
+  ``UNSECURED=true`` and reports to the engine. It needs the address the engine
+  routes clients to: ``PUBLIC_IPADDR`` and ``VAST_TCP_PORT_<port>`` (always set on a
+  Vast instance), or ``NULLWORKER_PUBLIC_URL`` / ``NULLWORKER_PUBLIC_HOST`` for a
+  local engine. Without one it refuses to start: a guessed loopback URL would look
+  ready and idle to the engine while no client could ever reach it.
 * **Standalone** -- neither is set. The worker binds ``127.0.0.1``, checks no
   signatures and reports to nobody: the embedded default for trying it out.
   Setting only one of the two is a configuration error, not a silent fallback.
@@ -85,13 +89,44 @@ def _seconds(env: Mapping[str, str], name: str, default: float, *, minimum: floa
     return value
 
 
-def _check_engine_url(addr: str) -> None:
+def _is_http_url(url: str) -> bool:
     try:
-        parts = urlsplit(addr)
+        parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
     except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _url_host(host: str) -> str:
+    """``host`` as it goes into a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _public_url(env: Mapping[str, str], *, port: int, use_ssl: bool) -> str | None:
+    """The advertised URL from the environment, or None when it names none.
+
+    ``NULLWORKER_PUBLIC_URL`` wins outright; then Vast's ``PUBLIC_IPADDR`` with
+    ``VAST_TCP_PORT_<port>``; then ``NULLWORKER_PUBLIC_HOST`` with the worker's port.
+    """
+    scheme = "https" if use_ssl else "http"
+    explicit = env.get("NULLWORKER_PUBLIC_URL", "").strip()
+    if explicit:
+        if not _is_http_url(explicit):
+            raise ConfigError(f"NULLWORKER_PUBLIC_URL must be an http(s) URL, got {explicit!r}")
+        return explicit.rstrip("/")
+    public_ip = env.get("PUBLIC_IPADDR", "").strip()
+    public_port = env.get(f"VAST_TCP_PORT_{port}", "").strip()
+    if public_ip and public_port:
+        return f"{scheme}://{_url_host(public_ip)}:{public_port}"
+    host = env.get("NULLWORKER_PUBLIC_HOST", "").strip()
+    if host:
+        return f"{scheme}://{_url_host(host)}:{port}"
+    return None
+
+
+def _check_engine_url(addr: str) -> None:
+    if not _is_http_url(addr):
         raise ConfigError(f"REPORT_ADDR entries must be http(s) URLs, got {addr!r}")
 
 
@@ -114,7 +149,8 @@ class WorkerConfig:
     #: Engine base URLs, tried in order (fallback, not fan-out). Empty: no reporting.
     report_addrs: tuple[str, ...] = ()
     container_id: int | None = None
-    master_token: str = ""
+    #: A secret: kept out of ``repr()`` (and so out of every log line that shows the config).
+    master_token: str = dataclasses.field(default="", repr=False)
     #: The URL the engine routes clients to (``auth_data.url``); None when standalone.
     public_url: str | None = None
     unsecured: bool = True
@@ -148,9 +184,9 @@ class WorkerConfig:
     force_update_path: str = "/.force_update"
     #: Where the per-port single-process locks live (default: the temp dir).
     lock_dir: str = dataclasses.field(default_factory=tempfile.gettempdir)
-    #: A failed signature check refetches the engine's key at most this often (the
-    #: engine may have rotated it; the official worker never refetches).
-    key_refresh_min_s: float = 60.0
+    #: A failed signature check refetches the engine's key (the engine may have rotated
+    #: it; the official worker never refetches), at most once per this many seconds.
+    key_refresh_min_s: float = 3.0
     #: How long held reservations get on shutdown before the server is cancelled.
     graceful_timeout_s: float = 5.0
     #: A request's body must be complete this long after its headers, or the
@@ -250,16 +286,18 @@ class WorkerConfig:
             port = cast(int, overrides["port"])
         # Exactly "true", as the official worker reads it.
         use_ssl = env.get("USE_SSL", "false") == "true"
-        public_url: str | None = None
-        public_ip = env.get("PUBLIC_IPADDR", "").strip()
-        public_port = env.get(f"VAST_TCP_PORT_{port}", "").strip()
-        if public_ip and public_port:
-            public_url = f"{'https' if use_ssl else 'http'}://{public_ip}:{public_port}"
-        elif vast:
-            # Inside Vast both are always set; without them the engine is local
-            # (``nullworker dev``) and reaches us where we listen.
-            host = env.get("NULLWORKER_PUBLIC_HOST", "127.0.0.1").strip() or "127.0.0.1"
-            public_url = f"{'https' if use_ssl else 'http'}://{host}:{port}"
+        public_url = _public_url(env, port=port, use_ssl=use_ssl) if vast else None
+        if vast and public_url is None:
+            missing = [
+                name
+                for name in ("PUBLIC_IPADDR", f"VAST_TCP_PORT_{port}")
+                if not env.get(name, "").strip()
+            ]
+            raise ConfigError(
+                f"{' and '.join(missing)} not set: Vast mode (REPORT_ADDR/CONTAINER_ID) needs "
+                "the address the engine routes clients to (for a local engine set "
+                "NULLWORKER_PUBLIC_URL)"
+            )
 
         control_raw = env.get("NULLWORKER_CONTROL_PORT", env.get("NULL_CONTROL_PORT"))
         control_port: int | None

@@ -40,7 +40,7 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ..errors import ConfigError, WorkerFailed
+from ..errors import ConfigError, StartupFailed, WorkerFailed
 from .config import MAX_PERF, RESERVATION_WORKLOAD, WorkerConfig
 from .local_holds import LocalHoldEvent, LocalHolds
 from .metrics import MetricsSnapshot, WorkerMetrics
@@ -62,6 +62,13 @@ KEY_RETRY_IN_OUTAGE_S = 5.0
 
 def _terminate_own_process() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _only_leaf(exc: BaseException) -> BaseException:
+    """``exc`` without the exception groups that wrap it one inside the other."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class ControlListener(Protocol):
@@ -106,6 +113,10 @@ class Worker:
         self.control_url: str | None = None
         self._key_fetched_at = -config.key_refresh_min_s
         self._key_refresh = trio.Event()
+        #: Set when the refetch in flight ends; None while none is in flight.
+        self._key_refetched: trio.Event | None = None
+        #: Why the background work could not start (one line), if it could not.
+        self.startup_failure: ConfigError | StartupFailed | None = None
         #: Set when the background work failed after start-up (see :meth:`supervise`).
         self.failed = trio.Event()
         self.failure: WorkerFailed | None = None
@@ -126,7 +137,10 @@ class Worker:
         set); see :meth:`run`.
 
         A failure before ``started()`` (the single-process lock, the control port)
-        propagates to the caller, as any start-up error does. A later one is logged,
+        propagates to the caller, as any start-up error does: a known one (a
+        :class:`ConfigError` or :class:`StartupFailed`, whose message says what failed)
+        on its own rather than inside exception groups, and kept in
+        :attr:`startup_failure` for ``serve()``. A later one is logged,
         reported to the engine as ``error_msg`` (bounded), ends every reservation, and
         calls :attr:`on_fatal`: ``serve()`` stops and raises
         :class:`~nullworker.errors.WorkerFailed`; under Hypercorn's own CLI the process
@@ -141,13 +155,15 @@ class Worker:
                 task_status.started()
         except Exception as exc:  # a group of real errors; a Cancelled is not caught
             if not started:
+                leaf = _only_leaf(exc)
+                if isinstance(leaf, ConfigError | StartupFailed):
+                    self.startup_failure = leaf
+                    raise leaf from None
                 raise
             await self._fail(exc)
 
     async def _fail(self, exc: Exception) -> None:
-        leaf: BaseException = exc
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]
+        leaf = _only_leaf(exc)
         self.failure = WorkerFailed(f"{type(leaf).__name__}: {leaf}")
         self.error = f"worker failed: {self.failure}"
         log.critical("%s; stopping", self.error, exc_info=exc)
@@ -188,7 +204,12 @@ class Worker:
                 try:
                     async with trio.open_nursery() as nursery:
                         if self.config.control_port is not None:
-                            self.control_url = await nursery.start(serve_control, self)
+                            try:
+                                self.control_url = await nursery.start(serve_control, self)
+                            except OSError as exc:  # the port is taken, or not ours to bind
+                                raise StartupFailed(
+                                    f"control port (NULLWORKER_CONTROL_PORT): {exc.strerror or exc}"
+                                ) from None
                         if self.reporter is not None:
                             await nursery.start(self.reporter.run)
                         nursery.start_soon(self._become_ready)
@@ -226,15 +247,27 @@ class Worker:
             yield
             return
         path = os.path.join(self.config.lock_dir, f"nullworker-{self.config.port}.lock")
-        handle = open(path, "a+")  # held for the whole serving lifetime
+        try:
+            handle = open(path, "a+")  # held for the whole serving lifetime
+        except OSError as exc:
+            raise ConfigError(
+                f"NULLWORKER_LOCK_DIR {self.config.lock_dir} is not usable: cannot open the "
+                f"lock {path}: {exc.strerror or exc}"
+            ) from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             handle.close()
-            raise ConfigError(
+            raise StartupFailed(
                 f"another nullworker process already serves port {self.config.port} "
                 f"(lock {path}). The reservation slot is in-process state: run exactly ONE "
                 "worker process (hypercorn --workers 1)."
+            ) from None
+        except OSError as exc:  # e.g. a file system without locks
+            handle.close()
+            raise ConfigError(
+                f"NULLWORKER_LOCK_DIR {self.config.lock_dir} is not usable: cannot lock "
+                f"{path}: {exc.strerror or exc}"
             ) from None
         try:
             yield
@@ -321,25 +354,53 @@ class Worker:
             raise RuntimeError(f"benchmark hold ended with {result.outcome}")
         return MAX_PERF
 
-    def request_key_refresh(self) -> None:
-        """Called after a failed signature check: the engine may have a new key."""
-        if trio.current_time() - self._key_fetched_at >= self.config.key_refresh_min_s:
+    async def key_changed(self) -> bool:
+        """Called after a failed signature check: has the engine rotated its key?
+
+        Returns True when a refetch found a new key (check the signature again with
+        :attr:`public_key`), False otherwise. A refetch already in flight is waited for
+        (bounded by one round over the engine addresses); else one is started if the last
+        began at least ``key_refresh_min_s`` ago; else the answer is False at once. So a
+        valid request after a rotation is accepted as soon as any request, an
+        attacker's included, has triggered the refetch, and however many bad
+        signatures arrive the engine sees at most one ``GET /pubkey/`` per
+        ``key_refresh_min_s`` from this worker.
+        """
+        before = self.public_key
+        done = self._key_refetched
+        if done is None:
+            if trio.current_time() - self._key_fetched_at < self.config.key_refresh_min_s:
+                return False
+            done = self._key_refetched = trio.Event()
+            self._key_fetched_at = trio.current_time()
             self._key_refresh.set()
+        with trio.move_on_after(
+            self.config.engine_timeout_s * max(1, len(self.config.report_addrs)) + 1.0
+        ):
+            await done.wait()
+        return self.public_key is not before
 
     async def _refresh_key_on_demand(self) -> None:
+        """Run the refetches :meth:`key_changed` asks for, in this task rather than in a
+        request's: a client that goes away does not cancel the fetch the others wait for."""
         assert self.reporter is not None
         while True:
             await self._key_refresh.wait()
             self._key_refresh = trio.Event()
-            self._key_fetched_at = trio.current_time()
             try:
-                key = await self.reporter.fetch_pubkey()
+                key = await self.reporter.fetch_pubkey(backoff_s=())
             except Exception as exc:
                 log.warning("refreshing the engine's public key failed: %s", exc)
-                continue
-            if self.public_key is None or key.public_numbers() != self.public_key.public_numbers():
-                log.info("the engine's public key changed; using the new one")
-            self.public_key = key
+            else:
+                if self.public_key is None or (
+                    key.public_numbers() != self.public_key.public_numbers()
+                ):
+                    log.info("the engine's public key changed; using the new one")
+                    self.public_key = key
+            finally:
+                done, self._key_refetched = self._key_refetched, None
+                if done is not None:
+                    done.set()
 
     # -- views -----------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.utils import wrap_app
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StartupFailed
 from .app import connection_limits, create_app
 from .config import WorkerConfig
 from .http_server import ConnectionLimits, listen, raise_nofile_limit, serve_http
@@ -110,8 +110,9 @@ async def serve(
       started_at: ``time.monotonic()`` at process start, for the reported ``loadtime``.
 
     Raises:
-      OSError: the port cannot be bound (in use, permission). Nothing was started.
-      ConfigError: TLS files unusable, or another process serves the same port.
+      StartupFailed: the main or the control port cannot be bound (in use,
+        permission), or another process serves the same port (an :class:`OSError`).
+      ConfigError: TLS files unusable, or ``lock_dir`` unusable.
       WorkerFailed: the background work (engine reporter, readiness, control
         listener) failed after start-up; the worker stopped after reporting it.
 
@@ -121,11 +122,14 @@ async def serve(
     reported to the engine under a short shielded deadline.
     """
     _check_tls(config)
-    sock = listen(
-        config.host,
-        config.port,
-        keepalive=(config.tcp_keepidle_s, config.tcp_keepintvl_s, config.tcp_keepcnt),
-    )
+    try:
+        sock = listen(
+            config.host,
+            config.port,
+            keepalive=(config.tcp_keepidle_s, config.tcp_keepintvl_s, config.tcp_keepcnt),
+        )
+    except OSError as exc:
+        raise StartupFailed(f"main port (WORKER_PORT): {exc.strerror or exc}") from None
     log.info("file descriptor limit: %d", raise_nofile_limit())
     try:
         config = _bound_config(config, sock)
@@ -150,18 +154,25 @@ async def serve(
             # answered (503 shutdown) instead of being cut off at the deadline.
             worker.begin_shutdown()
 
-        async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(
-                _worker_serve, app, hc, sockets, _trigger, connection_limits(config)
-            )
-            task_status.started(
-                ServeInfo(
-                    url=binds[0],
-                    control_url=worker.control_url,
-                    public_url=config.public_url,
-                    worker=worker,
+        try:
+            async with trio.open_nursery() as nursery:
+                binds: list[str] = await nursery.start(
+                    _worker_serve, app, hc, sockets, _trigger, connection_limits(config)
                 )
-            )
+                task_status.started(
+                    ServeInfo(
+                        url=binds[0],
+                        control_url=worker.control_url,
+                        public_url=config.public_url,
+                        worker=worker,
+                    )
+                )
+        except BaseException:
+            # Hypercorn reports a failed start as "Lifespan failure in startup" around
+            # the message; the caller gets the worker's own error, which says what failed.
+            if worker.startup_failure is not None:
+                raise worker.startup_failure from None
+            raise
         if worker.failure is not None:
             raise worker.failure
     finally:
