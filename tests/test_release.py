@@ -101,7 +101,7 @@ async def test_a_release_must_name_what_it_ends(
 async def test_a_release_racing_the_next_reservation_never_ends_it(
     start_worker: StartWorker, http: httpx.AsyncClient
 ) -> None:
-    """100 rounds: reservation A (50 ms) is held and B queues behind it; the consumer
+    """100 rounds: reservation A (100 ms) is held and B queues behind it; the consumer
     reads A's id, decides, and its release lands anywhere from before A ends to after B
     started (every fourth round: surely after). Whatever the timing, the release ends A
     or nothing, never B."""
@@ -109,21 +109,30 @@ async def test_a_release_racing_the_next_reservation_never_ends_it(
     url = f"{info.control_url}/release"
     rng = random.Random(1234)
     outcomes: dict[str, int] = {"released A": 0, "conflict with B": 0, "nothing held": 0}
-    for round_no in range(100):
+    round_no = slow_looks = 0
+    while round_no < 100:
         a, b = Reserved(), Reserved()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(a.run, http, info, 0.05)
+            nursery.start_soon(a.run, http, info, 0.1)
             await wait_until(lambda: info.worker.slot.busy)
             nursery.start_soon(b.run, http, info, 30.0)
             await wait_until(lambda: info.worker.slot.statistics().waiting == 1)
             seen = await active(http, info)
-            assert seen is not None and seen["request_idx"] == a.request_idx
+            assert seen is not None
+            if seen["request_idx"] != a.request_idx:
+                # A ended before the consumer looked (a loaded machine): no race to
+                # replay in this round. End B and play the round again.
+                assert seen["request_idx"] == b.request_idx
+                await http.post(url, json={"id": seen["id"]})
+                slow_looks += 1
+                assert slow_looks <= 200, "the machine never let a round start in time"
+                continue
             decided_at = time.time()
             if round_no % 4 == 0:
                 await a.done.wait()  # A's own release comes after A ended and B started
                 await wait_until(lambda: info.worker.slot.statistics().waiting == 0)
             else:
-                await trio.sleep(rng.uniform(0.0, 0.1))
+                await trio.sleep(rng.uniform(0.0, 0.2))
             named = {"id": seen["id"]} if round_no % 2 else {"started_before": decided_at}
             response = await http.post(url, json=named)
             answer = response.json()
@@ -151,11 +160,12 @@ async def test_a_release_racing_the_next_reservation_never_ends_it(
         )
         assert a.answer["released"] == expected_a
         assert b.answer["released"] == "explicit"
+        round_no += 1
     assert sum(outcomes.values()) == 100
     # The rounds whose release surely came after B started.
     assert outcomes["conflict with B"] >= 25, outcomes
     counts = info.worker.slot.statistics().counts
-    assert counts["explicit"] == 100 + outcomes["released A"]
+    assert counts["explicit"] == 100 + outcomes["released A"] + slow_looks
 
 
 async def test_release_reservation_names_the_decision(
