@@ -32,7 +32,7 @@ _WITHOUT_EXTRA = """
 import sys
 class _Missing:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("redis", "nats", "trio_asyncio"):
+        if name.split(".")[0] in ("redis", "nats", "trio_asyncio", "boto3", "botocore", "asyncpg"):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, _Missing())
 """
@@ -60,7 +60,8 @@ def test_the_worker_serves_without_the_autoscale_extra() -> None:
         "trio.run(main)\n"
         "import nullworker.client.autoscaler, nullworker.engine.dev, nullworker.client.hold_cli\n"
         "from nullworker.client.demand import CommandDemand, CallableDemand\n"
-        "print(sorted(m for m in ('redis', 'nats', 'trio_asyncio') if m in sys.modules))\n"
+        "print(sorted(m for m in ('redis', 'nats', 'trio_asyncio', 'boto3', 'asyncpg') "
+        "if m in sys.modules))\n"
     )
     out = _run_without_extra(code)
     assert out.returncode == 0, out.stderr
@@ -98,7 +99,8 @@ def test_the_install_leaves_the_queue_clients_to_the_extra() -> None:
     names = {
         dep.split(">")[0].split("=")[0].split("<")[0].strip() for dep in project["dependencies"]
     }
-    assert not names & {"redis", "nats-py", "trio-asyncio"}, names
+    queue_clients = {"redis", "nats-py", "trio-asyncio", "boto3", "asyncpg"}
+    assert not names & queue_clients, names
     extra = {dep.split(">")[0].strip() for dep in project["optional-dependencies"]["autoscale"]}
-    assert extra == {"redis", "nats-py", "trio-asyncio"}
+    assert extra == queue_clients
     assert "nullworker[autoscale]" in project["optional-dependencies"]["dev"]
