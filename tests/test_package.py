@@ -8,6 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 import nullworker
 
 
@@ -92,6 +94,33 @@ def test_autoscale_without_the_extra_names_it() -> None:
     name, _, message = library.stdout.strip().partition(" | ")
     assert name in ("redis", "nats", "trio_asyncio"), library.stderr
     assert message.endswith("pip install 'nullworker[autoscale]'")
+
+
+@pytest.mark.parametrize(
+    ("blocked", "argv"),
+    [
+        ("boto3", "'--sqs', 'https://sqs.eu-west-1.amazonaws.com/1/jobs'"),
+        ("asyncpg", "'--postgres', 'postgresql://h/db', 'SELECT 1'"),
+    ],
+)
+def test_a_source_whose_client_is_missing_names_the_extra(blocked: str, argv: str) -> None:
+    # Only this one client is missing: the Redis and NATS clients are there.
+    code = (
+        "import sys\n"
+        "class _Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] == {blocked!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Missing())\n"
+        "from nullworker.cli import main\n"
+        f"sys.exit(main(['autoscale', '--endpoint', 'e', '--api-key', 'k', {argv}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == (
+        "nullworker autoscale: the demand sources and leases need the 'autoscale' extra "
+        f"(no module named {blocked!r}): pip install 'nullworker[autoscale]'"
+    )
 
 
 def test_the_install_leaves_the_queue_clients_to_the_extra() -> None:
