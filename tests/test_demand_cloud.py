@@ -11,8 +11,10 @@ for PostgreSQL. Hangs are a loopback listener that never answers (``silent_serve
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pika
@@ -68,6 +70,54 @@ async def read_error(source: DemandSource, bound_s: float = WAIT_S) -> DemandErr
         except DemandError as exc:
             return exc
     pytest.fail(f"read() returned {value} instead of raising DemandError")
+
+
+class Answering:
+    """A loopback HTTP server that answers every request with ``status`` and ``body``.
+
+    For answers a real server does not give (a count that is not a number): the
+    client under test still speaks real HTTP over a real socket.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.status = 200
+        self.body: object = {}
+        self.content_type = "application/json"
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(rest) < length:
+                rest += await stream.receive_some(65536)
+            body = json.dumps(self.body).encode()
+            await stream.send_all(
+                f"HTTP/1.1 {self.status} X\r\ncontent-type: {self.content_type}\r\n"
+                f"x-amzn-requestid: 1\r\ncontent-length: {len(body)}\r\n"
+                "connection: close\r\n\r\n".encode()
+                + body
+            )
+
+
+@pytest.fixture
+async def answering(nursery: trio.Nursery) -> Answering:
+    server = Answering()
+    listeners: list[trio.SocketListener] = await nursery.start(
+        partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1")
+    )
+    server.port = listeners[0].socket.getsockname()[1]
+    return server
 
 
 # -- SQS -----------------------------------------------------------------------------------
@@ -177,6 +227,36 @@ async def test_sqs_hung_and_refused_endpoints_fail_within_the_timeout(
     async with SqsQueue(f"http://127.0.0.1:{port}/1/jobs", timeout_s=2) as source:
         error = await read_error(source)
     assert type(error) is DemandError and "Could not connect" in str(error)
+
+
+async def test_sqs_answer_that_is_not_a_count_is_an_error(
+    sqs_env: MotoServer, answering: Answering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", f"http://127.0.0.1:{answering.port}")
+    answering.content_type = "application/x-amz-json-1.0"
+    url = f"http://127.0.0.1:{answering.port}/1/jobs"
+    async with SqsQueue(url) as source:
+        for attributes, message in [
+            ({"ApproximateNumberOfMessages": "3"}, "the answer has no ApproximateNumberOfMes"),
+            (
+                {"ApproximateNumberOfMessages": "-1", "ApproximateNumberOfMessagesNotVisible": "0"},
+                "ApproximateNumberOfMessages is '-1', not a count",
+            ),
+            (
+                {"ApproximateNumberOfMessages": "1", "ApproximateNumberOfMessagesNotVisible": "x"},
+                "ApproximateNumberOfMessagesNotVisible is 'x', not a count",
+            ),
+        ]:
+            answering.body = {"Attributes": attributes}
+            error = await read_error(source)
+            assert type(error) is DemandError and message in str(error), error
+        answering.body = {
+            "Attributes": {
+                "ApproximateNumberOfMessages": "4",
+                "ApproximateNumberOfMessagesNotVisible": "5",
+            }
+        }
+        assert await read_within(source) == 9
 
 
 def test_sqs_region_comes_from_the_queue_url_when_not_configured(
@@ -320,6 +400,27 @@ async def test_rabbitmq_hung_and_refused_servers(silent_server: int) -> None:
     async with RabbitMQQueue(f"http://127.0.0.1:{free_port()}", "q") as source:
         error = await read_error(source)
     assert type(error) is DemandError and "ConnectError" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (200, {"messages": -1}, "'messages' is -1, not a count"),
+        (200, {"messages": "3"}, "'messages' is '3', not a count"),
+        (200, {"messages": 2.5}, "'messages' is 2.5, not a count"),
+        (200, {"messages": True}, "'messages' is True, not a count"),
+        (200, [1], "the answer is not a queue object"),
+        (403, {}, "HTTP 403"),
+        (500, {"error": "boom"}, "HTTP 500"),
+    ],
+)
+async def test_rabbitmq_answer_that_is_not_a_count_is_an_error(
+    answering: Answering, status: int, body: object, message: str
+) -> None:
+    answering.status, answering.body = status, body
+    async with RabbitMQQueue(f"http://127.0.0.1:{answering.port}", "q") as source:
+        error = await read_error(source)
+    assert type(error) is DemandError and message in str(error), error
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,8 @@ class PostgresQuery(AsyncioSource[_PgClient]):
         return await asyncpg.connect(
             self.url,
             timeout=self.timeout_s,
+            # One query, run every poll: nothing to gain from prepared statements, and
+            # none left behind for a pooler in transaction mode (PgBouncer) to trip on.
             statement_cache_size=0,
             server_settings={
                 "application_name": APPLICATION_NAME,
