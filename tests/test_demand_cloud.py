@@ -57,6 +57,16 @@ def unique(prefix: str) -> str:
     return f"{prefix}_{next(_names)}_{time.monotonic_ns() % 10**9}"
 
 
+@pytest.fixture(autouse=True)
+def _aws_stays_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AWS file of this machine, and no instance-metadata lookup (not loopback)."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS"):
+        monkeypatch.delenv(name, raising=False)
+
+
 async def read_within(source: DemandSource, bound_s: float = WAIT_S) -> int:
     with trio.fail_after(bound_s):
         return await source.read()
@@ -126,8 +136,6 @@ async def answering(nursery: trio.Nursery) -> Answering:
 @pytest.fixture
 def sqs_env(moto_sqs: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
     """boto3's default chain pointed at the moto server, with its valid key."""
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     for name, value in moto_sqs.env().items():
         monkeypatch.setenv(name, value)
     yield moto_sqs
@@ -262,9 +270,8 @@ async def test_sqs_answer_that_is_not_a_count_is_an_error(
 def test_sqs_region_comes_from_the_queue_url_when_not_configured(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE"):
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
     assert region_from_queue_url("https://sqs.eu-west-3.amazonaws.com/1/q") == "eu-west-3"
     assert region_from_queue_url("https://sqs-fips.us-gov-west-1.amazonaws.com/1/q") == (
         "us-gov-west-1"
