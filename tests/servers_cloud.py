@@ -16,7 +16,7 @@ pytest-trio test runs its own Trio run, which a session fixture cannot share):
   logs, config, Erlang cookie) in a temporary directory. Statistics are emitted every
   :data:`RABBIT_STATS_INTERVAL_MS` and sampled every second (the defaults, 5 s each,
   would make every count a test waits for take seconds). User ``guest`` may log in
-  from loopback. A node takes several seconds to start, and as many to stop.
+  from loopback. A node takes several seconds to start, and two or so to stop.
 * ``postgres_server`` -> :class:`PostgresServer`: ``initdb`` + ``postgres`` from
   ``/usr/lib/postgresql/<version>/bin``, run as the ``postgres`` user when the tests run
   as root (``initdb`` refuses root), on ``127.0.0.1:P`` with its socket in the data
@@ -308,6 +308,10 @@ def rabbitmq_node_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
         "RABBITMQ_NODE_PORT": str(amqp),
         "RABBITMQ_DIST_PORT": str(dist),
+        # The broker's own stop (listeners, vhosts, message stores) takes milliseconds,
+        # then the VM waits about 5 s for a process that never ends by itself; bound
+        # that wait (init's -shutdown_time) so that a test session does not.
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-shutdown_time 1000",
     }
     with log.open("ab") as out:
         epmd_process = subprocess.Popen(

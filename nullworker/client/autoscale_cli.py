@@ -2,8 +2,9 @@
 
 A thin layer over :func:`~.autoscaler.autoscale`: parse the command line, open the
 demand source (a Redis, NATS or PostgreSQL source opens the trio-asyncio loop itself,
-in ``async with``; SQS, RabbitMQ and a command need none), hand its ``read`` to ``autoscale()``, print one
-line per :class:`~.autoscaler.AutoscaleEvent`, and stop at SIGINT/SIGTERM.
+in ``async with``; SQS, RabbitMQ and a command need none), hand its ``read`` to
+``autoscale()``, print one line per :class:`~.autoscaler.AutoscaleEvent`, and stop at
+SIGINT/SIGTERM.
 
 Output (stdout), one line per event; ``--json`` prints each as a JSON object instead::
 

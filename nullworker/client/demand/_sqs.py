@@ -69,7 +69,8 @@ class SqsQueue(DemandSource):
     boto3 is a blocking library: each read runs in a worker thread
     (``trio.to_thread.run_sync``) behind a :class:`trio.CapacityLimiter` of one, so a
     source never has more than one thread, even when a read that timed out left its
-    thread finishing its last attempt. The client is created once, by the constructor,
+    thread finishing its last attempt. The client is created once, by the constructor
+    (which is when botocore looks for credentials; those of a role renew themselves),
     with connect and read timeouts of a quarter of ``timeout_s`` and at most
     :data:`SQS_MAX_ATTEMPTS` attempts, so a thread ends soon after its read's timeout.
     botocore's connection pool reconnects by itself.
