@@ -6,7 +6,8 @@
   (``nullworker.engine``, in this process) and real workers (``nullworker.worker.serve``,
   Vast mode, signatures checked): the JSON and text lines, ``/metrics`` scraped with
   ``prometheus_client``'s own parser, what the engine sees, SIGINT/SIGTERM. One test
-  reads a real ``redis-server``, through trio-asyncio in the command's process.
+  reads a real ``redis-server``, through trio-asyncio in the command's process; two
+  read a real PostgreSQL server (``--postgres``) the same way.
 
 Every wait is bounded by ``WAIT_S``.
 """
@@ -44,6 +45,11 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     redis_server_binary_fixture,
     redis_server_fixture,
+)
+from .servers_cloud import (  # noqa: F401  (a pytest fixture, used by name)
+    PG_PASSWORD,
+    PostgresServer,
+    postgres_server_fixture,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -457,3 +463,51 @@ async def test_source_outage_is_one_line_without_the_password(
     assert await cli.stop(signal.SIGTERM) == 143, cli.err
     assert "hunter2" not in cli.out + cli.err
     assert cli.of_kind("started")[0]["source"].endswith(f"{url.replace('hunter2', '***')}")
+
+
+# -- --postgres, end to end (tests/servers_cloud.py) ------------------------------------------
+
+
+async def test_postgres_query_through_trio_asyncio(
+    postgres_server: PostgresServer,
+    vast_engine: Engine,
+    start_worker: StartWorker,
+    run_autoscale: RunAutoscale,
+) -> None:
+    one = await start_vast_worker(start_worker, vast_engine, 1)
+    assert vast_engine.url is not None
+    table = f"autoscale_jobs_{os.getpid()}"
+    postgres_server.psql(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (status text)")
+    cli = await run_autoscale(
+        "--postgres",
+        postgres_server.dsn,
+        f"SELECT count(*) FROM {table} WHERE status IN ('queued', 'running')",
+        *FAST,
+        "--engine-url",
+        vast_engine.url,
+    )
+    await cli.wait_until(lambda: any(e.get("demand") == 0 for e in cli.events))
+    await trio.to_thread.run_sync(
+        postgres_server.psql, f"INSERT INTO {table} VALUES ('queued'), ('done')"
+    )
+    (started,) = await cli.wait_events("reservation_started")
+    assert started["worker_url"] == one.public_url and started["demand"] == 1
+    await wait_engine(vast_engine, {1: "busy"})
+    assert cli.of_kind("source_error") == []
+    assert await cli.stop(signal.SIGINT) == 130, cli.err
+    await wait_engine(vast_engine, {1: "idle"})
+    assert PG_PASSWORD not in cli.out + cli.err
+    assert "postgresql://postgres:***@127.0.0.1:" in cli.of_kind("started")[0]["source"]
+
+
+async def test_postgres_refused_password_is_a_source_error_without_it(
+    postgres_server: PostgresServer, run_autoscale: RunAutoscale
+) -> None:
+    dsn = postgres_server.dsn.replace(PG_PASSWORD, "hunter2")
+    cli = await run_autoscale(
+        "--postgres", dsn, "SELECT 1", *FAST, "--engine-url", f"http://127.0.0.1:{closed_port()}"
+    )
+    (error,) = await cli.wait_events("source_error")
+    assert "InvalidPasswordError" in error["error"]
+    assert await cli.stop(signal.SIGTERM) == 143, cli.err
+    assert "hunter2" not in cli.out + cli.err

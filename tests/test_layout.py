@@ -58,10 +58,12 @@ RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 #: Third-party top-level modules that come with the ``autoscale`` extra, and the only
 #: modules that may import them.
-EXTRA_MODULES = ("redis", "nats", "trio_asyncio")
+EXTRA_MODULES = ("redis", "nats", "trio_asyncio", "boto3", "botocore", "asyncpg")
 EXTRA_USERS = (
     "nullworker.client.demand._redis",
     "nullworker.client.demand._nats",
+    "nullworker.client.demand._sqs",
+    "nullworker.client.demand._postgres",
     "nullworker.client.lease",
     "nullworker.client._aio",
 )

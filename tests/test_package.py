@@ -8,6 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 import nullworker
 
 
@@ -32,7 +34,7 @@ _WITHOUT_EXTRA = """
 import sys
 class _Missing:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("redis", "nats", "trio_asyncio"):
+        if name.split(".")[0] in ("redis", "nats", "trio_asyncio", "boto3", "botocore", "asyncpg"):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, _Missing())
 """
@@ -60,7 +62,8 @@ def test_the_worker_serves_without_the_autoscale_extra() -> None:
         "trio.run(main)\n"
         "import nullworker.client.autoscaler, nullworker.engine.dev, nullworker.client.hold_cli\n"
         "from nullworker.client.demand import CommandDemand, CallableDemand\n"
-        "print(sorted(m for m in ('redis', 'nats', 'trio_asyncio') if m in sys.modules))\n"
+        "print(sorted(m for m in ('redis', 'nats', 'trio_asyncio', 'boto3', 'asyncpg') "
+        "if m in sys.modules))\n"
     )
     out = _run_without_extra(code)
     assert out.returncode == 0, out.stderr
@@ -93,12 +96,40 @@ def test_autoscale_without_the_extra_names_it() -> None:
     assert message.endswith("pip install 'nullworker[autoscale]'")
 
 
+@pytest.mark.parametrize(
+    ("blocked", "argv"),
+    [
+        ("boto3", "'--sqs', 'https://sqs.eu-west-1.amazonaws.com/1/jobs'"),
+        ("asyncpg", "'--postgres', 'postgresql://h/db', 'SELECT 1'"),
+    ],
+)
+def test_a_source_whose_client_is_missing_names_the_extra(blocked: str, argv: str) -> None:
+    # Only this one client is missing: the Redis and NATS clients are there.
+    code = (
+        "import sys\n"
+        "class _Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] == {blocked!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Missing())\n"
+        "from nullworker.cli import main\n"
+        f"sys.exit(main(['autoscale', '--endpoint', 'e', '--api-key', 'k', {argv}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == (
+        "nullworker autoscale: the demand sources and leases need the 'autoscale' extra "
+        f"(no module named {blocked!r}): pip install 'nullworker[autoscale]'"
+    )
+
+
 def test_the_install_leaves_the_queue_clients_to_the_extra() -> None:
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     names = {
         dep.split(">")[0].split("=")[0].split("<")[0].strip() for dep in project["dependencies"]
     }
-    assert not names & {"redis", "nats-py", "trio-asyncio"}, names
+    queue_clients = {"redis", "nats-py", "trio-asyncio", "boto3", "asyncpg"}
+    assert not names & queue_clients, names
     extra = {dep.split(">")[0].strip() for dep in project["optional-dependencies"]["autoscale"]}
-    assert extra == {"redis", "nats-py", "trio-asyncio"}
+    assert extra == queue_clients
     assert "nullworker[autoscale]" in project["optional-dependencies"]["dev"]

@@ -51,8 +51,11 @@ if TYPE_CHECKING:
         CommandDemand,
         DemandSource,
         NatsConsumer,
+        PostgresQuery,
+        RabbitMQQueue,
         RedisList,
         RedisStream,
+        SqsQueue,
     )
     from .lease import Lease, RedisLease
 
@@ -70,7 +73,9 @@ __all__ = [
     "EngineUnavailable",
     "Lease",
     "NatsConsumer",
+    "PostgresQuery",
     "ProgressEvent",
+    "RabbitMQQueue",
     "RedisLease",
     "RedisList",
     "RedisStream",
@@ -78,6 +83,7 @@ __all__ = [
     "ReservationFailed",
     "ReservationRejected",
     "RouteTimeout",
+    "SqsQueue",
     "autoscale",
     "hold",
     "main",
@@ -95,6 +101,9 @@ _LAZY = {
     "NatsConsumer": "demand",
     "RedisList": "demand",
     "RedisStream": "demand",
+    "SqsQueue": "demand",
+    "RabbitMQQueue": "demand",
+    "PostgresQuery": "demand",
     "Lease": "lease",
     "RedisLease": "lease",
 }

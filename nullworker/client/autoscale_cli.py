@@ -1,9 +1,10 @@
 """``nullworker autoscale``: hold as many reservations as a job queue needs.
 
 A thin layer over :func:`~.autoscaler.autoscale`: parse the command line, open the
-demand source (a Redis or NATS source opens the trio-asyncio loop itself, in
-``async with``; a command needs none), hand its ``read`` to ``autoscale()``, print one
-line per :class:`~.autoscaler.AutoscaleEvent`, and stop at SIGINT/SIGTERM.
+demand source (a Redis, NATS or PostgreSQL source opens the trio-asyncio loop itself,
+in ``async with``; SQS, RabbitMQ and a command need none), hand its ``read`` to
+``autoscale()``, print one line per :class:`~.autoscaler.AutoscaleEvent`, and stop at
+SIGINT/SIGTERM.
 
 Output (stdout), one line per event; ``--json`` prints each as a JSON object instead::
 
@@ -76,6 +77,7 @@ from .demand import (
     RedisStream,
     redact,
 )
+from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
 from .lease import (
     DEFAULT_RENEW_S,
     DEFAULT_TTL_S,
@@ -112,7 +114,7 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--endpoint", required=True, metavar="NAME", help="endpoint name")
-    sources = parser.add_argument_group("demand source: exactly one of the first four")
+    sources = parser.add_argument_group("demand source: exactly one of the source options")
     source = sources.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--redis-list",
@@ -132,6 +134,27 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         metavar=("URL", "STREAM", "CONSUMER"),
         help="a NATS JetStream durable consumer's num_pending + num_ack_pending",
     )
+    # -- SQS, RabbitMQ, PostgreSQL ----------------------------------------------------------
+    source.add_argument(
+        "--sqs",
+        metavar="QUEUE_URL",
+        help="an SQS queue's visible + in-flight messages (+ delayed with "
+        "--sqs-include-delayed); AWS credentials, region and endpoint as boto3 finds them",
+    )
+    source.add_argument(
+        "--rabbitmq",
+        nargs=2,
+        metavar=("MANAGEMENT_URL", "QUEUE"),
+        help="a RabbitMQ queue's ready + unacknowledged messages, from the management API "
+        "(http://user:password@host:15672)",
+    )
+    source.add_argument(
+        "--postgres",
+        nargs=2,
+        metavar=("DSN", "QUERY"),
+        help="the number a PostgreSQL query returns (one row, one column, a whole number >= 0)",
+    )
+    # -- end of SQS, RabbitMQ, PostgreSQL --------------------------------------------------
     source.add_argument(
         "--demand-command",
         metavar="CMD",
@@ -142,12 +165,25 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         metavar="KEY",
         help="with --redis-list: the list of jobs being worked on, counted too",
     )
+    # -- SQS, RabbitMQ, PostgreSQL ----------------------------------------------------------
+    sources.add_argument(
+        "--sqs-include-delayed",
+        action="store_true",
+        help="with --sqs: count delayed messages (ApproximateNumberOfMessagesDelayed) too",
+    )
+    sources.add_argument(
+        "--vhost",
+        default=None,
+        metavar="VHOST",
+        help="with --rabbitmq: the queue's virtual host (default /)",
+    )
+    # -- end of SQS, RabbitMQ, PostgreSQL --------------------------------------------------
     sources.add_argument(
         "--demand-timeout",
         type=float,
         default=None,
         metavar="SECONDS",
-        help="bound on one read of the source (default 10 for a command, 5 for Redis/NATS)",
+        help="bound on one read of the source (default 10 for a command, 5 for the others)",
     )
     parser.add_argument(
         "--min", type=int, default=0, metavar="N", help="reservations held even with no jobs (0)"
@@ -266,6 +302,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
     args = parser.parse_args(argv)
     if args.processing is not None and args.redis_list is None:
         parser.error("--processing goes with --redis-list")
+    if args.sqs_include_delayed and args.sqs is None:
+        parser.error("--sqs-include-delayed goes with --sqs")
+    if args.vhost is not None and args.rabbitmq is None:
+        parser.error("--vhost goes with --rabbitmq")
     if args.metrics_host is not None and args.metrics_port is None:
         parser.error("--metrics-host goes with --metrics-port")
     for flag, value, least in (
@@ -304,6 +344,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         source = _build_source(args)
     except ValueError as exc:  # a bad URL scheme or name; the message is password-free
         parser.error(str(exc))
+    except ModuleNotFoundError as exc:  # a source whose client is not installed
+        if exc.name not in AUTOSCALE_EXTRA_MODULES:
+            raise
+        parser.exit(EXIT_USAGE, f"{parser.prog}: {missing_extra_message(exc.name)}\n")
     lease = _parse_lease(parser, args)
     return _Options(
         endpoint=args.endpoint,
@@ -358,7 +402,38 @@ def _build_source(args: argparse.Namespace) -> DemandSource:
     if args.nats_consumer is not None:
         url, stream, consumer = args.nats_consumer
         return NatsConsumer(url, stream, consumer, timeout_s=timeout or DEFAULT_TIMEOUT_S)
+    source = _build_cloud_source(args, timeout or DEFAULT_TIMEOUT_S)
+    if source is not None:
+        return source
     return CommandDemand(args.demand_command, timeout_s=timeout or COMMAND_TIMEOUT_S)
+
+
+def _build_cloud_source(args: argparse.Namespace, timeout: float) -> DemandSource | None:
+    """The --sqs, --rabbitmq or --postgres source, if one was given.
+
+    Each is imported here, so that a missing client (boto3, asyncpg) is reported only to
+    those who use it. A bad URL or DSN raises ValueError naming the option.
+    """
+    try:
+        if args.sqs is not None:
+            from .demand import SqsQueue
+
+            return SqsQueue(args.sqs, include_delayed=args.sqs_include_delayed, timeout_s=timeout)
+        if args.rabbitmq is not None:
+            from .demand import RabbitMQQueue
+
+            url, queue = args.rabbitmq
+            vhost = "/" if args.vhost is None else args.vhost
+            return RabbitMQQueue(url, queue, vhost=vhost, timeout_s=timeout)
+        if args.postgres is not None:
+            from .demand import PostgresQuery
+
+            dsn, query = args.postgres
+            return PostgresQuery(dsn, query, timeout_s=timeout)
+    except ValueError as exc:
+        flag = "--sqs" if args.sqs else "--rabbitmq" if args.rabbitmq else "--postgres"
+        raise ValueError(f"{flag}: {exc}") from exc
+    return None
 
 
 def _iso_utc(now: float) -> str:

@@ -12,7 +12,9 @@ __all__ = ["AUTOSCALE_EXTRA", "AUTOSCALE_EXTRA_MODULES", "missing_extra_message"
 
 AUTOSCALE_EXTRA = "autoscale"
 #: Top-level modules that come with the ``autoscale`` extra (``pyproject.toml``).
-AUTOSCALE_EXTRA_MODULES = frozenset({"redis", "nats", "trio_asyncio"})
+AUTOSCALE_EXTRA_MODULES = frozenset(
+    {"redis", "nats", "trio_asyncio", "boto3", "botocore", "asyncpg"}
+)
 
 
 def missing_extra_message(module: str | None) -> str:

@@ -12,6 +12,10 @@ Sources
 * :class:`RedisList` — ``LLEN key`` (+ ``LLEN processing``), one round trip.
 * :class:`RedisStream` — a consumer group's ``lag`` + ``pending`` (``XINFO GROUPS``).
 * :class:`NatsConsumer` — a JetStream consumer's ``num_pending + num_ack_pending``.
+* :class:`SqsQueue` — an SQS queue's visible + in-flight (+ delayed) messages (boto3).
+* :class:`RabbitMQQueue` — a RabbitMQ queue's ready + unacknowledged messages, from the
+  management API (httpx).
+* :class:`PostgresQuery` — the number a PostgreSQL query returns (asyncpg).
 * :class:`CommandDemand` — a shell command that prints one integer.
 * :class:`CallableDemand` — any async function returning an int.
 
@@ -21,7 +25,7 @@ Errors
 
     DemandError            a read failed; the message names the source (password-free) and why
     ├── DemandTimeout      no answer within the source's timeout_s
-    └── DemandNotFound     the stream, group or consumer to read does not exist
+    └── DemandNotFound     the stream, group, consumer or queue to read does not exist
 
 A failed read raises a :class:`DemandError` (with the library's exception as
 ``__cause__``) and nothing else: a caller logs it and tries again on its next poll.
@@ -33,8 +37,9 @@ Layout
 One private module per kind of client, so that a source needs only its own client
 library: :mod:`._base` (the interface), :mod:`._command` (a command, a callable; no
 queue client), :mod:`._asyncio` (sources on the trio-asyncio bridge), :mod:`._redis`,
-:mod:`._nats`. The Redis and NATS sources are imported on first use, so the command and
-callable sources work without the ``autoscale`` extra's queue clients.
+:mod:`._nats`, :mod:`._sqs`, :mod:`._rabbitmq`, :mod:`._postgres`. The queue sources are
+imported on first use, so the command and callable sources work without the
+``autoscale`` extra's queue clients.
 
 Concurrency invariants
 ----------------------
@@ -42,9 +47,13 @@ Concurrency invariants
   scope), so a server that accepts connections and never answers cannot stall the
   caller. Reads of one source are serialized (a lock): a second concurrent read waits
   for the first, and its wait counts against its own timeout.
-* Redis and NATS clients are asyncio libraries, run through :mod:`nullworker.client._aio`.
+* Redis, NATS and PostgreSQL (asyncpg) clients are asyncio libraries, run through
+  :mod:`nullworker.client._aio`.
   ``async with source:`` opens (or reuses) the trio-asyncio loop; the client itself is
   created lazily inside that loop by the first read.
+* SQS's boto3 is blocking: each read runs in a worker thread behind a capacity limiter
+  of one, so a read abandoned at its timeout never leaves two threads on one source.
+  RabbitMQ's management API is read with httpx, natively in Trio.
 * A read that fails for any reason other than the server's own answer (connection
   refused or lost, timeout, cancellation) throws the client away, closing it under a
   short shielded bound. The next read connects anew: a source recovers from a server
@@ -71,7 +80,10 @@ from ._command import (
 
 if TYPE_CHECKING:
     from ._nats import NatsConsumer
+    from ._postgres import PostgresQuery
+    from ._rabbitmq import RabbitMQQueue
     from ._redis import STREAM_SCAN_BATCH, STREAM_SCAN_LIMIT, RedisList, RedisStream
+    from ._sqs import SqsQueue
 
 __all__ = [
     "CLOSE_TIMEOUT_S",
@@ -88,8 +100,11 @@ __all__ = [
     "DemandSource",
     "DemandTimeout",
     "NatsConsumer",
+    "PostgresQuery",
+    "RabbitMQQueue",
     "RedisList",
     "RedisStream",
+    "SqsQueue",
     "redact",
 ]
 
@@ -100,6 +115,9 @@ _LAZY = {
     "RedisStream": "_redis",
     "STREAM_SCAN_BATCH": "_redis",
     "STREAM_SCAN_LIMIT": "_redis",
+    "SqsQueue": "_sqs",
+    "RabbitMQQueue": "_rabbitmq",
+    "PostgresQuery": "_postgres",
 }
 
 
