@@ -30,7 +30,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart import request
 from quart_trio import QuartTrio
 
-from nullworker.errors import NullworkerError, QueueTimeout, ShuttingDown
+from nullworker.errors import ConfigError, NullworkerError, QueueTimeout, ShuttingDown
 from nullworker.vast.signing import generate_private_key, public_key_pem
 from nullworker.worker.config import WorkerConfig
 from nullworker.worker.reporter import (
@@ -412,39 +412,77 @@ async def test_sustained_changes_are_paced_and_the_last_state_is_delivered(
             deleted.extend(entry["request_idx"] for entry in body["requests"])
         return httpx.Response(200, json={})
 
-    config = make_config("http://engine.test")  # 20 ms coalescing, burst 4, 0.2 s
-    assert (config.report_burst, config.report_interval_s) == (4, 0.2)
+    config = make_config("http://engine.test")  # 20 ms coalescing, the default pacing
+    assert (config.report_burst, config.report_interval_s) == (2, 1.0)
+    churn = 3000
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         reporter = EngineReporter(config, http=http)
         slot = make_slot(reporter)
         async with trio.open_nursery() as inner:
             await inner.start(reporter.run)
-            await trio.sleep(1.0)  # the first report, then a quiet spell
+            await trio.sleep(5.0)  # the first report, then a quiet spell
             start = trio.current_time()
-            for idx in range(500):  # 2 s of back-to-back short reservations
+            for idx in range(churn):  # 60 s of back-to-back short reservations
                 await hold(slot, 0.0, idx)
-                await trio.sleep(0.004)
+                await trio.sleep(0.02)
             end = trio.current_time()
-            await trio.sleep(1.0)
-            lone_at = trio.current_time()
-            inner.start_soon(hold, slot, 5.0, 1000)
-            await trio.sleep(0.5)
+            await trio.sleep(5.0)
+            short_at = trio.current_time()
+            inner.start_soon(hold, slot, 0.1, 5000)  # a short one after a quiet spell
+            await trio.sleep(3.0)
             inner.cancel_scope.cancel()
 
     during = [t for t, _ in statuses if start <= t <= end]
-    # Unpaced, a round per 20 ms window: about 100. Paced: the burst of 4, then one
-    # per 0.2 s.
-    assert 4 <= len(during) <= 4 + 2.0 / 0.2 + 1, len(during)
-    gaps = [b - a for a, b in itertools.pairwise(during[4:])]
-    assert all(gap >= 0.2 - 1e-6 for gap in gaps), gaps
-    # Nothing is lost to the pacing: the state after the churn, every request once.
-    settled = [body for t, body in statuses if end < t < lone_at]
+    # Unpaced, a round per 20 ms window: about 3,000. Paced: the burst of 2, then one a
+    # second, about the official worker's cadence.
+    print(f"{len(during)} worker_status rounds in {end - start:.0f} s of churn")
+    assert len(during) <= 61 + config.report_burst, len(during)
+    assert len(during) >= 50  # and it keeps reporting all along
+    gaps = [b - a for a, b in itertools.pairwise(during[config.report_burst :])]
+    assert all(gap >= 1.0 - 1e-6 for gap in gaps), gaps
+    # The first change after the quiet spell goes at once (the coalescing window only).
+    assert during[0] - start == pytest.approx(config.report_coalesce_s)
+    # Nothing is lost to the pacing: the state after the churn, every request once, and
+    # the counters of every change in between carried by some round.
+    settled = [body for t, body in statuses if end < t < short_at]
     assert settled and settled[-1]["num_requests_working"] == 0
-    assert settled[-1]["num_requests_recieved"] == 500
-    assert sorted(deleted) == list(range(500))
-    # After a quiet spell a change goes out within the coalescing window again.
-    busy_at = next(t for t, body in statuses if body["working_request_idxs"] == [1000])
-    assert busy_at - lone_at == pytest.approx(config.report_coalesce_s)
+    assert settled[-1]["num_requests_recieved"] == churn
+    assert sum(body["new_load"] for t, body in statuses if t < short_at) == 100.0 * churn
+    assert sum(body["cur_perf"] for t, body in statuses if t < short_at) == 100.0 * churn
+    assert sorted(deleted) == [*range(churn), 5000]
+    # A short reservation after a quiet spell: its busy and its idle both go at once.
+    busy_at = next(t for t, body in statuses if body["working_request_idxs"] == [5000])
+    assert busy_at - short_at == pytest.approx(config.report_coalesce_s)
+    idle_at = next(t for t, body in statuses if t > busy_at and body["cur_perf"] == 100.0)
+    assert idle_at - short_at == pytest.approx(0.1 + config.report_coalesce_s)
+
+
+def test_report_pacing_comes_from_the_environment() -> None:
+    env = {"REPORT_ADDR": "http://127.0.0.1:1", "CONTAINER_ID": "7"}
+    default = WorkerConfig.from_env(env)
+    assert (default.report_burst, default.report_interval_s) == (2, 1.0)
+    config = WorkerConfig.from_env(
+        env | {"NULLWORKER_REPORT_BURST": "4", "NULLWORKER_REPORT_INTERVAL_SECONDS": "0.2"}
+    )
+    assert (config.report_burst, config.report_interval_s) == (4, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("NULLWORKER_REPORT_BURST", "0"),
+        ("NULLWORKER_REPORT_BURST", "two"),
+        ("NULLWORKER_REPORT_BURST", "1.5"),
+        ("NULLWORKER_REPORT_INTERVAL_SECONDS", "-1"),
+        ("NULLWORKER_REPORT_INTERVAL_SECONDS", "nan"),
+        ("NULLWORKER_REPORT_INTERVAL_SECONDS", "soon"),
+    ],
+)
+def test_bad_report_pacing_is_one_line_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env({variable: value})
+    message = str(caught.value)
+    assert variable in message and "\n" not in message
 
 
 async def test_heartbeat_without_state_changes(
@@ -989,7 +1027,9 @@ async def test_a_refused_delete_entry_is_dropped_and_the_rest_delivered_once(
         400 if path == DELETE and bad in _delete_idxs(body) else None
     )
     caplog.set_level(logging.DEBUG, logger="nullworker.reporter")
-    reporter = EngineReporter(make_config(rec.url, delete_requests_format=fmt))
+    # Bisection sends one POST per round: a faster pacing than the default keeps it short.
+    config = make_config(rec.url, delete_requests_format=fmt, report_burst=4, report_interval_s=0.2)
+    reporter = EngineReporter(config)
     slot = make_slot(reporter)
     for idx in range(10, 18):  # ended before the loop runs: one batch of 8
         await hold(slot, 0.0, idx)

@@ -8,7 +8,8 @@ engine's accounting (docs/protocol.md §6.1, §6) and delivers it:
   least every ``config.heartbeat_s``. Rounds are paced by a token bucket
   (``report_burst`` back to back, then one per ``report_interval_s``): a change after a
   quiet spell goes out at once, and a state that changes hundreds of times a second
-  (short reservations back to back) is sent five times a second, as it stands then.
+  (short reservations back to back) is sent once a second with the defaults (burst 2,
+  interval 1 s: about the official worker's cadence), as it stands then.
 * ``POST {addr}/delete_requests/`` -- every ended request, in the 1.9.1 shape or the
   legacy pair of POSTs (``config.delete_requests_format``); sent in the same wake-up as
   the ``worker_status`` that shows the request gone.
