@@ -19,6 +19,7 @@ import math
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import httpx
@@ -1239,3 +1240,203 @@ async def test_an_address_that_cannot_be_connected_to_fails_fast(
     assert first <= 6.0, f"the next address was tried after {first:.1f} s"
     stats = await settle(reporter, lambda st: st["reports_sent"] == 1)
     assert stats["report_failures"] == 0
+
+
+# -- redirects are failed deliveries --------------------------------------------------------
+
+
+@dataclass
+class Front:
+    """The real local engine behind a front that can answer every request with a 302."""
+
+    engine: Any
+    url: str = ""
+    redirect: bool = False
+    redirected: int = 0
+
+
+@pytest.fixture
+async def fronted_engine(nursery: trio.Nursery, engine_key: Any) -> Front:
+    from nullworker.engine import Engine, create_engine_app
+
+    engine = Engine(private_key=engine_key, master_token="s3cret-token")
+    app = create_engine_app(engine)
+    front = Front(engine)
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and front.redirect:
+            # What an http -> https redirect in front of the engine answers; the query
+            # stands for anything secret a redirect target may carry.
+            front.redirected += 1
+            location = f"https://engine.example{scope['path']}?token=s3cret-query"
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 302,
+                    "headers": [(b"location", location.encode()), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await app(scope, receive, send)
+
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 0.1
+    binds: list[str] = await nursery.start(hypercorn_serve, asgi, config)
+    front.url = engine.url = binds[0]
+    return front
+
+
+async def test_a_redirect_is_a_failed_delivery_and_nothing_is_lost(
+    fronted_engine: Front, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    front, engine = fronted_engine, fronted_engine.engine
+    caplog.set_level(logging.INFO, logger="nullworker.reporter")
+    reporter = EngineReporter(make_config(front.url, master_token="s3cret-token"))
+    slot = make_slot(reporter)
+    await nursery.start(reporter.run)
+    reporter.set_ready(max_perf=100.0)
+    await engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+
+    front.redirect = True
+    for idx in range(1, 6):  # five short reservations while the engine redirects
+        await hold(slot, 0.05, idx)
+    await settle(reporter, lambda st: st["report_failures"] >= 3, within_s=10.0)
+    assert list(engine.finished) == []
+    assert front.redirected >= 3
+    stats = reporter.statistics()
+    assert stats["reports_sent"] >= 1 and stats["pending_deletes"] == 5
+    assert "HTTP 302" in stats["last_error"]
+
+    front.redirect = False
+    await engine.wait_for(lambda e: len(e.finished) >= 5, timeout=10.0)
+    await settle(reporter, lambda st: st["pending_deletes"] == 0)
+    # One more round after the healing one: nothing is sent twice.
+    await hold(slot, 0.0, 6)
+    await engine.wait_for(lambda e: any(f.request_idx == 6 for f in e.finished), timeout=10.0)
+    assert sorted(f.request_idx for f in engine.finished) == [1, 2, 3, 4, 5, 6]
+    assert all(f.success for f in engine.finished)
+    assert reporter.statistics()["report_failures"] >= 3
+
+    # One line when it starts failing (status and where to), one when it recovers.
+    lines = [r.getMessage() for r in caplog.records if r.name == "nullworker.reporter"]
+    failing = [line for line in lines if "HTTP 302" in line]
+    assert len(failing) == 1, lines
+    assert "https://engine.example/worker_status/" in failing[0]
+    assert len([line for line in lines if "reachable again" in line]) == 1, lines
+    assert "s3cret" not in caplog.text
+
+
+async def test_the_pubkey_and_the_beacon_do_not_follow_redirects(
+    fronted_engine: Front, nursery: trio.Nursery
+) -> None:
+    fronted_engine.redirect = True
+    reporter = EngineReporter(make_config(fronted_engine.url))
+    with pytest.raises(PubkeyUnavailable, match="HTTP 302"):
+        await reporter.fetch_pubkey(backoff_s=())
+    assert not await send_error_beacon(make_config(fronted_engine.url), "broken")
+    assert fronted_engine.redirected == 2
+    assert fronted_engine.engine.counters["worker_status"] == 0
+
+
+# -- engine answers are read with a bound ----------------------------------------------------
+
+
+#: What the streaming server offers at most (the bound on its loop).
+HUGE_OFFER = 64 * 1024 * 1024
+#: What it may have sent before the worker hung up: the bound read, plus what the loopback
+#: socket buffers take in without anyone reading (a few MiB at most).
+HUGE_SENT_MAX = 16 * 1024 * 1024
+
+
+@dataclass
+class HugeServer:
+    """A raw HTTP/1.1 server on loopback: ``huge_path`` gets an endless 200 answer."""
+
+    url: str
+    huge_path: str
+    sent: int = 0
+    hung_up: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+async def _read_request(stream: trio.SocketStream) -> str:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return ""
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    while len(rest) < length:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return lines[0].split(" ")[1]
+
+
+async def serve_huge(nursery: trio.Nursery, huge_path: str) -> HugeServer:
+    server = HugeServer(url="", huge_path=huge_path)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            path = await _read_request(stream)
+            if path != server.huge_path:
+                await stream.send_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+                )
+                return
+            # No Content-Length: the body runs until the server closes (or is cut off).
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+            )
+            chunk = b"A" * 65536
+            try:
+                while server.sent < HUGE_OFFER:
+                    await stream.send_all(chunk)
+                    server.sent += len(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                server.hung_up = True
+            finally:
+                server.done.set()
+
+    listeners: list[trio.SocketListener] = await nursery.start(
+        partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+    )
+    server.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    return server
+
+
+@pytest.mark.parametrize("path", [PUBKEY, STATUS, DELETE, "beacon"])
+async def test_an_endless_engine_answer_is_cut_off_with_a_clear_reason(
+    nursery: trio.Nursery, path: str
+) -> None:
+    server = await serve_huge(nursery, STATUS if path == "beacon" else path)
+    config = make_config(server.url, engine_tries=1, engine_timeout_s=10.0)
+    if path == PUBKEY:
+        reporter = EngineReporter(config)
+        with pytest.raises(PubkeyUnavailable, match="answer over 65536 bytes"):
+            await reporter.fetch_pubkey(backoff_s=())
+    elif path == "beacon":
+        assert not await send_error_beacon(config, "broken")
+    else:
+        reporter = EngineReporter(config)
+        slot = make_slot(reporter)
+        await nursery.start(reporter.run)
+        await hold(slot, 0.0, 1)
+        stats = await settle(reporter, lambda st: st["report_failures"] >= 1, within_s=10.0)
+        assert f"{path} at {server.url}: answer over 4096 bytes" in stats["last_error"]
+    with trio.fail_after(10):
+        await server.done.wait()
+    print(f"{path}: the server sent {server.sent} bytes before the worker hung up")
+    assert server.hung_up
+    assert server.sent <= HUGE_SENT_MAX

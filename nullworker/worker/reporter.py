@@ -62,13 +62,23 @@ Concurrency invariants
   second per address, and, where the addresses fail fast (refused connections, error
   statuses), hears the current state within ``RETRY_CAP_S`` x 1.2 plus
   ``report_coalesce_s`` (1.22 s with the defaults) and one request of answering again.
+* Only a 2xx answer is a delivery. Redirects are never followed (the clients say so
+  explicitly): a 3xx means the body did not reach the engine (``REPORT_ADDR=http://...``
+  behind an http->https redirect), so it is a failure like a 5xx, retried and counted,
+  and the log names its status and ``Location`` (scheme, host and path only).
+* Every engine answer is read with a bound, as a stream: ``POST_ANSWER_MAX_BYTES``
+  (4 KiB) for reports and the error beacon, whose status is all we need, and
+  ``PUBKEY_ANSWER_MAX_BYTES`` (64 KiB) for the key. A longer answer is a failed try
+  ("answer over N bytes"); the connection is dropped as soon as the bound is passed,
+  so a broken or hostile engine cannot make the worker buffer megabytes.
 * Every failure of an HTTP exchange is caught (``httpx.HTTPError``: transport errors and
   timeouts, but also an undecodable reply from a broken engine or proxy; our own per-try
-  deadline; HTTP status >= 400): it is logged without secrets (never the ``mtoken`` or a
-  body; one warning when the engine becomes unreachable, then at most one a minute, and
-  one line when it is back) and retried later, because a reporting failure must never
-  take the worker down. Anything else is a bug and propagates. ``trio.Cancelled`` is
-  never swallowed; a round cancelled mid-POST leaves its state to be sent again.
+  deadline; any status but a 2xx; an oversized answer): it is logged without secrets
+  (never the ``mtoken`` or a body; one warning when the engine becomes unreachable,
+  then at most one a minute, and one line when it is back) and retried later, because
+  a reporting failure must never take the worker down. Anything else is a bug and
+  propagates. ``trio.Cancelled`` is never swallowed; a round cancelled mid-POST leaves
+  its state to be sent again.
 
 Accounting choices (documented deviations from the official worker)
 -------------------------------------------------------------------
@@ -101,10 +111,12 @@ import math
 import random
 import shutil
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -118,6 +130,8 @@ from .reservations import Outcome, Reservation, ReservationEvent
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "LOCAL_HOLD_LOAD",
+    "POST_ANSWER_MAX_BYTES",
+    "PUBKEY_ANSWER_MAX_BYTES",
     "PUBKEY_BACKOFF_S",
     "RETRY_CAP_S",
     "RETRY_JITTER",
@@ -146,6 +160,13 @@ RETRY_JITTER = 0.2
 #: Nothing reached the engine when it fires, so the retry cannot count anything twice;
 #: a body that was sent keeps at least ``engine_timeout_s`` minus this for its answer.
 CONNECT_TIMEOUT_S = 2.0
+#: The most of an answer to a ``worker_status``/``delete_requests`` POST (or the error
+#: beacon) that is read: only its status matters, and a longer answer is a failed try.
+POST_ANSWER_MAX_BYTES = 4 * 1024
+#: The most of a ``/pubkey/`` answer that is read (a 4096-bit key in PEM is under 1 KiB).
+PUBKEY_ANSWER_MAX_BYTES = 64 * 1024
+#: Sent with every request to the engine: an answer we bound must not come compressed.
+_ANSWER_HEADERS = {"Accept-Encoding": "identity"}
 #: 4xx answers that mean "try again later", not "this body is refused".
 _RETRY_LATER_4XX = frozenset({408, 425, 429})
 #: While the engine stays unreachable, at most one warning this often (the rest: debug).
@@ -311,7 +332,7 @@ class _Answer:
 
     #: None: accepted; else why not, for the log.
     error: str | None = None
-    #: The HTTP status when the engine answered >= 400.
+    #: The HTTP status when the engine answered, but not with a 2xx.
     status: int | None = None
 
     @property
@@ -328,17 +349,128 @@ class _Answer:
         )
 
 
+class _AnswerTooLarge(Exception):
+    """An engine answer longer than the caller reads (the connection is then dropped)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"answer over {limit} bytes")
+
+
+async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """The body of ``response`` as sent, at most ``limit`` bytes.
+
+    Reads the raw stream (no decompression, so a compressed answer cannot grow past
+    the bound either) and gives up as soon as the bound is passed: a declared
+    ``Content-Length`` over it fails before anything is read, and a longer stream is
+    dropped mid-way (closing an unfinished response closes its connection).
+
+    Raises:
+      _AnswerTooLarge: the answer is longer than ``limit``.
+    """
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _AnswerTooLarge(limit)
+    if response.is_stream_consumed:  # a transport that hands over a body in memory
+        if len(response.content) > limit:
+            raise _AnswerTooLarge(limit)
+        return response.content
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        size += len(chunk)
+        if size > limit:
+            raise _AnswerTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decoded(response: httpx.Response, raw: bytes, limit: int) -> bytes:
+    """``raw`` without its content encoding, bounded by ``limit`` once decoded.
+
+    We ask for ``identity``; a gzip or deflate answer sent anyway is inflated at most
+    to ``limit`` bytes (a small compressed body can expand a thousandfold).
+
+    Raises:
+      _AnswerTooLarge: the decoded answer is longer than ``limit``.
+      ValueError: an encoding we cannot read, or a corrupt compressed body.
+    """
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ValueError(f"answer in an unsupported encoding ({encoding[:40]})")
+    try:
+        inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # gzip or zlib header
+        data = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"corrupt {encoding} answer ({exc})") from None
+    if len(data) > limit:
+        raise _AnswerTooLarge(limit)
+    return data
+
+
+def _redacted_location(location: str) -> str:
+    """A redirect target for the log: scheme, host, port and path only.
+
+    A query string or user info may carry credentials, and the header is whatever the
+    other side sent: both are left out, and the rest is cut to a sane length.
+    """
+    try:
+        parts = urlsplit(location)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "an unparsable Location"
+    text = f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else parts.path
+    text = "".join(ch for ch in text if ch.isprintable())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def _not_delivered(response: httpx.Response) -> _Answer | None:
+    """None for a 2xx answer; else the failed :class:`_Answer`, saying why.
+
+    Only a 2xx is a delivery. A 3xx is a failure like a 5xx (redirects are never
+    followed: a body POSTed to an ``http://`` address behind an https redirect never
+    reached the engine), named with its ``Location`` so the log says where to point
+    ``REPORT_ADDR``.
+    """
+    status = response.status_code
+    if 200 <= status < 300:
+        return None
+    error = f"HTTP {status}"
+    if 300 <= status < 400:
+        location = response.headers.get("Location")
+        target = f" to {_redacted_location(location)}" if location else ""
+        error += f" (redirect{target}; redirects are not followed)"
+    return _Answer(error, status)
+
+
 async def _post_once(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], *, timeout_s: float
 ) -> _Answer:
-    """One POST under a hard deadline of ``timeout_s``."""
+    """One POST under a hard deadline of ``timeout_s``; accepted only with a 2xx.
+
+    Redirects are not followed, and at most ``POST_ANSWER_MAX_BYTES`` of the answer
+    are read (only its status matters).
+    """
     with trio.move_on_after(timeout_s):
         try:
-            response = await client.post(url, json=body, timeout=_timeout(timeout_s))
+            async with client.stream(
+                "POST",
+                url,
+                json=body,
+                headers=_ANSWER_HEADERS,
+                timeout=_timeout(timeout_s),
+                follow_redirects=False,
+            ) as response:
+                failed = _not_delivered(response)
+                if failed is not None:
+                    return failed
+                await _read_bounded(response, POST_ANSWER_MAX_BYTES)
+        except _AnswerTooLarge as exc:
+            return _Answer(str(exc))
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # transport, timeout, bad reply
             return _Answer(_describe(exc))
-        if response.status_code >= 400:
-            return _Answer(f"HTTP {response.status_code}", response.status_code)
         return _Answer()
     return _Answer(f"no answer within {timeout_s:g} s")
 
@@ -351,7 +483,9 @@ async def _client_for(
     if http is not None:
         yield http
         return
-    async with httpx.AsyncClient(timeout=_timeout(config.engine_timeout_s)) as own:
+    async with httpx.AsyncClient(
+        timeout=_timeout(config.engine_timeout_s), follow_redirects=False
+    ) as own:
         yield own
 
 
@@ -673,7 +807,9 @@ class EngineReporter:
         if self._http is not None:
             return self._http
         if self._owned_http is None:
-            self._owned_http = httpx.AsyncClient(timeout=_timeout(self._config.engine_timeout_s))
+            self._owned_http = httpx.AsyncClient(
+                timeout=_timeout(self._config.engine_timeout_s), follow_redirects=False
+            )
         return self._owned_http
 
     async def _round(self) -> bool:
@@ -951,8 +1087,9 @@ class EngineReporter:
         Tries each address of ``config.report_addrs`` in order (one URL per address, not
         the raw comma list); a round that finds no usable key sleeps ``backoff_s[i]`` and
         tries again, ``len(backoff_s) + 1`` rounds in all. Each try is bounded by
-        ``engine_timeout_s``; a status >= 400, a transport error or a body that is not an
-        RSA public key in PEM counts as a failure.
+        ``engine_timeout_s``; any status but a 2xx (a redirect is not followed), a
+        transport error, an answer over ``PUBKEY_ANSWER_MAX_BYTES`` or a body that is not
+        an RSA public key in PEM counts as a failure.
 
         Raises:
           PubkeyUnavailable: every try failed (the message says why the last one did).
@@ -1014,16 +1151,28 @@ class EngineReporter:
 async def _get_pubkey_once(
     client: httpx.AsyncClient, url: str, *, timeout_s: float
 ) -> tuple[RSAPublicKey | None, str]:
+    """One ``GET /pubkey/``: a 2xx whose body (at most ``PUBKEY_ANSWER_MAX_BYTES``) is
+    an RSA public key in PEM, or None and why not."""
     with trio.move_on_after(timeout_s):
         try:
-            response = await client.get(url, timeout=_timeout(timeout_s))
+            async with client.stream(
+                "GET",
+                url,
+                headers=_ANSWER_HEADERS,
+                timeout=_timeout(timeout_s),
+                follow_redirects=False,
+            ) as response:
+                failed = _not_delivered(response)
+                if failed is not None:
+                    return None, failed.error or ""
+                raw = await _read_bounded(response, PUBKEY_ANSWER_MAX_BYTES)
+            pem = _decoded(response, raw, PUBKEY_ANSWER_MAX_BYTES)
+            return load_public_key(pem), ""
+        except _AnswerTooLarge as exc:
+            return None, str(exc)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return None, _describe(exc)
-        if response.status_code >= 400:
-            return None, f"HTTP {response.status_code}"
-        try:
-            return load_public_key(response.content), ""
-        except ValueError as exc:  # not PEM, or not an RSA key
+        except ValueError as exc:  # not PEM, not an RSA key, or an unreadable encoding
             return None, f"not an RSA public key in PEM ({_describe(exc)})"
     return None, f"no answer within {timeout_s:g} s"
 

@@ -172,7 +172,10 @@ class Worker:
         (the app passes its :func:`~nullworker.worker.app.serve_control`).
         """
         with self._single_process_lock():
-            async with httpx.AsyncClient(timeout=self.config.engine_timeout_s) as http:
+            # Redirects are never followed: a 3xx from the engine is a failed delivery.
+            async with httpx.AsyncClient(
+                timeout=self.config.engine_timeout_s, follow_redirects=False
+            ) as http:
                 if self.config.reporting:
                     from .reporter import EngineReporter
 
