@@ -99,6 +99,13 @@ Accounting choices (documented deviations from the official worker)
 * ``error_msg`` is not sticky forever: :meth:`EngineReporter.set_ready` clears an earlier
   start-up error (e.g. a pubkey fetch that failed and then succeeded), and
   ``set_error("")`` clears it explicitly.
+* A request the engine was told about survives the process: with a ``journal_path``
+  (the worker passes ``nullworker-<port>.journal`` beside its port lock), the
+  ``request_idx`` of every hold is written before the first ``worker_status`` that lists
+  it and struck out once its delete entry is accepted. What a killed process left open
+  is reported on the next start as ``Error`` (``success`` false), once
+  (:mod:`nullworker.worker.journal` says why this costs one append per round, not per
+  reservation, and why there is no ``fsync``).
 * The pending ``delete_requests`` list is bounded (``_MAX_PENDING_DELETES``, oldest
   dropped with a warning) so a long engine outage cannot grow memory without limit.
 """
@@ -125,6 +132,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from ..errors import NullworkerError
 from ..vast.signing import load_public_key
 from .config import MAX_PERF, WorkerConfig
+from .journal import Journal
 from .reservations import Outcome, Reservation, ReservationEvent
 
 __all__ = [
@@ -501,6 +509,9 @@ class EngineReporter:
       started_at: ``time.monotonic()`` at process start, the origin of ``loadtime``;
         defaults to now.
       disk_usage: returns the GiB used on ``/``; defaults to ``shutil.disk_usage``.
+      journal_path: the delivery journal (:mod:`nullworker.worker.journal`), read here:
+        what a previous process left open is queued as failed delete entries. Only
+        pass it once the port's lock is held. None: no journal.
     """
 
     def __init__(
@@ -510,6 +521,7 @@ class EngineReporter:
         http: httpx.AsyncClient | None = None,
         started_at: float | None = None,
         disk_usage: Callable[[], float] | None = None,
+        journal_path: str | None = None,
     ) -> None:
         self._config = config
         self._http = http
@@ -560,6 +572,44 @@ class EngineReporter:
         self._unreachable = False
         #: Set (and replaced) each time a worker_status is delivered.
         self._delivered = trio.Event()
+        # -- the delivery journal ---------------------------------------------------------
+        self._journal: Journal | None = None
+        if journal_path is not None and self._delete_addrs():
+            self._journal, leftover = Journal.open(journal_path)
+            self._queue_leftovers(leftover)
+
+    def _queue_leftovers(self, leftover: list[int]) -> None:
+        """Delete entries for requests a previous process on this port never closed."""
+        if not leftover:
+            return
+        log.warning(
+            "%d request(s) the engine was told about were left open by a previous worker "
+            "process on this port (killed?); reporting them failed: request_idx %s",
+            len(leftover),
+            ", ".join(str(idx) for idx in leftover[:20]) + (" ..." if len(leftover) > 20 else ""),
+        )
+        now = time.time()
+        for idx in leftover:
+            self._add_pending(
+                _DeleteEntry(
+                    request_idx=idx,
+                    status="Error",
+                    entered_queue_at=0.0,
+                    work_started_at=0.0,
+                    work_completed_at=now,
+                )
+            )
+
+    def _journal_done(self, entries: list[_DeleteEntry]) -> None:
+        """Strike delivered (or abandoned) entries out of the journal.
+
+        An index still in the working set stays: a reused ``request_idx`` (a retry after
+        a 429) is held again, and its own end is still to come.
+        """
+        if self._journal is None or not entries:
+            return
+        working = {_as_idx(r.tag.get("request_idx")) for r in self._working.values()}
+        self._journal.remove(e.request_idx for e in entries if e.request_idx not in working)
 
     # -- inputs (sync, never block, never raise) ------------------------------------------
 
@@ -667,6 +717,7 @@ class EngineReporter:
         self._pending.append(entry)
         if len(self._pending) > _MAX_PENDING_DELETES:
             excess = len(self._pending) - _MAX_PENDING_DELETES
+            self._journal_done(self._pending[:excess])
             del self._pending[:excess]
             self._dropped_deletes += excess
             log.warning(
@@ -889,6 +940,9 @@ class EngineReporter:
         # Cleared before the POST: a change made while it is in flight sets it again.
         self._dirty = False
         self._last_status_round_at = trio.current_time()
+        if self._journal is not None:
+            # Write-ahead: the line exists before the engine can have heard of the hold.
+            self._journal.add(snap.body["working_request_idxs"])
         try:
             for addr in self._config.report_addrs:
                 answer = await self._post_with_retries(addr, "/worker_status/", snap.body, tries)
@@ -1004,6 +1058,7 @@ class EngineReporter:
             )
             if answer.ok:
                 self._remove_pending(entries)
+                self._journal_done(entries)
                 self._deletes_sent += len(entries)
                 return True
             if answer.refused and answer.status is not None:
@@ -1014,6 +1069,7 @@ class EngineReporter:
         if len(entries) == 1:
             [entry] = entries
             self._remove_pending(entries)
+            self._journal_done(entries)
             self._refused_deletes += 1
             log.warning(
                 "engine refused the delete_requests entry of request_idx %d (HTTP %d at %s); "
