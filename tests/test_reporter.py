@@ -458,6 +458,43 @@ async def test_sustained_changes_are_paced_and_the_last_state_is_delivered(
     assert idle_at - short_at == pytest.approx(0.1 + config.report_coalesce_s)
 
 
+async def test_delete_entries_keep_up_with_churn_faster_than_a_batch_per_round(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """1,000 reservations a second end, one round a second goes out: no backlog grows."""
+    deleted: list[int] = []
+    posts: list[int] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path.endswith(DELETE):
+            entries = json.loads(req.content)["requests"]
+            posts.append(len(entries))
+            deleted.extend(entry["request_idx"] for entry in entries)
+        return httpx.Response(200, json={})
+
+    config = make_config("http://engine.test")
+    churn = 8000
+    most_pending = 0
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        reporter = EngineReporter(config, http=http)
+        slot = make_slot(reporter)
+        async with trio.open_nursery() as inner:
+            await inner.start(reporter.run)
+            await trio.sleep(5.0)
+            for idx in range(churn):  # 8 s at 1,000 a second
+                await hold(slot, 0.0, idx)
+                await trio.sleep(0.001)
+                most_pending = max(most_pending, reporter.statistics()["pending_deletes"])
+            await trio.sleep(3.0)
+            inner.cancel_scope.cancel()
+
+    stats = reporter.statistics()
+    assert most_pending <= 2500, most_pending  # about two seconds' worth at most
+    assert stats["pending_deletes"] == 0 and stats["dropped_deletes"] == 0
+    assert sorted(deleted) == list(range(churn))  # each exactly once
+    assert max(posts) <= 500
+
+
 def test_report_pacing_comes_from_the_environment() -> None:
     env = {"REPORT_ADDR": "http://127.0.0.1:1", "CONTAINER_ID": "7"}
     default = WorkerConfig.from_env(env)

@@ -42,8 +42,9 @@ Concurrency invariants
   to answer a body it did get (the rest of ``engine_timeout_s``: 3 s or more with the
   defaults, where it used to be whatever the connect left of 5 s).
 * A ``delete_requests`` POST the engine refuses (HTTP 4xx other than 408/425/429) is not
-  retried as it is: its entries are sent again in halves (bisection, one POST per round),
-  the halves that are accepted are done, and an entry refused on its own is dropped with
+  retried as it is: its entries are sent again in halves (bisection: a refusal ends the
+  round, while accepted batches are followed at once by the next, up to 20 POSTs a
+  round), the halves that are accepted are done, and an entry refused on its own is dropped with
   one warning naming its ``request_idx`` and the status. Every refusal halves the largest
   batch its entries may travel in, so the splitting ends (one bad entry among 8 costs 7
   POSTs in all). A refusal is the answer of an address that does not take this body: the
@@ -185,8 +186,11 @@ _NO_DELETES_ADDR = "https://cloud.vast.ai/api/v0"
 _RECENT_IDX_WINDOW = 4096
 #: Bound on ended requests waiting for delivery (the oldest are dropped beyond it).
 _MAX_PENDING_DELETES = 10_000
-#: At most this many entries per ``delete_requests`` POST; the rest go in the next round.
+#: At most this many entries per ``delete_requests`` POST.
 _DELETE_BATCH = 500
+#: At most this many ``delete_requests`` POSTs per round (batches the engine accepts
+#: follow each other at once): 10,000 entries a second with the default pacing.
+_MAX_DELETE_POSTS_PER_ROUND = 20
 #: The ``cur_load`` floor while local holds are open: one busy worker (``max_perf``).
 LOCAL_HOLD_LOAD = MAX_PERF
 
@@ -881,8 +885,16 @@ class EngineReporter:
         # Only requests a delivered worker_status already shows as ended: the engine
         # hears "idle" first, then the deletions (the official order). One that ended
         # while this round's status was in flight waits for the next round.
-        if any(entry.reported for entry in self._pending):
-            return await self._send_deletes(tries)
+        # Batch after batch while the engine takes them: rounds are paced (one a second
+        # by default), and churn ends more than a batch of requests a second.
+        for _ in range(_MAX_DELETE_POSTS_PER_ROUND):
+            if not any(entry.reported for entry in self._pending):
+                break
+            accepted_before = self._deletes_sent
+            if not await self._send_deletes(tries):
+                return False
+            if self._deletes_sent == accepted_before:
+                break  # a refused batch: its halves go in the next round
         return True
 
     def _log_failure(self, message: str, *args: object) -> None:
