@@ -180,3 +180,13 @@ def test_the_journal_is_compacted_as_it_grows(tmp_path: Path) -> None:
     journal.add([99_999])
     assert path.stat().st_size < 200_000  # 60,000 lines written, at most 10,000 kept
     assert Journal.open(str(path))[1] == [99_999]
+
+
+def test_an_index_given_twice_is_written_and_struck_out_once(tmp_path: Path) -> None:
+    """A client may reuse its request_idx: one batch can then carry it twice."""
+    path = tmp_path / "nullworker-3000.journal"
+    journal, _ = Journal.open(str(path))
+    journal.add([4, 4, 5])
+    journal.remove([4, 4])
+    assert path.read_text() == "+4\n+5\n-4\n"
+    assert Journal.open(str(path))[1] == [5]

@@ -110,7 +110,7 @@ class Journal:
 
     def add(self, idxs: Iterable[int]) -> None:
         """Record that the engine is about to hear of ``idxs`` (the new ones only)."""
-        new = [idx for idx in idxs if idx not in self._live]
+        new = list(dict.fromkeys(idx for idx in idxs if idx not in self._live))
         if not new:
             return
         self._live.update(dict.fromkeys(new))
@@ -118,7 +118,8 @@ class Journal:
 
     def remove(self, idxs: Iterable[int]) -> None:
         """Strike out ``idxs`` (their end reached the engine, or never will)."""
-        gone = [idx for idx in idxs if idx in self._live]
+        # A batch can carry one index twice (a client reusing its request_idx).
+        gone = list(dict.fromkeys(idx for idx in idxs if idx in self._live))
         if not gone:
             return
         for idx in gone:
