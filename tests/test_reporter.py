@@ -19,6 +19,7 @@ import math
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import httpx
@@ -30,7 +31,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from quart import request
 from quart_trio import QuartTrio
 
-from nullworker.errors import NullworkerError, QueueTimeout, ShuttingDown
+from nullworker.errors import ConfigError, NullworkerError, QueueTimeout, ShuttingDown
 from nullworker.vast.signing import generate_private_key, public_key_pem
 from nullworker.worker.config import WorkerConfig
 from nullworker.worker.reporter import (
@@ -412,39 +413,114 @@ async def test_sustained_changes_are_paced_and_the_last_state_is_delivered(
             deleted.extend(entry["request_idx"] for entry in body["requests"])
         return httpx.Response(200, json={})
 
-    config = make_config("http://engine.test")  # 20 ms coalescing, burst 4, 0.2 s
-    assert (config.report_burst, config.report_interval_s) == (4, 0.2)
+    config = make_config("http://engine.test")  # 20 ms coalescing, the default pacing
+    assert (config.report_burst, config.report_interval_s) == (2, 1.0)
+    churn = 3000
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         reporter = EngineReporter(config, http=http)
         slot = make_slot(reporter)
         async with trio.open_nursery() as inner:
             await inner.start(reporter.run)
-            await trio.sleep(1.0)  # the first report, then a quiet spell
+            await trio.sleep(5.0)  # the first report, then a quiet spell
             start = trio.current_time()
-            for idx in range(500):  # 2 s of back-to-back short reservations
+            for idx in range(churn):  # 60 s of back-to-back short reservations
                 await hold(slot, 0.0, idx)
-                await trio.sleep(0.004)
+                await trio.sleep(0.02)
             end = trio.current_time()
-            await trio.sleep(1.0)
-            lone_at = trio.current_time()
-            inner.start_soon(hold, slot, 5.0, 1000)
-            await trio.sleep(0.5)
+            await trio.sleep(5.0)
+            short_at = trio.current_time()
+            inner.start_soon(hold, slot, 0.1, 5000)  # a short one after a quiet spell
+            await trio.sleep(3.0)
             inner.cancel_scope.cancel()
 
     during = [t for t, _ in statuses if start <= t <= end]
-    # Unpaced, a round per 20 ms window: about 100. Paced: the burst of 4, then one
-    # per 0.2 s.
-    assert 4 <= len(during) <= 4 + 2.0 / 0.2 + 1, len(during)
-    gaps = [b - a for a, b in itertools.pairwise(during[4:])]
-    assert all(gap >= 0.2 - 1e-6 for gap in gaps), gaps
-    # Nothing is lost to the pacing: the state after the churn, every request once.
-    settled = [body for t, body in statuses if end < t < lone_at]
+    # Unpaced, a round per 20 ms window: about 3,000. Paced: the burst of 2, then one a
+    # second, about the official worker's cadence.
+    print(f"{len(during)} worker_status rounds in {end - start:.0f} s of churn")
+    assert len(during) <= 61 + config.report_burst, len(during)
+    assert len(during) >= 50  # and it keeps reporting all along
+    gaps = [b - a for a, b in itertools.pairwise(during[config.report_burst :])]
+    assert all(gap >= 1.0 - 1e-6 for gap in gaps), gaps
+    # The first change after the quiet spell goes at once (the coalescing window only).
+    assert during[0] - start == pytest.approx(config.report_coalesce_s)
+    # Nothing is lost to the pacing: the state after the churn, every request once, and
+    # the counters of every change in between carried by some round.
+    settled = [body for t, body in statuses if end < t < short_at]
     assert settled and settled[-1]["num_requests_working"] == 0
-    assert settled[-1]["num_requests_recieved"] == 500
-    assert sorted(deleted) == list(range(500))
-    # After a quiet spell a change goes out within the coalescing window again.
-    busy_at = next(t for t, body in statuses if body["working_request_idxs"] == [1000])
-    assert busy_at - lone_at == pytest.approx(config.report_coalesce_s)
+    assert settled[-1]["num_requests_recieved"] == churn
+    assert sum(body["new_load"] for t, body in statuses if t < short_at) == 100.0 * churn
+    assert sum(body["cur_perf"] for t, body in statuses if t < short_at) == 100.0 * churn
+    assert sorted(deleted) == [*range(churn), 5000]
+    # A short reservation after a quiet spell: its busy and its idle both go at once.
+    busy_at = next(t for t, body in statuses if body["working_request_idxs"] == [5000])
+    assert busy_at - short_at == pytest.approx(config.report_coalesce_s)
+    idle_at = next(t for t, body in statuses if t > busy_at and body["cur_perf"] == 100.0)
+    assert idle_at - short_at == pytest.approx(0.1 + config.report_coalesce_s)
+
+
+async def test_delete_entries_keep_up_with_churn_faster_than_a_batch_per_round(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """1,000 reservations a second end, one round a second goes out: no backlog grows."""
+    deleted: list[int] = []
+    posts: list[int] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path.endswith(DELETE):
+            entries = json.loads(req.content)["requests"]
+            posts.append(len(entries))
+            deleted.extend(entry["request_idx"] for entry in entries)
+        return httpx.Response(200, json={})
+
+    config = make_config("http://engine.test")
+    churn = 8000
+    most_pending = 0
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        reporter = EngineReporter(config, http=http)
+        slot = make_slot(reporter)
+        async with trio.open_nursery() as inner:
+            await inner.start(reporter.run)
+            await trio.sleep(5.0)
+            for idx in range(churn):  # 8 s at 1,000 a second
+                await hold(slot, 0.0, idx)
+                await trio.sleep(0.001)
+                most_pending = max(most_pending, reporter.statistics()["pending_deletes"])
+            await trio.sleep(3.0)
+            inner.cancel_scope.cancel()
+
+    stats = reporter.statistics()
+    assert most_pending <= 2500, most_pending  # about two seconds' worth at most
+    assert stats["pending_deletes"] == 0 and stats["dropped_deletes"] == 0
+    assert sorted(deleted) == list(range(churn))  # each exactly once
+    assert max(posts) <= 500
+
+
+def test_report_pacing_comes_from_the_environment() -> None:
+    env = {"REPORT_ADDR": "http://127.0.0.1:1", "CONTAINER_ID": "7"}
+    default = WorkerConfig.from_env(env)
+    assert (default.report_burst, default.report_interval_s) == (2, 1.0)
+    config = WorkerConfig.from_env(
+        env | {"NULLWORKER_REPORT_BURST": "4", "NULLWORKER_REPORT_INTERVAL_SECONDS": "0.2"}
+    )
+    assert (config.report_burst, config.report_interval_s) == (4, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("NULLWORKER_REPORT_BURST", "0"),
+        ("NULLWORKER_REPORT_BURST", "two"),
+        ("NULLWORKER_REPORT_BURST", "1.5"),
+        ("NULLWORKER_REPORT_INTERVAL_SECONDS", "-1"),
+        ("NULLWORKER_REPORT_INTERVAL_SECONDS", "nan"),
+        ("NULLWORKER_REPORT_INTERVAL_SECONDS", "soon"),
+    ],
+)
+def test_bad_report_pacing_is_one_line_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env({variable: value})
+    message = str(caught.value)
+    assert variable in message and "\n" not in message
 
 
 async def test_heartbeat_without_state_changes(
@@ -989,7 +1065,9 @@ async def test_a_refused_delete_entry_is_dropped_and_the_rest_delivered_once(
         400 if path == DELETE and bad in _delete_idxs(body) else None
     )
     caplog.set_level(logging.DEBUG, logger="nullworker.reporter")
-    reporter = EngineReporter(make_config(rec.url, delete_requests_format=fmt))
+    # Bisection sends one POST per round: a faster pacing than the default keeps it short.
+    config = make_config(rec.url, delete_requests_format=fmt, report_burst=4, report_interval_s=0.2)
+    reporter = EngineReporter(config)
     slot = make_slot(reporter)
     for idx in range(10, 18):  # ended before the loop runs: one batch of 8
         await hold(slot, 0.0, idx)
@@ -1199,3 +1277,203 @@ async def test_an_address_that_cannot_be_connected_to_fails_fast(
     assert first <= 6.0, f"the next address was tried after {first:.1f} s"
     stats = await settle(reporter, lambda st: st["reports_sent"] == 1)
     assert stats["report_failures"] == 0
+
+
+# -- redirects are failed deliveries --------------------------------------------------------
+
+
+@dataclass
+class Front:
+    """The real local engine behind a front that can answer every request with a 302."""
+
+    engine: Any
+    url: str = ""
+    redirect: bool = False
+    redirected: int = 0
+
+
+@pytest.fixture
+async def fronted_engine(nursery: trio.Nursery, engine_key: Any) -> Front:
+    from nullworker.engine import Engine, create_engine_app
+
+    engine = Engine(private_key=engine_key, master_token="s3cret-token")
+    app = create_engine_app(engine)
+    front = Front(engine)
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and front.redirect:
+            # What an http -> https redirect in front of the engine answers; the query
+            # stands for anything secret a redirect target may carry.
+            front.redirected += 1
+            location = f"https://engine.example{scope['path']}?token=s3cret-query"
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 302,
+                    "headers": [(b"location", location.encode()), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await app(scope, receive, send)
+
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 0.1
+    binds: list[str] = await nursery.start(hypercorn_serve, asgi, config)
+    front.url = engine.url = binds[0]
+    return front
+
+
+async def test_a_redirect_is_a_failed_delivery_and_nothing_is_lost(
+    fronted_engine: Front, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    front, engine = fronted_engine, fronted_engine.engine
+    caplog.set_level(logging.INFO, logger="nullworker.reporter")
+    reporter = EngineReporter(make_config(front.url, master_token="s3cret-token"))
+    slot = make_slot(reporter)
+    await nursery.start(reporter.run)
+    reporter.set_ready(max_perf=100.0)
+    await engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+
+    front.redirect = True
+    for idx in range(1, 6):  # five short reservations while the engine redirects
+        await hold(slot, 0.05, idx)
+    await settle(reporter, lambda st: st["report_failures"] >= 3, within_s=10.0)
+    assert list(engine.finished) == []
+    assert front.redirected >= 3
+    stats = reporter.statistics()
+    assert stats["reports_sent"] >= 1 and stats["pending_deletes"] == 5
+    assert "HTTP 302" in stats["last_error"]
+
+    front.redirect = False
+    await engine.wait_for(lambda e: len(e.finished) >= 5, timeout=10.0)
+    await settle(reporter, lambda st: st["pending_deletes"] == 0)
+    # One more round after the healing one: nothing is sent twice.
+    await hold(slot, 0.0, 6)
+    await engine.wait_for(lambda e: any(f.request_idx == 6 for f in e.finished), timeout=10.0)
+    assert sorted(f.request_idx for f in engine.finished) == [1, 2, 3, 4, 5, 6]
+    assert all(f.success for f in engine.finished)
+    assert reporter.statistics()["report_failures"] >= 3
+
+    # One line when it starts failing (status and where to), one when it recovers.
+    lines = [r.getMessage() for r in caplog.records if r.name == "nullworker.reporter"]
+    failing = [line for line in lines if "HTTP 302" in line]
+    assert len(failing) == 1, lines
+    assert "https://engine.example/worker_status/" in failing[0]
+    assert len([line for line in lines if "reachable again" in line]) == 1, lines
+    assert "s3cret" not in caplog.text
+
+
+async def test_the_pubkey_and_the_beacon_do_not_follow_redirects(
+    fronted_engine: Front, nursery: trio.Nursery
+) -> None:
+    fronted_engine.redirect = True
+    reporter = EngineReporter(make_config(fronted_engine.url))
+    with pytest.raises(PubkeyUnavailable, match="HTTP 302"):
+        await reporter.fetch_pubkey(backoff_s=())
+    assert not await send_error_beacon(make_config(fronted_engine.url), "broken")
+    assert fronted_engine.redirected == 2
+    assert fronted_engine.engine.counters["worker_status"] == 0
+
+
+# -- engine answers are read with a bound ----------------------------------------------------
+
+
+#: What the streaming server offers at most (the bound on its loop).
+HUGE_OFFER = 64 * 1024 * 1024
+#: What it may have sent before the worker hung up: the bound read, plus what the loopback
+#: socket buffers take in without anyone reading (a few MiB at most).
+HUGE_SENT_MAX = 16 * 1024 * 1024
+
+
+@dataclass
+class HugeServer:
+    """A raw HTTP/1.1 server on loopback: ``huge_path`` gets an endless 200 answer."""
+
+    url: str
+    huge_path: str
+    sent: int = 0
+    hung_up: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+async def _read_request(stream: trio.SocketStream) -> str:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return ""
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    while len(rest) < length:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return lines[0].split(" ")[1]
+
+
+async def serve_huge(nursery: trio.Nursery, huge_path: str) -> HugeServer:
+    server = HugeServer(url="", huge_path=huge_path)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            path = await _read_request(stream)
+            if path != server.huge_path:
+                await stream.send_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+                )
+                return
+            # No Content-Length: the body runs until the server closes (or is cut off).
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+            )
+            chunk = b"A" * 65536
+            try:
+                while server.sent < HUGE_OFFER:
+                    await stream.send_all(chunk)
+                    server.sent += len(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                server.hung_up = True
+            finally:
+                server.done.set()
+
+    listeners: list[trio.SocketListener] = await nursery.start(
+        partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+    )
+    server.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    return server
+
+
+@pytest.mark.parametrize("path", [PUBKEY, STATUS, DELETE, "beacon"])
+async def test_an_endless_engine_answer_is_cut_off_with_a_clear_reason(
+    nursery: trio.Nursery, path: str
+) -> None:
+    server = await serve_huge(nursery, STATUS if path == "beacon" else path)
+    config = make_config(server.url, engine_tries=1, engine_timeout_s=10.0)
+    if path == PUBKEY:
+        reporter = EngineReporter(config)
+        with pytest.raises(PubkeyUnavailable, match="answer over 65536 bytes"):
+            await reporter.fetch_pubkey(backoff_s=())
+    elif path == "beacon":
+        assert not await send_error_beacon(config, "broken")
+    else:
+        reporter = EngineReporter(config)
+        slot = make_slot(reporter)
+        await nursery.start(reporter.run)
+        await hold(slot, 0.0, 1)
+        stats = await settle(reporter, lambda st: st["report_failures"] >= 1, within_s=10.0)
+        assert f"{path} at {server.url}: answer over 4096 bytes" in stats["last_error"]
+    with trio.fail_after(10):
+        await server.done.wait()
+    print(f"{path}: the server sent {server.sent} bytes before the worker hung up")
+    assert server.hung_up
+    assert server.sent <= HUGE_SENT_MAX

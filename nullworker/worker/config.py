@@ -89,6 +89,19 @@ def _seconds(env: Mapping[str, str], name: str, default: float, *, minimum: floa
     return value
 
 
+def _count(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
 def _is_http_url(url: str) -> bool:
     try:
         parts = urlsplit(url)
@@ -165,8 +178,14 @@ class WorkerConfig:
     #: Rounds are paced by a token bucket: up to ``report_burst`` rounds back to back,
     #: then one per ``report_interval_s`` while the state keeps changing (what changes in
     #: between goes out in the next round). A change after a quiet spell goes at once.
-    report_burst: int = 4
-    report_interval_s: float = 0.2
+    #: The defaults stay close to the official worker's cadence (about one report a
+    #: second): whether the engine throttles a faster worker is unknown. Two tokens let
+    #: a short reservation's busy and idle both go at once after a quiet spell; a
+    #: larger burst or a shorter interval makes reports under churn fresher, at the cost
+    #: of more requests to the engine (NULLWORKER_REPORT_BURST,
+    #: NULLWORKER_REPORT_INTERVAL_SECONDS).
+    report_burst: int = 2
+    report_interval_s: float = 1.0
     #: Per-try timeout of every call to the engine.
     engine_timeout_s: float = 5.0
     #: Tries per engine address before falling back to the next one.
@@ -333,6 +352,10 @@ class WorkerConfig:
             "log_format": env.get("NULLWORKER_LOG_FORMAT", "text").strip().lower() or "text",
             "force_update_path": env.get("NULLWORKER_FORCE_UPDATE_PATH", "/.force_update"),
             "lock_dir": env.get("NULLWORKER_LOCK_DIR") or tempfile.gettempdir(),
+            "report_burst": _count(env, "NULLWORKER_REPORT_BURST", 2, minimum=1),
+            "report_interval_s": _seconds(
+                env, "NULLWORKER_REPORT_INTERVAL_SECONDS", 1.0, minimum=0.0
+            ),
         }
         values.update(overrides)
         try:

@@ -8,7 +8,8 @@ engine's accounting (docs/protocol.md §6.1, §6) and delivers it:
   least every ``config.heartbeat_s``. Rounds are paced by a token bucket
   (``report_burst`` back to back, then one per ``report_interval_s``): a change after a
   quiet spell goes out at once, and a state that changes hundreds of times a second
-  (short reservations back to back) is sent five times a second, as it stands then.
+  (short reservations back to back) is sent once a second with the defaults (burst 2,
+  interval 1 s: about the official worker's cadence), as it stands then.
 * ``POST {addr}/delete_requests/`` -- every ended request, in the 1.9.1 shape or the
   legacy pair of POSTs (``config.delete_requests_format``); sent in the same wake-up as
   the ``worker_status`` that shows the request gone.
@@ -41,8 +42,9 @@ Concurrency invariants
   to answer a body it did get (the rest of ``engine_timeout_s``: 3 s or more with the
   defaults, where it used to be whatever the connect left of 5 s).
 * A ``delete_requests`` POST the engine refuses (HTTP 4xx other than 408/425/429) is not
-  retried as it is: its entries are sent again in halves (bisection, one POST per round),
-  the halves that are accepted are done, and an entry refused on its own is dropped with
+  retried as it is: its entries are sent again in halves (bisection: a refusal ends the
+  round, while accepted batches are followed at once by the next, up to 20 POSTs a
+  round), the halves that are accepted are done, and an entry refused on its own is dropped with
   one warning naming its ``request_idx`` and the status. Every refusal halves the largest
   batch its entries may travel in, so the splitting ends (one bad entry among 8 costs 7
   POSTs in all). A refusal is the answer of an address that does not take this body: the
@@ -61,13 +63,23 @@ Concurrency invariants
   second per address, and, where the addresses fail fast (refused connections, error
   statuses), hears the current state within ``RETRY_CAP_S`` x 1.2 plus
   ``report_coalesce_s`` (1.22 s with the defaults) and one request of answering again.
+* Only a 2xx answer is a delivery. Redirects are never followed (the clients say so
+  explicitly): a 3xx means the body did not reach the engine (``REPORT_ADDR=http://...``
+  behind an http->https redirect), so it is a failure like a 5xx, retried and counted,
+  and the log names its status and ``Location`` (scheme, host and path only).
+* Every engine answer is read with a bound, as a stream: ``POST_ANSWER_MAX_BYTES``
+  (4 KiB) for reports and the error beacon, whose status is all we need, and
+  ``PUBKEY_ANSWER_MAX_BYTES`` (64 KiB) for the key. A longer answer is a failed try
+  ("answer over N bytes"); the connection is dropped as soon as the bound is passed,
+  so a broken or hostile engine cannot make the worker buffer megabytes.
 * Every failure of an HTTP exchange is caught (``httpx.HTTPError``: transport errors and
   timeouts, but also an undecodable reply from a broken engine or proxy; our own per-try
-  deadline; HTTP status >= 400): it is logged without secrets (never the ``mtoken`` or a
-  body; one warning when the engine becomes unreachable, then at most one a minute, and
-  one line when it is back) and retried later, because a reporting failure must never
-  take the worker down. Anything else is a bug and propagates. ``trio.Cancelled`` is
-  never swallowed; a round cancelled mid-POST leaves its state to be sent again.
+  deadline; any status but a 2xx; an oversized answer): it is logged without secrets
+  (never the ``mtoken`` or a body; one warning when the engine becomes unreachable,
+  then at most one a minute, and one line when it is back) and retried later, because
+  a reporting failure must never take the worker down. Anything else is a bug and
+  propagates. ``trio.Cancelled`` is never swallowed; a round cancelled mid-POST leaves
+  its state to be sent again.
 
 Accounting choices (documented deviations from the official worker)
 -------------------------------------------------------------------
@@ -88,6 +100,13 @@ Accounting choices (documented deviations from the official worker)
 * ``error_msg`` is not sticky forever: :meth:`EngineReporter.set_ready` clears an earlier
   start-up error (e.g. a pubkey fetch that failed and then succeeded), and
   ``set_error("")`` clears it explicitly.
+* A request the engine was told about survives the process: with a ``journal_path``
+  (the worker passes ``nullworker-<port>.journal`` beside its port lock), the
+  ``request_idx`` of every hold is written before the first ``worker_status`` that lists
+  it and struck out once its delete entry is accepted. What a killed process left open
+  is reported on the next start as ``Error`` (``success`` false), once
+  (:mod:`nullworker.worker.journal` says why this costs one append per round, not per
+  reservation, and why there is no ``fsync``).
 * The pending ``delete_requests`` list is bounded (``_MAX_PENDING_DELETES``, oldest
   dropped with a warning) so a long engine outage cannot grow memory without limit.
 """
@@ -100,10 +119,12 @@ import math
 import random
 import shutil
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -112,11 +133,14 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from ..errors import NullworkerError
 from ..vast.signing import load_public_key
 from .config import MAX_PERF, WorkerConfig
+from .journal import Journal
 from .reservations import Outcome, Reservation, ReservationEvent
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "LOCAL_HOLD_LOAD",
+    "POST_ANSWER_MAX_BYTES",
+    "PUBKEY_ANSWER_MAX_BYTES",
     "PUBKEY_BACKOFF_S",
     "RETRY_CAP_S",
     "RETRY_JITTER",
@@ -145,6 +169,13 @@ RETRY_JITTER = 0.2
 #: Nothing reached the engine when it fires, so the retry cannot count anything twice;
 #: a body that was sent keeps at least ``engine_timeout_s`` minus this for its answer.
 CONNECT_TIMEOUT_S = 2.0
+#: The most of an answer to a ``worker_status``/``delete_requests`` POST (or the error
+#: beacon) that is read: only its status matters, and a longer answer is a failed try.
+POST_ANSWER_MAX_BYTES = 4 * 1024
+#: The most of a ``/pubkey/`` answer that is read (a 4096-bit key in PEM is under 1 KiB).
+PUBKEY_ANSWER_MAX_BYTES = 64 * 1024
+#: Sent with every request to the engine: an answer we bound must not come compressed.
+_ANSWER_HEADERS = {"Accept-Encoding": "identity"}
 #: 4xx answers that mean "try again later", not "this body is refused".
 _RETRY_LATER_4XX = frozenset({408, 425, 429})
 #: While the engine stays unreachable, at most one warning this often (the rest: debug).
@@ -155,8 +186,11 @@ _NO_DELETES_ADDR = "https://cloud.vast.ai/api/v0"
 _RECENT_IDX_WINDOW = 4096
 #: Bound on ended requests waiting for delivery (the oldest are dropped beyond it).
 _MAX_PENDING_DELETES = 10_000
-#: At most this many entries per ``delete_requests`` POST; the rest go in the next round.
+#: At most this many entries per ``delete_requests`` POST.
 _DELETE_BATCH = 500
+#: At most this many ``delete_requests`` POSTs per round (batches the engine accepts
+#: follow each other at once): 10,000 entries a second with the default pacing.
+_MAX_DELETE_POSTS_PER_ROUND = 20
 #: The ``cur_load`` floor while local holds are open: one busy worker (``max_perf``).
 LOCAL_HOLD_LOAD = MAX_PERF
 
@@ -310,7 +344,7 @@ class _Answer:
 
     #: None: accepted; else why not, for the log.
     error: str | None = None
-    #: The HTTP status when the engine answered >= 400.
+    #: The HTTP status when the engine answered, but not with a 2xx.
     status: int | None = None
 
     @property
@@ -327,17 +361,128 @@ class _Answer:
         )
 
 
+class _AnswerTooLarge(Exception):
+    """An engine answer longer than the caller reads (the connection is then dropped)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"answer over {limit} bytes")
+
+
+async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """The body of ``response`` as sent, at most ``limit`` bytes.
+
+    Reads the raw stream (no decompression, so a compressed answer cannot grow past
+    the bound either) and gives up as soon as the bound is passed: a declared
+    ``Content-Length`` over it fails before anything is read, and a longer stream is
+    dropped mid-way (closing an unfinished response closes its connection).
+
+    Raises:
+      _AnswerTooLarge: the answer is longer than ``limit``.
+    """
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _AnswerTooLarge(limit)
+    if response.is_stream_consumed:  # a transport that hands over a body in memory
+        if len(response.content) > limit:
+            raise _AnswerTooLarge(limit)
+        return response.content
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        size += len(chunk)
+        if size > limit:
+            raise _AnswerTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decoded(response: httpx.Response, raw: bytes, limit: int) -> bytes:
+    """``raw`` without its content encoding, bounded by ``limit`` once decoded.
+
+    We ask for ``identity``; a gzip or deflate answer sent anyway is inflated at most
+    to ``limit`` bytes (a small compressed body can expand a thousandfold).
+
+    Raises:
+      _AnswerTooLarge: the decoded answer is longer than ``limit``.
+      ValueError: an encoding we cannot read, or a corrupt compressed body.
+    """
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ValueError(f"answer in an unsupported encoding ({encoding[:40]})")
+    try:
+        inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # gzip or zlib header
+        data = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"corrupt {encoding} answer ({exc})") from None
+    if len(data) > limit:
+        raise _AnswerTooLarge(limit)
+    return data
+
+
+def _redacted_location(location: str) -> str:
+    """A redirect target for the log: scheme, host, port and path only.
+
+    A query string or user info may carry credentials, and the header is whatever the
+    other side sent: both are left out, and the rest is cut to a sane length.
+    """
+    try:
+        parts = urlsplit(location)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "an unparsable Location"
+    text = f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else parts.path
+    text = "".join(ch for ch in text if ch.isprintable())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def _not_delivered(response: httpx.Response) -> _Answer | None:
+    """None for a 2xx answer; else the failed :class:`_Answer`, saying why.
+
+    Only a 2xx is a delivery. A 3xx is a failure like a 5xx (redirects are never
+    followed: a body POSTed to an ``http://`` address behind an https redirect never
+    reached the engine), named with its ``Location`` so the log says where to point
+    ``REPORT_ADDR``.
+    """
+    status = response.status_code
+    if 200 <= status < 300:
+        return None
+    error = f"HTTP {status}"
+    if 300 <= status < 400:
+        location = response.headers.get("Location")
+        target = f" to {_redacted_location(location)}" if location else ""
+        error += f" (redirect{target}; redirects are not followed)"
+    return _Answer(error, status)
+
+
 async def _post_once(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], *, timeout_s: float
 ) -> _Answer:
-    """One POST under a hard deadline of ``timeout_s``."""
+    """One POST under a hard deadline of ``timeout_s``; accepted only with a 2xx.
+
+    Redirects are not followed, and at most ``POST_ANSWER_MAX_BYTES`` of the answer
+    are read (only its status matters).
+    """
     with trio.move_on_after(timeout_s):
         try:
-            response = await client.post(url, json=body, timeout=_timeout(timeout_s))
+            async with client.stream(
+                "POST",
+                url,
+                json=body,
+                headers=_ANSWER_HEADERS,
+                timeout=_timeout(timeout_s),
+                follow_redirects=False,
+            ) as response:
+                failed = _not_delivered(response)
+                if failed is not None:
+                    return failed
+                await _read_bounded(response, POST_ANSWER_MAX_BYTES)
+        except _AnswerTooLarge as exc:
+            return _Answer(str(exc))
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # transport, timeout, bad reply
             return _Answer(_describe(exc))
-        if response.status_code >= 400:
-            return _Answer(f"HTTP {response.status_code}", response.status_code)
         return _Answer()
     return _Answer(f"no answer within {timeout_s:g} s")
 
@@ -350,7 +495,9 @@ async def _client_for(
     if http is not None:
         yield http
         return
-    async with httpx.AsyncClient(timeout=_timeout(config.engine_timeout_s)) as own:
+    async with httpx.AsyncClient(
+        timeout=_timeout(config.engine_timeout_s), follow_redirects=False
+    ) as own:
         yield own
 
 
@@ -366,6 +513,9 @@ class EngineReporter:
       started_at: ``time.monotonic()`` at process start, the origin of ``loadtime``;
         defaults to now.
       disk_usage: returns the GiB used on ``/``; defaults to ``shutil.disk_usage``.
+      journal_path: the delivery journal (:mod:`nullworker.worker.journal`), read here:
+        what a previous process left open is queued as failed delete entries. Only
+        pass it once the port's lock is held. None: no journal.
     """
 
     def __init__(
@@ -375,6 +525,7 @@ class EngineReporter:
         http: httpx.AsyncClient | None = None,
         started_at: float | None = None,
         disk_usage: Callable[[], float] | None = None,
+        journal_path: str | None = None,
     ) -> None:
         self._config = config
         self._http = http
@@ -425,6 +576,44 @@ class EngineReporter:
         self._unreachable = False
         #: Set (and replaced) each time a worker_status is delivered.
         self._delivered = trio.Event()
+        # -- the delivery journal ---------------------------------------------------------
+        self._journal: Journal | None = None
+        if journal_path is not None and self._delete_addrs():
+            self._journal, leftover = Journal.open(journal_path)
+            self._queue_leftovers(leftover)
+
+    def _queue_leftovers(self, leftover: list[int]) -> None:
+        """Delete entries for requests a previous process on this port never closed."""
+        if not leftover:
+            return
+        log.warning(
+            "%d request(s) the engine was told about were left open by a previous worker "
+            "process on this port (killed?); reporting them failed: request_idx %s",
+            len(leftover),
+            ", ".join(str(idx) for idx in leftover[:20]) + (" ..." if len(leftover) > 20 else ""),
+        )
+        now = time.time()
+        for idx in leftover:
+            self._add_pending(
+                _DeleteEntry(
+                    request_idx=idx,
+                    status="Error",
+                    entered_queue_at=0.0,
+                    work_started_at=0.0,
+                    work_completed_at=now,
+                )
+            )
+
+    def _journal_done(self, entries: list[_DeleteEntry]) -> None:
+        """Strike delivered (or abandoned) entries out of the journal.
+
+        An index still in the working set stays: a reused ``request_idx`` (a retry after
+        a 429) is held again, and its own end is still to come.
+        """
+        if self._journal is None or not entries:
+            return
+        working = {_as_idx(r.tag.get("request_idx")) for r in self._working.values()}
+        self._journal.remove(e.request_idx for e in entries if e.request_idx not in working)
 
     # -- inputs (sync, never block, never raise) ------------------------------------------
 
@@ -532,6 +721,7 @@ class EngineReporter:
         self._pending.append(entry)
         if len(self._pending) > _MAX_PENDING_DELETES:
             excess = len(self._pending) - _MAX_PENDING_DELETES
+            self._journal_done(self._pending[:excess])
             del self._pending[:excess]
             self._dropped_deletes += excess
             log.warning(
@@ -672,7 +862,9 @@ class EngineReporter:
         if self._http is not None:
             return self._http
         if self._owned_http is None:
-            self._owned_http = httpx.AsyncClient(timeout=_timeout(self._config.engine_timeout_s))
+            self._owned_http = httpx.AsyncClient(
+                timeout=_timeout(self._config.engine_timeout_s), follow_redirects=False
+            )
         return self._owned_http
 
     async def _round(self) -> bool:
@@ -693,8 +885,16 @@ class EngineReporter:
         # Only requests a delivered worker_status already shows as ended: the engine
         # hears "idle" first, then the deletions (the official order). One that ended
         # while this round's status was in flight waits for the next round.
-        if any(entry.reported for entry in self._pending):
-            return await self._send_deletes(tries)
+        # Batch after batch while the engine takes them: rounds are paced (one a second
+        # by default), and churn ends more than a batch of requests a second.
+        for _ in range(_MAX_DELETE_POSTS_PER_ROUND):
+            if not any(entry.reported for entry in self._pending):
+                break
+            accepted_before = self._deletes_sent
+            if not await self._send_deletes(tries):
+                return False
+            if self._deletes_sent == accepted_before:
+                break  # a refused batch: its halves go in the next round
         return True
 
     def _log_failure(self, message: str, *args: object) -> None:
@@ -752,6 +952,9 @@ class EngineReporter:
         # Cleared before the POST: a change made while it is in flight sets it again.
         self._dirty = False
         self._last_status_round_at = trio.current_time()
+        if self._journal is not None:
+            # Write-ahead: the line exists before the engine can have heard of the hold.
+            self._journal.add(snap.body["working_request_idxs"])
         try:
             for addr in self._config.report_addrs:
                 answer = await self._post_with_retries(addr, "/worker_status/", snap.body, tries)
@@ -867,6 +1070,7 @@ class EngineReporter:
             )
             if answer.ok:
                 self._remove_pending(entries)
+                self._journal_done(entries)
                 self._deletes_sent += len(entries)
                 return True
             if answer.refused and answer.status is not None:
@@ -877,6 +1081,7 @@ class EngineReporter:
         if len(entries) == 1:
             [entry] = entries
             self._remove_pending(entries)
+            self._journal_done(entries)
             self._refused_deletes += 1
             log.warning(
                 "engine refused the delete_requests entry of request_idx %d (HTTP %d at %s); "
@@ -950,8 +1155,9 @@ class EngineReporter:
         Tries each address of ``config.report_addrs`` in order (one URL per address, not
         the raw comma list); a round that finds no usable key sleeps ``backoff_s[i]`` and
         tries again, ``len(backoff_s) + 1`` rounds in all. Each try is bounded by
-        ``engine_timeout_s``; a status >= 400, a transport error or a body that is not an
-        RSA public key in PEM counts as a failure.
+        ``engine_timeout_s``; any status but a 2xx (a redirect is not followed), a
+        transport error, an answer over ``PUBKEY_ANSWER_MAX_BYTES`` or a body that is not
+        an RSA public key in PEM counts as a failure.
 
         Raises:
           PubkeyUnavailable: every try failed (the message says why the last one did).
@@ -1013,16 +1219,28 @@ class EngineReporter:
 async def _get_pubkey_once(
     client: httpx.AsyncClient, url: str, *, timeout_s: float
 ) -> tuple[RSAPublicKey | None, str]:
+    """One ``GET /pubkey/``: a 2xx whose body (at most ``PUBKEY_ANSWER_MAX_BYTES``) is
+    an RSA public key in PEM, or None and why not."""
     with trio.move_on_after(timeout_s):
         try:
-            response = await client.get(url, timeout=_timeout(timeout_s))
+            async with client.stream(
+                "GET",
+                url,
+                headers=_ANSWER_HEADERS,
+                timeout=_timeout(timeout_s),
+                follow_redirects=False,
+            ) as response:
+                failed = _not_delivered(response)
+                if failed is not None:
+                    return None, failed.error or ""
+                raw = await _read_bounded(response, PUBKEY_ANSWER_MAX_BYTES)
+            pem = _decoded(response, raw, PUBKEY_ANSWER_MAX_BYTES)
+            return load_public_key(pem), ""
+        except _AnswerTooLarge as exc:
+            return None, str(exc)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return None, _describe(exc)
-        if response.status_code >= 400:
-            return None, f"HTTP {response.status_code}"
-        try:
-            return load_public_key(response.content), ""
-        except ValueError as exc:  # not PEM, or not an RSA key
+        except ValueError as exc:  # not PEM, not an RSA key, or an unreadable encoding
             return None, f"not an RSA public key in PEM ({_describe(exc)})"
     return None, f"no answer within {timeout_s:g} s"
 

@@ -187,13 +187,22 @@ class Worker:
         ``serve_control`` is started with this worker when ``config.control_port`` is set
         (the app passes its :func:`~nullworker.worker.app.serve_control`).
         """
-        with self._single_process_lock():
-            async with httpx.AsyncClient(timeout=self.config.engine_timeout_s) as http:
+        with self._single_process_lock() as lock_path:
+            # Redirects are never followed: a 3xx from the engine is a failed delivery.
+            async with httpx.AsyncClient(
+                timeout=self.config.engine_timeout_s, follow_redirects=False
+            ) as http:
                 if self.config.reporting:
                     from .reporter import EngineReporter
 
                     self.reporter = EngineReporter(
-                        self.config, http=http, started_at=self.started_at
+                        self.config,
+                        http=http,
+                        started_at=self.started_at,
+                        # Beside the lock, and read only now that it is held.
+                        journal_path=None
+                        if lock_path is None
+                        else lock_path[: -len(".lock")] + ".journal",
                     )
                     self.slot.add_observer(self.reporter.observe)
                     reporter = self.reporter
@@ -242,9 +251,10 @@ class Worker:
         return self.slot.busy or self.local_holds.count > 0
 
     @contextlib.contextmanager
-    def _single_process_lock(self) -> Iterator[None]:
+    def _single_process_lock(self) -> Iterator[str | None]:
+        """Hold the port's lock; yields its path (None for port 0: no lock)."""
         if self.config.port == 0:  # an ephemeral port cannot be shared by accident
-            yield
+            yield None
             return
         path = os.path.join(self.config.lock_dir, f"nullworker-{self.config.port}.lock")
         try:
@@ -270,7 +280,7 @@ class Worker:
                 f"{path}: {exc.strerror or exc}"
             ) from None
         try:
-            yield
+            yield path
         finally:
             handle.close()
 
