@@ -598,11 +598,10 @@ async def test_a_consumer_that_exits_is_restarted_with_a_backoff_while_its_worke
         min_workers=1,
         max_workers=1,
         consumer='echo "up on $NULLWORKER_CONTROL_PORT"; exit 3',
-        log_dir=None,
+        log_dir=str(tmp_path),
     )
     async with trio.open_nursery() as nursery:
         url = await nursery.start(_run_dev, options, _Console(out, tty=False))
-        await wait_text(out, r"\[consumer 1\] up on \d+")
         await wait_text(
             out, r"consumer 1 exited with code 3 while worker 1 lives; restarting in 1 s"
         )
@@ -614,6 +613,11 @@ async def test_a_consumer_that_exits_is_restarted_with_a_backoff_while_its_worke
             page = (await http.get("/")).text
         consumer = worker["consumer"]
         assert consumer["exit_code"] == 3 and consumer["restarts"] >= 1
+        # Its output goes to its own log beside the worker's, each run's after the last.
+        assert consumer["log"] == str(tmp_path / "consumer-1.log")
+        runs = (tmp_path / "consumer-1.log").read_text().splitlines()
+        port = worker["control_url"].rsplit(":", 1)[1]
+        assert runs[:2] == [f"up on {port}"] * 2, runs
         assert consumer["state"] in ("restarting", "running"), consumer
         assert re.search(r"exited with code 3, restarting in [\d.]+ s|running \(pid", page)
         worker_pid = int((await wait_text(out, r"worker 1 started: pid (\d+)")).group(1))

@@ -490,14 +490,15 @@ class _Supervisor:
             failures = 0
             while True:
                 began = trio.current_time()
-                await self._consumer_once(child, command)
+                ran = await self._consumer_once(child, command)
                 if trio.current_time() - began >= CONSUMER_STABLE_S:
                     failures = 0
                 failures += 1
                 backoff = min(2.0 ** (failures - 1), MAX_CONSUMER_BACKOFF_S)
+                what = f"exited with code {child.consumer_code}" if ran else "could not start"
                 self.console.line(
-                    f"[dev] consumer {child.id} exited with code {child.consumer_code} while "
-                    f"worker {child.id} lives; restarting in {backoff:g} s"
+                    f"[dev] consumer {child.id} {what} while worker {child.id} lives; "
+                    f"restarting in {backoff:g} s"
                 )
                 restart_at = trio.current_time() + backoff
                 self._show_consumer(child, "restarting", restart_at)
@@ -506,8 +507,11 @@ class _Supervisor:
         finally:
             self._show_consumer(child, "stopped")
 
-    async def _consumer_once(self, child: _Child, command: str) -> None:
-        """One run of the consumer, until it exits; stopped if cancelled meanwhile."""
+    async def _consumer_once(self, child: _Child, command: str) -> bool:
+        """One run of the consumer, until it exits; stopped if cancelled meanwhile.
+
+        Returns whether it started at all.
+        """
         log_file: IO[bytes] | None = None
         process: trio.Process | None = None
         try:
@@ -528,9 +532,8 @@ class _Supervisor:
             except OSError as exc:
                 self.console.line(f"[dev] consumer {child.id} could not be started: {exc}")
                 child.consumer_code = None
-                return
+                return False
             child.consumer_pid = process.pid
-            child.consumer_code = None
             self._show_consumer(child, "running")
             self.console.line(
                 f"[dev] consumer {child.id} started: pid {process.pid}, "
@@ -541,6 +544,7 @@ class _Supervisor:
                     nursery.start_soon(self._pump, f"[consumer {child.id}] ", process.stdout)
                 await process.wait()
                 nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
+            return True
         finally:
             if process is not None:
                 with trio.move_on_after(self.options.stop_timeout_s + 2.0, shield=True):

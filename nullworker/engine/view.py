@@ -180,6 +180,8 @@ def _consumer_cell(consumer: dict[str, Any] | None) -> str | dict[str, str]:
     again = f", restarted {_plural(restarts, 'time')}" if restarts else ""
     log = consumer.get("log") or ""
     if state == "running":
+        if restarts and code is not None:
+            again += f", last exit code {code}"
         return _cell(f"running (pid {consumer['pid']}){again}", cls="c-ok", title=log)
     if state == "waiting":
         return _cell("waiting for the worker to be ready", title=log)
