@@ -550,7 +550,7 @@ async def test_a_consumer_runs_beside_each_worker_and_goes_with_it(
     listener, and Ctrl-C on dev leaves no consumer behind."""
     command = consumer_command(tmp_path, "job 5", 1.0)
     dev = await start_dev(
-        "--min-workers", "0", "--max-workers", "1", "--idle-timeout", "3", "--consumer", command
+        "--min-workers", "0", "--max-workers", "1", "--idle-timeout", "5", "--consumer", command
     )
     async with httpx.AsyncClient(base_url=dev.url, timeout=5.0) as http:
         await route(http)  # demand: dev starts worker 1, then its consumer
@@ -565,7 +565,7 @@ async def test_a_consumer_runs_beside_each_worker_and_goes_with_it(
         assert all(_alive(pid) for pid in consumer_pids)
         # The hold is over, the worker idles and is scaled down: its consumer goes too.
         await dev.wait_line(r"\[consumer 1\] hold over")
-        await dev.wait_line(r"stopping worker 1 \(idle for 3 s\)")
+        await dev.wait_line(r"stopping worker 1 \(idle for 5 s\)")
         with trio.fail_after(WAIT_S):
             while any(_alive(pid) for pid in consumer_pids):
                 await trio.sleep(POLL_S)
