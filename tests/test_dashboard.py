@@ -13,9 +13,11 @@ a missing browser fails the test; elsewhere the test is skipped, saying why.
 from __future__ import annotations
 
 import html
+import io
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,11 @@ import pytest
 import trio
 
 from nullworker.client import reserve
+from nullworker.engine.dev import DevOptions, _Console, _run_dev
+from nullworker.engine.view import COLUMNS
 
 from .conftest import StartWorker, vast_settings
+from .test_dev import consumer_command
 
 #: Seconds of page time Chromium runs before dumping the DOM: several polls of the page.
 VIRTUAL_TIME_MS = 5000
@@ -142,7 +147,28 @@ async def test_the_page_shows_the_busy_worker_and_draws_the_timeline(
     waiting = re.search(r'<polyline class="s-waiting"[^>]*>', chart)
     assert waiting, chart
     assert len(_points(waiting.group(0))) >= 2
-    assert "last 1 min" in _element(dom, "small", "window")
+    # The window is the last five minutes, however young the engine: not one that
+    # grows with its uptime and squeezes the newest burst to the right edge.
+    assert 'data-window-s="300"' in chart
+    assert "last 5 min" in _element(dom, "small", "window")
+
+
+async def test_the_chart_window_stays_five_minutes_with_a_long_history(
+    busy_engine: Any, tmp_path: Path
+) -> None:
+    # Nine minutes of older samples (the engine keeps ten): two workers busy back then.
+    oldest = busy_engine.timeline[0][0]
+    for age in range(1, 9 * 60):
+        busy_engine.timeline.appendleft((oldest - age, 0, 2, 0, 0, 0))
+    recent = sum(1 for sample in busy_engine.timeline if sample[0] > time.time() - 240)
+    dom = await _dump_dom(busy_engine.url + "/", tmp_path / "profile")
+
+    chart = _element(dom, "svg", "chart")
+    assert 'data-window-s="300"' in chart, chart
+    assert "last 5 min" in _element(dom, "small", "window")
+    # Only the samples of the last five minutes are drawn, not the whole history.
+    drawn = re.search(r'data-points="(\d+)"', chart)
+    assert drawn and recent <= int(drawn.group(1)) <= 5 * 60 + VIRTUAL_TIME_MS // 1000 + 2, chart
 
 
 async def test_without_javascript_the_server_rendered_tables_show(busy_engine: Any) -> None:
@@ -155,3 +181,55 @@ async def test_without_javascript_the_server_rendered_tables_show(busy_engine: A
     assert row[1] == busy_engine.workers[7].url and row[2] == "busy", row
     assert _rows(dom, "pending") == [["no request is waiting"]]
     assert 'data-points="0"' in _element(dom, "svg", "chart")
+
+
+async def test_local_holds_consumers_and_a_release_on_the_page(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """``nullworker dev --consumer``: worker 1's consumer holds it locally (``job 5``),
+    a client holds worker 2 and lets go. The page names the local hold, shows each
+    worker's control listener and consumer, and the release as a normal end."""
+    options = DevOptions(
+        port=0,
+        min_workers=1,
+        max_workers=2,
+        consumer=consumer_command(tmp_path, "job 5", 60.0, once=True),
+    )
+    url = await nursery.start(_run_dev, options, _Console(io.StringIO(), tty=False))
+    async with httpx.AsyncClient(base_url=url, timeout=5.0) as http:
+
+        async def wait_view(predicate: Any) -> dict[str, Any]:
+            with trio.fail_after(20):
+                while not predicate(view := (await http.get("/workers")).json()):
+                    await trio.sleep(0.1)
+            return view
+
+        await wait_view(lambda v: any(w["local_holds"] for w in v["workers"]))
+        # Worker 1 is held locally, so the client's demand starts worker 2; its consumer
+        # takes no hold. The client holds it, then lets go (as a scale-down does).
+        async with reserve("dev", duration=60, api_key="dev", engine_url=url):
+            pass
+        view = await wait_view(
+            lambda v: (
+                v["finished"] and all(w["consumer"]["state"] == "running" for w in v["workers"])
+            )
+        )
+    (finished,) = view["finished"]
+    assert (finished["status"], finished["ended"]) == ("Cancelled", "released by client")
+    workers = {w["id"]: w for w in view["workers"]}
+
+    dom = await _dump_dom(url + "/", tmp_path / "profile")
+    rows = {
+        row[0]: dict(zip(COLUMNS["workers"], row, strict=True)) for row in _rows(dom, "workers")
+    }
+    held = rows["1"]
+    assert held["state"] == "busy"
+    assert re.fullmatch(r"job 5 \u00b7 [\d.]+ s", held["hold"]), held
+    assert held["control"] == workers[1]["control_url"]
+    assert held["consumer"] == f"running (pid {workers[1]['consumer']['pid']})"
+    assert rows["2"]["consumer"].startswith("running (pid ")
+    assert rows["2"]["control"] == workers[2]["control_url"] != workers[1]["control_url"]
+    # The release reads as a normal end, not as a failure or a warning.
+    body = _element(dom, "tbody", "finished")
+    assert re.search(r'<td class="end-ok"[^>]*>released by client</td>', body), body
+    assert "end-note" not in body and "end-bad" not in body

@@ -7,7 +7,9 @@ The engine runs in another process here, so these tests poll its ``/workers`` vi
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import re
 import shlex
@@ -72,6 +74,15 @@ class DevProcess:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def consumer_pids(self) -> dict[int, list[int]]:
+        """Each worker's consumers (the ``/bin/sh`` running the command), oldest first."""
+        pids: dict[int, list[int]] = {}
+        for line in self.lines:
+            match = re.search(r"\[dev\] consumer (\d+) started: pid (\d+)", line)
+            if match:
+                pids.setdefault(int(match.group(1)), []).append(int(match.group(2)))
+        return pids
+
     def worker_pids(self) -> dict[int, int]:
         pids: dict[int, int] = {}
         for line in self.lines:
@@ -88,13 +99,62 @@ class DevProcess:
 
 StartDev = Callable[..., Awaitable[DevProcess]]
 
+#: A consumer for ``--consumer``: it records its pid and the control listener it was
+#: given (a JSON line in argv[1]), takes a local hold labelled argv[2] for argv[3]
+#: seconds (only the first consumer to create the file argv[4], if given), then idles.
+CONSUMER_SCRIPT = """\
+import http.client, json, os, sys, time, urllib.parse
+record, label, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+url = os.environ["NULLWORKER_CONTROL_URL"]
+with open(record, "a") as file:
+    port = os.environ["NULLWORKER_CONTROL_PORT"]
+    file.write(json.dumps({"pid": os.getpid(), "url": url, "port": port}) + "\\n")
+if len(sys.argv) > 4:
+    try:
+        os.close(os.open(sys.argv[4], os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        seconds = 0
+if seconds:
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    body = json.dumps({"label": label, "duration": seconds})
+    conn.request("POST", "/hold", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    print("held", response.status, flush=True)
+    conn.sock.settimeout(None)
+    response.read()  # the body comes when the hold ends
+    print("hold over", flush=True)
+time.sleep(3600)
+"""
+
+
+def consumer_command(tmp_path: Path, label: str, seconds: float, *, once: bool = False) -> str:
+    """A ``--consumer`` command running :data:`CONSUMER_SCRIPT`; it records to
+    ``tmp_path / "consumers.jsonl"``."""
+    script = tmp_path / "consumer.py"
+    script.write_text(CONSUMER_SCRIPT)
+    args = [sys.executable, str(script), str(tmp_path / "consumers.jsonl"), label, str(seconds)]
+    if once:
+        args.append(str(tmp_path / "held-once"))
+    return shlex.join(args)
+
+
+def recorded_consumers(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "consumers.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: an orphan waits for its reaper)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as file:
+            state = file.read().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return True
+    return state != "Z"
 
 
 def _children_of(pid: int) -> set[int]:
@@ -142,6 +202,9 @@ async def start_dev(nursery: trio.Nursery) -> AsyncIterator[StartDev]:
         for pid in dev.worker_pids().values():
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        for group in [pid for pids in dev.consumer_pids().values() for pid in pids]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
         if dev.process.returncode is None:
             dev.process.kill()
             with trio.move_on_after(5):
@@ -462,9 +525,10 @@ async def test_the_whole_loop_two_clients_scale_out_and_ctrl_c_releases(
             with trio.fail_after(WAIT_S):
                 while len(finished := (await http.get("/workers")).json()["finished"]) < 2:
                     await trio.sleep(POLL_S)
+            # Ctrl-C on a client is how it lets go: a release, not a failure.
             assert [(f["status"], f["ended"]) for f in finished] == [
                 ("Success", "elapsed"),
-                ("Cancelled", "client disconnected"),
+                ("Cancelled", "released by client"),
             ]
     finally:
         for proc in clients:
@@ -473,3 +537,117 @@ async def test_the_whole_loop_two_clients_scale_out_and_ctrl_c_releases(
                 with trio.move_on_after(5):
                     await proc.wait()
     await assert_stops_cleanly(dev)
+
+
+# -- --consumer: a consumer beside each worker ------------------------------------------
+
+
+async def test_a_consumer_runs_beside_each_worker_and_goes_with_it(
+    start_dev: StartDev, tmp_path: Path
+) -> None:
+    """Each worker gets its own consumer with its own control listener; the consumer
+    goes when its worker is scaled down, the next worker's consumer gets the new
+    listener, and Ctrl-C on dev leaves no consumer behind."""
+    command = consumer_command(tmp_path, "job 5", 1.0)
+    dev = await start_dev(
+        "--min-workers", "0", "--max-workers", "1", "--idle-timeout", "5", "--consumer", command
+    )
+    async with httpx.AsyncClient(base_url=dev.url, timeout=5.0) as http:
+        await route(http)  # demand: dev starts worker 1, then its consumer
+        (first,) = await wait_workers(http, lambda ws: any(w["consumer"] for w in ws))
+        await dev.wait_line(r"\[consumer 1\] held 200")
+        (record,) = recorded_consumers(tmp_path)
+        # The consumer was given the worker's control listener, which /workers shows.
+        assert record["url"] == first["control_url"] == f"http://127.0.0.1:{record['port']}"
+        assert (await http.get(record["url"] + "/health")).status_code == 200
+        (shell,) = dev.consumer_pids()[1]
+        consumer_pids = {shell, record["pid"]}
+        assert all(_alive(pid) for pid in consumer_pids)
+        # The hold is over, the worker idles and is scaled down: its consumer goes too.
+        await dev.wait_line(r"\[consumer 1\] hold over")
+        await dev.wait_line(r"stopping worker 1 \(idle for 5 s\)")
+        with trio.fail_after(WAIT_S):
+            while any(_alive(pid) for pid in consumer_pids):
+                await trio.sleep(POLL_S)
+        (stopped,) = (await http.get("/workers")).json()["stopped"]
+        assert stopped["consumer"]["state"] == "stopped"
+
+        # Demand again: a new worker, and beside it a consumer with its new listener.
+        await route(http)
+        (second,) = await wait_workers(
+            http, lambda ws: any(w["consumer"] and w["consumer"]["state"] == "running" for w in ws)
+        )
+        await dev.wait_line(r"\[consumer 2\] held 200")
+        first_record, second_record = recorded_consumers(tmp_path)
+        assert second["id"] == 2 and second_record["url"] == second["control_url"]
+        assert second_record["url"] != first_record["url"]
+        (shell,) = dev.consumer_pids()[2]
+        consumer_pids = {shell, second_record["pid"]}
+        assert all(_alive(pid) for pid in consumer_pids)
+    await assert_stops_cleanly(dev)
+    assert not [pid for pid in consumer_pids if _alive(pid)], dev.output
+    assert not _children_of(dev.process.pid)
+
+
+async def test_a_consumer_that_exits_is_restarted_with_a_backoff_while_its_worker_lives(
+    tmp_path: Path,
+) -> None:
+    out = io.StringIO()
+    options = DevOptions(
+        port=0,
+        min_workers=1,
+        max_workers=1,
+        consumer='echo "up on $NULLWORKER_CONTROL_PORT"; exit 3',
+        log_dir=str(tmp_path),
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(_run_dev, options, _Console(out, tty=False))
+        await wait_text(
+            out, r"consumer 1 exited with code 3 while worker 1 lives; restarting in 1 s"
+        )
+        await wait_text(
+            out, r"consumer 1 exited with code 3 while worker 1 lives; restarting in 2 s"
+        )
+        async with httpx.AsyncClient(base_url=url, timeout=5.0) as http:
+            (worker,) = (await http.get("/workers")).json()["workers"]
+            page = (await http.get("/")).text
+        consumer = worker["consumer"]
+        assert consumer["exit_code"] == 3 and consumer["restarts"] >= 1
+        # Its output goes to its own log beside the worker's, each run's after the last.
+        assert consumer["log"] == str(tmp_path / "consumer-1.log")
+        runs = (tmp_path / "consumer-1.log").read_text().splitlines()
+        port = worker["control_url"].rsplit(":", 1)[1]
+        assert runs[:2] == [f"up on {port}"] * 2, runs
+        assert consumer["state"] in ("restarting", "running"), consumer
+        assert re.search(r"exited with code 3, restarting in [\d.]+ s|running \(pid", page)
+        worker_pid = int((await wait_text(out, r"worker 1 started: pid (\d+)")).group(1))
+        nursery.cancel_scope.cancel()
+    assert not _alive(worker_pid)
+    assert "starting worker 2" not in out.getvalue()
+
+
+async def test_stopping_a_consumer_reaches_its_whole_process_group() -> None:
+    """A consumer whose shell and child ignore SIGTERM is killed, children included."""
+    out = io.StringIO()
+    options = DevOptions(
+        port=0,
+        min_workers=1,
+        max_workers=1,
+        stop_timeout_s=0.5,
+        consumer="trap '' TERM; sleep 60 & echo \"child $!\"; wait",
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_dev, options, _Console(out, tty=False))
+        shell = int((await wait_text(out, r"consumer 1 started: pid (\d+)")).group(1))
+        child = int((await wait_text(out, r"\[consumer 1\] child (\d+)")).group(1))
+        assert _alive(shell) and _alive(child)
+        assert os.getpgid(child) == shell  # its own process group, led by the shell
+        nursery.cancel_scope.cancel()
+    assert not _alive(shell) and not _alive(child)
+
+
+def test_an_empty_consumer_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--consumer", " "]) == 2
+    assert (
+        capsys.readouterr().err.strip() == "nullworker dev: --consumer must be a command, not empty"
+    )

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -27,8 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nullworker.engine import Engine, EngineRequestError, serve_engine
-from nullworker.engine.core import Hold, Scaling
-from nullworker.engine.view import dashboard, render_table, span
+from nullworker.engine.core import Consumer, Hold, LocalHoldView, Scaling
+from nullworker.engine.view import COLUMNS, dashboard, render_table, span
 from nullworker.vast.envelope import AUTH_KEYS, parse_envelope, signature_ok
 from nullworker.vast.signing import (
     generate_private_key,
@@ -664,7 +665,8 @@ async def test_how_finished_holds_ended(private_key: rsa.RSAPrivateKey) -> None:
         entry(1, "Success", 60.02),  # the deadline: elapsed
         entry(2, "Success", 12.0),  # ended before it: POST /release
         entry(4, "Success", 5.0),  # never described: the engine cannot tell
-        entry(5, "Cancelled", 3.0),
+        entry(5, "Cancelled", 3.0),  # the client closed its connection: a release
+        entry(9, "Cancelled", 0.0),  # it went away while queued, before the hold began
         entry(6, "Rejected", 0.0),
         entry(7, "Error", 1.0),
     ]
@@ -677,7 +679,8 @@ async def test_how_finished_holds_ended(private_key: rsa.RSAPrivateKey) -> None:
         1: "elapsed",
         2: "released by consumer",
         4: "completed",
-        5: "client disconnected",
+        5: "released by client",
+        9: "client left before the hold began",
         6: "rejected: the worker stayed busy past its queue time",
         7: "failed on the worker",
         3: "worker shut down",
@@ -690,9 +693,17 @@ async def test_how_finished_holds_ended(private_key: rsa.RSAPrivateKey) -> None:
     rows = dashboard(engine)["tables"]["finished"]["rows"]
     by_request = {row["cells"][0]: row["cells"] for row in rows}
     assert by_request["2"][4] == "12 s"
-    assert by_request["2"][5] == {"text": "released by consumer", "cls": "end-ok"}
+    assert by_request["2"][5] == {
+        "text": "released by consumer",
+        "cls": "end-ok",
+        "title": "POST /release on the worker's control listener",
+    }
     assert by_request["2"][6] == {"text": "Success", "title": "success: true"}
     assert by_request["3"][5]["cls"] == "end-note"
+    # Letting go is normal; only an end that cut something short is worth a look.
+    assert by_request["5"][5]["cls"] == "end-ok"
+    assert "scale-down" in by_request["5"][5]["title"]
+    assert by_request["9"][5]["cls"] == "end-note"
     assert by_request["8"][6]["text"] == "failure"
 
 
@@ -755,8 +766,8 @@ async def test_idle_countdown_and_recent_workers(
     rows = {row["cells"][0]: row["cells"] for row in dashboard(engine)["tables"]["workers"]["rows"]}
     assert rows["1"][5] == "idle 30 s, stops in 30 s"
     assert rows["2"][5] == "idle 10 s, kept (--min-workers 1)"
-    assert rows["1"][7] == "4141"
-    assert rows["1"][8]["text"] == "/tmp/logs/worker-1.log"
+    assert rows["1"][8] == "4141"
+    assert rows["1"][10]["text"] == "/tmp/logs/worker-1.log"
 
     engine.retire_worker(1, reason="stopped by dev: idle for 60 s")
     await trio.sleep(5)
@@ -845,3 +856,46 @@ def test_command_line_rejects_a_bad_key_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pem"
     bad.write_text("not a key")
     assert main(["--port", "0", "--key-file", str(bad)]) == 2
+
+
+async def test_a_workers_local_holds_and_consumer_on_its_row(
+    autojump_clock: trio.testing.MockClock, private_key: rsa.RSAPrivateKey
+) -> None:
+    """Only local holds keep the worker: the row names them by their labels."""
+    engine = Engine(private_key=private_key)
+    engine.register_worker(1, control_url="http://127.0.0.1:45200")
+    # What a worker with local holds open and no reservation reports: busy, no request.
+    held_locally = status_body(1, "http://127.0.0.1:45201")
+    held_locally.update(num_requests_working=1, cur_load=100.0)
+    engine.worker_status(held_locally)
+    now = time.time()
+    engine.set_local_holds(
+        1,
+        (
+            LocalHoldView(id=4, label="job 5", started_at=now - 21.2, duration_s=3600.0),
+            LocalHoldView(id=5, label="", started_at=now - 2.0, duration_s=None),
+        ),
+    )
+    restart_at = trio.current_time() + 4.0
+    engine.set_consumer(
+        1, Consumer(state="restarting", pid=77, exit_code=1, restarts=2, restart_at=restart_at)
+    )
+    (worker,) = engine.snapshot()["workers"]
+    assert worker["control_url"] == "http://127.0.0.1:45200"
+    assert [h["label"] for h in worker["local_holds"]] == ["job 5", ""]
+    assert worker["consumer"]["restart_in_s"] == 4.0
+
+    (row,) = dashboard(engine)["tables"]["workers"]["rows"]
+    cells = dict(zip(COLUMNS["workers"], row["cells"], strict=True))
+    assert cells["state"]["text"] == "busy"
+    assert cells["hold"]["text"] == "job 5 \u00b7 21 s + 1 more"
+    assert "local hold 4 \u2018job 5\u2019: held 21 s" in cells["hold"]["title"]
+    assert cells["consumer"] == {
+        "text": "exited with code 1, restarting in 4.0 s, restarted 2 times",
+        "cls": "c-warn",
+    }
+    assert cells["control"]["text"] == "http://127.0.0.1:45200"
+
+    # A report that shows the worker idle: no hold keeps it any more.
+    engine.worker_status(status_body(1, "http://127.0.0.1:45201"))
+    assert engine.snapshot()["workers"][0]["local_holds"] == []

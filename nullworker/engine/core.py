@@ -47,9 +47,12 @@ Layout and concurrency invariants
   requests that stopped polling.
 * What the page says beyond the protocol comes from whoever runs the workers:
   ``nullworker dev`` passes its :class:`Scaling` policy (for "why is this request
-  waiting" and the idle countdown), each worker's pid and log, and the active hold it
-  reads from the worker's control listener (:meth:`Engine.set_hold`, for the time left
-  and to tell an elapsed hold from a released one).
+  waiting" and the idle countdown), each worker's pid, log and control listener, the
+  active hold and the local holds it reads from the worker's control listener
+  (:meth:`Engine.set_hold`, for the time left and to tell an elapsed hold from a
+  released one; :meth:`Engine.set_local_holds`, for what keeps a worker busy without a
+  reservation) and the state of the consumer it runs beside it
+  (:meth:`Engine.set_consumer`).
 """
 
 from __future__ import annotations
@@ -72,10 +75,12 @@ from ..vast.signing import generate_private_key, public_key_pem, sign_url
 __all__ = [
     "DEFAULT_ENGINE_PORT",
     "AbandonedRequest",
+    "Consumer",
     "Engine",
     "EngineRequestError",
     "FinishedRequest",
     "Hold",
+    "LocalHoldView",
     "PendingRequest",
     "ReceivedBody",
     "RouteRecord",
@@ -148,7 +153,7 @@ class FinishedRequest:
     entered_queue_at: float | None = None
     work_started_at: float | None = None
     work_completed_at: float | None = None
-    #: How it ended in the project's words ("elapsed", "client disconnected", ...),
+    #: How it ended in the project's words ("elapsed", "released by client", ...),
     #: from the status and what the engine knew when the entry arrived.
     ended: str = ""
 
@@ -203,6 +208,67 @@ class Hold:
             "started_at": self.started_at,
             "ends_at": self.ends_at,
             "remaining_s": round(max(0.0, self.ends_at - time.time()), 3),
+        }
+
+
+@dataclass(frozen=True)
+class LocalHoldView:
+    """One local hold open on a worker, as its control ``/status`` lists it.
+
+    A local hold (the consumer's ``POST /hold``) is no engine request: the worker's
+    reports only say it is busy. ``nullworker dev`` reads the holds from the worker, so
+    the page can name what keeps it (``job 5``). ``started_at`` is the worker's wall
+    clock, ``time.time()``; ``None`` where the worker did not say.
+    """
+
+    id: int | None
+    label: str
+    started_at: float | None
+    duration_s: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        now = time.time()
+        ends = None
+        if self.started_at is not None and self.duration_s is not None:
+            ends = self.started_at + self.duration_s
+        return {
+            "id": self.id,
+            "label": self.label,
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+            "held_s": None
+            if self.started_at is None
+            else round(max(0.0, now - self.started_at), 3),
+            "remaining_s": None if ends is None else round(max(0.0, ends - now), 3),
+        }
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """The consumer command ``nullworker dev --consumer`` runs beside one worker.
+
+    ``state`` is ``waiting`` (for its worker to be ready), ``running``, ``restarting``
+    (it exited while its worker lives; started again at ``restart_at``, a
+    ``trio.current_time()``) or ``stopped`` (with its worker). ``exit_code`` is the last
+    exit's (negative: killed by that signal).
+    """
+
+    state: str
+    pid: int | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    restart_at: float | None = None
+    log: str | None = None
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        at = self.restart_at
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "exit_code": self.exit_code,
+            "restarts": self.restarts,
+            "restart_in_s": None if at is None else round(max(0.0, at - now), 3),
+            "log": self.log,
         }
 
 
@@ -288,6 +354,10 @@ class WorkerRecord:
     log: str | None = None
     #: The active hold as the worker describes it, when someone asked it (dev).
     hold: Hold | None = None
+    #: Its control listener (dev), the local holds open there and dev's consumer.
+    control_url: str = ""
+    local_holds: tuple[LocalHoldView, ...] = ()
+    consumer: Consumer | None = None
     #: Set when the worker is retired: ``trio.current_time()`` and why.
     stopped_at: float | None = None
     stop_reason: str = ""
@@ -351,6 +421,9 @@ class WorkerRecord:
             "pid": self.pid,
             "log": self.log,
             "hold": None if self.hold is None else self.hold.to_json(),
+            "control_url": self.control_url or None,
+            "local_holds": [h.to_json() for h in self.local_holds],
+            "consumer": None if self.consumer is None else self.consumer.to_json(now),
         }
 
     def stopped_json(self, now: float) -> dict[str, Any]:
@@ -367,6 +440,8 @@ class WorkerRecord:
             "report_count": self.report_count,
             "pid": self.pid,
             "log": self.log,
+            "control_url": self.control_url or None,
+            "consumer": None if self.consumer is None else self.consumer.to_json(now),
         }
 
 
@@ -578,11 +653,12 @@ class Engine:
     # -- workers ---------------------------------------------------------------------
 
     def register_worker(
-        self, worker_id: int, *, label: str = "", log: str | None = None
+        self, worker_id: int, *, label: str = "", log: str | None = None, control_url: str = ""
     ) -> WorkerRecord:
         """Announce a worker before it reports (state ``starting``), as the real
         engine knows the instances it created. Used by ``nullworker dev``, which also
-        says where the worker's output goes (``log``)."""
+        says where the worker's output goes (``log``) and where its control listener
+        is (``control_url``, for the page and its consumer)."""
         now = self._now()
         self._retired.discard(worker_id)
         worker = self.workers.get(worker_id)
@@ -590,6 +666,7 @@ class Engine:
             worker = self.workers[worker_id] = WorkerRecord(id=worker_id, first_seen=now)
         worker.label = label
         worker.log = log
+        worker.control_url = control_url
         self._notify()
         return worker
 
@@ -616,6 +693,25 @@ class Engine:
                 del self._durations[next(iter(self._durations))]
         self._notify()
 
+    def set_local_holds(self, worker_id: int, holds: tuple[LocalHoldView, ...]) -> None:
+        """Record the local holds open on the worker, as its control ``/status`` lists
+        them (dev asks while the worker is busy); a report showing it idle clears them."""
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.local_holds == holds:
+            return
+        worker.local_holds = holds
+        self._notify()
+
+    def set_consumer(self, worker_id: int, consumer: Consumer | None) -> None:
+        """Record the state of the consumer dev runs beside the worker (for the page)."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = next((w for w in self.stopped if w.id == worker_id), None)
+        if worker is None or worker.consumer == consumer:
+            return
+        worker.consumer = consumer
+        self._notify()
+
     def retire_worker(self, worker_id: int, *, reason: str = "") -> None:
         """Forget a worker and ignore its later reports (it is being stopped).
 
@@ -627,6 +723,7 @@ class Engine:
             worker.stopped_at = self._now()
             worker.stop_reason = reason
             worker.hold = None
+            worker.local_holds = ()
             self.stopped.append(worker)
             self._notify()
 
@@ -824,6 +921,7 @@ class Engine:
         worker.last_report_at = now
         if not worker.busy:
             worker.hold = None
+            worker.local_holds = ()
         if worker.busy and worker.lease_until is not None:
             # The reservation arrived: the report now speaks for the worker, so the
             # lease has done its job. The reservation age keeps counting from routing.
@@ -932,9 +1030,15 @@ class Engine:
         """A finished request's end in the project's words.
 
         The status alone merges outcomes (the worker reports an elapsed hold and one
-        released through ``POST /release`` both as Success, a client that went away and
-        a worker shutting down both as Cancelled); what the engine knows separates
-        them: the hold's duration (:meth:`set_hold`) and whether the worker was retired.
+        released through ``POST /release`` both as Success, a client that let go and a
+        worker shutting down both as Cancelled); what the engine knows separates them:
+        the hold's duration (:meth:`set_hold`), whether the worker was retired and
+        whether the hold had begun.
+
+        A Cancelled hold on a worker in service is a release by its client: closing the
+        connection is how every nullworker client lets go (the autoscaler's scale-down,
+        Ctrl-C), so it is the normal end, not a failure. A client that crashed closes
+        it the same way (the kernel does), and the worker cannot tell the two apart.
         """
         if status == "Success":
             duration = self._durations.get(request_idx)
@@ -944,7 +1048,11 @@ class Engine:
                 return "elapsed"
             return "released by consumer"
         if status == "Cancelled":
-            return "worker shut down" if worker_id in self._retired else "client disconnected"
+            if worker_id in self._retired:
+                return "worker shut down"
+            if not started:
+                return "client left before the hold began"
+            return "released by client"
         if status == "Rejected":
             return "rejected: the worker stayed busy past its queue time"
         if status == "Error":

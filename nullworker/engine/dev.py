@@ -16,6 +16,12 @@ Scaling model (small and honest):
 * A worker that stayed idle (ready, not busy, not leased) for ``--idle-timeout``
   seconds is stopped while more than ``--min-workers`` exist: SIGTERM, then SIGKILL
   after ``stop_timeout_s``.
+* ``--consumer CMD`` runs CMD (``/bin/sh -c``) beside each worker, as the consumer on a
+  Vast instance runs beside its worker: started once the worker is ready, with that
+  worker's control listener in ``NULLWORKER_CONTROL_URL`` (and
+  ``NULLWORKER_CONTROL_PORT``), so a new worker's consumer never talks to a worker
+  that is gone; started again with a backoff (1, 2, 4, ... 30 s) if it exits while
+  its worker lives; stopped with its worker.
 
 Concurrency invariants
 ----------------------
@@ -27,15 +33,20 @@ Concurrency invariants
   exiting by itself) runs the same ``finally``: SIGTERM, a bounded wait, SIGKILL, a
   reap, and the worker's removal from the engine. The cleanup is shielded and bounded,
   so Ctrl-C never leaves a child process behind.
+* A consumer runs in its worker's task nursery, so it is stopped before its worker,
+  by the same shielded, bounded cleanup, sent to its whole process group (it has its
+  own, so that stopping it also reaches the command's children and a terminal's Ctrl-C
+  reaches dev first).
 * Workers are registered with the engine before they start (state ``starting``) and
   retired before they are signalled, so the engine never routes to a worker that is
   going away.
 
 What the engine page shows beyond the protocol comes from here: the scaling policy
 (:class:`~.core.Scaling`, with the pause after a crash), each worker's pid and log,
-why it stopped, and, while a worker is busy, its active hold as its control listener's
-``GET /status`` describes it (polled every ``HOLD_POLL_S``): the time left, and whether
-a finished hold elapsed or was released.
+why it stopped, its control listener and its consumer's state, and, while a worker is
+busy, its active hold and its local holds (by their labels) as its control listener's
+``GET /status`` describes them (polled every ``HOLD_POLL_S``): the time left, what keeps
+it busy, and whether a finished hold elapsed or was released.
 """
 
 from __future__ import annotations
@@ -61,7 +72,15 @@ import httpx
 import trio
 
 from .. import logs
-from .core import DEFAULT_ENGINE_PORT, Engine, Hold, Scaling, WorkerRecord
+from .core import (
+    DEFAULT_ENGINE_PORT,
+    Consumer,
+    Engine,
+    Hold,
+    LocalHoldView,
+    Scaling,
+    WorkerRecord,
+)
 from .web import serve_engine
 
 __all__ = ["DevOptions", "main", "run_dev"]
@@ -76,6 +95,12 @@ MAX_RESPAWN_BACKOFF_S = 30.0
 DRAIN_S = 1.0
 #: How often a busy worker's control listener is asked about its hold (for the page).
 HOLD_POLL_S = 0.5
+#: Backoff after a consumer exits while its worker lives: 1, 2, 4, ... up to this.
+MAX_CONSUMER_BACKOFF_S = 30.0
+#: A consumer that ran this long before exiting starts its backoff over.
+CONSUMER_STABLE_S = 60.0
+#: The shell that runs ``--consumer``.
+CONSUMER_SHELL = "/bin/sh"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +118,9 @@ class DevOptions:
     worker_command: tuple[str, ...] = (sys.executable, "-m", "nullworker", "serve")
     #: Extra environment for the workers (e.g. ``MAX_RESERVATION_SECONDS``).
     worker_env: Mapping[str, str] = field(default_factory=dict)
+    #: A shell command run beside each worker once it is ready, with the worker's
+    #: control listener in ``NULLWORKER_CONTROL_URL`` (``None``: no consumer).
+    consumer: str | None = None
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -104,6 +132,8 @@ class DevOptions:
             raise ValueError("--idle-timeout must be a finite number of seconds >= 0")
         if not 0 <= self.port <= 65535:
             raise ValueError("--port must be between 0 and 65535")
+        if self.consumer is not None and not self.consumer.strip():
+            raise ValueError("--consumer must be a command, not empty")
 
 
 def _free_port(host: str) -> int:
@@ -183,6 +213,15 @@ class _Child:
     was_ready: bool = False
     #: Why it stopped, for the page's list of recent workers.
     stop_reason: str = ""
+    #: The ``--consumer`` beside it: its current process, last exit code, restarts.
+    consumer_pid: int | None = None
+    consumer_code: int | None = None
+    consumer_restarts: int = 0
+
+    @property
+    def control_url(self) -> str:
+        """The worker's control listener (it binds loopback only, whatever ``--host``)."""
+        return f"http://127.0.0.1:{self.control_port}"
 
 
 class _Supervisor:
@@ -239,15 +278,21 @@ class _Supervisor:
         )
         self._next_id += 1
         self.children[child.id] = child
-        self.engine.register_worker(child.id, label=f"port {port}", log=self._output_of(child))
+        self.engine.register_worker(
+            child.id,
+            label=f"port {port}",
+            log=self._output_of(child),
+            control_url=child.control_url,
+        )
         self.console.line(f"[dev] starting worker {child.id} on port {port} ({reason})")
         self._nursery.start_soon(self._run_child, child)
 
-    def _output_of(self, child: _Child) -> str:
-        """Where the worker's output goes: its log file, or dev's own output."""
+    def _output_of(self, child: _Child, kind: str = "worker") -> str:
+        """Where the worker's (or its consumer's) output goes: its log file, or dev's
+        own output."""
         if self.options.log_dir is None:
-            return f"dev's output, [worker {child.id}]"
-        return os.path.join(self.options.log_dir, f"worker-{child.id}.log")
+            return f"dev's output, [{kind} {child.id}]"
+        return os.path.join(self.options.log_dir, f"{kind}-{child.id}.log")
 
     def _stop(self, child: _Child, reason: str) -> None:
         child.stopping = True
@@ -347,12 +392,15 @@ class _Supervisor:
                 self.engine.set_pid(child.id, process.pid)
                 self.console.line(
                     f"[dev] worker {child.id} started: pid {process.pid}, "
-                    f"url http://{self.options.host}:{child.port}"
+                    f"url http://{self.options.host}:{child.port}, control {child.control_url}"
                 )
                 async with trio.open_nursery() as nursery:
                     if process.stdout is not None:
-                        nursery.start_soon(self._pump, child.id, process.stdout)
+                        nursery.start_soon(self._pump, f"[worker {child.id}] ", process.stdout)
                     nursery.start_soon(self._watch_hold, child)
+                    if self.options.consumer is not None:
+                        # In this nursery, so it is stopped (and reaped) before the worker.
+                        nursery.start_soon(self._run_consumer, child, self.options.consumer)
                     await process.wait()
                     # Let the pump print the child's last words, but not forever.
                     nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
@@ -395,20 +443,132 @@ class _Supervisor:
         worker that does not answer (starting, a stand-in command) is simply asked
         again in the next round.
         """
-        url = f"http://{_url_host(self.options.host)}:{child.control_port}/status"
+        url = f"{child.control_url}/status"
         while True:
             await trio.sleep(HOLD_POLL_S)
             if self.engine.worker_state(child.id) not in ("busy", "leased"):
                 continue
             try:
                 response = await self.http.get(url)
-                active = response.json().get("active") if response.status_code == 200 else None
-            except (httpx.HTTPError, ValueError, AttributeError):
+                body = response.json() if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
                 continue
+            active = body.get("active") if isinstance(body, dict) else None
             self.engine.set_hold(child.id, _hold_of(active))
+            self.engine.set_local_holds(child.id, _local_holds_of(body))
 
-    async def _pump(self, worker_id: int, stream: trio.abc.ReceiveStream) -> None:
-        prefix = f"[worker {worker_id}] "
+    # -- the consumer beside each worker -------------------------------------------------
+
+    def _show_consumer(self, child: _Child, state: str, restart_at: float | None = None) -> None:
+        log = self._output_of(child, "consumer")
+        self.engine.set_consumer(
+            child.id,
+            Consumer(
+                state=state,
+                pid=child.consumer_pid,
+                exit_code=child.consumer_code,
+                restarts=child.consumer_restarts,
+                restart_at=restart_at,
+                log=log,
+            ),
+        )
+
+    async def _run_consumer(self, child: _Child, command: str) -> None:
+        """Run ``--consumer`` beside ``child`` for as long as the worker lives.
+
+        It starts once the worker is ready (its control listener is up by then), is
+        started again with a backoff when it exits while the worker lives, and is
+        stopped with the worker: this task is cancelled with the worker's nursery, and
+        the consumer's whole process group goes (SIGTERM, a bounded wait, SIGKILL, a
+        reap; shielded, as for the workers).
+        """
+        self._show_consumer(child, "waiting")
+        try:
+            await self.engine.wait_for(
+                lambda engine: (w := engine.workers.get(child.id)) is not None and w.ready,
+                timeout=math.inf,
+            )
+            failures = 0
+            while True:
+                began = trio.current_time()
+                ran = await self._consumer_once(child, command)
+                if trio.current_time() - began >= CONSUMER_STABLE_S:
+                    failures = 0
+                failures += 1
+                backoff = min(2.0 ** (failures - 1), MAX_CONSUMER_BACKOFF_S)
+                what = f"exited with code {child.consumer_code}" if ran else "could not start"
+                self.console.line(
+                    f"[dev] consumer {child.id} {what} while worker {child.id} lives; "
+                    f"restarting in {backoff:g} s"
+                )
+                restart_at = trio.current_time() + backoff
+                self._show_consumer(child, "restarting", restart_at)
+                await trio.sleep_until(restart_at)
+                child.consumer_restarts += 1
+        finally:
+            self._show_consumer(child, "stopped")
+
+    async def _consumer_once(self, child: _Child, command: str) -> bool:
+        """One run of the consumer, until it exits; stopped if cancelled meanwhile.
+
+        Returns whether it started at all.
+        """
+        log_file: IO[bytes] | None = None
+        process: trio.Process | None = None
+        try:
+            if self.options.log_dir is not None:
+                path = self._output_of(child, "consumer")
+                log_file = open(path, "ab")  # noqa: ASYNC230 -- a local file, opened once
+            try:
+                process = await trio.lowlevel.open_process(
+                    [CONSUMER_SHELL, "-c", command],
+                    env=self._consumer_env(child),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file if log_file is not None else subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    # Its own process group: Ctrl-C in the terminal does not reach it
+                    # before dev stops it, and stopping it reaches the command's children.
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                self.console.line(f"[dev] consumer {child.id} could not be started: {exc}")
+                child.consumer_code = None
+                return False
+            child.consumer_pid = process.pid
+            self._show_consumer(child, "running")
+            self.console.line(
+                f"[dev] consumer {child.id} started: pid {process.pid}, "
+                f"NULLWORKER_CONTROL_URL={child.control_url}"
+            )
+            async with trio.open_nursery() as nursery:
+                if process.stdout is not None:
+                    nursery.start_soon(self._pump, f"[consumer {child.id}] ", process.stdout)
+                await process.wait()
+                nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
+            return True
+        finally:
+            if process is not None:
+                with trio.move_on_after(self.options.stop_timeout_s + 2.0, shield=True):
+                    await _terminate_group(process, self.options.stop_timeout_s)
+                child.consumer_code = process.returncode
+                if self.options.verbose:
+                    self.console.line(f"[dev] consumer {child.id} exited ({process.returncode})")
+            if log_file is not None:
+                log_file.close()
+
+    def _consumer_env(self, child: _Child) -> dict[str, str]:
+        """dev's environment and the worker's control listener (not its master token)."""
+        env = dict(os.environ)
+        env.update(
+            {
+                "NULLWORKER_CONTROL_URL": child.control_url,
+                "NULLWORKER_CONTROL_PORT": str(child.control_port),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    async def _pump(self, prefix: str, stream: trio.abc.ReceiveStream) -> None:
         buffer = b""
         async with stream:
             while True:
@@ -445,10 +605,59 @@ def _hold_of(active: Any) -> Hold | None:
     )
 
 
+def _local_holds_of(body: Any) -> tuple[LocalHoldView, ...]:
+    """The local holds in a control ``/status`` body (``local_holds.holds``), read
+    defensively: what is missing or not understood is left out, never an error."""
+    section = body.get("local_holds") if isinstance(body, dict) else None
+    holds = section.get("holds") if isinstance(section, dict) else None
+    if not isinstance(holds, list):
+        return ()
+    found: list[LocalHoldView] = []
+    for item in holds[:_MAX_LOCAL_HOLDS_SHOWN]:
+        if not isinstance(item, dict):
+            continue
+        raw_id = item.get("id")
+        label = item.get("label")
+        label = label if isinstance(label, str) else ""
+        duration = item.get("duration", item.get("duration_s"))
+        found.append(
+            LocalHoldView(
+                id=raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None,
+                label="".join(c if c.isprintable() else "?" for c in label[:_MAX_LABEL_CHARS]),
+                started_at=_number(item.get("started_at")),
+                duration_s=_number(duration),
+            )
+        )
+    return tuple(found)
+
+
+#: What the page shows of a worker's local holds (a worker may have any number).
+_MAX_LOCAL_HOLDS_SHOWN = 20
+_MAX_LABEL_CHARS = 200
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
+
+
+async def _terminate_group(process: trio.Process, grace_s: float) -> None:
+    """SIGTERM to the process group ``process`` leads, wait up to ``grace_s`` for it,
+    then SIGKILL to whatever is left of the group; always reaps ``process``."""
+    _signal_group(process.pid, signal.SIGTERM)
+    with trio.move_on_after(grace_s):
+        await process.wait()
+    # The command's own children, or a leader that ignored SIGTERM.
+    _signal_group(process.pid, signal.SIGKILL)
+    await process.wait()
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):  # the whole group is gone already
+        pass
 
 
 async def _terminate(process: trio.Process, grace_s: float) -> None:
@@ -520,17 +729,24 @@ def _banner(options: DevOptions, url: str) -> str:
     # The running interpreter by its full path: the line works as pasted in any shell,
     # without the virtualenv activated and on systems with no `python` command.
     client = shlex.join([sys.executable, "-m", "nullworker.client"])
-    return "\n".join(
-        [
-            f"nullworker dev: engine on {url}",
-            f"  workers page: {url}/   (JSON: {url}/workers)",
-            f"  workers: min {options.min_workers}, max {options.max_workers}, "
-            f"stopped after {options.idle_timeout_s:g} s idle; worker logs {logs}",
-            "  hold a worker for 60 s:",
-            f"    VAST_API_KEY={key} {client} --engine-url {url} --endpoint dev --duration 60",
-            "  Ctrl-C stops the engine and every worker.",
-        ]
-    )
+    lines = [
+        f"nullworker dev: engine on {url}",
+        f"  workers page: {url}/   (JSON: {url}/workers)",
+        f"  workers: min {options.min_workers}, max {options.max_workers}, "
+        f"stopped after {options.idle_timeout_s:g} s idle; worker logs {logs}",
+    ]
+    if options.consumer is not None:
+        lines.append(
+            f"  beside each worker: {options.consumer} "
+            "(with its control listener in $NULLWORKER_CONTROL_URL)"
+        )
+    lines += [
+        "  hold a worker for 60 s:",
+        f"    VAST_API_KEY={key} {client} --engine-url {url} --endpoint dev --duration 60",
+        "  Ctrl-C stops the engine and every worker"
+        + (" and consumer." if options.consumer else "."),
+    ]
+    return "\n".join(lines)
 
 
 async def run_dev(
@@ -615,6 +831,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="passed to the workers as MAX_RESERVATION_SECONDS",
     )
+    parser.add_argument(
+        "--consumer",
+        metavar="CMD",
+        help="run CMD (with /bin/sh -c) beside every worker once it is ready, with the "
+        "worker's control listener in $NULLWORKER_CONTROL_URL; restarted if it exits, "
+        "stopped with its worker",
+    )
     parser.add_argument("--verbose", action="store_true", help="also log every engine request")
     parser.add_argument(
         "--log-format",
@@ -660,6 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_dir=os.path.abspath(args.log_dir) if args.log_dir is not None else None,
             api_key=args.api_key,
             worker_env=worker_env,
+            consumer=args.consumer,
             verbose=args.verbose,
         )
     except (ValueError, OSError) as exc:

@@ -23,7 +23,19 @@ __all__ = ["COLUMNS", "dashboard", "render_page", "render_table"]
 
 #: Each table's column headings, in order.
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "workers": ("#", "url", "state", "up", "hold", "idle", "reports", "pid", "log"),
+    "workers": (
+        "#",
+        "url",
+        "state",
+        "up",
+        "hold",
+        "idle",
+        "consumer",
+        "reports",
+        "pid",
+        "control",
+        "log",
+    ),
     "pending": ("request", "endpoint", "waiting for", "polls", "why"),
     "finished": ("request", "worker", "start", "end", "held", "how it ended", "engine status"),
     "stopped": ("#", "url", "lived", "stopped", "why", "routed", "pid", "log"),
@@ -80,16 +92,22 @@ def _worker_row(worker: dict[str, Any], scaling: dict[str, Any] | None) -> dict[
     hold_title = ""
     idxs = worker["working_request_idxs"]
     request_text = f" (request {idxs[0]})" if idxs else ""
+    local = worker.get("local_holds") or []
     if state == "busy":
         info = worker["hold"]
         if info is not None:
             held = time.time() - info["started_at"]
-            hold = f"{span(held)} held, {span(info['remaining_s'])} left"
+            hold = f"{span(held)} held, {span(info['remaining_s'])} left" + request_text
             hold_title = f"a hold of {span(info['duration_s'])}, until {_clock(info['ends_at'])}"
-        else:
-            hold = f"{span(worker['reservation_age_s'])} held"
+        elif idxs or not local:
+            hold = f"{span(worker['reservation_age_s'])} held" + request_text
             hold_title = "only the worker and its client know how long the hold lasts"
-        hold += request_text
+        if local:
+            # What keeps the worker beside (or instead of) a reservation: the
+            # consumer's local holds, by their labels.
+            text, title = _local_holds_text(local)
+            hold = text if hold == _NONE else f"{hold} \u00b7 {text}"
+            hold_title = "\n".join(t for t in (hold_title, title) if t)
     elif state == "leased":
         hold = f"routed {span(worker['reservation_age_s'])} ago, the client is on its way"
 
@@ -111,6 +129,7 @@ def _worker_row(worker: dict[str, Any], scaling: dict[str, Any] | None) -> dict[
         reports = "none yet"
     url = worker["url"] or worker["label"] or _NONE
     log = worker["log"] or _NONE
+    control = worker.get("control_url") or _NONE
     return {
         "cls": f"w-{state}",
         "cells": [
@@ -118,13 +137,58 @@ def _worker_row(worker: dict[str, Any], scaling: dict[str, Any] | None) -> dict[
             _cell(url, cls="url"),
             state_cell,
             span(worker["uptime_s"]),
-            _cell(hold, title=hold_title),
+            _cell(hold, title=hold_title, cls="hold"),
             idle,
+            _consumer_cell(worker.get("consumer")),
             reports,
             _NONE if worker["pid"] is None else str(worker["pid"]),
+            _cell(
+                control,
+                cls="url",
+                title="the worker's control listener: POST /hold, POST /release, GET /status",
+            ),
             _cell(log, title=log, cls="path"),
         ],
     }
+
+
+def _local_holds_text(holds: list[dict[str, Any]]) -> tuple[str, str]:
+    """``job 5 · 21 s`` (and ``+ 2 more``) for the cell; one line per hold for its title."""
+    lines = []
+    for hold in holds:
+        number = hold.get("id") or "?"
+        name = hold.get("label") or "no label"
+        line = f"local hold {number} \u2018{name}\u2019: held {span(hold.get('held_s'))}"
+        if hold.get("remaining_s") is not None:
+            line += f", at most {span(hold['remaining_s'])} left"
+        lines.append(line)
+    first = holds[0]
+    text = f"{first.get('label') or 'local hold'} \u00b7 {span(first.get('held_s'))}"
+    if len(holds) > 1:
+        text += f" + {len(holds) - 1} more"
+    title = "taken by the consumer on the worker (POST /hold), not an engine request:\n"
+    return text, title + "\n".join(lines)
+
+
+def _consumer_cell(consumer: dict[str, Any] | None) -> str | dict[str, str]:
+    """The ``--consumer`` beside the worker: running, waiting, or restarting after an exit."""
+    if consumer is None:
+        return _NONE
+    state = consumer["state"]
+    code = consumer.get("exit_code")
+    restarts = consumer.get("restarts") or 0
+    again = f", restarted {_plural(restarts, 'time')}" if restarts else ""
+    log = consumer.get("log") or ""
+    if state == "running":
+        if restarts and code is not None:
+            again += f", last exit code {code}"
+        return _cell(f"running (pid {consumer['pid']}){again}", cls="c-ok", title=log)
+    if state == "waiting":
+        return _cell("waiting for the worker to be ready", title=log)
+    if state == "restarting":
+        text = f"exited with code {code}, restarting in {span(consumer.get('restart_in_s'))}"
+        return _cell(text + again, cls="c-warn", title=log)
+    return _cell(f"stopped (code {code})" if code is not None else "stopped", title=log)
 
 
 def _stopped_row(worker: dict[str, Any]) -> dict[str, Any]:
@@ -157,13 +221,25 @@ def _pending_row(pending: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-#: How each end reads: fine, worth a look, or a failure.
+#: How each end reads: fine, worth a look, or a failure. A release by the client
+#: (closing its connection: the autoscaler's scale-down, Ctrl-C) is a normal end.
 _ENDED_CLASS = {
     "elapsed": "ok",
     "released by consumer": "ok",
+    "released by client": "ok",
     "completed": "ok",
-    "client disconnected": "note",
+    "client left before the hold began": "note",
     "worker shut down": "note",
+}
+#: What the page says about each end, beside the engine's status.
+_ENDED_TITLE = {
+    "released by client": "the client closed its connection, which is how a client lets go "
+    "(the autoscaler's scale-down, Ctrl-C); a client that crashed closes it too, and the "
+    "worker cannot tell the two apart",
+    "released by consumer": "POST /release on the worker's control listener",
+    "client left before the hold began": "the client went away while its reservation was "
+    "queued behind another hold",
+    "worker shut down": "the worker was stopped while the hold was on: the hold was cut short",
 }
 
 
@@ -183,7 +259,11 @@ def _finished_row(entry: dict[str, Any]) -> tuple[float, dict[str, Any]]:
             _clock(started),
             _clock(completed or entry["received_at"]),
             span(held),
-            _cell(ended, cls=f"end-{_ENDED_CLASS.get(ended, 'bad')}"),
+            _cell(
+                ended,
+                cls=f"end-{_ENDED_CLASS.get(ended, 'bad')}",
+                title=_ENDED_TITLE.get(ended, ""),
+            ),
             _cell(status, title=f"success: {str(entry['success']).lower()}"),
         ],
     }

@@ -8,7 +8,9 @@ const SVG = "http://www.w3.org/2000/svg";
 const POLL_MS = 1000;
 // Bottom to top in the stacked area; "waiting" is drawn as a line over them.
 const STACK = ["busy", "idle", "starting", "unhealthy"];
-const MIN_WINDOW_S = 60;
+// The chart always shows the last five minutes: a window that grew with the engine's
+// uptime squeezed a new burst into a sliver at its right edge.
+const WINDOW_S = 300;
 const PAD = {left: 30, right: 8, top: 8, bottom: 20};
 
 let samples = [];        // [t, waiting, busy, idle, starting, unhealthy], oldest first
@@ -103,6 +105,7 @@ function draw() {
   const start = end - windowS;
   const shown = samples.filter(s => s[0] + intervalS > start);
   svg.setAttribute("data-points", String(shown.length));
+  svg.setAttribute("data-window-s", String(windowS));
   $("window").textContent = hoverText() || `last ${Math.round(windowS / 60)} min, a sample a second`;
 
   const total = s => STACK.reduce((sum, name) => sum + s[columns[name]], 0);
@@ -164,13 +167,12 @@ function hoverText() {
   return `at ${clock(found[0])}: ${parts.join(", ")}`;
 }
 
-// The chart's right edge (the end of the newest sample) and its width in seconds: the
-// whole history rounded up to a minute, between MIN_WINDOW_S and what the server keeps.
+// The chart's right edge (the end of the newest sample) and its width in seconds:
+// WINDOW_S, whatever the history's length (or what the server keeps, if less).
 function timeRange() {
-  if (!samples.length) return [0, MIN_WINDOW_S];
-  const end = samples[samples.length - 1][0] + intervalS;
-  const span = end - samples[0][0];
-  return [end, Math.min(keepS, Math.max(MIN_WINDOW_S, Math.ceil(span / 60) * 60))];
+  const windowS = Math.min(keepS, WINDOW_S);
+  if (!samples.length) return [0, windowS];
+  return [samples[samples.length - 1][0] + intervalS, windowS];
 }
 
 function pointerAt(event) {
