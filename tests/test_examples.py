@@ -194,7 +194,9 @@ async def start_vast_worker(start_worker: StartWorker, engine: Any) -> ServeInfo
     MAX_RESERVATION_SECONDS is CAP_S, a heartbeat report goes out every 0.1 s, and the
     control listener is on a port of its own (not 18999): read it from ``control_url``.
     """
-    settings = vast_settings(engine, max_reservation_s=CAP_S, heartbeat_s=0.1)
+    settings = vast_settings(
+        engine, max_reservation_s=CAP_S, heartbeat_s=0.1, report_interval_s=0.05
+    )
     info = await start_worker(**settings, control_port=free_port())
     await engine.wait_for(lambda e: WORKER_ID in e.workers and e.workers[WORKER_ID].ready)
     assert info.control_url is not None

@@ -352,7 +352,9 @@ async def start_long_job_worker(
     start_worker: StartWorker, engine: Any, **overrides: Any
 ) -> ServeInfo:
     """A Vast-mode worker with MAX_RESERVATION_SECONDS = CAP_S that reports every 0.1 s."""
-    settings = vast_settings(engine, max_reservation_s=CAP_S, heartbeat_s=0.1)
+    settings = vast_settings(
+        engine, max_reservation_s=CAP_S, heartbeat_s=0.1, report_interval_s=0.05
+    )
     info = await start_worker(**settings, **overrides)
     await engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
     return info

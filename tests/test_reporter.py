@@ -496,7 +496,11 @@ async def test_delete_entries_keep_up_with_churn_faster_than_a_batch_per_round(
 
 
 def test_report_pacing_comes_from_the_environment() -> None:
-    env = {"REPORT_ADDR": "http://127.0.0.1:1", "CONTAINER_ID": "7"}
+    env = {
+        "REPORT_ADDR": "http://127.0.0.1:1",
+        "CONTAINER_ID": "7",
+        "NULLWORKER_PUBLIC_URL": "http://127.0.0.1:3000",
+    }
     default = WorkerConfig.from_env(env)
     assert (default.report_burst, default.report_interval_s) == (2, 1.0)
     config = WorkerConfig.from_env(

@@ -406,6 +406,8 @@ def vast_env(tmp_path: Path, engine: Any, signer: Signer, **extra: str) -> dict[
         NULLWORKER_SSL_KEYFILE=str(tmp_path / "tls" / "instance.key"),
         NULLWORKER_SIGN_CERT_URL=signer.url,
         NULLWORKER_CERT_RETRY_S="0.01",
+        # The advertised host (no PUBLIC_IPADDR here); the scheme follows USE_SSL.
+        NULLWORKER_PUBLIC_HOST="127.0.0.1",
     )
     env.pop("USE_SSL", None)
     return env | extra
