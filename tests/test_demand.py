@@ -121,6 +121,37 @@ def test_constructors_refuse_bad_arguments() -> None:
         CommandDemand("  ")
 
 
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis:/queue:6379", "expected redis://host"),  # redis-py would read localhost
+        ("redis://:6379", "no host"),
+        ("redis://:secret@:6379/0", "no host"),
+        ("redis://queue:63a9", "port must be a number"),
+        ("redis://queue:70000", "port must be a number"),
+        ("redis://queue:0", "port must be a number"),
+        ("redis://queue:6379/zero", "database number"),
+        ("unix://", "socket's path"),
+        ("nats:/queue:4222", "expected nats://host"),
+        ("nats://:4222", "no host"),
+    ],
+)
+def test_a_url_that_does_not_name_a_server_is_refused_at_once(url: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words) as refused:
+        if url.startswith("nats"):
+            NatsConsumer(url, "JOBS", "workers")
+        else:
+            RedisList(url, "jobs")
+    assert "secret" not in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_good_urls_are_taken() -> None:
+    for url in ("redis://queue", "rediss://u:p@queue:6380/2", "unix:///run/redis.sock"):
+        RedisList(url, "jobs")
+    NatsConsumer("nats://token@[::1]:4222", "JOBS", "workers")
+
+
 # -- Redis -----------------------------------------------------------------------------
 
 
