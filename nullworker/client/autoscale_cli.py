@@ -71,8 +71,11 @@ from .demand import (
     DEFAULT_TIMEOUT_S,
     CommandDemand,
     DemandSource,
+    HttpJson,
     NatsConsumer,
+    PrometheusQuery,
     RedisList,
+    RedisQueue,
     RedisStream,
     redact,
 )
@@ -95,6 +98,12 @@ EXIT_METRICS = 1
 
 _PROG = "nullworker autoscale"
 
+#: The environment variables the HTTP sources (--http-json, --prometheus) take their
+#: credentials from: a bearer token, or a user and password for basic authentication.
+_HTTP_TOKEN_ENV = "NULLWORKER_HTTP_TOKEN"
+_HTTP_USER_ENV = "NULLWORKER_HTTP_USER"
+_HTTP_PASSWORD_ENV = "NULLWORKER_HTTP_PASSWORD"
+
 
 def _build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -112,7 +121,7 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--endpoint", required=True, metavar="NAME", help="endpoint name")
-    sources = parser.add_argument_group("demand source: exactly one of the first four")
+    sources = parser.add_argument_group("demand source: exactly one of those taking arguments")
     source = sources.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--redis-list",
@@ -132,6 +141,30 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         metavar=("URL", "STREAM", "CONSUMER"),
         help="a NATS JetStream durable consumer's num_pending + num_ack_pending",
     )
+    # -- job frameworks on Redis, HTTP JSON, Prometheus (demand/_redis_queues, _http) --
+    source.add_argument(
+        "--redis-queue",
+        nargs=3,
+        metavar=("FRAMEWORK", "URL", "QUEUE"),
+        help="a job framework's waiting + running + due jobs, from its own Redis keys: "
+        "FRAMEWORK is celery, rq, dramatiq, arq, bullmq or sidekiq",
+    )
+    source.add_argument(
+        "--http-json",
+        nargs=2,
+        metavar=("URL", "PATH"),
+        help="the number at PATH (keys, indexes, key=value selectors, dot-separated) in "
+        f"the JSON that GET URL answers; auth from ${_HTTP_TOKEN_ENV} (bearer) or "
+        f"${_HTTP_USER_ENV} + ${_HTTP_PASSWORD_ENV} (basic)",
+    )
+    source.add_argument(
+        "--prometheus",
+        nargs=2,
+        metavar=("URL", "QUERY"),
+        help="the one value of a Prometheus instant query (no series, several, NaN: an "
+        "error); auth as for --http-json",
+    )
+    # -- end of job frameworks, HTTP JSON, Prometheus --
     source.add_argument(
         "--demand-command",
         metavar="CMD",
@@ -143,11 +176,17 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         help="with --redis-list: the list of jobs being worked on, counted too",
     )
     sources.add_argument(
+        "--redis-queue-prefix",
+        metavar="PREFIX",
+        help="with --redis-queue: the framework's key prefix if not its default (celery's "
+        "global_keyprefix, rq, dramatiq's namespace, BullMQ's prefix, a Sidekiq namespace)",
+    )
+    sources.add_argument(
         "--demand-timeout",
         type=float,
         default=None,
         metavar="SECONDS",
-        help="bound on one read of the source (default 10 for a command, 5 for Redis/NATS)",
+        help="bound on one read of the source (default 10 for a command, 5 for the others)",
     )
     parser.add_argument(
         "--min", type=int, default=0, metavar="N", help="reservations held even with no jobs (0)"
@@ -266,6 +305,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
     args = parser.parse_args(argv)
     if args.processing is not None and args.redis_list is None:
         parser.error("--processing goes with --redis-list")
+    if args.redis_queue_prefix is not None and args.redis_queue is None:
+        parser.error("--redis-queue-prefix goes with --redis-queue")
     if args.metrics_host is not None and args.metrics_port is None:
         parser.error("--metrics-host goes with --metrics-port")
     for flag, value, least in (
@@ -302,7 +343,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         parser.error(f"--engine-url must be an http(s) URL, got {redact(engine_url)!r}")
     try:
         source = _build_source(args)
-    except ValueError as exc:  # a bad URL scheme or name; the message is password-free
+    except ValueError as exc:  # a bad URL or name; the message is password-free
         parser.error(str(exc))
     lease = _parse_lease(parser, args)
     return _Options(
@@ -346,7 +387,36 @@ def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _
     return _LeaseOptions(url=url, key=key, ttl_s=ttl, renew_s=renew)
 
 
+#: The argparse destinations of the source options, in --help's order.
+_SOURCE_DESTS = (
+    "redis_list",
+    "redis_stream",
+    "nats_consumer",
+    "redis_queue",
+    "http_json",
+    "prometheus",
+    "demand_command",
+)
+
+
 def _build_source(args: argparse.Namespace) -> DemandSource:
+    """The source the options name; ``ValueError`` starting with the option's name."""
+    # The source options are mutually exclusive (argparse): the one given is its dest.
+    flag = next(
+        (
+            f"--{dest.replace('_', '-')}"
+            for dest in _SOURCE_DESTS
+            if getattr(args, dest, None) is not None
+        ),
+        "demand source",
+    )
+    try:
+        return _new_source(args)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+
+
+def _new_source(args: argparse.Namespace) -> DemandSource:
     # Each source's own default timeout unless --demand-timeout says otherwise.
     timeout: float | None = args.demand_timeout
     if args.redis_list is not None:
@@ -358,7 +428,40 @@ def _build_source(args: argparse.Namespace) -> DemandSource:
     if args.nats_consumer is not None:
         url, stream, consumer = args.nats_consumer
         return NatsConsumer(url, stream, consumer, timeout_s=timeout or DEFAULT_TIMEOUT_S)
+    # -- job frameworks on Redis, HTTP JSON, Prometheus --
+    if args.redis_queue is not None:
+        framework, url, queue = args.redis_queue
+        return RedisQueue(
+            url,
+            framework,
+            queue,
+            prefix=args.redis_queue_prefix,
+            timeout_s=timeout or DEFAULT_TIMEOUT_S,
+        )
+    if args.http_json is not None:
+        url, path = args.http_json
+        return HttpJson(url, path, timeout_s=timeout or DEFAULT_TIMEOUT_S, **_http_auth())
+    if args.prometheus is not None:
+        url, query = args.prometheus
+        return PrometheusQuery(url, query, timeout_s=timeout or DEFAULT_TIMEOUT_S, **_http_auth())
+    # -- end of job frameworks, HTTP JSON, Prometheus --
     return CommandDemand(args.demand_command, timeout_s=timeout or COMMAND_TIMEOUT_S)
+
+
+def _http_auth() -> dict[str, Any]:
+    """The HTTP sources' credentials, from the environment (never the command line)."""
+    token = os.environ.get(_HTTP_TOKEN_ENV) or None
+    user = os.environ.get(_HTTP_USER_ENV) or None
+    password = os.environ.get(_HTTP_PASSWORD_ENV)
+    if token is not None and (user is not None or password):
+        raise ValueError(f"set ${_HTTP_TOKEN_ENV} or ${_HTTP_USER_ENV}, not both")
+    if user is None and password:
+        raise ValueError(f"${_HTTP_PASSWORD_ENV} goes with ${_HTTP_USER_ENV}")
+    if token is not None:
+        return {"bearer_token": token}
+    if user is not None:
+        return {"basic_auth": (user, password or "")}
+    return {}
 
 
 def _iso_utc(now: float) -> str:
