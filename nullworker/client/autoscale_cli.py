@@ -127,7 +127,7 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         "--redis-list",
         nargs=2,
         metavar=("URL", "KEY"),
-        help="LLEN KEY (+ LLEN of --processing): a Redis list queue (RQ, Celery, your own)",
+        help="LLEN KEY (+ LLEN of --processing): a Redis list queue of your own",
     )
     source.add_argument(
         "--redis-stream",
