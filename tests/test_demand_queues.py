@@ -170,12 +170,24 @@ async def test_dramatiq_counts_messages_until_acked_and_due_delayed_ones(
 # -- celery (kombu) ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("keyprefix", ["", "app1:"])
+@pytest.mark.parametrize(
+    ("keyprefix", "sep"),
+    [
+        ("", "\x06\x16"),  # kombu's defaults
+        ("app1:", "\x06\x16"),  # global_keyprefix
+        ("", ":"),  # the priority setup Celery's docs recommend: sep ":", steps 0..9
+    ],
+)
 async def test_celery_counts_waiting_priority_and_unacked_messages(
-    redis_server: ServerProcess, rdb: redis.Redis, keyprefix: str
+    redis_server: ServerProcess, rdb: redis.Redis, keyprefix: str, sep: str
 ) -> None:
     """Real kombu (Celery's Redis transport): messages put, fetched and acked."""
-    options = {"global_keyprefix": keyprefix} if keyprefix else {}
+    options: dict[str, object] = {"global_keyprefix": keyprefix} if keyprefix else {}
+    if sep == ":":
+        options.update(sep=":", priority_steps=list(range(10)))
+    else:
+        # A key that looks like a sibling with the other separator is left alone.
+        rdb.set(f"{keyprefix}celery:4", "someone else's key, not a list")
     # One connection per queue: a channel consuming both would prefetch from either.
     with (
         kombu.Connection(redis_server.url, transport_options=options) as for_celery,
@@ -185,9 +197,9 @@ async def test_celery_counts_waiting_priority_and_unacked_messages(
         other = for_other.SimpleQueue("other")
         celery.put({"task": 1})
         celery.put({"task": 2})
-        celery.put({"task": 3}, priority=9)  # a sibling list, celery\x06\x169
+        celery.put({"task": 3}, priority=9)  # a sibling list, celery<sep>9
         other.put({"task": 4})
-        assert rdb.exists(f"{keyprefix}celery\x06\x169")
+        assert rdb.type(f"{keyprefix}celery{sep}9") == "list"
         source = RedisQueue(
             redis_server.url, "celery", "celery", prefix=keyprefix if keyprefix else None
         )

@@ -12,12 +12,14 @@ Jobs delayed into the future are not counted.
 What is counted, from the frameworks' own sources:
 
 ``celery`` (kombu ``kombu/transport/redis.py``, ``Channel``):
-  waiting: the list ``<queue>`` and its priority siblings ``<queue>\\x06\\x16<1..9>``
+  waiting: the list ``<queue>`` and its priority siblings ``<queue><sep><1..9>``
   (``_q_for_pri``: the default ``priority_steps`` use 3, 6 and 9, a fine-grained setup
-  any of 1..9). In flight: the entries of the hash ``unacked`` (kombu's ack emulation:
+  any of 1..9; ``sep`` is ``\\x06\\x16`` by default and ``:`` in the setup Celery's
+  docs recommend for priorities: both are read, and a sibling key that is not a list
+  is left out). In flight: the entries of the hash ``unacked`` (kombu's ack emulation:
   a message a worker fetched and has not acknowledged: prefetched, or running with
   ``task_acks_late``) that route to this queue: each entry is ``[message, exchange,
-  routing_key]``, and a member ``routing_key\\x06\\x16pattern\\x06\\x16<queue>`` of the
+  routing_key]``, and a member ``routing_key<sep>pattern<sep><queue>`` of the
   exchange's binding set ``_kombu.binding.<exchange>`` says it does (with no binding
   set, a routing key equal to the queue's name). ``prefix`` is kombu's
   ``global_keyprefix`` (none by default), put before every key.
@@ -82,38 +84,50 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_s = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: queue, unacked. ARGV: separator, queue name, binding-set prefix.
+# KEYS: queue, unacked. ARGV: queue name, binding-set prefix. kombu joins a queue and
+# its priority, and the fields of a binding, with its ``sep``: "\x06\x16" by default,
+# ":" in the setup Celery's docs recommend for priorities. Both are tried; a sibling
+# key that is not a list (someone else's "celery:3") is not a priority list.
 _CELERY = (
     _NOW
     + """
-local sep, name, bindings = ARGV[1], ARGV[2], ARGV[3]
+local name, bindings = ARGV[1], ARGV[2]
+local seps = {'\\6\\22', ':'}
 local n = redis.call('LLEN', KEYS[1])
-for pri = 1, 9 do
-  n = n + redis.call('LLEN', KEYS[1] .. sep .. pri)
-end
-local function binding_queue(member)
-  local a = string.find(member, sep, 1, true)
-  if not a then return nil, nil end
-  local b = string.find(member, sep, a + #sep, true)
-  if not b then return nil, nil end
-  return string.sub(member, 1, a - 1), string.sub(member, b + #sep)
-end
-local routes = {}
-local function to_this_queue(exchange, rk)
-  local seen = routes[exchange]
-  if seen == nil then
-    seen = {}
-    local members = redis.call('SMEMBERS', bindings .. exchange)
-    if #members == 0 then
-      seen[name] = true
+for _, sep in ipairs(seps) do
+  for pri = 1, 9 do
+    local key = KEYS[1] .. sep .. pri
+    if redis.call('TYPE', key).ok == 'list' then
+      n = n + redis.call('LLEN', key)
     end
-    for _, member in ipairs(members) do
-      local key, queue = binding_queue(member)
-      if queue == name then seen[key] = true end
-    end
-    routes[exchange] = seen
   end
-  return seen[rk] == true
+end
+local function binds(member, rk)
+  for _, sep in ipairs(seps) do
+    local head, tail = rk .. sep, sep .. name
+    if #member >= #head + #tail and string.sub(member, 1, #head) == head
+        and string.sub(member, -#tail) == tail then
+      return true
+    end
+  end
+  return false
+end
+local members_of, routed = {}, {}
+local function to_this_queue(exchange, rk)
+  local key = exchange .. '\\0' .. rk
+  if routed[key] == nil then
+    local members = members_of[exchange]
+    if members == nil then
+      members = redis.call('SMEMBERS', bindings .. exchange)
+      members_of[exchange] = members
+    end
+    local found = #members == 0 and rk == name
+    for _, member in ipairs(members) do
+      if binds(member, rk) then found = true end
+    end
+    routed[key] = found
+  end
+  return routed[key]
 end
 for _, raw in ipairs(redis.call('HVALS', KEYS[2])) do
   local ok, entry = pcall(cjson.decode, raw)
@@ -219,16 +233,10 @@ _DEFAULT_PREFIX = {
     "sidekiq": "",
 }
 
-_KOMBU_SEP = "\x06\x16"
-
 
 def _keys_and_args(framework: str, queue: str, prefix: str) -> tuple[list[str], list[str]]:
     if framework == "celery":
-        return [prefix + queue, prefix + "unacked"], [
-            _KOMBU_SEP,
-            queue,
-            prefix + "_kombu.binding.",
-        ]
+        return [prefix + queue, prefix + "unacked"], [queue, prefix + "_kombu.binding."]
     if framework == "rq":
         key = f"{prefix}:queue:{queue}"
         return [key, f"{key}:intermediate", f"{prefix}:wip:{queue}"], [f"{prefix}:job:"]
