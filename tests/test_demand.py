@@ -144,11 +144,9 @@ def test_a_url_that_does_not_name_a_server_is_refused_at_once(url: str, words: s
             RedisList(url, "jobs")
     assert "secret" not in str(refused.value)
     assert "\n" not in str(refused.value)
-
-
-def test_good_urls_are_taken() -> None:
-    for url in ("redis://queue", "rediss://u:p@queue:6380/2", "unix:///run/redis.sock"):
-        RedisList(url, "jobs")
+    # ... while URLs that do name a server are taken.
+    for good in ("redis://queue", "rediss://u:p@queue:6380/2", "unix:///run/redis.sock"):
+        RedisList(good, "jobs")
     NatsConsumer("nats://token@[::1]:4222", "JOBS", "workers")
 
 
