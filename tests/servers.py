@@ -8,6 +8,9 @@ Fixtures (function scope, so every test gets a fresh, empty server):
 * ``nats_server`` -> :class:`ServerProcess` running
   ``nats-server -js -p P -a 127.0.0.1 --store_dir <tmp>``; ``nats_server.url`` is
   ``nats://127.0.0.1:P``. JetStream keeps its file store across a restart.
+* ``prometheus_server`` -> :class:`ServerProcess` running Debian's ``prometheus`` with a
+  temporary config and data directory, scraping ``prometheus_exporter`` (a
+  prometheus_client registry served on a free port); ``url`` is ``http://127.0.0.1:P``.
 * ``silent_server`` -> the port of a loopback listener that accepts connections and
   never says a word (a hung server), served in pytest-trio's ``nursery``.
 
@@ -41,7 +44,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -49,9 +52,13 @@ import pytest
 import trio
 
 __all__ = [
+    "PrometheusExporter",
     "ServerProcess",
     "nats_server_binary_fixture",
     "nats_server_fixture",
+    "prometheus_binary_fixture",
+    "prometheus_exporter_fixture",
+    "prometheus_server_fixture",
     "redis_server_binary_fixture",
     "redis_server_fixture",
     "silent_server_fixture",
@@ -354,3 +361,88 @@ async def silent_server_fixture(nursery: trio.Nursery) -> int:
     )
     port: int = listeners[0].socket.getsockname()[1]
     return port
+
+
+# -- Prometheus (for the --prometheus demand source) ------------------------------------
+#
+# ``prometheus_exporter`` serves a registry of its own with prometheus_client (a thread
+# on a free loopback port); ``prometheus_server`` is Debian's ``prometheus`` scraping it
+# every PROMETHEUS_SCRAPE_S, with a temporary config and data directory. A test sets the
+# exporter's metrics, then waits for Prometheus to have scraped them.
+
+#: How often the test Prometheus scrapes the exporter.
+PROMETHEUS_SCRAPE_S = 0.5
+
+
+class PrometheusExporter:
+    """A ``/metrics`` endpoint on ``127.0.0.1:port`` serving ``registry``."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        self.registry = CollectorRegistry()
+        self._server, self._thread = start_http_server(0, "127.0.0.1", registry=self.registry)
+        self.port: int = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5.0)
+
+
+@pytest.fixture(name="prometheus_exporter")
+def prometheus_exporter_fixture() -> Iterator[PrometheusExporter]:
+    exporter = PrometheusExporter()
+    try:
+        yield exporter
+    finally:
+        exporter.close()
+
+
+@pytest.fixture(name="prometheus_binary")
+def prometheus_binary_fixture() -> str:
+    return find_binary("prometheus", "prometheus")
+
+
+async def _prometheus_ready(port: int) -> bool:
+    line = await _first_line(port, b"GET /-/ready HTTP/1.0\r\n\r\n")
+    return line.startswith(b"HTTP/1.") and line[8:13] == b" 200 "
+
+
+@pytest.fixture(name="prometheus_server")
+async def prometheus_server_fixture(
+    tmp_path: Path, prometheus_binary: str, prometheus_exporter: PrometheusExporter
+) -> AsyncIterator[ServerProcess]:
+    """Debian's ``prometheus`` on a free loopback port, scraping ``prometheus_exporter``."""
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        f"  scrape_interval: {int(PROMETHEUS_SCRAPE_S * 1000)}ms\n"
+        f"  scrape_timeout: {int(PROMETHEUS_SCRAPE_S * 1000)}ms\n"
+        "scrape_configs:\n"
+        "  - job_name: test\n"
+        "    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{prometheus_exporter.port}']\n"
+    )
+    data = tmp_path / "prometheus-data"
+    data.mkdir()
+
+    def argv_for(port: int) -> list[str]:
+        return [
+            prometheus_binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
+
+    server = ServerProcess(
+        "prometheus", argv_for, _prometheus_ready, scheme="http", log_path=tmp_path / "prom.log"
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+# -- end of Prometheus --------------------------------------------------------------------

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,18 @@ DEMAND = ["--endpoint", "ep", "--demand-command", "echo 1"]
         ([*DEMAND, "--redis-list", "redis://h", "jobs"], "not allowed with argument"),
         (["--endpoint", "ep", "--redis-list", "redis://h"], "expected 2 arguments"),
         (["--endpoint", "ep", "--redis-list", "http://h", "jobs"], "URL scheme must be one of"),
+        (["--endpoint", "ep", "--redis-list", "redis:/h:6379", "jobs"], "--redis-list: 'redis:/"),
+        (["--endpoint", "ep", "--redis-stream", "redis://:1", "s", "g"], "--redis-stream: "),
+        (["--endpoint", "ep", "--nats-consumer", "nats://h:x", "S", "c"], "--nats-consumer: "),
+        (["--endpoint", "ep", "--redis-queue", "rq", "redis://h:0", "q"], "--redis-queue: "),
+        (["--endpoint", "ep", "--redis-queue", "resque", "redis://h", "q"], "sidekiq"),
+        ([*DEMAND, "--redis-queue-prefix", "p"], "--redis-queue-prefix goes with --redis-queue"),
+        (["--endpoint", "ep", "--http-json", "http:/h/x", "a"], "--http-json: "),
+        (["--endpoint", "ep", "--http-json", "http://h/x", "a..b"], "--http-json: JSON path"),
+        (["--endpoint", "ep", "--prometheus", "ftp://h", "up"], "--prometheus: "),
+        (["--endpoint", "ep", "--prometheus", "http://h:9090", " "], "needs a query"),
         (["--endpoint", "ep", "--nats-consumer", "nats://h", "S.1", "c"], "invalid NATS stream"),
+        (["--endpoint", "ep", "--lease", "redis:/h", "k", *DEMAND[2:]], "--lease: 'redis:/h'"),
         ([*DEMAND, "--processing", "p"], "--processing goes with --redis-list"),
         ([*DEMAND, "--min", "-1"], "--min must be an integer >= 0"),
         ([*DEMAND, "--max", "0"], "--max must be an integer >= 1"),
@@ -511,3 +523,120 @@ async def test_postgres_refused_password_is_a_source_error_without_it(
     assert "InvalidPasswordError" in error["error"]
     assert await cli.stop(signal.SIGTERM) == 143, cli.err
     assert "hunter2" not in cli.out + cli.err
+
+
+# -- job frameworks on Redis, HTTP JSON ----------------------------------------------------
+
+
+async def test_redis_queue_counts_a_running_job_and_keeps_its_worker(
+    redis_server: ServerProcess,
+    vast_engine: Engine,
+    start_worker: StartWorker,
+    run_autoscale: RunAutoscale,
+) -> None:
+    """``--redis-queue bullmq``: a job moved from ``wait`` to ``active`` still holds."""
+    one = await start_vast_worker(start_worker, vast_engine, 1)
+    assert vast_engine.url is not None
+    client = redis.Redis.from_url(redis_server.url)
+    cli = await run_autoscale(
+        "--redis-queue",
+        "bullmq",
+        redis_server.url,
+        "emails",
+        "--poll",
+        "0.2",
+        "--scale-down-delay",
+        "0",
+        "--engine-url",
+        vast_engine.url,
+    )
+    try:
+        (started,) = cli.of_kind("started") or await cli.wait_events("started")
+        assert started["source"] == f"bullmq queue 'emails' at {redis_server.url}"
+        await trio.to_thread.run_sync(client.lpush, "bull:emails:wait", "1")
+        (held,) = await cli.wait_events("reservation_started")
+        assert held["worker_url"] == one.public_url
+        await trio.to_thread.run_sync(client.lmove, "bull:emails:wait", "bull:emails:active")
+
+        def reads() -> int:
+            stats = client.info("commandstats")
+            return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("eval", "evalsha"))
+
+        # Several polls later, with a 0 s scale-down delay, the running job still holds.
+        after_move = reads()
+        with trio.fail_after(WAIT_S):
+            while reads() < after_move + 3:
+                await trio.sleep(0.05)
+        assert cli.of_kind("reservation_ended") == []
+        await trio.to_thread.run_sync(client.delete, "bull:emails:active")
+        (ended,) = await cli.wait_events("reservation_ended")
+        assert ended["cause"] == "scale_down"
+        assert cli.of_kind("source_error") == []
+    finally:
+        client.close()
+    assert await cli.stop(signal.SIGINT) == 130, cli.err
+
+
+async def test_http_json_reads_with_a_token_from_the_environment_never_printed(
+    nursery: trio.Nursery, run_autoscale: RunAutoscale, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heads: list[bytes] = []
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+            heads.append(data)
+            body = b'{"queues": [{"name": "celery", "messages": 4}]}'
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+
+    listeners: list[trio.SocketListener] = await nursery.start(
+        partial(trio.serve_tcp, answer, 0, host="127.0.0.1")
+    )
+    port = listeners[0].socket.getsockname()[1]
+    monkeypatch.setenv("NULLWORKER_HTTP_TOKEN", "tok-7d1e9a")
+    cli = await run_autoscale(
+        "--http-json",
+        f"http://127.0.0.1:{port}/api/queues/length",
+        "queues.name=celery.messages",
+        "--max",
+        "1",
+        *FAST,
+        "--engine-url",
+        f"http://127.0.0.1:{closed_port()}",
+    )
+    await cli.wait_until(lambda: any(e.get("demand") == 4 for e in cli.events))
+    assert b"Authorization: Bearer tok-7d1e9a" in heads[0].replace(
+        b"authorization", b"Authorization"
+    )
+    assert await cli.stop(signal.SIGTERM) == 143, cli.err
+    assert "tok-7d1e9a" not in cli.out + cli.err
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NULLWORKER_HTTP_TOKEN": "t", "NULLWORKER_HTTP_USER": "u"}, "not both"),
+        ({"NULLWORKER_HTTP_PASSWORD": "p"}, "goes with $NULLWORKER_HTTP_USER"),
+    ],
+)
+def test_http_credentials_in_the_environment_are_checked_at_start(
+    env: dict[str, str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VAST_API_KEY", KEY)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["--endpoint", "ep", "--prometheus", "http://p:9090", "up"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --prometheus: " in err and message in err

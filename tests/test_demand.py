@@ -121,6 +121,35 @@ def test_constructors_refuse_bad_arguments() -> None:
         CommandDemand("  ")
 
 
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis:/queue:6379", "expected redis://host"),  # redis-py would read localhost
+        ("redis://:6379", "no host"),
+        ("redis://:secret@:6379/0", "no host"),
+        ("redis://queue:63a9", "port must be a number"),
+        ("redis://queue:70000", "port must be a number"),
+        ("redis://queue:0", "port must be a number"),
+        ("redis://queue:6379/zero", "database number"),
+        ("unix://", "socket's path"),
+        ("nats:/queue:4222", "expected nats://host"),
+        ("nats://:4222", "no host"),
+    ],
+)
+def test_a_url_that_does_not_name_a_server_is_refused_at_once(url: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words) as refused:
+        if url.startswith("nats"):
+            NatsConsumer(url, "JOBS", "workers")
+        else:
+            RedisList(url, "jobs")
+    assert "secret" not in str(refused.value)
+    assert "\n" not in str(refused.value)
+    # ... while URLs that do name a server are taken.
+    for good in ("redis://queue", "rediss://u:p@queue:6380/2", "unix:///run/redis.sock"):
+        RedisList(good, "jobs")
+    NatsConsumer("nats://token@[::1]:4222", "JOBS", "workers")
+
+
 # -- Redis -----------------------------------------------------------------------------
 
 
@@ -391,6 +420,12 @@ async def test_command_output_is_the_demand() -> None:
         ("echo -3", ["printed '-3'"]),
         ("echo 1.5", ["printed '1.5'"]),
         ("echo '1 2'", ["printed '1 2'"]),
+        ("echo 1; echo 2", ["printed '1\\n2'"]),
+        ("echo; echo 5", ["printed '5'", "on one line"]),
+        ("echo 1234567890123456789", ["printed '1234567890123456789'"]),  # 19 digits
+        # A count, then more than COMMAND_STDOUT_LIMIT bytes of blanks and a second
+        # count that used to fall past the kept prefix and pass unseen.
+        ("echo 1; printf '%5000s'; echo 2", ["printed more than 4096 bytes"]),
         ("true", ["printed nothing"]),
         ("echo 12; echo 'queue is odd' >&2", None),  # fine: stderr does not count
         ("echo 4; echo 'no such queue' >&2; exit 3", ["exited with status 3", "no such queue"]),
@@ -433,6 +468,49 @@ async def test_command_timeout_kills_the_whole_command(tmp_path: Path) -> None:
     with trio.fail_after(WAIT_S):
         while _alive(child):
             await trio.sleep(0.01)
+
+
+def _pids_alive(pidfile: Path) -> list[int]:
+    if not pidfile.exists():
+        return []
+    return [pid for pid in map(int, pidfile.read_text().split()) if _alive(pid)]
+
+
+@pytest.mark.parametrize(
+    "detach",
+    [
+        "setsid {child} >/dev/null 2>&1 </dev/null &",  # left its group and session
+        "setsid {child} &",  # and holds our stdout open too
+        "({child} >/dev/null &) ;",  # an orphan in the group
+    ],
+)
+async def test_a_command_leaves_no_process_behind_after_many_polls(
+    tmp_path: Path, detach: str
+) -> None:
+    pidfile = tmp_path / "pids"
+    # The detached child writes its own pid, then marks that it runs; the command
+    # prints its count only then, so that each poll really leaves one behind.
+    child = f"sh -c 'echo $$ >> {pidfile}; touch {tmp_path}/up.$T; exec sleep 777'"
+    wait = f"while [ ! -e {tmp_path}/up.$$ ]; do sleep 0.01; done"
+    cmd = f"export T=$$; {detach.format(child=child)} {wait}; echo 1"
+    polls = 5
+    async with CommandDemand(cmd, timeout_s=WAIT_S) as source:
+        for _ in range(polls):
+            assert await read_within(source) == 1
+    # Every poll started one, and by the end of its read it was gone.
+    assert len(pidfile.read_text().split()) == polls
+    assert _pids_alive(pidfile) == []
+
+
+async def test_a_command_cut_off_leaves_no_detached_process(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    cmd = f"setsid sh -c 'echo $$ >> {pidfile}; exec sleep 777' & sleep 30"
+    async with CommandDemand(cmd, timeout_s=SHORT_S) as source:
+        for _ in range(2):
+            error = await read_error(source)
+            assert isinstance(error, DemandTimeout)
+    assert len(pidfile.read_text().split()) == 2
+    assert _pids_alive(pidfile) == []
 
 
 async def test_a_cancelled_command_read_kills_the_command_and_leaves_the_source_usable(

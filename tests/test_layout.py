@@ -61,6 +61,7 @@ RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 EXTRA_MODULES = ("redis", "nats", "trio_asyncio", "boto3", "botocore", "asyncpg")
 EXTRA_USERS = (
     "nullworker.client.demand._redis",
+    "nullworker.client.demand._redis_queues",
     "nullworker.client.demand._nats",
     "nullworker.client.demand._sqs",
     "nullworker.client.demand._postgres",

@@ -72,8 +72,11 @@ from .demand import (
     DEFAULT_TIMEOUT_S,
     CommandDemand,
     DemandSource,
+    HttpJson,
     NatsConsumer,
+    PrometheusQuery,
     RedisList,
+    RedisQueue,
     RedisStream,
     redact,
 )
@@ -96,6 +99,12 @@ _T = TypeVar("_T")
 EXIT_METRICS = 1
 
 _PROG = "nullworker autoscale"
+
+#: The environment variables the HTTP sources (--http-json, --prometheus) take their
+#: credentials from: a bearer token, or a user and password for basic authentication.
+_HTTP_TOKEN_ENV = "NULLWORKER_HTTP_TOKEN"
+_HTTP_USER_ENV = "NULLWORKER_HTTP_USER"
+_HTTP_PASSWORD_ENV = "NULLWORKER_HTTP_PASSWORD"
 
 
 def _build_parser(prog: str) -> argparse.ArgumentParser:
@@ -120,7 +129,7 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         "--redis-list",
         nargs=2,
         metavar=("URL", "KEY"),
-        help="LLEN KEY (+ LLEN of --processing): a Redis list queue (RQ, Celery, your own)",
+        help="LLEN KEY (+ LLEN of --processing): a Redis list queue of your own",
     )
     source.add_argument(
         "--redis-stream",
@@ -155,6 +164,30 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         help="the number a PostgreSQL query returns (one row, one column, a whole number >= 0)",
     )
     # -- end of SQS, RabbitMQ, PostgreSQL --------------------------------------------------
+    # -- job frameworks on Redis, HTTP JSON, Prometheus (demand/_redis_queues, _http) --
+    source.add_argument(
+        "--redis-queue",
+        nargs=3,
+        metavar=("FRAMEWORK", "URL", "QUEUE"),
+        help="a job framework's waiting + running + due jobs, from its own Redis keys: "
+        "FRAMEWORK is celery, rq, dramatiq, arq, bullmq or sidekiq",
+    )
+    source.add_argument(
+        "--http-json",
+        nargs=2,
+        metavar=("URL", "PATH"),
+        help="the number at PATH (keys, indexes, key=value selectors, dot-separated) in "
+        f"the JSON that GET URL answers; auth from ${_HTTP_TOKEN_ENV} (bearer) or "
+        f"${_HTTP_USER_ENV} + ${_HTTP_PASSWORD_ENV} (basic)",
+    )
+    source.add_argument(
+        "--prometheus",
+        nargs=2,
+        metavar=("URL", "QUERY"),
+        help="the one value of a Prometheus instant query (no series, several, NaN: an "
+        "error); auth as for --http-json",
+    )
+    # -- end of job frameworks, HTTP JSON, Prometheus --
     source.add_argument(
         "--demand-command",
         metavar="CMD",
@@ -178,6 +211,12 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         help="with --rabbitmq: the queue's virtual host (default /)",
     )
     # -- end of SQS, RabbitMQ, PostgreSQL --------------------------------------------------
+    sources.add_argument(
+        "--redis-queue-prefix",
+        metavar="PREFIX",
+        help="with --redis-queue: the framework's key prefix if not its default (celery's "
+        "global_keyprefix, rq, dramatiq's namespace, BullMQ's prefix, a Sidekiq namespace)",
+    )
     sources.add_argument(
         "--demand-timeout",
         type=float,
@@ -306,6 +345,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         parser.error("--sqs-include-delayed goes with --sqs")
     if args.vhost is not None and args.rabbitmq is None:
         parser.error("--vhost goes with --rabbitmq")
+    if args.redis_queue_prefix is not None and args.redis_queue is None:
+        parser.error("--redis-queue-prefix goes with --redis-queue")
     if args.metrics_host is not None and args.metrics_port is None:
         parser.error("--metrics-host goes with --metrics-port")
     for flag, value, least in (
@@ -342,7 +383,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         parser.error(f"--engine-url must be an http(s) URL, got {redact(engine_url)!r}")
     try:
         source = _build_source(args)
-    except ValueError as exc:  # a bad URL scheme or name; the message is password-free
+    except ValueError as exc:  # a bad URL or name; the message is password-free
         parser.error(str(exc))
     except ModuleNotFoundError as exc:  # a source whose client is not installed
         if exc.name not in AUTOSCALE_EXTRA_MODULES:
@@ -390,7 +431,39 @@ def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _
     return _LeaseOptions(url=url, key=key, ttl_s=ttl, renew_s=renew)
 
 
+#: The argparse destinations of the source options, in --help's order.
+_SOURCE_DESTS = (
+    "redis_list",
+    "redis_stream",
+    "nats_consumer",
+    "redis_queue",
+    "http_json",
+    "prometheus",
+    "sqs",
+    "rabbitmq",
+    "postgres",
+    "demand_command",
+)
+
+
 def _build_source(args: argparse.Namespace) -> DemandSource:
+    """The source the options name; ``ValueError`` starting with the option's name."""
+    # The source options are mutually exclusive (argparse): the one given is its dest.
+    flag = next(
+        (
+            f"--{dest.replace('_', '-')}"
+            for dest in _SOURCE_DESTS
+            if getattr(args, dest, None) is not None
+        ),
+        "demand source",
+    )
+    try:
+        return _new_source(args)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+
+
+def _new_source(args: argparse.Namespace) -> DemandSource:
     # Each source's own default timeout unless --demand-timeout says otherwise.
     timeout: float | None = args.demand_timeout
     if args.redis_list is not None:
@@ -402,6 +475,23 @@ def _build_source(args: argparse.Namespace) -> DemandSource:
     if args.nats_consumer is not None:
         url, stream, consumer = args.nats_consumer
         return NatsConsumer(url, stream, consumer, timeout_s=timeout or DEFAULT_TIMEOUT_S)
+    # -- job frameworks on Redis, HTTP JSON, Prometheus --
+    if args.redis_queue is not None:
+        framework, url, queue = args.redis_queue
+        return RedisQueue(
+            url,
+            framework,
+            queue,
+            prefix=args.redis_queue_prefix,
+            timeout_s=timeout or DEFAULT_TIMEOUT_S,
+        )
+    if args.http_json is not None:
+        url, path = args.http_json
+        return HttpJson(url, path, timeout_s=timeout or DEFAULT_TIMEOUT_S, **_http_auth())
+    if args.prometheus is not None:
+        url, query = args.prometheus
+        return PrometheusQuery(url, query, timeout_s=timeout or DEFAULT_TIMEOUT_S, **_http_auth())
+    # -- end of job frameworks, HTTP JSON, Prometheus --
     source = _build_cloud_source(args, timeout or DEFAULT_TIMEOUT_S)
     if source is not None:
         return source
@@ -412,28 +502,41 @@ def _build_cloud_source(args: argparse.Namespace, timeout: float) -> DemandSourc
     """The --sqs, --rabbitmq or --postgres source, if one was given.
 
     Each is imported here, so that a missing client (boto3, asyncpg) is reported only to
-    those who use it. A bad URL or DSN raises ValueError naming the option.
+    those who use it. A bad URL or DSN raises ValueError (:func:`_build_source` names the
+    option).
     """
-    try:
-        if args.sqs is not None:
-            from .demand import SqsQueue
+    if args.sqs is not None:
+        from .demand import SqsQueue
 
-            return SqsQueue(args.sqs, include_delayed=args.sqs_include_delayed, timeout_s=timeout)
-        if args.rabbitmq is not None:
-            from .demand import RabbitMQQueue
+        return SqsQueue(args.sqs, include_delayed=args.sqs_include_delayed, timeout_s=timeout)
+    if args.rabbitmq is not None:
+        from .demand import RabbitMQQueue
 
-            url, queue = args.rabbitmq
-            vhost = "/" if args.vhost is None else args.vhost
-            return RabbitMQQueue(url, queue, vhost=vhost, timeout_s=timeout)
-        if args.postgres is not None:
-            from .demand import PostgresQuery
+        url, queue = args.rabbitmq
+        vhost = "/" if args.vhost is None else args.vhost
+        return RabbitMQQueue(url, queue, vhost=vhost, timeout_s=timeout)
+    if args.postgres is not None:
+        from .demand import PostgresQuery
 
-            dsn, query = args.postgres
-            return PostgresQuery(dsn, query, timeout_s=timeout)
-    except ValueError as exc:
-        flag = "--sqs" if args.sqs else "--rabbitmq" if args.rabbitmq else "--postgres"
-        raise ValueError(f"{flag}: {exc}") from exc
+        dsn, query = args.postgres
+        return PostgresQuery(dsn, query, timeout_s=timeout)
     return None
+
+
+def _http_auth() -> dict[str, Any]:
+    """The HTTP sources' credentials, from the environment (never the command line)."""
+    token = os.environ.get(_HTTP_TOKEN_ENV) or None
+    user = os.environ.get(_HTTP_USER_ENV) or None
+    password = os.environ.get(_HTTP_PASSWORD_ENV)
+    if token is not None and (user is not None or password):
+        raise ValueError(f"set ${_HTTP_TOKEN_ENV} or ${_HTTP_USER_ENV}, not both")
+    if user is None and password:
+        raise ValueError(f"${_HTTP_PASSWORD_ENV} goes with ${_HTTP_USER_ENV}")
+    if token is not None:
+        return {"bearer_token": token}
+    if user is not None:
+        return {"basic_auth": (user, password or "")}
+    return {}
 
 
 def _iso_utc(now: float) -> str:

@@ -77,7 +77,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, Self, TypeVar, TypeVarTuple
-from urllib.parse import urlsplit
 
 import redis.asyncio
 import redis.exceptions
@@ -88,6 +87,7 @@ from redis.backoff import NoBackoff
 from ..errors import ConfigError, NullworkerError
 from ._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
 from ._redact import redact
+from ._urls import check_url
 
 __all__ = [
     "DEFAULT_RENEW_S",
@@ -563,10 +563,10 @@ class RedisLeaseStore:
     _schemes = ("redis", "rediss", "unix")
 
     def __init__(self, url: str, *, timeout_s: float | None = None) -> None:
-        if urlsplit(url).scheme not in self._schemes:
-            raise ConfigError(
-                f"{redact(url)!r}: the URL scheme must be one of {', '.join(self._schemes)}"
-            )
+        try:
+            check_url(url, schemes=self._schemes, socket_schemes=("unix",), numeric_path=True)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.url = url
         self.timeout_s = timeout_s
         self._client: redis.asyncio.Redis | None = None

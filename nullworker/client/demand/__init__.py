@@ -11,6 +11,10 @@ Sources
 -------
 * :class:`RedisList` — ``LLEN key`` (+ ``LLEN processing``), one round trip.
 * :class:`RedisStream` — a consumer group's ``lag`` + ``pending`` (``XINFO GROUPS``).
+* :class:`RedisQueue` — a job framework's waiting + in-flight + due jobs (celery, rq,
+  dramatiq, arq, bullmq, sidekiq), from the framework's own keys, in one Lua script.
+* :class:`HttpJson` — a number at a path in a JSON document served over HTTP.
+* :class:`PrometheusQuery` — the one value of a Prometheus instant query.
 * :class:`NatsConsumer` — a JetStream consumer's ``num_pending + num_ack_pending``.
 * :class:`SqsQueue` — an SQS queue's visible + in-flight (+ delayed) messages (boto3).
 * :class:`RabbitMQQueue` — a RabbitMQ queue's ready + unacknowledged messages, from the
@@ -37,9 +41,10 @@ Layout
 One private module per kind of client, so that a source needs only its own client
 library: :mod:`._base` (the interface), :mod:`._command` (a command, a callable; no
 queue client), :mod:`._asyncio` (sources on the trio-asyncio bridge), :mod:`._redis`,
-:mod:`._nats`, :mod:`._sqs`, :mod:`._rabbitmq`, :mod:`._postgres`. The queue sources are
-imported on first use, so the command and callable sources work without the
-``autoscale`` extra's queue clients.
+:mod:`._redis_queues` (the job frameworks), :mod:`._nats`, :mod:`._sqs`, :mod:`._rabbitmq`,
+:mod:`._postgres`, :mod:`._http` (HTTP JSON and Prometheus, with httpx in Trio: no bridge).
+The sources that need a queue client are imported on first use, so the command, callable
+and HTTP sources work without the ``autoscale`` extra's queue clients.
 
 Concurrency invariants
 ----------------------
@@ -77,12 +82,14 @@ from ._command import (
     CallableDemand,
     CommandDemand,
 )
+from ._http import HTTP_RESPONSE_LIMIT, HttpJson, PrometheusQuery
 
 if TYPE_CHECKING:
     from ._nats import NatsConsumer
     from ._postgres import PostgresQuery
     from ._rabbitmq import RabbitMQQueue
     from ._redis import STREAM_SCAN_BATCH, STREAM_SCAN_LIMIT, RedisList, RedisStream
+    from ._redis_queues import FRAMEWORKS, RedisQueue
     from ._sqs import SqsQueue
 
 __all__ = [
@@ -91,6 +98,8 @@ __all__ = [
     "COMMAND_STDOUT_LIMIT",
     "COMMAND_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
+    "FRAMEWORKS",
+    "HTTP_RESPONSE_LIMIT",
     "STREAM_SCAN_BATCH",
     "STREAM_SCAN_LIMIT",
     "CallableDemand",
@@ -99,10 +108,13 @@ __all__ = [
     "DemandNotFound",
     "DemandSource",
     "DemandTimeout",
+    "HttpJson",
     "NatsConsumer",
     "PostgresQuery",
+    "PrometheusQuery",
     "RabbitMQQueue",
     "RedisList",
+    "RedisQueue",
     "RedisStream",
     "SqsQueue",
     "redact",
@@ -112,6 +124,8 @@ __all__ = [
 _LAZY = {
     "NatsConsumer": "_nats",
     "RedisList": "_redis",
+    "RedisQueue": "_redis_queues",
+    "FRAMEWORKS": "_redis_queues",
     "RedisStream": "_redis",
     "STREAM_SCAN_BATCH": "_redis",
     "STREAM_SCAN_LIMIT": "_redis",

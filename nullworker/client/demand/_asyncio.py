@@ -6,13 +6,12 @@ import logging
 from abc import abstractmethod
 from contextlib import AsyncExitStack
 from typing import ClassVar, Generic, Self, TypeVar
-from urllib.parse import urlsplit
 
 import trio
 
 from ...errors import DemandError
 from .._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
-from .._redact import redact
+from .._urls import check_url
 from ._base import CLOSE_TIMEOUT_S, DemandSource, reason
 
 log = logging.getLogger("nullworker.demand")
@@ -32,13 +31,20 @@ class AsyncioSource(DemandSource, Generic[C]):
     """
 
     _scheme_names: ClassVar[tuple[str, ...]] = ()
+    #: Those of ``_scheme_names`` that name a Unix socket by path instead of a host.
+    _socket_schemes: ClassVar[tuple[str, ...]] = ()
+    #: Whether the URL's path, if any, is a database number (``redis://host/0``).
+    _numeric_path: ClassVar[bool] = False
 
     def __init__(self, url: str, *, timeout_s: float) -> None:
         super().__init__(timeout_s=timeout_s)
-        if urlsplit(url).scheme not in self._scheme_names:
-            raise ValueError(
-                f"{redact(url)!r}: the URL scheme must be one of {', '.join(self._scheme_names)}"
-            )
+        # Refused here, not at the first read: see nullworker.client._urls.
+        check_url(
+            url,
+            schemes=self._scheme_names,
+            socket_schemes=self._socket_schemes,
+            numeric_path=self._numeric_path,
+        )
         self.url = url
         self._client: C | None = None
         self._loop: AsyncioLoop | None = None

@@ -22,6 +22,8 @@ STREAM_SCAN_LIMIT = 10_000
 
 class _RedisSource(AsyncioSource[redis.asyncio.Redis]):
     _scheme_names = ("redis", "rediss", "unix")
+    _socket_schemes = ("unix",)
+    _numeric_path = True
     _wrapped_errors = (redis.exceptions.RedisError, OSError, TimeoutError)
     _timeout_errors = (TimeoutError, redis.exceptions.TimeoutError)
 
