@@ -1,4 +1,4 @@
-"""A local emulation of the Vast serverless engine (the autoscaler's routing side).
+"""The local engine's routing core: the Vast serverless engine's state machine, sans IO.
 
 It speaks the wire protocol of ``docs/protocol.md`` from the engine's side:
 
@@ -26,6 +26,11 @@ Layout and concurrency invariants
 * :func:`~nullworker.engine.web.create_engine_app` is a thin Quart-Trio layer: parse,
   call the core, map :class:`EngineRequestError` to a JSON error status, log one access
   line. ``nullworker engine`` is :mod:`nullworker.engine.cli`.
+* What the core knows is plain data in :mod:`.records` (workers, requests, finished
+  holds, counters; re-exported here). The page's reading of it (timeline samples, why
+  a request waits, the idle countdown) is :mod:`.timeline`, pure functions over the
+  records that never import this module; the core calls them for ``GET /workers``,
+  ``GET /timeline`` and the WAITING answer's ``reason``, and never shapes the page.
 * Time for ages, leases and expiry is ``trio.current_time()`` (so ``MockClock``
   drives it in tests); the timestamps stored with received bodies are wall-clock
   ``time.time()``, as the worker's own timestamps are.
@@ -62,7 +67,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -71,9 +75,38 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..vast.envelope import as_int
 from ..vast.signing import generate_private_key, public_key_pem, sign_url
+from .records import (
+    AbandonedRequest,
+    Consumer,
+    FinishedRequest,
+    Hold,
+    LocalHoldView,
+    PendingRequest,
+    ReceivedBody,
+    RouteRecord,
+    Scaling,
+    WorkerRecord,
+    age_of,
+    breakdown,
+    new_counters,
+)
+from .timeline import (
+    DEFAULT_TIMELINE_S,
+    SAMPLE_INTERVAL_S,
+    TIMELINE_SERIES,
+    Sample,
+    new_timeline,
+    sample_of,
+    scale_down_in,
+    timeline_json,
+    wait_reasons,
+)
 
 __all__ = [
     "DEFAULT_ENGINE_PORT",
+    "DEFAULT_TIMELINE_S",
+    "SAMPLE_INTERVAL_S",
+    "TIMELINE_SERIES",
     "AbandonedRequest",
     "Consumer",
     "Engine",
@@ -104,16 +137,11 @@ DEFAULT_HISTORY = 10_000
 RECENT_FINISHED_IN_VIEW = 50
 #: Stopped workers and abandoned requests kept for the page.
 RECENT_STOPPED = 50
-#: How much history the timeline keeps, and the sampling interval it assumes.
-DEFAULT_TIMELINE_S = 600.0
-SAMPLE_INTERVAL_S = 1.0
 #: The worker's clock marks a hold's end at its deadline; a hold that ended more than
 #: this before its full duration was released by the consumer, not elapsed.
 ELAPSED_SLACK_S = 0.1
 #: Hold durations remembered by request_idx (to name how a finished hold ended).
 _DURATIONS_KEPT = 4096
-#: Series of each timeline sample, after its wall-clock time.
-TIMELINE_SERIES = ("waiting", "busy", "idle", "starting", "unhealthy")
 
 #: Finished-request statuses of the vastai 1.9.1 ``/delete_requests/`` body.
 FINISHED_STATUSES = frozenset(
@@ -128,325 +156,6 @@ class EngineRequestError(Exception):
         super().__init__(status, detail)
         self.status = status
         self.detail = detail
-
-
-@dataclass(frozen=True)
-class ReceivedBody:
-    """One accepted ``/worker_status/`` or ``/delete_requests/`` body, as received."""
-
-    received_at: float  # wall clock, time.time()
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class FinishedRequest:
-    """One request a worker reported finished through ``/delete_requests/``.
-
-    ``status`` is ``None`` for the legacy body, which only says success or not.
-    """
-
-    worker_id: int
-    request_idx: int
-    success: bool | None
-    status: str | None
-    received_at: float
-    entered_queue_at: float | None = None
-    work_started_at: float | None = None
-    work_completed_at: float | None = None
-    #: How it ended in the project's words ("elapsed", "released by client", ...),
-    #: from the status and what the engine knew when the entry arrived.
-    ended: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "worker_id": self.worker_id,
-            "request_idx": self.request_idx,
-            "success": self.success,
-            "status": self.status,
-            "ended": self.ended,
-            "received_at": self.received_at,
-            "entered_queue_at": self.entered_queue_at,
-            "work_started_at": self.work_started_at,
-            "work_completed_at": self.work_completed_at,
-        }
-
-
-@dataclass(frozen=True)
-class AbandonedRequest:
-    """A WAITING request whose client stopped polling before a worker was free."""
-
-    request_idx: int
-    endpoint: str
-    waited_s: float
-    forgotten_at: float  # wall clock
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "request_idx": self.request_idx,
-            "endpoint": self.endpoint,
-            "waited_s": round(self.waited_s, 3),
-            "forgotten_at": self.forgotten_at,
-        }
-
-
-@dataclass(frozen=True)
-class Hold:
-    """A worker's active hold as the worker itself describes it (its control ``/status``).
-
-    Times are the worker's wall clock, ``time.time()``.
-    """
-
-    request_idx: int | None
-    duration_s: float
-    started_at: float
-    ends_at: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "request_idx": self.request_idx,
-            "duration_s": self.duration_s,
-            "started_at": self.started_at,
-            "ends_at": self.ends_at,
-            "remaining_s": round(max(0.0, self.ends_at - time.time()), 3),
-        }
-
-
-@dataclass(frozen=True)
-class LocalHoldView:
-    """One local hold open on a worker, as its control ``/status`` lists it.
-
-    A local hold (the consumer's ``POST /hold``) is no engine request: the worker's
-    reports only say it is busy. ``nullworker dev`` reads the holds from the worker, so
-    the page can name what keeps it (``job 5``). ``started_at`` is the worker's wall
-    clock, ``time.time()``; ``None`` where the worker did not say.
-    """
-
-    id: int | None
-    label: str
-    started_at: float | None
-    duration_s: float | None
-
-    def to_json(self) -> dict[str, Any]:
-        now = time.time()
-        ends = None
-        if self.started_at is not None and self.duration_s is not None:
-            ends = self.started_at + self.duration_s
-        return {
-            "id": self.id,
-            "label": self.label,
-            "started_at": self.started_at,
-            "duration_s": self.duration_s,
-            "held_s": None
-            if self.started_at is None
-            else round(max(0.0, now - self.started_at), 3),
-            "remaining_s": None if ends is None else round(max(0.0, ends - now), 3),
-        }
-
-
-@dataclass(frozen=True)
-class Consumer:
-    """The consumer command ``nullworker dev --consumer`` runs beside one worker.
-
-    ``state`` is ``waiting`` (for its worker to be ready), ``running``, ``restarting``
-    (it exited while its worker lives; started again at ``restart_at``, a
-    ``trio.current_time()``) or ``stopped`` (with its worker). ``exit_code`` is the last
-    exit's (negative: killed by that signal).
-    """
-
-    state: str
-    pid: int | None = None
-    exit_code: int | None = None
-    restarts: int = 0
-    restart_at: float | None = None
-    log: str | None = None
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        at = self.restart_at
-        return {
-            "state": self.state,
-            "pid": self.pid,
-            "exit_code": self.exit_code,
-            "restarts": self.restarts,
-            "restart_in_s": None if at is None else round(max(0.0, at - now), 3),
-            "log": self.log,
-        }
-
-
-@dataclass
-class Scaling:
-    """How the workers behind the engine are scaled, as the page explains it.
-
-    The engine does not scale; whoever does (``nullworker dev``) describes its policy
-    here, so the page can say why a request waits and when an idle worker stops.
-    """
-
-    min_workers: int
-    max_workers: int
-    idle_timeout_s: float
-    #: No new worker is started before this ``trio.current_time()`` (after a crash).
-    paused_until: float | None = None
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        until = self.paused_until
-        return {
-            "min_workers": self.min_workers,
-            "max_workers": self.max_workers,
-            "idle_timeout_s": self.idle_timeout_s,
-            "paused_s": round(until - now, 3) if until is not None and until > now else None,
-        }
-
-
-@dataclass(frozen=True)
-class RouteRecord:
-    """One READY answer: which request went to which worker."""
-
-    reqnum: int
-    request_idx: int
-    worker_id: int
-    url: str
-    endpoint: str
-    at: float  # wall clock
-
-
-@dataclass
-class PendingRequest:
-    """A request that got WAITING and is still being polled."""
-
-    request_idx: int
-    endpoint: str
-    cost: float
-    first_seen: float  # trio time
-    last_seen: float  # trio time
-    polls: int = 0
-
-
-@dataclass
-class WorkerRecord:
-    """What the engine knows about one worker (mutable; read it, do not write it).
-
-    Times are ``trio.current_time()`` values; ``None`` means "not applicable".
-    """
-
-    id: int
-    first_seen: float
-    label: str = ""
-    url: str = ""
-    version: str = ""
-    loadtime: float = 0.0
-    max_perf: float = 0.0
-    cur_load: float = 0.0
-    error_msg: str = ""
-    num_requests_working: int = 0
-    working_request_idxs: tuple[int, ...] = ()
-    report_count: int = 0
-    last_report_at: float | None = None
-    #: When it became busy (routed to, or first reported busy); the reservation age.
-    busy_since: float | None = None
-    #: When it became ready and idle; used by dev mode's scale-down.
-    idle_since: float | None = None
-    lease_until: float | None = None
-    lease_request_idx: int | None = None
-    last_routed_at: float | None = None
-    routed_count: int = 0
-
-    #: Set by whoever started the process (``nullworker dev``).
-    pid: int | None = None
-    log: str | None = None
-    #: The active hold as the worker describes it, when someone asked it (dev).
-    hold: Hold | None = None
-    #: Its control listener (dev), the local holds open there and dev's consumer.
-    control_url: str = ""
-    local_holds: tuple[LocalHoldView, ...] = ()
-    consumer: Consumer | None = None
-    #: Set when the worker is retired: ``trio.current_time()`` and why.
-    stopped_at: float | None = None
-    stop_reason: str = ""
-
-    @property
-    def ready(self) -> bool:
-        return self.loadtime > 0 and self.max_perf > 0 and not self.error_msg
-
-    @property
-    def busy(self) -> bool:
-        """True when the last report shows requests in flight."""
-        return self.num_requests_working > 0
-
-    def leased(self, now: float) -> bool:
-        return self.lease_until is not None and self.lease_until > now
-
-    def stale(self, now: float, stale_after_s: float) -> bool:
-        return self.last_report_at is not None and now - self.last_report_at > stale_after_s
-
-    def state(self, now: float, stale_after_s: float) -> str:
-        """One of starting, stale, error, loading, busy, leased, idle."""
-        if self.last_report_at is None:
-            return "starting"
-        if self.stale(now, stale_after_s):
-            return "stale"
-        if self.error_msg:
-            return "error"
-        if not self.ready:
-            return "loading"
-        if self.busy:
-            return "busy"
-        if self.leased(now):
-            return "leased"
-        return "idle"
-
-    def free(self, now: float, stale_after_s: float) -> bool:
-        return self.state(now, stale_after_s) == "idle" and bool(self.url)
-
-    def to_json(self, now: float, stale_after_s: float) -> dict[str, Any]:
-        state = self.state(now, stale_after_s)
-        return {
-            "id": self.id,
-            "label": self.label,
-            "url": self.url,
-            "state": state,
-            "ready": self.ready,
-            "busy": state in ("busy", "leased"),
-            "leased": self.leased(now),
-            "idle": state == "idle",
-            "error": self.error_msg or None,
-            "cur_load": self.cur_load,
-            "num_requests_working": self.num_requests_working,
-            "working_request_idxs": list(self.working_request_idxs),
-            "reservation_age_s": _age(now, self.busy_since),
-            "idle_age_s": _age(now, self.idle_since),
-            "last_report_age_s": _age(now, self.last_report_at),
-            "report_count": self.report_count,
-            "routed_count": self.routed_count,
-            "version": self.version,
-            "uptime_s": _age(now, self.first_seen),
-            "pid": self.pid,
-            "log": self.log,
-            "hold": None if self.hold is None else self.hold.to_json(),
-            "control_url": self.control_url or None,
-            "local_holds": [h.to_json() for h in self.local_holds],
-            "consumer": None if self.consumer is None else self.consumer.to_json(now),
-        }
-
-    def stopped_json(self, now: float) -> dict[str, Any]:
-        """The record of a retired worker: how long it lived and why it stopped."""
-        assert self.stopped_at is not None
-        return {
-            "id": self.id,
-            "label": self.label,
-            "url": self.url,
-            "lived_s": round(max(0.0, self.stopped_at - self.first_seen), 3),
-            "stopped_ago_s": _age(now, self.stopped_at),
-            "reason": self.stop_reason,
-            "routed_count": self.routed_count,
-            "report_count": self.report_count,
-            "pid": self.pid,
-            "log": self.log,
-            "control_url": self.control_url or None,
-            "consumer": None if self.consumer is None else self.consumer.to_json(now),
-        }
-
-
-def _age(now: float, since: float | None) -> float | None:
-    return None if since is None else round(max(0.0, now - since), 3)
 
 
 # -- body validation helpers ---------------------------------------------------------
@@ -563,21 +272,9 @@ class Engine:
         #: WAITING requests whose client stopped polling, most recent last.
         self.abandoned: deque[AbandonedRequest] = deque(maxlen=RECENT_STOPPED)
         #: One tuple per :meth:`sample`: wall-clock time, then :data:`TIMELINE_SERIES`.
-        self.timeline: deque[tuple[float, int, int, int, int, int]] = deque(
-            maxlen=max(1, math.ceil(timeline_s / SAMPLE_INTERVAL_S))
-        )
+        self.timeline: deque[Sample] = new_timeline(timeline_s)
         self._durations: dict[int, float] = {}
-        self.counters: dict[str, int] = {
-            "route_ready": 0,
-            "route_waiting": 0,
-            "route_rejected": 0,
-            "worker_status": 0,
-            "worker_status_rejected": 0,
-            "delete_requests": 0,
-            "delete_requests_rejected": 0,
-            "demand_expired": 0,
-            "pubkey": 0,
-        }
+        self.counters: dict[str, int] = new_counters()
         self._retired: set[int] = set()
         self._next_request_idx = 1
         self._next_reqnum = 1
@@ -867,11 +564,7 @@ class Engine:
         return reply
 
     def _breakdown(self, now: float) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for worker in self.workers.values():
-            state = worker.state(now, self.stale_after_s)
-            counts[state] = counts.get(state, 0) + 1
-        return counts
+        return breakdown(self.workers.values(), now, self.stale_after_s)
 
     def worker_status(self, body: Mapping[str, Any]) -> WorkerRecord | None:
         """Record one ``/worker_status/`` report (§6.2; ``disk_usage`` optional).
@@ -1064,98 +757,20 @@ class Engine:
     # -- the page's data -------------------------------------------------------------
 
     def sample(self) -> None:
-        """Append one timeline sample: requests waiting and workers by kind, now.
-
-        :func:`~nullworker.engine.web.serve_engine` calls it every second.
-        """
+        """Append one timeline sample (:mod:`.timeline`): requests waiting and workers by
+        kind, now. :func:`~nullworker.engine.web.serve_engine` calls it every second."""
         now = self._now()
         self._expire(now)
-        counts = self._breakdown(now)
         self.timeline.append(
-            (
-                round(time.time(), 3),
-                len(self.pending),
-                counts.get("busy", 0) + counts.get("leased", 0),
-                counts.get("idle", 0),
-                counts.get("starting", 0) + counts.get("loading", 0),
-                counts.get("error", 0) + counts.get("stale", 0),
-            )
+            sample_of(self.workers.values(), len(self.pending), now, self.stale_after_s)
         )
 
     def timeline_json(self, since: float | None = None) -> dict[str, Any]:
         """The timeline's samples (all, or those taken after wall-clock ``since``)."""
-        samples = [list(s) for s in self.timeline if since is None or s[0] > since]
-        return {
-            "interval_s": SAMPLE_INTERVAL_S,
-            "keep_s": (self.timeline.maxlen or 0) * SAMPLE_INTERVAL_S,
-            "series": ["t", *TIMELINE_SERIES],
-            "samples": samples,
-        }
+        return timeline_json(self.timeline, since)
 
     def _wait_reasons(self, now: float) -> dict[int, str]:
-        """Why each pending request waits, oldest first.
-
-        The oldest requests are matched with the workers starting up (one each, as
-        ``nullworker dev`` starts one per waiting request); the rest wait for the
-        reason the pool has: at its maximum, paused after a crash, or no one to start
-        a worker at all.
-        """
-        states = {w.id: w.state(now, self.stale_after_s) for w in self.workers.values()}
-        starting = sorted(
-            (w for w in self.workers.values() if states[w.id] in ("starting", "loading")),
-            key=lambda w: w.first_seen,
-        )
-        counts = self._breakdown(now)
-        pool = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-        scaling = self.scaling
-        paused = None if scaling is None else scaling.paused_until
-        if scaling is not None and len(self.workers) >= scaling.max_workers:
-            rest = f"at --max-workers {scaling.max_workers} ({pool})"
-        elif scaling is not None and paused is not None and paused > now:
-            rest = f"a worker failed: no new worker for {paused - now:.0f} s"
-        elif scaling is not None:
-            rest = "no free worker: starting one"
-        elif not self.workers:
-            rest = "no worker has reported (this engine starts none)"
-        else:
-            rest = f"no free worker ({pool}; this engine starts none)"
-        reasons: dict[int, str] = {}
-        by_age = sorted(self.pending.values(), key=lambda p: (p.first_seen, p.request_idx))
-        for position, pending in enumerate(by_age):
-            if position < len(starting):
-                worker = starting[position]
-                doing = "is starting" if states[worker.id] == "starting" else "is loading"
-                reasons[pending.request_idx] = (
-                    f"no ready worker yet: worker {worker.id} {doing} "
-                    f"({now - worker.first_seen:.0f} s)"
-                )
-            else:
-                reasons[pending.request_idx] = rest
-        return reasons
-
-    def _scale_down_in(self, now: float) -> dict[int, float | None]:
-        """Seconds until each idle worker is stopped (``None``: kept by --min-workers).
-
-        Mirrors ``nullworker dev``'s rule: the longest idle ones above the minimum go.
-        """
-        scaling = self.scaling
-        if scaling is None:
-            return {}
-        idle = sorted(
-            (
-                w
-                for w in self.workers.values()
-                if w.idle_since is not None and w.state(now, self.stale_after_s) == "idle"
-            ),
-            key=lambda w: w.idle_since or 0.0,
-        )
-        excess = max(0, len(self.workers) - scaling.min_workers)
-        countdown: dict[int, float | None] = {}
-        for position, worker in enumerate(idle):
-            assert worker.idle_since is not None
-            left = scaling.idle_timeout_s - (now - worker.idle_since)
-            countdown[worker.id] = round(max(0.0, left), 3) if position < excess else None
-        return countdown
+        return wait_reasons(self.workers, self.pending, self.scaling, now, self.stale_after_s)
 
     # -- views -----------------------------------------------------------------------
 
@@ -1169,7 +784,7 @@ class Engine:
         self._expire(now)
         recent = list(self.finished)[-RECENT_FINISHED_IN_VIEW:]
         reasons = self._wait_reasons(now)
-        countdown = self._scale_down_in(now)
+        countdown = scale_down_in(self.workers, self.scaling, now, self.stale_after_s)
         workers = []
         for worker in sorted(self.workers.values(), key=lambda w: w.id):
             view = worker.to_json(now, self.stale_after_s)
@@ -1178,7 +793,7 @@ class Engine:
         return {
             "url": self.url,
             "time": time.time(),
-            "uptime_s": _age(now, self.started_at),
+            "uptime_s": age_of(now, self.started_at),
             "workers": workers,
             "stopped": [w.stopped_json(now) for w in reversed(self.stopped)],
             "breakdown": self._breakdown(now),
@@ -1188,7 +803,7 @@ class Engine:
                     "request_idx": p.request_idx,
                     "endpoint": p.endpoint,
                     "cost": p.cost,
-                    "age_s": _age(now, p.first_seen),
+                    "age_s": age_of(now, p.first_seen),
                     "polls": p.polls,
                     "reason": reasons.get(p.request_idx, ""),
                 }

@@ -17,7 +17,8 @@ import html
 import time
 from typing import Any
 
-from .core import TIMELINE_SERIES, Engine
+from .core import Engine
+from .timeline import TIMELINE_SERIES
 
 __all__ = ["COLUMNS", "dashboard", "render_page", "render_table"]
 

@@ -31,7 +31,8 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from .core import SAMPLE_INTERVAL_S, Engine, EngineRequestError
+from .core import Engine, EngineRequestError
+from .timeline import SAMPLE_INTERVAL_S
 from .view import dashboard, render_page
 
 __all__ = ["create_engine_app", "serve_engine"]
