@@ -32,8 +32,9 @@ Layout and concurrency invariants
   records that never import this module; the core calls them for ``GET /workers``,
   ``GET /timeline`` and the WAITING answer's ``reason``, and never shapes the page.
 * Time for ages, leases and expiry is ``trio.current_time()`` (so ``MockClock``
-  drives it in tests); the timestamps stored with received bodies are wall-clock
-  ``time.time()``, as the worker's own timestamps are.
+  drives it in tests; plain synchronous tests pass their own ``clock``); the
+  timestamps stored with received bodies are wall-clock ``time.time()``, as the
+  worker's own timestamps are.
 * Every accepted change bumps a generation event; :meth:`Engine.wait_for` sleeps on
   it, so tests wake on each incoming report instead of polling.
 * Routing: a worker is *free* when it is ready (``loadtime > 0``, ``max_perf > 0``,
@@ -232,6 +233,10 @@ class Engine:
       history: bound on each record deque.
       scaling: the policy of whoever starts and stops the workers, for the page.
       timeline_s: how many seconds of :meth:`sample` calls the timeline keeps.
+      clock: the engine's time (ages, leases, expiry); ``trio.current_time`` by
+        default, so ``MockClock`` drives it. Any other function of no arguments lets
+        plain synchronous code drive the core outside a Trio run (:meth:`wait_for`
+        still needs one).
     """
 
     def __init__(
@@ -247,6 +252,7 @@ class Engine:
         history: int = DEFAULT_HISTORY,
         scaling: Scaling | None = None,
         timeline_s: float = DEFAULT_TIMELINE_S,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.private_key = private_key if private_key is not None else generate_private_key()
         self.public_key_pem = public_key_pem(self.private_key)
@@ -257,6 +263,7 @@ class Engine:
         self.demand_ttl_s = demand_ttl_s
         self.stale_after_s = stale_after_s
         self.scaling = scaling
+        self._clock = clock
         #: Base URL and ``trio.current_time()`` once served (set by :func:`serve_engine`).
         self.url: str | None = None
         self.started_at: float | None = None
@@ -311,7 +318,7 @@ class Engine:
     # -- time-driven bookkeeping -----------------------------------------------------
 
     def _now(self) -> float:
-        return trio.current_time()
+        return self._clock()
 
     def _expire(self, now: float) -> None:
         for idx, pending in list(self.pending.items()):
