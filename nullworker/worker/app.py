@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from types import TracebackType
@@ -538,7 +537,7 @@ def _retry_after(worker: Worker) -> str:
     active = worker.slot.statistics().active
     if active is None:
         return "1"
-    return str(max(1, math.ceil(active.ends_at - time.time())))
+    return str(max(1, math.ceil(active.remaining_s)))
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -174,13 +174,17 @@ class LocalHold:
     deadline: float
     outcome: HoldOutcome | None = None
     ended_at: float = 0.0
+    #: The start and end on the Trio clock, for durations (the wall clock can step).
+    _started_clock: float = 0.0
+    _ended_clock: float | None = None
     _reason: HoldOutcome | None = None
     _released: trio.Event = field(default_factory=trio.Event)
 
     @property
     def held_s(self) -> float:
-        """Seconds from the start to the end (or to now, while open)."""
-        return max((self.ended_at or time.time()) - self.started_at, 0.0)
+        """Seconds from the start to the end (or to now, while open), on the Trio clock."""
+        end = self._ended_clock if self._ended_clock is not None else trio.current_time()
+        return max(end - self._started_clock, 0.0)
 
     def end(self, reason: HoldOutcome = HoldOutcome.DISCONNECTED) -> None:
         """End the hold now (its holder went away): :meth:`wait` returns ``reason``."""
@@ -289,12 +293,14 @@ class LocalHolds:
                 raise ValueError("duration must be a finite number >= 0")
         if self._closing:
             raise ShuttingDown("the worker is shutting down")
+        now = trio.current_time()
         hold = LocalHold(
             id=next(self._ids),
             label=label,
             duration_s=duration_s,
             started_at=time.time(),
-            deadline=math.inf if duration_s is None else trio.current_time() + duration_s,
+            deadline=math.inf if duration_s is None else now + duration_s,
+            _started_clock=now,
         )
         self._open[hold.id] = hold
         self._idle = trio.Event() if self._idle.is_set() else self._idle
@@ -323,7 +329,6 @@ class LocalHolds:
         await self._idle.wait()
 
     def statistics(self) -> LocalHoldsStatistics:
-        now_wall = time.time()
         now = trio.current_time()
         holds = tuple(
             LocalHoldInfo(
@@ -331,7 +336,7 @@ class LocalHolds:
                 label=h.label,
                 duration_s=h.duration_s,
                 started_at=h.started_at,
-                age_s=max(now_wall - h.started_at, 0.0),
+                age_s=max(now - h._started_clock, 0.0),
                 remaining_s=None if h.duration_s is None else max(h.deadline - now, 0.0),
             )
             for h in self._open.values()
@@ -345,6 +350,7 @@ class LocalHolds:
             return
         hold.outcome = outcome
         hold.ended_at = time.time()
+        hold._ended_clock = trio.current_time()
         hold._released.set()
         self._open.pop(hold.id, None)
         self._counts[outcome.value] += 1

@@ -171,12 +171,12 @@ class WorkerMetrics:
         """The slot's observer: the queue wait as a reservation leaves the queue; the hold."""
         res = event.reservation
         if event.kind == "started":
-            self.queue_wait_seconds.observe(max(res.started_at - res.entered_queue_at, 0.0))
+            self.queue_wait_seconds.observe(res.queue_wait_s)
         elif event.kind == "ended":
             if res.started_at:
                 self.hold_seconds.observe(res.held_s)
             else:  # it never left the queue for the slot: rejected, cancelled, shutdown
-                self.queue_wait_seconds.observe(max(res.ended_at - res.entered_queue_at, 0.0))
+                self.queue_wait_seconds.observe(res.queue_wait_s)
 
     def observe_local(self, event: LocalHoldEvent) -> None:
         """The local holds' observer: each hold's length at its end."""

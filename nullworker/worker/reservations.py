@@ -114,6 +114,10 @@ class Reservation:
     started_at: float = 0.0
     ended_at: float = 0.0
     deadline: float = math.inf
+    #: The same moments on the Trio clock, for durations (the wall clock can step).
+    _queued_clock: float | None = None
+    _started_clock: float | None = None
+    _ended_clock: float | None = None
     _release_reason: Outcome | None = None
     _released: trio.Event = field(default_factory=trio.Event)
     _wait_scope: trio.CancelScope | None = None
@@ -125,10 +129,23 @@ class Reservation:
 
     @property
     def held_s(self) -> float:
-        """Seconds between the hold starting and ending (0 if it never started)."""
-        if not self.started_at:
+        """Seconds between the hold starting and ending (0 if it never started).
+
+        Measured on the Trio clock: a wall-clock step (NTP) must not stretch or shrink it.
+        """
+        if self._started_clock is None:
             return 0.0
-        return max((self.ended_at or time.time()) - self.started_at, 0.0)
+        end = self._ended_clock if self._ended_clock is not None else trio.current_time()
+        return max(end - self._started_clock, 0.0)
+
+    @property
+    def queue_wait_s(self) -> float:
+        """Seconds from admission until the hold started (or the reservation ended)."""
+        if self._queued_clock is None:
+            return 0.0
+        left = self._started_clock if self._started_clock is not None else self._ended_clock
+        end = left if left is not None else trio.current_time()
+        return max(end - self._queued_clock, 0.0)
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,9 @@ class ActiveInfo:
     #: Wall-clock epoch seconds at which the hold will elapse.
     ends_at: float
     tag: dict[str, Any]
+    #: Seconds held so far and left, on the Trio clock.
+    held_s: float = 0.0
+    remaining_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -351,6 +371,7 @@ class ReservationSlot:
             tag=dict(tag or {}),
             key=key,
             entered_queue_at=time.time(),
+            _queued_clock=trio.current_time(),
         )
         if key is not None:
             self._live_keys[key] = res
@@ -464,6 +485,8 @@ class ReservationSlot:
             started_at=res.started_at,
             ends_at=res.started_at + res.duration_s,
             tag=dict(res.tag),
+            held_s=res.held_s,
+            remaining_s=max(res.deadline - trio.current_time(), 0.0),
         )
 
     async def _wait_for_token(self, res: Reservation) -> bool:
@@ -483,7 +506,8 @@ class ReservationSlot:
         res._move(State.HELD)
         self._active = res
         res.started_at = time.time()
-        res.deadline = trio.current_time() + res.duration_s
+        res._started_clock = trio.current_time()
+        res.deadline = res._started_clock + res.duration_s
         self._counts["started"] += 1
         self._emit("started", res)
         # A shutdown that raced with acquiring the token set the event already.
@@ -508,5 +532,6 @@ class ReservationSlot:
         res._move(State.ENDED)
         res.outcome = outcome
         res.ended_at = time.time()
+        res._ended_clock = trio.current_time()
         self._counts[outcome.value] += 1
         self._emit("ended", res)

@@ -423,7 +423,7 @@ class Worker:
                 "duration": stats.active.duration_s,
                 "started_at": stats.active.started_at,
                 "ends_at": stats.active.ends_at,
-                "held_s": round(max(time.time() - stats.active.started_at, 0.0), 3),
+                "held_s": round(stats.active.held_s, 3),
                 "request_idx": stats.active.tag.get("request_idx"),
             }
         local = self.local_holds.statistics()
