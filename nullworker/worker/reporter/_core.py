@@ -1,11 +1,12 @@
 """The reporter's accounting, sans I/O: what the engine must hear, and what it has heard.
 
 This module never touches the network, a file or a clock, and calls nothing of Trio or
-httpx (as h11's ``_state.py`` never touches a socket); it only logs. The loop (:mod:`._loop`) feeds it inputs -- reservation events,
-readiness, "this body was delivered", "this batch was refused", the current time -- and
-acts on what it answers: the body to send, the batch to POST next, the journal lines to
-strike, how long to wait. So every decision below is a plain function of its inputs,
-tested synchronously in ``tests/test_reporter_core.py``.
+httpx (as h11's ``_state.py`` never touches a socket); it only logs. The loop
+(:mod:`._loop`) feeds it inputs -- reservation events, readiness, "this body was
+delivered", "this batch was refused", the current time -- and acts on what it answers:
+the body to send, the batch to POST next, the journal lines to strike, how long to wait.
+So every decision below is a plain function of its inputs, tested synchronously in
+``tests/test_reporter_core.py``.
 
 Theory of operation
 -------------------
