@@ -261,11 +261,15 @@ RunAutoscale = Callable[..., Awaitable[Autoscale]]
 
 @pytest.fixture(name="run_autoscale")
 async def run_autoscale_fixture(nursery: trio.Nursery) -> AsyncIterator[RunAutoscale]:
-    """Start ``nullworker autoscale --endpoint ep ARGS [--json]``; killed at the end if still up."""
+    """Start ``nullworker autoscale --endpoint ep ARGS [--json]``; killed at the end if still up.
+
+    ``endpoint=None`` leaves ``--endpoint`` out (for ``--config``).
+    """
     started: list[trio.Process] = []
 
-    async def run(*args: str, json_lines: bool = True) -> Autoscale:
-        argv = [sys.executable, "-m", "nullworker", "autoscale", "--endpoint", "ep", *args]
+    async def run(*args: str, json_lines: bool = True, endpoint: str | None = "ep") -> Autoscale:
+        named = [] if endpoint is None else ["--endpoint", endpoint]
+        argv = [sys.executable, "-m", "nullworker", "autoscale", *named, *args]
         if json_lines:
             argv.append("--json")
         process = await trio.lowlevel.open_process(

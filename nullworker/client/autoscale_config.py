@@ -258,8 +258,11 @@ def plan_lines(endpoints: Sequence[EndpointOptions]) -> list[str]:
             f"    {redact(part.describe())}, timeout {part.timeout_s:g} s" for part in parts
         )
         lines.append(
-            f"  policy: min {o.min_workers}, max {o.max_workers}, {o.jobs_per_worker} job(s) "
-            f"per worker, poll {o.poll_s:g} s, scale-down delay {o.scale_down_delay_s:g} s, "
+            f"  policy: min {o.min_workers}, max {o.max_workers}, "
+            f"{o.jobs_per_worker} job(s) per worker"
+        )
+        lines.append(
+            f"  timing: poll {o.poll_s:g} s, scale-down delay {o.scale_down_delay_s:g} s, "
             f"each hold {duration}"
         )
         lines.append(f"  engine {redact(o.engine_url)}, API key from {o.api_key_from}")
@@ -490,7 +493,12 @@ class _Checker:
         try:
             return new_source(kind, fields, timeout_s=timeout_s, http_auth=auth)
         except ValueError as exc:  # the message is password-free
-            self.problem(here, str(exc))
+            # Name the field whose value the message quotes, when one does.
+            text = str(exc)
+            quoted = [
+                k for k, v in fields.items() if isinstance(v, str) and repr(redact(v)) in text
+            ]
+            self.problem(f"{here}.{quoted[0]}" if quoted else here, text)
         except ModuleNotFoundError as exc:
             if exc.name not in AUTOSCALE_EXTRA_MODULES:
                 raise
