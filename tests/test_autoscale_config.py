@@ -351,7 +351,8 @@ def test_the_readme_example_passes_check(
     section = readme.split("### One autoscaler for all your endpoints", 1)[1]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     for variable in sorted(set(re.findall(r'_env = "(\w+)"', example))):
-        monkeypatch.setenv(variable, f"value-of-{variable.lower()}")
+        value = f"value-of-{variable.lower()}"
+        monkeypatch.setenv(variable, f"redis://:{value}@queue" if "URL" in variable else value)
     path = tmp_path / "autoscale.toml"
     path.write_text(example)
     assert main(["--config", str(path), "--check"]) == 0
