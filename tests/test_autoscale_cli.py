@@ -408,6 +408,10 @@ async def test_demand_command_holds_releases_and_survives_bad_output(
     assert last["released"] == 1 and last["exit_status"] == 130
     assert cli.events[-2]["kind"] == "reservation_ended" and cli.events[-2]["cause"] == "shutdown"
     await wait_engine(vast_engine, {1: "idle", 2: "idle"})
+    # Every line of the endpoint names it; the process's own lines do not.
+    process_kinds = {"metrics", "stopped"}
+    assert {e.get("endpoint") for e in cli.events if e["kind"] not in process_kinds} == {"ep"}
+    assert all("endpoint" not in e for e in cli.events if e["kind"] in process_kinds)
     assert KEY not in cli.out + cli.err
     assert cli.err == ""
 
