@@ -162,25 +162,27 @@ def test_the_collector_names_every_metric() -> None:
         source_ok=False,
     )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AutoscalerCollector(lambda: stats))
+    registry.register(AutoscalerCollector(lambda: {"ep": stats}))
     assert parse_metrics(generate_latest(registry).decode()) == {
-        "nullworker_autoscale_demand": 7,
-        "nullworker_autoscale_target": 4,
-        "nullworker_autoscale_reservations_held": 3,
-        "nullworker_autoscale_reservations_waiting": 1,
-        'nullworker_autoscale_reservations_ended_total{outcome="client_released"}': 5,
-        'nullworker_autoscale_reservations_ended_total{outcome="explicit"}': 2,
-        "nullworker_autoscale_reservations_failed_total": 1,
-        "nullworker_autoscale_source_errors_total": 6,
-        "nullworker_autoscale_source_up": 0,
+        'nullworker_autoscale_demand{endpoint="ep"}': 7,
+        'nullworker_autoscale_target{endpoint="ep"}': 4,
+        'nullworker_autoscale_reservations_held{endpoint="ep"}': 3,
+        'nullworker_autoscale_reservations_waiting{endpoint="ep"}': 1,
+        'nullworker_autoscale_reservations_ended_total{endpoint="ep",outcome="client_released"}': 5,
+        'nullworker_autoscale_reservations_ended_total{endpoint="ep",outcome="explicit"}': 2,
+        'nullworker_autoscale_reservations_failed_total{endpoint="ep"}': 1,
+        'nullworker_autoscale_source_errors_total{endpoint="ep"}': 6,
+        'nullworker_autoscale_source_up{endpoint="ep"}': 0,
     }
     # Before the first read the demand has no sample; before the autoscaler runs, nothing.
     unknown = AutoscalerStatistics(None, 0, 0, 0, 0, {}, 0, 0, False)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AutoscalerCollector(lambda: unknown))
-    assert "nullworker_autoscale_demand" not in parse_metrics(generate_latest(registry).decode())
+    registry.register(AutoscalerCollector(lambda: {"ep": unknown}))
+    samples = parse_metrics(generate_latest(registry).decode())
+    assert not [name for name in samples if name.startswith("nullworker_autoscale_demand")]
+    assert samples['nullworker_autoscale_target{endpoint="ep"}'] == 0
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AutoscalerCollector(lambda: None))
+    registry.register(AutoscalerCollector(dict))
     assert generate_latest(registry) == b""
 
 
@@ -259,11 +261,15 @@ RunAutoscale = Callable[..., Awaitable[Autoscale]]
 
 @pytest.fixture(name="run_autoscale")
 async def run_autoscale_fixture(nursery: trio.Nursery) -> AsyncIterator[RunAutoscale]:
-    """Start ``nullworker autoscale --endpoint ep ARGS [--json]``; killed at the end if still up."""
+    """Start ``nullworker autoscale --endpoint ep ARGS [--json]``; killed at the end if still up.
+
+    ``endpoint=None`` leaves ``--endpoint`` out (for ``--config``).
+    """
     started: list[trio.Process] = []
 
-    async def run(*args: str, json_lines: bool = True) -> Autoscale:
-        argv = [sys.executable, "-m", "nullworker", "autoscale", "--endpoint", "ep", *args]
+    async def run(*args: str, json_lines: bool = True, endpoint: str | None = "ep") -> Autoscale:
+        named = [] if endpoint is None else ["--endpoint", endpoint]
+        argv = [sys.executable, "-m", "nullworker", "autoscale", *named, *args]
         if json_lines:
             argv.append("--json")
         process = await trio.lowlevel.open_process(
@@ -349,11 +355,11 @@ async def test_demand_command_holds_releases_and_survives_bad_output(
     assert cli.metrics_url.startswith("http://127.0.0.1:")
     await cli.wait_until(lambda: cli.events[-1]["held"] == 2)
     metrics = await cli.metrics()
-    assert metrics["nullworker_autoscale_reservations_held"] == 2
-    assert metrics["nullworker_autoscale_demand"] == 2
-    assert metrics["nullworker_autoscale_target"] == 2
-    assert metrics["nullworker_autoscale_reservations_waiting"] == 0
-    assert metrics["nullworker_autoscale_source_up"] == 1
+    assert metrics['nullworker_autoscale_reservations_held{endpoint="ep"}'] == 2
+    assert metrics['nullworker_autoscale_demand{endpoint="ep"}'] == 2
+    assert metrics['nullworker_autoscale_target{endpoint="ep"}'] == 2
+    assert metrics['nullworker_autoscale_reservations_waiting{endpoint="ep"}'] == 0
+    assert metrics['nullworker_autoscale_source_up{endpoint="ep"}'] == 1
 
     # Output that is no count: one source_error line, the capacity kept, no crash.
     write_demand(demand, "lots")
@@ -363,9 +369,9 @@ async def test_demand_command_holds_releases_and_survives_bad_output(
     await trio.sleep(0.6)  # several more failed reads: still one line, still held
     assert len(cli.of_kind("source_error")) == 1
     metrics = await cli.metrics()
-    assert metrics["nullworker_autoscale_source_up"] == 0
-    assert metrics["nullworker_autoscale_source_errors_total"] >= 2
-    assert metrics["nullworker_autoscale_reservations_held"] == 2
+    assert metrics['nullworker_autoscale_source_up{endpoint="ep"}'] == 0
+    assert metrics['nullworker_autoscale_source_errors_total{endpoint="ep"}'] >= 2
+    assert metrics['nullworker_autoscale_reservations_held{endpoint="ep"}'] == 2
     assert await engine_view(vast_engine) == {1: "busy", 2: "busy"}
 
     # 0 jobs -> both released after the scale-down delay (counted from the recovery).
@@ -378,10 +384,15 @@ async def test_demand_command_holds_releases_and_survives_bad_output(
     assert 0.8 <= seconds_between(recovered, ended[0]) <= 3.0
     await wait_engine(vast_engine, {1: "idle", 2: "idle"})
     metrics = await cli.metrics()
-    assert metrics["nullworker_autoscale_demand"] == 0
-    assert metrics["nullworker_autoscale_target"] == 0
-    assert metrics["nullworker_autoscale_reservations_held"] == 0
-    assert metrics['nullworker_autoscale_reservations_ended_total{outcome="client_released"}'] == 2
+    assert metrics['nullworker_autoscale_demand{endpoint="ep"}'] == 0
+    assert metrics['nullworker_autoscale_target{endpoint="ep"}'] == 0
+    assert metrics['nullworker_autoscale_reservations_held{endpoint="ep"}'] == 0
+    assert (
+        metrics[
+            'nullworker_autoscale_reservations_ended_total{endpoint="ep",outcome="client_released"}'
+        ]
+        == 2
+    )
 
     # SIGINT with one held: exit 130 at once, the worker idle.
     write_demand(demand, "1")
@@ -397,6 +408,10 @@ async def test_demand_command_holds_releases_and_survives_bad_output(
     assert last["released"] == 1 and last["exit_status"] == 130
     assert cli.events[-2]["kind"] == "reservation_ended" and cli.events[-2]["cause"] == "shutdown"
     await wait_engine(vast_engine, {1: "idle", 2: "idle"})
+    # Every line of the endpoint names it; the process's own lines do not.
+    process_kinds = {"metrics", "stopped"}
+    assert {e.get("endpoint") for e in cli.events if e["kind"] not in process_kinds} == {"ep"}
+    assert all("endpoint" not in e for e in cli.events if e["kind"] in process_kinds)
     assert KEY not in cli.out + cli.err
     assert cli.err == ""
 

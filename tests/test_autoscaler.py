@@ -30,7 +30,7 @@ from nullworker.client.autoscaler import (
     AutoscalerStatistics,
     autoscale,
 )
-from nullworker.client.demand import DemandError
+from nullworker.client.demand import CallableDemand, CombinedDemand, DemandError, DemandTimeout
 from nullworker.errors import ConfigError, EngineUnavailable
 
 # -- the fake engine -------------------------------------------------------------------
@@ -667,3 +667,90 @@ async def test_the_default_reserve_needs_an_api_key(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("VAST_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="an API key is required"):
         await autoscale("e", demand=Script((0, 1)))
+
+
+# -- several sources for one endpoint: CombinedDemand ----------------------------------
+
+
+async def test_combined_sum_drives_the_target_and_a_failed_part_fails_static(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A queue and its retry queue: the sum scales up; one part down keeps what is held."""
+    jobs = Script((0, 2), (10, 3))
+    retry = Script((0, 1), (20, DemandError("retry queue down")), (40, 0))
+    source = CombinedDemand(
+        [CallableDemand(jobs, name="jobs"), CallableDemand(retry, name="retry")], how="sum"
+    )
+    assert source.describe() == "sum of (callable jobs, callable retry)"
+    engine = FakeEngine()
+    async with (
+        source,
+        running(engine, source, poll_s=1.0, scale_down_delay_s=5.0, max_workers=10) as run,
+    ):
+        await settle_at(5)
+        assert (run.stats().demand, run.stats().held) == (3, 3)
+        await settle_at(15)
+        assert (run.stats().demand, run.stats().held) == (4, 4)
+        # The retry queue cannot be read: 3 readable jobs would be a scale-down; the
+        # whole read fails instead and the 4 reservations stay, for the whole outage.
+        await settle_at(39)
+        (error,) = run.of_kind("source_error")
+        assert error.at == 20 and "callable retry" in (error.error or "")
+        assert "retry queue down" in (error.error or "")
+        assert run.stats().held == 4 and run.stats().demand == 4
+        assert run.of_kind("reservation_ended") == []
+        assert not run.stats().source_ok
+        # Back: 3 + 0 -> 3, after the scale-down delay counted from the recovery.
+        await settle_at(70)
+        (recovered,) = run.of_kind("source_recovered")
+        (ended,) = run.of_kind("reservation_ended")
+        assert ended.cause == "scale_down"
+        assert ended.at - recovered.at == pytest.approx(5.0, abs=1.0)
+        assert (run.stats().demand, run.stats().held) == (3, 3)
+
+
+async def test_combined_max_counts_the_same_jobs_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    views = [CallableDemand(Script((0, n)), name=f"view{n}") for n in (2, 5, 4)]
+    source = CombinedDemand(views, how="max")
+    engine = FakeEngine()
+    async with source, running(engine, source, poll_s=1.0) as run:
+        await settle_at(3)
+        assert (run.stats().demand, run.stats().held) == (5, 5)
+    assert all(view._closed for view in views)  # the combination closed its parts
+
+
+async def test_combined_parts_are_read_together_each_within_its_own_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def slow() -> int:
+        await trio.sleep(3)
+        return 1
+
+    async def hangs() -> int:
+        await trio.sleep_forever()
+
+    fast_and_slow = CombinedDemand(
+        [CallableDemand(slow, timeout_s=4), CallableDemand(slow, timeout_s=4)]
+    )
+    start = trio.current_time()
+    assert await fast_and_slow.read() == 2
+    assert trio.current_time() - start == 3  # together, not one after the other
+    one_hangs = CombinedDemand(
+        [CallableDemand(slow, timeout_s=4), CallableDemand(hangs, timeout_s=2, name="stuck")]
+    )
+    with pytest.raises(DemandTimeout, match="callable stuck: no answer within 2 s"):
+        await one_hangs.read()
+
+
+def test_combined_demand_refuses_bad_arguments() -> None:
+    part = CallableDemand(Script((0, 1)))
+    with pytest.raises(ValueError, match="at least one source"):
+        CombinedDemand([])
+    with pytest.raises(ValueError, match="the same source twice"):
+        CombinedDemand([part, part])
+    with pytest.raises(ValueError, match="'sum' or 'max'"):
+        CombinedDemand([part], how="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="takes demand sources"):
+        CombinedDemand([Script((0, 1))])  # type: ignore[list-item]

@@ -416,20 +416,22 @@ def test_the_collector_names_the_lease_metrics() -> None:
     stats = AutoscalerStatistics(2, 2, 2, 0, 0, {}, 0, 0, True)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(
-        AutoscalerCollector(lambda: stats, lease=lambda: LeaseStatistics(leader=True, terms=3))
+        AutoscalerCollector(
+            lambda: {"ep": stats}, lease=lambda: {"ep": LeaseStatistics(leader=True, terms=3)}
+        )
     )
     metrics = parse_metrics(generate_latest(registry).decode())
-    assert metrics["nullworker_autoscale_lease_leader"] == 1
-    assert metrics["nullworker_autoscale_lease_terms_total"] == 3
-    assert metrics["nullworker_autoscale_reservations_held"] == 2
+    assert metrics['nullworker_autoscale_lease_leader{endpoint="ep"}'] == 1
+    assert metrics['nullworker_autoscale_lease_terms_total{endpoint="ep"}'] == 3
+    assert metrics['nullworker_autoscale_reservations_held{endpoint="ep"}'] == 2
     # A standby: the lease metrics only.
     registry = CollectorRegistry(auto_describe=False)
     registry.register(
-        AutoscalerCollector(lambda: None, lease=lambda: LeaseStatistics(leader=False, terms=0))
+        AutoscalerCollector(dict, lease=lambda: {"ep": LeaseStatistics(leader=False, terms=0)})
     )
     assert parse_metrics(generate_latest(registry).decode()) == {
-        "nullworker_autoscale_lease_leader": 0,
-        "nullworker_autoscale_lease_terms_total": 0,
+        'nullworker_autoscale_lease_leader{endpoint="ep"}': 0,
+        'nullworker_autoscale_lease_terms_total{endpoint="ep"}': 0,
     }
 
 
@@ -551,8 +553,8 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_the_ttl(
     )
     a, b = pair.a, pair.b
     metrics = await b.metrics()
-    assert metrics["nullworker_autoscale_lease_leader"] == 0
-    assert "nullworker_autoscale_reservations_held" not in metrics
+    assert metrics['nullworker_autoscale_lease_leader{endpoint="ep"}'] == 0
+    assert 'nullworker_autoscale_reservations_held{endpoint="ep"}' not in metrics
     await trio.sleep(1.0)  # several renewals: nothing changes
     assert b.of_kind("lease_acquired") == [] and a.of_kind("lease_lost") == []
 
@@ -567,9 +569,9 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_the_ttl(
     await b.wait_until(lambda: held_now(b) == MAX)
     assert await pair.busy() == MAX
     metrics = await b.metrics()
-    assert metrics["nullworker_autoscale_lease_leader"] == 1
-    assert metrics["nullworker_autoscale_lease_terms_total"] == 1
-    assert metrics["nullworker_autoscale_reservations_held"] == MAX
+    assert metrics['nullworker_autoscale_lease_leader{endpoint="ep"}'] == 1
+    assert metrics['nullworker_autoscale_lease_terms_total{endpoint="ep"}'] == 1
+    assert metrics['nullworker_autoscale_reservations_held{endpoint="ep"}'] == MAX
     assert pair.meter.samples > 20
     assert pair.meter.max_busy <= MAX, pair.meter.max_busy
     print(f"kill -9: takeover {takeover_s:.2f} s, at most {pair.meter.max_busy} busy")

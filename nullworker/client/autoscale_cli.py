@@ -26,6 +26,12 @@ lease (``standby``) -> ``lease_acquired`` -> ``autoscale()`` until the lease is 
 the leader closes its reservations first, then deletes the lease (``lease_released``) so
 that a standby takes over at its next attempt.
 
+With ``--config FILE.toml`` (:mod:`.autoscale_config`) one process drives several
+endpoints, each with its sources, policy, API key and lease: the file is checked whole
+before anything starts (``--check`` prints the plan and stops there), every endpoint
+runs as a task of its own in one nursery, and each line says whose it is (``endpoint``
+in JSON; a ``[NAME]`` prefix in text when there are several).
+
 Concurrency invariants
 ----------------------
 * One Trio run. The signal receiver is open for the whole of it, so SIGINT and SIGTERM
@@ -56,7 +62,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -65,21 +71,17 @@ from typing import Any, TypeVar
 import trio
 
 from .. import logs
+from .autoscale_config import (
+    ConfigFileError,
+    EndpointOptions,
+    LeaseOptions,
+    load_config,
+    new_source,
+    plan_lines,
+)
 from .autoscaler import AutoscaleEvent, Autoscaler, AutoscalerStatistics, HeldReservation, autoscale
 from .cli import _SIGNAL_EXIT, EXIT_USAGE
-from .demand import (
-    COMMAND_TIMEOUT_S,
-    DEFAULT_TIMEOUT_S,
-    CommandDemand,
-    DemandSource,
-    HttpJson,
-    NatsConsumer,
-    PrometheusQuery,
-    RedisList,
-    RedisQueue,
-    RedisStream,
-    redact,
-)
+from .demand import DemandSource, redact
 from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
 from .lease import (
     DEFAULT_RENEW_S,
@@ -122,9 +124,20 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
             "fault is printed and retried, never an exit."
         ),
     )
-    parser.add_argument("--endpoint", required=True, metavar="NAME", help="endpoint name")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="several endpoints from a TOML file (instead of --endpoint and the options of "
+        "one endpoint); see the README's 'One autoscaler for all your endpoints'",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="with --config: check the file, print the plan and exit, connecting nowhere",
+    )
+    parser.add_argument("--endpoint", metavar="NAME", help="endpoint name")
     sources = parser.add_argument_group("demand source: exactly one of the source options")
-    source = sources.add_mutually_exclusive_group(required=True)
+    source = sources.add_mutually_exclusive_group()
     source.add_argument(
         "--redis-list",
         nargs=2,
@@ -310,35 +323,70 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
-class _LeaseOptions:
-    url: str
-    key: str
-    ttl_s: float
-    renew_s: float
-
-
-@dataclass(frozen=True)
 class _Options:
-    endpoint: str
-    source: DemandSource
-    min_workers: int
-    max_workers: int
-    jobs_per_worker: int
-    poll_s: float
-    scale_down_delay_s: float
-    duration_s: float | None
-    api_key: str
-    engine_url: str
+    endpoints: tuple[EndpointOptions, ...]
     json: bool
     metrics_host: str
     metrics_port: int | None
-    lease: _LeaseOptions | None = None
     log_format: str | None = None
+    check: bool = False
+
+
+#: The options of one endpoint on the command line, which --config replaces.
+_ENDPOINT_DESTS = (
+    "endpoint",
+    *("processing", "sqs_include_delayed", "vhost", "redis_queue_prefix", "demand_timeout"),
+    *("min", "max", "jobs_per_worker", "poll", "scale_down_delay", "duration"),
+    *("api_key", "engine_url", "lease", "lease_ttl", "lease_renew"),
+)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
     """The options, or ``parser.error`` (SystemExit 2) with a one-line reason."""
     args = parser.parse_args(argv)
+    if args.metrics_host is not None and args.metrics_port is None:
+        parser.error("--metrics-host goes with --metrics-port")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be 0..65535, got {args.metrics_port}")
+    if args.config is not None:
+        endpoints = _parse_config(parser, args)
+    else:
+        if args.check:
+            parser.error("--check goes with --config")
+        endpoints = (_parse_endpoint(parser, args),)
+    return _Options(
+        endpoints=endpoints,
+        json=args.json,
+        log_format=args.log_format,
+        metrics_host=args.metrics_host or "127.0.0.1",
+        metrics_port=args.metrics_port,
+        check=args.check,
+    )
+
+
+def _parse_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[EndpointOptions, ...]:
+    given = [
+        f"--{dest.replace('_', '-')}"
+        for dest in (*_ENDPOINT_DESTS, *_SOURCE_DESTS)
+        if getattr(args, dest) != parser.get_default(dest)
+    ]
+    if given:
+        parser.error(f"--config excludes {', '.join(given)}: set them in the file")
+    try:
+        return tuple(load_config(args.config))
+    except ConfigFileError as exc:
+        parser.exit(EXIT_USAGE, "".join(f"{line}\n" for line in exc.lines))
+
+
+def _parse_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EndpointOptions:
+    """The one endpoint of the command line's options."""
+    if args.endpoint is None:
+        parser.error("the following arguments are required: --endpoint")
+    if all(getattr(args, dest) is None for dest in _SOURCE_DESTS):
+        flags = " ".join(f"--{dest.replace('_', '-')}" for dest in _SOURCE_DESTS)
+        parser.error(f"one of the arguments {flags} is required (or --config FILE)")
     if args.processing is not None and args.redis_list is None:
         parser.error("--processing goes with --redis-list")
     if args.sqs_include_delayed and args.sqs is None:
@@ -347,8 +395,6 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         parser.error("--vhost goes with --rabbitmq")
     if args.redis_queue_prefix is not None and args.redis_queue is None:
         parser.error("--redis-queue-prefix goes with --redis-queue")
-    if args.metrics_host is not None and args.metrics_port is None:
-        parser.error("--metrics-host goes with --metrics-port")
     for flag, value, least in (
         ("--min", args.min, 0),
         ("--max", args.max, 1),
@@ -373,8 +419,6 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         parser.error(
             f"--demand-timeout must be a finite number of seconds > 0, got {args.demand_timeout}"
         )
-    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
-        parser.error(f"--metrics-port must be 0..65535, got {args.metrics_port}")
     api_key = args.api_key or os.environ.get("VAST_API_KEY")
     if not api_key:
         parser.error("an API key is required: pass --api-key or set VAST_API_KEY")
@@ -389,8 +433,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         if exc.name not in AUTOSCALE_EXTRA_MODULES:
             raise
         parser.exit(EXIT_USAGE, f"{parser.prog}: {missing_extra_message(exc.name)}\n")
-    lease = _parse_lease(parser, args)
-    return _Options(
+    return EndpointOptions(
         endpoint=args.endpoint,
         source=source,
         min_workers=args.min,
@@ -401,15 +444,12 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> _Options:
         duration_s=args.duration,
         api_key=api_key,
         engine_url=engine_url,
-        json=args.json,
-        log_format=args.log_format,
-        metrics_host=args.metrics_host or "127.0.0.1",
-        metrics_port=args.metrics_port,
-        lease=lease,
+        lease=_parse_lease(parser, args),
+        api_key_from="--api-key" if args.api_key else "$VAST_API_KEY",
     )
 
 
-def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _LeaseOptions | None:
+def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LeaseOptions | None:
     if args.lease is None:
         for flag, value in (("--lease-ttl", args.lease_ttl), ("--lease-renew", args.lease_renew)):
             if value is not None:
@@ -428,7 +468,7 @@ def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _
         RedisLease(url, key, ttl_s=ttl, renew_s=renew)  # checks the URL and the key; no I/O
     except ValueError as exc:  # the message is password-free
         parser.error(f"--lease: {exc}")
-    return _LeaseOptions(url=url, key=key, ttl_s=ttl, renew_s=renew)
+    return LeaseOptions(url=url, key=key, ttl_s=ttl, renew_s=renew)
 
 
 #: The argparse destinations of the source options, in --help's order.
@@ -463,64 +503,37 @@ def _build_source(args: argparse.Namespace) -> DemandSource:
         raise ValueError(f"{flag}: {exc}") from None
 
 
+#: Each source option's kind (autoscale_config) and the names of its values.
+_SOURCE_ARGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "redis_list": ("redis-list", ("url", "key")),
+    "redis_stream": ("redis-stream", ("url", "stream", "group")),
+    "nats_consumer": ("nats-consumer", ("url", "stream", "consumer")),
+    "redis_queue": ("redis-queue", ("framework", "url", "queue")),
+    "http_json": ("http-json", ("url", "path")),
+    "prometheus": ("prometheus", ("url", "query")),
+    "sqs": ("sqs", ("queue_url",)),
+    "rabbitmq": ("rabbitmq", ("url", "queue")),
+    "postgres": ("postgres", ("dsn", "query")),
+    "demand_command": ("command", ("command",)),
+}
+
+
 def _new_source(args: argparse.Namespace) -> DemandSource:
+    dest = next(dest for dest in _SOURCE_DESTS if getattr(args, dest) is not None)
+    kind, names = _SOURCE_ARGS[dest]
+    value = getattr(args, dest)
+    fields: dict[str, Any] = dict(
+        zip(names, [value] if isinstance(value, str) else value, strict=True)
+    )
+    fields.update(
+        processing=args.processing,
+        prefix=args.redis_queue_prefix,
+        include_delayed=args.sqs_include_delayed,
+        vhost=args.vhost,
+    )
+    auth = _http_auth() if kind in ("http-json", "prometheus") else None
     # Each source's own default timeout unless --demand-timeout says otherwise.
-    timeout: float | None = args.demand_timeout
-    if args.redis_list is not None:
-        url, key = args.redis_list
-        return RedisList(url, key, args.processing, timeout_s=timeout or DEFAULT_TIMEOUT_S)
-    if args.redis_stream is not None:
-        url, stream, group = args.redis_stream
-        return RedisStream(url, stream, group, timeout_s=timeout or DEFAULT_TIMEOUT_S)
-    if args.nats_consumer is not None:
-        url, stream, consumer = args.nats_consumer
-        return NatsConsumer(url, stream, consumer, timeout_s=timeout or DEFAULT_TIMEOUT_S)
-    # -- job frameworks on Redis, HTTP JSON, Prometheus --
-    if args.redis_queue is not None:
-        framework, url, queue = args.redis_queue
-        return RedisQueue(
-            url,
-            framework,
-            queue,
-            prefix=args.redis_queue_prefix,
-            timeout_s=timeout or DEFAULT_TIMEOUT_S,
-        )
-    if args.http_json is not None:
-        url, path = args.http_json
-        return HttpJson(url, path, timeout_s=timeout or DEFAULT_TIMEOUT_S, **_http_auth())
-    if args.prometheus is not None:
-        url, query = args.prometheus
-        return PrometheusQuery(url, query, timeout_s=timeout or DEFAULT_TIMEOUT_S, **_http_auth())
-    # -- end of job frameworks, HTTP JSON, Prometheus --
-    source = _build_cloud_source(args, timeout or DEFAULT_TIMEOUT_S)
-    if source is not None:
-        return source
-    return CommandDemand(args.demand_command, timeout_s=timeout or COMMAND_TIMEOUT_S)
-
-
-def _build_cloud_source(args: argparse.Namespace, timeout: float) -> DemandSource | None:
-    """The --sqs, --rabbitmq or --postgres source, if one was given.
-
-    Each is imported here, so that a missing client (boto3, asyncpg) is reported only to
-    those who use it. A bad URL or DSN raises ValueError (:func:`_build_source` names the
-    option).
-    """
-    if args.sqs is not None:
-        from .demand import SqsQueue
-
-        return SqsQueue(args.sqs, include_delayed=args.sqs_include_delayed, timeout_s=timeout)
-    if args.rabbitmq is not None:
-        from .demand import RabbitMQQueue
-
-        url, queue = args.rabbitmq
-        vhost = "/" if args.vhost is None else args.vhost
-        return RabbitMQQueue(url, queue, vhost=vhost, timeout_s=timeout)
-    if args.postgres is not None:
-        from .demand import PostgresQuery
-
-        dsn, query = args.postgres
-        return PostgresQuery(dsn, query, timeout_s=timeout)
-    return None
+    return new_source(kind, fields, timeout_s=args.demand_timeout, http_auth=auth)
 
 
 def _http_auth() -> dict[str, Any]:
@@ -620,57 +633,76 @@ class _Totals:
         )
 
 
+@dataclass(eq=False)
+class _Endpoint:
+    """One endpoint's run: its autoscaler (while one runs), lease and counters."""
+
+    options: EndpointOptions
+    scaler: Autoscaler | None = None
+    lease: RedisLease | None = None
+    totals: _Totals = field(default_factory=_Totals)
+
+    def statistics(self) -> AutoscalerStatistics | None:
+        scaler = self.scaler
+        return None if scaler is None else self.totals.on_top_of(scaler.statistics())
+
+
 class _Cli:
-    """One ``nullworker autoscale`` run: the autoscaler, its printer and its signals."""
+    """One ``nullworker autoscale`` run: its endpoints' autoscalers, printer and signals."""
 
     def __init__(self, options: _Options) -> None:
         self.options = options
-        self._scaler: Autoscaler | None = None
-        self._lease: RedisLease | None = None
-        self._totals = _Totals()
+        self.endpoints = [_Endpoint(o) for o in options.endpoints]
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self.signum: int | None = None
         self.released_on_signal = 0
 
     # -- output ------------------------------------------------------------------------
 
-    def _print(self, kind: str, text: str, **fields: Any) -> None:
+    def _print(self, kind: str, text: str, *, label: str | None = None, **fields: Any) -> None:
         now = time.time()
         if self.options.json:
+            if label is not None:
+                fields = {"endpoint": label, **fields}
             line = json.dumps({"kind": kind, "time": _iso_utc(now), "message": text, **fields})
         else:
+            # With several endpoints, each line says whose it is.
+            if label is not None and len(self.endpoints) > 1:
+                text = f"[{label}] {text}"
             line = f"{time.strftime('%H:%M:%S', time.localtime(now))} {text}"
         print(line, flush=True)
 
-    def _on_event(self, event: AutoscaleEvent) -> None:
-        self._print(event.kind, redact(event.message), **_event_fields(event))
+    def _on_event(self, ep: _Endpoint, event: AutoscaleEvent) -> None:
+        self._print(
+            event.kind, redact(event.message), label=ep.options.endpoint, **_event_fields(event)
+        )
 
-    def _on_lease_event(self, event: LeaseEvent) -> None:
+    def _on_lease_event(self, ep: _Endpoint, event: LeaseEvent) -> None:
         fields = _lease_fields(event)
         message = event.message
         if event.kind == "lease_lost":
             # Printed before the term's cancellation runs: these are about to go.
-            held = 0 if self._scaler is None else self._scaler.statistics().held
+            held = 0 if ep.scaler is None else ep.scaler.statistics().held
             fields["released"] = held
             message += f"; releasing {held} worker(s)"
-        self._print(event.kind, redact(message), **fields)
+        self._print(event.kind, redact(message), label=ep.options.endpoint, **fields)
 
-    def print_start(self, metrics_url: str | None) -> None:
-        o = self.options
+    def print_start(self, ep: _Endpoint) -> None:
+        o = ep.options
         duration = "the worker's cap" if o.duration_s is None else f"{o.duration_s:g} s"
         engine_url = redact(o.engine_url)
         lease: dict[str, Any] = {}
         lease_text = ""
-        if o.lease is not None and self._lease is not None:
+        if o.lease is not None and ep.lease is not None:
             lease = {
-                "lease": self._lease.describe(),
+                "lease": ep.lease.describe(),
                 "lease_ttl_s": o.lease.ttl_s,
                 "lease_renew_s": o.lease.renew_s,
-                "token": self._lease.token[:TOKEN_SHOWN],
+                "token": ep.lease.token[:TOKEN_SHOWN],
             }
             lease_text = (
-                f"; {self._lease.describe()}, ttl {o.lease.ttl_s:g} s, renewed every "
-                f"{o.lease.renew_s:g} s, token {self._lease.token[:TOKEN_SHOWN]}"
+                f"; {ep.lease.describe()}, ttl {o.lease.ttl_s:g} s, renewed every "
+                f"{o.lease.renew_s:g} s, token {ep.lease.token[:TOKEN_SHOWN]}"
             )
         self._print(
             "started",
@@ -678,7 +710,7 @@ class _Cli:
             f"max {o.max_workers}, {o.jobs_per_worker} job(s) per worker, poll {o.poll_s:g} s, "
             f"scale-down delay {o.scale_down_delay_s:g} s, each hold {duration}; "
             f"engine {engine_url}{lease_text}",
-            endpoint=o.endpoint,
+            label=o.endpoint,
             source=o.source.describe(),
             engine_url=engine_url,
             min=o.min_workers,
@@ -689,80 +721,61 @@ class _Cli:
             duration_s=o.duration_s,
             **lease,
         )
-        if metrics_url is not None:
-            self._print("metrics", f"metrics on {metrics_url}", url=metrics_url)
 
     # -- the metrics server's side (another thread) ---------------------------------------
 
-    def statistics_for_scrape(self) -> AutoscalerStatistics | None:
-        """A snapshot taken in the Trio thread; called from the metrics server's threads."""
+    def statistics_for_scrape(self) -> dict[str, AutoscalerStatistics]:
+        """Snapshots taken in the Trio thread; called from the metrics server's threads."""
         return self._in_trio(self._statistics)
 
-    def lease_statistics_for_scrape(self) -> LeaseStatistics | None:
-        """The lease's snapshot, taken in the Trio thread (``None`` without ``--lease``)."""
+    def lease_statistics_for_scrape(self) -> dict[str, LeaseStatistics]:
+        """The leases' snapshots, taken in the Trio thread (endpoints with a lease only)."""
         return self._in_trio(self._lease_statistics)
 
-    def _in_trio(self, snapshot: Callable[[], _T | None]) -> _T | None:
+    def _in_trio(self, snapshot: Callable[[], dict[str, _T]]) -> dict[str, _T]:
         token = self._trio_token
         if token is None:
-            return None
+            return {}
         try:
             return trio.from_thread.run_sync(snapshot, trio_token=token)
         except trio.RunFinishedError:
             # The run is over: nothing changes any more.
             return snapshot()
 
-    def _statistics(self) -> AutoscalerStatistics | None:
-        scaler = self._scaler
-        if scaler is None:
-            return None
-        return self._totals.on_top_of(scaler.statistics())
+    def _statistics(self) -> dict[str, AutoscalerStatistics]:
+        # A standby (or an endpoint not started yet) has no autoscaler metrics.
+        snapshots = ((ep.options.endpoint, ep.statistics()) for ep in self.endpoints)
+        return {name: stats for name, stats in snapshots if stats is not None}
 
-    def _lease_statistics(self) -> LeaseStatistics | None:
-        return None if self._lease is None else self._lease.statistics()
+    def _lease_statistics(self) -> dict[str, LeaseStatistics]:
+        return {
+            ep.options.endpoint: ep.lease.statistics()
+            for ep in self.endpoints
+            if ep.lease is not None
+        }
 
     # -- the Trio run --------------------------------------------------------------------
 
     async def run(self, metrics_url: str | None) -> int:
         self._trio_token = trio.lowlevel.current_trio_token()
-        o = self.options
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            # No shared HTTP client: each reservation gets its own small one (with the
-            # shared TLS context), since one pool holding every held connection makes
-            # each new request scan them all.
-            async with o.source, self._open_lease() as lease:
+            # Every source and lease is opened here, in this task, before the endpoints'
+            # tasks start: the first one that needs the trio-asyncio loop opens it, and
+            # the others (and the tasks) share it. No shared HTTP client: each
+            # reservation gets its own small one (with the shared TLS context), since
+            # one pool holding every held connection makes each request scan them all.
+            async with AsyncExitStack() as stack:
+                for ep in self.endpoints:
+                    await stack.enter_async_context(ep.options.source)
+                    ep.lease = await stack.enter_async_context(self._open_lease(ep))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
-
-                    def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
-                        return reserve(
-                            o.endpoint,
-                            duration=o.duration_s,
-                            api_key=o.api_key,
-                            engine_url=o.engine_url,
-                        )
-
-                    run_autoscale = partial(
-                        autoscale,
-                        o.endpoint,
-                        demand=o.source.read,
-                        min_workers=o.min_workers,
-                        max_workers=o.max_workers,
-                        jobs_per_worker=o.jobs_per_worker,
-                        poll_s=o.poll_s,
-                        scale_down_delay_s=o.scale_down_delay_s,
-                        duration_s=o.duration_s,
-                        reserve=reserve_one,
-                        on_event=self._on_event,
-                    )
-                    self.print_start(metrics_url)
-                    if lease is None:
-                        self._scaler = await nursery.start(run_autoscale)
-                    else:
-                        nursery.start_soon(self._lead, lease, run_autoscale)
-                if lease is not None:
-                    # Every reservation is closed by now: hand over at once.
-                    await lease.release()
+                    for ep in self.endpoints:
+                        self.print_start(ep)
+                    if metrics_url is not None:
+                        self._print("metrics", f"metrics on {metrics_url}", url=metrics_url)
+                    for ep in self.endpoints:
+                        await nursery.start(self._run_endpoint, ep)
         # Only a signal ends the nursery without an exception.
         assert self.signum is not None
         status = _SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
@@ -775,9 +788,40 @@ class _Cli:
         )
         return status
 
+    async def _run_endpoint(
+        self, ep: _Endpoint, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """One endpoint, as a task of its own: ``autoscale()``, or terms of its lease."""
+        o = ep.options
+
+        def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
+            return reserve(
+                o.endpoint, duration=o.duration_s, api_key=o.api_key, engine_url=o.engine_url
+            )
+
+        run_autoscale = partial(
+            autoscale,
+            o.endpoint,
+            demand=o.source,
+            min_workers=o.min_workers,
+            max_workers=o.max_workers,
+            jobs_per_worker=o.jobs_per_worker,
+            poll_s=o.poll_s,
+            scale_down_delay_s=o.scale_down_delay_s,
+            duration_s=o.duration_s,
+            reserve=reserve_one,
+            on_event=partial(self._on_event, ep),
+        )
+        async with trio.open_nursery() as nursery:
+            if ep.lease is None:
+                ep.scaler = await nursery.start(run_autoscale)
+            else:
+                nursery.start_soon(self._lead, ep, ep.lease, run_autoscale)
+            task_status.started()
+
     @asynccontextmanager
-    async def _open_lease(self) -> AsyncIterator[RedisLease | None]:
-        lease_options = self.options.lease
+    async def _open_lease(self, ep: _Endpoint) -> AsyncIterator[RedisLease | None]:
+        lease_options = ep.options.lease
         if lease_options is None:
             yield None
             return
@@ -786,28 +830,35 @@ class _Cli:
             lease_options.key,
             ttl_s=lease_options.ttl_s,
             renew_s=lease_options.renew_s,
-            on_event=self._on_lease_event,
+            on_event=partial(self._on_lease_event, ep),
         )
         async with lease:
-            self._lease = lease
-            yield lease
+            try:
+                yield lease
+            finally:
+                # Every reservation is closed by now (the nursery is done): hand over at
+                # once.
+                await lease.release()
 
-    async def _lead(self, lease: RedisLease, run_autoscale: Callable[..., Awaitable[None]]) -> None:
+    async def _lead(
+        self, ep: _Endpoint, lease: RedisLease, run_autoscale: Callable[..., Awaitable[None]]
+    ) -> None:
         """Each term: wait for the lease, then autoscale until the term is lost."""
         while True:
             try:
                 async with lease.leadership(), trio.open_nursery() as nursery:
-                    self._scaler = await nursery.start(run_autoscale)
+                    ep.scaler = await nursery.start(run_autoscale)
             finally:
-                scaler, self._scaler = self._scaler, None
+                scaler, ep.scaler = ep.scaler, None
                 if scaler is not None:
-                    self._totals.add(scaler.statistics())
+                    ep.totals.add(scaler.statistics())
 
     async def _watch_signals(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
         async for signum in signals:
             self.signum = signum
-            if self._scaler is not None:
-                self.released_on_signal = self._scaler.statistics().held
+            self.released_on_signal = sum(
+                ep.scaler.statistics().held for ep in self.endpoints if ep.scaler is not None
+            )
             scope.cancel()
             return
 
@@ -823,6 +874,9 @@ def main(argv: list[str] | None = None, *, prog: str = _PROG) -> int:
         options = _parse(parser, argv)
     except SystemExit as exc:  # argparse's way out: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if options.check:
+        print("\n".join(plan_lines(options.endpoints)), flush=True)
+        return 0
     logs.configure(logging.WARNING, options.log_format, text_format=logs.SHORT_TEXT_FORMAT)
     cli = _Cli(options)
     metrics = None
@@ -833,7 +887,11 @@ def main(argv: list[str] | None = None, *, prog: str = _PROG) -> int:
         try:
             metrics = start_metrics_server(
                 cli.statistics_for_scrape,
-                lease=cli.lease_statistics_for_scrape if options.lease is not None else None,
+                lease=(
+                    cli.lease_statistics_for_scrape
+                    if any(o.lease is not None for o in options.endpoints)
+                    else None
+                ),
                 host=options.metrics_host,
                 port=options.metrics_port,
             )

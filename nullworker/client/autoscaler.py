@@ -87,6 +87,7 @@ __all__ = [
     "AutoscaleEventKind",
     "Autoscaler",
     "AutoscalerStatistics",
+    "DemandReader",
     "HeldReservation",
     "ReserveFunction",
     "autoscale",
@@ -117,6 +118,13 @@ class HeldReservation(Protocol):
 
     @property
     def outcome(self) -> str | None: ...
+
+
+class DemandReader(Protocol):
+    """Anything with an async ``read()`` returning the job count: a
+    :class:`~nullworker.client.demand.DemandSource`, e.g. a ``CombinedDemand``."""
+
+    async def read(self) -> int: ...
 
 
 #: Makes one reservation: entering the context manager waits for a worker and yields the
@@ -209,7 +217,7 @@ class AutoscalerStatistics:
 async def autoscale(
     endpoint: str,
     *,
-    demand: Callable[[], Awaitable[int]],
+    demand: Callable[[], Awaitable[int]] | DemandReader,
     min_workers: int = 0,
     max_workers: int = 10,
     jobs_per_worker: int = 1,
@@ -237,8 +245,9 @@ async def autoscale(
     Args:
       endpoint: the Vast endpoint name.
       demand: an async function of no arguments returning the number of jobs (an int
-        >= 0), e.g. a :class:`~nullworker.client.demand.DemandSource`'s ``read``. It should bound
-        its own time (a ``DemandSource`` does): a read that hangs holds up the next ones.
+        >= 0), e.g. a :class:`~nullworker.client.demand.DemandSource`'s ``read``, or the
+        source itself (a ``CombinedDemand`` of several, say). It should bound its own
+        time (a ``DemandSource`` does): a read that hangs holds up the next ones.
       min_workers: reservations held even with no demand.
       max_workers: the most reservations that exist at once, counting those still waiting
         for a worker.
@@ -284,6 +293,8 @@ async def autoscale(
         scale_down_delay_s=scale_down_delay_s,
         duration_s=duration_s,
     )
+    if not callable(demand) and callable(getattr(demand, "read", None)):
+        demand = demand.read
     if not callable(demand):
         raise ConfigError(f"demand must be an async function returning an int, not {demand!r}")
     if on_event is not None and not callable(on_event):

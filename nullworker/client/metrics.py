@@ -1,6 +1,7 @@
 """Prometheus metrics of a running autoscaler, served by ``prometheus-client``.
 
-``nullworker autoscale --metrics-port P`` serves these at ``http://HOST:P/metrics``:
+``nullworker autoscale --metrics-port P`` serves these at ``http://HOST:P/metrics``, each
+with the label ``endpoint="NAME"`` (one series per endpoint with ``--config``):
 
 * ``nullworker_autoscale_demand`` (gauge): the last demand read; no sample before one;
 * ``nullworker_autoscale_target`` (gauge): reservations kept (after the scale-down delay);
@@ -40,7 +41,7 @@ Concurrency invariants
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
@@ -56,21 +57,22 @@ __all__ = ["PREFIX", "AutoscalerCollector", "MetricsServer", "start_metrics_serv
 #: The prefix of every metric name.
 PREFIX = "nullworker_autoscale_"
 
-#: Returns a snapshot, or ``None`` while there is nothing to report yet.
-StatisticsFunction = Callable[[], AutoscalerStatistics | None]
-#: Returns the lease's snapshot, or ``None`` (no lease metrics).
-LeaseStatisticsFunction = Callable[[], LeaseStatistics | None]
+#: Returns a snapshot per endpoint name; an endpoint with nothing to report yet (or a
+#: standby) is left out.
+StatisticsFunction = Callable[[], Mapping[str, AutoscalerStatistics]]
+#: Returns the lease's snapshot per endpoint name (those with a lease).
+LeaseStatisticsFunction = Callable[[], Mapping[str, LeaseStatistics]]
 
 
 class AutoscalerCollector(Collector):
     """Builds the autoscaler's metrics from ``statistics()`` at each scrape.
 
     Args:
-      statistics: returns the snapshot to report, or ``None`` (no autoscaler metrics:
-        none runs yet, or this process stands by); called once per scrape, in the
-        thread that serves it.
-      lease: with ``--lease``, returns the lease's snapshot (or ``None``); called once
-        per scrape too.
+      statistics: returns the snapshots to report, by endpoint name (an endpoint left
+        out has no autoscaler metrics: none runs yet, or it stands by); called once per
+        scrape, in the thread that serves it.
+      lease: with leases, returns their snapshots by endpoint name; called once per
+        scrape too.
     """
 
     def __init__(
@@ -81,64 +83,63 @@ class AutoscalerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         if self._lease is not None:
-            lease = self._lease()
-            if lease is not None:
-                yield GaugeMetricFamily(
-                    PREFIX + "lease_leader",
+            leases = sorted(self._lease().items())
+            if leases:
+                leader = _gauge(
+                    "lease_leader",
                     "1 while this autoscaler holds the lease (and may hold reservations), else 0.",
-                    value=1 if lease.leader else 0,
                 )
-                yield CounterMetricFamily(
-                    PREFIX + "lease_terms",
-                    "Terms of leadership begun (times the lease was acquired).",
-                    value=lease.terms,
+                terms = _counter(
+                    "lease_terms", "Terms of leadership begun (times the lease was acquired)."
                 )
-        stats = self._statistics()
-        if stats is None:
+                for endpoint, lease in leases:
+                    leader.add_metric([endpoint], 1 if lease.leader else 0)
+                    terms.add_metric([endpoint], lease.terms)
+                yield leader
+                yield terms
+        snapshots = sorted(self._statistics().items())
+        if not snapshots:
             return
-        demand = GaugeMetricFamily(
-            PREFIX + "demand", "Jobs the demand source counted at its last successful read."
-        )
-        if stats.demand is not None:
-            demand.add_metric([], stats.demand)
-        yield demand
-        yield GaugeMetricFamily(
-            PREFIX + "target",
+        demand = _gauge("demand", "Jobs the demand source counted at its last successful read.")
+        target = _gauge(
+            "target",
             "Reservations kept: ceil(demand / jobs per worker) clamped to min..max, "
             "held up during the scale-down delay.",
-            value=stats.target,
         )
-        yield GaugeMetricFamily(
-            PREFIX + "reservations_held", "Reservations held on a worker.", value=stats.held
+        held = _gauge("reservations_held", "Reservations held on a worker.")
+        waiting = _gauge(
+            "reservations_waiting", "Reservations waiting for the engine to give them a worker."
         )
-        yield GaugeMetricFamily(
-            PREFIX + "reservations_waiting",
-            "Reservations waiting for the engine to give them a worker.",
-            value=stats.waiting,
+        ended = _counter(
+            "reservations_ended", "Held reservations that ended, by outcome.", "outcome"
         )
-        ended = CounterMetricFamily(
-            PREFIX + "reservations_ended",
-            "Held reservations that ended, by outcome.",
-            labels=["outcome"],
-        )
-        for outcome, count in sorted(stats.ended_by_outcome.items()):
-            ended.add_metric([outcome], count)
-        yield ended
-        yield CounterMetricFamily(
-            PREFIX + "reservations_failed",
+        failed = _counter(
+            "reservations_failed",
             "Attempts to reserve a worker that failed (engine unreachable, refused, rejected).",
-            value=stats.reservations_failed,
         )
-        yield CounterMetricFamily(
-            PREFIX + "source_errors",
-            "Demand reads that failed.",
-            value=stats.source_errors,
-        )
-        yield GaugeMetricFamily(
-            PREFIX + "source_up",
-            "1 if the last demand read succeeded, else 0.",
-            value=1 if stats.source_ok else 0,
-        )
+        errors = _counter("source_errors", "Demand reads that failed.")
+        up = _gauge("source_up", "1 if the last demand read succeeded, else 0.")
+        for endpoint, stats in snapshots:
+            label = [endpoint]
+            if stats.demand is not None:
+                demand.add_metric(label, stats.demand)
+            target.add_metric(label, stats.target)
+            held.add_metric(label, stats.held)
+            waiting.add_metric(label, stats.waiting)
+            for outcome, count in sorted(stats.ended_by_outcome.items()):
+                ended.add_metric([endpoint, outcome], count)
+            failed.add_metric(label, stats.reservations_failed)
+            errors.add_metric(label, stats.source_errors)
+            up.add_metric(label, 1 if stats.source_ok else 0)
+        yield from (demand, target, held, waiting, ended, failed, errors, up)
+
+
+def _gauge(name: str, documentation: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, documentation, labels=["endpoint"])
+
+
+def _counter(name: str, documentation: str, *labels: str) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, documentation, labels=["endpoint", *labels])
 
 
 class MetricsServer:

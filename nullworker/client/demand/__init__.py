@@ -22,6 +22,8 @@ Sources
 * :class:`PostgresQuery` — the number a PostgreSQL query returns (asyncpg).
 * :class:`CommandDemand` — a shell command that prints one integer.
 * :class:`CallableDemand` — any async function returning an int.
+* :class:`CombinedDemand` — the ``sum`` or ``max`` of several sources (a queue and its
+  retry queue); a failed read of any part fails the whole read.
 
 Errors
 ------
@@ -75,6 +77,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import DemandError, DemandNotFound, DemandTimeout
 from .._redact import redact
 from ._base import CLOSE_TIMEOUT_S, DEFAULT_TIMEOUT_S, DemandSource
+from ._combined import COMBINE, Combine, CombinedDemand
 from ._command import (
     COMMAND_STDERR_TAIL,
     COMMAND_STDOUT_LIMIT,
@@ -94,6 +97,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLOSE_TIMEOUT_S",
+    "COMBINE",
     "COMMAND_STDERR_TAIL",
     "COMMAND_STDOUT_LIMIT",
     "COMMAND_TIMEOUT_S",
@@ -103,6 +107,8 @@ __all__ = [
     "STREAM_SCAN_BATCH",
     "STREAM_SCAN_LIMIT",
     "CallableDemand",
+    "Combine",
+    "CombinedDemand",
     "CommandDemand",
     "DemandError",
     "DemandNotFound",
