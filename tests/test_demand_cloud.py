@@ -655,15 +655,27 @@ def test_cli_builds_each_source(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAST_API_KEY", "key")
     parser = autoscale_cli._build_parser("nullworker autoscale")
     base = ["--endpoint", "ep"]
-    sqs = autoscale_cli._parse(
-        parser,
-        [*base, "--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q", "--sqs-include-delayed"],
-    ).source
+    sqs = (
+        autoscale_cli._parse(
+            parser,
+            [*base, "--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q", "--sqs-include-delayed"],
+        )
+        .endpoints[0]
+        .source
+    )
     assert isinstance(sqs, SqsQueue) and sqs.include_delayed and sqs.timeout_s == 5.0
-    rabbit = autoscale_cli._parse(
-        parser,
-        [*base, "--rabbitmq", "http://h:15672", "q", "--vhost", "v", "--demand-timeout", "2"],
-    ).source
+    rabbit = (
+        autoscale_cli._parse(
+            parser,
+            [*base, "--rabbitmq", "http://h:15672", "q", "--vhost", "v", "--demand-timeout", "2"],
+        )
+        .endpoints[0]
+        .source
+    )
     assert isinstance(rabbit, RabbitMQQueue) and rabbit.vhost == "v" and rabbit.timeout_s == 2.0
-    pg = autoscale_cli._parse(parser, [*base, "--postgres", "postgresql://h/db", "SELECT 1"]).source
+    pg = (
+        autoscale_cli._parse(parser, [*base, "--postgres", "postgresql://h/db", "SELECT 1"])
+        .endpoints[0]
+        .source
+    )
     assert isinstance(pg, PostgresQuery) and pg.query == "SELECT 1"
