@@ -10,8 +10,11 @@ health server answers, stops and comes back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from nullworker.worker.consumer_health import (
 from nullworker.worker.server import ServeInfo, serve
 
 from .conftest import envelope, vast_settings
+from .test_dev import REPO, WAIT_S, DevProcess
 
 # -- the probe loop, on the mock clock ---------------------------------------------------
 
@@ -428,3 +432,65 @@ async def test_without_a_check_the_worker_is_ready_as_before(
     info = await start_checked_worker(nursery, tmp_path, vast_engine)
     await vast_engine.wait_for(lambda e: e.worker_state(7) == "idle", timeout=15)
     assert info.worker.consumer_error is None
+
+
+# -- nullworker dev: the check reaches its workers, and their consumers start first ---------
+
+
+async def test_dev_passes_the_check_on_and_starts_each_consumer_before_its_worker_is_ready(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # Each consumer writes its pid where its worker's check looks: both know the worker's
+    # control port ($NULLWORKER_CONTROL_PORT), so one setting serves every worker.
+    pid_file = f"{tmp_path}/consumer-$NULLWORKER_CONTROL_PORT.pid"
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "NULLWORKER_BACKEND_HEALTH_COMMAND": f'kill -0 "$(cat {pid_file})"',
+        "NULLWORKER_BACKEND_HEALTH_INTERVAL_SECONDS": "0.2",
+        "NULLWORKER_BACKEND_HEALTH_TIMEOUT_SECONDS": "1",
+    }
+    consumer = f"echo $$ > {pid_file}; exec sleep 3600"
+    argv = [sys.executable, "-m", "nullworker.engine.dev", "--port", "0", "--min-workers", "1"]
+    process = await trio.lowlevel.open_process(
+        [*argv, "--consumer", consumer],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+    )
+    dev = DevProcess(process)
+    dev.wait_s = 3 * WAIT_S  # a worker's start on a busy machine
+    nursery.start_soon(dev.pump)
+    try:
+        dev.url = (await dev.wait_line(r"engine on (http://127\.0\.0\.1:\d+)")).group(1)
+        await dev.wait_line(r"\[dev\] worker 1 ready after")
+        started = next(n for n, line in enumerate(dev.lines) if "consumer 1 started" in line)
+        ready = next(n for n, line in enumerate(dev.lines) if "worker 1 ready after" in line)
+        assert started < ready, dev.output
+        async with httpx.AsyncClient(base_url=dev.url, timeout=5.0) as http:
+            # The consumer dies: the worker is errored; dev restarts the consumer (1 s
+            # later) and the worker clears the error by itself.
+            [pid] = dev.consumer_pids()[1]  # the shell, which became `sleep`
+            os.kill(pid, signal.SIGKILL)
+            states: list[tuple[str, str | None]] = []
+            with trio.fail_after(3 * WAIT_S):
+                while not states or states[-1][0] != "idle" or len(states) < 2:
+                    [worker] = (await http.get("/workers")).json()["workers"]
+                    if not states or states[-1] != (worker["state"], worker["error"]):
+                        states.append((worker["state"], worker["error"]))
+                    await trio.sleep(0.05)
+        errors = [error for state, error in states if state == "error"]
+        assert errors and all(e and e.startswith("consumer unhealthy: command") for e in errors)
+        assert ("idle", None) == states[-1] and states[0] == ("idle", None), states
+        assert "consumer 1 exited with code -9" in dev.output or "code 137" in dev.output
+        assert await dev.stop(signal.SIGINT) == 0, dev.output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.move_on_after(5):
+                await process.wait()
+        for group in [pid for pids in dev.consumer_pids().values() for pid in pids]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)

@@ -20,7 +20,9 @@ Scaling model (small and honest):
   Vast instance runs beside its worker: started once the worker is ready, with that
   worker's control listener in ``NULLWORKER_CONTROL_URL`` (and
   ``NULLWORKER_CONTROL_PORT``), so a new worker's consumer never talks to a worker
-  that is gone; started again with a backoff (1, 2, 4, ... 30 s) if it exits while
+  that is gone (with a consumer health check in the environment, which the workers
+  inherit, at the worker's first report instead: it is ready only once its consumer
+  answers); started again with a backoff (1, 2, 4, ... 30 s) if it exits while
   its worker lives; stopped with its worker.
 
 Concurrency invariants
@@ -99,6 +101,9 @@ HOLD_POLL_S = 0.5
 MAX_CONSUMER_BACKOFF_S = 30.0
 #: A consumer that ran this long before exiting starts its backoff over.
 CONSUMER_STABLE_S = 60.0
+#: The worker's consumer health check settings (they reach the workers with dev's
+#: environment).
+CONSUMER_HEALTH_VARIABLES = ("BACKEND_HEALTH_URL", "NULLWORKER_BACKEND_HEALTH_COMMAND")
 #: The shell that runs ``--consumer``.
 CONSUMER_SHELL = "/bin/sh"
 
@@ -483,9 +488,18 @@ class _Supervisor:
         reap; shielded, as for the workers).
         """
         self._show_consumer(child, "waiting")
+        # With a consumer health check (BACKEND_HEALTH_URL or
+        # NULLWORKER_BACKEND_HEALTH_COMMAND, passed on to the workers) a worker is ready
+        # only once its consumer answers: the consumer then starts at the worker's first
+        # report, when its control listener is up.
+        env = {**os.environ, **self.options.worker_env}
+        checked = any(env.get(name) for name in CONSUMER_HEALTH_VARIABLES)
         try:
             await self.engine.wait_for(
-                lambda engine: (w := engine.workers.get(child.id)) is not None and w.ready,
+                lambda engine: (
+                    (w := engine.workers.get(child.id)) is not None
+                    and (w.last_report_at is not None if checked else w.ready)
+                ),
                 timeout=math.inf,
             )
             failures = 0
