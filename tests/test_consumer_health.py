@@ -170,8 +170,13 @@ def test_the_settings_are_read_from_the_environment() -> None:
         config.backend_health_timeout_s,
         config.backend_health_startup_s,
     ) == (2.0, 1.5, 20.0, 60.0)
-    config = WorkerConfig.from_env({"NULLWORKER_BACKEND_HEALTH_COMMAND": "pgrep -f consumer"})
-    assert config.backend_health_target == "command 'pgrep -f consumer'"
+    # The names in logs and error_msg hold no secret: no user info, query or arguments.
+    config = WorkerConfig.from_env({"BACKEND_HEALTH_URL": "http://u:secret@127.0.0.1:9/h?t=s3"})
+    assert config.backend_health_target == "GET http://127.0.0.1:9/h"
+    config = WorkerConfig.from_env(
+        {"NULLWORKER_BACKEND_HEALTH_COMMAND": "/usr/bin/curl -fH 'Authorization: secret' x"}
+    )
+    assert config.backend_health_target == "health command curl"
     default = WorkerConfig.from_env({})
     assert default.backend_health_target is None
     assert (default.backend_health_timeout_s, default.backend_health_startup_s) == (30.0, 300.0)
@@ -416,8 +421,8 @@ async def test_a_worker_with_the_command_form_errors_when_its_consumer_is_killed
         consumer.send_signal(signal.SIGKILL)
         await consumer.wait()
         await vast_engine.wait_for(lambda e: e.worker_state(7) == "error", timeout=15)
-        assert reports(vast_engine)[-1]["error_msg"].startswith(
-            f"consumer unhealthy: command 'kill -0 {consumer.pid}': exit code "
+        assert reports(vast_engine)[-1]["error_msg"] == (
+            "consumer unhealthy: health command kill: exit code 1 for 0.5 s"
         )
         assert info.worker.consumer_error is not None
     finally:
@@ -482,7 +487,9 @@ async def test_dev_passes_the_check_on_and_starts_each_consumer_before_its_worke
                         states.append((worker["state"], worker["error"]))
                     await trio.sleep(0.05)
         errors = [error for state, error in states if state == "error"]
-        assert errors and all(e and e.startswith("consumer unhealthy: command") for e in errors)
+        assert errors and all(
+            e and e.startswith("consumer unhealthy: health command kill: ") for e in errors
+        )
         assert ("idle", None) == states[-1] and states[0] == ("idle", None), states
         assert "consumer 1 exited with code -9" in dev.output or "code 137" in dev.output
         assert await dev.stop(signal.SIGINT) == 0, dev.output

@@ -317,11 +317,16 @@ class WorkerConfig:
 
     @property
     def backend_health_target(self) -> str | None:
-        """What the consumer health check probes, as messages name it (None: no check)."""
+        """What the consumer health check probes, as logs and ``error_msg`` name it (None:
+        no check). Only what cannot hold a secret: the URL without its user info and
+        query, the command's program name only."""
         if self.backend_health_url is not None:
-            return f"GET {self.backend_health_url}"
+            parts = urlsplit(self.backend_health_url)
+            netloc = parts.netloc.rpartition("@")[2]
+            return f"GET {parts.scheme}://{netloc}{parts.path}"
         if self.backend_health_command is not None:
-            return f"command {self.backend_health_command!r}"
+            program = self.backend_health_command.split()[0].rpartition("/")[2]
+            return f"health command {program}"
         return None
 
     @property
