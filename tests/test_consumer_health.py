@@ -388,6 +388,8 @@ async def test_a_worker_is_ready_only_with_a_healthy_consumer_and_errored_while_
         assert refused.json() == {"error": error, "reason": "consumer_unhealthy"}
         health = await http.get(f"{info.url}/health")
         assert (health.status_code, health.json()["reason"]) == (503, error)
+        metrics = (await http.get(f"{info.control_url}/metrics")).text
+        assert "\nnullworker_ready 0.0\n" in metrics
         # The held reservation is not cut by it.
         assert worker.slot.busy and not held
         assert reports(vast_engine)[-1]["num_requests_working"] == 1

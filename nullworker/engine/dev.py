@@ -493,7 +493,7 @@ class _Supervisor:
         # only once its consumer answers: the consumer then starts at the worker's first
         # report, when its control listener is up.
         env = {**os.environ, **self.options.worker_env}
-        checked = any(env.get(name) for name in CONSUMER_HEALTH_VARIABLES)
+        checked = any(env.get(name, "").strip() for name in CONSUMER_HEALTH_VARIABLES)
         try:
             await self.engine.wait_for(
                 lambda engine: (

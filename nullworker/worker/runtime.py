@@ -525,7 +525,7 @@ class Worker:
             age = engine["last_report_age_s"]
             since = float(age) if age is not None else time.monotonic() - self.started_at
         return MetricsSnapshot(
-            ready=self.ready.is_set() and not stats.closing,
+            ready=self.ready.is_set() and not stats.closing and self.consumer_error is None,
             reservation_held=stats.busy,
             queue_length=stats.waiting,
             local_holds=self.local_holds.count,
