@@ -343,6 +343,13 @@ class Worker:
         cfg = self.config
         target = cfg.backend_health_target
         assert target is not None
+        log.info(
+            "consumer health check: %s every %g s; ready once it answers, errored after "
+            "%g s without an answer",
+            target,
+            cfg.backend_health_interval_s,
+            cfg.backend_health_timeout_s,
+        )
         async with httpx.AsyncClient(
             timeout=cfg.backend_health_probe_timeout_s, follow_redirects=False, trust_env=False
         ) as client:
