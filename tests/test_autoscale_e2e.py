@@ -20,6 +20,7 @@ Every wait is bounded by ``WAIT_S``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -36,6 +37,7 @@ import nats
 import pytest
 import redis
 import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from nullworker.client._aio import open_asyncio_loop, run_aio
@@ -46,13 +48,23 @@ from nullworker.client.autoscaler import (
     autoscale,
 )
 from nullworker.client.demand import NatsConsumer, RedisList
+from nullworker.engine import Engine
+from nullworker.worker.config import WorkerConfig
+from nullworker.worker.local_holds import LocalHoldEvent
+from nullworker.worker.server import ServeInfo, serve
 
+from .conftest import envelope, vast_settings
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     nats_server_binary_fixture,
     nats_server_fixture,
     redis_server_binary_fixture,
     redis_server_fixture,
+)
+from .test_autoscale_cli import (
+    RunAutoscale,
+    run_autoscale_fixture,  # noqa: F401  (a fixture, used by name)
+    write_demand,
 )
 from .test_dev import DevProcess
 
@@ -452,3 +464,196 @@ async def test_a_consumers_release_ends_one_reservation_and_it_is_replaced(
         assert run.most == 2, run.describe()
         print(f"replaced {trio.current_time() - released:.2f} s after the release ({took=:.2f})")
         nursery.cancel_scope.cancel()
+
+
+# -- a job is never unprotected ----------------------------------------------------------------
+#
+# Here the engine runs in this process (the ``vast_engine`` fixture), so that every
+# ``/worker_status/`` it accepted can be read back (``Engine.worker_status_reports``); the
+# three workers are real servers in this process too, whose local holds are observed as
+# they open and close; the consumers (``examples/redis_list_consumer.py``) and the
+# autoscalers (``nullworker autoscale --lease``) are real processes, on a real Redis.
+
+CAP_S = 1.0  # MAX_RESERVATION_SECONDS: every job outlasts many reservations
+JOB_S = 8.0
+LEASE_KEY = "autoscale:ep"
+
+
+class Instance:
+    """One "machine": a worker in this process and its consumer beside it."""
+
+    def __init__(self, number: int, tmp_path: Path) -> None:
+        self.number = number
+        self.pid_file = tmp_path / f"consumer-{number}.pid"
+        self.info: ServeInfo | None = None
+        self.consumer: trio.Process | None = None
+        #: (time.time(), "started" | "ended", hold id), as the worker saw them.
+        self.holds: list[tuple[float, str, int]] = []
+
+    def observe(self, event: LocalHoldEvent) -> None:
+        self.holds.append((time.time(), event.kind, event.hold.id))
+
+    def hold_spans(self) -> list[tuple[float, float]]:
+        opened = {i: at for at, kind, i in self.holds if kind == "started"}
+        return [(opened[i], at) for at, kind, i in self.holds if kind == "ended"]
+
+    def open_holds(self) -> int:
+        return sum(1 if kind == "started" else -1 for _, kind, _ in self.holds)
+
+
+async def start_instance(
+    nursery: trio.Nursery, engine: Engine, tmp_path: Path, redis_url: str, number: int
+) -> Instance:
+    instance = Instance(number, tmp_path)
+    config = WorkerConfig(
+        **vast_settings(engine, container_id=number),
+        port=0,
+        control_port=0,
+        graceful_timeout_s=1.0,
+        lock_dir=str(tmp_path),
+        max_reservation_s=CAP_S,
+        # The consumer is alive while the pid it wrote at start is.
+        backend_health_command=f'kill -0 "$(cat {instance.pid_file})"',
+        backend_health_interval_s=0.2,
+        backend_health_timeout_s=1.5,
+    )
+    info: ServeInfo = await nursery.start(serve, config)
+    info.worker.local_holds.add_observer(instance.observe)
+    instance.info = info
+    script = REPO / "examples" / "redis_list_consumer.py"
+    command = (
+        f"echo $$ > {instance.pid_file} && exec {sys.executable} {script} "
+        f"--redis-url {redis_url} --queue {QUEUE} --processing {QUEUE}:processing "
+        f"--control-url {info.control_url} --idle-release 60"
+    )
+    instance.consumer = await trio.lowlevel.open_process(
+        ["/bin/sh", "-c", command],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    return instance
+
+
+def reports_of(engine: Engine, number: int) -> list[tuple[float, dict[str, Any]]]:
+    return [(r.received_at, r.body) for r in engine.worker_status_reports if r.body["id"] == number]
+
+
+def busy(report: dict[str, Any]) -> bool:
+    return bool(report["num_requests_working"] >= 1 and report["cur_load"] > 0)
+
+
+async def test_a_job_is_never_unprotected_and_a_dead_consumer_errors_its_worker(
+    nursery: trio.Nursery,
+    vast_engine: Engine,
+    redis_server: ServerProcess,
+    rdb: redis.Redis,
+    tmp_path: Path,
+    run_autoscale: RunAutoscale,
+    http: httpx.AsyncClient,
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    engine = vast_engine
+    instances = [
+        await start_instance(nursery, engine, tmp_path, redis_server.url, n) for n in (1, 2, 3)
+    ]
+    try:
+        # Each worker is ready only once its consumer answers the health check.
+        await engine.wait_for(
+            lambda e: all(e.worker_state(n) == "idle" for n in (1, 2, 3)), timeout=WAIT_S
+        )
+        # The autoscaler follows a demand its operator sets (a file, read by a command),
+        # so that its reservations can be dropped while the jobs run; it leads by a lease.
+        demand = tmp_path / "demand"
+        write_demand(demand, "3")
+        argv = [
+            "--demand-command", f"cat {demand}", "--max", "3", "--poll", "0.2",
+            "--scale-down-delay", "0.5", "--engine-url", str(engine.url),
+            "--lease", f"{redis_server.url}/0", LEASE_KEY,
+            "--lease-ttl", "2", "--lease-renew", "0.5",
+        ]  # fmt: skip
+        first = await run_autoscale(*argv)
+        await first.wait_events("reservation_started", 3)
+
+        # Three jobs, each eight reservation caps long: one per consumer, each in a local hold.
+        rdb.lpush(QUEUE, *[json.dumps({"id": n, "seconds": JOB_S}) for n in (1, 2, 3)])
+        with trio.fail_after(WAIT_S):
+            while not all(i.open_holds() == 1 for i in instances):
+                await trio.sleep(SAMPLE_S)
+
+        # Meanwhile: the reservations elapse at their cap, the demand drops and the
+        # autoscaler scales down, it is restarted, then loses its lease and takes it again.
+        write_demand(demand, "0")
+        dropped = len(first.of_kind("state"))
+        await first.wait_until(
+            lambda: any(
+                (e["target"], e["held"], e["waiting"]) == (0, 0, 0)
+                for e in first.of_kind("state")[dropped:]
+            )
+        )
+        assert await first.stop(signal.SIGTERM, within_s=WAIT_S) == 143, first.err
+        second = await run_autoscale(*argv)
+        await second.wait_events("lease_acquired")
+        rdb.delete(LEASE_KEY)
+        await second.wait_events("lease_lost")
+        await second.wait_events("lease_acquired", 2)
+        assert all(i.open_holds() == 1 for i in instances)  # all this while the jobs ran
+        outcomes = [e["outcome"] for e in first.of_kind("reservation_ended")]
+        assert len(outcomes) >= 3, first.out
+        print(f"reservations ended while the jobs ran: {outcomes}")
+
+        # The jobs end; the queue is empty; the autoscaler scales down; all idle.
+        with trio.fail_after(JOB_S + WAIT_S):
+            while not all(len(i.hold_spans()) == 1 for i in instances):
+                await trio.sleep(SAMPLE_S)
+        await engine.wait_for(
+            lambda e: all(e.worker_state(n) == "idle" for n in (1, 2, 3)), timeout=WAIT_S
+        )
+        assert rdb.llen(QUEUE) == 0 and rdb.llen(f"{QUEUE}:processing") == 0
+
+        # What the engine saw: while a job ran, each report of its worker was busy (after
+        # the one that may have been on the wire when the hold opened), and it saw it.
+        for instance in instances:
+            [(opened, ended)] = instance.hold_spans()
+            during = [
+                body for at, body in reports_of(engine, instance.number) if opened < at < ended
+            ]
+            first_busy = next((n for n, body in enumerate(during) if busy(body)), None)
+            assert first_busy is not None and first_busy <= 1, during
+            assert all(busy(body) for body in during[first_busy:]), during
+            assert all(body["error_msg"] == "" for body in during)
+            print(
+                f"worker {instance.number}: job held {ended - opened:.2f} s, "
+                f"{len(during)} reports meanwhile, {len(during) - first_busy} busy"
+            )
+
+        # A consumer killed mid-job: its hold ends with it, and its worker is errored
+        # and refuses reservations; the others stay as they were.
+        rdb.lpush(QUEUE, json.dumps({"id": 4, "seconds": 60}))
+        with trio.fail_after(WAIT_S):
+            while not any(i.open_holds() == 1 for i in instances):
+                await trio.sleep(SAMPLE_S)
+        [victim] = [i for i in instances if i.open_holds() == 1]
+        assert victim.consumer is not None and victim.info is not None
+        victim.consumer.kill()
+        await victim.consumer.wait()
+        n = victim.number
+        await engine.wait_for(lambda e: e.worker_state(n) == "error", timeout=WAIT_S)
+        assert victim.open_holds() == 0
+        error = reports_of(engine, n)[-1][1]["error_msg"]
+        assert error == "consumer unhealthy: health command kill: exit code 1 for 1.5 s"
+        url = victim.info.url
+        answer = await http.post(f"{url}/reserve", json=envelope(url, key=rsa_key, request_idx=99))
+        assert answer.status_code == 503
+        assert answer.json() == {"error": error, "reason": "consumer_unhealthy"}
+        others = [i.number for i in instances if i is not victim]
+        assert {engine.worker_state(o) for o in others} == {"idle"}
+        assert await second.stop(signal.SIGTERM, within_s=WAIT_S) == 143, second.err
+    finally:
+        for instance in instances:
+            if instance.consumer is not None and instance.consumer.returncode is None:
+                instance.consumer.kill()
+                with trio.move_on_after(5):
+                    await instance.consumer.wait()

@@ -54,6 +54,9 @@ HOLD_POLL_S = 0.5
 MAX_CONSUMER_BACKOFF_S = 30.0
 #: A consumer that ran this long before exiting starts its backoff over.
 CONSUMER_STABLE_S = 60.0
+#: The worker's consumer health check settings (they reach the workers with dev's
+#: environment).
+CONSUMER_HEALTH_VARIABLES = ("BACKEND_HEALTH_URL", "NULLWORKER_BACKEND_HEALTH_COMMAND")
 #: The shell that runs ``--consumer``.
 CONSUMER_SHELL = "/bin/sh"
 
@@ -305,16 +308,23 @@ class Processes:
     async def _run_consumer(self, child: Child, command: str) -> None:
         """Run ``--consumer`` beside ``child`` for as long as the worker lives.
 
-        It starts once the worker is ready (its control listener is up by then), is
-        started again with a backoff when it exits while the worker lives, and is
+        It starts once the worker is ready (its control listener is up by then) -- with a
+        consumer health check in the environment, which the workers inherit, at the
+        worker's first report instead, since the worker is ready only once its consumer
+        answers --, is started again with a backoff when it exits while the worker lives, and is
         stopped with the worker: this task is cancelled with the worker's nursery, and
         the consumer's whole process group goes (SIGTERM, a bounded wait, SIGKILL, a
         reap; shielded, as for the workers).
         """
         self._show_consumer(child, "waiting")
+        env = {**os.environ, **self.options.worker_env}
+        checked = any(env.get(name, "").strip() for name in CONSUMER_HEALTH_VARIABLES)
         try:
             await self.engine.wait_for(
-                lambda engine: (w := engine.workers.get(child.id)) is not None and w.ready,
+                lambda engine: (
+                    (w := engine.workers.get(child.id)) is not None
+                    and (w.last_report_at is not None if checked else w.ready)
+                ),
                 timeout=math.inf,
             )
             failures = 0

@@ -247,6 +247,8 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
 
     @app.post("/reserve")
     async def reserve() -> Response:
+        if worker.consumer_error is not None:  # Vast replaces an errored instance
+            return _json({"error": worker.consumer_error, "reason": "consumer_unhealthy"}, 503)
         admitted = await admit(await request.get_data(cache=False, as_text=False))
         if isinstance(admitted, Response):
             return admitted
@@ -527,7 +529,7 @@ def connection_limits(config: WorkerConfig) -> ConnectionLimits:
 
 
 def _health(worker: Worker) -> Response:
-    if worker.ready.is_set() and not worker.slot.closing:
+    if worker.ready.is_set() and not worker.slot.closing and worker.consumer_error is None:
         return _json({"ready": True, "busy": worker.busy}, 200)
     reason = worker.error or ("shutting down" if worker.slot.closing else "starting")
     return _json({"ready": False, "reason": reason}, 503)

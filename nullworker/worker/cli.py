@@ -39,8 +39,9 @@ HELP = "run the worker (POST /reserve)"
 EPILOG = """\
 Settings come from the environment (the Vast contract: WORKER_PORT, REPORT_ADDR, CONTAINER_ID,
 PUBLIC_IPADDR, VAST_TCP_PORT_<port>, MASTER_TOKEN, UNSECURED, USE_SSL; and MAX_RESERVATION_SECONDS,
-MAX_QUEUE_TIME, NULLWORKER_CONTROL_PORT, NULLWORKER_HOST, NULLWORKER_PUBLIC_URL). Flags override
-them. With neither REPORT_ADDR nor CONTAINER_ID set the worker runs standalone on 127.0.0.1,
+MAX_QUEUE_TIME, NULLWORKER_CONTROL_PORT, NULLWORKER_HOST, NULLWORKER_PUBLIC_URL; the consumer's
+health check: BACKEND_HEALTH_URL or NULLWORKER_BACKEND_HEALTH_COMMAND). Flags override them.
+With neither REPORT_ADDR nor CONTAINER_ID set the worker runs standalone on 127.0.0.1,
 unsecured, not reporting. Exit codes: 0 stopped by a signal, 1 failed (a port in use; a restart
 may help), 2 a configuration error (a restart cannot help).
 """

@@ -138,6 +138,15 @@ def _public_url(env: Mapping[str, str], *, port: int, use_ssl: bool) -> str | No
     return None
 
 
+#: The consumer health check's timings: field, variable, default.
+_HEALTH_SECONDS = (
+    ("backend_health_interval_s", "NULLWORKER_BACKEND_HEALTH_INTERVAL_SECONDS", 5.0),
+    ("backend_health_probe_timeout_s", "NULLWORKER_BACKEND_HEALTH_PROBE_TIMEOUT_SECONDS", 5.0),
+    ("backend_health_timeout_s", "NULLWORKER_BACKEND_HEALTH_TIMEOUT_SECONDS", 30.0),
+    ("backend_health_startup_s", "NULLWORKER_BACKEND_HEALTH_STARTUP_SECONDS", 300.0),
+)
+
+
 def _check_engine_url(addr: str) -> None:
     if not _is_http_url(addr):
         raise ConfigError(f"REPORT_ADDR entries must be http(s) URLs, got {addr!r}")
@@ -217,6 +226,21 @@ class WorkerConfig:
     keep_alive_timeout_s: float = 5.0
     #: A keep-alive connection is closed after this many requests (Hypercorn's default).
     keep_alive_max_requests: int = 1000
+    #: The consumer's health check (:mod:`~nullworker.worker.consumer_health`): a URL
+    #: (``BACKEND_HEALTH_URL``, any 2xx is healthy) or a shell command
+    #: (``NULLWORKER_BACKEND_HEALTH_COMMAND``, exit 0 is healthy), at most one. With one,
+    #: the worker is ready only once it answers healthy, and refuses reservations (503,
+    #: ``error_msg`` to the engine) while it has not answered for ``backend_health_timeout_s``.
+    backend_health_url: str | None = None
+    backend_health_command: str | None = None
+    #: Probes start this often; each is bounded by ``backend_health_probe_timeout_s``.
+    backend_health_interval_s: float = 5.0
+    backend_health_probe_timeout_s: float = 5.0
+    #: No healthy answer for this long after the last one: the worker is errored.
+    backend_health_timeout_s: float = 30.0
+    #: No healthy answer at all this long after start: the worker is errored (still not
+    #: ready; it becomes ready if the consumer answers later). The official worker's 300 s.
+    backend_health_startup_s: float = 300.0
     log_level: str = "INFO"
     #: ``text`` (the default) or ``json``: one JSON object per line (:mod:`nullworker.logs`).
     log_format: str = "text"
@@ -262,7 +286,26 @@ class WorkerConfig:
             raise ConfigError(
                 f"report_interval_s must be a finite number >= 0, got {self.report_interval_s!r}"
             )
-        for name in ("body_timeout_s", "send_timeout_s", "keep_alive_timeout_s"):
+        if self.backend_health_url is not None and self.backend_health_command is not None:
+            raise ConfigError(
+                "BACKEND_HEALTH_URL and NULLWORKER_BACKEND_HEALTH_COMMAND are both set: "
+                "use one of them"
+            )
+        if self.backend_health_url is not None and not _is_http_url(self.backend_health_url):
+            raise ConfigError(
+                f"BACKEND_HEALTH_URL must be an http(s) URL, got {self.backend_health_url!r}"
+            )
+        if self.backend_health_command is not None and not self.backend_health_command.strip():
+            raise ConfigError("NULLWORKER_BACKEND_HEALTH_COMMAND must be a command, not empty")
+        for name in (
+            "body_timeout_s",
+            "send_timeout_s",
+            "keep_alive_timeout_s",
+            "backend_health_interval_s",
+            "backend_health_probe_timeout_s",
+            "backend_health_timeout_s",
+            "backend_health_startup_s",
+        ):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
@@ -271,6 +314,20 @@ class WorkerConfig:
     def reporting(self) -> bool:
         """True when there is an engine to report to (Vast mode)."""
         return bool(self.report_addrs)
+
+    @property
+    def backend_health_target(self) -> str | None:
+        """What the consumer health check probes, as logs and ``error_msg`` name it (None:
+        no check). Only what cannot hold a secret: the URL without its user info and
+        query, the command's program name only."""
+        if self.backend_health_url is not None:
+            parts = urlsplit(self.backend_health_url)
+            netloc = parts.netloc.rpartition("@")[2]
+            return f"GET {parts.scheme}://{netloc}{parts.path}"
+        if self.backend_health_command is not None:
+            program = self.backend_health_command.split()[0].rpartition("/")[2]
+            return f"health command {program}"
+        return None
 
     @property
     def standalone(self) -> bool:
@@ -356,6 +413,13 @@ class WorkerConfig:
             "report_interval_s": _seconds(
                 env, "NULLWORKER_REPORT_INTERVAL_SECONDS", 1.0, minimum=0.0
             ),
+            "backend_health_url": env.get("BACKEND_HEALTH_URL", "").strip() or None,
+            "backend_health_command": env.get("NULLWORKER_BACKEND_HEALTH_COMMAND", "").strip()
+            or None,
+            **{
+                field: _seconds(env, name, default, minimum=0.001)
+                for field, name, default in _HEALTH_SECONDS
+            },
         }
         values.update(overrides)
         try:

@@ -3,7 +3,8 @@
 =========================================  =========  ==============================================
 Metric                                     Type       Meaning
 =========================================  =========  ==============================================
-``nullworker_ready``                       gauge      1 once ready (and not shutting down), else 0
+``nullworker_ready``                       gauge      1 once ready (and not shutting down, nor the
+                                                      consumer health check failing), else 0
 ``nullworker_busy``                        gauge      1 while the engine hears "busy": a reservation
                                                       held or a local hold open
 ``nullworker_reservation_held``            gauge      1 while a reservation holds the slot

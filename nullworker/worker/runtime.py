@@ -17,6 +17,11 @@ Invariants
   to start without it (that is how ``hypercorn --workers 2`` is refused).
 * Readiness comes after the engine's public key (unless unsecured) and a benchmark that
   runs a real zero-length hold through a private slot. ``max_perf`` is pinned to 100.
+* With a consumer health check (``BACKEND_HEALTH_URL`` or
+  ``NULLWORKER_BACKEND_HEALTH_COMMAND``), readiness also waits for the consumer's first
+  healthy answer; while it does not answer (:attr:`Worker.consumer_error`) the engine
+  hears ``error_msg`` and ``/reserve`` is refused, until it answers again. Held
+  reservations and local holds are left to end as they would.
 * Busy means a reservation held *or* a local hold open (:attr:`Worker.busy`): that is
   what ``/health``, ``/status``, the metrics and the engine reports say.
 * Shutdown: :meth:`Worker.begin_shutdown` ends every hold with the ``shutdown`` outcome
@@ -110,6 +115,12 @@ class Worker:
         self.ready = trio.Event()
         self.ready_after_s: float | None = None
         self.error: str | None = None
+        #: Why the consumer counts as unhealthy now (None: healthy, or no check).
+        self.consumer_error: str | None = None
+        #: Set at the consumer's first healthy answer (at once without a check).
+        self._consumer_healthy = trio.Event()
+        if config.backend_health_target is None:
+            self._consumer_healthy.set()
         self.control_url: str | None = None
         self._key_fetched_at = -config.key_refresh_min_s
         self._key_refresh = trio.Event()
@@ -222,6 +233,8 @@ class Worker:
                         if self.reporter is not None:
                             await nursery.start(self.reporter.run)
                         nursery.start_soon(self._become_ready)
+                        if self.config.backend_health_target is not None:
+                            nursery.start_soon(self._watch_consumer)
                         if self.reporter is not None and not self.config.unsecured:
                             nursery.start_soon(self._refresh_key_on_demand)
                         self._log_mode()
@@ -311,12 +324,63 @@ class Worker:
         if self.reporter is not None and not self.config.unsecured:
             await self._load_key_until_loaded()
         max_perf = await self._benchmark()
+        await self._consumer_healthy.wait()
         self.ready_after_s = time.monotonic() - self.started_at
         self.error = None
         self.ready.set()
         if self.reporter is not None:
             self.reporter.set_ready(max_perf=max_perf)
         log.info("ready after %.3f s (max_perf %g)", self.ready_after_s, max_perf)
+
+    async def _watch_consumer(self) -> None:
+        """Probe the consumer (see :mod:`~nullworker.worker.consumer_health`) until cancelled.
+
+        The URL is probed with a client of its own: the probe's bound, no redirects, and
+        no proxy from the environment (the consumer is on this instance).
+        """
+        from .consumer_health import command_probe, http_probe, watch
+
+        cfg = self.config
+        target = cfg.backend_health_target
+        assert target is not None
+        log.info(
+            "consumer health check: %s every %g s; ready once it answers, errored after "
+            "%g s without an answer",
+            target,
+            cfg.backend_health_interval_s,
+            cfg.backend_health_timeout_s,
+        )
+        async with httpx.AsyncClient(
+            timeout=cfg.backend_health_probe_timeout_s, follow_redirects=False, trust_env=False
+        ) as client:
+            probe = (
+                http_probe(cfg.backend_health_url, client=client)
+                if cfg.backend_health_url is not None
+                else command_probe(cfg.backend_health_command or "")
+            )
+            await watch(
+                probe,
+                target=target,
+                interval_s=cfg.backend_health_interval_s,
+                probe_timeout_s=cfg.backend_health_probe_timeout_s,
+                timeout_s=cfg.backend_health_timeout_s,
+                startup_s=cfg.backend_health_startup_s,
+                on_change=self._consumer_health_changed,
+            )
+
+    def _consumer_health_changed(self, message: str | None) -> None:
+        """The consumer's health changed: ``None`` healthy, else why not."""
+        was, self.consumer_error = self.consumer_error, message
+        if message is None:
+            self._consumer_healthy.set()
+            if was is not None and self.error == was:
+                self.error = None
+                if self.reporter is not None and self.ready.is_set():
+                    self.reporter.set_error("")
+            return
+        self.error = message
+        if self.reporter is not None:
+            self.reporter.set_error(message)
 
     async def _load_key_until_loaded(self) -> None:
         """Fetch the engine's key until it loads; the engine hears the error meanwhile.
@@ -468,7 +532,7 @@ class Worker:
             age = engine["last_report_age_s"]
             since = float(age) if age is not None else time.monotonic() - self.started_at
         return MetricsSnapshot(
-            ready=self.ready.is_set() and not stats.closing,
+            ready=self.ready.is_set() and not stats.closing and self.consumer_error is None,
             reservation_held=stats.busy,
             queue_length=stats.waiting,
             local_holds=self.local_holds.count,
