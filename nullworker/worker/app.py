@@ -452,7 +452,7 @@ async def _serve_hold(
                 outcome = await hold.wait()
                 nursery.cancel_scope.cancel()
     except ShuttingDown:
-        await _send_json(send, 503, {"error": "shutting down", "released": "shutdown"})
+        await _send_json(send, 503, {"error": "shutting down", "released": HoldOutcome.SHUTDOWN})
         return
     if outcome is HoldOutcome.DISCONNECTED:
         return  # nobody is there to read an answer
