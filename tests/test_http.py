@@ -24,7 +24,7 @@ import trio.testing
 from nullworker.worker.config import WorkerConfig
 from nullworker.worker.server import ServeInfo, serve
 
-from .conftest import StartWorker, body, envelope
+from .conftest import StartWorker, body, envelope, vast_settings
 
 URL = "http://127.0.0.1:1"  # any url: unsecured workers do not check it
 
@@ -347,6 +347,125 @@ async def test_bad_input_gets_a_clear_4xx_and_the_worker_keeps_serving(
     assert not info.worker.slot.statistics().busy
     ok = await reserve(http, info, duration=0)
     assert ok.status_code == 200
+
+
+# -- the bare payload (standalone only) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "duration"),
+    [
+        (b'{"duration": 0.2}', 0.2),
+        (b'{"duration": 0.2, "note": "extra fields are ignored"}', 0.2),
+        (b'{"duration": null}', 0.3),
+        (b"{}", 0.3),
+        (b"", 0.3),
+        (b" \r\n", 0.3),
+    ],
+    ids=["duration", "extra field", "null", "empty object", "empty body", "blank body"],
+)
+async def test_standalone_reserve_takes_the_bare_payload(
+    start_worker: StartWorker, http: httpx.AsyncClient, data: bytes, duration: float
+) -> None:
+    info = await start_worker(max_reservation_s=0.3)
+    seen: list[dict[str, Any]] = []
+    info.worker.slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
+    response = await http.post(f"{info.url}/reserve", content=data)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["released"] == "duration_elapsed"
+    assert answer["duration"] == duration
+    assert seen and all(tag == {"request_idx": None, "reqnum": None} for tag in seen)
+    assert info.worker.slot.statistics().counts["duration_elapsed"] == 1
+
+
+async def test_bare_payloads_are_told_apart_by_id_in_status_and_release(
+    start_worker: StartWorker, http: httpx.AsyncClient
+) -> None:
+    # No request_idx, so no replay check: two identical bodies queue one after the other,
+    # and /status and /release know each by the worker's own id.
+    info = await start_worker(max_queue_time_s=30)
+    answers: list[httpx.Response] = []
+
+    async def hold() -> None:
+        answers.append(await http.post(f"{info.url}/reserve", content=b'{"duration": 30}'))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(hold)
+        await wait_until(lambda: info.worker.slot.statistics().busy)
+        inner.start_soon(hold)
+        await wait_until(lambda: info.worker.slot.statistics().waiting == 1)
+        for expected_id in (1, 2):
+            status = (await http.get(f"{info.control_url}/status")).json()
+            assert status["active"]["id"] == expected_id
+            assert status["active"]["request_idx"] is None
+            assert status["active"]["duration"] == 30
+            released = await http.post(f"{info.control_url}/release", json={"id": expected_id})
+            assert released.status_code == 200, released.text
+            await wait_until(partial(lambda n: len(answers) == n, expected_id))
+            if expected_id == 1:
+                await wait_until(lambda: info.worker.slot.statistics().busy)
+    assert [a.json()["released"] for a in answers] == ["explicit", "explicit"]
+    assert info.worker.slot.statistics().counts["explicit"] == 2
+
+
+BAD_BARE_DURATIONS = [b'{"duration": "5"}', b'{"duration": -1}', b'{"duration": true}']
+
+
+@pytest.mark.parametrize("data", BAD_BARE_DURATIONS, ids=lambda d: d.decode())
+async def test_a_bad_duration_in_a_bare_payload_gets_422_naming_duration(
+    start_worker: StartWorker, http: httpx.AsyncClient, data: bytes
+) -> None:
+    info = await start_worker()
+    response = await http.post(f"{info.url}/reserve", content=data)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert set(response.json()) == {"duration"}
+    assert info.worker.slot.statistics().counts["started"] == 0
+    ok = await http.post(f"{info.url}/reserve", json={"duration": 0})
+    assert ok.status_code == 200, ok.text
+
+
+async def test_an_envelope_wins_over_a_bare_payload_in_the_same_body(
+    start_worker: StartWorker, http: httpx.AsyncClient
+) -> None:
+    info = await start_worker()
+    seen: list[dict[str, Any]] = []
+    info.worker.slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
+    both = envelope(URL, payload={"duration": 0}, request_idx=77) | {"duration": 600}
+    response = await http.post(f"{info.url}/reserve", json=both)
+    assert response.status_code == 200, response.text
+    assert response.json()["duration"] == 0
+    assert seen and all(tag["request_idx"] == 77 for tag in seen)
+    # A body with an envelope key is checked as an envelope, never taken for a payload.
+    for data in ({"payload": {}, "duration": 0}, {"session_id": None, "duration": 0}):
+        refused = await http.post(f"{info.url}/reserve", json=data)
+        assert refused.status_code == 422, refused.text
+        assert "auth_data" in refused.json()
+
+
+@pytest.mark.parametrize(
+    ("data", "answer"),
+    [
+        (b'{"duration": 5}', {"auth_data": "field missing"}),
+        (b"{}", {"auth_data": "field missing"}),
+        (b"", {"error": "invalid JSON"}),
+    ],
+    ids=["duration", "empty object", "empty body"],
+)
+async def test_a_vast_worker_still_requires_the_envelope(
+    start_worker: StartWorker,
+    vast_engine: Any,
+    http: httpx.AsyncClient,
+    data: bytes,
+    answer: dict[str, Any],
+) -> None:
+    # Unsecured too: the engine needs each hold's request_idx to be told it ended.
+    info = await start_worker(**vast_settings(vast_engine, unsecured=True))
+    response = await http.post(f"{info.url}/reserve", content=data)
+    assert response.status_code == 422, response.text
+    assert response.json() == answer
+    assert info.worker.slot.statistics().counts["started"] == 0
 
 
 async def test_wrong_method_unknown_route_and_sessions_get_json_errors(

@@ -768,3 +768,22 @@ async def test_an_unreachable_worker_stops_the_command_unless_best_effort(
     assert result.returncode == 0
     assert b"without a hold" in result.stderr
     assert marker.exists()
+
+
+async def test_hold_cli_json_lines_say_each_refusal_and_warning_as_an_event(
+    tmp_path: Path,
+) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"
+    json_lines = ("--log-format", "json")
+    cases = [
+        (("--", "true"), 3, [("unavailable", "ERROR")]),
+        (("--best-effort", "--", "true"), 0, [("unprotected", "WARNING")]),
+        (("--", str(tmp_path / "missing")), 127, [("not_found", "ERROR")]),
+    ]
+    for args, status, events in cases:
+        result = await run_hold(*json_lines, *args, control_url=dead)
+        assert result.returncode == status, result.stderr
+        said = [json.loads(line) for line in result.stderr.decode().splitlines()]
+        assert [(e["event"], e["level"]) for e in said] == events, said
+        assert all(e["logger"] == "nullworker.hold" for e in said)
+        assert not any(e["message"].startswith("nullworker hold:") for e in said)

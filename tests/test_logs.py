@@ -312,6 +312,13 @@ async def test_no_secret_in_either_format(
         assert said[-2]["worker_url"].startswith("http://") and said[-2]["reservation"] == 1
         assert all(e["logger"] == "nullworker.reserve" and ISO_UTC.match(e["time"]) for e in said)
         assert said[-1]["message"].startswith("elapsed after")
+        # So are the hold command's (on stderr: the command's stdout stays its own).
+        assert held.stdout == b""
+        hold_said = [json.loads(line) for line in held.stderr.decode().splitlines()]
+        assert [e["event"] for e in hold_said] == ["held"], hold_said
+        assert all(e["logger"] == "nullworker.hold" and ISO_UTC.match(e["time"]) for e in hold_said)
+        assert hold_said[0]["label"] == "true" and hold_said[0]["hold_id"] >= 1
+        assert hold_said[0]["control_url"] == f"http://127.0.0.1:{control_port}"
     else:
         assert not lines[0].startswith("{")
         assert any("ended: duration_elapsed" in line for line in lines)

@@ -403,6 +403,11 @@ EDGE_BODIES: list[Body] = [
     Body(_edge(payload='{"duration":0}'), encoding="utf-16"),
     Body(None, raw=b"\xff\xfe\x00"),
     Body(None, raw=b""),
+    # Bare payloads: a standalone worker holds or names the duration; Vast mode, 422.
+    *(Body(f'{{"duration":{n}}}') for n in EDGE_NUMBERS),
+    *(Body(f'{{"duration":{v},"payload ":{v}}}') for v in EDGE_VALUES),
+    Body("{}"),
+    Body(None, raw=b" \r\n\t"),
 ]
 
 
@@ -430,14 +435,30 @@ def draw_examples(strategy: st.SearchStrategy[Any], count: int) -> list[Any]:
 # -- sans-IO -------------------------------------------------------------------------
 
 
-def _check_parse(data: bytes, key: rsa.RSAPublicKey | None = None) -> None:
+def _check_parse(
+    data: bytes, key: rsa.RSAPublicKey | None = None, *, bare_payload: bool = False
+) -> None:
     """``parse_envelope`` and ``parse_duration`` return or raise ``EnvelopeError``, only."""
     try:
-        env = parse_envelope(data)
+        env = parse_envelope(data, bare_payload=bare_payload)
     except EnvelopeError as exc:
         _check_detail(exc.detail)
         return
     assert isinstance(env, Envelope)
+    if env.bare:
+        assert bare_payload
+        assert env.auth_data == {} and env.session_id is None
+        assert env.request_idx is None and env.reqnum is None
+        assert isinstance(env.payload, dict)
+        assert not any(k in env.payload for k in ("auth_data", "payload", "session_id"))
+        try:
+            seconds = parse_duration(env.payload, bare=True)
+        except EnvelopeError as exc:
+            _check_detail(exc.detail)
+            assert set(exc.detail) == {"duration"}
+        else:
+            assert seconds is None or (type(seconds) is float and math.isfinite(seconds))
+        return
     assert all(k in env.auth_data for k in AUTH_KEYS)
     assert isinstance(env.auth_data["signature"], str)
     assert isinstance(env.auth_data["url"], str)
@@ -472,6 +493,33 @@ def test_parse_envelope_returns_or_raises_envelope_error(body: Body) -> None:
 @given(st.binary(max_size=2000) | any_json.map(lambda s: s.encode("utf-8", "surrogatepass")))
 def test_parse_envelope_on_any_bytes(data: bytes) -> None:
     _check_parse(data)
+
+
+@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+@given(
+    bodies(fuzz_signed=True).map(lambda b: b.render("http://127.0.0.1:1", ""))
+    | st.binary(max_size=200)
+    | any_json.map(lambda s: s.encode("utf-8", "surrogatepass"))
+)
+def test_a_standalone_parse_takes_bare_payloads_and_reads_envelopes_the_same(
+    data: bytes,
+) -> None:
+    _check_parse(data, bare_payload=True)
+    try:
+        standalone: Envelope | dict[str, Any] = parse_envelope(data, bare_payload=True)
+    except EnvelopeError as exc:
+        standalone = exc.detail
+    if isinstance(standalone, Envelope) and standalone.bare:
+        return
+    # Anything but a bare payload is read exactly as a Vast-mode worker reads it.
+    try:
+        vast: Envelope | dict[str, Any] = parse_envelope(data)
+    except EnvelopeError as exc:
+        vast = exc.detail
+    if isinstance(vast, dict) and vast.get("error", "").startswith("the body must be"):
+        assert isinstance(standalone, dict) and set(standalone) == {"error"}
+        return
+    assert repr(standalone) == repr(vast)
 
 
 @settings(
@@ -531,7 +579,9 @@ def _check_response(response: httpx.Response, what: str) -> None:
     elif "error" not in data:
         # A malformed envelope's 422 names each bad field instead (README, HTTP API).
         assert status == 422, f"{status} {data!r}: {what}"
-        assert set(data) <= {"auth_data", "payload", "session_id"}, f"{data!r}: {what}"
+        # Standalone, a bare payload's bad duration is named where it was written.
+        fields = {"auth_data", "payload", "session_id"}
+        assert set(data) <= fields or set(data) == {"duration"}, f"{data!r}: {what}"
 
 
 async def _send_all(

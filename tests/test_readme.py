@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -327,6 +328,66 @@ async def test_the_reserve_example_reports_a_missing_api_key(tmp_path: Path) -> 
     assert done.stderr.decode() == (
         "cannot reserve: an API key is required: pass api_key or set VAST_API_KEY\n"
     )
+
+
+# -- the quick start ------------------------------------------------------------------------
+
+
+def quick_start() -> tuple[Block, Block, Block]:
+    """The quick start's command that starts the worker, the one that holds it, and its output."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## Quick start\n")
+    end = text.index("\n## ", start)
+    first, last = text[:start].count("\n") + 1, text[:end].count("\n") + 1
+    blocks = [b for b in BLOCKS if first < b.line < last]
+    (start_block,) = [b for b in blocks if b.lang == "bash" and "start_server.sh" in b.code]
+    (reserve,) = [b for b in blocks if b.lang == "bash" and "localhost:3000/reserve" in b.code]
+    printed = next(b for b in blocks if b.lang == "text" and b.line > reserve.line)
+    return start_block, reserve, printed
+
+
+async def test_the_quick_start_runs_as_written(tmp_path: Path) -> None:
+    """``./start_server.sh`` from a checkout, then the ``curl`` line (on this test's port):
+    the answer is the printed one, on a line of its own."""
+    from .test_start_server import processes_of, script_env, wait_until_gone, wait_until_serving
+
+    start_block, reserve, printed = quick_start()
+    env = script_env(tmp_path)
+    port = env["WORKER_PORT"]
+    script = await trio.lowlevel.open_process(
+        ["bash", "-c", start_block.code],
+        cwd=str(README.parent),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        await wait_until_serving(port)
+        with trio.fail_after(RUN_TIMEOUT_S):
+            done = await trio.run_process(
+                ["bash", "-c", reserve.code.replace("localhost:3000", f"localhost:{port}")],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        if script.returncode is None:
+            os.killpg(script.pid, signal.SIGTERM)
+            with trio.move_on_after(EXIT_TIMEOUT_S):
+                await script.wait()
+        for pid in processes_of(tmp_path):
+            os.kill(pid, signal.SIGKILL)
+        await script.wait()
+    assert script.returncode == 0
+    await wait_until_gone(tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    out = done.stdout.decode()
+    assert out.endswith("}\n") and out.count("\n") == 1, repr(out)
+    answer, shown = json.loads(out), json.loads(printed.code)
+    assert list(answer) == list(shown)
+    assert answer["released"] == shown["released"] and answer["duration"] == shown["duration"]
+    assert shown["duration"] <= answer["held"] < shown["duration"] + 5
 
 
 # -- commands apart from their output -----------------------------------------------------

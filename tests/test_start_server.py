@@ -30,6 +30,7 @@ import trio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from .conftest import envelope
 from .test_startup import REPO, _locked_by_another, worker_env
 from .test_tls import vast_shaped_leaf, vast_shaped_root, write_pem
 
@@ -223,6 +224,41 @@ async def test_a_killed_worker_is_restarted_on_the_same_port_and_sigterm_stops_i
         assert f"worker (pid {third}) stopped with status 0 after SIGTERM; not restarting" in text
         assert "(restart 3)" not in text
         assert not _locked_by_another(start_lock) and not _locked_by_another(worker_lock)
+
+
+async def test_ctrl_c_stops_the_worker_gracefully_and_the_script_exits_0(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    # Ctrl-C on a terminal: SIGINT to the whole foreground process group, so the worker
+    # gets it from the terminal and SIGTERM from the script. A held reservation is told
+    # "shutdown", the worker exits 0 and so does the script, with no traceback.
+    env = script_env(tmp_path)
+    port, log = env["WORKER_PORT"], tmp_path / "w.log"
+    answers: list[httpx.Response] = []
+    async with started_script(env) as script:
+        await wait_until_serving(port)
+        worker = await wait_for_worker(script.pid)
+        url = f"http://127.0.0.1:{port}"
+
+        async def hold() -> None:
+            signed = envelope(url, payload={"duration": 60})
+            answers.append(await http.post(f"{url}/reserve", json=signed))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold)
+            with trio.fail_after(10):
+                while not (await http.get(f"{url}/health")).json()["busy"]:
+                    await trio.sleep(0.05)
+            os.killpg(script.pid, signal.SIGINT)
+            with trio.fail_after(15):
+                code = await script.wait()
+        assert code == 0, read_log(log)
+        await wait_until_gone(tmp_path)
+    text = read_log(log)
+    assert [(a.status_code, a.json()["released"]) for a in answers] == [(503, "shutdown")]
+    assert "received SIGINT: shutting down" in text  # the worker's own graceful stop
+    assert f"worker (pid {worker}) stopped with status 0 after SIGINT; not restarting" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
 
 
 async def test_sigterm_during_the_backoff_stops_without_a_restart(tmp_path: Path) -> None:

@@ -80,6 +80,7 @@ from typing import Literal, Protocol
 import trio
 
 from ..errors import ClientError, ConfigError, DemandError
+from ..vast.vocabulary import ClientOutcome
 from ._redact import redact
 
 __all__ = [
@@ -561,7 +562,7 @@ class Autoscaler:
             outcome = reservation.outcome or "ended"
         else:
             cause = "scale_down" if slot.stopping else "shutdown"
-            outcome = reservation.outcome or "client_released"
+            outcome = reservation.outcome or ClientOutcome.CLIENT_RELEASED
         self._ended_by_outcome[outcome] += 1
         how = {"worker": "ended", "scale_down": "released (scale-down)", "shutdown": "released"}
         self._emit(

@@ -29,6 +29,7 @@ import trio
 
 from .. import logs
 from ..errors import ClientError, EngineUnavailable, ReservationFailed, ReservationRejected
+from ..vast.vocabulary import ClientOutcome
 from .reservation import (
     DEFAULT_ENGINE_URL,
     EngineRefused,
@@ -53,6 +54,10 @@ EXIT_USAGE = 2
 EXIT_ENGINE = 3
 EXIT_REJECTED = 4
 EXIT_ENDED_EARLY = 5
+
+#: Outcomes of a hold that ran its course (exit 0): elapsed, released by the consumer, or
+#: a 200 that does not say which.
+_CLEAN_ENDS = frozenset({ClientOutcome.ELAPSED, ClientOutcome.EXPLICIT, ClientOutcome.COMPLETED})
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 #: Print a WAITING line at most this often per reservation (when not on a terminal).
 _WAITING_LINE_EVERY_S = 5.0
@@ -381,9 +386,9 @@ class _Cli:
             self._error(job, f"error: {exc}")
             job.code = EXIT_REJECTED
             return
-        if reservation.outcome in ("duration_elapsed", "explicit", "completed"):
+        if reservation.outcome in _CLEAN_ENDS:
             job.code = EXIT_OK
-        elif reservation.outcome == "rejected":  # queued, then refused (a late 429)
+        elif reservation.outcome == ClientOutcome.REJECTED:  # queued, then refused (a late 429)
             job.code = EXIT_REJECTED
         elif _late_refusal(reservation.status):
             # A refusal (bad signature, bad envelope, too large) that a slow worker sent

@@ -22,11 +22,17 @@ it: the hold is an open connection, and the kernel closes it.
   reached or refuses the hold, the command is **not** run and the status is 3: a job
   that must not be scaled away should not start unprotected. ``--best-effort`` runs it
   anyway, with a warning.
+* Its own lines go to stderr (the command's stdout stays the command's). With
+  ``--log-format json`` each is a JSON object of the same shape as a log record
+  (:func:`nullworker.logs.json_line`, logger ``nullworker.hold``) whose ``event`` names
+  what happened: ``held``, ``unavailable``, ``unprotected``, ``hold_ended``,
+  ``not_found``, ``cannot_run``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shlex
@@ -133,9 +139,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "nullworker hold") ->
             parser.error(f"--label must be at most {_MAX_LABEL} printable characters")
     except SystemExit as exc:  # argparse's way out: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logs.configure("WARNING", args.log_format, text_format=logs.SHORT_TEXT_FORMAT)
+    fmt = logs.configure("WARNING", args.log_format, text_format=logs.SHORT_TEXT_FORMAT)
+    args.json_lines = fmt == "json"
     if shutil.which(command[0]) is None:  # no hold for a command that cannot start
-        print(f"nullworker hold: {command[0]}: command not found", file=sys.stderr)
+        _line(args, f"{command[0]}: command not found", level=logging.ERROR, event="not_found")
         return EXIT_NOT_FOUND
     label = args.label if args.label is not None else _label_for(command)
     return trio.run(_run, args, command, label)
@@ -147,9 +154,22 @@ def _label_for(command: list[str]) -> str:
     return text if len(text) <= _MAX_LABEL else text[: _MAX_LABEL - 1] + "…"
 
 
-def _say(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
-        print(f"nullworker hold: {message}", file=sys.stderr, flush=True)
+def _line(
+    args: argparse.Namespace, message: str, *, level: int, event: str, **fields: object
+) -> None:
+    """One line of this command's own, on stderr: text, or with ``--log-format json`` a
+    JSON object whose ``event`` (and ``fields``) say what happened.
+
+    ``--quiet`` keeps only warnings and errors.
+    """
+    if args.quiet and level < logging.WARNING:
+        return
+    if getattr(args, "json_lines", False):
+        text = logs.json_line(message, level=level, logger="nullworker.hold", event=event, **fields)
+    else:
+        warning = "warning: " if level == logging.WARNING else ""
+        text = f"nullworker hold: {warning}{message}"
+    print(text, file=sys.stderr, flush=True)
 
 
 async def _run(args: argparse.Namespace, command: list[str], label: str) -> int:
@@ -165,20 +185,29 @@ async def _run(args: argparse.Namespace, command: list[str], label: str) -> int:
                 )
             except (LocalHoldFailed, ValueError) as exc:  # ValueError: the environment's URL
                 if not args.best_effort:
-                    print(
-                        f"nullworker hold: {exc}; not running the command "
-                        "(--best-effort runs it anyway)",
-                        file=sys.stderr,
-                        flush=True,
+                    _line(
+                        args,
+                        f"{exc}; not running the command (--best-effort runs it anyway)",
+                        level=logging.ERROR,
+                        event="unavailable",
                     )
                     return EXIT_UNAVAILABLE
-                print(
-                    f"nullworker hold: warning: {exc}; running the command without a hold",
-                    file=sys.stderr,
-                    flush=True,
+                _line(
+                    args,
+                    f"{exc}; running the command without a hold",
+                    level=logging.WARNING,
+                    event="unprotected",
                 )
             if hold is not None:
-                _say(args, f"local hold {hold.id} on {hold.control_url}; running {label}")
+                _line(
+                    args,
+                    f"local hold {hold.id} on {hold.control_url}; running {label}",
+                    level=logging.INFO,
+                    event="held",
+                    hold_id=hold.id,
+                    control_url=hold.control_url,
+                    label=label,
+                )
             return await _run_command(args, command, signals, hold)
 
 
@@ -193,13 +222,14 @@ async def _run_command(
         # process dies, the connection closes even if the command lives on.
         process = await trio.lowlevel.open_process(command)
     except FileNotFoundError:
-        print(f"nullworker hold: {command[0]}: command not found", file=sys.stderr, flush=True)
+        _line(args, f"{command[0]}: command not found", level=logging.ERROR, event="not_found")
         return EXIT_NOT_FOUND
     except OSError as exc:
-        print(
-            f"nullworker hold: cannot run {command[0]}: {exc.strerror or exc}",
-            file=sys.stderr,
-            flush=True,
+        _line(
+            args,
+            f"cannot run {command[0]}: {exc.strerror or exc}",
+            level=logging.ERROR,
+            event="cannot_run",
         )
         return EXIT_CANNOT_RUN
 
@@ -212,10 +242,13 @@ async def _run_command(
 
     async def warn_when_ended(hold: LocalHold) -> None:
         await hold.ended.wait()
-        print(
-            f"nullworker hold: warning: the hold ended ({hold.outcome}) while the command runs",
-            file=sys.stderr,
-            flush=True,
+        _line(
+            args,
+            f"the hold ended ({hold.outcome}) while the command runs",
+            level=logging.WARNING,
+            event="hold_ended",
+            hold_id=hold.id,
+            outcome=hold.outcome,
         )
 
     async with trio.open_nursery() as nursery:

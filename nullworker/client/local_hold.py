@@ -71,6 +71,7 @@ import httpx
 import trio
 
 from ..errors import ClientError
+from ..vast.vocabulary import ClientOutcome
 from .reservation import lone_exception_unwrapped
 
 __all__ = [
@@ -189,7 +190,8 @@ class LocalHold:
         or the block was left.
       outcome: how the last hold ended: the worker's ``released`` value
         (``"duration_elapsed"``, ``"shutdown"``), ``"connection_lost"``, ``"refused"``,
-        or ``"client_released"`` (we left the block); ``None`` while held.
+        or ``"client_released"`` (we left the block); ``None`` while held. See
+        :class:`~nullworker.vast.vocabulary.ClientOutcome`.
     """
 
     def __init__(self, *, label: str, duration: float | None, control_url: str) -> None:
@@ -283,7 +285,7 @@ async def local_hold(
                 finally:
                     # Drop the connection now: the worker ends the hold when it sees it go.
                     nursery.cancel_scope.cancel()
-                    hold._finish("client_released")
+                    hold._finish(ClientOutcome.CLIENT_RELEASED)
 
 
 async def release_reservation(
@@ -385,13 +387,13 @@ async def _keep(
                     f"cannot reach the worker's control listener at {url} "
                     f"({_describe(exc)}); {_WHERE}"
                 ) from None
-            outcome, why = "connection_lost", _describe(exc)
+            outcome, why = ClientOutcome.CONNECTION_LOST, _describe(exc)
         except _Refused as exc:
             if not started:
                 raise LocalHoldFailed(
                     f"the worker refused the hold (HTTP {exc.status}): {exc}", status=exc.status
                 ) from None
-            outcome, why = "refused", f"HTTP {exc.status}: {exc}"
+            outcome, why = ClientOutcome.REFUSED, f"HTTP {exc.status}: {exc}"
         else:
             why = outcome
         if hold.duration is not None:  # one hold of that length, whatever its end
@@ -429,7 +431,7 @@ async def _one_hold(
         try:
             data = await response.aread()
         except httpx.TransportError:
-            hold._lapse("connection_lost")
+            hold._lapse(ClientOutcome.CONNECTION_LOST)
             raise
     outcome = _released(data)
     hold._lapse(outcome)
@@ -440,9 +442,9 @@ def _released(data: bytes) -> str:
     try:
         answer = json.loads(data)
     except ValueError:
-        return "connection_lost"  # the worker went away mid-answer
+        return ClientOutcome.CONNECTION_LOST  # the worker went away mid-answer
     released = answer.get("released") if isinstance(answer, dict) else None
-    return released if isinstance(released, str) else "connection_lost"
+    return released if isinstance(released, str) else ClientOutcome.CONNECTION_LOST
 
 
 def _error_text(data: bytes) -> str:

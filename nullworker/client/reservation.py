@@ -77,6 +77,7 @@ from ..errors import (
     ReservationRejected,
 )
 from ..vast.envelope import as_int
+from ..vast.vocabulary import ClientOutcome
 from .transport import default_client, trust_vast_root, vast_root_problem
 
 __all__ = [
@@ -205,7 +206,10 @@ class Reservation:
         ``"connection_lost"``, ``"rejected"`` (queued behind another hold, then 429),
         ``"error"`` (the worker failed or answered something unexpected),
         ``"completed"`` (a 200 that does not say how), or ``"client_released"``
-        (we left the block first).
+        (we left the block first). The values are
+        :class:`~nullworker.vast.vocabulary.ClientOutcome`'s (a ``StrEnum``: compare
+        with a member or the string alike); a worker's other ``released`` values pass
+        through as they are.
       status: the HTTP status of the worker's answer, when there was one.
       body: the worker's answer body (JSON, with the official SDK's
         ``{"result": {"ok": ...}}`` wrapping removed), when there was one.
@@ -309,25 +313,25 @@ class Reservation:
     def _end_from_answer(self, answer: _Answer) -> None:
         self.status = answer.status
         if answer.error is not None:
-            self._end("connection_lost")
+            self._end(ClientOutcome.CONNECTION_LOST)
             return
         assert answer.status is not None
         body = _unwrap(answer.body)
         self.body = body
         if 200 <= answer.status < 300:
             if isinstance(answer.body, dict) and _is_remote_error(answer.body):
-                self._end("error")
+                self._end(ClientOutcome.ERROR)
             elif isinstance(body, dict) and isinstance(body.get("released"), str):
                 self._end(body["released"])
             else:
-                self._end("completed")
+                self._end(ClientOutcome.COMPLETED)
         elif answer.status == 429:
-            self._end("rejected")
+            self._end(ClientOutcome.REJECTED)
         elif answer.status == 503:
             released = body.get("released") if isinstance(body, dict) else None
-            self._end(released if isinstance(released, str) else "shutdown")
+            self._end(released if isinstance(released, str) else ClientOutcome.SHUTDOWN)
         else:
-            self._end("error")
+            self._end(ClientOutcome.ERROR)
 
     def _end(self, outcome: str) -> None:
         if self.ended.is_set():
@@ -518,7 +522,7 @@ async def _reserve(
                     # Drop the connection now: cancelling the POST closes its socket, and
                     # the worker ends the hold the moment it sees the disconnect.
                     nursery.cancel_scope.cancel()
-                    reservation._end("client_released")
+                    reservation._end(ClientOutcome.CLIENT_RELEASED)
 
 
 async def _acquire(
@@ -856,19 +860,19 @@ def _error_text(body: Any) -> str:
 def _describe_outcome(reservation: Reservation) -> str:
     held = f"after {reservation.held_s:.0f} s"
     outcome = reservation.outcome
-    if outcome == "duration_elapsed":
+    if outcome == ClientOutcome.ELAPSED:
         return f"elapsed {held}"
-    if outcome == "explicit":
+    if outcome == ClientOutcome.EXPLICIT:
         return f"released by the worker {held}"
-    if outcome == "shutdown":
+    if outcome == ClientOutcome.SHUTDOWN:
         return f"the worker shut down {held}"
-    if outcome == "connection_lost":
+    if outcome == ClientOutcome.CONNECTION_LOST:
         return f"connection to the worker lost {held}"
-    if outcome == "client_released":
+    if outcome == ClientOutcome.CLIENT_RELEASED:
         return f"released {held}"
-    if outcome == "rejected":
+    if outcome == ClientOutcome.REJECTED:
         return f"rejected by the worker {held}: {reservation.error}"
-    if outcome == "completed":
+    if outcome == ClientOutcome.COMPLETED:
         return f"ended {held}"
     detail = f" (HTTP {reservation.status}: {reservation.error})" if reservation.status else ""
     return f"ended {held}: {outcome}{detail}"

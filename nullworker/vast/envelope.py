@@ -11,6 +11,12 @@ signed 64-bit int, the engine's range), given as JSON integers or as ASCII digit
 strings. Anything else (null, a boolean, a float such as ``1.5``, another string, a
 negative or larger number) is refused: the worker could not report the request to
 the engine under that id. They are not signed, so this is a shape check only.
+
+A worker with no engine (standalone: nothing is signed or reported) also takes the bare
+payload, as Vast's own null-worker examples send it: ``{"duration": 5}``, ``{}`` or an
+empty body (``parse_envelope(body, bare_payload=True)``). A body is an envelope as soon
+as it has one of the envelope's keys (``auth_data``, ``payload``, ``session_id``), and is
+then checked as one: a malformed envelope is never taken for a payload by accident.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from .signing import verify_url
 
 __all__ = [
     "AUTH_KEYS",
+    "ENVELOPE_KEYS",
     "MAX_ENGINE_ID",
     "Envelope",
     "as_int",
@@ -42,6 +49,9 @@ _INT_TEXT = re.compile(r"-?[0-9]{1,30}")
 #: The keys every ``auth_data`` must carry, as the official worker requires.
 AUTH_KEYS = ("signature", "url", "cost", "endpoint", "reqnum", "request_idx")
 
+#: The top-level keys of the envelope; a body with none of them is a bare payload.
+ENVELOPE_KEYS = ("auth_data", "payload", "session_id")
+
 #: The largest engine id: the engine stores ids as signed 64-bit integers.
 MAX_ENGINE_ID = 2**63 - 1
 
@@ -54,6 +64,8 @@ class Envelope:
     auth_data: dict[str, Any]
     payload: dict[str, Any]
     session_id: str | None
+    #: A bare payload (standalone only): no ``auth_data``, nothing to check or report.
+    bare: bool = False
 
     def __repr__(self) -> str:
         # The signature admits its holder to the worker it names (it never expires):
@@ -61,7 +73,7 @@ class Envelope:
         auth = {k: ("<redacted>" if k == "signature" else v) for k, v in self.auth_data.items()}
         return (
             f"Envelope(auth_data={auth!r}, payload={self.payload!r}, "
-            f"session_id={self.session_id!r})"
+            f"session_id={self.session_id!r}" + (", bare=True)" if self.bare else ")")
         )
 
     @property
@@ -92,8 +104,13 @@ def _engine_id(value: Any) -> int | None:
     return number
 
 
-def parse_envelope(body: bytes | str) -> Envelope:
+def parse_envelope(body: bytes | str, *, bare_payload: bool = False) -> Envelope:
     """Parse and validate a request body.
+
+    With ``bare_payload`` (a standalone worker), an empty body or a JSON object with
+    none of :data:`ENVELOPE_KEYS` is the payload itself: the result has ``bare`` set,
+    an empty ``auth_data`` and no engine ids. A body with an envelope key is parsed
+    as an envelope either way, so an envelope wins over stray top-level fields.
 
     ``auth_data.request_idx`` and ``auth_data.reqnum`` must be engine ids (an int or
     an ASCII digit string in 0..2**63 - 1); :attr:`Envelope.request_idx` and
@@ -103,12 +120,17 @@ def parse_envelope(body: bytes | str) -> Envelope:
       EnvelopeError: ``detail`` is ``{"error": "invalid JSON"}`` for unparsable bytes,
         else a map naming each bad field.
     """
+    if bare_payload and not body.strip():
+        return Envelope(auth_data={}, payload={}, session_id=None, bare=True)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: not JSON we take
         raise EnvelopeError({"error": "invalid JSON"}) from None
     if not isinstance(data, dict):
-        raise EnvelopeError({"error": "the body must be a JSON object (the Vast envelope)"})
+        what = "the Vast envelope" + (" or, standalone, its payload" if bare_payload else "")
+        raise EnvelopeError({"error": f"the body must be a JSON object ({what})"})
+    if bare_payload and not any(key in data for key in ENVELOPE_KEYS):
+        return Envelope(auth_data={}, payload=data, session_id=None, bare=True)
 
     problems: dict[str, Any] = {}
     auth = data.get("auth_data")
@@ -147,24 +169,31 @@ def parse_envelope(body: bytes | str) -> Envelope:
     return Envelope(auth_data=auth, payload=payload, session_id=session_id)
 
 
-def parse_duration(payload: dict[str, Any]) -> float | None:
+def parse_duration(payload: dict[str, Any], *, bare: bool = False) -> float | None:
     """The requested duration in seconds, or ``None`` when omitted (or null).
 
     Raises:
-      EnvelopeError: not a finite number >= 0 (booleans and strings are refused).
+      EnvelopeError: not a finite number >= 0 (booleans and strings are refused); the
+        detail names ``payload.duration``, or ``duration`` for a bare payload (where
+        the client wrote it).
     """
     if "duration" not in payload or payload["duration"] is None:
         return None
     value = payload["duration"]
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise EnvelopeError({"payload": {"duration": "duration must be a number of seconds"}})
+        raise _duration_error("duration must be a number of seconds", bare=bare)
     try:
         seconds = float(value)
     except OverflowError:
         seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0:
-        raise EnvelopeError({"payload": {"duration": "duration must be a finite number >= 0"}})
+        raise _duration_error("duration must be a finite number >= 0", bare=bare)
     return seconds
+
+
+def _duration_error(message: str, *, bare: bool) -> EnvelopeError:
+    field = {"duration": message}
+    return EnvelopeError(field if bare else {"payload": field})
 
 
 def signature_ok(envelope: Envelope, key: rsa.RSAPublicKey) -> bool:

@@ -4,7 +4,8 @@ Routes only: requests become :class:`~nullworker.worker.reservations.Reservation
 outcomes become status codes. Errors are mapped to statuses here and nowhere else.
 
 Main port (what the engine routes clients to)
-  ``POST /reserve``          hold the worker (signed Vast envelope)
+  ``POST /reserve``          hold the worker (signed Vast envelope; standalone, also the
+                             bare payload ``{"duration": S}``, ``{}`` or no body)
   ``GET  /health``           200 once ready, 503 before
   ``POST /pyworker/update``  the engine's rolling-update signal (bearer MASTER_TOKEN;
                              refusals are logged and rate-limited, see
@@ -215,10 +216,12 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
         when a signature fails, for the engine's key to be refetched (bounded).
         """
         try:
-            envelope = parse_envelope(body)
+            # Standalone (no engine: nothing signed, nothing reported), the bare payload
+            # is enough; a Vast-mode worker needs the engine's ids and keeps refusing it.
+            envelope = parse_envelope(body, bare_payload=cfg.standalone)
         except EnvelopeError as exc:
             return _json(exc.detail, 422)
-        if not cfg.unsecured:
+        if not cfg.unsecured and not envelope.bare:
             key = worker.public_key
             if key is None:
                 return _json({"error": "not ready: the engine's public key is not loaded"}, 401)
@@ -238,7 +241,7 @@ def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = No
         if envelope.session_id is not None:
             return _json({"error": "invalid session", **_NO_SESSIONS}, 410)
         try:
-            duration = parse_duration(envelope.payload)
+            duration = parse_duration(envelope.payload, bare=envelope.bare)
         except EnvelopeError as exc:
             return _json(exc.detail, 422)
         if not worker.ready.is_set():
@@ -450,7 +453,7 @@ async def _serve_hold(
                 outcome = await hold.wait()
                 nursery.cancel_scope.cancel()
     except ShuttingDown:
-        await _send_json(send, 503, {"error": "shutting down", "released": "shutdown"})
+        await _send_json(send, 503, {"error": "shutting down", "released": HoldOutcome.SHUTDOWN})
         return
     if outcome is HoldOutcome.DISCONNECTED:
         return  # nobody is there to read an answer

@@ -4,7 +4,9 @@ Its arguments (:func:`add_arguments`, used by the ``nullworker`` command's parse
 running them (:func:`run`): settings from the environment and the flags, logging, the
 worker until SIGINT/SIGTERM, and the exit code (what ``start_server.sh`` supervises by):
 
-* 0 -- stopped by SIGINT/SIGTERM.
+* 0 -- stopped by SIGINT/SIGTERM. More of them while it stops are the same request
+  (Ctrl-C on ``start_server.sh`` sends the worker SIGINT from the terminal and SIGTERM
+  from the script): logged, and the graceful stop goes on.
 * 1 -- failed to start for a reason a later start may not have (a port in use, the
   port's lock held by another process), or the background work failed after start-up.
 * 2 -- a configuration error (a bad or missing setting, an unusable
@@ -18,10 +20,13 @@ is logged only with ``NULLWORKER_LOG_LEVEL=DEBUG``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from types import FrameType
 
 import trio
 
@@ -153,17 +158,57 @@ def _one_line(exc: BaseException) -> str | None:
     return None
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 async def _serve_until_signal(config: WorkerConfig, started_at: float | None) -> None:
+    """Serve until the first SIGINT or SIGTERM, then stop gracefully and return.
+
+    Every later one is the same request, not a harder one: Ctrl-C on a terminal reaches
+    ``start_server.sh`` and the worker alike, and the script passes its SIGINT on as
+    SIGTERM, so a worker stopped that way always gets two. The stop is bounded anyway
+    (``graceful_timeout_s``). Trio hands a signal still pending when its receiver closes
+    back to the handler that was there before, which for SIGTERM would kill the process
+    (status 143, not 0) and for SIGINT raise ``KeyboardInterrupt``: so the receiver is
+    drained until ``serve`` returns, and the handler under it ignores what comes after.
+    """
     from .server import serve
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    stopping = trio.Event()
+    with _late_stop_signals_ignored(), trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
 
-        async def trigger() -> None:
+        async def watch() -> None:
             async for signum in signals:
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                return
+                name = signal.Signals(signum).name
+                if stopping.is_set():
+                    log.info("received %s: already shutting down", name)
+                    continue
+                log.info("received %s: shutting down", name)
+                stopping.set()
 
-        await serve(config, shutdown_trigger=trigger, started_at=started_at)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await serve(config, shutdown_trigger=stopping.wait, started_at=started_at)
+            nursery.cancel_scope.cancel()
+
+
+@contextlib.contextmanager
+def _late_stop_signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM do nothing inside; the previous handlers are back after.
+
+    A Python handler that does nothing rather than ``SIG_IGN``, which a child process
+    would inherit.
+    """
+    previous = {signum: signal.signal(signum, _ignore) for signum in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    pass
 
 
 async def _send_beacon(config: WorkerConfig, message: str) -> None:

@@ -42,7 +42,6 @@ States of one hold::
 
 from __future__ import annotations
 
-import enum
 import itertools
 import json
 import logging
@@ -56,6 +55,7 @@ from typing import Any
 import trio
 
 from ..errors import ShuttingDown
+from ..vast.vocabulary import HoldOutcome  # re-exported: its home before nullworker.vast
 
 __all__ = [
     "MAX_HOLD_BODY_BYTES",
@@ -77,16 +77,6 @@ log = logging.getLogger("nullworker.local_holds")
 MAX_LABEL_CHARS = 200
 #: A ``/hold`` body is two small fields; anything larger is refused with 413.
 MAX_HOLD_BODY_BYTES = 4096
-
-
-class HoldOutcome(enum.Enum):
-    """How a local hold ended. The values are what ``/hold``, logs and metrics show."""
-
-    ELAPSED = "duration_elapsed"
-    SHUTDOWN = "shutdown"
-    DISCONNECTED = "disconnected"
-    RELEASED = "released"
-    ERROR = "error"
 
 
 # -- the request -----------------------------------------------------------------------

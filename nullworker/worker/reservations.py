@@ -51,6 +51,7 @@ from typing import Any
 import trio
 
 from ..errors import DuplicateRequest, QueueTimeout, ReleaseConflict, ShuttingDown
+from ..vast.vocabulary import Outcome  # re-exported: its home before nullworker.vast
 
 __all__ = [
     "MAX_RELEASE_BODY_BYTES",
@@ -73,17 +74,6 @@ class State(enum.Enum):
     QUEUED = "queued"
     HELD = "held"
     ENDED = "ended"
-
-
-class Outcome(enum.Enum):
-    """How a reservation ended. The values are what the HTTP API and logs show."""
-
-    ELAPSED = "duration_elapsed"
-    RELEASED = "explicit"
-    CANCELLED = "cancelled"
-    SHUTDOWN = "shutdown"
-    REJECTED = "rejected"
-    ERROR = "error"
 
 
 _TRANSITIONS: dict[State, frozenset[State]] = {

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigError, StartupFailed, WorkerFailed
 from .config import MAX_PERF, RESERVATION_WORKLOAD, WorkerConfig
-from .local_holds import LocalHoldEvent, LocalHolds
+from .local_holds import HoldOutcome, LocalHoldEvent, LocalHolds
 from .metrics import MetricsSnapshot, WorkerMetrics
 from .reservations import Outcome, ReservationEvent, ReservationSlot
 
@@ -622,7 +622,7 @@ class Worker:
                 "local hold %s%s ended %s after %.3f s (%d open)",
                 hold.id,
                 shown,
-                "by disconnect" if outcome == "disconnected" else f"({outcome})",
+                "by disconnect" if hold.outcome is HoldOutcome.DISCONNECTED else f"({outcome})",
                 hold.held_s,
                 self.local_holds.count,
                 extra=fields | {"outcome": outcome, "held_s": round(hold.held_s, 3)},
