@@ -76,6 +76,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..vast.envelope import as_int
 from ..vast.signing import generate_private_key, public_key_pem, sign_url
+from ..vast.vocabulary import RequestStatus
 from .records import (
     AbandonedRequest,
     Consumer,
@@ -145,9 +146,7 @@ ELAPSED_SLACK_S = 0.1
 _DURATIONS_KEPT = 4096
 
 #: Finished-request statuses of the vastai 1.9.1 ``/delete_requests/`` body.
-FINISHED_STATUSES = frozenset(
-    {"Created", "Started", "Success", "Error", "Cancelled", "Rejected", "SessionActive"}
-)
+FINISHED_STATUSES = frozenset(RequestStatus)
 
 
 class EngineRequestError(Exception):
@@ -740,22 +739,22 @@ class Engine:
         Ctrl-C), so it is the normal end, not a failure. A client that crashed closes
         it the same way (the kernel does), and the worker cannot tell the two apart.
         """
-        if status == "Success":
+        if status == RequestStatus.SUCCESS:
             duration = self._durations.get(request_idx)
             if duration is None or not started or not completed:
                 return "completed"  # elapsed or released: the duration is unknown here
             if completed - started >= duration - ELAPSED_SLACK_S:
                 return "elapsed"
             return "released by consumer"
-        if status == "Cancelled":
+        if status == RequestStatus.CANCELLED:
             if worker_id in self._retired:
                 return "worker shut down"
             if not started:
                 return "client left before the hold began"
             return "released by client"
-        if status == "Rejected":
+        if status == RequestStatus.REJECTED:
             return "rejected: the worker stayed busy past its queue time"
-        if status == "Error":
+        if status == RequestStatus.ERROR:
             return "failed on the worker"
         if status is None:
             return "completed" if success else "failed"

@@ -40,6 +40,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ...vast.vocabulary import RequestStatus
 from ..config import MAX_PERF, WorkerConfig
 from ..reservations import Outcome, Reservation, ReservationEvent
 
@@ -67,15 +68,15 @@ _DELETE_BATCH = 500
 LOCAL_HOLD_LOAD = MAX_PERF
 
 _STATUS_OF: dict[Outcome, str] = {
-    Outcome.ELAPSED: "Success",
-    Outcome.RELEASED: "Success",
-    Outcome.CANCELLED: "Cancelled",
-    Outcome.SHUTDOWN: "Cancelled",
-    Outcome.REJECTED: "Rejected",
-    Outcome.ERROR: "Error",
+    Outcome.ELAPSED: RequestStatus.SUCCESS,
+    Outcome.RELEASED: RequestStatus.SUCCESS,
+    Outcome.CANCELLED: RequestStatus.CANCELLED,
+    Outcome.SHUTDOWN: RequestStatus.CANCELLED,
+    Outcome.REJECTED: RequestStatus.REJECTED,
+    Outcome.ERROR: RequestStatus.ERROR,
 }
 #: The engine's ``success`` flag: served or cancelled, not refused or failed (§6.4).
-_SUCCESS_STATUSES = frozenset({"Success", "Cancelled"})
+_SUCCESS_STATUSES = frozenset({RequestStatus.SUCCESS, RequestStatus.CANCELLED})
 
 
 class _AccountingError(RuntimeError):
@@ -353,11 +354,11 @@ class _Accounting:
         self.working.pop(res.id, None)
         outcome = res.outcome or Outcome.ERROR
         status = _STATUS_OF[outcome]
-        if status == "Success":
+        if status == RequestStatus.SUCCESS:
             self.counters.served += workload
-        elif status == "Cancelled":
+        elif status == RequestStatus.CANCELLED:
             self.counters.cancelled += workload
-        elif status == "Rejected":
+        elif status == RequestStatus.REJECTED:
             self.counters.rejected += workload
         else:
             self.counters.errored += workload
@@ -401,7 +402,7 @@ class _Accounting:
             self.add_pending(
                 _DeleteEntry(
                     request_idx=idx,
-                    status="Error",
+                    status=RequestStatus.ERROR,
                     entered_queue_at=0.0,
                     work_started_at=0.0,
                     work_completed_at=now_wall,
