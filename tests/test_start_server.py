@@ -257,7 +257,14 @@ async def test_ctrl_c_stops_the_worker_gracefully_and_the_script_exits_0(
     text = read_log(log)
     assert [(a.status_code, a.json()["released"]) for a in answers] == [(503, "shutdown")]
     assert "received SIGINT: shutting down" in text  # the worker's own graceful stop
-    assert f"worker (pid {worker}) stopped with status 0 after SIGINT; not restarting" in text
+    # The worker's own SIGINT and the script's trap race: on a busy machine the script may
+    # see the worker gone before its trap runs. Either way nothing is restarted.
+    assert (
+        f"worker (pid {worker}) stopped with status 0 after SIGINT; not restarting" in text
+        or f"worker (pid {worker}) exited with status 0 after" in text
+        and "it was stopped by someone else; not restarting" in text
+    ), text
+    assert "restarting in" not in text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
 
 
