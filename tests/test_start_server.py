@@ -259,9 +259,8 @@ async def test_ctrl_c_stops_the_worker_gracefully_and_the_script_exits_0(
     assert "received SIGINT: shutting down" in text  # the worker's own graceful stop
     # The worker's own SIGINT and the script's trap race: on a busy machine the script may
     # see the worker gone before its trap runs. Either way nothing is restarted.
-    assert (
-        f"worker (pid {worker}) stopped with status 0 after SIGINT; not restarting" in text
-        or f"worker (pid {worker}) exited with status 0 after" in text
+    assert f"worker (pid {worker}) stopped with status 0 after SIGINT; not restarting" in text or (
+        f"worker (pid {worker}) exited with status 0 after" in text
         and "it was stopped by someone else; not restarting" in text
     ), text
     assert "restarting in" not in text
