@@ -312,7 +312,9 @@ async def test_a_hold_without_a_duration_outlasts_max_reservation_seconds(
 async def test_a_local_hold_keeps_the_engines_view_busy_after_the_reservation(
     start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
 ) -> None:
-    info = await start_worker(**vast_settings(vast_engine))
+    # Reports paced faster than the default (1 a second after a burst of 2), so the
+    # engine hears of a short reservation while it is held.
+    info = await start_worker(**vast_settings(vast_engine, report_interval_s=0.05))
     await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
     url = info.public_url or ""
     signed = envelope(url, key=vast_engine.private_key, request_idx=4242, payload={"duration": 0.3})
@@ -333,9 +335,8 @@ async def test_a_local_hold_keeps_the_engines_view_busy_after_the_reservation(
                 assert body["num_requests_working"] == 1
                 assert body["working_request_idxs"] == []  # no invented request
             assert vast_engine.workers[7].busy
-            released = time.monotonic()
-        await vast_engine.wait_for(lambda e: e.workers[7].cur_load == 0.0, timeout=2.0)
-        assert time.monotonic() - released < 1.0
+        # The hold's end is reported by itself: no heartbeat (10 s) needed.
+        await vast_engine.wait_for(lambda e: e.workers[7].cur_load == 0.0, timeout=5.0)
     assert not vast_engine.workers[7].busy
     last = vast_engine.worker_status_reports[-1].body
     assert last["num_requests_working"] == 0 and last["cur_load"] == 0.0
