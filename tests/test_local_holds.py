@@ -253,9 +253,10 @@ async def test_a_disconnect_ends_the_hold_at_once(
     async with http.stream("POST", f"{info.control_url}/hold", json={}) as response:
         assert response.status_code == 200
         assert info.worker.local_holds.count == 1
+    # At once, not when TCP keepalive would notice (about 30 s): generous for a busy machine.
     closed = time.monotonic()
-    await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=1.0)
-    assert time.monotonic() - closed < 0.5
+    await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=10.0)
+    assert time.monotonic() - closed < 10.0
     counts = info.worker.local_holds.statistics().counts
     assert counts["disconnected"] == 1
 
@@ -722,8 +723,9 @@ async def test_killing_the_hold_process_ends_the_hold_at_once(
         process.kill()  # SIGKILL: no cleanup of any kind runs in the hold process
         killed = time.monotonic()
         await process.wait()
-        await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=1.0)
-        assert time.monotonic() - killed < 1.0
+        # At once, not when TCP keepalive would notice (about 30 s).
+        await wait_until(lambda: info.worker.local_holds.count == 0, limit_s=10.0)
+        assert time.monotonic() - killed < 10.0
         status = (await http.get(f"{info.control_url}/status")).json()
         assert status["local_holds"]["count"] == 0 and status["busy"] is False
     finally:
