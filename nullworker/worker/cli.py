@@ -194,17 +194,21 @@ async def _serve_until_signal(config: WorkerConfig, started_at: float | None) ->
 
 @contextlib.contextmanager
 def _late_stop_signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM do nothing inside; the previous handlers are back after.
+    """SIGINT and SIGTERM do nothing inside, and after a graceful stop too.
 
-    A Python handler that does nothing rather than ``SIG_IGN``, which a child process
-    would inherit.
+    The previous handlers come back only when serving failed (the start-up failure
+    path may still send a beacon, which Ctrl-C should be able to cut): after a stop the
+    process is on its way out, and a second stop signal arriving during the
+    interpreter's own shutdown must not turn exit 0 into 143. A Python handler that
+    does nothing rather than ``SIG_IGN``, which a child process would inherit.
     """
     previous = {signum: signal.signal(signum, _ignore) for signum in _STOP_SIGNALS}
     try:
         yield
-    finally:
+    except BaseException:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        raise
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:
