@@ -349,7 +349,13 @@ def quick_start() -> tuple[Block, Block, Block]:
 async def test_the_quick_start_runs_as_written(tmp_path: Path) -> None:
     """``./start_server.sh`` from a checkout, then the ``curl`` line (on this test's port):
     the answer is the printed one, on a line of its own."""
-    from .test_start_server import processes_of, script_env, wait_until_gone, wait_until_serving
+    from .test_start_server import (
+        processes_of,
+        read_log,
+        script_env,
+        wait_until_gone,
+        wait_until_serving,
+    )
 
     start_block, reserve, printed = quick_start()
     env = script_env(tmp_path)
@@ -379,7 +385,7 @@ async def test_the_quick_start_runs_as_written(tmp_path: Path) -> None:
         for pid in processes_of(tmp_path):
             os.kill(pid, signal.SIGKILL)
         await script.wait()
-    assert script.returncode == 0
+    assert script.returncode == 0, read_log(tmp_path / "w.log")
     await wait_until_gone(tmp_path)
     assert done.returncode == 0, done.stderr.decode()
     out = done.stdout.decode()

@@ -132,6 +132,13 @@ def run(args: argparse.Namespace, *, started_at: float | None = None) -> int:
         if config.reporting:
             trio.run(_send_beacon, config, f"Worker Server failed to launch: {reason}")
         return 2 if configuration else 1
+    # Stopped by a signal, and on the way out. A second stop signal (Ctrl-C reaches the
+    # worker and start_server.sh, which passes it on) may still arrive while the
+    # interpreter shuts down, and Python's own shutdown puts the default handler back
+    # in place of a Python one: SIG_IGN is the one it leaves alone, so exit 0 stays 0.
+    # (No child is started from here on, so none inherits it.)
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     return 0
 
 
