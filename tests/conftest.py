@@ -167,6 +167,10 @@ def vast_settings(engine: Any, **overrides: Any) -> dict[str, Any]:
         # The engine is torn down with the worker; don't let the final flush linger.
         "engine_retry_s": 0.05,
         "engine_timeout_s": 1.0,
+        # Reports paced faster than the default (a burst of 2, then 1 a second), so a
+        # test sees a short reservation's changes while they last, on a busy machine
+        # too. The pacing itself is tested with its defaults in test_reporter.py.
+        "report_interval_s": 0.05,
     }
     settings.update(overrides)
     return settings
