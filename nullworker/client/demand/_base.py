@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import trio
 
@@ -17,6 +18,8 @@ DEFAULT_TIMEOUT_S = 5.0
 #: Bound on closing a client that is being thrown away (shielded from cancellation).
 CLOSE_TIMEOUT_S = 1.0
 
+log = logging.getLogger("nullworker.demand")
+
 # -- the interface ---------------------------------------------------------------------
 
 
@@ -27,6 +30,16 @@ def check_count(value: object, source: str) -> int:
     if value < 0:
         raise DemandError(f"{source}: got {value}, a negative count")
     return value
+
+
+async def aclose_quietly(client: Any, what: str) -> None:
+    """``await client.aclose()`` for a client being thrown away: shielded from
+    cancellation, bounded by :data:`CLOSE_TIMEOUT_S`, a failure only logged (debug)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+        try:
+            await client.aclose()
+        except Exception as exc:
+            log.debug("%s: closing the client failed: %s", what, reason(exc))
 
 
 def reason(exc: BaseException) -> str:

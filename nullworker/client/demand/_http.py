@@ -23,12 +23,11 @@ import math
 from typing import Any, ClassVar
 
 import httpx
-import trio
 
 from ...errors import DemandError
 from .._redact import redact
 from .._urls import check_url
-from ._base import CLOSE_TIMEOUT_S, DEFAULT_TIMEOUT_S, DemandSource, reason
+from ._base import DEFAULT_TIMEOUT_S, DemandSource, aclose_quietly, reason
 
 __all__ = ["HTTP_RESPONSE_LIMIT", "HttpJson", "PrometheusQuery"]
 
@@ -149,13 +148,8 @@ class _HttpSource(DemandSource):
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
-        if client is None:
-            return
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-            try:
-                await client.aclose()
-            except Exception as exc:
-                log.debug("%s: closing the client failed: %s", self.describe(), reason(exc))
+        if client is not None:
+            await aclose_quietly(client, self.describe())
 
     async def _close(self) -> None:
         await self._drop_client()

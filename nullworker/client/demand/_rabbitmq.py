@@ -8,11 +8,10 @@ import os
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
-import trio
 
 from ...errors import DemandError, DemandNotFound
 from .._redact import redact
-from ._base import CLOSE_TIMEOUT_S, DEFAULT_TIMEOUT_S, DemandSource, reason
+from ._base import DEFAULT_TIMEOUT_S, DemandSource, aclose_quietly, reason
 
 log = logging.getLogger("nullworker.demand")
 
@@ -159,13 +158,8 @@ class RabbitMQQueue(DemandSource):
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
-        if client is None:
-            return
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-            try:
-                await client.aclose()
-            except Exception as exc:
-                log.debug("%s: closing the client failed: %s", self.describe(), reason(exc))
+        if client is not None:
+            await aclose_quietly(client, self.describe())
 
     async def _close(self) -> None:
         await self._drop_client()
