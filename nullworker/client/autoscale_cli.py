@@ -223,7 +223,21 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         metavar="VHOST",
         help="with --rabbitmq: the queue's virtual host (default /)",
     )
+    sources.add_argument(
+        "--postgres-listen",
+        default=None,
+        metavar="CHANNEL",
+        help="with --postgres: LISTEN on CHANNEL, and read at once on every NOTIFY to it "
+        "(polling goes on as the fallback)",
+    )
     # -- end of SQS, RabbitMQ, PostgreSQL --------------------------------------------------
+    sources.add_argument(
+        "--redis-configure-notifications",
+        action="store_true",
+        help="with --redis-list or --redis-stream: if the server's keyspace notifications "
+        "are off, turn them on (CONFIG SET notify-keyspace-events) so that new jobs wake "
+        "the autoscaler; without it, they are only checked and a warning says how",
+    )
     sources.add_argument(
         "--redis-queue-prefix",
         metavar="PREFIX",
@@ -336,6 +350,7 @@ class _Options:
 _ENDPOINT_DESTS = (
     "endpoint",
     *("processing", "sqs_include_delayed", "vhost", "redis_queue_prefix", "demand_timeout"),
+    *("postgres_listen", "redis_configure_notifications"),
     *("min", "max", "jobs_per_worker", "poll", "scale_down_delay", "duration"),
     *("api_key", "engine_url", "lease", "lease_ttl", "lease_renew"),
 )
@@ -395,6 +410,10 @@ def _parse_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--vhost goes with --rabbitmq")
     if args.redis_queue_prefix is not None and args.redis_queue is None:
         parser.error("--redis-queue-prefix goes with --redis-queue")
+    if args.postgres_listen is not None and args.postgres is None:
+        parser.error("--postgres-listen goes with --postgres")
+    if args.redis_configure_notifications and args.redis_list is None and args.redis_stream is None:
+        parser.error("--redis-configure-notifications goes with --redis-list or --redis-stream")
     for flag, value, least in (
         ("--min", args.min, 0),
         ("--max", args.max, 1),
@@ -530,6 +549,8 @@ def _new_source(args: argparse.Namespace) -> DemandSource:
         prefix=args.redis_queue_prefix,
         include_delayed=args.sqs_include_delayed,
         vhost=args.vhost,
+        listen=args.postgres_listen,
+        configure_notifications=args.redis_configure_notifications,
     )
     auth = _http_auth() if kind in ("http-json", "prometheus") else None
     # Each source's own default timeout unless --demand-timeout says otherwise.

@@ -30,13 +30,14 @@ Settings of an endpoint (defaults as the command line's): ``api_key_env`` (requi
 ``sources`` (one or more), ``lease`` (``url``, ``name``, ``ttl``, ``renew``).
 
 Sources, by ``kind`` (the command line's option names; ``?`` marks optional fields):
-``redis-list`` (url, key, processing?), ``redis-stream`` (url, stream, group),
-``nats-consumer`` (url, stream, consumer), ``redis-queue`` (framework, url, queue,
-prefix?), ``http-json`` (url, path), ``prometheus`` (url, query), ``sqs`` (queue_url,
-include_delayed?), ``rabbitmq`` (url, queue, vhost?), ``postgres`` (dsn, query),
-``command`` (command). Any text field ``F`` may be given as ``F_env``, the name of an
-environment variable holding it (a URL with a password in it, say). The HTTP sources
-take their credentials as ``token_env``, or ``user_env`` and ``password_env``.
+``redis-list`` (url, key, processing?, configure_notifications?), ``redis-stream`` (url,
+stream, group, configure_notifications?), ``nats-consumer`` (url, stream, consumer),
+``redis-queue`` (framework, url, queue, prefix?), ``http-json`` (url, path),
+``prometheus`` (url, query), ``sqs`` (queue_url, include_delayed?), ``rabbitmq`` (url,
+queue, vhost?), ``postgres`` (dsn, query, listen?), ``command`` (command). Any text
+field ``F`` may be given as ``F_env``, the name of an environment variable holding it (a
+URL with a password in it, say). The HTTP sources take their credentials as
+``token_env``, or ``user_env`` and ``password_env``.
 
 Validation
 ----------
@@ -91,18 +92,20 @@ __all__ = [
 #: Each source kind's fields: (required, optional). The HTTP kinds also take the
 #: credentials' variables (:data:`_HTTP_AUTH_FIELDS`).
 SOURCE_FIELDS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "redis-list": (("url", "key"), ("processing",)),
-    "redis-stream": (("url", "stream", "group"), ()),
+    "redis-list": (("url", "key"), ("processing", "configure_notifications")),
+    "redis-stream": (("url", "stream", "group"), ("configure_notifications",)),
     "nats-consumer": (("url", "stream", "consumer"), ()),
     "redis-queue": (("framework", "url", "queue"), ("prefix",)),
     "http-json": (("url", "path"), ()),
     "prometheus": (("url", "query"), ()),
     "sqs": (("queue_url",), ("include_delayed",)),
     "rabbitmq": (("url", "queue"), ("vhost",)),
-    "postgres": (("dsn", "query"), ()),
+    "postgres": (("dsn", "query"), ("listen",)),
     "command": (("command",), ()),
 }
 _HTTP_KINDS = ("http-json", "prometheus")
+#: The source fields that are true or false; the others are text.
+_BOOL_FIELDS = ("include_delayed", "configure_notifications")
 _HTTP_AUTH_FIELDS = ("token_env", "user_env", "password_env")
 #: Settings that would put a secret in the file, and what to write instead.
 _SECRETS = {
@@ -182,10 +185,23 @@ def new_source(
     """
     timeout = timeout_s or DEFAULT_TIMEOUT_S
     f = fields
+    configure = bool(f.get("configure_notifications", False))
     if kind == "redis-list":
-        return RedisList(f["url"], f["key"], f.get("processing"), timeout_s=timeout)
+        return RedisList(
+            f["url"],
+            f["key"],
+            f.get("processing"),
+            timeout_s=timeout,
+            configure_notifications=configure,
+        )
     if kind == "redis-stream":
-        return RedisStream(f["url"], f["stream"], f["group"], timeout_s=timeout)
+        return RedisStream(
+            f["url"],
+            f["stream"],
+            f["group"],
+            timeout_s=timeout,
+            configure_notifications=configure,
+        )
     if kind == "nats-consumer":
         return NatsConsumer(f["url"], f["stream"], f["consumer"], timeout_s=timeout)
     if kind == "redis-queue":
@@ -211,7 +227,7 @@ def new_source(
     if kind == "postgres":
         from .demand import PostgresQuery
 
-        return PostgresQuery(f["dsn"], f["query"], timeout_s=timeout)
+        return PostgresQuery(f["dsn"], f["query"], timeout_s=timeout, listen=f.get("listen"))
     if kind == "command":
         return CommandDemand(f["command"], timeout_s=timeout_s or COMMAND_TIMEOUT_S)
     raise ValueError(f"unknown source kind {kind!r}")
@@ -508,7 +524,7 @@ class _Checker:
     def source_field(
         self, here: str, table: Mapping[str, Any], name: str, *, required: bool
     ) -> object:
-        expected: type = bool if name == "include_delayed" else str
+        expected: type = bool if name in _BOOL_FIELDS else str
         if name in table and f"{name}_env" in table:
             self.problem(f"{here}.{name}", f"set {name} or {name}_env, not both")
             return None

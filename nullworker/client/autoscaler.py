@@ -10,7 +10,12 @@ any async function returning an int) and holds one reservation
 Policy
 ------
 * Every ``poll_s`` the demand is read and turned into a *raw target*:
-  ``clamp(ceil(demand / jobs_per_worker), min_workers, max_workers)``.
+  ``clamp(ceil(demand / jobs_per_worker), min_workers, max_workers)``. A source that
+  can push (:meth:`~nullworker.client.demand.DemandSource.watch`: Redis keyspace
+  notifications, NATS, PostgreSQL ``LISTEN``) also wakes the poller when the queue
+  changes, and the demand is read at once; reads prompted so start at least
+  ``_WAKE_MIN_INTERVAL_S`` apart, and a burst of wake-ups during a read asks for one
+  more read, not one each. The interval's polling goes on beside it, as the fallback.
 * Up at once: reservations are started up to the raw target as soon as it is read.
 * Down after a delay, with a stabilisation window (as HPA's and KEDA's): the number of
   reservations *kept* (the target) is the largest raw target read within the last
@@ -38,9 +43,10 @@ Concurrency invariants
 ----------------------
 * Everything runs in the one nursery :func:`autoscale` opens, as three kinds of task:
 
-  - the *poller* reads the demand. It alone writes the demand, the raw target, the
-    window and the target, and the source-outage state. It never starts or cancels a
-    reservation: it wakes the reconciler.
+  - the *poller* reads the demand (with, for a source that can push, a *watcher* task
+    in its own nursery that only sets the poller's ``_changed`` event). It alone writes
+    the demand, the raw target, the window and the target, and the source-outage state.
+    It never starts or cancels a reservation: it wakes the reconciler.
   - the *reconciler* alone starts and cancels reservations. It counts and acts in one
     synchronous step (no checkpoint in between, so no other task can change the count
     meanwhile), then sleeps until woken or until the backoff ends.
@@ -106,6 +112,10 @@ _JITTER = 0.2
 #: A hold that lasts this long proves that the engine and the workers work: the backoff
 #: streak ends. A hold that ends by itself sooner counts as a failure.
 _HEALTHY_HOLD_S = 5.0
+#: Reads prompted by a source's wake-ups start at least this far apart (from the start
+#: of the read before): a flood of notifications is at most 20 reads a second, a burst
+#: of them one read (two if it straddles a read).
+_WAKE_MIN_INTERVAL_S = 0.05
 
 
 class HeldReservation(Protocol):
@@ -126,6 +136,14 @@ class DemandReader(Protocol):
     :class:`~nullworker.client.demand.DemandSource`, e.g. a ``CombinedDemand``."""
 
     async def read(self) -> int: ...
+
+
+class _PushingSource(Protocol):
+    """A source that can wake the poller (:meth:`DemandSource.watch`)."""
+
+    def can_push(self) -> bool: ...
+
+    async def watch(self, changed: Callable[[], None]) -> None: ...
 
 
 #: Makes one reservation: entering the context manager waits for a worker and yields the
@@ -350,6 +368,8 @@ class Autoscaler:
         self._reservations_failed = 0
         self._ended_by_outcome: Counter[str] = Counter()
         self._wake = trio.Event()
+        # Set by the demand source's wake-ups (see _poll_loop); read by the poller.
+        self._changed = trio.Event()
         self._last_state: tuple[int | None, int, int, int, int] | None = None
         self._nursery: trio.Nursery | None = None
         self._ran = False
@@ -386,21 +406,44 @@ class Autoscaler:
 
     async def _poll_loop(self) -> None:
         settings = self._settings
-        next_at = trio.current_time()
-        while True:
-            await trio.sleep_until(next_at)
-            started = trio.current_time()
-            try:
-                value = _check_demand(await self._demand_fn())
-            except Exception as exc:
-                self._source_failed(exc)
-                delay = _backoff(
-                    settings.poll_s, self._outage_failures, max(settings.poll_s, _BACKOFF_MAX_S)
-                )
-            else:
-                self._source_read(value)
-                delay = settings.poll_s
-            next_at = started + delay
+        source = _pushing_source(self._demand_fn)
+        async with trio.open_nursery() as nursery:
+            if source is not None:
+                nursery.start_soon(self._watch, source, name="nullworker autoscale watcher")
+            next_at = trio.current_time()
+            last_read = -math.inf
+            while True:
+                with trio.move_on_at(next_at):
+                    await self._changed.wait()
+                    # Woken by the source: read now, but not sooner than the bound allows.
+                    await trio.sleep_until(last_read + _WAKE_MIN_INTERVAL_S)
+                # A fresh event before reading: a wake-up during the read asks for one
+                # more read after it (however many come), never for one per wake-up.
+                self._changed = trio.Event()
+                started = last_read = trio.current_time()
+                try:
+                    value = _check_demand(await self._demand_fn())
+                except Exception as exc:
+                    self._source_failed(exc)
+                    delay = _backoff(
+                        settings.poll_s,
+                        self._outage_failures,
+                        max(settings.poll_s, _BACKOFF_MAX_S),
+                    )
+                else:
+                    self._source_read(value)
+                    delay = settings.poll_s
+                next_at = started + delay
+
+    async def _watch(self, source: _PushingSource) -> None:
+        try:
+            await source.watch(self._changed_set)
+        except Exception:
+            # A source's own watch should not raise; if it does, polling carries on.
+            log.exception("watching %r for changes failed; polling only", source)
+
+    def _changed_set(self) -> None:
+        self._changed.set()
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -759,6 +802,21 @@ def _default_reserve(
     # every reservation. The context manager made is never entered.
     reserve_one()
     return reserve_one
+
+
+def _pushing_source(demand_fn: Callable[[], Awaitable[int]]) -> _PushingSource | None:
+    """The source behind ``demand_fn`` if it can push wake-ups, else None.
+
+    :func:`autoscale` takes a source as its bound ``read`` (``demand=source.read``, or
+    the source itself, which it turns into that), so the source is the method's
+    ``__self__``. A plain function has no wake-ups: it is polled only.
+    """
+    source = getattr(demand_fn, "__self__", None)
+    can_push = getattr(source, "can_push", None)
+    if not callable(can_push) or not callable(getattr(source, "watch", None)):
+        return None
+    pushing: _PushingSource = source  # type: ignore[assignment]
+    return pushing if can_push() is True else None
 
 
 def _check_demand(value: object) -> int:

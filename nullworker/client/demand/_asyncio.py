@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import ClassVar, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import trio
 
 from ...errors import DemandError
 from .._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
 from .._urls import check_url
-from ._base import CLOSE_TIMEOUT_S, DemandSource, reason
+from ._base import (
+    CLOSE_TIMEOUT_S,
+    WATCH_BACKOFF_FIRST_S,
+    WATCH_BACKOFF_MAX_S,
+    WATCH_HEALTHY_S,
+    DemandSource,
+    reason,
+)
 
 log = logging.getLogger("nullworker.demand")
+
+#: A subscription the server cannot give now (Redis with keyspace notifications off) is
+#: asked for again after this, quietly: it may have been turned on meanwhile.
+UNAVAILABLE_RECHECK_S = 60.0
+
+
+class SubscriptionLost(Exception):
+    """The server ended a push subscription (it closed the connection)."""
 
 
 # -- asyncio-backed sources ------------------------------------------------------------
@@ -62,6 +78,92 @@ class AsyncioSource(DemandSource, Generic[C]):
 
     def _usable(self, client: C) -> bool:
         return True
+
+    # -- push (see DemandSource.watch) -----------------------------------------------------
+    #
+    # A subclass that can push overrides can_push() and the three hooks below. The
+    # subscription has a connection of its own, never the reads' client: a read must not
+    # wait behind notifications, and losing one must not throw the other away.
+
+    async def _aio_subscribe(self, changed: Callable[[], None], lost: Callable[[], None]) -> Any:
+        """On the asyncio loop: connect and subscribe. Call ``changed()`` for every
+        notification and ``lost()`` if the server closes the subscription. Returns a
+        handle for :meth:`_follow` and :meth:`_aio_unsubscribe`, or None when the server
+        cannot push now (say why in the log, once)."""
+        raise NotImplementedError
+
+    async def _aio_unsubscribe(self, handle: Any) -> None:
+        """On the asyncio loop: close what :meth:`_aio_subscribe` opened."""
+        raise NotImplementedError
+
+    async def _follow(
+        self, handle: Any, changed: Callable[[], None], lost: trio.Event, loop: AsyncioLoop
+    ) -> None:
+        """In Trio: wait until the subscription is lost, and raise why.
+
+        By default the client calls back (``lost``); a client that must be read for its
+        notifications (Redis pub/sub) reads here instead.
+        """
+        await lost.wait()
+        raise SubscriptionLost("the server closed the connection")
+
+    async def watch(self, changed: Callable[[], None]) -> None:
+        if not self.can_push():
+            return
+        loop = self._current_loop()
+        if loop is None:
+            log.warning(
+                "%s: no asyncio loop (use `async with source:`); polling only", self.describe()
+            )
+            return
+        failures = 0
+        while True:
+            lost = trio.Event()
+            started = trio.current_time()
+            handle: Any = None
+            try:
+                with trio.fail_after(self.timeout_s):
+                    handle = await run_aio(self._aio_subscribe, changed, lost.set, loop=loop)
+                if handle is None:
+                    failures = 0
+                    await trio.sleep(UNAVAILABLE_RECHECK_S)
+                    continue
+                if failures:
+                    log.info("%s: push subscription restored", self.describe())
+                # What happened while we were not subscribed went unheard: read now.
+                changed()
+                await self._follow(handle, changed, lost, loop)
+                raise SubscriptionLost("the subscription ended")
+            except Exception as exc:
+                error = (
+                    reason(exc)
+                    if not isinstance(exc, trio.TooSlowError)
+                    else (f"no subscription within {self.timeout_s:g} s")
+                )
+            finally:
+                if handle is not None:
+                    await self._unsubscribe_quietly(handle, loop)
+            if trio.current_time() - started >= WATCH_HEALTHY_S:
+                failures = 0
+            failures += 1
+            delay = min(WATCH_BACKOFF_FIRST_S * 2.0 ** min(failures - 1, 32), WATCH_BACKOFF_MAX_S)
+            # Once per streak: a server that stays down must not fill the log.
+            level = logging.WARNING if failures == 1 else logging.DEBUG
+            log.log(
+                level,
+                "%s: no push subscription (%s); polling meanwhile, retrying in %.1f s",
+                self.describe(),
+                error,
+                delay,
+            )
+            await trio.sleep(delay)
+
+    async def _unsubscribe_quietly(self, handle: Any, loop: AsyncioLoop) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+            try:
+                await run_aio(self._aio_unsubscribe, handle, loop=loop)
+            except Exception as exc:
+                log.debug("%s: closing the subscription failed: %s", self.describe(), reason(exc))
 
     async def __aenter__(self) -> Self:
         if self._closed:

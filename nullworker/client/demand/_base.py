@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
@@ -17,6 +18,12 @@ from .._redact import redact
 DEFAULT_TIMEOUT_S = 5.0
 #: Bound on closing a client that is being thrown away (shielded from cancellation).
 CLOSE_TIMEOUT_S = 1.0
+#: A lost push subscription is retried after this, doubling with each failure in a row
+#: up to :data:`WATCH_BACKOFF_MAX_S`; polling carries on meanwhile.
+WATCH_BACKOFF_FIRST_S = 0.5
+WATCH_BACKOFF_MAX_S = 30.0
+#: A subscription that lasted this long ends the streak of failures.
+WATCH_HEALTHY_S = 10.0
 
 log = logging.getLogger("nullworker.demand")
 
@@ -52,8 +59,9 @@ class DemandSource(ABC):
     """A number of jobs to read, at most ``timeout_s`` per read.
 
     Subclasses implement :meth:`describe` and ``_read`` (one unbounded attempt), and may
-    override ``_close``. Exceptions of the types in ``_wrapped_errors`` raised by
-    ``_read`` become :class:`DemandError` (:class:`DemandTimeout` for timeouts).
+    override ``_close``, and :meth:`can_push` with :meth:`watch` for a server that can
+    push. Exceptions of the types in ``_wrapped_errors`` raised by ``_read`` become
+    :class:`DemandError` (:class:`DemandTimeout` for timeouts).
     """
 
     #: What ``_read`` may raise that means "this read failed" rather than a bug.
@@ -108,6 +116,29 @@ class DemandSource(ABC):
                     raise kind(f"{self.describe()}: {reason(exc)}") from exc
                 return check_count(value, self.describe())
             raise DemandTimeout(self._timeout_message())
+
+    def can_push(self) -> bool:
+        """Whether :meth:`watch` may call ``changed`` (the server can push, and this
+        source is set up to subscribe); ``False`` means reads come from polling only."""
+        return False
+
+    async def watch(self, changed: Callable[[], None]) -> None:
+        """Call ``changed()`` whenever the count may have changed, until cancelled.
+
+        A wake-up is a hint, not a count: the caller reads (:meth:`read`) to learn the
+        number, so a spurious or repeated call costs one read and a missed one only
+        delays the change to the next poll. ``changed`` must be quick and must not
+        block: it is called from the subscription's own code, once per notification,
+        possibly very often (the caller coalesces them).
+
+        Run it as a task of its own, beside the poll loop. It never raises an
+        ``Exception``: a subscription that cannot be made or is lost is logged, retried
+        with backoff (:data:`WATCH_BACKOFF_FIRST_S` .. :data:`WATCH_BACKOFF_MAX_S`), and
+        ``changed()`` is called once after each (re)subscription, since anything that
+        happened meanwhile went unheard. A source that cannot push returns at once
+        (this default).
+        """
+        return None
 
     async def aclose(self) -> None:
         """Release the source's connections. Idempotent; reading afterwards is an error.

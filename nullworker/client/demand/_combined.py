@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Literal, Self
@@ -96,6 +96,17 @@ class CombinedDemand(DemandSource):
             raise kind(text) from error
         values = [count for count in counts if count is not None]
         return sum(values) if self.how == "sum" else max(values)
+
+    def can_push(self) -> bool:
+        return any(part.can_push() for part in self.sources)
+
+    async def watch(self, changed: Callable[[], None]) -> None:
+        """Every part's :meth:`~DemandSource.watch` at once: a change in any wakes the
+        reader. The parts that cannot push are polled only."""
+        async with trio.open_nursery() as nursery:
+            for part in self.sources:
+                if part.can_push():
+                    nursery.start_soon(part.watch, changed)
 
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -43,6 +45,13 @@ class NatsConsumer(AsyncioSource[NatsClient]):
       timeout_s: bound on one read (connecting included).
 
     A missing stream or consumer raises :class:`DemandNotFound`.
+
+    Push: :meth:`watch` subscribes (core NATS, on a connection of its own) to the
+    subjects the stream takes (its ``subjects``), so a message published to the stream
+    wakes the reader; nothing has to be enabled on the server. Each message is delivered
+    to this subscription too (the traffic of the stream once more, to this client). A
+    stream with no subjects of its own (a mirror, one fed by ``sources``) cannot be
+    watched: it is polled only. Acknowledgements are seen at the next poll.
     """
 
     _scheme_names = ("nats", "tls", "ws", "wss")
@@ -63,6 +72,7 @@ class NatsConsumer(AsyncioSource[NatsClient]):
         self.stream = stream
         self.consumer = consumer
         self._connect_error: Exception | None = None
+        self._no_subjects_logged = False
 
     def describe(self) -> str:
         return f"nats consumer {self.consumer!r} on stream {self.stream!r} at {redact(self.url)}"
@@ -79,27 +89,31 @@ class NatsConsumer(AsyncioSource[NatsClient]):
         self._connect_error = exc
         log.debug("%s: %s", self.describe(), reason(exc))
 
+    async def _aio_connect(self, client: NatsClient, name: str, **callbacks: Any) -> None:
+        self._connect_error = None
+        try:
+            await client.connect(
+                servers=[self.url],
+                name=name,
+                allow_reconnect=False,
+                # nats-py tries each server up to max_reconnect_attempts + 1 times
+                # before NoServersError (0 means forever), reconnect_time_wait apart.
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                connect_timeout=max(1, math.ceil(self.timeout_s)),
+                error_cb=self._aio_on_error,
+                **callbacks,
+            )
+        except nats.errors.NoServersError:
+            # Say why (connection refused, ...) rather than "no servers available".
+            last, self._connect_error = self._connect_error, None
+            if isinstance(last, OSError | TimeoutError | nats.errors.Error):
+                raise last from None
+            raise
+
     async def _aio_query(self, client: NatsClient) -> int:
         if not client.is_connected:
-            self._connect_error = None
-            try:
-                await client.connect(
-                    servers=[self.url],
-                    name="nullworker-demand",
-                    allow_reconnect=False,
-                    # nats-py tries each server up to max_reconnect_attempts + 1 times
-                    # before NoServersError (0 means forever), reconnect_time_wait apart.
-                    max_reconnect_attempts=1,
-                    reconnect_time_wait=0,
-                    connect_timeout=max(1, math.ceil(self.timeout_s)),
-                    error_cb=self._aio_on_error,
-                )
-            except nats.errors.NoServersError:
-                # Say why (connection refused, ...) rather than "no servers available".
-                last, self._connect_error = self._connect_error, None
-                if isinstance(last, OSError | TimeoutError | nats.errors.Error):
-                    raise last from None
-                raise
+            await self._aio_connect(client, "nullworker-demand")
         try:
             info = await client.jsm(timeout=self.timeout_s).consumer_info(
                 self.stream, self.consumer, timeout=self.timeout_s
@@ -118,3 +132,44 @@ class NatsConsumer(AsyncioSource[NatsClient]):
 
     async def _aio_close(self, client: NatsClient) -> None:
         await client.close()
+
+    def can_push(self) -> bool:
+        return True
+
+    async def _aio_subscribe(
+        self, changed: Callable[[], None], lost: Callable[[], None]
+    ) -> NatsClient | None:
+        async def on_lost() -> None:
+            lost()
+
+        async def on_message(msg: Any) -> None:
+            changed()
+
+        client = NatsClient()
+        await self._aio_connect(
+            client, "nullworker-watch", disconnected_cb=on_lost, closed_cb=on_lost
+        )
+        try:
+            info = await client.jsm(timeout=self.timeout_s).stream_info(self.stream)
+            subjects = list(info.config.subjects or ())
+            if not subjects:
+                # Asked again every minute (quietly): the stream may be changed.
+                log.log(
+                    logging.DEBUG if self._no_subjects_logged else logging.WARNING,
+                    "%s: the stream has no subjects of its own to subscribe to; polling only",
+                    self.describe(),
+                )
+                self._no_subjects_logged = True
+                await client.close()
+                return None
+            for subject in subjects:
+                await client.subscribe(subject, cb=on_message)
+            # The subscriptions are in place at the server before the caller reads.
+            await client.flush(timeout=max(1, math.ceil(self.timeout_s)))
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def _aio_unsubscribe(self, handle: Any) -> None:
+        await handle.close()

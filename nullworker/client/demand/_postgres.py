@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,21 +83,35 @@ class PostgresQuery(AsyncioSource[_PgClient]):
         what it lacks).
       query: the SQL query (no parameters).
       timeout_s: bound on one read (connecting included).
+      listen: a notification channel: :meth:`watch` runs ``LISTEN`` on it (on a
+        connection of its own), and every ``NOTIFY`` on it wakes the reader. Have the
+        queue's producers (or a trigger on the jobs table) ``NOTIFY`` it. None (the
+        default): polling only.
     """
 
     _scheme_names = ("postgresql", "postgres")
     _wrapped_errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
     _timeout_errors = (TimeoutError, asyncpg.QueryCanceledError)
 
-    def __init__(self, dsn: str, query: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        query: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        listen: str | None = None,
+    ) -> None:
         if not query.strip():
             raise ValueError("PostgresQuery needs a query")
+        if listen is not None and (not listen or "\x00" in listen):
+            raise ValueError(f"listen must be a channel name, not {listen!r}")
         super().__init__(dsn, timeout_s=timeout_s)
         try:
             urlsplit(dsn).port  # noqa: B018  (raises ValueError on a port that is no number)
         except ValueError:
             raise ValueError(f"{redact(dsn)!r}: the port is not a number") from None
         self.query = query
+        self.listen = listen
         self._statement_timeout_ms = max(1, int(timeout_s * 1000 * STATEMENT_TIMEOUT_SHARE))
 
     def describe(self) -> str:
@@ -175,3 +190,26 @@ class PostgresQuery(AsyncioSource[_PgClient]):
             conn.terminate()
             if not isinstance(exc, Exception):
                 raise
+
+    def can_push(self) -> bool:
+        return self.listen is not None
+
+    async def _aio_subscribe(self, changed: Callable[[], None], lost: Callable[[], None]) -> Any:
+        # Not read-only, no statement_timeout: LISTEN is refused in a read-only
+        # transaction, and this connection runs nothing else.
+        conn = await asyncpg.connect(
+            self.url,
+            timeout=self.timeout_s,
+            statement_cache_size=0,
+            server_settings={"application_name": APPLICATION_NAME},
+        )
+        try:
+            conn.add_termination_listener(lambda _conn: lost())
+            await conn.add_listener(self.listen, lambda *_args: changed())
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _aio_unsubscribe(self, handle: Any) -> None:
+        await self._aio_close(_PgClient(handle))

@@ -2,22 +2,44 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio
 import redis.exceptions
+import trio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ...errors import DemandError, DemandNotFound
+from .._aio import AsyncioLoop, run_aio
 from .._redact import redact
 from ._asyncio import AsyncioSource
 from ._base import DEFAULT_TIMEOUT_S, reason
+
+log = logging.getLogger("nullworker.demand")
 
 #: RedisStream without a usable ``lag``: entries fetched per XRANGE while counting ...
 STREAM_SCAN_BATCH = 1000
 #: ... and the count at which it stops (the demand then reads as this number).
 STREAM_SCAN_LIMIT = 10_000
+#: The server setting that keyspace notifications need, and the flag of all classes.
+_NOTIFY_SETTING = "notify-keyspace-events"
+_NOTIFY_ALL = "A"
+#: How long one wait for a notification lasts before the subscription's health check
+#: (a PING every :data:`_HEALTH_CHECK_S` of silence) gets its turn.
+_NOTIFY_WAIT_S = 5.0
+_HEALTH_CHECK_S = 30.0
+
+
+def notify_flags_missing(setting: str, event_class: str) -> str:
+    """The flags ``notify-keyspace-events`` lacks for keyspace events of ``event_class``
+    (``l`` lists, ``t`` streams): ``""`` when they are on."""
+    missing = "" if "K" in setting else "K"
+    if event_class not in setting and _NOTIFY_ALL not in setting:
+        missing += event_class
+    return missing
 
 
 class _RedisSource(AsyncioSource[redis.asyncio.Redis]):
@@ -26,6 +48,114 @@ class _RedisSource(AsyncioSource[redis.asyncio.Redis]):
     _numeric_path = True
     _wrapped_errors = (redis.exceptions.RedisError, OSError, TimeoutError)
     _timeout_errors = (TimeoutError, redis.exceptions.TimeoutError)
+    #: The keyspace event class of the watched keys' commands (``l`` lists, ``t`` streams).
+    _event_class = ""
+
+    def __init__(
+        self, url: str, *, timeout_s: float, configure_notifications: bool = False
+    ) -> None:
+        super().__init__(url, timeout_s=timeout_s)
+        self.configure_notifications = bool(configure_notifications)
+        self._notify_off_logged = False
+
+    def _watched_keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def can_push(self) -> bool:
+        # The job frameworks (RedisQueue) spread a queue over several keys: polled only.
+        return bool(self._event_class)
+
+    async def _aio_subscribe(
+        self, changed: Callable[[], None], lost: Callable[[], None]
+    ) -> tuple[redis.asyncio.Redis, Any] | None:
+        client = redis.asyncio.Redis.from_url(
+            self.url,
+            decode_responses=True,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            socket_keepalive=True,
+            health_check_interval=_HEALTH_CHECK_S,
+            # No retry: a lost connection must end the subscription (and be noticed),
+            # not be quietly reopened.
+            retry=Retry(NoBackoff(), 0),
+            client_name="nullworker-watch",
+        )
+        try:
+            if not await self._aio_notifications_on(client):
+                await client.aclose()
+                return None
+            db = int(client.connection_pool.connection_kwargs.get("db") or 0)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            await pubsub.subscribe(*(f"__keyspace@{db}__:{key}" for key in self._watched_keys()))
+        except BaseException:
+            await client.aclose()
+            raise
+        return client, pubsub
+
+    async def _aio_notifications_on(self, client: redis.asyncio.Redis) -> bool:
+        """Whether the server sends the keyspace events we need; turns them on if asked."""
+        try:
+            answer = await client.config_get(_NOTIFY_SETTING)
+        except redis.exceptions.ResponseError as exc:
+            # A managed Redis may refuse CONFIG; its notifications may still be on.
+            if not self._notify_off_logged:
+                self._notify_off_logged = True
+                log.info(
+                    "%s: cannot check %s (%s); subscribing anyway",
+                    self.describe(),
+                    _NOTIFY_SETTING,
+                    reason(exc),
+                )
+            return True
+        setting = str(answer.get(_NOTIFY_SETTING, ""))
+        missing = notify_flags_missing(setting, self._event_class)
+        if not missing:
+            return True
+        if self.configure_notifications:
+            await client.config_set(_NOTIFY_SETTING, setting + missing)
+            log.warning(
+                "%s: set %s to %r (was %r), as --redis-configure-notifications asks",
+                self.describe(),
+                _NOTIFY_SETTING,
+                setting + missing,
+                setting,
+            )
+            return True
+        if not self._notify_off_logged:
+            self._notify_off_logged = True
+            log.warning(
+                "%s: keyspace notifications are off (%s is %r), so changes are seen at "
+                "the next poll only; to be woken at once, turn on the %r flags: "
+                "`CONFIG SET %s %s` (and the same line in redis.conf), or run with "
+                "--redis-configure-notifications",
+                self.describe(),
+                _NOTIFY_SETTING,
+                setting,
+                missing,
+                _NOTIFY_SETTING,
+                setting + missing,
+            )
+        return False
+
+    async def _follow(
+        self, handle: Any, changed: Callable[[], None], lost: trio.Event, loop: AsyncioLoop
+    ) -> None:
+        await run_aio(self._aio_pump, handle[1], changed, loop=loop)
+
+    async def _aio_pump(self, pubsub: Any, changed: Callable[[], None]) -> None:
+        while True:
+            message = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=_NOTIFY_WAIT_S
+            )
+            if message is not None:
+                changed()
+
+    async def _aio_unsubscribe(self, handle: Any) -> None:
+        client, pubsub = handle
+        try:
+            await pubsub.aclose()
+        finally:
+            await client.aclose()
 
     def _new_client(self) -> redis.asyncio.Redis:
         return redis.asyncio.Redis.from_url(
@@ -59,7 +189,17 @@ class RedisList(_RedisSource):
       key: the list of waiting jobs.
       processing: the list of jobs being worked on, if any.
       timeout_s: bound on one read.
+      configure_notifications: turn the server's keyspace notifications for lists on
+        (``CONFIG SET notify-keyspace-events``) if they are off. Off by default: the
+        server is yours, and without them the source only polls.
+
+    Push: :meth:`watch` subscribes to the keys' keyspace notifications
+    (``__keyspace@DB__:KEY``), which the server sends only with ``K`` and ``l`` (or
+    ``A``) in ``notify-keyspace-events``. When they are off, one warning says how to turn
+    them on, and the source polls only.
     """
+
+    _event_class = "l"
 
     def __init__(
         self,
@@ -68,12 +208,16 @@ class RedisList(_RedisSource):
         processing: str | None = None,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        configure_notifications: bool = False,
     ) -> None:
         if not key or processing == "":
             raise ValueError("RedisList needs a key (and a non-empty processing key if any)")
-        super().__init__(url, timeout_s=timeout_s)
+        super().__init__(url, timeout_s=timeout_s, configure_notifications=configure_notifications)
         self.key = key
         self.processing = processing
+
+    def _watched_keys(self) -> list[str]:
+        return [self.key] if self.processing is None else [self.key, self.processing]
 
     def describe(self) -> str:
         keys = repr(self.key) if self.processing is None else f"{self.key!r} + {self.processing!r}"
@@ -113,9 +257,16 @@ class RedisStream(_RedisSource):
       group: the consumer group.
       timeout_s: bound on one read.
       scan_limit: the cap on counting entries when ``lag`` is unknown.
+      configure_notifications: as for :class:`RedisList` (the ``t`` flag here).
 
     A missing stream or group raises :class:`DemandNotFound`.
+
+    Push: as for :class:`RedisList`, on the stream's key, with ``K`` and ``t`` (or ``A``)
+    in ``notify-keyspace-events``. ``XADD`` wakes the reader; acknowledgements send no
+    keyspace event and are seen at the next poll.
     """
+
+    _event_class = "t"
 
     def __init__(
         self,
@@ -125,15 +276,19 @@ class RedisStream(_RedisSource):
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         scan_limit: int = STREAM_SCAN_LIMIT,
+        configure_notifications: bool = False,
     ) -> None:
         if not stream or not group:
             raise ValueError("RedisStream needs a stream and a group")
         if isinstance(scan_limit, bool) or not isinstance(scan_limit, int) or scan_limit < 1:
             raise ValueError(f"scan_limit must be an int >= 1, not {scan_limit!r}")
-        super().__init__(url, timeout_s=timeout_s)
+        super().__init__(url, timeout_s=timeout_s, configure_notifications=configure_notifications)
         self.stream = stream
         self.group = group
         self.scan_limit = scan_limit
+
+    def _watched_keys(self) -> list[str]:
+        return [self.stream]
 
     def describe(self) -> str:
         return f"redis stream {self.stream!r} group {self.group!r} at {redact(self.url)}"
