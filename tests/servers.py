@@ -59,6 +59,7 @@ __all__ = [
     "prometheus_binary_fixture",
     "prometheus_exporter_fixture",
     "prometheus_server_fixture",
+    "redis_notify_server_fixture",
     "redis_server_binary_fixture",
     "redis_server_fixture",
     "silent_server_fixture",
@@ -292,13 +293,7 @@ def nats_server_binary_fixture() -> str:
     return find_binary("nats-server", "nats-server")
 
 
-@pytest.fixture(name="redis_server")
-async def redis_server_fixture(
-    tmp_path: Path, redis_server_binary: str
-) -> AsyncIterator[ServerProcess]:
-    """A fresh ``redis-server`` on a free loopback port, no persistence."""
-    binary = redis_server_binary
-
+def _redis_process(tmp_path: Path, binary: str, *options: str) -> ServerProcess:
     def argv_for(port: int) -> list[str]:
         # The config is given on the command line only ("-" would read stdin); an empty
         # --dir keeps any stray dump away from the work tree.
@@ -314,11 +309,34 @@ async def redis_server_fixture(
             "no",
             "--dir",
             str(tmp_path),
+            *options,
         ]
 
-    server = ServerProcess(
+    return ServerProcess(
         "redis-server", argv_for, _redis_ready, scheme="redis", log_path=tmp_path / "redis.log"
     )
+
+
+@pytest.fixture(name="redis_server")
+async def redis_server_fixture(
+    tmp_path: Path, redis_server_binary: str
+) -> AsyncIterator[ServerProcess]:
+    """A fresh ``redis-server`` on a free loopback port, no persistence."""
+    server = _redis_process(tmp_path, redis_server_binary)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(kill=True)
+
+
+@pytest.fixture(name="redis_notify_server")
+async def redis_notify_server_fixture(
+    tmp_path: Path, redis_server_binary: str
+) -> AsyncIterator[ServerProcess]:
+    """As ``redis_server``, with keyspace notifications for lists and streams on (``Klt``),
+    from the command line, so that they survive a restart."""
+    server = _redis_process(tmp_path, redis_server_binary, "--notify-keyspace-events", "Klt")
     await server.start()
     try:
         yield server

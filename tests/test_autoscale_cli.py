@@ -70,6 +70,7 @@ def closed_port() -> int:
 # -- in-process: usage -------------------------------------------------------------------
 
 DEMAND = ["--endpoint", "ep", "--demand-command", "echo 1"]
+PG_LISTEN = ["--postgres-listen", ""]
 
 
 @pytest.mark.parametrize(
@@ -93,6 +94,15 @@ DEMAND = ["--endpoint", "ep", "--demand-command", "echo 1"]
         (["--endpoint", "ep", "--nats-consumer", "nats://h", "S.1", "c"], "invalid NATS stream"),
         (["--endpoint", "ep", "--lease", "redis:/h", "k", *DEMAND[2:]], "--lease: 'redis:/h'"),
         ([*DEMAND, "--processing", "p"], "--processing goes with --redis-list"),
+        ([*DEMAND, "--postgres-listen", "jobs"], "--postgres-listen goes with --postgres"),
+        (
+            [*DEMAND, "--redis-configure-notifications"],
+            "--redis-configure-notifications goes with --redis-list or --redis-stream",
+        ),
+        (
+            ["--endpoint", "ep", "--postgres", "postgresql://h/db", "SELECT 1", *PG_LISTEN],
+            "--postgres: listen must be a channel name",
+        ),
         ([*DEMAND, "--min", "-1"], "--min must be an integer >= 0"),
         ([*DEMAND, "--max", "0"], "--max must be an integer >= 1"),
         ([*DEMAND, "--min", "3", "--max", "2"], "--min (3) must not be greater than --max (2)"),

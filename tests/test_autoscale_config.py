@@ -21,6 +21,7 @@ import trio
 
 from nullworker.client.autoscale_cli import main
 from nullworker.client.autoscale_config import ConfigFileError, load_config
+from nullworker.client.demand import CombinedDemand, PostgresQuery, RedisList, RedisStream
 from nullworker.engine import Engine
 
 from .conftest import StartWorker
@@ -130,6 +131,26 @@ def test_check_prints_the_plan_without_secrets(
     assert emails.api_key == ENV["NW_TEST_KEY_EMAILS"]
     assert ENV["NW_TEST_KEY_EMAILS"] not in repr(emails)
     assert thumbnails.source.describe().startswith("max of (")
+
+
+def test_push_settings_of_the_sources(env: None, tmp_path: Path) -> None:
+    path = tmp_path / "autoscale.toml"
+    path.write_text(
+        BASE.replace(
+            '[{ kind = "command", command = "echo 1" }]',
+            '[{ kind = "postgres", dsn = "postgresql://h/db", query = "SELECT 1", '
+            'listen = "jobs" }, { kind = "redis-stream", url = "redis://q", stream = "s", '
+            'group = "g", configure_notifications = true }, '
+            '{ kind = "redis-list", url = "redis://q", key = "jobs" }]',
+        )
+    )
+    (endpoint,) = load_config(path)
+    assert isinstance(endpoint.source, CombinedDemand)
+    postgres, stream, redis_list = endpoint.source.sources
+    assert isinstance(postgres, PostgresQuery) and postgres.listen == "jobs"
+    assert isinstance(stream, RedisStream) and stream.configure_notifications
+    assert isinstance(redis_list, RedisList) and not redis_list.configure_notifications
+    assert all(part.can_push() for part in endpoint.source.sources)
 
 
 def _lines(text: str) -> list[str]:
@@ -260,6 +281,21 @@ sources = [{ kind = "command", command = "echo 1" }]
                 'token_env = "NW_TEST_TOKEN", user_env = "NW_TEST_TOKEN" }',
             ),
             ["endpoints.e.sources[0].token_env: set token_env or user_env, not both"],
+        ),
+        (
+            BASE.replace(
+                '{ kind = "command", command = "echo 1" }',
+                '{ kind = "redis-list", url = "redis://q", key = "jobs", '
+                'configure_notifications = "yes" }',
+            ),
+            ["endpoints.e.sources[0].configure_notifications: must be a bool, got 'yes'"],
+        ),
+        (
+            BASE.replace(
+                '{ kind = "command", command = "echo 1" }',
+                '{ kind = "postgres", dsn = "postgresql://h/db", query = "SELECT 1", listen = 1 }',
+            ),
+            ["endpoints.e.sources[0].listen: must be a str, got 1"],
         ),
         (
             BASE + '[endpoints.e.lease]\nname = "l"\n',

@@ -58,6 +58,7 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     nats_server_binary_fixture,
     nats_server_fixture,
+    redis_notify_server_fixture,
     redis_server_binary_fixture,
     redis_server_fixture,
 )
@@ -377,6 +378,36 @@ async def test_a_redis_restart_keeps_the_capacity_and_the_new_demand_is_followed
         assert not run.of_kind("reservation_ended"), run.describe()
         print(f"recovered and held 3 within {trio.current_time() - back:.2f} s of the restart")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_pushed_job_is_held_long_before_the_poll_interval(
+    start_dev: StartDev, redis_notify_server: ServerProcess
+) -> None:
+    # The server sends keyspace notifications; the autoscaler polls once a minute, so only
+    # the wake-up of the job's LPUSH can explain a read within this test's bounds.
+    dev = await start_dev("--min-workers", "1", "--max-workers", "1", "--idle-timeout", "60")
+    rdb = redis.Redis.from_url(redis_notify_server.url, decode_responses=True)
+    async with (
+        httpx.AsyncClient(base_url=dev.url, timeout=5.0) as http,
+        open_asyncio_loop(),
+        RedisList(redis_notify_server.url, QUEUE) as source,
+        trio.open_nursery() as nursery,
+    ):
+        await wait_engine(http, lambda ws: len(in_state(ws, "idle")) == 1)
+        run = await start_autoscaler(nursery, dev, source.read, poll_s=60.0)
+        await run.wait(lambda s: s.demand == 0)
+        # The subscription's own first wake-up reads once more; then the queue is quiet.
+        await trio.sleep(0.5)
+        before = len(run.of_kind("state"))
+        pushed = trio.current_time()
+        rdb.lpush(QUEUE, "job-1")
+        took = await run.wait(lambda s: s.held == 1)
+        read = next(e for e in run.of_kind("state")[before:] if e.demand == 1)
+        assert read.at >= pushed, run.describe()
+        assert read.at - pushed < 60.0 / 2
+        print(f"a job pushed -> read in {read.at - pushed:.3f} s, held in {took:.3f} s (poll 60 s)")
+        nursery.cancel_scope.cancel()
+    rdb.close()
 
 
 async def _aio_nats_jobs(url: str, jobs: int) -> None:

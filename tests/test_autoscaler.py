@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +30,13 @@ from nullworker.client.autoscaler import (
     AutoscalerStatistics,
     autoscale,
 )
-from nullworker.client.demand import CallableDemand, CombinedDemand, DemandError, DemandTimeout
+from nullworker.client.demand import (
+    CallableDemand,
+    CombinedDemand,
+    DemandError,
+    DemandSource,
+    DemandTimeout,
+)
 from nullworker.errors import ConfigError, EngineUnavailable
 
 # -- the fake engine -------------------------------------------------------------------
@@ -542,6 +548,113 @@ async def test_a_reservation_that_ends_by_itself_is_not_replaced_without_demand(
         assert (stats.demand, stats.target, stats.held, stats.waiting) == (0, 1, 0, 0)
         await settle_at(250.0)
     assert engine.times() == [0.0, 200.0]
+
+
+# -- wake-ups from a source that can push -----------------------------------------------
+
+#: The least time between two reads that wake-ups prompt (the autoscaler's bound).
+WAKE_MIN_S = 0.05
+
+
+class PushedScript(DemandSource):
+    """A :class:`Script` read through a real :class:`DemandSource` that can push.
+
+    ``wake(n, every_s)`` makes its ``watch`` call ``changed()`` ``n`` times, ``every_s``
+    apart (0: all at once, a burst). Each read takes ``read_s``.
+    """
+
+    def __init__(self, script: Script, *, read_s: float = 0.0, broken: bool = False) -> None:
+        super().__init__(timeout_s=5.0)
+        self.script = script
+        self.read_s = read_s
+        self.broken = broken
+        self._send, self._receive = trio.open_memory_channel[tuple[int, float]](100)
+
+    def describe(self) -> str:
+        return "a pushed script"
+
+    async def _read(self) -> int:
+        value = await self.script()
+        await trio.sleep(self.read_s)
+        return value
+
+    def can_push(self) -> bool:
+        return True
+
+    async def watch(self, changed: Callable[[], None]) -> None:
+        if self.broken:
+            raise RuntimeError("the subscription code has a bug")
+        async for count, every_s in self._receive:
+            for _ in range(count):
+                changed()
+                if every_s:
+                    await trio.sleep(every_s)
+
+    def wake(self, count: int = 1, every_s: float = 0.0) -> None:
+        self._send.send_nowait((count, every_s))
+
+
+async def test_a_wake_up_reads_at_once_without_waiting_for_the_poll(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = FakeEngine()
+    script = Script((0, 0), (5, 3))
+    source = PushedScript(script)
+    async with running(engine, source, poll_s=60.0):
+        await settle_at(5.0)
+        assert script.read_times() == [0.0]
+        source.wake()
+        await settle_at(5.0)
+        # Only the wake-up explains a read at 5 s with a 60 s poll.
+        assert script.read_times() == [0.0, 5.0]
+        assert engine.times() == [5.0, 5.0, 5.0]
+        # The poll goes on from the last read.
+        await settle_at(100.0)
+    assert script.read_times() == [0.0, 5.0, 65.0]
+
+
+async def test_a_burst_of_wake_ups_is_one_read_and_a_flood_is_bounded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    script = Script((0, 1))
+    source = PushedScript(script)
+    async with running(FakeEngine(), source, poll_s=60.0):
+        await settle_at(10.0)
+        source.wake(1000)
+        await settle_at(15.0)
+        assert script.read_times() == [0.0, 10.0]
+        # A wake-up every millisecond for a second: at most one read per WAKE_MIN_S.
+        source.wake(1000, every_s=0.001)
+        await settle_at(25.0)
+    flood = [t for t in script.read_times() if 15.0 <= t < 25.0]
+    assert 2 <= len(flood) <= 1 / WAKE_MIN_S + 2, flood
+    assert min(gaps(flood)) >= WAKE_MIN_S - 1e-9, flood
+    assert flood[0] == 15.0
+
+
+async def test_wake_ups_during_a_read_ask_for_one_more_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    script = Script((0, 1))
+    source = PushedScript(script, read_s=1.0)
+    async with running(FakeEngine(), source, poll_s=60.0):
+        await settle_at(10.0)
+        source.wake()
+        await settle_at(10.5)  # the read started at 10 s is in flight
+        source.wake(100)
+        await settle_at(50.0)
+    assert script.read_times() == [0.0, 10.0, 11.0]
+
+
+async def test_a_watch_that_fails_leaves_the_polling(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    script = Script((0, 1))
+    async with running(FakeEngine(), PushedScript(script, broken=True), poll_s=1.0) as run:
+        await settle_at(3.0)
+        assert run.stats().held == 1
+    assert script.read_times() == [0.0, 1.0, 2.0, 3.0]
+    assert "polling only" in caplog.text
 
 
 # -- cancellation ----------------------------------------------------------------------
