@@ -646,6 +646,24 @@ async def test_wake_ups_during_a_read_ask_for_one_more_read(
     assert script.read_times() == [0.0, 10.0, 11.0]
 
 
+async def test_with_wake_ups_a_scale_down_reads_when_the_delay_ends_not_at_the_poll(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = FakeEngine()
+    script = Script((0, 3), (10, 1))
+    source = PushedScript(script)
+    async with running(engine, source, poll_s=60.0, scale_down_delay_s=30.0) as run:
+        await settle_at(10.0)
+        source.wake()
+        await settle_at(29.999)
+        assert (engine.count, run.stats().target) == (3, 3)
+        # The reading of 3 at 0 s expires at 30 s: a read then, and the scale-down.
+        await settle_at(30.0)
+        assert (engine.count, run.stats().target) == (1, 1)
+        await settle_at(100.0)
+    assert script.read_times() == [0.0, 10.0, 30.0, 90.0]
+
+
 async def test_a_watch_that_fails_leaves_the_polling(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,6 +16,9 @@ Policy
   changes, and the demand is read at once; reads prompted so start at least
   ``_WAKE_MIN_INTERVAL_S`` apart, and a burst of wake-ups during a read asks for one
   more read, not one each. The interval's polling goes on beside it, as the fallback.
+  With such a source, a reading that leaves the target above the raw target (a
+  scale-down waiting out its delay) brings the next read forward to when the delay ends,
+  so a rare poll does not hold the scale-down back.
 * Up at once: reservations are started up to the raw target as soon as it is read.
 * Down after a delay, with a stabilisation window (as HPA's and KEDA's): the number of
   reservations *kept* (the target) is the largest raw target read within the last
@@ -434,6 +437,11 @@ class Autoscaler:
                     self._source_read(value)
                     delay = settings.poll_s
                 next_at = started + delay
+                if source is not None and self._target > self._raw_target:
+                    # A scale-down waits for a reading after the delay: read when the
+                    # window's highest reading expires, not a long poll later (a source
+                    # that pushes is often polled rarely).
+                    next_at = min(next_at, self._window[0][0] + settings.scale_down_delay_s)
 
     async def _watch(self, source: _PushingSource) -> None:
         try:

@@ -195,14 +195,9 @@ class PostgresQuery(AsyncioSource[_PgClient]):
         return self.listen is not None
 
     async def _aio_subscribe(self, changed: Callable[[], None], lost: Callable[[], None]) -> Any:
-        # Not read-only, no statement_timeout: LISTEN is refused in a read-only
-        # transaction, and this connection runs nothing else.
-        conn = await asyncpg.connect(
-            self.url,
-            timeout=self.timeout_s,
-            statement_cache_size=0,
-            server_settings={"application_name": APPLICATION_NAME},
-        )
+        # A connection of its own, with the reads' settings (LISTEN is allowed in a
+        # read-only session): a read must not queue behind notifications.
+        conn = await self._aio_connect()
         try:
             conn.add_termination_listener(lambda _conn: lost())
             await conn.add_listener(self.listen, lambda *_args: changed())
