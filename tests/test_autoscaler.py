@@ -655,13 +655,31 @@ async def test_with_wake_ups_a_scale_down_reads_when_the_delay_ends_not_at_the_p
     async with running(engine, source, poll_s=60.0, scale_down_delay_s=30.0) as run:
         await settle_at(10.0)
         source.wake()
-        await settle_at(29.999)
+        await settle_at(39.999)
         assert (engine.count, run.stats().target) == (3, 3)
-        # The reading of 3 at 0 s expires at 30 s: a read then, and the scale-down.
-        await settle_at(30.0)
+        # The 3 jobs stood until the change at 10 s: that reading expires at 40 s, and
+        # a read then makes the scale-down (not the next poll, at 70 s).
+        await settle_at(40.0)
         assert (engine.count, run.stats().target) == (1, 1)
-        await settle_at(100.0)
-    assert script.read_times() == [0.0, 10.0, 30.0, 90.0]
+        await settle_at(110.0)
+    assert script.read_times() == [0.0, 10.0, 40.0, 100.0]
+
+
+async def test_with_wake_ups_the_scale_down_delay_counts_from_the_change(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = FakeEngine()
+    script = Script((0, 3), (50, 1))
+    source = PushedScript(script)
+    async with running(engine, source, poll_s=60.0, scale_down_delay_s=30.0) as run:
+        # No reading between 0 s and 50 s, but the 3 jobs stood all along (no wake-up).
+        await settle_at(50.0)
+        source.wake()
+        await settle_at(79.999)
+        assert (engine.count, run.stats().target) == (3, 3)
+        await settle_at(80.0)
+        assert (engine.count, run.stats().target) == (1, 1)
+    assert script.read_times() == [0.0, 50.0, 80.0]
 
 
 async def test_a_watch_that_fails_leaves_the_polling(

@@ -16,9 +16,11 @@ Policy
   changes, and the demand is read at once; reads prompted so start at least
   ``_WAKE_MIN_INTERVAL_S`` apart, and a burst of wake-ups during a read asks for one
   more read, not one each. The interval's polling goes on beside it, as the fallback.
-  With such a source, a reading that leaves the target above the raw target (a
-  scale-down waiting out its delay) brings the next read forward to when the delay ends,
-  so a rare poll does not hold the scale-down back.
+  With such a source, the reading before a read stands until that read (a change would
+  have woken it sooner), so the scale-down delay counts from the change itself; and a
+  reading that leaves the target above the raw target (a scale-down waiting out its
+  delay) brings the next read forward to when the delay ends, so a rare poll neither
+  cuts the delay short nor holds the scale-down back.
 * Up at once: reservations are started up to the raw target as soon as it is read.
 * Down after a delay, with a stabilisation window (as HPA's and KEDA's): the number of
   reservations *kept* (the target) is the largest raw target read within the last
@@ -434,6 +436,11 @@ class Autoscaler:
                         max(settings.poll_s, _BACKOFF_MAX_S),
                     )
                 else:
+                    if source is not None and self._source_ok:
+                        # Pushed changes wake a read, so the last reading stood until
+                        # now: the scale-down delay counts from this change, not from a
+                        # reading a long poll ago.
+                        self._push_reading(trio.current_time(), self._raw_target)
                     self._source_read(value)
                     delay = settings.poll_s
                 next_at = started + delay
