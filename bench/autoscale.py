@@ -1,8 +1,10 @@
-"""Autoscaler benchmark: memory and CPU holding 1,000 reservations, and reaction times.
+"""Autoscaler benchmark: memory and CPU holding 1,000 (or 10,000) reservations, and reaction times.
 
-    .venv/bin/python bench/autoscale.py            # about 90 s
+    .venv/bin/python bench/autoscale.py            # about 2 min
     .venv/bin/python bench/autoscale.py --quick    # a smoke run, about 30 s
     .venv/bin/python bench/autoscale.py --driver library --reps 5 --reps-loaded 2  # ~2 min
+    .venv/bin/python bench/autoscale.py --source redis --poll 60 --hold 10000 \
+        --json bench/results/autoscale-DATE.json   # pushed wake-ups, holding 10,000
 
 One autoscaler process -- ``nullworker autoscale --demand-command 'cat FILE' --json``, or,
 with ``--driver library`` (or when that command is not installed), a small script here
@@ -12,25 +14,34 @@ runs against a stand-in engine and worker in this process, on 127.0.0.1:
 * the *engine* answers every ``POST /route/`` at once with a READY reply (the shape
   ``nullworker.engine`` gives: ``url``, ``signature``, ``cost``, ``endpoint``, ``reqnum``,
   ``request_idx``) routing to the sink, and keeps idle connections 5 s (Hypercorn's
-  default);
+  default; from ``ROUTE_CLOSE_AT`` holds on it closes them at once, so that 10,000 holds
+  fit in the descriptors); it timestamps every ``/route/`` (a reservation *requested*);
 * the *sink* takes any number of ``POST /reserve`` requests and never answers them: a
   reservation is *held* from the moment its request has fully arrived to the moment the
   client closes the connection. The sink counts open requests and timestamps every
   change; that count is what "held" and "released" mean here.
 
-The demand is a file the bench rewrites (atomically); the autoscaler reads it every
-``--poll`` seconds. Measured:
+The demand is a file the bench rewrites (atomically), which the autoscaler reads every
+``--poll`` seconds; or, with ``--source redis``, a Redis list (``--redis-list``) on a
+``redis-server`` the bench starts on 127.0.0.1 with keyspace notifications on, so every
+change wakes the autoscaler (then run it with a long ``--poll``, e.g. 60 s: only a
+wake-up explains a fast reaction). Measured:
 
-* hold 1,000: the autoscaler's RSS (``/proc/PID/status`` VmRSS, and VmHWM, the peak) and
-  its CPU over ``--steady`` seconds of holding still (``/proc/PID/stat`` utime + stime;
-  the ``cat`` children of ``--demand-command`` are shown apart, cutime + cstime);
-* reaction: demand +100 -> the 100th new reservation held at the sink, and demand -100
-  -> the 100th released, minus ``--delay``; ``--reps`` times each from 0 held (and a few
-  from 1,000 held), each change at a random phase of the poll. When the autoscaler
-  printed the new demand splits the first into waiting for the poll and the work after
-  (with the autoscaler's CPU time meanwhile); when it printed the lower target shows how
-  much of the second is the stabilisation window's own timing.
+* first jobs: one job at a time, ``--first-reps`` times, on top of those before: the job
+  -> its ``/route/`` at the engine (requested) and its ``/reserve`` at the sink (held);
+* hold ``--hold``: the autoscaler's RSS (``/proc/PID/status`` VmRSS, and VmHWM, the
+  peak) and its CPU over ``--steady`` seconds of holding still (``/proc/PID/stat`` utime +
+  stime; the ``cat`` children of ``--demand-command`` are shown apart, cutime + cstime);
+* reaction: demand +``--step`` -> the last new reservation held at the sink, and back
+  -> the last released, minus ``--delay``; ``--reps`` times each from 0 held, the same
+  with ``--big-step`` ``--big-reps`` times, and a few from ``--hold`` held; each change at
+  a random phase of the poll. When the autoscaler printed the new demand splits the
+  first into waiting for the read and the work after (with the autoscaler's CPU time
+  meanwhile); when it printed the lower target shows how much of the second is the
+  stabilisation window's own timing.
 
+The machine's load average is printed at the start and the end (and saved with
+``--json FILE``, with every sample): figures from a shared machine need it beside them.
 Every wait is bounded (``STEP_LIMIT_S``). ``RLIMIT_NOFILE`` is raised to its hard limit
 here (the autoscaler inherits it): 1,000 holds need about 2,000 descriptors on each side.
 ``--profile FILE`` runs the autoscaler under cProfile and prints its top functions.
@@ -49,7 +60,9 @@ import pstats
 import random
 import resource
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,6 +85,16 @@ KEEP_ALIVE_S = 5.0
 ENDPOINT = "bench"
 API_KEY = "bench"
 RSS_GOAL_MB = 150.0
+#: ... holding more than 1,000 (the goal is set for 10,000).
+RSS_GOAL_10K_MB = 1024.0
+#: Goals with a source that pushes (``--source redis``): a job -> its reservation
+#: requested (``/route/``), +``--step`` (100) -> all held, +``--big-step`` (1,000) -> all
+#: held, each at p99.
+FIRST_JOB_GOAL_S = 0.1
+STEP_GOAL_S = 0.5
+BIG_STEP_GOAL_S = 2.0
+#: From this many holds on, the stand-in engine closes each /route/ connection at once.
+ROUTE_CLOSE_AT = 5000
 CPU_GOAL_PCT = 2.0
 #: From all held to the start of the steady window: longer than the autoscaler's 5 s
 #: "healthy hold" timer, which fires once per reservation.
@@ -139,10 +162,26 @@ class Servers:
     engine_url: str = ""
     sink_url: str = ""
     routes: int = 0
+    #: time.monotonic() of every ``/route/`` request, as it arrived.
+    route_times: list[float] = field(default_factory=list)
+    #: Close each connection after its ``/route/`` reply (no idle keep-alive): holding
+    #: 10,000 needs every descriptor for the held connections.
+    route_close: bool = False
     _reqnum: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _routed: trio.Event = field(default_factory=trio.Event)
+
+    async def wait_routes(self, count: int) -> float:
+        """Wait until ``count`` ``/route/`` requests have arrived; when the last did."""
+        with trio.fail_after(STEP_LIMIT_S):
+            while self.routes < count:
+                await self._routed.wait()
+        return self.route_times[count - 1]
 
     def route_reply(self, body: bytes) -> dict[str, Any]:
         self.routes += 1
+        self.route_times.append(time.monotonic())
+        self._routed.set()
+        self._routed = trio.Event()
         request = json.loads(body or b"{}")
         idx = request.get("request_idx") or 0
         reqnum = next(self._reqnum)
@@ -194,6 +233,8 @@ async def handle_connection(servers: Servers, stream: trio.SocketStream) -> None
                 if request.method == b"POST" and target == b"/route/":
                     reply = json.dumps(servers.route_reply(body)).encode()
                     await _send(conn, stream, 200, reply)
+                    if servers.route_close:
+                        return
                 else:
                     await _send(conn, stream, 404, b'{"error": "not found"}')
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -237,6 +278,87 @@ class Settings:
     delay_s: float
     max_workers: int
     demand_file: Path
+    #: ``redis://…`` of the list to read instead of the file (``--source redis``).
+    redis_url: str | None = None
+
+
+#: The Redis list the autoscaler reads with ``--source redis``.
+REDIS_KEY = "bench:jobs"
+
+
+class FileDemand:
+    """The demand as a file the autoscaler reads with ``cat`` every poll."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def set(self, demand: int) -> float:
+        return write_demand(self.path, demand)
+
+    def close(self) -> None:
+        return None
+
+
+class RedisDemand:
+    """The demand as a Redis list (``--source redis``): a ``redis-server`` of our own on
+    127.0.0.1 with keyspace notifications for lists on, so the autoscaler is woken by
+    every change instead of waiting for its poll."""
+
+    def __init__(self, workdir: Path) -> None:
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("--source redis needs redis-server on the PATH")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._log = (workdir / "redis.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                *(binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+                *("--appendonly", "no", "--dir", str(workdir), "--notify-keyspace-events", "Kl"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise SystemExit("redis-server did not start (see redis.log)") from None
+                time.sleep(0.05)
+        self.length = 0
+
+    def set(self, demand: int) -> float:
+        """Push or trim jobs so the list holds ``demand``; the monotonic time just before
+        the command went out (the job's arrival, at the latest)."""
+        changed = time.monotonic()
+        if demand > self.length:
+            self.client.rpush(REDIS_KEY, *[b"job"] * (demand - self.length))
+        elif demand < self.length:
+            # LTRIM, even to empty (not DEL): it is a list event (``l``), which the
+            # notifications on here include; DEL is a generic one (``g``).
+            # (LTRIM 0 -1 keeps everything: 1 0 is the empty range.)
+            self.client.ltrim(REDIS_KEY, *((0, demand - 1) if demand else (1, 0)))
+        self.length = demand
+        return changed
+
+    def close(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
 
 
 def autoscaler_argv(
@@ -259,9 +381,14 @@ def autoscaler_argv(
         prefix += ["-m", "cProfile", "-o", profile]
     if driver == "cli":
         tail = ["-m", "nullworker", "autoscale", "--endpoint", ENDPOINT, "--json"]
-        tail += ["--demand-command", f"cat {shlex.quote(str(settings.demand_file))}", *common]
+        if settings.redis_url is not None:
+            tail += ["--redis-list", settings.redis_url, REDIS_KEY, *common]
+        else:
+            tail += ["--demand-command", f"cat {shlex.quote(str(settings.demand_file))}", *common]
         return prefix + tail
     script = [str(Path(__file__).resolve()), "--child", "--demand-file", str(settings.demand_file)]
+    if settings.redis_url is not None:
+        script += ["--demand-redis", settings.redis_url]
     return prefix + script + common
 
 
@@ -272,12 +399,15 @@ def child_main(args: argparse.Namespace) -> int:
     demand or the target changes, as ``nullworker autoscale --json`` does for every event.
     """
     from nullworker.client.autoscaler import AutoscaleEvent, autoscale
+    from nullworker.client.demand import RedisList
 
     raise_nofile()
     path = Path(args.demand_file)
 
-    async def demand() -> int:
+    async def read_file() -> int:
         return int(read_text(path).strip() or 0)
+
+    source = None if args.demand_redis is None else RedisList(args.demand_redis, REDIS_KEY)
 
     last: list[tuple[int | None, int]] = [(None, -1)]
 
@@ -289,12 +419,15 @@ def child_main(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
+            async with contextlib.AsyncExitStack() as stack:
+                if source is not None:
+                    await stack.enter_async_context(source)
+                nursery = await stack.enter_async_context(trio.open_nursery())
                 await nursery.start(
                     partial(
                         autoscale,
                         ENDPOINT,
-                        demand=demand,
+                        demand=read_file if source is None else source,
                         max_workers=args.max,
                         poll_s=args.poll,
                         scale_down_delay_s=args.scale_down_delay,
@@ -420,6 +553,7 @@ async def measure_reactions(
     servers: Servers,
     scaler: Autoscaler,
     settings: Settings,
+    demand: FileDemand | RedisDemand,
     *,
     base: int,
     step: int,
@@ -429,9 +563,9 @@ async def measure_reactions(
     sink = servers.sink
     for _ in range(reps):
         scaler.check_alive()
-        await trio.sleep(random.uniform(0, settings.poll_s))
+        await trio.sleep(random_phase(settings))
         cpu_before = proc_stat(scaler.process.pid).cpu_s
-        changed = write_demand(settings.demand_file, base + step)
+        changed = demand.set(base + step)
         held_at = await sink.wait_count(base + step, changed)
         into.up_cpu.append(proc_stat(scaler.process.pid).cpu_s - cpu_before)
         into.up.append(held_at - changed)
@@ -440,14 +574,53 @@ async def measure_reactions(
             into.up_seen.append(seen - changed)
         # Let the accept windows pass and the count settle before going down.
         await sink.wait_quiet(0.5)
-        await trio.sleep(random.uniform(0, settings.poll_s))
-        changed = write_demand(settings.demand_file, base)
+        await trio.sleep(random_phase(settings))
+        changed = demand.set(base)
         released_at = await sink.wait_count(base, changed)
         into.down.append(released_at - changed - settings.delay_s)
         lowered = scaler.seen_at(since=changed, target=base)
         if lowered is not None:
             into.down_target.append(lowered - changed - settings.delay_s)
         await sink.wait_quiet(0.3)
+
+
+@dataclass
+class FirstJob:
+    requested: list[float] = field(default_factory=list)  # job -> its /route/ arrived
+    held: list[float] = field(default_factory=list)  # job -> its /reserve arrived
+
+
+async def measure_first_jobs(
+    servers: Servers,
+    scaler: Autoscaler,
+    settings: Settings,
+    demand: FileDemand | RedisDemand,
+    *,
+    reps: int,
+    into: FirstJob,
+) -> None:
+    """One job at a time, ``reps`` times: job -> its reservation requested (``/route/``)
+    and held (``/reserve`` at the sink). Each job comes at a random phase of the poll, on
+    top of those before it (so no scale-down is waited for); then all are released."""
+    sink = servers.sink
+    for n in range(1, reps + 1):
+        scaler.check_alive()
+        await trio.sleep(random.uniform(0, min(settings.poll_s, 0.2)))
+        routes = servers.routes
+        changed = demand.set(n)
+        requested = await servers.wait_routes(routes + 1)
+        held = await sink.wait_count(n, changed)
+        into.requested.append(requested - changed)
+        into.held.append(held - changed)
+    demand.set(0)
+    await sink.wait_count(0, time.monotonic())
+    await sink.wait_quiet(0.3)
+
+
+def random_phase(settings: Settings) -> float:
+    """A pause before a change, so changes come at random phases of the poll. A pushed
+    change is read when it happens, whatever the phase: a short pause will do."""
+    return random.uniform(0, settings.poll_s if settings.redis_url is None else 0.2)
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -473,23 +646,78 @@ def versions() -> str:
 async def run_bench(args: argparse.Namespace, workdir: Path) -> int:
     limit = raise_nofile()
     hold_n = args.hold
-    if limit < 2 * hold_n + 200:
+    # Past ROUTE_CLOSE_AT holds, /route/ connections are closed at once, so each side
+    # needs about one descriptor per hold instead of two.
+    route_close = hold_n >= ROUTE_CLOSE_AT
+    if limit < (1 if route_close else 2) * hold_n + 200:
         print(f"RLIMIT_NOFILE is {limit}: too low for {hold_n} holds", file=sys.stderr)
         return 2
     driver = args.driver
     if driver == "auto":
         driver = "cli" if cli_available() else "library"
+    demand: FileDemand | RedisDemand = (
+        RedisDemand(workdir) if args.source == "redis" else FileDemand(workdir / "demand")
+    )
     settings = Settings(
         poll_s=args.poll,
         delay_s=args.delay,
-        max_workers=hold_n + args.step + 100,
+        max_workers=max(hold_n, args.big_step) + args.step + 100,
         demand_file=workdir / "demand",
+        redis_url=demand.url if isinstance(demand, RedisDemand) else None,
     )
     write_demand(settings.demand_file, 0)
-    servers = Servers()
-    results: dict[str, Any] = {}
+    servers = Servers(route_close=route_close)
+    results: dict[str, Any] = {"load_start": uptime()}
     reaction = Reaction()
     reaction_loaded = Reaction()
+    reaction_big = Reaction()
+    first = FirstJob()
+    try:
+        await _run_bench(
+            args,
+            workdir,
+            driver,
+            settings,
+            demand,
+            servers,
+            results,
+            reaction,
+            reaction_loaded,
+            reaction_big,
+            first,
+        )
+    finally:
+        demand.close()
+    results["load_end"] = uptime()
+    report(args, driver, settings, results, reaction, reaction_loaded, reaction_big, first)
+    if args.json:
+        save_json(args, driver, settings, results, reaction, reaction_loaded, reaction_big, first)
+    if args.profile:
+        print(f"\nprofile of the autoscaler (cProfile, {args.profile}), top 25 by own time:\n")
+        pstats.Stats(args.profile).sort_stats("tottime").print_stats(25)
+    return 0
+
+
+def uptime() -> str:
+    """The machine's load, as ``uptime`` shows it (the machine is shared)."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average: {one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+async def _run_bench(
+    args: argparse.Namespace,
+    workdir: Path,
+    driver: str,
+    settings: Settings,
+    demand: FileDemand | RedisDemand,
+    servers: Servers,
+    results: dict[str, Any],
+    reaction: Reaction,
+    reaction_loaded: Reaction,
+    reaction_big: Reaction,
+    first: FirstJob,
+) -> None:
+    hold_n = args.hold
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(serve_servers, servers))
         argv = autoscaler_argv(driver, settings, servers.engine_url, args.profile)
@@ -511,13 +739,40 @@ async def run_bench(args: argparse.Namespace, workdir: Path) -> int:
                     await trio.sleep(0.05)
             results["start_rss_mb"] = proc_stat(process.pid).rss_mb
 
+            if args.first_reps:
+                print(f"first jobs: {args.first_reps} x (+1)")
+                await measure_first_jobs(
+                    servers, scaler, settings, demand, reps=args.first_reps, into=first
+                )
+
             print(f"reaction from 0 held: {args.reps} x (+{args.step}, -{args.step})")
             await measure_reactions(
-                servers, scaler, settings, base=0, step=args.step, reps=args.reps, into=reaction
+                servers,
+                scaler,
+                settings,
+                demand,
+                base=0,
+                step=args.step,
+                reps=args.reps,
+                into=reaction,
             )
+            if args.big_reps:
+                print(
+                    f"reaction from 0 held: {args.big_reps} x (+{args.big_step}, -{args.big_step})"
+                )
+                await measure_reactions(
+                    servers,
+                    scaler,
+                    settings,
+                    demand,
+                    base=0,
+                    step=args.big_step,
+                    reps=args.big_reps,
+                    into=reaction_big,
+                )
 
             print(f"holding {hold_n}")
-            changed = write_demand(settings.demand_file, hold_n)
+            changed = demand.set(hold_n)
             held_at = await servers.sink.wait_count(hold_n, changed)
             results["hold_all_s"] = held_at - changed
             ramp_end = proc_stat(process.pid)
@@ -549,13 +804,14 @@ async def run_bench(args: argparse.Namespace, workdir: Path) -> int:
                     servers,
                     scaler,
                     settings,
+                    demand,
                     base=hold_n,
                     step=args.step,
                     reps=args.reps_loaded,
                     into=reaction_loaded,
                 )
 
-            changed = write_demand(settings.demand_file, 0)
+            changed = demand.set(0)
             released_at = await servers.sink.wait_count(0, changed)
             results["release_all_s"] = released_at - changed - settings.delay_s
             results["final"] = proc_stat(process.pid)
@@ -571,11 +827,6 @@ async def run_bench(args: argparse.Namespace, workdir: Path) -> int:
                     await process.wait()
             nursery.cancel_scope.cancel()
     results["exit_status"] = process.returncode
-    report(args, driver, settings, results, reaction, reaction_loaded)
-    if args.profile:
-        print(f"\nprofile of the autoscaler (cProfile, {args.profile}), top 25 by own time:\n")
-        pstats.Stats(args.profile).sort_stats("tottime").print_stats(25)
-    return 0
 
 
 def report(
@@ -585,8 +836,13 @@ def report(
     results: dict[str, Any],
     reaction: Reaction,
     reaction_loaded: Reaction,
+    reaction_big: Reaction,
+    first: FirstJob,
 ) -> None:
-    bound = settings.poll_s + REACTION_SLACK_S
+    push = settings.redis_url is not None
+    # Polled, a reaction may wait a whole poll; pushed, the goals are absolute.
+    bound = STEP_GOAL_S if push else settings.poll_s + REACTION_SLACK_S
+    rss_goal = RSS_GOAL_MB if args.hold <= 1000 else RSS_GOAL_10K_MB
 
     def check(ok: bool) -> str:
         return "met" if ok else "**missed**"
@@ -594,11 +850,14 @@ def report(
     def worst(samples: list[float]) -> float:
         return pct(samples, 0.99) if samples else math.inf
 
+    source = "--redis-list URL KEY" if push else "--demand-command 'cat FILE'"
     how = (
-        "`nullworker autoscale --demand-command 'cat FILE'` (an HTTP client per reservation)"
+        f"`nullworker autoscale {source}` (an HTTP client per reservation)"
         if driver == "cli"
         else "`autoscale()` with its default `reserve` (an HTTP client per reservation)"
     )
+    if push:
+        how += "; the demand is a Redis list, keyspace notifications on: changes wake it"
     hold_n, step = args.hold, args.step
     print()
     print(
@@ -609,14 +868,23 @@ def report(
         f"autoscaler: {how}; poll {settings.poll_s:g} s, scale-down delay "
         f"{settings.delay_s:g} s; RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"
     )
+    print(f"machine load: at the start {results['load_start']}; at the end {results['load_end']}")
     print()
     print("| Measurement | Goal | Result | |")
     print("|---|---|---|---|")
+    if first.requested:
+        goal = FIRST_JOB_GOAL_S if push else settings.poll_s + REACTION_SLACK_S
+        print(
+            f"| a job → its reservation requested (`/route/`), p50 / p99 "
+            f"(n={len(first.requested)}) | ≤ {goal * 1000:.0f} ms | {fmt_ms(first.requested)} | "
+            f"{check(worst(first.requested) <= goal)} |"
+        )
+        print(f"| … → held (`/reserve` at the sink) | | {fmt_ms(first.held)} | |")
     rss, hwm = results["rss_mb"], results["hwm_mb"]
     print(
-        f"| RSS holding {hold_n:,} (peak so far) | ≤ {RSS_GOAL_MB:g} MB | "
+        f"| RSS holding {hold_n:,} (peak so far) | ≤ {rss_goal:g} MB | "
         f"{rss:.0f} MB ({hwm:.0f} MB; {results['start_rss_mb']:.0f} MB at start) | "
-        f"{check(rss <= RSS_GOAL_MB)} |"
+        f"{check(rss <= rss_goal)} |"
     )
     cpu = results["steady_cpu_pct"]
     children = results["steady_children_pct"]
@@ -633,8 +901,8 @@ def report(
     if reaction.up_seen:
         rest = [u - s for u, s in zip(reaction.up, reaction.up_seen, strict=False)]
         print(
-            f"| … of which: waiting for the poll; the work after it (the autoscaler's CPU "
-            f"meanwhile) | | {fmt_ms(reaction.up_seen)}; {fmt_ms(rest)} "
+            f"| … of which: until the new demand was read; the work after it (the "
+            f"autoscaler's CPU meanwhile) | | {fmt_ms(reaction.up_seen)}; {fmt_ms(rest)} "
             f"({fmt_ms(reaction.up_cpu)}) | |"
         )
     print(
@@ -647,6 +915,24 @@ def report(
             f"| … of which: the target lowered (minus the delay) | | "
             f"{fmt_ms(reaction.down_target)} | |"
         )
+    if reaction_big.up:
+        big, big_step = reaction_big, args.big_step
+        goal = BIG_STEP_GOAL_S if push else settings.poll_s + REACTION_SLACK_S
+        print(
+            f"| +{big_step:,} jobs → the {big_step:,}th new reservation held, p50 / p99 "
+            f"(n={len(big.up)}, from 0) | ≤ {goal * 1000:.0f} ms | {fmt_ms(big.up)} | "
+            f"{check(worst(big.up) <= goal)} |"
+        )
+        if big.up_seen:
+            rest = [u - s for u, s in zip(big.up, big.up_seen, strict=False)]
+            print(
+                f"| … of which: until the new demand was read; the work after it (CPU) | | "
+                f"{fmt_ms(big.up_seen)}; {fmt_ms(rest)} ({fmt_ms(big.up_cpu)}) | |"
+            )
+        print(
+            f"| -{big_step:,} jobs → all released, minus the delay, p50 / p99 | | "
+            f"{fmt_ms(big.down)} | |"
+        )
     if reaction_loaded.up:
         loaded = reaction_loaded
         m = len(loaded.up)
@@ -657,7 +943,7 @@ def report(
         if loaded.up_seen:
             rest = [u - s for u, s in zip(loaded.up, loaded.up_seen, strict=False)]
             print(
-                f"| … of which: waiting for the poll; the work after it (CPU) | | "
+                f"| … of which: until the new demand was read; the work after it (CPU) | | "
                 f"{fmt_ms(loaded.up_seen)}; {fmt_ms(rest)} ({fmt_ms(loaded.up_cpu)}) | |"
             )
         print(
@@ -692,6 +978,70 @@ def report(
     )
 
 
+def save_json(
+    args: argparse.Namespace,
+    driver: str,
+    settings: Settings,
+    results: dict[str, Any],
+    reaction: Reaction,
+    reaction_loaded: Reaction,
+    reaction_big: Reaction,
+    first: FirstJob,
+) -> None:
+    """The figures, and the samples they come from, as JSON at ``args.json``."""
+
+    def summary(samples: list[float]) -> dict[str, Any]:
+        if not samples:
+            return {"n": 0}
+        return {
+            "n": len(samples),
+            "p50_ms": round(pct(samples, 0.5) * 1000, 1),
+            "p99_ms": round(pct(samples, 0.99) * 1000, 1),
+            "samples_ms": [round(x * 1000, 1) for x in samples],
+        }
+
+    final: ProcStat = results["final"]
+    document = {
+        "date": date.today().isoformat(),
+        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}",
+        "versions": versions(),
+        "load_start": results["load_start"],
+        "load_end": results["load_end"],
+        "driver": driver,
+        "source": "redis (keyspace notifications, pushed)" if settings.redis_url else "file",
+        "poll_s": settings.poll_s,
+        "scale_down_delay_s": settings.delay_s,
+        "hold": args.hold,
+        "step": args.step,
+        "big_step": args.big_step,
+        "first_job_requested": summary(first.requested),
+        "first_job_held": summary(first.held),
+        "up": summary(reaction.up),
+        "up_seen": summary(reaction.up_seen),
+        "down_minus_delay": summary(reaction.down),
+        "big_up": summary(reaction_big.up),
+        "big_up_seen": summary(reaction_big.up_seen),
+        "big_down_minus_delay": summary(reaction_big.down),
+        "loaded_up": summary(reaction_loaded.up),
+        "loaded_down_minus_delay": summary(reaction_loaded.down),
+        "rss_mb": round(results["rss_mb"], 1),
+        "hwm_mb": round(results["hwm_mb"], 1),
+        "start_rss_mb": round(results["start_rss_mb"], 1),
+        "steady_cpu_pct": round(results["steady_cpu_pct"], 3),
+        "steady_children_pct": round(results["steady_children_pct"], 3),
+        "steady_s": round(results["steady_s"], 1),
+        "hold_all_s": round(results["hold_all_s"], 3),
+        "release_all_minus_delay_s": round(results["release_all_s"], 3),
+        "settle_cpu_s": round(results["settle_cpu_s"], 2),
+        "autoscaler_cpu_total_s": round(final.cpu_s, 1),
+        "most_held": results["most_held"],
+        "routes": results["routes"],
+        "exit_status": results["exit_status"],
+    }
+    Path(args.json).write_text(json.dumps(document, indent=1) + "\n")
+    print(f"figures written to {args.json}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
@@ -712,9 +1062,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=1.0, help="the autoscaler's poll (1 s)")
     parser.add_argument("--delay", type=float, default=2.0, help="its scale-down delay (2 s)")
     parser.add_argument("--profile", metavar="FILE", help="run the autoscaler under cProfile")
+    parser.add_argument(
+        "--source",
+        choices=("file", "redis"),
+        default="file",
+        help="the demand: a file read by `cat` every poll, or a Redis list on a redis-server "
+        "of our own with keyspace notifications on, whose changes wake the autoscaler",
+    )
+    parser.add_argument(
+        "--first-reps", type=int, default=None, help="single jobs timed to their /route/ (100)"
+    )
+    parser.add_argument("--big-step", type=int, default=None, help="the large step (1000)")
+    parser.add_argument(
+        "--big-reps", type=int, default=None, help="repetitions of the large step (3)"
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON here")
     # The autoscaler side of --driver library (this script runs itself).
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--demand-file", help=argparse.SUPPRESS)
+    parser.add_argument("--demand-redis", help=argparse.SUPPRESS)
     parser.add_argument("--max", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--scale-down-delay", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--engine-url", help=argparse.SUPPRESS)
@@ -722,8 +1088,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         return child_main(args)
-    quick = {"hold": 100, "step": 20, "reps": 3, "reps_loaded": 1, "steady": 5.0}
-    full = {"hold": 1000, "step": 100, "reps": 10, "reps_loaded": 3, "steady": 20.0}
+    quick = {
+        "hold": 100,
+        "step": 20,
+        "reps": 3,
+        "reps_loaded": 1,
+        "steady": 5.0,
+        "first_reps": 10,
+        "big_step": 100,
+        "big_reps": 1,
+    }
+    full = {
+        "hold": 1000,
+        "step": 100,
+        "reps": 10,
+        "reps_loaded": 3,
+        "steady": 20.0,
+        "first_reps": 100,
+        "big_step": 1000,
+        "big_reps": 3,
+    }
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
