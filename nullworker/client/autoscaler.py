@@ -364,6 +364,8 @@ class Autoscaler:
         self._source_errors = 0
         # Slots: added by the reconciler only, removed by their own task only.
         self._slots: list[_Slot] = []
+        #: The slots by _state(): updated at every change of a slot's state.
+        self._tally: Counter[str] = Counter()
         self._next_seq = 0
         self._next_held_seq = 0
         # The backoff streak; see _note_failure.
@@ -555,7 +557,9 @@ class Autoscaler:
             waiting.sort(key=lambda slot: slot.seq, reverse=True)
             held.sort(key=lambda slot: slot.held_seq or 0, reverse=True)
             for slot in (waiting + held)[:excess]:
+                self._tally[_state(slot)] -= 1
                 slot.stopping = True
+                self._tally["stopping"] += 1
                 slot.scope.cancel()
             return
         if trio.current_time() < self._retry_at:
@@ -575,10 +579,11 @@ class Autoscaler:
         )
         self._next_seq += 1
         self._slots.append(slot)
+        self._tally["waiting"] += 1
         self._nursery.start_soon(self._hold, slot, name=f"nullworker autoscale slot {slot.seq}")
 
     def _missing(self) -> int:
-        return self._raw_target - sum(1 for slot in self._slots if not slot.stopping)
+        return self._raw_target - (len(self._slots) - self._tally["stopping"])
 
     # -- the slot tasks' side ----------------------------------------------------------------
 
@@ -586,7 +591,9 @@ class Autoscaler:
         now = trio.current_time()
         slot.reservation = reservation
         slot.held_at = now
+        self._tally[_state(slot)] -= 1
         slot.held_seq = self._next_held_seq
+        self._tally[_state(slot)] += 1
         self._next_held_seq += 1
         self._emit(
             "reservation_started",
@@ -609,6 +616,7 @@ class Autoscaler:
 
     def _on_exit(self, slot: _Slot) -> None:
         self._slots.remove(slot)
+        self._tally[_state(slot)] -= 1
         self._wake.set()
         reservation = slot.reservation
         if reservation is None or slot.held_at is None:
@@ -654,15 +662,10 @@ class Autoscaler:
     # -- reporting -------------------------------------------------------------------------
 
     def _counts(self) -> tuple[int, int, int]:
-        held = waiting = stopping = 0
-        for slot in self._slots:
-            if slot.stopping:
-                stopping += 1
-            elif slot.held_seq is None:
-                waiting += 1
-            else:
-                held += 1
-        return held, waiting, stopping
+        # Kept as the slots change, not counted: every event reports them, and counting
+        # 10,000 slots per event made each reservation cost more the more were held.
+        tally = self._tally
+        return tally["held"], tally["waiting"], tally["stopping"]
 
     def _publish_state(self) -> None:
         held, waiting, _ = self._counts()
@@ -832,6 +835,12 @@ def _pushing_source(demand_fn: Callable[[], Awaitable[int]]) -> _PushingSource |
         return None
     pushing: _PushingSource = source  # type: ignore[assignment]
     return pushing if can_push() is True else None
+
+
+def _state(slot: _Slot) -> Literal["stopping", "waiting", "held"]:
+    if slot.stopping:
+        return "stopping"
+    return "waiting" if slot.held_seq is None else "held"
 
 
 def _check_demand(value: object) -> int:

@@ -108,7 +108,7 @@ class AsyncioSource(DemandSource, Generic[C]):
         raise SubscriptionLost("the server closed the connection")
 
     async def watch(self, changed: Callable[[], None]) -> None:
-        if not self.can_push():
+        if self._closed or not self.can_push():
             return
         loop = self._current_loop()
         if loop is None:
@@ -134,12 +134,10 @@ class AsyncioSource(DemandSource, Generic[C]):
                 changed()
                 await self._follow(handle, changed, lost, loop)
                 raise SubscriptionLost("the subscription ended")
+            except trio.TooSlowError:
+                error = f"no subscription within {self.timeout_s:g} s"
             except Exception as exc:
-                error = (
-                    reason(exc)
-                    if not isinstance(exc, trio.TooSlowError)
-                    else (f"no subscription within {self.timeout_s:g} s")
-                )
+                error = reason(exc)
             finally:
                 if handle is not None:
                     await self._unsubscribe_quietly(handle, loop)
