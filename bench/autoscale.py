@@ -1,10 +1,10 @@
 """Autoscaler benchmark: memory and CPU holding 1,000 (or 10,000) reservations, and reaction times.
 
-    .venv/bin/python bench/autoscale.py            # about 2 min
-    .venv/bin/python bench/autoscale.py --quick    # a smoke run, about 30 s
-    .venv/bin/python bench/autoscale.py --driver library --reps 5 --reps-loaded 2  # ~2 min
+    .venv/bin/python bench/autoscale.py            # about 4 min (a file, polled every 1 s)
+    .venv/bin/python bench/autoscale.py --quick    # a smoke run, about 1 min
+    .venv/bin/python bench/autoscale.py --driver library --reps 5 --reps-loaded 2
     .venv/bin/python bench/autoscale.py --source redis --poll 60 --hold 10000 \
-        --json bench/results/autoscale-DATE.json   # pushed wake-ups, holding 10,000
+        --json bench/results/autoscale-push-DATE.json   # wake-ups, holding 10,000: ~3 min
 
 One autoscaler process -- ``nullworker autoscale --demand-command 'cat FILE' --json``, or,
 with ``--driver library`` (or when that command is not installed), a small script here
@@ -605,7 +605,7 @@ async def measure_first_jobs(
     sink = servers.sink
     for n in range(1, reps + 1):
         scaler.check_alive()
-        await trio.sleep(random.uniform(0, min(settings.poll_s, 0.2)))
+        await trio.sleep(random_phase(settings))
         routes = servers.routes
         changed = demand.set(n)
         requested = await servers.wait_routes(routes + 1)
