@@ -129,7 +129,8 @@ class AsyncioSource(DemandSource, Generic[C]):
                     await trio.sleep(UNAVAILABLE_RECHECK_S)
                     continue
                 if failures:
-                    log.info("%s: push subscription restored", self.describe())
+                    # At the loss's level: whoever saw that it was lost sees it is back.
+                    log.warning("%s: push subscription restored", self.describe())
                 # What happened while we were not subscribed went unheard: read now.
                 changed()
                 await self._follow(handle, changed, lost, loop)

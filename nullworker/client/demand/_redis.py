@@ -100,7 +100,7 @@ class _RedisSource(AsyncioSource[redis.asyncio.Redis]):
             # A managed Redis may refuse CONFIG; its notifications may still be on.
             if not self._notify_off_logged:
                 self._notify_off_logged = True
-                log.info(
+                log.warning(
                     "%s: cannot check %s (%s); subscribing anyway",
                     self.describe(),
                     _NOTIFY_SETTING,
@@ -126,12 +126,14 @@ class _RedisSource(AsyncioSource[redis.asyncio.Redis]):
             log.warning(
                 "%s: keyspace notifications are off (%s is %r), so changes are seen at "
                 "the next poll only; to be woken at once, turn on the %r flags: "
-                "`CONFIG SET %s %s` (and the same line in redis.conf), or run with "
+                "`CONFIG SET %s %s` (and `%s %s` in redis.conf), or run with "
                 "--redis-configure-notifications",
                 self.describe(),
                 _NOTIFY_SETTING,
                 setting,
                 missing,
+                _NOTIFY_SETTING,
+                setting + missing,
                 _NOTIFY_SETTING,
                 setting + missing,
             )
