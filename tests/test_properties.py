@@ -24,7 +24,7 @@ message names the example's index and its exact body; the same run of
 
 Every 4xx body must be a JSON object with an ``"error"`` key, except the ``422`` for a
 malformed envelope, which names each bad field instead (``{"auth_data": {...}}``), as
-the README's HTTP API documents.
+the HTTP API of docs/instance.md documents.
 
 Bodies are drawn as :class:`Body` values whose JSON text carries placeholders for the
 signed ``url`` and ``signature``; they are rendered to bytes (placeholders replaced,
@@ -577,7 +577,7 @@ def _check_response(response: httpx.Response, what: str) -> None:
         assert data["released"] == "duration_elapsed", f"{data!r}: {what}"
         assert 0 <= data["duration"] <= MAX_HOLD_S, f"{data!r}: {what}"
     elif "error" not in data:
-        # A malformed envelope's 422 names each bad field instead (README, HTTP API).
+        # A malformed envelope's 422 names each bad field instead (docs/instance.md, HTTP API).
         assert status == 422, f"{status} {data!r}: {what}"
         # Standalone, a bare payload's bad duration is named where it was written.
         fields = {"auth_data", "payload", "session_id"}

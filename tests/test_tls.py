@@ -197,7 +197,7 @@ async def test_client_trusts_a_worker_certificate_named_by_ssl_cert_file(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The README's recipe for a Vast-signed worker certificate: SSL_CERT_FILE."""
+    """The recipe of docs/deploying.md for a Vast-signed worker certificate: SSL_CERT_FILE."""
     from nullworker.client import hold
 
     cert, key = make_cert(tmp_path)

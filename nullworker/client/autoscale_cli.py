@@ -128,7 +128,7 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         help="several endpoints from a TOML file (instead of --endpoint and the options of "
-        "one endpoint); see the README's 'One autoscaler for all your endpoints'",
+        "one endpoint); see 'One autoscaler for all your endpoints' in docs/scaling.md",
     )
     parser.add_argument(
         "--check",
