@@ -596,3 +596,18 @@ def test_the_readme_links_to_pages_and_anchors_that_exist() -> None:
         if anchor:
             headings = re.findall(r"^#+ (.*)$", page.read_text(encoding="utf-8"), flags=re.M)
             assert anchor in {_slug(h) for h in headings}, f"README.md links to {target}"
+
+
+def test_the_library_reference_covers_every_public_name() -> None:
+    """Each name of ``nullworker.__all__`` has its entry (``::: module.Name``) on the
+    Library API page, or is documented there with the module that defines it."""
+    import nullworker
+    import nullworker.errors
+
+    page = (REPO / "docs" / "library.md").read_text(encoding="utf-8")
+    entries = set(re.findall(r"^::: ([\w.]+)$", page, flags=re.M))
+    documented = {entry.rsplit(".", 1)[-1] for entry in entries}
+    if "nullworker.errors" in entries:
+        documented |= set(nullworker.errors.__all__)
+    missing = sorted(set(nullworker.__all__) - documented - {"__version__"})
+    assert not missing, f"docs/library.md has no entry for {missing}"
