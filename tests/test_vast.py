@@ -20,7 +20,7 @@ from nullworker.vast import signing
 from nullworker.vast.signing import generate_private_key, sign_url, verify_url
 from nullworker.worker.server import ServeInfo
 
-from .conftest import STATUS_FIELDS, StartWorker, envelope, vast_settings
+from .conftest import STATUS_FIELDS, StartWorker, envelope, runtime, vast_settings
 from .test_http import open_raw_reservation, wait_until
 
 
@@ -60,7 +60,7 @@ async def test_ready_report_has_every_field(start_worker: StartWorker, vast_engi
     assert report["error_msg"] == ""
     assert report["url"] == info.public_url
     assert report["num_requests_working"] == 0
-    assert info.worker.public_key is not None
+    assert runtime(info).public_key is not None
 
 
 async def test_routed_reservation_is_signed_reported_busy_then_idle_and_finished(
@@ -182,7 +182,7 @@ async def test_disconnect_is_reported_cancelled_and_next_in_queue_runs(
             result["r"] = await http.post(f"{info.url}/reserve", json=second)
 
         nursery.start_soon(queued)
-        await wait_until(lambda: info.worker.slot.statistics().waiting == 1)
+        await wait_until(lambda: runtime(info).slot.statistics().waiting == 1)
         await stream.aclose()
     assert result["r"].status_code == 200
     await vast_engine.wait_for(lambda e: {501, 502} <= {f.request_idx for f in e.finished})
@@ -200,7 +200,7 @@ async def test_queue_timeout_is_reported_rejected(
     async with trio.open_nursery() as nursery:
         first = envelope(url, key=vast_engine.private_key, request_idx=601, payload={"duration": 1})
         nursery.start_soon(partial(http.post, f"{info.url}/reserve", json=first))
-        await wait_until(lambda: info.worker.slot.statistics().busy)
+        await wait_until(lambda: runtime(info).slot.statistics().busy)
         response = await http.post(
             f"{info.url}/reserve",
             json=envelope(
@@ -245,7 +245,7 @@ async def test_a_rotated_engine_key_is_refetched_and_the_failing_request_accepte
     start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
 ) -> None:
     info = await start_ready(start_worker, vast_engine, key_refresh_min_s=0.0)
-    old = info.worker.public_key
+    old = runtime(info).public_key
     rotate_key(vast_engine)
     auth = await route(http, vast_engine)
     # Signed with a key the worker does not know yet: it refetches and checks again.
@@ -253,7 +253,7 @@ async def test_a_rotated_engine_key_is_refetched_and_the_failing_request_accepte
         f"{info.url}/reserve", json={"auth_data": auth, "payload": {"duration": 0}}
     )
     assert first.status_code == 200, first.text
-    assert info.worker.public_key is not old
+    assert runtime(info).public_key is not old
 
 
 async def test_an_attackers_bad_signature_does_not_delay_valid_requests_after_a_rotation(
@@ -355,7 +355,7 @@ async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
     try:
         async with trio.open_nursery() as nursery:
             info: ServeInfo = await nursery.start(serve, config)
-            await info.worker.ready.wait()
+            await info.wait_ready()
             url = info.public_url or ""
 
             async def hold() -> None:
@@ -365,8 +365,8 @@ async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
             nursery.start_soon(hold)
             await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].busy)
             armed = True
-            assert info.worker.reporter is not None
-            info.worker.reporter.set_ready(max_perf=100.0)  # any change starts a round
+            assert runtime(info).reporter is not None
+            runtime(info).reporter.set_ready(max_perf=100.0)  # any change starts a round
     except* WorkerFailed as group:
         failures.extend(e for e in group.exceptions if isinstance(e, WorkerFailed))
     assert len(failures) == 1 and "boom" in str(failures[0])
@@ -381,7 +381,7 @@ async def test_a_replayed_envelope_gets_409_while_held_or_queued_and_is_reported
 ) -> None:
     info = await start_ready(start_worker, vast_engine, max_queue_time_s=30.0)
     url = info.public_url or ""
-    slot = info.worker.slot
+    slot = runtime(info).slot
     held = envelope(url, key=vast_engine.private_key, request_idx=901, payload={"duration": 600})
     queued = envelope(url, key=vast_engine.private_key, request_idx=902, payload={"duration": 0})
     stream = await open_raw_reservation(info, {}, signed=held)
@@ -405,8 +405,8 @@ async def test_a_replayed_envelope_gets_409_while_held_or_queued_and_is_reported
                 "request_idx": idx,
             }
         assert slot.statistics().waiting == 1
-        assert info.worker.reporter is not None
-        assert info.worker.reporter.statistics()["num_requests_working"] == 2
+        assert runtime(info).reporter is not None
+        assert runtime(info).reporter.statistics()["num_requests_working"] == 2
         await stream.aclose()  # the holder goes away: 901 Cancelled, then 902 runs
     assert result["queued"].status_code == 200
     await vast_engine.wait_for(
