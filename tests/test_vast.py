@@ -507,3 +507,101 @@ async def test_another_workers_url_is_refused_and_logged_once_per_episode(
     bad = envelope(others[2], key=key, request_idx=1101, payload={"duration": 0})
     assert (await http.post(f"{info.url}/reserve", json=bad)).status_code == 401
     assert len(warnings()) == 2 and "http://10.1.2.4:41234" in warnings()[1]
+
+
+async def test_serve_runs_the_runtime_and_both_listeners_in_its_one_nursery(
+    vast_engine: Any, tmp_path: Any
+) -> None:
+    """The task tree of a running worker: ``serve`` owns one nursery, and the runtime,
+    the control listener and the main port are its children (not the app's lifespan)."""
+    from nullworker.worker.config import WorkerConfig
+    from nullworker.worker.server import serve
+
+    config = WorkerConfig(
+        port=0, control_port=0, lock_dir=str(tmp_path), **vast_settings(vast_engine)
+    )
+    async with trio.open_nursery() as nursery:
+        info: ServeInfo = await nursery.start(serve, config)
+        await info.wait_ready()
+        [serve_task] = nursery.child_tasks
+        assert serve_task.name == "nullworker.worker.server.serve"
+        [own] = serve_task.child_nurseries
+        assert sorted(task.name for task in own.child_tasks) == [
+            "nullworker.worker.app.serve_control",
+            "nullworker.worker.runtime.Worker.run",
+            "nullworker.worker.server._serve_main",
+        ]
+        # What a program that embeds the worker sees: where it listens and read-only views.
+        status = info.status()
+        assert status["ready"] and not status["busy"] and status["mode"] == "vast"
+        status["counts"]["started"] = 99  # a snapshot: changing it changes nothing
+        assert info.status()["counts"]["started"] == 0
+        assert not hasattr(info, "worker") and "_runtime" not in repr(info)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_runtime_failure_propagates_out_of_serve_with_its_cause_and_no_signal(
+    vast_engine: Any, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A library caller catches the runtime's failure from ``await serve(...)`` itself,
+    with the original error as its cause; no SIGTERM is sent to the process."""
+    import signal
+
+    from nullworker.errors import WorkerFailed
+    from nullworker.worker.config import WorkerConfig
+    from nullworker.worker.reporter import EngineReporter
+    from nullworker.worker.server import serve
+
+    original = EngineReporter._round
+    armed = False
+
+    async def flaky_round(self: EngineReporter, *args: Any, **kwargs: Any) -> bool:
+        if armed:
+            raise RuntimeError("boom")
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EngineReporter, "_round", flaky_round)
+    config = WorkerConfig(
+        port=0, control_port=0, graceful_timeout_s=1.0, **vast_settings(vast_engine)
+    )
+    signals: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: signals.append(signum))
+    caught: list[WorkerFailed] = []
+
+    async def library_caller(*, task_status: trio.TaskStatus[ServeInfo]) -> None:
+        try:
+            await serve(config, task_status=task_status)
+        except WorkerFailed as exc:  # on its own: no exception group to look into
+            caught.append(exc)
+
+    held: dict[str, httpx.Response] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            info: ServeInfo = await nursery.start(library_caller)
+            await info.wait_ready()
+
+            async def hold() -> None:
+                signed = envelope(
+                    info.public_url or "", key=vast_engine.private_key, payload={"duration": 600}
+                )
+                held["response"] = await http.post(f"{info.url}/reserve", json=signed)
+
+            nursery.start_soon(hold)
+            await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].busy)
+            armed = True
+            # Any change starts a report round; a local hold is one the public surface makes.
+            assert info.control_url is not None
+            with trio.move_on_after(30):
+                try:
+                    await http.post(f"{info.control_url}/hold", json={"duration": 0.5})
+                except httpx.TransportError:
+                    pass  # the failure may stop the control listener first: either is fine
+        with trio.fail_after(10):
+            await vast_engine.wait_for(lambda e: "boom" in e.workers[7].error_msg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(caught) == 1 and "RuntimeError: boom" in str(caught[0])
+    assert isinstance(caught[0].__cause__, RuntimeError)
+    assert signals == []
+    assert held["response"].status_code == 503
+    assert held["response"].json()["released"] == "shutdown"

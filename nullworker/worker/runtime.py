@@ -72,6 +72,9 @@ FINAL_FLUSH_S = 2.0
 #: While the engine takes no reports either, the key is fetched again after about this
 #: long (jittered), or as soon as a report is delivered again.
 KEY_RETRY_IN_OUTAGE_S = 5.0
+#: After a failure has ended every hold, how long the holders' handlers get to write
+#: their answers before the failure stops the HTTP servers.
+ANSWER_GRACE_S = 0.2
 
 
 def only_leaf(exc: BaseException) -> BaseException:
@@ -166,11 +169,13 @@ class Worker:
         self.error = f"worker failed: {failure}"
         log.critical("%s; stopping", self.error, exc_info=exc)
         self.begin_shutdown()
-        # The holders are answered (503 shutdown) while the engine hears why: the HTTP
-        # servers beside this task are cancelled as soon as the error reaches them.
+        # The HTTP servers beside this task are cancelled as soon as the error reaches
+        # them: first let the holders record their outcomes and their handlers write
+        # the answers (503 shutdown), which takes a few scheduler rounds, not I/O waits.
         with trio.move_on_after(FINAL_FLUSH_S / 2):
             await self.slot.wait_idle()
             await self.local_holds.wait_idle()
+        await trio.sleep(ANSWER_GRACE_S)
         if self.config.reporting:
             from .reporter import send_error_beacon
 
