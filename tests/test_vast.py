@@ -605,3 +605,69 @@ async def test_a_runtime_failure_propagates_out_of_serve_with_its_cause_and_no_s
     assert signals == []
     assert held["response"].status_code == 503
     assert held["response"].json()["released"] == "shutdown"
+
+
+def _shut_down_listener(port: int) -> None:
+    """``shutdown()`` this process's socket listening on 127.0.0.1:``port``: its next
+    ``accept()`` fails (EINVAL), as a listener that broke under the server would."""
+    import os
+    import socket
+
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue  # not a socket
+        with sock:
+            try:
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                address = sock.getsockname()
+            except OSError:
+                continue
+            if listening and address == ("127.0.0.1", port):
+                sock.shutdown(socket.SHUT_RDWR)
+                return
+    raise AssertionError(f"no listener on port {port}")
+
+
+async def test_a_listener_failing_after_start_up_stops_serve_as_a_worker_failure(
+    vast_engine: Any,
+) -> None:
+    """The control listener is a child of ``serve``'s nursery like the runtime: when it
+    breaks, the engine hears why and the caller gets :class:`WorkerFailed`, no signal."""
+    import signal
+    from urllib.parse import urlsplit
+
+    from nullworker.errors import WorkerFailed
+    from nullworker.worker.config import WorkerConfig
+    from nullworker.worker.server import serve
+
+    config = WorkerConfig(
+        port=0, control_port=0, graceful_timeout_s=1.0, **vast_settings(vast_engine)
+    )
+    signals: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: signals.append(signum))
+    caught: list[WorkerFailed] = []
+
+    async def library_caller(*, task_status: trio.TaskStatus[ServeInfo]) -> None:
+        try:
+            await serve(config, task_status=task_status)
+        except WorkerFailed as exc:
+            caught.append(exc)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            info: ServeInfo = await nursery.start(library_caller)
+            await info.wait_ready()
+            await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+            control_port = urlsplit(info.control_url or "").port
+            assert control_port is not None
+            _shut_down_listener(control_port)
+        with trio.fail_after(10):
+            await vast_engine.wait_for(lambda e: "worker failed" in e.workers[7].error_msg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(caught) == 1 and "OSError" in str(caught[0]), caught
+    assert isinstance(caught[0].__cause__, OSError)
+    assert signals == []
+    assert not vast_engine.workers[7].ready  # told: it no longer counts as ready

@@ -240,7 +240,7 @@ async def _run_under_lifespan(
         if not started:
             raise
         if not isinstance(leaf, WorkerFailed):  # the control listener failed
-            log.critical("worker failed: %s: %s; stopping", type(leaf).__name__, leaf)
+            await worker.report_failure(exc)
         _terminate_own_process()
 
 

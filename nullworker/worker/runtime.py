@@ -160,10 +160,14 @@ class Worker:
                 if isinstance(leaf, ConfigError | StartupFailed):
                     raise leaf from None
                 raise
-            raise await self._failed(exc) from leaf
+            raise await self.report_failure(exc) from leaf
 
-    async def _failed(self, exc: Exception) -> WorkerFailed:
-        """Log ``exc``, end every hold, tell the engine; the :class:`WorkerFailed` to raise."""
+    async def report_failure(self, exc: Exception) -> WorkerFailed:
+        """Log ``exc``, end every hold, tell the engine; the :class:`WorkerFailed` to raise.
+
+        :meth:`run` calls it for its own failures; whoever runs the HTTP servers beside it
+        calls it for theirs after start-up, so any failure stops the worker the same way.
+        """
         leaf = only_leaf(exc)
         failure = WorkerFailed(f"{type(leaf).__name__}: {leaf}")
         self.error = f"worker failed: {failure}"

@@ -148,9 +148,9 @@ async def serve(
       StartupFailed: the main or the control port cannot be bound (in use,
         permission), or another process serves the same port (an :class:`OSError`).
       ConfigError: TLS files unusable, or ``lock_dir`` unusable.
-      WorkerFailed: the background work (engine reporter, readiness, consumer health
-        check) failed after start-up; the worker ended every hold and told the engine
-        (``error_msg``) before stopping.
+      WorkerFailed: after start-up, the background work (engine reporter, readiness,
+        consumer health check) or a listener failed; the worker ended every hold and
+        told the engine (``error_msg``) before stopping. Its ``__cause__`` is the error.
 
     Each of these comes on its own, not inside an exception group. Any other error (a
     bug) propagates as Trio's nursery raises it.
@@ -186,6 +186,7 @@ async def serve(
             # answered (503 shutdown) instead of being cut off at the deadline.
             worker.begin_shutdown()
 
+        started = False
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(worker.run)
@@ -211,6 +212,7 @@ async def serve(
                         _runtime=worker,
                     )
                 )
+                started = True
         except BaseExceptionGroup as group:
             # The known errors say what failed in one line: the caller gets them alone.
             leaf = only_leaf(group)
@@ -218,6 +220,9 @@ async def serve(
                 raise leaf from None
             if isinstance(leaf, WorkerFailed):
                 raise leaf from leaf.__cause__
+            if started and isinstance(group, ExceptionGroup):
+                # A listener failed after start-up: told and stopped as the runtime's own.
+                raise await worker.report_failure(group) from leaf
             raise
     finally:
         sock.close()
