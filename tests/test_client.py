@@ -51,7 +51,7 @@ from nullworker.errors import (
 from nullworker.worker.config import WorkerConfig
 from nullworker.worker.server import ServeInfo, serve
 
-from .conftest import StartWorker, envelope
+from .conftest import StartWorker, envelope, runtime
 
 ENGINE = "http://engine.test"
 WORKER = "http://worker.test:4000"
@@ -612,7 +612,7 @@ async def test_reserve_duration_elapsed_end_to_end(
 async def assert_released_promptly(engine: Engine, info: ServeInfo, r: Reservation) -> None:
     """The worker frees its slot and the engine hears of it within a few seconds."""
     with trio.fail_after(3):
-        await info.worker.slot.wait_idle()
+        await runtime(info).slot.wait_idle()
     await engine.wait_for(lambda e: finished_status(e, r.request_idx) == "Cancelled", timeout=10)
     await engine.wait_for(lambda e: e.worker_state(1) == "idle", timeout=10)
 
@@ -624,7 +624,7 @@ async def test_leaving_the_block_by_exception_frees_the_worker(
     assert engine.url is not None
     with pytest.raises(KeyError):
         async with reserve("ep", duration=60, api_key=KEY, engine_url=engine.url) as r:
-            assert info.worker.slot.statistics().busy
+            assert runtime(info).slot.statistics().busy
             raise KeyError("the job crashed")
     await assert_released_promptly(engine, info, r)
 
@@ -647,7 +647,7 @@ async def test_cancelling_the_holder_frees_the_worker(
         nursery.start_soon(holder)
         with trio.fail_after(5):
             await holding.wait()
-        assert info.worker.slot.statistics().busy
+        assert runtime(info).slot.statistics().busy
         nursery.cancel_scope.cancel()
     await assert_released_promptly(engine, info, box[0])
     # And the next client gets the worker.
@@ -785,7 +785,7 @@ async def test_busy_worker_is_rerouted_with_the_same_request_idx_then_rejected(
     idxs = [r.request_idx for r in stale.ready_replies]
     assert len(idxs) == 3 and len(set(idxs)) == 1
     # The holder that was there first is untouched.
-    active = info.worker.slot.statistics().active
+    active = runtime(info).slot.statistics().active
     assert active is not None and active.tag["request_idx"] == 999
 
 
@@ -802,7 +802,7 @@ async def test_busy_worker_then_a_free_one(
     assert r.outcome == "duration_elapsed" and r.worker_url == free.public_url
     assert [x.worker_id for x in stale.ready_replies] == [1, 2]
     assert len({x.request_idx for x in stale.ready_replies}) == 1
-    assert busy.worker.slot.statistics().active is not None
+    assert runtime(busy).slot.statistics().active is not None
 
 
 # -- command line --------------------------------------------------------------------------
@@ -1028,12 +1028,12 @@ async def test_cli_signal_mid_hold_releases_at_once(
     assert engine.url is not None
     cli: Cli = await run_cli("--endpoint", "ep", "--duration", "60", "--engine-url", engine.url)
     await cli.wait_for_output("held:")
-    assert info.worker.slot.statistics().busy
+    assert runtime(info).slot.statistics().busy
     cli.process.send_signal(signum)
     assert await cli.wait(within_s=5) == code, cli.err
     assert "interrupted: released 1 worker(s)" in cli.out
     with trio.fail_after(10):
-        await info.worker.slot.wait_idle()
+        await runtime(info).slot.wait_idle()
     await engine.wait_for(lambda e: e.worker_state(1) == "idle", timeout=10)
     r = await hold("ep", duration=0.2, api_key=KEY, engine_url=engine.url)
     assert r.outcome == "duration_elapsed" and r.worker_url == info.public_url
@@ -1049,7 +1049,7 @@ async def test_cli_count_2_holds_two_workers(
         "--endpoint", "ep", "--duration", "1.5", "--count", "2", "--engine-url", engine.url
     )
     await cli.wait_for_output("held:", count=2)
-    assert one.worker.slot.statistics().busy and two.worker.slot.statistics().busy
+    assert runtime(one).slot.statistics().busy and runtime(two).slot.statistics().busy
     assert await cli.wait() == 0, cli.err
     held = sorted(line for line in cli.out.splitlines() if line.startswith("held:"))
     assert held == sorted(
