@@ -84,7 +84,7 @@ import trio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..errors import ConfigError, NullworkerError
+from ..errors import ConfigError, LeaseError
 from ._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
 from ._redact import redact
 from ._urls import check_url
@@ -147,10 +147,6 @@ Ts = TypeVarTuple("Ts")
 
 LostReason = Literal["expired", "taken", "gone"]
 LeaseEventKind = Literal["standby", "lease_acquired", "lease_lost", "lease_released"]
-
-
-class LeaseError(NullworkerError):
-    """A lease command failed: the server unreachable, no answer in time, an error answer."""
 
 
 class LeaseStore(Protocol):

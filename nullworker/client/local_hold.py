@@ -70,7 +70,7 @@ from typing import Any
 import httpx
 import trio
 
-from ..errors import ClientError
+from ..errors import LocalHoldFailed, ReleaseFailed
 from ..vast.vocabulary import ClientOutcome
 from .reservation import lone_exception_unwrapped
 
@@ -105,28 +105,6 @@ _TIMEOUT = httpx.Timeout(5.0, read=None)
 #: After the worker went away or refused mid-block: the pause before holding again.
 _RETRY_S = 1.0
 _USER_AGENT = "nullworker-local-hold"
-
-
-class LocalHoldFailed(ClientError):
-    """The worker's control listener could not be reached, or it refused the hold.
-
-    ``status`` is the HTTP status of a refusal (``None`` when nothing answered).
-    """
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ReleaseFailed(ClientError):
-    """``POST /release`` could not be sent, or the worker answered neither 200 nor 409.
-
-    ``status`` is the HTTP status of the answer (``None`` when nothing answered).
-    """
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def control_url(environ: Mapping[str, str] | None = None) -> str:

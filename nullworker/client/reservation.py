@@ -72,9 +72,11 @@ import trio
 
 from ..errors import (
     ConfigError,
+    EngineRefused,
     EngineUnavailable,
     ReservationFailed,
     ReservationRejected,
+    RouteTimeout,
 )
 from ..vast.envelope import as_int
 from ..vast.vocabulary import ClientOutcome
@@ -119,37 +121,6 @@ _USER_AGENT = "nullworker-client"
 _REASON_MAX_CHARS = 200
 
 ProgressKind = Literal["routing", "waiting", "engine_retry", "rerouting", "held", "ended"]
-
-
-class EngineRefused(EngineUnavailable):
-    """The engine answered ``/route/`` with an HTTP error.
-
-    ``status`` is that status: 401 (or 403) means the engine refused the API key.
-    """
-
-    def __init__(self, message: str, *, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-    @property
-    def api_key_refused(self) -> bool:
-        """Whether the engine refused the API key (401 or 403)."""
-        return self.status in (401, 403)
-
-
-class RouteTimeout(EngineUnavailable):
-    """No worker became free within ``route_timeout_s``.
-
-    ``timeout_s`` is that bound; ``reason`` the last reason the engine gave for having
-    no free worker (its WAITING answer's ``reason``), ``None`` when it gave none.
-    """
-
-    def __init__(
-        self, message: str, *, timeout_s: float | None = None, reason: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.timeout_s = timeout_s
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -399,7 +370,9 @@ def reserve(
     Raises (on entering the block):
       EngineUnavailable: the engine could not be reached (after a few quick retries);
         :class:`EngineRefused` if it answered an HTTP error (``status``; 401 is a
-        wrong API key); :class:`RouteTimeout` if ``route_timeout_s`` passed.
+        wrong API key); :class:`RouteTimeout` if ``route_timeout_s`` passed, or if
+        every try of the ``/route/`` call timed out (the engine accepts the connection
+        but never answers).
       ReservationRejected: workers refused more than ``max_rejections`` times.
       ReservationFailed: the worker answered 401, 413, 422 or another error (``status``).
       ConfigError: no API key, or an invalid ``duration``/``cost``/``max_rejections``.
@@ -688,6 +661,13 @@ class _Router:
             except httpx.TransportError as exc:
                 # The exception text names the host, never the key (it is not in the URL).
                 problem = _problem(exc)
+                if attempt == _ENGINE_TRIES and isinstance(exc, httpx.TimeoutException):
+                    timeout_s = _ROUTE_TIMEOUT.read
+                    raise RouteTimeout(
+                        f"the engine at {_redact(options.engine_url)} did not answer /route/ "
+                        f"within {timeout_s:g} s, {attempt} tries: {problem}",
+                        timeout_s=timeout_s,
+                    ) from exc
                 if attempt == _ENGINE_TRIES:
                     raise EngineUnavailable(
                         f"cannot reach the engine at {_redact(options.engine_url)} "

@@ -38,7 +38,7 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from ...errors import NullworkerError
+from ...errors import PubkeyUnavailable
 from ...vast.signing import load_public_key
 from ..config import WorkerConfig
 from ._core import _Counters, _status_body
@@ -60,10 +60,6 @@ PUBKEY_ANSWER_MAX_BYTES = 64 * 1024
 _ANSWER_HEADERS = {"Accept-Encoding": "identity"}
 #: 4xx answers that mean "try again later", not "this body is refused".
 _RETRY_LATER_4XX = frozenset({408, 425, 429})
-
-
-class PubkeyUnavailable(NullworkerError):
-    """No engine address served a usable public key within the retry bound."""
 
 
 def _root_disk_gib() -> float:
