@@ -79,6 +79,7 @@ from typing import Literal, Protocol
 
 import trio
 
+from .._support import describe_error, finite
 from ..errors import ClientError, ConfigError, DemandError
 from ..vast.vocabulary import ClientOutcome
 from ._redact import redact
@@ -440,7 +441,7 @@ class Autoscaler:
         self._outage_failures += 1
         self._source_ok = False
         # DemandError texts are password-free already; a function's own may not be.
-        error = redact(_describe_error(exc))
+        error = redact(describe_error(exc))
         log.debug("demand read failed: %s", error)
         if self._outage_started is None:
             self._outage_started = now
@@ -545,7 +546,7 @@ class Autoscaler:
 
     def _on_failed(self, slot: _Slot, exc: ClientError) -> None:
         self._reservations_failed += 1
-        error = _describe_error(exc)
+        error = describe_error(exc)
         self._emit("reservation_failed", f"could not reserve a worker: {error}", error=error)
         self._note_failure(slot, error)
 
@@ -707,14 +708,14 @@ class _Settings:
             raise ConfigError(
                 f"min_workers ({min_workers}) must not be greater than max_workers ({max_workers})"
             )
-        if not (_finite(poll_s) and poll_s > 0):
+        if not (finite(poll_s) and poll_s > 0):
             raise ConfigError(f"poll_s must be a finite number of seconds > 0, got {poll_s!r}")
-        if not (_finite(scale_down_delay_s) and scale_down_delay_s >= 0):
+        if not (finite(scale_down_delay_s) and scale_down_delay_s >= 0):
             raise ConfigError(
                 "scale_down_delay_s must be a finite number of seconds >= 0, "
                 f"got {scale_down_delay_s!r}"
             )
-        if duration_s is not None and not (_finite(duration_s) and duration_s > 0):
+        if duration_s is not None and not (finite(duration_s) and duration_s > 0):
             raise ConfigError(
                 f"duration_s must be a finite number of seconds > 0 or None, got {duration_s!r}"
             )
@@ -772,13 +773,3 @@ def _backoff(first_s: float, failures: int, cap_s: float) -> float:
     # The exponent is bounded so a long outage cannot overflow the float.
     base = min(first_s * 2.0 ** min(failures - 1, 32), cap_s)
     return base * random.uniform(1.0 - _JITTER, 1.0)
-
-
-def _describe_error(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

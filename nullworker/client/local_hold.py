@@ -70,6 +70,7 @@ from typing import Any
 import httpx
 import trio
 
+from .._support import describe_error
 from ..errors import LocalHoldFailed, ReleaseFailed
 from ..vast.vocabulary import ClientOutcome
 from .reservation import lone_exception_unwrapped
@@ -314,7 +315,8 @@ async def release_reservation(
             response = await http.post(url, json=body)
         except httpx.TransportError as exc:
             raise ReleaseFailed(
-                f"cannot reach the worker's control listener at {url} ({_describe(exc)}); {_WHERE}"
+                f"cannot reach the worker's control listener at {url} "
+                f"({describe_error(exc)}); {_WHERE}"
             ) from None
     if response.status_code not in (200, 409):
         raise ReleaseFailed(
@@ -363,9 +365,9 @@ async def _keep(
             if not started:
                 raise LocalHoldFailed(
                     f"cannot reach the worker's control listener at {url} "
-                    f"({_describe(exc)}); {_WHERE}"
+                    f"({describe_error(exc)}); {_WHERE}"
                 ) from None
-            outcome, why = ClientOutcome.CONNECTION_LOST, _describe(exc)
+            outcome, why = ClientOutcome.CONNECTION_LOST, describe_error(exc)
         except _Refused as exc:
             if not started:
                 raise LocalHoldFailed(
@@ -434,11 +436,6 @@ def _error_text(data: bytes) -> str:
         field = answer.get("field")
         return f"{answer['error']} (field {field})" if isinstance(field, str) else answer["error"]
     return str(answer)[:200]
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _as_int(value: str | None) -> int | None:

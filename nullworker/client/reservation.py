@@ -70,6 +70,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import trio
 
+from .._groups import split_leaves
+from .._support import finite
 from ..errors import (
     ConfigError,
     EngineRefused,
@@ -451,13 +453,13 @@ class _Options:
     ) -> _Options:
         if not endpoint:
             raise ConfigError("an endpoint name is required")
-        if duration is not None and not (_finite(duration) and duration >= 0):
+        if duration is not None and not (finite(duration) and duration >= 0):
             raise ConfigError(f"duration must be a finite number >= 0, got {duration!r}")
-        if not (_finite(cost) and cost >= 0):
+        if not (finite(cost) and cost >= 0):
             raise ConfigError(f"cost must be a finite number >= 0, got {cost!r}")
         if max_rejections < 0:
             raise ConfigError(f"max_rejections must be >= 0, got {max_rejections}")
-        if route_timeout_s is not None and not (_finite(route_timeout_s) and route_timeout_s > 0):
+        if route_timeout_s is not None and not (finite(route_timeout_s) and route_timeout_s > 0):
             raise ConfigError(f"route_timeout_s must be a number > 0, got {route_timeout_s!r}")
         key = api_key if api_key is not None else os.environ.get("VAST_API_KEY")
         if not key:
@@ -733,12 +735,13 @@ def _single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException
     ``Cancelled`` ones wins: Trio cancellation is level-triggered, so the enclosing
     cancelled scope delivers ``Cancelled`` again at the caller's next checkpoint.
     """
-    members = list(group.exceptions)
+    members = group.exceptions
     if len(members) == 1:
         return members[0]
-    others = [exc for exc in members if not isinstance(exc, trio.Cancelled)]
+    # Any member but a Cancelled one matches whole: a nested group stays unopened.
+    others, cancelled = split_leaves(group, lambda exc: not isinstance(exc, trio.Cancelled))
     if not others:
-        return members[0]
+        return cancelled[0]
     if len(others) == 1:
         return others[0]
     return None
@@ -872,7 +875,3 @@ def _redact(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _finite(value: float) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

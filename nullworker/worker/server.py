@@ -31,9 +31,15 @@ from hypercorn.config import Sockets
 from hypercorn.utils import wrap_app
 
 from ..errors import ConfigError, StartupFailed
-from .app import connection_limits, create_app
+from .app import create_app
 from .config import WorkerConfig
-from .http_server import ConnectionLimits, listen, raise_nofile_limit, serve_http
+from .http_server import (
+    ConnectionLimits,
+    connection_limits,
+    listen,
+    raise_nofile_limit,
+    serve_http,
+)
 from .runtime import Worker
 
 __all__ = ["ServeInfo", "serve"]
