@@ -45,6 +45,9 @@ def drawn_tree() -> dict[str, str]:
 def test_the_drawing_is_the_tree() -> None:
     parents = drawn_tree()
     assert set(parents) | {"NullworkerError"} == set(errors.__all__)
+    # The errors that used to live beside the code raising them are in the one tree.
+    moved = {"PubkeyUnavailable", "EngineRefused", "RouteTimeout", "LeaseError"}
+    assert moved | {"LocalHoldFailed", "ReleaseFailed"} <= set(parents)
     for name, parent in parents.items():
         cls = getattr(errors, name)
         assert issubclass(cls, getattr(errors, parent)), f"{name} is not a {parent}"
@@ -137,7 +140,7 @@ async def test_an_engine_that_is_not_there_is_engine_unavailable_not_a_timeout()
 async def test_local_hold_failed_when_the_worker_refuses(start_worker: StartWorker) -> None:
     worker = await start_worker()
     worker.worker.begin_shutdown()
-    with pytest.raises(nullworker.LocalHoldFailed) as caught:
+    with pytest.raises(errors.LocalHoldFailed) as caught:
         async with nullworker.local_hold(control_url=worker.control_url):
             pass  # pragma: no cover
     assert isinstance(caught.value, nullworker.ClientError)
