@@ -11,7 +11,7 @@ Embedding in a Trio program::
 
 Holding capacity from a Trio program::
 
-    async with nullworker.reserve("my-endpoint", duration=300) as reservation:
+    async with nullworker.reserve("my-endpoint", duration_s=300) as reservation:
         ...  # the worker at reservation.worker_url is yours until the block exits
 
 Holding as much capacity as a queue needs, until cancelled::

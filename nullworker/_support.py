@@ -9,8 +9,12 @@ here is part of the package's public API.
 from __future__ import annotations
 
 import math
+import warnings
+from typing import TypeVar
 
-__all__ = ["describe_error", "finite"]
+__all__ = ["describe_error", "finite", "renamed_option"]
+
+T = TypeVar("T")
 
 
 def finite(value: object) -> bool:
@@ -28,3 +32,29 @@ def describe_error(exc: BaseException) -> str:
     text = str(exc).strip()
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
+
+
+def renamed_option(
+    old: str, old_value: T | None, new: str, new_value: T | None, *, stacklevel: int = 2
+) -> T | None:
+    """The value of a keyword option that was renamed from ``old`` to ``new``.
+
+    The old name keeps working for one release, with a :class:`DeprecationWarning`
+    that points at the caller's line (``stacklevel`` counts as for :func:`warnings.warn`,
+    from the function that calls this one). ``None`` means "not given" for both: the
+    renamed options are ones whose default is ``None``.
+
+    Raises:
+      TypeError: both names were given.
+    """
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise TypeError(f"pass {new}= only ({old}= is its old name)")
+    warnings.warn(
+        f"{old}= is deprecated, use {new}= (the same number of seconds); "
+        f"{old}= will be removed in nullworker 0.2",
+        DeprecationWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return old_value

@@ -796,7 +796,7 @@ class _Cli:
 
         def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
             return reserve(
-                o.endpoint, duration=o.duration_s, api_key=o.api_key, engine_url=o.engine_url
+                o.endpoint, duration_s=o.duration_s, api_key=o.api_key, engine_url=o.engine_url
             )
 
         run_autoscale = partial(

@@ -257,13 +257,20 @@ async def autoscale(
       poll_s: seconds between demand reads.
       scale_down_delay_s: how long the demand must stay lower before reservations are
         cancelled; ``0`` follows it down at once.
-      duration_s: each reservation's duration; one that elapses is replaced if still
-        wanted. ``None`` holds for the worker's cap.
-      engine_url, api_key: for :func:`nullworker.client.reserve` (their defaults are its
-        own: ``$VAST_ENGINE_URL``, ``$VAST_API_KEY``).
-      reserve: makes one reservation; by default :func:`nullworker.client.reserve` with
-        ``endpoint``, ``duration_s``, ``engine_url`` and ``api_key``, which are not used
-        when this is given. Tests pass a fake.
+      duration_s: each reservation's duration, for the default ``reserve``; one that
+        elapses is replaced if still wanted. ``None`` holds for the worker's cap.
+      engine_url, api_key: a convenience for the default ``reserve`` (their defaults are
+        :func:`nullworker.client.reserve`'s own: ``$VAST_ENGINE_URL``,
+        ``$VAST_API_KEY``). Not deprecated: the one-line form stays. Giving them with
+        ``reserve`` is a :class:`~nullworker.errors.ConfigError`, since they would not
+        be used.
+      reserve: the reserve factory: called with no arguments, it returns one
+        reservation's async context manager. By default
+        ``partial(nullworker.client.reserve, endpoint, duration_s=duration_s,
+        engine_url=engine_url, api_key=api_key)``. Pass your own for any other option
+        of :func:`~nullworker.client.reserve` (``cost``, ``route_timeout_s``, a shared
+        ``http`` client), e.g.
+        ``reserve=partial(nullworker.reserve, "my-endpoint", duration_s=600, cost=50)``.
       on_event: called synchronously with each :class:`AutoscaleEvent`; it must not
         block. Exceptions it raises are logged and dropped.
       task_status: receives the :class:`Autoscaler` once running (before the first
@@ -283,8 +290,9 @@ async def autoscale(
       exception group, as Trio nurseries raise them).
 
     Raises:
-      ConfigError: (a ``ValueError``) an invalid argument, or no API key for the default
-        ``reserve``; raised before anything starts.
+      ConfigError: (a ``ValueError``) an invalid argument, ``engine_url``/``api_key``
+        given with ``reserve``, or no API key for the default ``reserve``; raised before
+        anything starts.
     """
     settings = _Settings.build(
         endpoint=endpoint,
@@ -301,6 +309,11 @@ async def autoscale(
         raise ConfigError(f"demand must be an async function returning an int, not {demand!r}")
     if on_event is not None and not callable(on_event):
         raise ConfigError(f"on_event must be callable, not {on_event!r}")
+    if reserve is not None and (engine_url is not None or api_key is not None):
+        raise ConfigError(
+            "engine_url and api_key are for the default reserve; with reserve=, give them "
+            "to the factory (partial(nullworker.reserve, endpoint, api_key=...))"
+        )
     if reserve is None:
         reserve = _default_reserve(
             endpoint, duration_s=duration_s, engine_url=engine_url, api_key=api_key
@@ -753,7 +766,9 @@ def _default_reserve(
     from .reservation import reserve as client_reserve
 
     def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
-        return client_reserve(endpoint, duration=duration_s, engine_url=engine_url, api_key=api_key)
+        return client_reserve(
+            endpoint, duration_s=duration_s, engine_url=engine_url, api_key=api_key
+        )
 
     # The client checks its settings (the API key above all) when called, before any
     # I/O: call it once now, so that a missing key stops us here rather than failing

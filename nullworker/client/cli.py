@@ -353,7 +353,7 @@ class _Cli:
         try:
             reservation = await hold(
                 self.args.endpoint,
-                duration=self.args.duration,
+                duration_s=self.args.duration,
                 api_key=self.api_key,
                 engine_url=self.engine_url,
                 max_rejections=self.args.max_rejections,

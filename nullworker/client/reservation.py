@@ -2,7 +2,7 @@
 
 Library::
 
-    async with reserve("my-endpoint", duration=300) as reservation:
+    async with reserve("my-endpoint", duration_s=300) as reservation:
         print("holding", reservation.worker_url)
         ...                      # the worker is yours while this block runs
     # leaving the block (normally, by an exception or by cancellation) closes the
@@ -71,7 +71,7 @@ import httpx
 import trio
 
 from .._groups import split_leaves
-from .._support import finite
+from .._support import finite, renamed_option
 from ..errors import (
     ConfigError,
     EngineRefused,
@@ -326,7 +326,7 @@ class Reservation:
 def reserve(
     endpoint: str,
     *,
-    duration: float | None = None,
+    duration_s: float | None = None,
     api_key: str | None = None,
     engine_url: str | None = None,
     cost: float = 100.0,
@@ -334,17 +334,18 @@ def reserve(
     route_timeout_s: float | None = None,
     http: httpx.AsyncClient | None = None,
     on_progress: ProgressCallback | None = None,
+    duration: float | None = None,
 ) -> AbstractAsyncContextManager[Reservation]:
     """Reserve a worker of ``endpoint`` and hold it while the ``async with`` block runs.
 
     Usage::
 
-        async with reserve("my-endpoint", duration=300) as reservation:
+        async with reserve("my-endpoint", duration_s=300) as reservation:
             ...  # reservation.worker_url is held; reservation.ended fires if it stops early
 
     Args:
       endpoint: the Vast endpoint name.
-      duration: seconds to hold; ``None`` holds for the worker's cap
+      duration_s: seconds to hold; ``None`` holds for the worker's cap
         (``MAX_RESERVATION_SECONDS``). The worker also caps larger values.
       api_key: the endpoint's API key; default ``$VAST_API_KEY``. Sent to the engine
         only.
@@ -361,6 +362,9 @@ def reserve(
         ``httpx.Limits`` for the number of reservations you hold at once.
       on_progress: called synchronously with each :class:`ProgressEvent`; it must not
         block. Exceptions it raises are logged and dropped.
+      duration: the old name of ``duration_s``: it still works, with a
+        ``DeprecationWarning``, and goes in nullworker 0.2 (``duration_s`` is spelled
+        like ``route_timeout_s`` and :func:`~nullworker.client.autoscale`'s options).
 
     Resource handling:
       Leaving the block -- normally, by an exception or by cancellation -- closes the
@@ -377,11 +381,13 @@ def reserve(
         but never answers).
       ReservationRejected: workers refused more than ``max_rejections`` times.
       ReservationFailed: the worker answered 401, 413, 422 or another error (``status``).
-      ConfigError: no API key, or an invalid ``duration``/``cost``/``max_rejections``.
+      ConfigError: no API key, or an invalid ``duration_s``/``cost``/``max_rejections``.
+      TypeError: both ``duration_s`` and its old name ``duration`` were given.
     """
+    duration_s = renamed_option("duration", duration, "duration_s", duration_s)
     options = _Options.build(
         endpoint=endpoint,
-        duration=duration,
+        duration=duration_s,
         api_key=api_key,
         engine_url=engine_url,
         cost=cost,
@@ -394,7 +400,7 @@ def reserve(
 async def hold(
     endpoint: str,
     *,
-    duration: float | None = None,
+    duration_s: float | None = None,
     api_key: str | None = None,
     engine_url: str | None = None,
     cost: float = 100.0,
@@ -402,6 +408,7 @@ async def hold(
     route_timeout_s: float | None = None,
     http: httpx.AsyncClient | None = None,
     on_progress: ProgressCallback | None = None,
+    duration: float | None = None,
 ) -> Reservation:
     """Reserve a worker and wait until the worker ends the hold.
 
@@ -410,9 +417,10 @@ async def hold(
     (``duration_elapsed``, ``explicit``, ``shutdown``, ``connection_lost``, ...).
     Cancel the calling task to let go early: the connection is closed at once.
     """
+    duration_s = renamed_option("duration", duration, "duration_s", duration_s)
     async with reserve(
         endpoint,
-        duration=duration,
+        duration_s=duration_s,
         api_key=api_key,
         engine_url=engine_url,
         cost=cost,
@@ -454,7 +462,7 @@ class _Options:
         if not endpoint:
             raise ConfigError("an endpoint name is required")
         if duration is not None and not (finite(duration) and duration >= 0):
-            raise ConfigError(f"duration must be a finite number >= 0, got {duration!r}")
+            raise ConfigError(f"duration_s must be a finite number >= 0, got {duration!r}")
         if not (finite(cost) and cost >= 0):
             raise ConfigError(f"cost must be a finite number >= 0, got {cost!r}")
         if max_rejections < 0:
