@@ -486,7 +486,7 @@ async def test_local_hold_is_one_hold_past_the_cap_and_holds_again_after_a_worke
 
     first, first_scope = await start()
     async with local_hold(control_url=first.control_url, label="long job") as hold:
-        assert hold.held and hold.duration is None
+        assert hold.held and hold.duration_s is None
         await trio.sleep(0.7)
         assert hold.holds == 1  # one hold past the 0.2 s cap: nothing to renew
         assert runtime(first).local_holds.count == 1

@@ -80,7 +80,7 @@ from .autoscale_config import (
     plan_lines,
 )
 from .autoscaler import AutoscaleEvent, Autoscaler, AutoscalerStatistics, HeldReservation, autoscale
-from .cli import _SIGNAL_EXIT, EXIT_USAGE
+from .cli import EXIT_USAGE, SIGNAL_EXIT
 from .demand import DemandSource, redact
 from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
 from .lease import (
@@ -778,7 +778,7 @@ class _Cli:
                         await nursery.start(self._run_endpoint, ep)
         # Only a signal ends the nursery without an exception.
         assert self.signum is not None
-        status = _SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
+        status = SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
         self._print(
             "stopped",
             f"interrupted: released {self.released_on_signal} worker(s)",
@@ -796,7 +796,7 @@ class _Cli:
 
         def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
             return reserve(
-                o.endpoint, duration=o.duration_s, api_key=o.api_key, engine_url=o.engine_url
+                o.endpoint, duration_s=o.duration_s, api_key=o.api_key, engine_url=o.engine_url
             )
 
         run_autoscale = partial(
@@ -905,7 +905,7 @@ def main(argv: list[str] | None = None, *, prog: str = _PROG) -> int:
     try:
         return trio.run(cli.run, None if metrics is None else metrics.url)
     except KeyboardInterrupt:  # Ctrl-C before the signal receiver was open
-        return _SIGNAL_EXIT[signal.SIGINT]
+        return SIGNAL_EXIT[signal.SIGINT]
     finally:
         if metrics is not None:
             metrics.close()

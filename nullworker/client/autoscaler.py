@@ -79,6 +79,7 @@ from typing import Literal, Protocol
 
 import trio
 
+from .._support import describe_error, finite
 from ..errors import ClientError, ConfigError, DemandError
 from ..vast.vocabulary import ClientOutcome
 from ._redact import redact
@@ -256,13 +257,20 @@ async def autoscale(
       poll_s: seconds between demand reads.
       scale_down_delay_s: how long the demand must stay lower before reservations are
         cancelled; ``0`` follows it down at once.
-      duration_s: each reservation's duration; one that elapses is replaced if still
-        wanted. ``None`` holds for the worker's cap.
-      engine_url, api_key: for :func:`nullworker.client.reserve` (their defaults are its
-        own: ``$VAST_ENGINE_URL``, ``$VAST_API_KEY``).
-      reserve: makes one reservation; by default :func:`nullworker.client.reserve` with
-        ``endpoint``, ``duration_s``, ``engine_url`` and ``api_key``, which are not used
-        when this is given. Tests pass a fake.
+      duration_s: each reservation's duration, for the default ``reserve``; one that
+        elapses is replaced if still wanted. ``None`` holds for the worker's cap.
+      engine_url, api_key: a convenience for the default ``reserve`` (their defaults are
+        :func:`nullworker.client.reserve`'s own: ``$VAST_ENGINE_URL``,
+        ``$VAST_API_KEY``). Not deprecated: the one-line form stays. Giving them with
+        ``reserve`` is a :class:`~nullworker.errors.ConfigError`, since they would not
+        be used.
+      reserve: the reserve factory: called with no arguments, it returns one
+        reservation's async context manager. By default
+        ``partial(nullworker.client.reserve, endpoint, duration_s=duration_s,
+        engine_url=engine_url, api_key=api_key)``. Pass your own for any other option
+        of :func:`~nullworker.client.reserve` (``cost``, ``route_timeout_s``, a shared
+        ``http`` client), e.g.
+        ``reserve=partial(nullworker.reserve, "my-endpoint", duration_s=600, cost=50)``.
       on_event: called synchronously with each :class:`AutoscaleEvent`; it must not
         block. Exceptions it raises are logged and dropped.
       task_status: receives the :class:`Autoscaler` once running (before the first
@@ -282,8 +290,9 @@ async def autoscale(
       exception group, as Trio nurseries raise them).
 
     Raises:
-      ConfigError: (a ``ValueError``) an invalid argument, or no API key for the default
-        ``reserve``; raised before anything starts.
+      ConfigError: (a ``ValueError``) an invalid argument, ``engine_url``/``api_key``
+        given with ``reserve``, or no API key for the default ``reserve``; raised before
+        anything starts.
     """
     settings = _Settings.build(
         endpoint=endpoint,
@@ -300,6 +309,11 @@ async def autoscale(
         raise ConfigError(f"demand must be an async function returning an int, not {demand!r}")
     if on_event is not None and not callable(on_event):
         raise ConfigError(f"on_event must be callable, not {on_event!r}")
+    if reserve is not None and (engine_url is not None or api_key is not None):
+        raise ConfigError(
+            "engine_url and api_key are for the default reserve; with reserve=, give them "
+            "to the factory (partial(nullworker.reserve, endpoint, api_key=...))"
+        )
     if reserve is None:
         reserve = _default_reserve(
             endpoint, duration_s=duration_s, engine_url=engine_url, api_key=api_key
@@ -440,7 +454,7 @@ class Autoscaler:
         self._outage_failures += 1
         self._source_ok = False
         # DemandError texts are password-free already; a function's own may not be.
-        error = redact(_describe_error(exc))
+        error = redact(describe_error(exc))
         log.debug("demand read failed: %s", error)
         if self._outage_started is None:
             self._outage_started = now
@@ -545,7 +559,7 @@ class Autoscaler:
 
     def _on_failed(self, slot: _Slot, exc: ClientError) -> None:
         self._reservations_failed += 1
-        error = _describe_error(exc)
+        error = describe_error(exc)
         self._emit("reservation_failed", f"could not reserve a worker: {error}", error=error)
         self._note_failure(slot, error)
 
@@ -707,14 +721,14 @@ class _Settings:
             raise ConfigError(
                 f"min_workers ({min_workers}) must not be greater than max_workers ({max_workers})"
             )
-        if not (_finite(poll_s) and poll_s > 0):
+        if not (finite(poll_s) and poll_s > 0):
             raise ConfigError(f"poll_s must be a finite number of seconds > 0, got {poll_s!r}")
-        if not (_finite(scale_down_delay_s) and scale_down_delay_s >= 0):
+        if not (finite(scale_down_delay_s) and scale_down_delay_s >= 0):
             raise ConfigError(
                 "scale_down_delay_s must be a finite number of seconds >= 0, "
                 f"got {scale_down_delay_s!r}"
             )
-        if duration_s is not None and not (_finite(duration_s) and duration_s > 0):
+        if duration_s is not None and not (finite(duration_s) and duration_s > 0):
             raise ConfigError(
                 f"duration_s must be a finite number of seconds > 0 or None, got {duration_s!r}"
             )
@@ -752,7 +766,9 @@ def _default_reserve(
     from .reservation import reserve as client_reserve
 
     def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
-        return client_reserve(endpoint, duration=duration_s, engine_url=engine_url, api_key=api_key)
+        return client_reserve(
+            endpoint, duration_s=duration_s, engine_url=engine_url, api_key=api_key
+        )
 
     # The client checks its settings (the API key above all) when called, before any
     # I/O: call it once now, so that a missing key stops us here rather than failing
@@ -772,13 +788,3 @@ def _backoff(first_s: float, failures: int, cap_s: float) -> float:
     # The exponent is bounded so a long outage cannot overflow the float.
     base = min(first_s * 2.0 ** min(failures - 1, 32), cap_s)
     return base * random.uniform(1.0 - _JITTER, 1.0)
-
-
-def _describe_error(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

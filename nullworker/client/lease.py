@@ -70,7 +70,6 @@ Concurrency invariants
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -84,9 +83,10 @@ import trio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..errors import ConfigError, NullworkerError
+from .._support import finite
+from ..errors import ConfigError, LeaseError
 from ._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
-from ._redact import redact
+from ._redact import reason, redact
 from ._urls import check_url
 
 __all__ = [
@@ -147,10 +147,6 @@ Ts = TypeVarTuple("Ts")
 
 LostReason = Literal["expired", "taken", "gone"]
 LeaseEventKind = Literal["standby", "lease_acquired", "lease_lost", "lease_released"]
-
-
-class LeaseError(NullworkerError):
-    """A lease command failed: the server unreachable, no answer in time, an error answer."""
 
 
 class LeaseStore(Protocol):
@@ -279,16 +275,16 @@ class Lease:
     ) -> None:
         if not isinstance(key, str) or not key:
             raise ConfigError(f"the lease needs a key, got {key!r}")
-        if not (_finite(renew_s) and renew_s > 0):
+        if not (finite(renew_s) and renew_s > 0):
             raise ConfigError(f"renew_s must be a finite number of seconds > 0, got {renew_s!r}")
-        if not (_finite(ttl_s) and ttl_s > 2 * renew_s):
+        if not (finite(ttl_s) and ttl_s > 2 * renew_s):
             raise ConfigError(
                 f"ttl_s must be a finite number of seconds > 2 * renew_s ({2 * renew_s:g}), "
                 f"got {ttl_s!r}"
             )
         if timeout_s is None:
             timeout_s = renew_s / 2
-        if not (_finite(timeout_s) and 0 < timeout_s < renew_s):
+        if not (finite(timeout_s) and 0 < timeout_s < renew_s):
             raise ConfigError(
                 f"timeout_s must be a number of seconds > 0 and < renew_s, got {timeout_s!r}"
             )
@@ -616,7 +612,7 @@ class RedisLeaseStore:
             return await run_aio(self._aio_eval, script, key, args, loop=loop)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             await self._drop_client()
-            raise LeaseError(_reason(exc)) from exc
+            raise LeaseError(reason(exc)) from exc
         except BaseException:
             await self._drop_client()
             raise
@@ -650,7 +646,7 @@ class RedisLeaseStore:
             try:
                 await run_aio(client.aclose, loop=loop)
             except Exception as exc:
-                log.debug("%s: closing the client failed: %s", self.describe(), _reason(exc))
+                log.debug("%s: closing the client failed: %s", self.describe(), reason(exc))
 
 
 class RedisLease(Lease):
@@ -698,13 +694,3 @@ def _holder(value: object) -> str | None:
 
 def _shown(token: str | None) -> str | None:
     return None if token is None else token[:TOKEN_SHOWN]
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    return redact(f"{name}: {text}" if text else name)
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

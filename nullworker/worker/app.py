@@ -67,7 +67,7 @@ from ..errors import (
 )
 from ..vast.envelope import parse_duration, parse_envelope, signature_ok
 from .config import WorkerConfig
-from .http_server import ConnectionLimits, listen, serve_http
+from .http_server import connection_limits, listen, serve_http
 from .local_holds import (
     MAX_HOLD_BODY_BYTES,
     HoldOutcome,
@@ -583,20 +583,6 @@ async def serve_control(
             task_status.started(binds[0])
     finally:
         sock.close()
-
-
-def connection_limits(config: WorkerConfig) -> ConnectionLimits:
-    """The connection deadlines for ``config``'s listeners.
-
-    The body deadline is a second past the app's own (``BODY_TIMEOUT``), so a route
-    that reads its body answers ``408`` first and the socket is closed after.
-    """
-    return ConnectionLimits(
-        body_timeout_s=config.body_timeout_s + 1.0,
-        send_timeout_s=config.send_timeout_s,
-        keep_alive_timeout_s=config.keep_alive_timeout_s,
-        keep_alive_max_requests=config.keep_alive_max_requests,
-    )
 
 
 def _health(worker: Worker) -> Response:

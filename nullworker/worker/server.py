@@ -45,9 +45,15 @@ from hypercorn.config import Sockets
 from hypercorn.utils import wrap_app
 
 from ..errors import ConfigError, StartupFailed, WorkerFailed
-from .app import connection_limits, create_main_app, serve_control
+from .app import create_main_app, serve_control
 from .config import WorkerConfig
-from .http_server import ConnectionLimits, listen, raise_nofile_limit, serve_http
+from .http_server import (
+    ConnectionLimits,
+    connection_limits,
+    listen,
+    raise_nofile_limit,
+    serve_http,
+)
 from .runtime import Worker, only_leaf
 
 __all__ = ["ServeInfo", "serve"]

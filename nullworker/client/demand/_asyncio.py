@@ -11,8 +11,9 @@ import trio
 
 from ...errors import DemandError
 from .._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
+from .._redact import reason
 from .._urls import check_url
-from ._base import CLOSE_TIMEOUT_S, DemandSource, reason
+from ._base import CLOSE_TIMEOUT_S, DemandSource
 
 log = logging.getLogger("nullworker.demand")
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Self
 import trio
 
 from ...errors import DemandError, DemandTimeout
-from .._redact import redact
+from .._redact import reason
 
 #: Default bound on one read of a queue server.
 DEFAULT_TIMEOUT_S = 5.0
@@ -40,12 +40,6 @@ async def aclose_quietly(client: Any, what: str) -> None:
             await client.aclose()
         except Exception as exc:
             log.debug("%s: closing the client failed: %s", what, reason(exc))
-
-
-def reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    return redact(f"{name}: {text}" if text else name)
 
 
 class DemandSource(ABC):

@@ -14,7 +14,8 @@ from typing import Literal, Self
 import trio
 
 from ...errors import DemandError
-from ._base import DemandSource, reason
+from .._redact import reason
+from ._base import DemandSource
 
 #: How the parts' counts become one: ``sum`` (jobs spread over several queues, each
 #: needing a worker) or ``max`` (several views of the same jobs; count them once).

@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from ...errors import DemandError, DemandTimeout
-from .._redact import redact
+from .._redact import reason, redact
 from ._asyncio import AsyncioSource
-from ._base import CLOSE_TIMEOUT_S, DEFAULT_TIMEOUT_S, reason
+from ._base import CLOSE_TIMEOUT_S, DEFAULT_TIMEOUT_S
 
 #: The share of ``timeout_s`` given to the server as ``statement_timeout``: the server
 #: cancels a slow query itself, before the read's own timeout cuts the connection.

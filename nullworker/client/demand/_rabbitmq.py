@@ -10,8 +10,8 @@ from urllib.parse import quote, unquote, urlsplit
 import httpx
 
 from ...errors import DemandError, DemandNotFound
-from .._redact import redact
-from ._base import DEFAULT_TIMEOUT_S, DemandSource, aclose_quietly, reason
+from .._redact import reason, redact
+from ._base import DEFAULT_TIMEOUT_S, DemandSource, aclose_quietly
 
 log = logging.getLogger("nullworker.demand")
 

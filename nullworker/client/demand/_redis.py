@@ -10,9 +10,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ...errors import DemandError, DemandNotFound
-from .._redact import redact
+from .._redact import reason, redact
 from ._asyncio import AsyncioSource
-from ._base import DEFAULT_TIMEOUT_S, reason
+from ._base import DEFAULT_TIMEOUT_S
 
 #: RedisStream without a usable ``lag``: entries fetched per XRANGE while counting ...
 STREAM_SCAN_BATCH = 1000
@@ -20,7 +20,7 @@ STREAM_SCAN_BATCH = 1000
 STREAM_SCAN_LIMIT = 10_000
 
 
-class _RedisSource(AsyncioSource[redis.asyncio.Redis]):
+class RedisSource(AsyncioSource[redis.asyncio.Redis]):
     _scheme_names = ("redis", "rediss", "unix")
     _socket_schemes = ("unix",)
     _numeric_path = True
@@ -46,7 +46,7 @@ class _RedisSource(AsyncioSource[redis.asyncio.Redis]):
         return DemandError(f"{self.describe()}: the server answered {reason(exc)}")
 
 
-class RedisList(_RedisSource):
+class RedisList(RedisSource):
     """The length of a Redis list, plus that of its "processing" list when given.
 
     The usual Redis work queue: producers ``LPUSH`` jobs onto ``key``, consumers
@@ -92,7 +92,7 @@ class RedisList(_RedisSource):
         return sum(int(length) for length in lengths)
 
 
-class RedisStream(_RedisSource):
+class RedisStream(RedisSource):
     """Entries of a Redis stream that a consumer group has not finished with.
 
     Demand is the group's ``lag`` (entries not yet delivered to any consumer of the
