@@ -9,13 +9,17 @@ schedule is driven by the Trio clock (``now=``).
 
 from __future__ import annotations
 
+import signal
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+from nullworker.client.autoscale_cli import main
+from nullworker.client.autoscale_config import ConfigFileError, load_config
 from nullworker.client.autoscaler import autoscale
 from nullworker.client.policy import (
     Policy,
@@ -25,8 +29,17 @@ from nullworker.client.policy import (
     parse_schedule,
     raw_target,
 )
+from nullworker.engine import Engine
 from nullworker.errors import ConfigError, DemandError
 
+from .conftest import StartWorker
+from .test_autoscale_cli import (  # noqa: F401  (run_autoscale is a fixture, used by name)
+    KEY,
+    RunAutoscale,
+    run_autoscale_fixture,
+    start_vast_worker,
+    write_demand,
+)
 from .test_autoscaler import FakeEngine, Script, running, settle_at
 
 # A Monday.
@@ -413,3 +426,229 @@ async def test_without_age_boost_no_age_is_read(autojump_clock: trio.testing.Moc
 async def test_invalid_policy_arguments_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         await autoscale("e", demand=Script((0, 1)), reserve=FakeEngine().reserve, **options)
+
+
+# -- the config file, --check and the command line ----------------------------------------
+
+RULES = """\
+[endpoints.e]
+api_key_env = "NW_TEST_KEY"
+engine_url = "http://127.0.0.1:9/"
+max = 6
+activation = 2
+scale_to_zero_delay = 300
+max_new_per_minute = 4
+age_boost_after = 120
+age_boost = 2
+sources = [{ kind = "command", command = "echo 1" }]
+
+[[endpoints.e.schedule]]
+days = "mon-fri"
+hours = "08:00-18:00"
+min = 3
+
+[[endpoints.e.schedule]]
+days = "sat,sun"
+hours = "22:00-02:00"
+min = 1
+tz = "Europe/Paris"
+"""
+
+RULES_PLAN = """\
+endpoint 'e'
+  sources:
+    command 'echo 1', timeout 10 s
+  policy: min 0, max 6, 1 job(s) per worker
+  timing: poll 1 s, scale-down delay 30 s, each hold the worker's cap
+  rules: activation 2, scale-to-zero delay 300 s, at most 4 new per minute, +2 while the oldest job waits over 120 s
+  schedule: mon-fri 08:00-18:00 UTC=3
+  schedule: sat-sun 22:00-02:00 Europe/Paris=1
+  engine http://127.0.0.1:9/, API key from $NW_TEST_KEY
+  lease: none
+"""  # noqa: E501
+
+
+@pytest.fixture(name="key_env")
+def key_env_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NW_TEST_KEY", "key-rules-41aa")
+
+
+def test_check_prints_the_rules(
+    key_env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "autoscale.toml"
+    path.write_text(RULES)
+    assert main(["--config", str(path), "--check"]) == 0
+    assert capsys.readouterr().out == RULES_PLAN
+    (options,) = load_config(path)
+    assert (options.activation, options.scale_to_zero_delay_s) == (2, 300.0)
+    assert (options.max_new_per_minute, options.age_boost_after_s, options.age_boost) == (
+        4,
+        120.0,
+        2,
+    )
+    assert [w.describe() for w in options.schedule] == [
+        "mon-fri 08:00-18:00 UTC=3",
+        "sat-sun 22:00-02:00 Europe/Paris=1",
+    ]
+
+
+BASE = """\
+[endpoints.e]
+api_key_env = "NW_TEST_KEY"
+sources = [{ kind = "command", command = "echo 1" }]
+"""
+
+
+@pytest.mark.parametrize(
+    ("toml", "lines"),
+    [
+        (BASE + "activation = -1\n", ["endpoints.e.activation: must be an integer >= 0, got -1"]),
+        (
+            BASE + 'scale_to_zero_delay = "5m"\n',
+            ["endpoints.e.scale_to_zero_delay: must be a finite number of seconds >= 0, got '5m'"],
+        ),
+        (
+            BASE + "max_new_per_minute = 0\n",
+            ["endpoints.e.max_new_per_minute: must be an integer >= 1, got 0"],
+        ),
+        (BASE + "age_boost = 2\n", ["endpoints.e.age_boost: goes with age_boost_after"]),
+        (
+            BASE + "age_boost_after = -5\n",
+            ["endpoints.e.age_boost_after: must be a finite number of seconds >= 0, got -5"],
+        ),
+        (
+            BASE + "schedule = 3\n",
+            ["endpoints.e.schedule: must be an array of tables ([[endpoints.NAME.schedule]])"],
+        ),
+        (
+            BASE + '[[endpoints.e.schedule]]\ndays = "weekdays"\nhours = "8-18"\n'
+            'tz = "Mars/Olympus"\nmins = 3\n',
+            [
+                "endpoints.e.schedule[0].mins: unknown setting; did you mean min?",
+                "endpoints.e.schedule[0].days: days 'weekdays': use mon..sun, ranges (mon-fri) "
+                "and commas (sat,sun), or daily",
+                "endpoints.e.schedule[0].hours: hours '8-18': use HH:MM-HH:MM (24-hour, e.g. "
+                "08:00-18:00)",
+                "endpoints.e.schedule[0].tz: time zone 'Mars/Olympus' is unknown (use an IANA "
+                "name such as UTC or Europe/Paris)",
+                "endpoints.e.schedule[0].min: required",
+            ],
+        ),
+        (
+            BASE + '[[endpoints.e.schedule]]\ndays = "mon"\nhours = "08:00-09:00"\nmin = 11\n',
+            ["endpoints.e.schedule[0].min: must not be greater than max (10), got 11"],
+        ),
+        (
+            BASE.replace(
+                '{ kind = "command", command = "echo 1" }',
+                '{ kind = "postgres", dsn = "postgresql://db/app", query = "SELECT 1", '
+                "age_query = 5 }",
+            ),
+            ["endpoints.e.sources[0].age_query: must be a str, got 5"],
+        ),
+    ],
+)
+def test_every_rule_problem_is_one_line_naming_the_setting(
+    toml: str,
+    lines: list[str],
+    key_env: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "autoscale.toml"
+    path.write_text(toml)
+    assert main(["--config", str(path), "--check"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "".join(f"{path}: {line}\n" for line in lines)
+    with pytest.raises(ConfigFileError):
+        load_config(path)
+
+
+DEMAND = ["--endpoint", "ep", "--demand-command", "echo 1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([*DEMAND, "--activation", "-1"], "--activation must be an integer >= 0, got -1"),
+        ([*DEMAND, "--max-new-per-minute", "0"], "--max-new-per-minute must be an integer >= 1"),
+        ([*DEMAND, "--scale-to-zero-delay", "inf"], "--scale-to-zero-delay must be a finite"),
+        ([*DEMAND, "--age-boost", "2"], "--age-boost goes with --age-boost-after"),
+        ([*DEMAND, "--age-boost-after", "nan"], "--age-boost-after must be a finite"),
+        ([*DEMAND, "--min-schedule", "mon-fri 08:00-18:00"], "--min-schedule: 'mon-fri 08:00"),
+        ([*DEMAND, "--min-schedule", "mon 08:00-09:00 Nowhere/X=1"], "time zone 'Nowhere/X'"),
+        (
+            [*DEMAND, "--max", "2", "--min-schedule", "mon 08:00-09:00=3"],
+            "the minimum must not be greater than --max (2)",
+        ),
+        (
+            [*DEMAND, "--postgres-age-query", "SELECT 1"],
+            "--postgres-age-query goes with --postgres",
+        ),
+        (
+            ["--config", "x.toml", "--min-schedule", "mon 08:00-09:00=1"],
+            "--config excludes --min-schedule: set them in the file",
+        ),
+    ],
+)
+def test_rule_flags_refuse_bad_values_in_one_line(
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VAST_API_KEY", KEY)
+    assert main(argv) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert line.startswith("nullworker autoscale: error: ") and message in line
+
+
+async def test_cli_activation_and_rate_limit_show_in_the_lines(
+    vast_engine: Engine,
+    start_worker: StartWorker,
+    run_autoscale: RunAutoscale,
+    tmp_path: Path,
+) -> None:
+    for worker_id in (1, 2):
+        await start_vast_worker(start_worker, vast_engine, worker_id)
+    demand = tmp_path / "demand"
+    write_demand(demand, "2")
+    assert vast_engine.url is not None
+    cli = await run_autoscale(
+        "--demand-command",
+        f"cat {demand}",
+        "--poll",
+        "0.2",
+        "--max",
+        "2",
+        "--activation",
+        "2",
+        "--max-new-per-minute",
+        "1",
+        "--min-schedule",
+        "daily 00:00-24:00=0",
+        "--engine-url",
+        vast_engine.url,
+    )
+    (start,) = await cli.wait_events("started")
+    assert (start["activation"], start["max_new_per_minute"]) == (2, 1)
+    assert start["min_schedule"] == ["daily 00:00-24:00 UTC=0"]
+    assert "rules: activation 2, at most 1 new per minute" in start["message"]
+    await cli.wait_until(lambda: any(e.get("reason") for e in cli.of_kind("state")))
+    idle = next(e for e in cli.of_kind("state") if e.get("reason"))
+    assert idle["reason"] == "demand 2 ≤ activation 2"
+    assert idle["message"] == "demand 2, target 0 (demand 2 ≤ activation 2): 0 held, 0 waiting"
+    assert cli.of_kind("reservation_started") == []
+
+    write_demand(demand, "3")
+    (limited,) = await cli.wait_events("rate_limited")
+    assert limited["held_back"] == 1 and limited["target"] == 2
+    assert limited["message"].startswith(
+        "rate limit 1 new per minute: 1 reservation(s) held back, the next in "
+    )
+    await cli.wait_events("reservation_started")
+    await trio.sleep(1.0)  # more reads: the limit still holds the second back
+    assert len(cli.of_kind("reservation_started")) == 1
+    assert await cli.stop(signal.SIGINT) == 130, cli.err
+    assert cli.err == ""
