@@ -241,7 +241,8 @@ async def test_the_default_scale_to_zero_delay_is_the_scale_down_delay(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     engine = FakeEngine()
-    async with running(engine, Script((0, 3), (10, 0)), scale_down_delay_s=30.0):
+    script = Script((0, 3), (10, 0))
+    async with running(engine, script, scale_down_delay_s=30.0, scale_to_zero_delay_s=None):
         await settle_at(38.999)
         assert engine.count == 3
         await settle_at(39.0)
@@ -401,8 +402,9 @@ async def test_age_boost_adds_workers_while_the_oldest_job_is_old(
 
 async def test_without_age_boost_no_age_is_read(autojump_clock: trio.testing.MockClock) -> None:
     queue = AgedQueue((0, 2, 1e6))
-    async with running(FakeEngine(), queue):
+    async with running(FakeEngine(), queue, age_boost_after_s=None, age_boost=3) as run:
         await settle_at(10.0)
+        assert run.stats().target == 2
     assert queue.age_reads == []
 
 
