@@ -134,9 +134,11 @@ def test_raw_target_age_boost_adds_to_the_demand_and_only_adds() -> None:
     # It activates: an old job is what activation must not starve.
     activation = Policy(activation=5, age_boost_after_s=60.0)
     assert raw_target(activation, demand=2, active=False, oldest_age_s=61.0).raw == 3
-    capped = raw_target(Policy(max_workers=3, age_boost_after_s=0.0), demand=3, active=True,
-                        oldest_age_s=1.0)  # fmt: skip
-    assert (capped.raw, capped.reasons[-1]) == (3, "capped at max 3")
+    # The cap still holds (and, as before these rules, goes unsaid).
+    capped = raw_target(
+        Policy(max_workers=3, age_boost_after_s=0.0), demand=3, active=True, oldest_age_s=1.0
+    )
+    assert (capped.raw, capped.reasons) == (3, ("oldest job waiting over 0 s: +1",))
 
 
 def test_raw_target_scheduled_minimum_is_the_largest() -> None:

@@ -175,8 +175,6 @@ def raw_target(
         reasons.append(f"demand {demand} ≤ activation {policy.activation}")
     if scheduled is not None and need < minimum:
         reasons.append(scheduled)
-    if need > policy.max_workers:
-        reasons.append(f"capped at max {policy.max_workers}")
     return Target(
         raw=min(max(need, minimum), policy.max_workers), minimum=minimum, reasons=tuple(reasons)
     )
