@@ -87,6 +87,24 @@ def test_parse_schedule_refuses_with_a_clear_reason(text: str, message: str) -> 
         parse_schedule(text)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"days": frozenset()}, "days must be a non-empty set of 0..6"),
+        ({"days": frozenset({7})}, "days must be a non-empty set of 0..6"),
+        ({"start_min": 1440}, "start_min must be 0..1439"),
+        ({"end_min": 0}, "end_min 1..1440"),
+        ({"end_min": 480}, "the start and the end are the same time"),
+        ({"min_workers": -1}, "min_workers must be an integer >= 0"),
+        ({"tz": "Nowhere/X"}, "time zone 'Nowhere/X' is unknown"),
+    ],
+)
+def test_a_window_built_by_hand_is_checked(fields: dict[str, Any], message: str) -> None:
+    good: dict[str, Any] = {"days": frozenset({0}), "start_min": 480, "end_min": 600}
+    with pytest.raises(ValueError, match=message):
+        ScheduleWindow(**{**good, "min_workers": 1, **fields})
+
+
 def test_a_window_covers_its_hours_on_its_days() -> None:
     window = parse_schedule("mon-fri 08:00-18:00 UTC=3")
     assert not window.covers(at(0, 7, 59, 59))
@@ -420,6 +438,10 @@ async def test_without_age_boost_no_age_is_read(autojump_clock: trio.testing.Moc
         ({"age_boost_after_s": float("nan")}, "age_boost_after_s must be a finite number"),
         ({"min_schedule": ["mon 08:00-09:00=1"]}, "min_schedule takes ScheduleWindow values"),
         (
+            {"min_schedule": "mon 08:00-09:00=1"},
+            "min_schedule takes a list or tuple of ScheduleWindow",
+        ),
+        (
             {"min_schedule": [parse_schedule("mon 08:00-09:00=11")]},
             r"the minimum must not be greater than max_workers \(10\)",
         ),
@@ -656,3 +678,17 @@ async def test_cli_activation_and_rate_limit_show_in_the_lines(
     assert len(cli.of_kind("reservation_started")) == 1
     assert await cli.stop(signal.SIGINT) == 130, cli.err
     assert cli.err == ""
+
+
+async def test_age_boost_with_an_oldest_age_function_of_its_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def oldest_age() -> float:
+        return 1000.0
+
+    engine = FakeEngine()
+    async with running(
+        engine, Script((0, 2)), age_boost_after_s=60.0, oldest_age=oldest_age
+    ) as run:
+        await settle_at(5.0)
+        assert engine.count == 3 and run.stats().target == 3

@@ -295,7 +295,7 @@ async def autoscale(
         reservation is released; ``None`` (the default) is ``scale_down_delay_s``.
       max_new_per_minute: the most reservations started within any 60 s of the Trio
         clock (replacements included); ``None`` (the default) is no limit.
-      min_schedule: :class:`~nullworker.client.policy.ScheduleWindow` s (see
+      min_schedule: a list or tuple of :class:`~nullworker.client.policy.ScheduleWindow` (see
         :func:`~nullworker.client.policy.parse_schedule`); the effective minimum is the
         largest of ``min_workers`` and the windows covering ``now()``.
       age_boost_after_s, age_boost: while the oldest waiting job is older than
@@ -343,11 +343,13 @@ async def autoscale(
         age_boost=age_boost,
         now=now,
     )
-    if oldest_age is None and settings.policy.age_boost_after_s is not None:
+    if oldest_age is not None and not callable(oldest_age):
+        raise ConfigError(f"oldest_age must be an async function, not {oldest_age!r}")
+    if settings.policy.age_boost_after_s is None:
+        oldest_age = None  # no boost: no age read, no extra query
+    elif oldest_age is None:
         found = getattr(demand, "oldest_age", None)
         oldest_age = found if callable(found) else None
-    elif oldest_age is not None and not callable(oldest_age):
-        raise ConfigError(f"oldest_age must be an async function, not {oldest_age!r}")
     if not callable(demand) and callable(getattr(demand, "read", None)):
         demand = demand.read
     if not callable(demand):
@@ -878,9 +880,14 @@ class _Settings:
                 raise ConfigError(
                     f"{name} must be a finite number of seconds >= 0 or None, got {seconds!r}"
                 )
+        if not isinstance(min_schedule, list | tuple):
+            raise ConfigError(
+                "min_schedule takes a list or tuple of ScheduleWindow (parse_schedule), "
+                f"got {min_schedule!r}"
+            )
         windows = tuple(min_schedule)
         for window in windows:
-            if not isinstance(window, ScheduleWindow) or not window.days:
+            if not isinstance(window, ScheduleWindow):
                 raise ConfigError(
                     f"min_schedule takes ScheduleWindow values (parse_schedule), got {window!r}"
                 )

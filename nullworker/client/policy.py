@@ -83,6 +83,20 @@ class ScheduleWindow:
     min_workers: int
     tz: str = "UTC"
 
+    def __post_init__(self) -> None:
+        # Checked here too, so that a window built by hand cannot fail later, at 08:00.
+        if not self.days or not self.days <= frozenset(range(7)):
+            raise ValueError(f"days must be a non-empty set of 0..6, got {set(self.days)!r}")
+        if not (0 <= self.start_min < _MINUTES_PER_DAY and 0 < self.end_min <= _MINUTES_PER_DAY):
+            raise ValueError("start_min must be 0..1439 and end_min 1..1440 (minutes)")
+        if self.start_min == self.end_min:
+            raise ValueError("the start and the end are the same time")
+        if isinstance(self.min_workers, bool) or not isinstance(self.min_workers, int):
+            raise ValueError(f"min_workers must be an integer >= 0, got {self.min_workers!r}")
+        if self.min_workers < 0:
+            raise ValueError(f"min_workers must be an integer >= 0, got {self.min_workers!r}")
+        parse_zone(self.tz)
+
     def covers(self, now: datetime) -> bool:
         """Whether ``now`` (an aware datetime; a naive one is taken as UTC) is inside."""
         if now.tzinfo is None:
