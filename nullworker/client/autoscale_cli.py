@@ -91,6 +91,7 @@ from .lease import (
     LeaseStatistics,
     RedisLease,
 )
+from .policy import ScheduleWindow, parse_schedule
 from .reservation import DEFAULT_ENGINE_URL, reserve
 
 __all__ = ["EXIT_METRICS", "EXIT_USAGE", "main"]
@@ -218,6 +219,12 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         help="with --sqs: count delayed messages (ApproximateNumberOfMessagesDelayed) too",
     )
     sources.add_argument(
+        "--postgres-age-query",
+        metavar="QUERY",
+        help="with --postgres: a query returning the oldest waiting job's age in seconds "
+        "(NULL: none or unknown), for --age-boost-after",
+    )
+    sources.add_argument(
         "--vhost",
         default=None,
         metavar="VHOST",
@@ -266,6 +273,53 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="each reservation's duration, renewed while wanted (default: the worker's cap)",
+    )
+    rules = parser.add_argument_group("policy rules (see docs/scaling-policy.md)")
+    rules.add_argument(
+        "--activation",
+        type=int,
+        default=0,
+        metavar="N",
+        help="from no reservation, start only when more than N jobs wait (KEDA's "
+        "activationQueueLength) (0)",
+    )
+    rules.add_argument(
+        "--scale-to-zero-delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="release the last reservation only after no jobs for this long (default: "
+        "--scale-down-delay)",
+    )
+    rules.add_argument(
+        "--max-new-per-minute",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start at most N reservations within any 60 s (default: no limit)",
+    )
+    rules.add_argument(
+        "--min-schedule",
+        action="append",
+        default=None,
+        metavar="'DAYS HH:MM-HH:MM [TZ]=N'",
+        help="a minimum for a weekly window, e.g. 'mon-fri 08:00-18:00 UTC=3' (the zone "
+        "defaults to UTC; a window may cross midnight); repeatable, the largest applies",
+    )
+    rules.add_argument(
+        "--age-boost-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="while the oldest waiting job is older than this, hold --age-boost more "
+        "(sources that can tell: --redis-stream, --rabbitmq, --postgres-age-query)",
+    )
+    rules.add_argument(
+        "--age-boost",
+        type=int,
+        default=None,
+        metavar="N",
+        help="workers added by --age-boost-after (1)",
     )
     parser.add_argument(
         "--api-key", default=None, metavar="KEY", help="endpoint API key (default $VAST_API_KEY)"
@@ -337,6 +391,8 @@ _ENDPOINT_DESTS = (
     "endpoint",
     *("processing", "sqs_include_delayed", "vhost", "redis_queue_prefix", "demand_timeout"),
     *("min", "max", "jobs_per_worker", "poll", "scale_down_delay", "duration"),
+    *("activation", "scale_to_zero_delay", "max_new_per_minute", "min_schedule"),
+    *("age_boost_after", "age_boost", "postgres_age_query"),
     *("api_key", "engine_url", "lease", "lease_ttl", "lease_renew"),
 )
 
@@ -395,6 +451,8 @@ def _parse_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--vhost goes with --rabbitmq")
     if args.redis_queue_prefix is not None and args.redis_queue is None:
         parser.error("--redis-queue-prefix goes with --redis-queue")
+    if args.postgres_age_query is not None and args.postgres is None:
+        parser.error("--postgres-age-query goes with --postgres")
     for flag, value, least in (
         ("--min", args.min, 0),
         ("--max", args.max, 1),
@@ -446,7 +504,47 @@ def _parse_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         engine_url=engine_url,
         lease=_parse_lease(parser, args),
         api_key_from="--api-key" if args.api_key else "$VAST_API_KEY",
+        **_parse_rules(parser, args),
     )
+
+
+def _parse_rules(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The policy rules' options, as :class:`EndpointOptions` fields."""
+    if args.activation < 0:
+        parser.error(f"--activation must be an integer >= 0, got {args.activation}")
+    for flag, count in (
+        ("--max-new-per-minute", args.max_new_per_minute),
+        ("--age-boost", args.age_boost),
+    ):
+        if count is not None and count < 1:
+            parser.error(f"{flag} must be an integer >= 1, got {count}")
+    for flag, seconds in (
+        ("--scale-to-zero-delay", args.scale_to_zero_delay),
+        ("--age-boost-after", args.age_boost_after),
+    ):
+        if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+            parser.error(f"{flag} must be a finite number of seconds >= 0, got {seconds}")
+    if args.age_boost is not None and args.age_boost_after is None:
+        parser.error("--age-boost goes with --age-boost-after")
+    windows: list[ScheduleWindow] = []
+    for text in args.min_schedule or ():
+        try:
+            window = parse_schedule(text)
+        except ValueError as exc:
+            parser.error(f"--min-schedule: {exc}")
+        if window.min_workers > args.max:
+            parser.error(
+                f"--min-schedule {text!r}: the minimum must not be greater than --max ({args.max})"
+            )
+        windows.append(window)
+    return {
+        "activation": args.activation,
+        "scale_to_zero_delay_s": args.scale_to_zero_delay,
+        "max_new_per_minute": args.max_new_per_minute,
+        "schedule": tuple(windows),
+        "age_boost_after_s": args.age_boost_after,
+        "age_boost": 1 if args.age_boost is None else args.age_boost,
+    }
 
 
 def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LeaseOptions | None:
@@ -530,6 +628,7 @@ def _new_source(args: argparse.Namespace) -> DemandSource:
         prefix=args.redis_queue_prefix,
         include_delayed=args.sqs_include_delayed,
         vhost=args.vhost,
+        age_query=args.postgres_age_query,
     )
     auth = _http_auth() if kind in ("http-json", "prometheus") else None
     # Each source's own default timeout unless --demand-timeout says otherwise.
@@ -577,6 +676,8 @@ def _event_fields(event: AutoscaleEvent) -> dict[str, Any]:
             delay_s=event.delay_s,
             failures=event.failures,
             outage_s=event.outage_s,
+            reason=event.reason,
+            held_back=event.held_back,
         )
     )
     return fields
@@ -709,6 +810,7 @@ class _Cli:
             f"autoscaling endpoint {o.endpoint!r} on {o.source.describe()}: min {o.min_workers}, "
             f"max {o.max_workers}, {o.jobs_per_worker} job(s) per worker, poll {o.poll_s:g} s, "
             f"scale-down delay {o.scale_down_delay_s:g} s, each hold {duration}; "
+            f"{''.join(f'{line}; ' for line in o.policy_lines())}"
             f"engine {engine_url}{lease_text}",
             label=o.endpoint,
             source=o.source.describe(),
@@ -719,6 +821,14 @@ class _Cli:
             poll_s=o.poll_s,
             scale_down_delay_s=o.scale_down_delay_s,
             duration_s=o.duration_s,
+            **_set_fields(
+                activation=o.activation or None,
+                scale_to_zero_delay_s=o.scale_to_zero_delay_s,
+                max_new_per_minute=o.max_new_per_minute,
+                min_schedule=[w.describe() for w in o.schedule] or None,
+                age_boost_after_s=o.age_boost_after_s,
+                age_boost=o.age_boost if o.age_boost_after_s is not None else None,
+            ),
             **lease,
         )
 
@@ -811,6 +921,12 @@ class _Cli:
             duration_s=o.duration_s,
             reserve=reserve_one,
             on_event=partial(self._on_event, ep),
+            activation=o.activation,
+            scale_to_zero_delay_s=o.scale_to_zero_delay_s,
+            max_new_per_minute=o.max_new_per_minute,
+            min_schedule=o.schedule,
+            age_boost_after_s=o.age_boost_after_s,
+            age_boost=o.age_boost,
         )
         async with trio.open_nursery() as nursery:
             if ep.lease is None:
