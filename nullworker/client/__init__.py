@@ -8,6 +8,8 @@
   queue's demand asks for; :mod:`.autoscale_cli` is its command line
   (``nullworker autoscale``) and :mod:`.metrics` its Prometheus metrics;
 * :mod:`.lease` -- the Redis lease that lets standby autoscalers take over;
+* :mod:`.sharing` -- :func:`autoscale_endpoints`, several endpoints each under its
+  lease, shared out among the processes that run them;
 * :mod:`.demand` -- demand sources (how many jobs a queue holds), over the
   trio-asyncio bridge in :mod:`._aio`.
 
@@ -57,7 +59,8 @@ if TYPE_CHECKING:
         RedisStream,
         SqsQueue,
     )
-    from .lease import Lease, RedisLease
+    from .lease import Lease, Membership, RedisLease
+    from .sharing import EndpointRun, autoscale_endpoints
 
 __all__ = [
     "DEFAULT_ENGINE_URL",
@@ -69,9 +72,11 @@ __all__ = [
     "CommandDemand",
     "DemandError",
     "DemandSource",
+    "EndpointRun",
     "EngineRefused",
     "EngineUnavailable",
     "Lease",
+    "Membership",
     "NatsConsumer",
     "PostgresQuery",
     "ProgressEvent",
@@ -85,6 +90,7 @@ __all__ = [
     "RouteTimeout",
     "SqsQueue",
     "autoscale",
+    "autoscale_endpoints",
     "hold",
     "main",
     "reserve",
@@ -105,7 +111,10 @@ _LAZY = {
     "RabbitMQQueue": "demand",
     "PostgresQuery": "demand",
     "Lease": "lease",
+    "Membership": "lease",
     "RedisLease": "lease",
+    "EndpointRun": "sharing",
+    "autoscale_endpoints": "sharing",
 }
 
 

@@ -20,7 +20,7 @@ The protocol (one key, a random token per :class:`Lease`)
   compare-and-extend (``if GET key == token then PEXPIRE key ttl``), answering the
   holder's token.
 * **Release**: compare-and-delete (``if GET key == token then DEL key``).
-* A standby tries to acquire every ``renew_s`` (when ``may_acquire`` lets it: see
+* A standby tries to acquire every ``renew_s`` (when its ``gate`` lets it: see
   :meth:`Lease.leadership`).
 * Every command is bounded by ``timeout_s`` (``renew_s / 2`` by default), shorter than
   the renewal interval.
@@ -75,7 +75,7 @@ import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, Self, TypeVar, TypeVarTuple
@@ -354,9 +354,8 @@ class Lease:
 
     @property
     def claimed(self) -> bool:
-        """A term is open or an acquiring command is in flight: counted as led by whoever
-        shares the endpoints out (:mod:`.sharing`), so that two attempts at once never
-        take more than a share."""
+        """A term is open, or an acquiring command succeeded and its term is about to
+        open: counted as led by whoever shares the endpoints out (:mod:`.sharing`)."""
         return self._acquiring or self.leader
 
     def statistics(self) -> LeaseStatistics:
@@ -379,7 +378,7 @@ class Lease:
 
     @asynccontextmanager
     async def leadership(
-        self, *, may_acquire: Callable[[], bool] | None = None
+        self, *, gate: Callable[[], AbstractAsyncContextManager[bool]] | None = None
     ) -> AsyncIterator[Term]:
         """Wait until this process holds the lease, then run the block as leader.
 
@@ -396,11 +395,11 @@ class Lease:
         does not release the key: call :meth:`release` for a handover.
 
         Args:
-          may_acquire: asked before each attempt; when it answers ``False`` the attempt
-            is skipped (and asked again ``renew_s`` later), so that a process leading
-            its share of several endpoints leaves this one to the others. It must not
-            block. :attr:`claimed` turns true right after it answered ``True``, with no
-            checkpoint in between.
+          gate: entered around each attempt (``async with gate() as go``); when ``go``
+            is ``False`` the attempt is skipped (and the gate entered again ``renew_s``
+            later), so that a process leading its share of several endpoints leaves
+            this one to the others. A gate that holds a lock serializes the attempts:
+            when one succeeds, :attr:`claimed` is already true as the gate is left.
 
         Yields:
           The :class:`Term`.
@@ -411,8 +410,11 @@ class Lease:
         """
         if self._term is not None:
             raise RuntimeError(f"{self.describe()}: a term is already open")
-        term = await self._wait_for_leadership(may_acquire)
-        self._term = term
+        try:
+            term = await self._wait_for_leadership(gate)
+            self._term = term
+        finally:
+            self._acquiring = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep, term, nursery.cancel_scope, name="lease keeper")
@@ -456,12 +458,26 @@ class Lease:
 
     # -- the standby's side -----------------------------------------------------------
 
-    async def _wait_for_leadership(self, may_acquire: Callable[[], bool] | None) -> Term:
+    async def _wait_for_leadership(
+        self, gate: Callable[[], AbstractAsyncContextManager[bool]] | None
+    ) -> Term:
         began = trio.current_time()
         seen: tuple[str | None, bool] | Literal["held back"] | None = None
         while True:
             sent = trio.current_time()
-            if may_acquire is not None and not may_acquire():
+            holder: str | None = None
+            error: str | None = None
+            async with nullcontext(True) if gate is None else gate() as go:
+                if go:
+                    try:
+                        holder = await self._command(
+                            self.store.acquire, self.key, self.token, self._ttl_ms
+                        )
+                    except LeaseError as exc:
+                        error = str(exc)
+                    # Claimed until the term opens (leadership() clears it then).
+                    self._acquiring = holder == self.token
+            if not go:
                 if seen != "held back":
                     seen = "held back"
                     self._emit(
@@ -471,16 +487,6 @@ class Lease:
                     )
                 await trio.sleep_until(sent + self.renew_s)
                 continue
-            holder: str | None = None
-            error: str | None = None
-            # No checkpoint between may_acquire() and here: `claimed` counts this attempt.
-            self._acquiring = True
-            try:
-                holder = await self._command(self.store.acquire, self.key, self.token, self._ttl_ms)
-            except LeaseError as exc:
-                error = str(exc)
-            finally:
-                self._acquiring = False
             if holder == self.token:
                 break
             # Report a change of holder or of reachability, not every attempt.

@@ -59,8 +59,11 @@ Concurrency invariants
 * One nursery: the membership task (refresh, count, shed), then one task per endpoint.
   Each term runs its own ``autoscale()``; the counters of the terms that ended are kept
   in :attr:`EndpointRun.totals`, so :meth:`EndpointRun.statistics` never goes back.
-* ``may_acquire`` (the taking rule) and the lease marking the attempt claimed run with
-  no checkpoint in between, so two endpoints trying at once never claim past the share.
+* The attempts of one call's endpoints go one at a time, through a lock in their
+  lease's ``gate``: the taking rule is decided under the lock, and an attempt that
+  succeeded is claimed (:attr:`~.lease.Lease.claimed`) before the lock is released, so
+  two endpoints trying at once never claim past the share, and an attempt on an
+  endpoint that another process holds never blocks one on a free endpoint.
 * Shedding cancels the term's own nursery, not the lease's: the lease's term ends
   normally and the key is deleted by the endpoint's task, after the reservations.
 """
@@ -70,8 +73,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -180,6 +183,7 @@ async def autoscale_endpoints(
     patience_s: float | None = None,
     settle_s: float | None = None,
     on_event: Callable[[ShareEvent], None] | None = None,
+    membership: Callable[[Sequence[Lease]], Membership | None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Autoscale every endpoint, each under its lease if it has one, until cancelled.
@@ -195,6 +199,9 @@ async def autoscale_endpoints(
       settle_s: how long this process must lead more than its share before it sheds
         (default ``2 * renew_s``).
       on_event: called synchronously with each :class:`ShareEvent`; must not block.
+      membership: makes the membership of a group of leases (on one store), or answers
+        ``None`` for no sharing; default :meth:`~.lease.Membership.beside` (a Redis
+        store). The result is entered (``async with``) here.
 
     ``task_status.started()`` is called once the endpoints without a lease run their
     autoscalers and each membership was counted once.
@@ -216,7 +223,12 @@ async def autoscale_endpoints(
             sharing = None
             if share and len(group) > 1:
                 sharing = await _Sharing.open(
-                    stack, group, patience_s=patience_s, settle_s=settle_s, on_event=on_event
+                    stack,
+                    group,
+                    membership=membership,
+                    patience_s=patience_s,
+                    settle_s=settle_s,
+                    on_event=on_event,
                 )
             if sharing is not None:
                 await nursery.start(sharing.run)
@@ -228,12 +240,12 @@ async def autoscale_endpoints(
 
 async def _lead(ep: EndpointRun, lease: Lease, sharing: _Sharing | None) -> None:
     """Each term: wait for the lease, then autoscale until the term is lost or shed."""
-    may_acquire = None if sharing is None else partial(sharing.may_acquire, ep)
+    gate = None if sharing is None else partial(sharing.gate, ep)
     try:
         while True:
             try:
                 async with (
-                    lease.leadership(may_acquire=may_acquire),
+                    lease.leadership(gate=gate),
                     trio.open_nursery() as nursery,
                 ):
                     ep._scope = nursery.cancel_scope
@@ -270,6 +282,7 @@ class _Sharing:
         self.settle_s = settle_s
         self._on_event = on_event
         self._seen: tuple[int, int] | None = None
+        self._lock = trio.Lock()
 
     @classmethod
     async def open(
@@ -277,23 +290,26 @@ class _Sharing:
         stack: AsyncExitStack,
         endpoints: list[EndpointRun],
         *,
+        membership: Callable[[Sequence[Lease]], Membership | None] | None,
         patience_s: float | None,
         settle_s: float | None,
         on_event: Callable[[ShareEvent], None] | None,
     ) -> _Sharing | None:
         """The sharing of these endpoints, its membership entered on ``stack``; ``None``
-        when their leases are not all on one Redis server."""
-        from .lease import Membership
-
-        membership = Membership.beside([ep.lease for ep in endpoints if ep.lease is not None])
+        when there is no membership for them (not all on one Redis server)."""
         if membership is None:
+            from .lease import Membership
+
+            membership = Membership.beside
+        members = membership([ep.lease for ep in endpoints if ep.lease is not None])
+        if members is None:
             return None
-        await stack.enter_async_context(membership)
+        await stack.enter_async_context(members)
         return cls(
             endpoints,
-            membership,
-            patience_s=2 * membership.ttl_s if patience_s is None else patience_s,
-            settle_s=2 * membership.renew_s if settle_s is None else settle_s,
+            members,
+            patience_s=2 * members.ttl_s if patience_s is None else patience_s,
+            settle_s=2 * members.renew_s if settle_s is None else settle_s,
             on_event=on_event,
         )
 
@@ -302,6 +318,13 @@ class _Sharing:
 
     def leading(self) -> list[EndpointRun]:
         return [ep for ep in self.endpoints if ep.lease is not None and ep.lease.leader]
+
+    @asynccontextmanager
+    async def gate(self, ep: EndpointRun) -> AsyncIterator[bool]:
+        """Around each attempt of ``ep``'s lease: one attempt at a time, and whether to
+        make it (:meth:`may_acquire`)."""
+        async with self._lock:
+            yield self.may_acquire(ep)
 
     def may_acquire(self, ep: EndpointRun) -> bool:
         """Try now: under the share, or once per ``patience_s`` at or above it."""
