@@ -27,7 +27,8 @@ import math
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -42,6 +43,7 @@ from nullworker.client.autoscaler import autoscale
 from nullworker.client.lease import (
     MEMBERS_PREFIX,
     Lease,
+    LeaseEvent,
     Membership,
     RedisLease,
     RedisLeaseStore,
@@ -152,6 +154,42 @@ class MemoryStore:
     async def leave(self, key: str, member: str) -> bool:
         await self.process.run()
         return self.server.members.pop(member, None) is not None
+
+
+async def test_a_closed_gate_skips_the_attempts_and_says_so_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server()
+    events: list[LeaseEvent] = []
+    lease = Lease(
+        MemoryStore(Process(server)), "autoscale:a", ttl_s=10.0, renew_s=3.0, on_event=events.append
+    )
+    open_ = False
+    entered: list[float] = []
+
+    @asynccontextmanager
+    async def gate() -> AsyncIterator[bool]:
+        entered.append(trio.current_time())
+        yield open_
+
+    async with trio.open_nursery() as nursery:
+
+        async def lead() -> None:
+            async with lease.leadership(gate=gate):
+                await trio.sleep_forever()
+
+        nursery.start_soon(lead)
+        await trio.sleep(29)
+        # Asked every renew_s; nothing sent; said once.
+        assert len(entered) == 10 and server.holder("autoscale:a") is None
+        assert not lease.leader and not lease.claimed
+        [standby] = events
+        assert standby.kind == "standby" and "leads its share" in standby.message
+        open_ = True
+        await trio.sleep(1.5)  # the next attempt, at 30 s
+        assert lease.leader and lease.claimed and server.holder("autoscale:a") == lease.token
+        assert [e.kind for e in events] == ["standby", "lease_acquired"]
+        nursery.cancel_scope.cancel()
 
 
 async def no_jobs() -> int:

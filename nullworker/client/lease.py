@@ -478,7 +478,9 @@ class Lease:
                     # Claimed until the term opens (leadership() clears it then).
                     self._acquiring = holder == self.token
             if not go:
-                if seen != "held back":
+                # Said once, at the start: the attempts made now and then (and the
+                # holder they see) say the rest.
+                if seen is None:
                     seen = "held back"
                     self._emit(
                         "standby",
