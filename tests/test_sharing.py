@@ -39,6 +39,7 @@ import redis
 import trio
 import trio.testing
 
+from nullworker.client.autoscale_cli import main
 from nullworker.client.autoscaler import autoscale
 from nullworker.client.lease import (
     MEMBERS_PREFIX,
@@ -348,6 +349,24 @@ async def test_members_count_themselves_expire_on_the_server_and_leave(
 
 
 # -- three processes, four endpoints -----------------------------------------------------------
+
+
+def test_the_plan_says_which_endpoints_are_shared(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAST_API_KEY", "unused")
+    config = tmp_path / "autoscale.toml"
+    write_config(
+        config, engine_url="http://127.0.0.1:1", redis_url="redis://:pw@queue:6379", demand=config
+    )
+    assert main(["--config", str(config), "--check"]) == 0
+    out = capsys.readouterr().out
+    key = members_key(f"autoscale:{name}" for name in ENDPOINTS)
+    assert out.splitlines()[-1] == (
+        "sharing: 4 leased endpoints at redis://:***@queue:6379/0, shared out among the "
+        f"processes running this file (members {key!r})"
+    )
+    assert "pw" not in out
 
 
 def write_config(path: Path, *, engine_url: str, redis_url: str, demand: Path) -> None:

@@ -76,6 +76,7 @@ from .autoscale_config import (
     ConfigFileError,
     EndpointOptions,
     LeaseOptions,
+    lease_from_flags,
     load_config,
     new_source,
     plan_lines,
@@ -382,6 +383,13 @@ def _parse_config(
         parser.exit(EXIT_USAGE, "".join(f"{line}\n" for line in exc.lines))
 
 
+def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LeaseOptions | None:
+    try:
+        return lease_from_flags(args.lease, ttl=args.lease_ttl, renew=args.lease_renew)
+    except ValueError as exc:  # naming the flag; the message is password-free
+        parser.error(str(exc))
+
+
 def _parse_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EndpointOptions:
     """The one endpoint of the command line's options."""
     if args.endpoint is None:
@@ -449,28 +457,6 @@ def _parse_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         lease=_parse_lease(parser, args),
         api_key_from="--api-key" if args.api_key else "$VAST_API_KEY",
     )
-
-
-def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LeaseOptions | None:
-    if args.lease is None:
-        for flag, value in (("--lease-ttl", args.lease_ttl), ("--lease-renew", args.lease_renew)):
-            if value is not None:
-                parser.error(f"{flag} goes with --lease")
-        return None
-    url, key = args.lease
-    ttl = DEFAULT_TTL_S if args.lease_ttl is None else args.lease_ttl
-    renew = DEFAULT_RENEW_S if args.lease_renew is None else args.lease_renew
-    if not (math.isfinite(renew) and renew > 0):
-        parser.error(f"--lease-renew must be a finite number of seconds > 0, got {renew}")
-    if not (math.isfinite(ttl) and ttl > 2 * renew):
-        parser.error(
-            f"--lease-ttl must be more than twice --lease-renew ({2 * renew:g} s), got {ttl}"
-        )
-    try:
-        RedisLease(url, key, ttl_s=ttl, renew_s=renew)  # checks the URL and the key; no I/O
-    except ValueError as exc:  # the message is password-free
-        parser.error(f"--lease: {exc}")
-    return LeaseOptions(url=url, key=key, ttl_s=ttl, renew_s=renew)
 
 
 #: The argparse destinations of the source options, in --help's order.
