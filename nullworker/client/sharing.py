@@ -42,10 +42,11 @@ those whose acquiring command is in flight (:attr:`~.lease.Lease.claimed`).
 
 Windows
 -------
-* **Hand-off by shedding or SIGTERM**: the endpoint holds nothing from the moment the
-  old leader closed its reservations until the new one's are held: one standby
-  attempt (at most ``renew_s``) plus the time to reserve. Never two leaders at once:
-  the key is deleted only after the reservations are closed.
+* **Hand-off by shedding**: the endpoint holds nothing from the moment the old leader
+  closed its reservations until the new one's are held: one standby attempt (at most
+  ``renew_s``) plus the time to reserve. Never two leaders at once: the key is deleted
+  only after the reservations are closed. **By SIGTERM**: the same, but a process at
+  its share takes more only once it counts one process less: within ``2 * renew_s``.
 * **A process killed (SIGKILL)**: the kernel closes its connections, so its workers see
   the reservations end at once; its keys expire at most ``ttl_s`` after its last
   renewal, and its membership entry before that (``ttl_s - renew_s``), so the others,
