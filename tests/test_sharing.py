@@ -527,6 +527,16 @@ async def test_three_processes_share_four_endpoints_and_a_killed_ones_move_withi
     for cli in survivors:
         await cli.wait_until(lambda cli=cli: cli.of_kind("members")[-1]["members"] == 2)
 
+    # Every lease and sharing line names the process that printed it. (Whether the start
+    # needed a shed depends on which process counted the others first.)
+    for cli in clis:
+        mine = token(cli)
+        kinds = ("standby", "lease_acquired", "lease_lost", "lease_released", "members", "shed")
+        assert all(e["token"] == mine for e in cli.events if e["kind"] in kinds)
+    sheds = [e for cli in clis for e in cli.of_kind("shed")]
+    assert all(e["endpoint"] in ENDPOINTS for e in sheds)
+    print(f"sheds: {[e['endpoint'] for e in sheds]}")
+
     # Never more than max held per endpoint, in the engine's own records.
     most = held_by_endpoint(engine)
     print(f"most held at once per endpoint: {most}")
