@@ -22,8 +22,8 @@ set where each process counts itself)::
 Theory of operation
 -------------------
 With ``k`` live members and ``n`` leased endpoints in the call, this process's
-*share* is ``ceil(n / k)``; it counts what it *claims*: the endpoints it leads plus
-those whose acquiring command is in flight (:attr:`~.lease.Lease.claimed`).
+*share* is ``ceil(n / k)``; it counts what it *claims*: the endpoints it leads, and
+one whose acquisition just succeeded (:attr:`~.lease.Lease.claimed`).
 
 * **Taking.** A standby endpoint tries its lease (every ``renew_s``, as any lease)
   while the process claims fewer than its share. At or above its share, it tries only
@@ -63,8 +63,8 @@ Concurrency invariants
 * The attempts of one call's endpoints go one at a time, through a lock in their
   lease's ``gate``: the taking rule is decided under the lock, and an attempt that
   succeeded is claimed (:attr:`~.lease.Lease.claimed`) before the lock is released, so
-  two endpoints trying at once never claim past the share, and an attempt on an
-  endpoint that another process holds never blocks one on a free endpoint.
+  two endpoints freed at once never take the process past its share, and an attempt
+  on an endpoint that another process holds never counts against the share.
 * Shedding cancels the term's own nursery, not the lease's: the lease's term ends
   normally and the key is deleted by the endpoint's task, after the reservations.
 """
