@@ -537,11 +537,28 @@ async def test_three_processes_share_four_endpoints_and_a_killed_ones_move_withi
     assert all(e["endpoint"] in ENDPOINTS for e in sheds)
     print(f"sheds: {[e['endpoint'] for e in sheds]}")
 
+    # SIGTERM of one survivor: it closes its reservations, deletes its keys and leaves;
+    # the last one, counting one process, takes all four within two renewals.
+    first, last = survivors
+    handed = leads(first)
+    before = len(last.of_kind("lease_acquired"))
+    stopped_at = time.time()
+    assert await first.stop(signal.SIGTERM, within_s=WAIT_S) == 143, first.err
+    assert first.err == ""
+    kinds = [e["kind"] for e in first.events]
+    assert kinds[-1] == "stopped" and kinds.count("lease_released") >= len(handed)
+    await wait_spread(rdb, engine, [last], most=len(ENDPOINTS))
+    taken = {e["endpoint"]: epoch(e) - stopped_at for e in last.of_kind("lease_acquired")[before:]}
+    assert handed <= set(taken), (handed, taken)
+    print(f"SIGTERM: {sorted(handed)} led again after {max(taken.values()):.2f} s")
+    assert max(taken.values()) <= 2 * RENEW_S + 2.0, taken
+
     # Never more than max held per endpoint, in the engine's own records.
     most = held_by_endpoint(engine)
     print(f"most held at once per endpoint: {most}")
     assert set(most) == set(ENDPOINTS) and all(count <= MAX for count in most.values()), most
-    for cli in survivors:
-        assert await cli.stop(signal.SIGTERM, within_s=WAIT_S) == 143, cli.err
-        assert cli.err == ""
+    assert await last.stop(signal.SIGTERM, within_s=WAIT_S) == 143, last.err
+    assert last.err == ""
     assert all(rdb.get(f"autoscale:{name}") is None for name in ENDPOINTS)  # handed over
+    # The killed one expired from the membership, the others left it.
+    assert rdb.zcard(members_key(f"autoscale:{name}" for name in ENDPOINTS)) == 0
