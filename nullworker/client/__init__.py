@@ -10,6 +10,8 @@
 * :mod:`.local_hold` -- :func:`local_hold`, which keeps this instance's worker busy
   while a job runs, and :func:`release_reservation`;
 * :mod:`.lease` -- the Redis lease that lets standby autoscalers take over;
+* :mod:`.sharing` -- :func:`autoscale_endpoints`, several endpoints each under its
+  lease, shared out among the processes that run them;
 * :mod:`.demand` -- demand sources (how many jobs a queue holds), over the
   trio-asyncio bridge in :mod:`._aio`.
 
@@ -73,7 +75,8 @@ if TYPE_CHECKING:
         RedisStream,
         SqsQueue,
     )
-    from .lease import Lease, RedisLease
+    from .lease import Lease, Membership, RedisLease
+    from .sharing import EndpointRun, autoscale_endpoints
 
 __all__ = [
     "DEFAULT_ENGINE_URL",
@@ -89,6 +92,7 @@ __all__ = [
     "DemandNotFound",
     "DemandSource",
     "DemandTimeout",
+    "EndpointRun",
     "EngineRefused",
     "EngineUnavailable",
     "HttpJson",
@@ -96,6 +100,7 @@ __all__ = [
     "LeaseError",
     "LocalHold",
     "LocalHoldFailed",
+    "Membership",
     "NatsConsumer",
     "PostgresQuery",
     "ProgressEvent",
@@ -112,6 +117,7 @@ __all__ = [
     "RouteTimeout",
     "SqsQueue",
     "autoscale",
+    "autoscale_endpoints",
     "control_url",
     "hold",
     "local_hold",
@@ -140,7 +146,10 @@ _LAZY = {
     "RabbitMQQueue": "demand",
     "PostgresQuery": "demand",
     "Lease": "lease",
+    "Membership": "lease",
     "RedisLease": "lease",
+    "EndpointRun": "sharing",
+    "autoscale_endpoints": "sharing",
 }
 
 

@@ -84,7 +84,7 @@ from .demand import (
     redact,
 )
 from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
-from .lease import DEFAULT_RENEW_S, DEFAULT_TTL_S, RedisLease
+from .lease import DEFAULT_RENEW_S, DEFAULT_TTL_S, RedisLease, members_key
 from .policy import ScheduleWindow, parse_days, parse_hours, parse_zone
 from .reservation import DEFAULT_ENGINE_URL
 
@@ -93,6 +93,7 @@ __all__ = [
     "ConfigFileError",
     "EndpointOptions",
     "LeaseOptions",
+    "lease_from_flags",
     "load_config",
     "new_source",
     "plan_lines",
@@ -291,6 +292,35 @@ def load_config(
     return endpoints
 
 
+def lease_from_flags(
+    lease: Sequence[str] | None, *, ttl: float | None, renew: float | None
+) -> LeaseOptions | None:
+    """The command line's ``--lease URL KEY``, ``--lease-ttl`` and ``--lease-renew``.
+
+    Raises:
+      ValueError: one line naming the flag (no password in it).
+    """
+    if lease is None:
+        for flag, value in (("--lease-ttl", ttl), ("--lease-renew", renew)):
+            if value is not None:
+                raise ValueError(f"{flag} goes with --lease")
+        return None
+    url, key = lease
+    ttl = DEFAULT_TTL_S if ttl is None else ttl
+    renew = DEFAULT_RENEW_S if renew is None else renew
+    if not (math.isfinite(renew) and renew > 0):
+        raise ValueError(f"--lease-renew must be a finite number of seconds > 0, got {renew}")
+    if not (math.isfinite(ttl) and ttl > 2 * renew):
+        raise ValueError(
+            f"--lease-ttl must be more than twice --lease-renew ({2 * renew:g} s), got {ttl}"
+        )
+    try:
+        RedisLease(url, key, ttl_s=ttl, renew_s=renew)  # checks the URL and the key; no I/O
+    except ValueError as exc:
+        raise ValueError(f"--lease: {exc}") from None
+    return LeaseOptions(url=url, key=key, ttl_s=ttl, renew_s=renew)
+
+
 def plan_lines(endpoints: Sequence[EndpointOptions]) -> list[str]:
     """What ``--check`` prints: one block per endpoint, no secret in it."""
     lines: list[str] = []
@@ -320,6 +350,19 @@ def plan_lines(endpoints: Sequence[EndpointOptions]) -> list[str]:
             lines.append(
                 f"  lease: {o.lease.key!r} at {redact(o.lease.url)}, ttl {o.lease.ttl_s:g} s, "
                 f"renewed every {o.lease.renew_s:g} s"
+            )
+    # The leased endpoints on one Redis server are shared out among the processes
+    # running this file (nullworker.client.sharing).
+    by_url: dict[str, list[LeaseOptions]] = {}
+    for o in endpoints:
+        if o.lease is not None:
+            by_url.setdefault(o.lease.url, []).append(o.lease)
+    for url, leases in by_url.items():
+        if len(leases) > 1:
+            lines.append(
+                f"sharing: {len(leases)} leased endpoints at {redact(url)}, shared out among "
+                f"the processes running this file (members "
+                f"{members_key(lease.key for lease in leases)!r})"
             )
     return lines
 

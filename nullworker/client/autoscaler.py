@@ -585,7 +585,7 @@ class Autoscaler:
                 age = await self._oldest_age_fn()
             except Exception as exc:
                 # Unknown adds nothing; the demand read stands.
-                log.debug("oldest-age read failed: %s", redact(_describe_error(exc)))
+                log.debug("oldest-age read failed: %s", redact(describe_error(exc)))
                 age = None
             self._oldest_age = _check_age(age)
         return value
@@ -890,7 +890,7 @@ class _Settings:
             ("scale_to_zero_delay_s", scale_to_zero_delay_s),
             ("age_boost_after_s", age_boost_after_s),
         ):
-            if seconds is not None and not (_finite(seconds) and seconds >= 0):
+            if seconds is not None and not (finite(seconds) and seconds >= 0):
                 raise ConfigError(
                     f"{name} must be a finite number of seconds >= 0 or None, got {seconds!r}"
                 )
@@ -981,7 +981,7 @@ def _check_demand(value: object) -> int:
 
 def _check_age(value: object) -> float | None:
     """An oldest-job age as seconds >= 0, or ``None`` (unknown) for anything else."""
-    if not _finite(value):
+    if not finite(value):
         return None
     assert isinstance(value, int | float)
     return max(0.0, float(value))
