@@ -18,7 +18,7 @@ from nullworker.client import reservation as reservation_module
 from nullworker.engine import Engine, serve_engine
 from nullworker.worker.reporter import EngineReporter
 
-from .conftest import StartWorker, vast_settings
+from .conftest import StartWorker, runtime, vast_settings
 from .servers import free_port, silent_server_fixture  # noqa: F401  (fixture, used by name)
 
 KEY = "secret-key-123"
@@ -139,7 +139,7 @@ async def test_an_engine_that_is_not_there_is_engine_unavailable_not_a_timeout()
 
 async def test_local_hold_failed_when_the_worker_refuses(start_worker: StartWorker) -> None:
     worker = await start_worker()
-    worker.worker.begin_shutdown()
+    runtime(worker).begin_shutdown()
     with pytest.raises(errors.LocalHoldFailed) as caught:
         async with nullworker.local_hold(control_url=worker.control_url):
             pass  # pragma: no cover
