@@ -73,6 +73,8 @@ TTL_S = 1.5
 RENEW_S = 0.5
 #: Bound on each wait: process start-up on a busy machine, settling, reserving.
 WAIT_S = 15.0
+# Scheduling slack on top of the lease timings: generous, for a loaded 2-core machine.
+SLACK_S = 5.0
 
 
 @pytest.fixture
@@ -501,7 +503,10 @@ async def test_three_processes_share_four_endpoints_and_a_killed_ones_move_withi
     counts = sorted(len(leads(cli)) for cli in clis)
     print(f"settled: {counts} endpoints per process")
     assert sum(counts) == len(ENDPOINTS) and max(counts) <= share
-    assert all(cli.of_kind("members")[-1]["members"] == 3 for cli in clis)
+    # Every process comes to count all three (on a loaded machine an entry can lapse
+    # for a moment and be renewed; what matters is that each one gets there).
+    for cli in clis:
+        await cli.wait_until(lambda cli=cli: cli.of_kind("members")[-1]["members"] == 3)
 
     # SIGKILL the process leading the most: its endpoints move to the two others.
     victim = max(clis, key=lambda cli: len(leads(cli)))
@@ -522,7 +527,7 @@ async def test_three_processes_share_four_endpoints_and_a_killed_ones_move_withi
     # The key outlives its holder by up to the TTL; the membership entry expires before
     # it; then the next attempt (every renew) of a process under its share takes it.
     slowest = max(taken[name] for name in moved)
-    assert slowest <= TTL_S + RENEW_S + 2.0, taken
+    assert slowest <= TTL_S + RENEW_S + SLACK_S, taken
     print(f"SIGKILL: {sorted(moved)} led again after {slowest:.2f} s (ttl {TTL_S:g} s)")
     for cli in survivors:
         await cli.wait_until(lambda cli=cli: cli.of_kind("members")[-1]["members"] == 2)
@@ -551,7 +556,7 @@ async def test_three_processes_share_four_endpoints_and_a_killed_ones_move_withi
     taken = {e["endpoint"]: epoch(e) - stopped_at for e in last.of_kind("lease_acquired")[before:]}
     assert handed <= set(taken), (handed, taken)
     print(f"SIGTERM: {sorted(handed)} led again after {max(taken.values()):.2f} s")
-    assert max(taken.values()) <= 2 * RENEW_S + 2.0, taken
+    assert max(taken.values()) <= 2 * RENEW_S + SLACK_S, taken
 
     # Never more than max held per endpoint, in the engine's own records.
     most = held_by_endpoint(engine)
