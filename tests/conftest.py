@@ -20,9 +20,22 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nullworker.vast.signing import generate_private_key, sign_url
 from nullworker.worker.config import WorkerConfig
+from nullworker.worker.runtime import Worker
 from nullworker.worker.server import ServeInfo, serve
 
 StartWorker = Callable[..., Awaitable[ServeInfo]]
+
+
+def runtime(info: ServeInfo) -> Worker:
+    """The runtime behind a worker that ``serve()`` runs, for white-box checks.
+
+    :class:`ServeInfo` keeps it private: a program that embeds the worker observes it
+    through ``info.status()`` (the ``GET /status`` body) and ``info.wait_ready()``. Tests
+    that must reach inside (an observer on the slot, a reporter's statistics, a hold's
+    outcome the instant it ends) do it here, in one place.
+    """
+    return info._runtime
+
 
 # Nothing in the suite may fetch Vast's root certificate from the internet: a reservation
 # to an https:// worker would (nullworker.client.transport). The tests that exercise the
@@ -102,7 +115,7 @@ def start_worker(nursery: trio.Nursery, tmp_path: Path) -> StartWorker:
         settings.update(overrides)
         info: ServeInfo = await nursery.start(serve, WorkerConfig(**settings))
         with trio.fail_after(10):
-            await info.worker.ready.wait()
+            await info.wait_ready()
         return info
 
     return start
