@@ -5,7 +5,9 @@
 #
 # - Creates a virtual environment the first time (NULLWORKER_VENV, default .venv beside
 #   this script) and installs the package into it; later runs reinstall only when
-#   pyproject.toml changed.
+#   pyproject.toml changed, or when the engine asked for an update (POST /pyworker/update
+#   creates NULLWORKER_FORCE_UPDATE_PATH, default /.force_update): then the dependencies are
+#   upgraded too, before the worker starts or restarts, and the marker is removed.
 # - Idempotent: if a nullworker already serves WORKER_PORT (default 3000), it says so and
 #   exits 0 instead of starting a second copy that would fight over the port.
 # - Runs ONE worker process at a time: Hypercorn's trio worker inside `nullworker serve`
@@ -195,13 +197,32 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 STAMP="$VENV/.nullworker-installed"
-WANT="$(sha256sum "$REPO_DIR/pyproject.toml" | cut -d' ' -f1)"
-if [ ! -x "$VENV/bin/nullworker" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-    say "installing nullworker into $VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$REPO_DIR" ||
+FORCE_UPDATE="${NULLWORKER_FORCE_UPDATE_PATH:-/.force_update}"
+
+# Install when the venv lacks nullworker or pyproject.toml changed. The engine's rolling
+# update (POST /pyworker/update) leaves FORCE_UPDATE behind: then reinstall and upgrade the
+# dependencies to the newest versions pyproject.toml allows, and remove the marker once that
+# worked (a failed update keeps it, so the next start tries again). The code itself is the
+# checkout's (an editable install): the on-start script updates the checkout.
+install() {
+    local want upgrade=()
+    want="$(sha256sum "$REPO_DIR/pyproject.toml" | cut -d' ' -f1)"
+    if [ -e "$FORCE_UPDATE" ]; then
+        say "update requested by the engine ($FORCE_UPDATE): reinstalling nullworker and upgrading its dependencies"
+        upgrade=(--upgrade --upgrade-strategy eager)
+    elif [ -x "$VENV/bin/nullworker" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then
+        return 0
+    else
+        say "installing nullworker into $VENV"
+    fi
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${upgrade[@]}" -e "$REPO_DIR" ||
         fail "installing nullworker into $VENV failed"
-    echo "$WANT" >"$STAMP"
-fi
+    echo "$want" >"$STAMP"
+    if [ ${#upgrade[@]} -gt 0 ]; then
+        rm -f "$FORCE_UPDATE" || say "could not remove $FORCE_UPDATE; the next start updates again"
+    fi
+}
+install
 
 # The certificate and key pair up and stay valid for another hour.
 cert_usable() {
@@ -378,5 +399,6 @@ while :; do
         say "a nullworker already serves port $PORT (another copy took over); not restarting"
         exit 0
     fi
+    [ -e "$FORCE_UPDATE" ] && install # an update the engine asked for before the worker died
     delay_ms=$((delay_ms * 2 < MAX_MS ? delay_ms * 2 : MAX_MS))
 done

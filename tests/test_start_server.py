@@ -8,6 +8,7 @@ on 127.0.0.1 here.
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import ipaddress
 import os
@@ -224,6 +225,74 @@ async def test_a_killed_worker_is_restarted_on_the_same_port_and_sigterm_stops_i
         assert f"worker (pid {third}) stopped with status 0 after SIGTERM; not restarting" in text
         assert "(restart 3)" not in text
         assert not _locked_by_another(start_lock) and not _locked_by_another(worker_lock)
+
+
+def recording_venv(venv: Path) -> Path:
+    """A virtual environment whose ``python`` only records its arguments (one line per
+    call, in the returned file) and whose ``nullworker`` is this checkout's, installed
+    as far as the script's stamp can tell."""
+    calls = venv / "python-calls"
+    bin_dir = venv / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$*" >>"{calls}"\n')
+    (bin_dir / "nullworker").write_text(
+        f'#!/bin/sh\nPYTHONPATH="{REPO}" exec "{sys.executable}" -m nullworker "$@"\n'
+    )
+    for name in ("python", "nullworker"):
+        (bin_dir / name).chmod(0o755)
+    stamp = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
+    (venv / ".nullworker-installed").write_text(stamp + "\n")
+    return calls
+
+
+async def test_the_engine_s_update_request_reinstalls_before_the_next_start(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    calls = recording_venv(tmp_path / "venv")
+    marker = tmp_path / "force_update"
+    env = script_env(
+        tmp_path,
+        NULLWORKER_VENV=str(tmp_path / "venv"),
+        NULLWORKER_FORCE_UPDATE_PATH=str(marker),
+        MASTER_TOKEN="s3cret",
+    )
+    port, log = env["WORKER_PORT"], tmp_path / "w.log"
+    update = ["-m pip install", "--upgrade --upgrade-strategy eager", f"-e {REPO}"]
+
+    # Installed and no update asked for: nothing is installed.
+    async with started_script(env) as script:
+        await wait_until_serving(port)
+        assert not calls.exists()
+
+        # The engine asks for an update; the worker dies: the restart upgrades first.
+        answer = await http.post(
+            f"http://127.0.0.1:{port}/pyworker/update",
+            headers={"Authorization": "Bearer s3cret"},
+        )
+        assert answer.status_code == 200 and marker.exists()
+        first = await wait_for_worker(script.pid)
+        os.kill(first, signal.SIGKILL)
+        await wait_for_worker(script.pid, not_pid=first)
+        await wait_until_serving(port)
+        (line,) = calls.read_text().splitlines()
+        assert all(part in line for part in update), line
+        assert not marker.exists()
+        assert f"update requested by the engine ({marker})" in log.read_text()
+        script.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await script.wait() == 0
+    await wait_until_gone(tmp_path)
+
+    # A marker found at start: the update runs before the first worker, once.
+    marker.touch()
+    async with started_script(env) as script:
+        await wait_until_serving(port)
+        assert len(calls.read_text().splitlines()) == 2 and not marker.exists()
+        script.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await script.wait() == 0
+    await wait_until_gone(tmp_path)
+    assert len(calls.read_text().splitlines()) == 2
 
 
 async def test_ctrl_c_stops_the_worker_gracefully_and_the_script_exits_0(
