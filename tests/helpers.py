@@ -8,22 +8,32 @@
   request is parsed and answered, not how a socket behaves (timeouts, disconnects,
   TLS, floods and descriptors keep their real sockets).
 * **Child-process output**: :class:`Output` reads a child's stdout and stderr as they
-  come, and waits for what a test expects to see there.
-* **Loopback ports**: servers of ours bind port 0 and say which port they got; only
-  a third-party server that must be given a number gets one from
-  :func:`free_port`, through :func:`start_on_free_port`, which retries on a port
-  taken meanwhile. :func:`closed_port` keeps a port on which nothing listens
-  (connections are refused) and nothing else can listen while it is held.
-* **Waiting**: :func:`wait_until` polls a condition under a bound.
+  come, :class:`OutputLines` its stdout as lines, and each waits for what a test
+  expects to see there.
+* **Worker processes**: :func:`open_serve` starts ``nullworker serve`` with its log in
+  a file, :func:`stop_process` stops a child within a bound.
+* **Loopback ports**: servers of ours bind port 0 and say which port they got, or,
+  where a test needs the number first (a restart on the same port), bind a
+  :func:`reserved_port`. Only a third-party server that must be given a number gets
+  one from :func:`free_port`, the fallback, whose start is retried on a fresh port when
+  the first was taken meanwhile (``start_on_free_port``). :func:`closed_port` is a
+  port on which nothing listens (connections are refused) and nothing else can
+  listen until the process ends.
+* **Waiting**: :func:`wait_until` polls a condition under a bound, :func:`wait_for_log`
+  a log file for a pattern.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpcore
@@ -36,10 +46,21 @@ __all__ = [
     "MemoryBackend",
     "MemoryListener",
     "Output",
+    "OutputLines",
+    "PortTaken",
     "closed_port",
+    "closed_url",
     "free_port",
     "memory_http",
+    "open_serve",
+    "port_in_use",
+    "read_log",
+    "release_port",
+    "reserved_port",
     "start_on_free_port",
+    "start_on_free_port_sync",
+    "stop_process",
+    "wait_for_log",
     "wait_until",
 ]
 
@@ -163,9 +184,12 @@ class Output:
 
     async def pump(self, stream: trio.abc.ReceiveStream, name: str) -> None:
         """Read ``stream`` to its end into ``self.out`` or ``self.err`` (``name``)."""
+        # Incremental: a character split between two reads is decoded whole.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         async for chunk in stream:
-            setattr(self, name, getattr(self, name) + chunk.decode(errors="replace"))
+            setattr(self, name, getattr(self, name) + decoder.decode(chunk))
             self.changed()
+        setattr(self, name, getattr(self, name) + decoder.decode(b"", final=True))
 
     def changed(self) -> None:
         """Wake up every waiter (new output arrived)."""
@@ -214,6 +238,35 @@ class OutputLines(Output):
                 await changed.wait()
 
 
+# -- worker processes --------------------------------------------------------------------
+
+
+async def open_serve(env: dict[str, str], log_path: Path, *args: str) -> trio.Process:
+    """Start ``python -m nullworker serve ARGS`` with ``env``; its output appended to
+    ``log_path``. Stop it with :func:`stop_process`."""
+    with log_path.open("ab") as log:
+        return await trio.lowlevel.open_process(
+            [sys.executable, "-m", "nullworker", "serve", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def stop_process(process: trio.Process, *, within_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if ``process`` is still running after ``within_s``; waits
+    for it either way (also when the calling task is being cancelled)."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.terminate()
+            with trio.move_on_after(within_s):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 # -- loopback ports ---------------------------------------------------------------------
 
 
@@ -256,17 +309,65 @@ class PortTaken(RuntimeError):
     """A server could not bind the port it was given: try another."""
 
 
-@contextlib.contextmanager
-def closed_port() -> Iterator[int]:
-    """A loopback port where connections are refused, for as long as the block runs.
+def port_in_use(output: str) -> bool:
+    """Whether a server's ``output`` says that its port was taken (each words it its own
+    way, but all quote the system's message)."""
+    return "address already in use" in output.lower() or "eaddrinuse" in output.lower()
 
-    The port is bound (so no other process can listen on it meanwhile) but not
-    listening: a connection to it is refused at once.
+
+#: The sockets behind :func:`closed_port`, held (bound, never listening) until the end.
+_HELD: list[socket.socket] = []
+
+
+def closed_port() -> int:
+    """A loopback port where connections are refused, for the rest of this process.
+
+    The port stays bound by a socket that never listens: a connection to it is refused
+    at once, and no other process can listen on it meanwhile (a port merely closed
+    again could be taken, and then answer, before the test is done with it).
     """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        yield port
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    port: int = sock.getsockname()[1]
+    return port
+
+
+def reserved_port() -> int:
+    """A loopback port kept for a server of ours that must be given a number, for the
+    rest of this process: one restarted on the same port (the per-port lock, the
+    journal, ``start_server.sh``), or started as a child process by port number.
+
+    The port stays bound by a socket with ``SO_REUSEADDR`` that never listens. Our
+    servers bind with ``SO_REUSEADDR`` too (``nullworker.worker.http_server.listen``),
+    which Linux allows beside a socket that does not listen; the kernel never hands
+    the port out as an ephemeral one (``bind`` to port 0) while it is held, so no other
+    test can take it between the pick and the server's bind. Until the server listens,
+    connections to it are refused. Prefer port 0 and the bound address read back
+    wherever the server can say it.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    port: int = sock.getsockname()[1]
+    return port
+
+
+def release_port(port: int) -> None:
+    """Give up the hold on ``port`` (a :func:`reserved_port`), for a test that binds it
+    itself without ``SO_REUSEADDR`` (to make a start fail)."""
+    for sock in _HELD:
+        if sock.getsockname()[1] == port:
+            _HELD.remove(sock)
+            sock.close()
+            return
+    raise AssertionError(f"port {port} is not held")
+
+
+def closed_url() -> str:
+    """``http://127.0.0.1:P`` on a :func:`closed_port`: nothing answers there."""
+    return f"http://127.0.0.1:{closed_port()}"
 
 
 # -- waiting ----------------------------------------------------------------------------
@@ -279,3 +380,17 @@ async def wait_until(
     with trio.fail_after(within_s):
         while not predicate():
             await trio.sleep(poll_s)
+
+
+def read_log(path: Path) -> str:
+    """The text of the log file ``path`` so far ("" before it exists)."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def wait_for_log(path: Path, pattern: str, *, within_s: float = 30.0) -> re.Match[str]:
+    """The first match of ``pattern`` in the log file ``path``, once it is written."""
+    with trio.fail_after(within_s):
+        while True:
+            if match := re.search(pattern, read_log(path)):
+                return match
+            await trio.sleep(0.02)

@@ -42,6 +42,7 @@ from nullworker.engine import Engine
 from nullworker.worker.server import ServeInfo
 
 from .conftest import StartWorker, vast_settings
+from .helpers import Output, closed_port
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     redis_server_binary_fixture,
@@ -58,13 +59,6 @@ KEY = "autoscale-test-key-5e1f0c"
 WAIT_S = 10.0
 #: The autoscaler's timing in these tests.
 FAST = ("--poll", "0.2", "--scale-down-delay", "1")
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- in-process: usage -------------------------------------------------------------------
@@ -205,21 +199,12 @@ def parse_metrics(text: str) -> dict[str, float]:
     return samples
 
 
-class Autoscale:
+class Autoscale(Output):
     """A running ``nullworker autoscale`` and what it printed so far."""
 
     def __init__(self, process: trio.Process, *, json_lines: bool) -> None:
-        self.process = process
+        super().__init__(process)
         self.json_lines = json_lines
-        self.out = ""
-        self.err = ""
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream, name: str) -> None:
-        async for chunk in stream:
-            setattr(self, name, getattr(self, name) + chunk.decode())
-            self._changed.set()
-            self._changed = trio.Event()
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -230,9 +215,7 @@ class Autoscale:
         return [event for event in self.events if event["kind"] == kind]
 
     async def wait_until(self, check: Callable[[], bool], *, within_s: float = WAIT_S) -> None:
-        with trio.fail_after(within_s):
-            while not check():
-                await self._changed.wait()
+        await super().wait_until(check, within_s=within_s)
 
     async def wait_events(self, kind: str, count: int = 1) -> list[dict[str, Any]]:
         await self.wait_until(lambda: len(self.of_kind(kind)) >= count)

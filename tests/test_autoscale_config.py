@@ -24,6 +24,7 @@ from nullworker.client.autoscale_config import ConfigFileError, load_config
 from nullworker.engine import Engine
 
 from .conftest import StartWorker
+from .helpers import closed_port
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     redis_server_binary_fixture,
@@ -32,7 +33,6 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
 from .test_autoscale_cli import (  # noqa: F401  (run_autoscale is a fixture, used by name)
     KEY,
     RunAutoscale,
-    closed_port,
     run_autoscale_fixture,
     start_vast_worker,
     wait_engine,

@@ -33,6 +33,7 @@ import trio.lowlevel
 from nullworker.worker.server import ServeInfo
 
 from .conftest import StartMemoryWorker, StartWorker, envelope
+from .helpers import reserved_port
 from .test_tls import make_cert
 
 URL = "http://127.0.0.1:1"
@@ -257,13 +258,8 @@ async def test_a_client_that_does_not_read_its_answers_is_cut_off(
 def low_fd_worker(tmp_path: Any) -> Iterator[LowFdWorker]:
     """``nullworker serve`` with RLIMIT_NOFILE 64 (soft = hard), standalone."""
     import resource
-    import socket as pysocket
 
-    ports = []
-    for _ in range(2):
-        with pysocket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = [reserved_port(), reserved_port()]
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))

@@ -17,22 +17,18 @@ import httpx
 import pytest
 import trio
 
+from .helpers import closed_url, reserved_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def worker_env(tmp_path: Path, engine: Any | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REPORT_ADDR", "CONTAINER_ID"))}
     env.update(
         {
-            "WORKER_PORT": str(free_port()),
-            "NULLWORKER_CONTROL_PORT": str(free_port()),
+            # Numbers given ahead (restarts and second copies use the same port).
+            "WORKER_PORT": str(reserved_port()),
+            "NULLWORKER_CONTROL_PORT": str(reserved_port()),
             "NULLWORKER_HOST": "127.0.0.1",
             "NULLWORKER_LOCK_DIR": str(tmp_path),
             "PYTHONUNBUFFERED": "1",
@@ -106,7 +102,7 @@ async def test_second_copy_on_the_same_port_fails_clearly_and_reports_the_error(
     )
     try:
         await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=20)
-        env2 = env | {"CONTAINER_ID": "12", "NULLWORKER_CONTROL_PORT": str(free_port())}
+        env2 = env | {"CONTAINER_ID": "12", "NULLWORKER_CONTROL_PORT": str(reserved_port())}
         code, line = await serve_to_the_end(env2)
         assert code == 1
         assert "cannot listen" in line and env["WORKER_PORT"] in line
@@ -315,7 +311,7 @@ def test_serve_exits_1_when_the_background_work_fails(
     monkeypatch.setattr(EngineReporter, "_round", broken_round)
     for name, value in worker_env(tmp_path).items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("REPORT_ADDR", f"http://127.0.0.1:{free_port()}")  # nobody there
+    monkeypatch.setenv("REPORT_ADDR", closed_url())  # nobody there
     monkeypatch.setenv("CONTAINER_ID", "5")
     monkeypatch.setenv("NULLWORKER_PUBLIC_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("UNSECURED", "true")
