@@ -25,6 +25,7 @@ from nullworker.worker.config import WorkerConfig
 from nullworker.worker.server import ServeInfo, serve
 
 from .conftest import StartMemoryWorker, StartWorker, body, envelope, vast_settings
+from .helpers import wait_until
 
 URL = "http://127.0.0.1:1"  # any url: unsecured workers do not check it
 
@@ -56,12 +57,6 @@ async def open_raw_reservation(
     )
     await stream.send_all(head.encode() + data)
     return stream
-
-
-async def wait_until(predicate: Any, *, limit_s: float = 5.0) -> None:
-    with trio.fail_after(limit_s):
-        while not predicate():
-            await trio.sleep(0.005)
 
 
 async def test_reserve_elapses_with_200_body(

@@ -21,7 +21,8 @@ from nullworker.vast.signing import generate_private_key, sign_url, verify_url
 from nullworker.worker.server import ServeInfo
 
 from .conftest import STATUS_FIELDS, StartWorker, envelope, vast_settings
-from .test_http import open_raw_reservation, wait_until
+from .helpers import wait_until
+from .test_http import open_raw_reservation
 
 
 async def route(http: httpx.AsyncClient, engine: Any) -> dict[str, Any]:
