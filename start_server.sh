@@ -184,7 +184,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
         "or: uv python install 3.12, then PYTHON=\$(uv python find 3.12))," \
         "or use an image with Python 3.11+ (one based on Ubuntu 24.04, which has 3.12, such as" \
         "vastai/base-image:cuda-12.8.1-cudnn-devel-ubuntu24.04; or python:3.12)." \
-        "See \"Deploying on Vast\" in README.md."
+        "See docs/deploying.md."
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -11,7 +11,7 @@ Embedding in a Trio program::
 
 Holding capacity from a Trio program::
 
-    async with nullworker.reserve("my-endpoint", duration=300) as reservation:
+    async with nullworker.reserve("my-endpoint", duration_s=300) as reservation:
         ...  # the worker at reservation.worker_url is yours until the block exits
 
 Holding as much capacity as a queue needs, until cancelled::
@@ -28,13 +28,25 @@ __version__ = "0.1.0"
 from .errors import (
     ClientError,
     ConfigError,
+    DemandError,
+    DemandNotFound,
+    DemandTimeout,
+    DuplicateRequest,
+    EngineRefused,
     EngineUnavailable,
     EnvelopeError,
+    LeaseError,
+    LocalHoldFailed,
     NullworkerError,
+    PubkeyUnavailable,
     QueueTimeout,
+    ReleaseConflict,
+    ReleaseFailed,
     ReservationFailed,
     ReservationRejected,
+    RouteTimeout,
     ShuttingDown,
+    StartupFailed,
     WorkerFailed,
 )
 from .worker.config import WorkerConfig
@@ -44,7 +56,6 @@ if TYPE_CHECKING:
     from .client import ProgressEvent, Reservation, autoscale, hold, reserve
     from .client.local_hold import (
         LocalHold,
-        LocalHoldFailed,
         control_url,
         local_hold,
         release_reservation,
@@ -55,22 +66,33 @@ if TYPE_CHECKING:
 __all__ = [
     "ClientError",
     "ConfigError",
+    "DemandError",
+    "DemandNotFound",
+    "DemandTimeout",
+    "DuplicateRequest",
+    "EngineRefused",
     "EngineUnavailable",
     "EnvelopeError",
+    "LeaseError",
     "LocalHold",
     "LocalHoldFailed",
     "NullworkerError",
     "Outcome",
     "ProgressEvent",
+    "PubkeyUnavailable",
     "QueueTimeout",
+    "ReleaseConflict",
+    "ReleaseFailed",
     "Reservation",
     "ReservationFailed",
     "ReservationRejected",
     "ReservationResult",
     "ReservationSlot",
+    "RouteTimeout",
     "ServeInfo",
     "ShuttingDown",
     "SlotStatistics",
+    "StartupFailed",
     "WorkerConfig",
     "WorkerFailed",
     "__version__",
@@ -97,7 +119,6 @@ _LAZY = {
     "autoscale": ("client", "autoscale"),
     "local_hold": ("client.local_hold", "local_hold"),
     "LocalHold": ("client.local_hold", "LocalHold"),
-    "LocalHoldFailed": ("client.local_hold", "LocalHoldFailed"),
     "control_url": ("client.local_hold", "control_url"),
     "release_reservation": ("client.local_hold", "release_reservation"),
 }

@@ -25,15 +25,27 @@ from hypercorn.config import Sockets
 from hypercorn.utils import wrap_app
 
 from nullworker.vast.signing import generate_private_key, sign_url
-from nullworker.worker.app import connection_limits, create_app
+from nullworker.worker.app import create_main_app, serve_control
 from nullworker.worker.config import WorkerConfig
-from nullworker.worker.http_server import serve_http
+from nullworker.worker.http_server import connection_limits, serve_http
 from nullworker.worker.runtime import Worker
 from nullworker.worker.server import ServeInfo, serve
 
 from .helpers import MemoryListener, memory_http
 
 StartWorker = Callable[..., Awaitable[ServeInfo]]
+
+
+def runtime(info: ServeInfo) -> Worker:
+    """The runtime behind a worker that ``serve()`` runs, for white-box checks.
+
+    :class:`ServeInfo` keeps it private: a program that embeds the worker observes it
+    through ``info.status()`` (the ``GET /status`` body) and ``info.wait_ready()``. Tests
+    that must reach inside (an observer on the slot, a reporter's statistics, a hold's
+    outcome the instant it ends) do it here, in one place.
+    """
+    return info._runtime
+
 
 # Nothing in the suite may fetch Vast's root certificate from the internet: a reservation
 # to an https:// worker would (nullworker.client.transport). The tests that exercise the
@@ -113,7 +125,7 @@ def start_worker(nursery: trio.Nursery, tmp_path: Path) -> StartWorker:
         settings.update(overrides)
         info: ServeInfo = await nursery.start(serve, WorkerConfig(**settings))
         with trio.fail_after(10):
-            await info.worker.ready.wait()
+            await info.wait_ready()
         return info
 
     return start
@@ -180,6 +192,12 @@ def start_memory_worker(nursery: trio.Nursery, tmp_path: Path) -> StartMemoryWor
         settings.update(overrides)
         config = WorkerConfig(**settings)
         worker = Worker(config)
+        # As serve() composes it: the runtime, the control listener when asked for,
+        # then the main app on the HTTP server (here, on the in-memory listener).
+        await nursery.start(worker.run)
+        control_url: str | None = None
+        if config.control_port is not None:
+            control_url = await nursery.start(serve_control, worker)
         hc = HypercornConfig()
         hc.accesslog = None
         hc.errorlog = logging.getLogger("nullworker.hypercorn")
@@ -188,7 +206,7 @@ def start_memory_worker(nursery: trio.Nursery, tmp_path: Path) -> StartMemoryWor
         await nursery.start(
             partial(
                 serve_http,
-                wrap_app(create_app(worker=worker), hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                wrap_app(create_main_app(worker), hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
                 hc,
                 Sockets([], [], []),
                 limits=connection_limits(config),
@@ -200,9 +218,9 @@ def start_memory_worker(nursery: trio.Nursery, tmp_path: Path) -> StartMemoryWor
         http = await nursery_client(nursery, listener)
         info = ServeInfo(
             url=MEMORY_URL,
-            control_url=worker.control_url,
+            control_url=control_url,
             public_url=config.public_url,
-            worker=worker,
+            _runtime=worker,
         )
         return MemoryWorker(info=info, http=http, listener=listener)
 

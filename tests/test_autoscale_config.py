@@ -2,7 +2,7 @@
 
 * In-process: a good file's plan (``--check``, every password redacted, nothing
   connected), every kind of problem with its exact line (all of them at once), the
-  options ``--config`` excludes, and the README's example file.
+  options ``--config`` excludes, and the example file of docs/scaling.md.
 * As a subprocess against the real local engine, real workers and a real
   ``redis-server`` (the fixtures of ``tests/test_autoscale_cli.py``): three endpoints
   from one file -- one the sum of two Redis lists, one a single list, one whose Redis is
@@ -344,11 +344,11 @@ def test_config_excludes_the_options_of_one_endpoint(
     assert line.startswith("nullworker autoscale: error: ") and message in line
 
 
-def test_the_readme_example_passes_check(
+def test_the_docs_example_passes_check(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### One autoscaler for all your endpoints", 1)[1]
+    page = (REPO / "docs" / "scaling.md").read_text()
+    section = page.split("## One autoscaler for all your endpoints", 1)[1]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     for variable in sorted(set(re.findall(r'_env = "(\w+)"', example))):
         value = f"value-of-{variable.lower()}"

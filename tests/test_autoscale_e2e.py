@@ -53,7 +53,7 @@ from nullworker.worker.config import WorkerConfig
 from nullworker.worker.local_holds import LocalHoldEvent
 from nullworker.worker.server import ServeInfo, serve
 
-from .conftest import envelope, vast_settings
+from .conftest import envelope, runtime, vast_settings
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     nats_server_binary_fixture,
@@ -508,7 +508,7 @@ async def start_instance(
         backend_health_timeout_s=1.5,
     )
     info: ServeInfo = await nursery.start(serve, config)
-    info.worker.local_holds.add_observer(instance.observe)
+    runtime(info).local_holds.add_observer(instance.observe)
     instance.info = info
     script = REPO / "examples" / "redis_list_consumer.py"
     command = (

@@ -1,6 +1,6 @@
 """``bench/compare.py --tiny`` runs end to end and writes every row for both workers.
 
-No timing is asserted: the benchmark's figures are for the README, not for tests. The
+No timing is asserted: the benchmark's figures are for docs/benchmarks.md, not for tests. The
 official SDK worker needs the interop tests' virtual environment; when it cannot be
 built for want of a network to PyPI (the script exits 3), this test is skipped, except
 in CI (``CI`` set), where that is a failure, as in ``tests/test_sdk_interop.py``.

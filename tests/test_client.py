@@ -50,7 +50,7 @@ from nullworker.errors import (
 from nullworker.worker.config import WorkerConfig
 from nullworker.worker.server import ServeInfo, serve
 
-from .conftest import StartWorker, envelope
+from .conftest import StartWorker, envelope, runtime
 from .helpers import Output, closed_port
 
 ENGINE = "http://engine.test"
@@ -150,7 +150,7 @@ async def test_route_and_reserve_requests_follow_the_protocol(
     async with fake.client() as http:
         r = await hold(
             "ep",
-            duration=5,
+            duration_s=5,
             api_key=KEY,
             engine_url=ENGINE + "/",
             http=http,
@@ -193,7 +193,7 @@ async def test_api_key_and_engine_url_come_from_the_environment(
     monkeypatch.setenv("VAST_ENGINE_URL", ENGINE)
     fake = FakeVast(worker=answer_after(1, 200, {"released": "duration_elapsed"}))
     async with fake.client() as http:
-        await hold("ep", duration=1, http=http)
+        await hold("ep", duration_s=1, http=http)
     assert fake.route_requests[0].headers["authorization"] == "Bearer from-env"
     assert fake.route_bodies[0]["api_key"] == "from-env"
 
@@ -201,9 +201,9 @@ async def test_api_key_and_engine_url_come_from_the_environment(
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"duration": -1},
-        {"duration": math.nan},
-        {"duration": math.inf},
+        {"duration_s": -1},
+        {"duration_s": math.nan},
+        {"duration_s": math.inf},
         {"max_rejections": -1},
         {"cost": math.nan},
         {"route_timeout_s": 0},
@@ -234,7 +234,7 @@ async def test_waiting_polls_reuse_the_request_idx_and_report_progress(
     fake = FakeVast(engine=engine, worker=answer_after(1, 200, {"released": "duration_elapsed"}))
     async with fake.client() as http:
         r = await hold(
-            "ep", duration=1, api_key=KEY, engine_url=ENGINE, http=http, on_progress=events.append
+            "ep", duration_s=1, api_key=KEY, engine_url=ENGINE, http=http, on_progress=events.append
         )
     assert [b["request_idx"] for b in fake.route_bodies] == [0, 42, 42, 42, 42]
     assert r.request_idx == 42
@@ -445,7 +445,7 @@ async def test_sdk_result_shapes_are_unwrapped(
 ) -> None:
     fake = FakeVast(worker=answer_after(3, 200, body))
     async with fake.client() as http:
-        r = await hold("ep", duration=3, api_key=KEY, engine_url=ENGINE, http=http)
+        r = await hold("ep", duration_s=3, api_key=KEY, engine_url=ENGINE, http=http)
     assert r.outcome == outcome
     assert r.body == inner
 
@@ -503,7 +503,7 @@ async def test_immediate_success_is_handed_out_already_ended(
 ) -> None:
     fake = FakeVast(worker=answer_now(200, {"released": "duration_elapsed", "held": 0}))
     async with fake.client() as http:
-        async with reserve("ep", duration=0, api_key=KEY, engine_url=ENGINE, http=http) as r:
+        async with reserve("ep", duration_s=0, api_key=KEY, engine_url=ENGINE, http=http) as r:
             assert r.ended.is_set() and r.outcome == "duration_elapsed"
 
 
@@ -600,7 +600,9 @@ async def test_reserve_duration_elapsed_end_to_end(
 ) -> None:
     info = await start_vast_worker(start_worker, engine, 1)
     assert engine.url is not None
-    r = await hold("ep", duration=1, api_key=KEY, engine_url=engine.url, on_progress=events.append)
+    r = await hold(
+        "ep", duration_s=1, api_key=KEY, engine_url=engine.url, on_progress=events.append
+    )
     assert r.outcome == "duration_elapsed"
     assert r.worker_url == info.public_url
     assert r.body["released"] == "duration_elapsed" and r.body["duration"] == 1.0
@@ -612,7 +614,7 @@ async def test_reserve_duration_elapsed_end_to_end(
 async def assert_released_promptly(engine: Engine, info: ServeInfo, r: Reservation) -> None:
     """The worker frees its slot and the engine hears of it within a few seconds."""
     with trio.fail_after(3):
-        await info.worker.slot.wait_idle()
+        await runtime(info).slot.wait_idle()
     await engine.wait_for(lambda e: finished_status(e, r.request_idx) == "Cancelled", timeout=10)
     await engine.wait_for(lambda e: e.worker_state(1) == "idle", timeout=10)
 
@@ -623,8 +625,8 @@ async def test_leaving_the_block_by_exception_frees_the_worker(
     info = await start_vast_worker(start_worker, engine, 1)
     assert engine.url is not None
     with pytest.raises(KeyError):
-        async with reserve("ep", duration=60, api_key=KEY, engine_url=engine.url) as r:
-            assert info.worker.slot.statistics().busy
+        async with reserve("ep", duration_s=60, api_key=KEY, engine_url=engine.url) as r:
+            assert runtime(info).slot.statistics().busy
             raise KeyError("the job crashed")
     await assert_released_promptly(engine, info, r)
 
@@ -638,7 +640,7 @@ async def test_cancelling_the_holder_frees_the_worker(
     box: list[Reservation] = []
 
     async def holder() -> None:
-        async with reserve("ep", duration=60, api_key=KEY, engine_url=engine.url) as r:
+        async with reserve("ep", duration_s=60, api_key=KEY, engine_url=engine.url) as r:
             box.append(r)
             holding.set()
             await trio.sleep_forever()
@@ -647,11 +649,11 @@ async def test_cancelling_the_holder_frees_the_worker(
         nursery.start_soon(holder)
         with trio.fail_after(5):
             await holding.wait()
-        assert info.worker.slot.statistics().busy
+        assert runtime(info).slot.statistics().busy
         nursery.cancel_scope.cancel()
     await assert_released_promptly(engine, info, box[0])
     # And the next client gets the worker.
-    r2 = await hold("ep", duration=0.2, api_key=KEY, engine_url=engine.url)
+    r2 = await hold("ep", duration_s=0.2, api_key=KEY, engine_url=engine.url)
     assert r2.outcome == "duration_elapsed" and r2.worker_url == info.public_url
 
 
@@ -670,7 +672,7 @@ async def test_worker_shutdown_mid_hold_ends_the_reservation(
     )
     await nursery.start(partial(serve, config, shutdown_trigger=stop.wait))
     await engine.wait_for(lambda e: e.worker_state(5) == "idle", timeout=5)
-    async with reserve("ep", duration=60, api_key=KEY, engine_url=engine.url) as r:
+    async with reserve("ep", duration_s=60, api_key=KEY, engine_url=engine.url) as r:
         stop.set()
         with trio.fail_after(3):
             await r.ended.wait()
@@ -692,7 +694,7 @@ async def test_worker_gone_mid_hold_is_connection_lost(
 
     await nursery.start(run_worker)
     await engine.wait_for(lambda e: e.worker_state(6) == "idle", timeout=5)
-    async with reserve("ep", duration=60, api_key=KEY, engine_url=engine.url) as r:
+    async with reserve("ep", duration_s=60, api_key=KEY, engine_url=engine.url) as r:
         worker_scope.cancel()  # the worker process is gone without answering
         with trio.fail_after(3):
             await r.ended.wait()
@@ -775,7 +777,7 @@ async def test_busy_worker_is_rerouted_with_the_same_request_idx_then_rejected(
     with pytest.raises(ReservationRejected, match="busy"):
         await hold(
             "ep",
-            duration=1,
+            duration_s=1,
             api_key=KEY,
             engine_url=stale.url,
             max_rejections=2,
@@ -785,7 +787,7 @@ async def test_busy_worker_is_rerouted_with_the_same_request_idx_then_rejected(
     idxs = [r.request_idx for r in stale.ready_replies]
     assert len(idxs) == 3 and len(set(idxs)) == 1
     # The holder that was there first is untouched.
-    active = info.worker.slot.statistics().active
+    active = runtime(info).slot.statistics().active
     assert active is not None and active.tag["request_idx"] == 999
 
 
@@ -798,11 +800,11 @@ async def test_busy_worker_then_a_free_one(
     stale.worker_status(report)
     assert stale.url is not None
     # Engine B routes to worker 1 first (lower id, both never routed): 429, then worker 2.
-    r = await hold("ep", duration=0.5, api_key=KEY, engine_url=stale.url)
+    r = await hold("ep", duration_s=0.5, api_key=KEY, engine_url=stale.url)
     assert r.outcome == "duration_elapsed" and r.worker_url == free.public_url
     assert [x.worker_id for x in stale.ready_replies] == [1, 2]
     assert len({x.request_idx for x in stale.ready_replies}) == 1
-    assert busy.worker.slot.statistics().active is not None
+    assert runtime(busy).slot.statistics().active is not None
 
 
 # -- command line --------------------------------------------------------------------------
@@ -1007,14 +1009,14 @@ async def test_cli_signal_mid_hold_releases_at_once(
     assert engine.url is not None
     cli: Cli = await run_cli("--endpoint", "ep", "--duration", "60", "--engine-url", engine.url)
     await cli.wait_for_output("held:")
-    assert info.worker.slot.statistics().busy
+    assert runtime(info).slot.statistics().busy
     cli.process.send_signal(signum)
     assert await cli.wait(within_s=5) == code, cli.err
     assert "interrupted: released 1 worker(s)" in cli.out
     with trio.fail_after(10):
-        await info.worker.slot.wait_idle()
+        await runtime(info).slot.wait_idle()
     await engine.wait_for(lambda e: e.worker_state(1) == "idle", timeout=10)
-    r = await hold("ep", duration=0.2, api_key=KEY, engine_url=engine.url)
+    r = await hold("ep", duration_s=0.2, api_key=KEY, engine_url=engine.url)
     assert r.outcome == "duration_elapsed" and r.worker_url == info.public_url
 
 
@@ -1028,7 +1030,7 @@ async def test_cli_count_2_holds_two_workers(
         "--endpoint", "ep", "--duration", "1.5", "--count", "2", "--engine-url", engine.url
     )
     await cli.wait_for_output("held:", count=2)
-    assert one.worker.slot.statistics().busy and two.worker.slot.statistics().busy
+    assert runtime(one).slot.statistics().busy and runtime(two).slot.statistics().busy
     assert await cli.wait() == 0, cli.err
     held = sorted(line for line in cli.out.splitlines() if line.startswith("held:"))
     assert held == sorted(
@@ -1099,7 +1101,7 @@ async def engine_at_max_workers(
     url = engine.url
 
     async def occupy(*, task_status: trio.TaskStatus[None]) -> None:
-        async with reserve("ep", duration=60, api_key=KEY, engine_url=url):
+        async with reserve("ep", duration_s=60, api_key=KEY, engine_url=url):
             task_status.started()
             await trio.sleep_forever()
 

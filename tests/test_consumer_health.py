@@ -34,7 +34,7 @@ from nullworker.worker.consumer_health import (
 from nullworker.worker.server import ServeInfo, serve
 
 from . import helpers
-from .conftest import envelope, vast_settings
+from .conftest import envelope, runtime, vast_settings
 from .test_dev import WAIT_S, DevProcess, open_dev
 
 # -- the probe loop, on the mock clock ---------------------------------------------------
@@ -354,7 +354,7 @@ async def test_a_worker_is_ready_only_with_a_healthy_consumer_and_errored_while_
     await nursery.start(server.serve)
     server.status = 503  # the consumer is up but not healthy yet
     info = await start_checked_worker(nursery, tmp_path, vast_engine, backend_health_url=server.url)
-    worker = info.worker
+    worker = runtime(info)
 
     # Several probes, and reports, go by: the engine never hears "ready".
     await wait_until(lambda: server.requests >= 5 and len(reports(vast_engine)) >= 1)
@@ -423,7 +423,7 @@ async def test_a_worker_with_the_command_form_errors_when_its_consumer_is_killed
         assert reports(vast_engine)[-1]["error_msg"] == (
             "consumer unhealthy: health command kill: exit code 1 for 0.5 s"
         )
-        assert info.worker.consumer_error is not None
+        assert runtime(info).consumer_error is not None
     finally:
         if consumer.returncode is None:
             consumer.kill()
@@ -435,7 +435,7 @@ async def test_without_a_check_the_worker_is_ready_as_before(
 ) -> None:
     info = await start_checked_worker(nursery, tmp_path, vast_engine)
     await vast_engine.wait_for(lambda e: e.worker_state(7) == "idle", timeout=15)
-    assert info.worker.consumer_error is None
+    assert runtime(info).consumer_error is None
 
 
 # -- nullworker dev: the check reaches its workers, and their consumers start first ---------

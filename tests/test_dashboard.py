@@ -112,7 +112,7 @@ async def busy_engine(nursery: trio.Nursery, vast_engine: Any, start_worker: Sta
     held = trio.Event()
 
     async def hold() -> None:
-        async with reserve("test", duration=60, api_key="k", engine_url=vast_engine.url):
+        async with reserve("test", duration_s=60, api_key="k", engine_url=vast_engine.url):
             held.set()
             await trio.sleep_forever()
 
@@ -207,7 +207,7 @@ async def test_local_holds_consumers_and_a_release_on_the_page(
         await wait_view(lambda v: any(w["local_holds"] for w in v["workers"]))
         # Worker 1 is held locally, so the client's demand starts worker 2; its consumer
         # takes no hold. The client holds it, then lets go (as a scale-down does).
-        async with reserve("dev", duration=60, api_key="dev", engine_url=url):
+        async with reserve("dev", duration_s=60, api_key="dev", engine_url=url):
             pass
         view = await wait_view(
             lambda v: (

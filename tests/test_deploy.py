@@ -1,6 +1,6 @@
-"""Deploying on Vast, as the README says: the on-start script and the Python 3.11+ check.
+"""Deploying on Vast, as docs/deploying.md says: the on-start script and the Python 3.11+ check.
 
-The on-start script is taken from the README (the fenced block after its marker comment) and
+The on-start script is taken from docs/deploying.md (the fenced block after its marker comment) and
 run as written, with two substitutions: a local bare repository for the GitHub URL and a
 temporary directory for /workspace. It runs once per simulated container start.
 """
@@ -28,20 +28,20 @@ pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes in /proc"),
 ]
 
-README = REPO / "README.md"
+DEPLOYING = REPO / "docs" / "deploying.md"
 MARKER = "<!-- on-start script:"
 REPO_URL = "https://github.com/<you>/nullworker"
 WORKSPACE = "/workspace/"
 
 
-def readme() -> str:
-    return README.read_text()
+def deploying() -> str:
+    return DEPLOYING.read_text()
 
 
 def onstart_block() -> str:
-    """The README's on-start script: the ```bash block right after the marker line."""
-    text = readme()
-    assert text.count(MARKER) == 1, "the README marks exactly one on-start script"
+    """The page's on-start script: the ```bash block right after the marker line."""
+    text = deploying()
+    assert text.count(MARKER) == 1, "docs/deploying.md marks exactly one on-start script"
     after = text[text.index(MARKER) :]
     match = re.match(r"<!--[^\n]*-->\n```bash\n(.*?)\n```\n", after, re.S)
     assert match, "the marker line is followed directly by a ```bash block"
@@ -269,10 +269,10 @@ async def test_a_python_older_than_3_11_stops_the_start_and_says_what_to_do(
         "uv python install 3.12, then PYTHON=$(uv python find 3.12)",
         "vastai/base-image:cuda-12.8.1-cudnn-devel-ubuntu24.04",
         "python:3.12",
-        '"Deploying on Vast" in README.md',
+        "docs/deploying.md",
     ):
         assert fix in err, fix
-    # The README quotes the message as the script prints it.
-    quoted = re.search(r"`(Python 3\.11 or newer is required \(found: [^`]*\))`", readme())
+    # docs/deploying.md quotes the message as the script prints it.
+    quoted = re.search(r"`(Python 3\.11 or newer is required \(found: [^`]*\))`", deploying())
     assert quoted and quoted.group(1) in err
     assert not (tmp_path / "venv").exists()

@@ -486,7 +486,8 @@ async def _client(dev: DevProcess, *args: str) -> trio.Process:
 async def test_the_whole_loop_two_clients_scale_out_and_ctrl_c_releases(
     start_dev: StartDev,
 ) -> None:
-    """The README's walk-through: dev with two workers at most, two clients, Ctrl-C one."""
+    """docs/getting-started.md's walk-through: dev with two workers at most, two clients,
+    Ctrl-C one."""
     dev = await start_dev("--max-workers", "2", "--min-workers", "0", "--idle-timeout", "60")
     clients: list[trio.Process] = []
     try:

@@ -44,7 +44,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 import nullworker
 from nullworker import ServeInfo
 
-from .conftest import StartWorker, envelope, vast_settings
+from .conftest import StartWorker, envelope, runtime, vast_settings
 from .helpers import closed_url
 from .servers import (  # noqa: F401
     ServerProcess,
@@ -179,7 +179,7 @@ async def hold_reservation(
     holder = Holder(engine)
     nursery.start_soon(holder.hold, http, info, demand)
     with trio.fail_after(5):
-        while not info.worker.slot.statistics().busy:
+        while not runtime(info).slot.statistics().busy:
             await trio.sleep(0.005)
     return holder
 
@@ -268,7 +268,7 @@ async def check_the_job_is_protected(
     with trio.fail_after(5):
         await holder.ended.wait()
     assert holder.answer()["released"] == "duration_elapsed"
-    assert not info.worker.slot.statistics().busy  # no reservation any more
+    assert not runtime(info).slot.statistics().busy  # no reservation any more
 
     # Busy for the worker and the engine until the job is done. Polled in this order,
     # since the job is logged done before the hold is dropped: whenever either says
@@ -433,7 +433,7 @@ async def test_redis_consumer_does_the_jobs_then_releases_the_reservation(
     assert holder.answer()["released"] == "explicit"
     assert holder.answer()["held"] >= 3 * JOB_S + LONG_IDLE_S  # the jobs, then the idle spell
     assert holder.demand_at_end == 0  # the queue had emptied when the reservation ended
-    assert info.worker.slot.statistics().counts["explicit"] == 1
+    assert runtime(info).slot.statistics().counts["explicit"] == 1
 
 
 async def test_redis_consumer_keeps_waiting_after_a_release(
@@ -517,7 +517,7 @@ async def test_redis_consumer_requeues_a_crashed_runs_job(
     )
 
     async def job_0_taken_and_held() -> bool:
-        held = info.worker.local_holds.count == 1
+        held = runtime(info).local_holds.count == 1
         return held and (await lists.lists())[1] == [crashed_job]
 
     await eventually(job_0_taken_and_held)
@@ -528,11 +528,11 @@ async def test_redis_consumer_requeues_a_crashed_runs_job(
 
     # The kernel closed the hold's connection: the worker is not left busy.
     async def unheld() -> bool:
-        return info.worker.local_holds.count == 0
+        return runtime(info).local_holds.count == 0
 
     await eventually(unheld, limit_s=1.0)
-    assert info.worker.local_holds.statistics().counts["disconnected"] == 1
-    assert not info.worker.busy
+    assert runtime(info).local_holds.statistics().counts["disconnected"] == 1
+    assert not runtime(info).busy
 
     # By default a new run leaves the processing list alone (another consumer's jobs).
     result = await run_example(REDIS_EXAMPLE, *args)

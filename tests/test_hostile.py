@@ -32,7 +32,7 @@ import trio.lowlevel
 
 from nullworker.worker.server import ServeInfo
 
-from .conftest import StartMemoryWorker, StartWorker, envelope
+from .conftest import StartMemoryWorker, StartWorker, envelope, runtime
 from .helpers import reserved_port
 from .test_tls import make_cert
 
@@ -482,7 +482,7 @@ async def test_a_reservation_held_with_an_upgrade_header_ends_at_the_disconnect(
     would go unseen and the reservation keep the slot for its whole duration."""
     info = await start_worker()
     host, port = _addr(info.url)
-    slot = info.worker.slot
+    slot = runtime(info).slot
     data = json.dumps(envelope(URL, payload={"duration": 600})).encode()
     stream = await trio.open_tcp_stream(host, port)
     await stream.send_all(
@@ -529,7 +529,7 @@ async def test_h2_floods_are_refused_without_an_error_and_the_worker_serves_on(
         assert data == b"" or data.startswith(b"HTTP/1.1 400 "), data[:200]
         assert b"hypercorn-h2" not in data
     await _assert_reserves(info)
-    counts = info.worker.slot.statistics().counts
+    counts = runtime(info).slot.statistics().counts
     assert counts.get("cancelled", 0) == 0, counts
     assert _tracebacks(caplog) == []
 
@@ -578,7 +578,7 @@ async def test_ambiguous_framing_gets_400_and_the_smuggled_request_is_never_serv
     served = await start_memory_worker()
     data = await served.exchange(AMBIGUOUS[pattern] + _SMUGGLED)
     _assert_http11_refusal(data, 400)  # one answer: the 404 for /nowhere never comes
-    assert not served.info.worker.slot.statistics().busy
+    assert not runtime(served.info).slot.statistics().busy
     await _assert_reserves(served.info, served.http)
     assert _tracebacks(caplog) == []
 

@@ -24,7 +24,7 @@ import trio.testing
 from nullworker.worker.config import WorkerConfig
 from nullworker.worker.server import ServeInfo, serve
 
-from .conftest import StartMemoryWorker, StartWorker, body, envelope, vast_settings
+from .conftest import StartMemoryWorker, StartWorker, body, envelope, runtime, vast_settings
 from .helpers import wait_until
 
 URL = "http://127.0.0.1:1"  # any url: unsecured workers do not check it
@@ -71,7 +71,7 @@ async def test_reserve_elapses_with_200_body(
     assert data["released"] == "duration_elapsed"
     assert data["duration"] == 0.2
     assert 0.2 <= data["held"] < 5
-    assert not info.worker.slot.statistics().busy
+    assert not runtime(info).slot.statistics().busy
 
 
 async def test_each_response_is_written_in_one_piece(
@@ -117,7 +117,7 @@ async def test_an_open_queued_reservation_costs_three_tasks(start_worker: StartW
     # status, context): the connection's reader, the app's task and Quart-Trio's
     # message reader. No idle timer per connection, no second task per request.
     info = await start_worker(max_queue_time_s=60.0)
-    slot = info.worker.slot
+    slot = runtime(info).slot
     holder = await open_raw_reservation(info, {"duration": 600})
     await wait_until(lambda: slot.busy and slot.statistics().busy)
     before = _count_tasks()
@@ -181,7 +181,7 @@ async def test_client_disconnect_frees_the_slot_for_the_next_in_queue(
     start_worker: StartWorker, http: httpx.AsyncClient
 ) -> None:
     info = await start_worker()
-    slot = info.worker.slot
+    slot = runtime(info).slot
     holder = await open_raw_reservation(info, {"duration": 600})
     await wait_until(lambda: slot.statistics().busy)
 
@@ -219,7 +219,7 @@ async def test_busy_worker_answers_429_after_max_queue_time(
             first["response"] = await reserve(http, info, duration=30)
 
         nursery.start_soon(hold)
-        await wait_until(lambda: info.worker.slot.statistics().busy)
+        await wait_until(lambda: runtime(info).slot.statistics().busy)
         start = time.monotonic()
         response = await reserve(http, info, duration=1)
         waited = time.monotonic() - start
@@ -235,7 +235,7 @@ async def test_busy_worker_answers_429_after_max_queue_time(
         assert released.json()["released"] is True
     assert first["response"].status_code == 200
     assert first["response"].json()["released"] == "explicit"
-    assert info.worker.slot.statistics().counts["rejected"] == 1
+    assert runtime(info).slot.statistics().counts["rejected"] == 1
 
 
 async def test_max_queue_time_zero_rejects_at_once(
@@ -243,11 +243,11 @@ async def test_max_queue_time_zero_rejects_at_once(
 ) -> None:
     info = await start_worker(max_queue_time_s=0)
     holder = await open_raw_reservation(info, {"duration": 30})
-    await wait_until(lambda: info.worker.slot.statistics().busy)
+    await wait_until(lambda: runtime(info).slot.statistics().busy)
     response = await reserve(http, info, duration=1)
     assert response.status_code == 429
     await holder.aclose()
-    await wait_until(lambda: not info.worker.slot.statistics().busy)
+    await wait_until(lambda: not runtime(info).slot.statistics().busy)
     response = await reserve(http, info, duration=0)
     assert response.status_code == 200
 
@@ -274,7 +274,7 @@ async def test_health_and_status(start_worker: StartWorker, http: httpx.AsyncCli
         assert response.status_code == 200
         assert response.json()["ready"] is True
     holder = await open_raw_reservation(info, {"duration": 30})
-    await wait_until(lambda: info.worker.slot.statistics().busy)
+    await wait_until(lambda: runtime(info).slot.statistics().busy)
     status = (await http.get(f"{info.control_url}/status")).json()
     assert status["ready"] is True
     assert status["busy"] is True
@@ -283,7 +283,7 @@ async def test_health_and_status(start_worker: StartWorker, http: httpx.AsyncCli
     assert status["queue_length"] == 0
     assert status["mode"] == "standalone"
     await holder.aclose()
-    await wait_until(lambda: not info.worker.slot.statistics().busy)
+    await wait_until(lambda: not runtime(info).slot.statistics().busy)
     status = (await http.get(f"{info.control_url}/status")).json()
     assert status["counts"]["cancelled"] == 1
     assert status["active"] is None
@@ -341,7 +341,7 @@ async def test_bad_input_gets_a_clear_4xx_and_the_worker_keeps_serving(
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     assert needle.lower() in response.text.lower()
-    assert not info.worker.slot.statistics().busy
+    assert not runtime(info).slot.statistics().busy
     ok = await reserve(http, info, duration=0)
     assert ok.status_code == 200
 
@@ -370,14 +370,14 @@ async def test_standalone_reserve_takes_the_bare_payload(
     served = await start_memory_worker(max_reservation_s=0.3)
     info, http = served.info, served.http
     seen: list[dict[str, Any]] = []
-    info.worker.slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
+    runtime(info).slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
     response = await http.post(f"{info.url}/reserve", content=data)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["released"] == "duration_elapsed"
     assert answer["duration"] == duration
     assert seen and all(tag == {"request_idx": None, "reqnum": None} for tag in seen)
-    assert info.worker.slot.statistics().counts["duration_elapsed"] == 1
+    assert runtime(info).slot.statistics().counts["duration_elapsed"] == 1
 
 
 async def test_bare_payloads_are_told_apart_by_id_in_status_and_release(
@@ -393,9 +393,9 @@ async def test_bare_payloads_are_told_apart_by_id_in_status_and_release(
 
     async with trio.open_nursery() as inner:
         inner.start_soon(hold)
-        await wait_until(lambda: info.worker.slot.statistics().busy)
+        await wait_until(lambda: runtime(info).slot.statistics().busy)
         inner.start_soon(hold)
-        await wait_until(lambda: info.worker.slot.statistics().waiting == 1)
+        await wait_until(lambda: runtime(info).slot.statistics().waiting == 1)
         for expected_id in (1, 2):
             status = (await http.get(f"{info.control_url}/status")).json()
             assert status["active"]["id"] == expected_id
@@ -405,9 +405,9 @@ async def test_bare_payloads_are_told_apart_by_id_in_status_and_release(
             assert released.status_code == 200, released.text
             await wait_until(partial(lambda n: len(answers) == n, expected_id))
             if expected_id == 1:
-                await wait_until(lambda: info.worker.slot.statistics().busy)
+                await wait_until(lambda: runtime(info).slot.statistics().busy)
     assert [a.json()["released"] for a in answers] == ["explicit", "explicit"]
-    assert info.worker.slot.statistics().counts["explicit"] == 2
+    assert runtime(info).slot.statistics().counts["explicit"] == 2
 
 
 BAD_BARE_DURATIONS = [b'{"duration": "5"}', b'{"duration": -1}', b'{"duration": true}']
@@ -423,7 +423,7 @@ async def test_a_bad_duration_in_a_bare_payload_gets_422_naming_duration(
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/json"
     assert set(response.json()) == {"duration"}
-    assert info.worker.slot.statistics().counts["started"] == 0
+    assert runtime(info).slot.statistics().counts["started"] == 0
     ok = await http.post(f"{info.url}/reserve", json={"duration": 0})
     assert ok.status_code == 200, ok.text
 
@@ -434,7 +434,7 @@ async def test_an_envelope_wins_over_a_bare_payload_in_the_same_body(
     served = await start_memory_worker()
     info, http = served.info, served.http
     seen: list[dict[str, Any]] = []
-    info.worker.slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
+    runtime(info).slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
     both = envelope(URL, payload={"duration": 0}, request_idx=77) | {"duration": 600}
     response = await http.post(f"{info.url}/reserve", json=both)
     assert response.status_code == 200, response.text
@@ -468,7 +468,7 @@ async def test_a_vast_worker_still_requires_the_envelope(
     response = await http.post(f"{info.url}/reserve", content=data)
     assert response.status_code == 422, response.text
     assert response.json() == answer
-    assert info.worker.slot.statistics().counts["started"] == 0
+    assert runtime(info).slot.statistics().counts["started"] == 0
 
 
 async def test_wrong_method_unknown_route_and_sessions_get_json_errors(
@@ -572,7 +572,7 @@ async def test_shutdown_answers_holders_with_503(
     stop = trio.Event()
     config = WorkerConfig(port=0, control_port=None, graceful_timeout_s=2.0)
     info: ServeInfo = await nursery.start(partial(serve, config, shutdown_trigger=stop.wait))
-    await info.worker.ready.wait()
+    await info.wait_ready()
     results: dict[str, httpx.Response] = {}
 
     async def hold() -> None:
@@ -580,12 +580,12 @@ async def test_shutdown_answers_holders_with_503(
 
     async with trio.open_nursery() as inner:
         inner.start_soon(hold)
-        await wait_until(lambda: info.worker.slot.statistics().busy)
+        await wait_until(lambda: runtime(info).slot.statistics().busy)
         stop.set()
     response = results["held"]
     assert response.status_code == 503
     assert response.json()["released"] == "shutdown"
-    assert info.worker.slot.statistics().counts["shutdown"] == 1
+    assert runtime(info).slot.statistics().counts["shutdown"] == 1
 
 
 async def test_cancelling_serve_cancels_holds_cleanly(nursery: trio.Nursery) -> None:
@@ -593,13 +593,13 @@ async def test_cancelling_serve_cancels_holds_cleanly(nursery: trio.Nursery) -> 
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as inner:
             info: ServeInfo = await inner.start(serve, config)
-            await info.worker.ready.wait()
+            await info.wait_ready()
             holder = await open_raw_reservation(info, {"duration": 600})
-            await wait_until(lambda: info.worker.slot.statistics().busy)
+            await wait_until(lambda: runtime(info).slot.statistics().busy)
             scope.cancel()
     assert scope.cancelled_caught
-    assert not info.worker.slot.statistics().busy
-    counts = info.worker.slot.statistics().counts
+    assert not runtime(info).slot.statistics().busy
+    counts = runtime(info).slot.statistics().counts
     assert counts["cancelled"] + counts["shutdown"] == 1
     await holder.aclose()
 
@@ -649,7 +649,7 @@ async def test_engine_ids_outside_the_engines_range_get_422_naming_the_field(
     assert response.json() == {
         "auth_data": {field: f"{field} must be an integer from 0 to {MAX_ID}"}
     }
-    assert info.worker.slot.statistics().counts["started"] == 0
+    assert runtime(info).slot.statistics().counts["started"] == 0
     ok = await reserve(http, info, duration=0)
     assert ok.status_code == 200
 
@@ -664,7 +664,7 @@ async def test_engine_ids_in_range_are_accepted_as_ints(
     served = await start_memory_worker()
     info, http = served.info, served.http
     seen: list[dict[str, Any]] = []
-    info.worker.slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
+    runtime(info).slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
     response = await http.post(
         f"{info.url}/reserve",
         json=envelope(URL, payload={"duration": 0}, request_idx=value, reqnum=value),

@@ -18,7 +18,7 @@ import trio
 
 from nullworker.worker.journal import Journal
 
-from .helpers import open_serve, stop_process
+from .helpers import open_serve, reserved_port, stop_process
 from .test_startup import worker_env
 
 
@@ -167,3 +167,55 @@ def test_an_index_given_twice_is_written_and_struck_out_once(tmp_path: Path) -> 
     journal.remove([4, 4])
     assert path.read_text() == "+4\n+5\n-4\n"
     assert Journal.open(str(path))[1] == [5]
+
+
+async def test_cancelling_serve_reports_the_held_request_once_and_lets_go_of_the_port(
+    vast_engine: Any, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A library caller cancels ``serve()`` while a request is held: the engine hears
+    it end once, and the port's lock and journal are let go (the next ``serve()`` on the
+    port starts, and finds nothing left to report)."""
+    from nullworker.worker.config import WorkerConfig
+    from nullworker.worker.server import ServeInfo, serve
+
+    from .conftest import vast_settings
+
+    port = reserved_port()
+    config = WorkerConfig(
+        host="127.0.0.1",
+        port=port,
+        control_port=0,
+        lock_dir=str(tmp_path),
+        public_url=f"http://127.0.0.1:{port}",
+        **vast_settings(vast_engine),
+    )
+    async with trio.open_nursery() as caller:
+        info: ServeInfo = await caller.start(serve, config)
+        await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+        auth = vast_engine.route({"endpoint": "test"})
+        idx = auth["request_idx"]
+
+        async def reserve() -> None:
+            try:
+                async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as http:
+                    await http.post(
+                        f"{info.url}/reserve",
+                        json={"auth_data": auth, "payload": {"duration": 300}},
+                    )
+            except httpx.HTTPError:
+                pass  # the worker is cancelled mid-hold: the connection drops
+
+        caller.start_soon(reserve)
+        await vast_engine.wait_for(lambda e: idx in e.workers[7].working_request_idxs)
+        caller.cancel_scope.cancel()
+    await vast_engine.wait_for(lambda e: _ends_of(e, idx))
+
+    again: ServeInfo = await nursery.start(serve, config)  # the port's lock was let go
+    await again.wait_ready()
+    with trio.fail_after(30):
+        while (engine := again.status()["engine"])["pending_deletes"] or not (
+            engine["ready"] and engine["reports_sent"]
+        ):
+            await trio.sleep(0.05)
+    assert engine["deletes_sent"] == 0  # the journal had nothing left open
+    assert len(_ends_of(vast_engine, idx)) == 1

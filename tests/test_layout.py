@@ -3,10 +3,11 @@
 Every module under ``nullworker/`` is read with ``ast``, and every import statement in it
 counts: at the top, inside functions (the lazy imports) and under ``if TYPE_CHECKING:``.
 
-* ``nullworker.errors`` and ``nullworker.logs`` (log output) import nothing of
-  nullworker; ``nullworker.vast`` (the wire format) only itself and the errors.
-* Each role imports only itself, ``nullworker.vast``, ``nullworker.errors`` and
-  ``nullworker.logs``: the worker (``nullworker.worker``), the client
+* ``nullworker.errors``, ``nullworker.logs`` (log output) and the shared helpers
+  (``nullworker._support``, ``nullworker._groups``) import nothing of nullworker;
+  ``nullworker.vast`` (the wire format) only itself, the errors and the helpers.
+* Each role imports only itself, ``nullworker.vast``, ``nullworker.errors``,
+  ``nullworker.logs`` and the shared helpers: the worker (``nullworker.worker``), the client
   (``nullworker.client``) and the local engine (``nullworker.engine``) never import each
   other, nor the top-level modules that tie them together (``nullworker``,
   ``nullworker.cli``, ``nullworker.app``). One exception: the engine may use the worker's
@@ -14,6 +15,9 @@ counts: at the top, inside functions (the lazy imports) and under ``if TYPE_CHEC
   uses none: ``nullworker dev`` starts workers as ``python -m nullworker serve``
   processes.
 * No import cycle between modules, top-level ones included.
+* No module imports another module's private name (``from .x import _name``): what two
+  modules share gets a public name, in the module it belongs to or in the shared
+  helpers, so a rename of a private name never breaks another module.
 * The queue clients of the ``autoscale`` extra (redis, nats-py, trio-asyncio) are imported
   only by the modules that need them (:data:`EXTRA_USERS`), so ``pip install nullworker``
   gives a worker without them and the autoscaler's core runs without them too.
@@ -37,20 +41,24 @@ ROOT = Path(nullworker.__file__).parent
 
 #: What each part of the package may import from nullworker: module-name prefixes
 #: (``P`` allows ``P`` and ``P.*``) and exact names (the package only, not its modules).
+#: Helpers every part may use; they import nothing of nullworker themselves.
+SHARED = ("nullworker._support", "nullworker._groups")
 RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "nullworker.errors": ((), ()),
     "nullworker.logs": ((), ()),
-    "nullworker.vast": (("nullworker.vast", "nullworker.errors"), ()),
+    "nullworker._support": ((), ()),
+    "nullworker._groups": ((), ()),
+    "nullworker.vast": (("nullworker.vast", "nullworker.errors", *SHARED), ()),
     "nullworker.worker": (
-        ("nullworker.worker", "nullworker.vast", "nullworker.errors", "nullworker.logs"),
+        ("nullworker.worker", "nullworker.vast", "nullworker.errors", "nullworker.logs", *SHARED),
         (),
     ),
     "nullworker.client": (
-        ("nullworker.client", "nullworker.vast", "nullworker.errors", "nullworker.logs"),
+        ("nullworker.client", "nullworker.vast", "nullworker.errors", "nullworker.logs", *SHARED),
         (),
     ),
     "nullworker.engine": (
-        ("nullworker.engine", "nullworker.vast", "nullworker.errors", "nullworker.logs"),
+        ("nullworker.engine", "nullworker.vast", "nullworker.errors", "nullworker.logs", *SHARED),
         ("nullworker.worker",),
     ),
 }
@@ -201,6 +209,63 @@ def _check(root: Path) -> tuple[list[str], list[str]]:
     return violations(found), cycles(found, known)
 
 
+def private_imports(root: Path, package: str = PACKAGE) -> list[str]:
+    """One message per ``from <module> import _name`` of a private name of another module.
+
+    A private *module* may be imported (``from ._core import Accounting``: the package
+    keeps it to itself); a private *name* may not. Dunder names (``__version__``) are
+    not private.
+    """
+    known = modules(root, package)
+    problems: list[str] = []
+    for module, path in known.items():
+        shown = Path(package) / path.relative_to(root)
+        home = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base_parts = home.split(".")[: len(home.split(".")) - (node.level - 1)]
+                base = ".".join([*base_parts, *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            if not (base == package or base.startswith(package + ".")):
+                continue
+            for alias in node.names:
+                name = alias.name
+                private = name.startswith("_") and not name.startswith("__")
+                if private and f"{base}.{name}" not in known:  # a name, not a module
+                    problems.append(f"{shown}:{node.lineno}: {module} imports {base}.{name}")
+    return sorted(problems)
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    problems = private_imports(ROOT)
+    assert not problems, (
+        "private names imported across modules (give them a public name):\n" + "\n".join(problems)
+    )
+
+
+def test_the_private_name_check_names_a_bad_import(tmp_path: Path) -> None:
+    files = {
+        "__init__.py": "from ._version import __version__\n",
+        "_version.py": "__version__ = '1'\n",
+        "worker/__init__.py": "",
+        # A private module is fine, and so is a public name from it.
+        "worker/_core.py": "from . import _helpers\nfrom ._helpers import shared\n",
+        "worker/_helpers.py": "shared = 1\n_hidden = 2\n",
+        "worker/app.py": "def f():\n    from ._helpers import shared, _hidden\n",
+    }
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert private_imports(tmp_path) == [
+        "nullworker/worker/app.py:2: nullworker.worker.app imports "
+        "nullworker.worker._helpers._hidden"
+    ]
+
+
 def test_each_role_imports_only_what_it_may() -> None:
     problems, _ = _check(ROOT)
     assert not problems, "imports across the roles the wrong way:\n" + "\n".join(problems)
@@ -281,18 +346,20 @@ def test_the_checks_name_a_bad_import_and_a_cycle(tmp_path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     problems, found = _check(tmp_path)
+    shared = "nullworker._support, nullworker._groups"
     assert sorted(problems) == [
         "nullworker/client/__init__.py:1: nullworker.client imports nullworker.worker.runtime; "
         "nullworker.client may import only nullworker.client, nullworker.vast, nullworker.errors, "
-        "nullworker.logs",
+        f"nullworker.logs, {shared}",
         # ``from ..worker import serve`` is allowed (the package's public names), but
         # ``from .. import __version__`` imports the top-level package.
         "nullworker/engine/__init__.py:2: nullworker.engine imports nullworker; "
         "nullworker.engine may import only nullworker.engine, nullworker.vast, "
-        "nullworker.errors, nullworker.logs, nullworker.worker (the package's public names only)",
+        f"nullworker.errors, nullworker.logs, {shared}, "
+        "nullworker.worker (the package's public names only)",
         "nullworker/vast/envelope.py:2: nullworker.vast.envelope imports "
         "nullworker.worker.runtime; nullworker.vast may import only nullworker.vast, "
-        "nullworker.errors",
+        f"nullworker.errors, {shared}",
     ]
     assert found == [
         "import cycle between nullworker.worker.app, nullworker.worker.runtime:\n"

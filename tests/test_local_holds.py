@@ -35,7 +35,7 @@ from nullworker.worker.local_holds import (
 )
 from nullworker.worker.server import ServeInfo, serve
 
-from .conftest import StartWorker, envelope, vast_settings
+from .conftest import StartWorker, envelope, runtime, vast_settings
 from .helpers import closed_port, closed_url, wait_until
 from .test_http import open_raw_reservation
 
@@ -227,7 +227,7 @@ async def test_hold_refusals_are_json_and_name_the_field(
     assert response.json()["status"] == 405
     # The main port has no /hold: local holds are for the instance only.
     assert (await http.post(f"{info.url}/hold", json={})).status_code == 404
-    info.worker.begin_shutdown()
+    runtime(info).begin_shutdown()
     response = await http.post(url, json={})
     assert response.status_code == 503 and response.json()["released"] == "shutdown"
 
@@ -238,7 +238,7 @@ async def test_shutdown_answers_local_holders_200_shutdown(nursery: trio.Nursery
     info: ServeInfo = await nursery.start(
         lambda task_status: serve(config, shutdown_trigger=stop.wait, task_status=task_status)
     )
-    await info.worker.ready.wait()
+    await info.wait_ready()
     async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as client:
         async with client.stream("POST", f"{info.control_url}/hold", json={}) as response:
             assert response.status_code == 200
@@ -253,12 +253,12 @@ async def test_a_disconnect_ends_the_hold_at_once(
     info = await start_worker()
     async with http.stream("POST", f"{info.control_url}/hold", json={}) as response:
         assert response.status_code == 200
-        assert info.worker.local_holds.count == 1
+        assert runtime(info).local_holds.count == 1
     # At once, not when TCP keepalive would notice (about 30 s): generous for a busy machine.
     closed = time.monotonic()
-    await wait_until(lambda: info.worker.local_holds.count == 0, within_s=10.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=10.0)
     assert time.monotonic() - closed < 10.0
-    counts = info.worker.local_holds.statistics().counts
+    counts = runtime(info).local_holds.statistics().counts
     assert counts["disconnected"] == 1
 
 
@@ -277,11 +277,11 @@ async def test_local_holds_and_a_reservation_coexist(
         assert response.status_code == 200  # not 429: the slot was free
         assert response.json()["released"] == "duration_elapsed"
         holder = await open_raw_reservation(info, {"duration": 30})
-        await wait_until(lambda: info.worker.slot.statistics().busy)
+        await wait_until(lambda: runtime(info).slot.statistics().busy)
         async with local_hold(control_url=info.control_url) as third:
-            assert third.held and info.worker.local_holds.count == 3
+            assert third.held and runtime(info).local_holds.count == 3
         await holder.aclose()
-    await wait_until(lambda: not info.worker.busy)
+    await wait_until(lambda: not runtime(info).busy)
 
 
 async def test_a_hold_without_a_duration_outlasts_max_reservation_seconds(
@@ -296,10 +296,10 @@ async def test_a_hold_without_a_duration_outlasts_max_reservation_seconds(
         [shown] = (await http.get(f"{info.control_url}/status")).json()["local_holds"]["holds"]
         assert shown["duration"] is None and shown["remaining_s"] is None
         await trio.sleep(3 * cap)
-        assert info.worker.local_holds.count == 1
+        assert runtime(info).local_holds.count == 1
         assert (await http.get(f"{info.control_url}/health")).json()["busy"] is True
-    await wait_until(lambda: info.worker.local_holds.count == 0, within_s=1.0)
-    counts = info.worker.local_holds.statistics().counts
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=1.0)
+    counts = runtime(info).local_holds.statistics().counts
     assert counts["disconnected"] == 1 and counts["duration_elapsed"] == 0
     # An explicit duration is honoured, past the cap too.
     response = await http.post(f"{info.control_url}/hold", json={"duration": 2 * cap})
@@ -385,7 +385,7 @@ async def test_a_library_hold_covers_a_job_three_times_the_cap(
         assert hold.held_for_s is None
     assert_busy_in_every_report(vast_engine, since, until)
     await vast_engine.wait_for(lambda e: not e.workers[7].busy)
-    counts = info.worker.local_holds.statistics().counts
+    counts = runtime(info).local_holds.statistics().counts
     assert counts["started"] == 1 and counts["duration_elapsed"] == 0
 
 
@@ -412,7 +412,7 @@ async def test_the_hold_cli_covers_a_job_three_times_the_cap_on_another_port(
     reports = vast_engine.worker_status_reports
     held_since = min(r.received_at for r in reports if r.body["cur_load"])
     assert_busy_in_every_report(vast_engine, held_since, done.stat().st_mtime)
-    counts = info.worker.local_holds.statistics().counts
+    counts = runtime(info).local_holds.statistics().counts
     assert counts["started"] == 1 and counts["duration_elapsed"] == 0
 
 
@@ -447,17 +447,17 @@ async def test_many_concurrent_holds_then_idle(start_worker: StartWorker, vast_e
                 nursery.start_soon(one, i)
             with trio.fail_after(20):
                 await opened.wait()
-            assert info.worker.local_holds.count == count
+            assert runtime(info).local_holds.count == count
             status = (await client.get(f"{info.control_url}/status")).json()
             assert status["local_holds"]["count"] == count
             assert len({h["label"] for h in status["local_holds"]["holds"]}) == count
             await vast_engine.wait_for(lambda e: e.workers[7].busy)
             assert vast_engine.workers[7].cur_load == 100.0  # one busy worker, not 200
             release.set()
-    await wait_until(lambda: info.worker.local_holds.count == 0, within_s=5.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=5.0)
     await vast_engine.wait_for(lambda e: not e.workers[7].busy and e.workers[7].cur_load == 0.0)
-    assert info.worker.local_holds.statistics().counts["disconnected"] == count
-    assert not info.worker.busy
+    assert runtime(info).local_holds.statistics().counts["disconnected"] == count
+    assert not runtime(info).busy
 
 
 # -- the helper --------------------------------------------------------------------------
@@ -484,25 +484,25 @@ async def test_local_hold_is_one_hold_past_the_cap_and_holds_again_after_a_worke
                 await serve(config, task_status=task_status)
 
         info: ServeInfo = await nursery.start(run)
-        await info.worker.ready.wait()
+        await info.wait_ready()
         return info, scope
 
     first, first_scope = await start()
     assert first.control_url is not None
     control_port = urlsplit(first.control_url).port or 0
     async with local_hold(control_url=first.control_url, label="long job") as hold:
-        assert hold.held and hold.duration is None
+        assert hold.held and hold.duration_s is None
         await trio.sleep(0.7)
         assert hold.holds == 1  # one hold past the 0.2 s cap: nothing to renew
-        assert first.worker.local_holds.count == 1
-        assert first.worker.local_holds.statistics().counts["duration_elapsed"] == 0
+        assert runtime(first).local_holds.count == 1
+        assert runtime(first).local_holds.statistics().counts["duration_elapsed"] == 0
         first_scope.cancel()  # the worker goes away (a crash, a restart)
         await wait_until(lambda: not hold.held, within_s=3.0)
         second, _ = await start()
         await wait_until(lambda: hold.held, within_s=3.0)  # back within the 1 s retry
-        assert second.worker.local_holds.count == 1
+        assert runtime(second).local_holds.count == 1
         assert not hold.ended.is_set()
-    await wait_until(lambda: second.worker.local_holds.count == 0, within_s=1.0)
+    await wait_until(lambda: runtime(second).local_holds.count == 0, within_s=1.0)
     assert hold.ended.is_set() and hold.outcome == "client_released"
 
 
@@ -513,7 +513,7 @@ async def test_local_hold_with_a_duration_reports_its_end(start_worker: StartWor
         with trio.fail_after(3):
             await hold.ended.wait()
         assert hold.outcome == "duration_elapsed" and not hold.held
-        assert info.worker.local_holds.count == 0
+        assert runtime(info).local_holds.count == 0
     assert hold.outcome == "duration_elapsed"
 
 
@@ -527,7 +527,7 @@ async def test_local_hold_raises_when_the_worker_cannot_be_reached_or_refuses(
     for named in ("NULLWORKER_CONTROL_URL", "NULLWORKER_CONTROL_PORT", "http://127.0.0.1:"):
         assert named in str(info.value)
     worker = await start_worker()
-    worker.worker.begin_shutdown()
+    runtime(worker).begin_shutdown()
     with pytest.raises(LocalHoldFailed) as info:
         async with local_hold(control_url=worker.control_url):
             pass  # pragma: no cover
@@ -545,7 +545,7 @@ async def test_local_hold_reads_the_control_url_from_the_environment(
     monkeypatch.setenv("NULLWORKER_CONTROL_URL", info.control_url)
     async with local_hold(label="from env") as hold:
         assert hold.control_url == info.control_url
-        assert info.worker.local_holds.statistics().holds[0].label == "from env"
+        assert runtime(info).local_holds.statistics().holds[0].label == "from env"
 
 
 @pytest.mark.parametrize(
@@ -599,7 +599,7 @@ async def test_local_hold_finds_a_worker_on_another_control_port(
     monkeypatch.setenv(variable, str(port))
     async with local_hold(label="on another port") as hold:
         assert hold.control_url == f"http://127.0.0.1:{port}"
-        assert info.worker.local_holds.statistics().holds[0].label == "on another port"
+        assert runtime(info).local_holds.statistics().holds[0].label == "on another port"
 
 
 async def test_an_unreachable_port_from_the_environment_is_named(tmp_path: Path) -> None:
@@ -636,7 +636,7 @@ async def test_an_exception_in_the_block_propagates_and_ends_the_hold(
     with pytest.raises(KeyError):
         async with local_hold(control_url=info.control_url):
             raise KeyError("job failed")
-    await wait_until(lambda: info.worker.local_holds.count == 0, within_s=1.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=1.0)
 
 
 # -- nullworker hold -- CMD --------------------------------------------------------------
@@ -666,7 +666,7 @@ async def test_hold_cli_exits_with_the_commands_status(start_worker: StartWorker
     result = await run_hold("--", "sh", "-c", "exit 3", control_url=info.control_url)
     assert result.returncode == 3, result.stderr
     assert b"local hold 1" in result.stderr
-    assert info.worker.local_holds.statistics().counts["started"] == 1
+    assert runtime(info).local_holds.statistics().counts["started"] == 1
     result = await run_hold("--quiet", "--", "sh", "-c", "echo out", control_url=info.control_url)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"out\n", b"")
     result = await run_hold("--", "sh", "-c", "kill -TERM $$", control_url=info.control_url)
@@ -677,7 +677,7 @@ async def test_hold_cli_exits_with_the_commands_status(start_worker: StartWorker
     assert result.returncode == 2
     result = await run_hold(control_url=info.control_url)
     assert result.returncode == 2 and b"command is required" in result.stderr
-    assert info.worker.local_holds.count == 0
+    assert runtime(info).local_holds.count == 0
 
 
 async def test_hold_cli_holds_while_the_command_runs_with_its_label(
@@ -702,10 +702,10 @@ async def test_hold_cli_holds_while_the_command_runs_with_its_label(
         nursery.start_soon(run)
         await wait_until(marker.exists, within_s=10)
         # The hold was taken before the command started.
-        holds = info.worker.local_holds.statistics().holds
+        holds = runtime(info).local_holds.statistics().holds
         assert [h.label for h in holds] == ["job 9"]
     assert seen["result"].returncode == 0
-    await wait_until(lambda: info.worker.local_holds.count == 0, within_s=1.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=1.0)
 
 
 async def test_killing_the_hold_process_ends_the_hold_at_once(
@@ -718,12 +718,12 @@ async def test_killing_the_hold_process_ends_the_hold_at_once(
         start_new_session=True,  # so the orphaned sleep can be reaped with the group
     )
     try:
-        await wait_until(lambda: info.worker.local_holds.count == 1, within_s=10)
+        await wait_until(lambda: runtime(info).local_holds.count == 1, within_s=10)
         process.kill()  # SIGKILL: no cleanup of any kind runs in the hold process
         killed = time.monotonic()
         await process.wait()
         # At once, not when TCP keepalive would notice (about 30 s).
-        await wait_until(lambda: info.worker.local_holds.count == 0, within_s=10.0)
+        await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=10.0)
         assert time.monotonic() - killed < 10.0
         status = (await http.get(f"{info.control_url}/status")).json()
         assert status["local_holds"]["count"] == 0 and status["busy"] is False
@@ -744,13 +744,13 @@ async def test_sigterm_is_passed_on_to_the_command(start_worker: StartWorker) ->
         stdin=subprocess.DEVNULL,
     )
     try:
-        await wait_until(lambda: info.worker.local_holds.count == 1, within_s=10)
+        await wait_until(lambda: runtime(info).local_holds.count == 1, within_s=10)
         await trio.sleep(0.2)  # the command runs
         process.terminate()
         with trio.fail_after(5):
             await process.wait()
         assert process.returncode == 128 + signal.SIGTERM
-        await wait_until(lambda: info.worker.local_holds.count == 0, within_s=1.0)
+        await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=1.0)
     finally:
         if process.returncode is None:
             process.kill()

@@ -28,7 +28,7 @@ from nullworker.engine import Engine, serve_engine
 from nullworker.vast.signing import generate_private_key
 from nullworker.worker.config import WorkerConfig
 
-from .conftest import StartWorker
+from .conftest import StartWorker, runtime
 from .helpers import closed_url, open_serve, reserved_port, stop_process, wait_until
 from .test_http import reserve
 
@@ -168,7 +168,7 @@ async def test_reservation_and_local_hold_lines_carry_structured_fields(
         assert (await reserve(http, info, duration=0.05)).status_code == 200
         answer = await http.post(f"{info.control_url}/hold", json={"duration": 0, "label": "j"})
         assert answer.json()["released"] == "duration_elapsed"
-        await wait_until(lambda: info.worker.local_holds.count == 0)
+        await wait_until(lambda: runtime(info).local_holds.count == 0)
     finally:
         worker_log.removeHandler(handler)
         worker_log.setLevel(old_level)

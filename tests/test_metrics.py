@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nullworker.worker.server import ServeInfo
 
-from .conftest import StartWorker, envelope, vast_settings
+from .conftest import StartWorker, envelope, runtime, vast_settings
 from .helpers import closed_url, wait_until
 from .test_http import open_raw_reservation, reserve
 
@@ -88,14 +88,14 @@ async def test_values_follow_a_reservations_life(
             result["second"] = await reserve(http, info, duration=0)
 
         nursery.start_soon(first)
-        await wait_until(lambda: info.worker.slot.statistics().busy)
+        await wait_until(lambda: runtime(info).slot.statistics().busy)
         held = await scrape(http, info)
         assert value(held, "nullworker_reservation_held") == 1.0
         assert value(held, "nullworker_busy") == 1.0
         assert value(held, "nullworker_queue_length") == 0.0
         # A second one queues behind it, then gets 429 after MAX_QUEUE_TIME (0.3 s).
         nursery.start_soon(second)
-        await wait_until(lambda: info.worker.slot.statistics().waiting == 1)
+        await wait_until(lambda: runtime(info).slot.statistics().waiting == 1)
         queued = await scrape(http, info)
         assert value(queued, "nullworker_queue_length") == 1.0
         await wait_until(lambda: "second" in result)
@@ -128,9 +128,9 @@ async def test_a_disconnect_counts_as_cancelled(
 ) -> None:
     info = await start_worker()
     holder = await open_raw_reservation(info, {"duration": 30})
-    await wait_until(lambda: info.worker.slot.statistics().busy)
+    await wait_until(lambda: runtime(info).slot.statistics().busy)
     await holder.aclose()
-    await wait_until(lambda: not info.worker.slot.statistics().busy)
+    await wait_until(lambda: not runtime(info).slot.statistics().busy)
     samples = await scrape(http, info)
     assert value(samples, "nullworker_reservations_ended_total", outcome="cancelled") == 1.0
     assert value(samples, "nullworker_hold_seconds_count") == 1.0
@@ -146,7 +146,7 @@ async def test_local_holds_are_counted(start_worker: StartWorker, http: httpx.As
             assert value(samples, "nullworker_local_holds") == 2.0
             assert value(samples, "nullworker_busy") == 1.0
             assert value(samples, "nullworker_reservation_held") == 0.0
-    await wait_until(lambda: info.worker.local_holds.count == 0, within_s=1.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=1.0)
     response = await http.post(f"{info.control_url}/hold", json={"duration": 0.05})
     assert response.json()["released"] == "duration_elapsed"
     samples = await scrape(http, info)
@@ -168,7 +168,7 @@ async def test_engine_reports_delivered(
     samples = await scrape(http, info)
     sent = value(samples, "nullworker_engine_reports_sent_total")
     assert sent >= 2  # ready, then busy/idle (coalesced or not)
-    assert sent == info.worker.reporter.statistics()["reports_sent"]  # type: ignore[union-attr]
+    assert sent == runtime(info).reporter.statistics()["reports_sent"]  # type: ignore[union-attr]
     assert value(samples, "nullworker_engine_reports_failed_total") == 0.0
     assert 0.0 <= value(samples, "nullworker_seconds_since_last_report") < 5.0
 
@@ -186,8 +186,8 @@ async def test_engine_reports_failing(start_worker: StartWorker, http: httpx.Asy
     )
     await wait_until(
         lambda: (
-            info.worker.reporter is not None
-            and info.worker.reporter.statistics()["report_failures"] >= 2
+            runtime(info).reporter is not None
+            and runtime(info).reporter.statistics()["report_failures"] >= 2
         )
     )
     samples = await scrape(http, info)
@@ -210,13 +210,13 @@ async def test_each_worker_has_its_own_registry(
     first, second = await scrape(http, one), await scrape(http, two)
     assert value(first, "nullworker_hold_seconds_count") == 1.0
     assert value(second, "nullworker_hold_seconds_count") == 0.0
-    assert one.worker.metrics.registry is not two.worker.metrics.registry
+    assert runtime(one).metrics.registry is not runtime(two).metrics.registry
 
 
 async def test_ready_is_zero_while_shutting_down(
     start_worker: StartWorker, http: httpx.AsyncClient
 ) -> None:
     info = await start_worker()
-    info.worker.begin_shutdown()
+    runtime(info).begin_shutdown()
     samples = await scrape(http, info)
     assert value(samples, "nullworker_ready") == 0.0

@@ -28,7 +28,7 @@ message names the example's index and its exact body; the same run of
 
 Every 4xx body must be a JSON object with an ``"error"`` key, except the ``422`` for a
 malformed envelope, which names each bad field instead (``{"auth_data": {...}}``), as
-the README's HTTP API documents.
+the HTTP API of docs/instance.md documents.
 
 Bodies are drawn as :class:`Body` values whose JSON text carries placeholders for the
 signed ``url`` and ``signature``; they are rendered to bytes (placeholders replaced,
@@ -66,7 +66,7 @@ from nullworker.vast.envelope import (
 from nullworker.vast.signing import sign_url
 from nullworker.worker.server import ServeInfo
 
-from .conftest import StartMemoryWorker, StartWorker, envelope, vast_settings
+from .conftest import StartMemoryWorker, StartWorker, envelope, runtime, vast_settings
 
 #: Placeholders for the values only known once a worker runs (see :meth:`Body.render`).
 URL_TOKEN = "@@url@@"
@@ -582,7 +582,7 @@ def _check_response(response: httpx.Response, what: str) -> None:
         assert data["released"] == "duration_elapsed", f"{data!r}: {what}"
         assert 0 <= data["duration"] <= MAX_HOLD_S, f"{data!r}: {what}"
     elif "error" not in data:
-        # A malformed envelope's 422 names each bad field instead (README, HTTP API).
+        # A malformed envelope's 422 names each bad field instead (docs/instance.md, HTTP API).
         assert status == 422, f"{status} {data!r}: {what}"
         # Standalone, a bare payload's bad duration is named where it was written.
         fields = {"auth_data", "payload", "session_id"}
@@ -600,7 +600,7 @@ async def _send_all(
 ) -> Counter[int]:
     """Send every example, then a normal reservation; return the examples' statuses."""
     statuses: Counter[int] = Counter()
-    slot = info.worker.slot
+    slot = runtime(info).slot
     for index, example in enumerate(examples):
         data = example.render(url, signature)
         what = f"example {index}: {example!r} rendered as {data[:300]!r}"
@@ -627,7 +627,7 @@ async def _check_worker_after(
     health = await http.get(f"{info.url}/health")
     assert health.status_code == 200, health.text
     assert health.json() == {"ready": True, "busy": False}
-    stats = info.worker.slot.statistics()
+    stats = runtime(info).slot.statistics()
     assert stats.busy is False
     assert stats.waiting == 0
     # Every 200 (an example's and each normal reservation's) was one hold that elapsed.
@@ -770,5 +770,5 @@ async def test_the_worker_frames_a_request_body_as_rfc_9112_does_or_refuses_it(
             assert status == 405, f"{data[:300]!r}: {what}"  # POST /health, read as framed
             seen["framed"] += 1
     assert seen["refused"] >= 10 and seen["framed"] >= 10, seen
-    assert not info.worker.slot.statistics().busy
+    assert not runtime(info).slot.statistics().busy
     assert _tracebacks(caplog) == []

@@ -1,19 +1,25 @@
-"""The README's examples, run as written, so that they cannot drift from the code.
+"""The examples of the README and of every docs/*.md page, run as written, so that they
+cannot drift from the code.
 
-* Every ```python block runs as a program of its own (``python -u``, in a temporary
-  directory, under a time bound) against a real local engine
-  (:class:`nullworker.engine.Engine`, served here) with one real worker registered to
-  it. The block sees the engine the way a user's program does, through
+* Every ```python block (of README.md and of each page, alike) runs as a program of its
+  own (``python -u``, in a temporary directory, under a time bound) against a real local
+  engine (:class:`nullworker.engine.Engine`, served here) with one real worker
+  registered to it. The block sees the engine the way a user's program does, through
   ``VAST_ENGINE_URL`` and ``VAST_API_KEY``; the engine checks the key.
 * A block that runs until stopped is interrupted (SIGINT, as Ctrl-C) once its output
   shows that it works. What shows it, and whether it must then end cleanly, is in
   :data:`PLANS`, keyed by a piece of the block's code; any other block must end by
   itself with status 0.
-* A block that cannot run on its own (a fragment of a larger program) is preceded in the
-  README by ``<!-- not-run: REASON -->``. Such markers are few, and each gives a reason.
+* A block that cannot run on its own (a fragment of a larger program) is preceded in its
+  file by ``<!-- not-run: REASON -->``. Such markers are few (at most
+  :data:`MAX_NOT_RUN_PER_FILE` in a file, :data:`MAX_NOT_RUN` in all), and each gives a
+  reason.
 * A ```bash block holds commands only: a line that looks like a command's output (JSON,
   an HTTP status line) belongs in a ```text block of its own, or pasting the block runs
   it as a command.
+* The README's test command is the one ``.ci/run`` runs, character for character, and so is
+  every copy of it in the pages; the configuration reference names every command-line flag
+  and every ``NULLWORKER_*`` variable the code reads.
 """
 
 from __future__ import annotations
@@ -39,26 +45,31 @@ from nullworker.worker.server import ServeInfo
 from .conftest import StartWorker, envelope
 from .helpers import Output
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+#: The files whose code blocks are run or checked: the README and every page of the site.
+FILES = [README, *sorted((REPO / "docs").glob("*.md"))]
 KEY = "readme-api-key"
 #: Bound on one block's run, from start to exit.
 RUN_TIMEOUT_S = 30.0
 #: Bound on the exit after SIGINT.
 EXIT_TIMEOUT_S = 10.0
-#: At most this many blocks may be marked not-run.
-MAX_NOT_RUN = 2
+#: At most this many blocks may be marked not-run in one file, and in all files together.
+MAX_NOT_RUN_PER_FILE = 2
+MAX_NOT_RUN = 4
 
 _FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w+-]*)\s*$")
 _NOT_RUN = re.compile(r"^\s*<!--\s*not-run:(?P<reason>.*?)-->\s*$")
 
 
-# -- the README's blocks ------------------------------------------------------------------
+# -- the blocks of the README and the pages ----------------------------------------------
 
 
 @dataclass(frozen=True)
 class Block:
-    """One fenced code block: its language, code (unindented) and where it starts."""
+    """One fenced code block: its file, language, code (unindented) and where it starts."""
 
+    file: str  # relative to the repository: README.md, docs/scaling.md
     lang: str
     code: str
     line: int  # 1-based line of the opening fence
@@ -66,10 +77,10 @@ class Block:
 
     @property
     def id(self) -> str:
-        return f"README.md:{self.line}"
+        return f"{self.file}:{self.line}"
 
 
-def readme_blocks(text: str) -> list[Block]:
+def file_blocks(text: str, file: str = "README.md") -> list[Block]:
     blocks: list[Block] = []
     lines = text.splitlines()
     index = 0
@@ -84,10 +95,11 @@ def readme_blocks(text: str) -> list[Block]:
         while end < len(lines) and lines[end].strip() != "```":
             body.append(lines[end][indent:] if lines[end][:indent].isspace() else lines[end])
             end += 1
-        assert end < len(lines), f"README.md:{index + 1}: the code block is never closed"
+        assert end < len(lines), f"{file}:{index + 1}: the code block is never closed"
         marker = _NOT_RUN.match(lines[index - 1]) if index else None
         blocks.append(
             Block(
+                file=file,
                 lang=opening["lang"],
                 code="\n".join(body) + "\n",
                 line=index + 1,
@@ -98,28 +110,43 @@ def readme_blocks(text: str) -> list[Block]:
     return blocks
 
 
-BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+def _relative(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
+BLOCKS = [
+    block
+    for path in FILES
+    for block in file_blocks(path.read_text(encoding="utf-8"), _relative(path))
+]
+README_BLOCKS = [b for b in BLOCKS if b.file == "README.md"]
 PYTHON = [b for b in BLOCKS if b.lang == "python"]
 TO_RUN = [b for b in PYTHON if b.not_run is None]
 SHELL = [b for b in BLOCKS if b.lang in ("bash", "sh", "shell")]
 
 
-def test_the_readme_has_python_examples_to_run() -> None:
+def test_the_docs_have_python_examples_to_run() -> None:
     assert len(TO_RUN) >= 3
 
 
-def test_not_run_markers_are_few_each_with_a_reason() -> None:
-    text = README.read_text(encoding="utf-8")
+@pytest.mark.parametrize("path", FILES, ids=[_relative(p) for p in FILES])
+def test_not_run_markers_are_few_each_with_a_reason(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
     markers = [line for line in text.splitlines() if "not-run" in line]
-    marked = [b for b in BLOCKS if b.not_run is not None]
+    marked = [b for b in BLOCKS if b.file == _relative(path) and b.not_run is not None]
     # Every marker stands right above a Python block (a stray one would excuse nothing).
     assert len(markers) == len(marked), markers
     assert all(b.lang == "python" for b in marked), [b.id for b in marked]
-    assert len(marked) <= MAX_NOT_RUN, [b.id for b in marked]
+    assert len(marked) <= MAX_NOT_RUN_PER_FILE, [b.id for b in marked]
     for block in marked:
         assert block.not_run is not None and len(block.not_run.split()) >= 4, (
             f"{block.id}: say why the block cannot run on its own"
         )
+
+
+def test_not_run_markers_are_few_in_all() -> None:
+    marked = [b.id for b in BLOCKS if b.not_run is not None]
+    assert len(marked) <= MAX_NOT_RUN, marked
 
 
 # -- running a block ----------------------------------------------------------------------
@@ -223,7 +250,7 @@ def plan_for(block: Block) -> Plan:
 
 def test_every_plan_names_a_block() -> None:
     for key in PLANS:
-        assert any(key in b.code for b in TO_RUN), f"no README block to run contains {key!r}"
+        assert any(key in b.code for b in TO_RUN), f"no block to run contains {key!r}"
 
 
 @pytest.fixture
@@ -249,7 +276,7 @@ async def test_python_block_runs(
     engine, _ = engine_with_worker
     assert engine.url is not None
     plan = plan_for(block)
-    script = tmp_path / f"readme_{block.line}.py"
+    script = tmp_path / f"{Path(block.file).stem}_{block.line}.py"
     script.write_text(block.code, encoding="utf-8")
     env = dict(
         os.environ,
@@ -328,7 +355,7 @@ def quick_start() -> tuple[Block, Block, Block]:
     start = text.index("## Quick start\n")
     end = text.index("\n## ", start)
     first, last = text[:start].count("\n") + 1, text[:end].count("\n") + 1
-    blocks = [b for b in BLOCKS if first < b.line < last]
+    blocks = [b for b in README_BLOCKS if first < b.line < last]
     (start_block,) = [b for b in blocks if b.lang == "bash" and "start_server.sh" in b.code]
     (reserve,) = [b for b in blocks if b.lang == "bash" and "localhost:3000/reserve" in b.code]
     printed = next(b for b in blocks if b.lang == "text" and b.line > reserve.line)
@@ -458,3 +485,118 @@ def test_shell_block_holds_commands_only(block: Block) -> None:
     assert output_lines(block.code) == [], (
         f"{block.id}: output inside a command block; put it in a ```text block of its own"
     )
+
+
+# -- the test command and the configuration reference -------------------------------------
+
+CI = REPO / ".ci" / "run"
+#: The line of .ci/run above the test command.
+_CI_MARKER = "# The README's test command, verbatim"
+
+
+def ci_test_command() -> str:
+    lines = CI.read_text(encoding="utf-8").splitlines()
+    (at,) = [i for i, line in enumerate(lines) if line.startswith(_CI_MARKER)]
+    return lines[at + 1]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """``.ci/run`` runs the README's test command as written, and the pages that show the
+    command show the same one."""
+    command = ci_test_command()
+    assert "pytest" in command and "pip install" in command, command
+    assert [b.id for b in README_BLOCKS if b.code == command + "\n"], (
+        f"README.md has no ```bash block holding exactly .ci/run's test command: {command}"
+    )
+    copies = [b for b in SHELL if "pytest -n" in b.code and "pip install -e" in b.code]
+    for block in copies:
+        if block.code.count("\n") == 1:  # the one-line form, as in the README
+            assert block.code == command + "\n", f"{block.id} differs from .ci/run's"
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    from nullworker.cli import main
+
+    try:
+        status = main([command, "--help"])
+    except SystemExit as exited:  # argparse's own exit, where main() does not catch it
+        status = exited.code
+    assert status in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["serve", "reserve", "autoscale", "hold", "engine", "dev"])
+def test_the_configuration_reference_names_every_flag(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reference = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    (section,) = [
+        part
+        for part in re.split(r"^## ", reference, flags=re.M)
+        if f"`nullworker {command}`" in part.splitlines()[0]
+    ]
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", _help(command, capsys))) - {"--help"}
+    missing = sorted(flag for flag in flags if f"`{flag}" not in section)
+    assert not missing, f"docs/configuration.md lists no {missing} of nullworker {command}"
+
+
+def test_the_configuration_reference_names_every_variable() -> None:
+    """Every ``NULLWORKER_*`` name the code or ``start_server.sh`` spells out, and the
+    Vast start-up environment, has its row."""
+    import ast
+
+    names: set[str] = set()
+    for path in (REPO / "nullworker").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if re.fullmatch(r"NULLWORKER_[A-Z0-9_]+", node.value):
+                    names.add(node.value)
+    script = (REPO / "start_server.sh").read_text(encoding="utf-8")
+    names |= set(re.findall(r"\$\{?(NULLWORKER_[A-Z0-9_]+)", script))
+    names |= {"WORKER_PORT", "REPORT_ADDR", "CONTAINER_ID", "PUBLIC_IPADDR", "MASTER_TOKEN"}
+    names |= {"UNSECURED", "USE_SSL", "MAX_RESERVATION_SECONDS", "MAX_QUEUE_TIME"}
+    names |= {"BACKEND_HEALTH_URL", "NULL_CONTROL_PORT", "VAST_API_KEY", "VAST_ENGINE_URL"}
+    reference = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert len(names) > 30
+    missing = sorted(name for name in names if f"`{name}" not in reference)
+    assert not missing, f"docs/configuration.md has no row for {missing}"
+
+
+# -- the README's links -------------------------------------------------------------------
+
+_LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor, as GitHub and the site's toc both make it for our headings."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_the_readme_links_to_pages_and_anchors_that_exist() -> None:
+    """Relative links (``docs/scaling.md#sources``) work on GitHub and in a checkout."""
+    text = README.read_text(encoding="utf-8")
+    targets = [m["target"] for m in _LINK.finditer(text) if "://" not in m["target"]]
+    assert any(t.startswith("docs/") for t in targets)
+    for target in targets:
+        path, _, anchor = target.partition("#")
+        page = REPO / path if path else README
+        assert page.is_file(), f"README.md links to {target}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", page.read_text(encoding="utf-8"), flags=re.M)
+            assert anchor in {_slug(h) for h in headings}, f"README.md links to {target}"
+
+
+def test_the_library_reference_covers_every_public_name() -> None:
+    """Each name of ``nullworker.__all__`` has its entry (``::: module.Name``) on the
+    Library API page, or is documented there with the module that defines it."""
+    import nullworker
+    import nullworker.errors
+
+    page = (REPO / "docs" / "library.md").read_text(encoding="utf-8")
+    entries = set(re.findall(r"^::: ([\w.]+)$", page, flags=re.M))
+    documented = {entry.rsplit(".", 1)[-1] for entry in entries}
+    if "nullworker.errors" in entries:
+        documented |= set(nullworker.errors.__all__)
+    missing = sorted(set(nullworker.__all__) - documented - {"__version__"})
+    assert not missing, f"docs/library.md has no entry for {missing}"

@@ -20,7 +20,7 @@ import trio
 from nullworker import release_reservation
 from nullworker.worker.server import ServeInfo
 
-from .conftest import StartWorker, envelope
+from .conftest import StartWorker, envelope, runtime
 from .helpers import wait_until
 
 URL = "http://127.0.0.1:1"  # any url: unsecured workers do not check it
@@ -57,7 +57,7 @@ async def test_a_release_must_name_what_it_ends(
     url = f"{info.control_url}/release"
     held = Reserved()
     nursery.start_soon(held.run, http, info, 60.0)
-    await wait_until(lambda: info.worker.slot.busy)
+    await wait_until(lambda: runtime(info).slot.busy)
     shown = await active(http, info)
     assert shown is not None and shown["request_idx"] == held.request_idx
 
@@ -83,7 +83,7 @@ async def test_a_release_must_name_what_it_ends(
     assert conflict["active"]["request_idx"] == held.request_idx
     response = await http.post(url, json={"started_before": shown["started_at"]})
     assert response.status_code == 409  # started at, not before
-    assert info.worker.slot.busy and not held.done.is_set()
+    assert runtime(info).slot.busy and not held.done.is_set()
 
     # Named: ended at once.
     response = await http.post(url, json={"id": shown["id"]})
@@ -114,9 +114,9 @@ async def test_a_release_racing_the_next_reservation_never_ends_it(
         a, b = Reserved(), Reserved()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(a.run, http, info, 0.1)
-            await wait_until(lambda: info.worker.slot.busy)
+            await wait_until(lambda: runtime(info).slot.busy)
             nursery.start_soon(b.run, http, info, 30.0)
-            await wait_until(lambda: info.worker.slot.statistics().waiting == 1)
+            await wait_until(lambda: runtime(info).slot.statistics().waiting == 1)
             seen = await active(http, info)
             assert seen is not None
             if seen["request_idx"] != a.request_idx:
@@ -130,7 +130,7 @@ async def test_a_release_racing_the_next_reservation_never_ends_it(
             decided_at = time.time()
             if round_no % 4 == 0:
                 await a.done.wait()  # A's own release comes after A ended and B started
-                await wait_until(lambda: info.worker.slot.statistics().waiting == 0)
+                await wait_until(lambda: runtime(info).slot.statistics().waiting == 0)
             else:
                 await trio.sleep(rng.uniform(0.0, 0.2))
             named = {"id": seen["id"]} if round_no % 2 else {"started_before": decided_at}
@@ -147,7 +147,7 @@ async def test_a_release_racing_the_next_reservation_never_ends_it(
                 else:
                     outcomes["nothing held"] += 1
             # B is held, untouched, until we end it by name.
-            await wait_until(lambda: info.worker.slot.statistics().waiting == 0)
+            await wait_until(lambda: runtime(info).slot.statistics().waiting == 0)
             await a.done.wait()
             shown = await active(http, info)
             assert shown is not None and shown["request_idx"] == b.request_idx, round_no
@@ -164,7 +164,7 @@ async def test_a_release_racing_the_next_reservation_never_ends_it(
     assert sum(outcomes.values()) == 100
     # The rounds whose release surely came after B started.
     assert outcomes["conflict with B"] >= 25, outcomes
-    counts = info.worker.slot.statistics().counts
+    counts = runtime(info).slot.statistics().counts
     assert counts["explicit"] == 100 + outcomes["released A"] + slow_looks
 
 
@@ -176,10 +176,10 @@ async def test_release_reservation_names_the_decision(
     decided_at = time.time()
     held = Reserved()
     nursery.start_soon(held.run, http, info, 60.0)
-    await wait_until(lambda: info.worker.slot.busy)
+    await wait_until(lambda: runtime(info).slot.busy)
     late = await release_reservation(started_before=decided_at, control_url=info.control_url)
     assert late["released"] is False and late["active"]["request_idx"] == held.request_idx
-    assert info.worker.slot.busy
+    assert runtime(info).slot.busy
     answer = await release_reservation(control_url=info.control_url)
     assert answer["released"] is True and answer["request_idx"] == held.request_idx
     with trio.fail_after(5):

@@ -42,7 +42,7 @@ from nullworker.worker.reporter import (
 )
 from nullworker.worker.reservations import ReservationSlot
 
-from .conftest import STATUS_FIELDS, StartWorker
+from .conftest import STATUS_FIELDS, StartWorker, runtime
 from .helpers import closed_url, reserved_port
 
 STATUS = "/worker_status/"
@@ -1008,7 +1008,7 @@ async def test_worker_without_the_engine_key_reports_the_error_then_recovers(
             lambda b: b["max_perf"] == 100.0 and b["error_msg"] == "", within_s=10
         )
         assert recovered["loadtime"] > 0
-    assert ready and ready[0].worker.public_key is not None
+    assert ready and runtime(ready[0]).public_key is not None
     assert len(rec.attempts(PUBKEY)) == 6
 
 

@@ -1,7 +1,7 @@
 """The reporter's sans-IO accounting, walked with plain synchronous calls.
 
 As h11's ``tests/test_state.py`` walks its state machine: no network, no Trio, no clock;
-each test feeds :class:`_Accounting` (or the pacing arithmetic) inputs and checks what it
+each test feeds :class:`Accounting` (or the pacing arithmetic) inputs and checks what it
 answers, including the inputs its state does not allow. The delivery over real sockets
 is ``tests/test_reporter.py``'s.
 """
@@ -17,14 +17,14 @@ from nullworker.worker.config import WorkerConfig
 from nullworker.worker.reporter._core import (
     _MAX_PENDING_DELETES,
     RETRY_CAP_S,
-    _Accounting,
+    Accounting,
+    TokenBucket,
     _AccountingError,
-    _delete_addrs,
-    _delete_body,
-    _delete_groups,
-    _round_backoff_s,
-    _TokenBucket,
-    _try_pause_s,
+    delete_addrs,
+    delete_body,
+    delete_groups,
+    round_backoff_s,
+    try_pause_s,
 )
 from nullworker.worker.reservations import Outcome, Reservation, ReservationEvent
 
@@ -43,8 +43,8 @@ def make_config(**overrides: Any) -> WorkerConfig:
     return WorkerConfig(**settings)
 
 
-def make_acc(*, journaled: bool = False, disk_gib: float = 1.0) -> _Accounting:
-    return _Accounting(make_config(), disk_gib=disk_gib, journaled=journaled)
+def make_acc(*, journaled: bool = False, disk_gib: float = 1.0) -> Accounting:
+    return Accounting(make_config(), disk_gib=disk_gib, journaled=journaled)
 
 
 def reservation(idx: int | None, *, workload: float = 100.0) -> Reservation:
@@ -52,23 +52,23 @@ def reservation(idx: int | None, *, workload: float = 100.0) -> Reservation:
     return Reservation(id=next(_ids), duration_s=30.0, workload=workload, tag=tag)
 
 
-def queued(acc: _Accounting, res: Reservation) -> bool:
+def queued(acc: Accounting, res: Reservation) -> bool:
     return acc.apply(ReservationEvent("queued", res))
 
 
-def ended(acc: _Accounting, res: Reservation, outcome: Outcome = Outcome.RELEASED) -> bool:
+def ended(acc: Accounting, res: Reservation, outcome: Outcome = Outcome.RELEASED) -> bool:
     res.outcome = outcome
     res.entered_queue_at, res.started_at, res.ended_at = 1000.0, 1001.0, 1002.0
     return acc.apply(ReservationEvent("ended", res))
 
 
-def deliver_status(acc: _Accounting, *, now: float = 0.0) -> dict[str, Any]:
+def deliver_status(acc: Accounting, *, now: float = 0.0) -> dict[str, Any]:
     snap = acc.status_sending(now=now, disk_gib=1.0)
     acc.status_delivered(snap)
     return snap.body
 
 
-def end_and_report(acc: _Accounting, *idxs: int) -> None:
+def end_and_report(acc: Accounting, *idxs: int) -> None:
     for idx in idxs:
         res = reservation(idx)
         queued(acc, res)
@@ -371,18 +371,18 @@ def test_bodies_and_groups_in_both_formats() -> None:
     deliver_status(acc)
     batch = acc.next_batch()
     modern = make_config()
-    assert _delete_groups(modern, batch) == [batch]
-    body = _delete_body(modern, batch)
+    assert delete_groups(modern, batch) == [batch]
+    body = delete_body(modern, batch)
     assert body["worker_id"] == 7 and [r["request_idx"] for r in body["requests"]] == [1, 2]
     legacy = make_config(delete_requests_format="legacy")
-    groups = _delete_groups(legacy, batch)
+    groups = delete_groups(legacy, batch)
     assert [[e.request_idx for e in g] for g in groups] == [[1], [2]]
-    assert [_delete_body(legacy, g)["success"] for g in groups] == [True, False]
+    assert [delete_body(legacy, g)["success"] for g in groups] == [True, False]
 
 
 def test_the_address_that_never_takes_deletes_is_left_out() -> None:
     addrs = ("https://cloud.vast.ai/api/v0/", "http://engine.test")
-    assert _delete_addrs(addrs) == ["http://engine.test"]
+    assert delete_addrs(addrs) == ["http://engine.test"]
 
 
 # -- scheduling and pacing --------------------------------------------------------------
@@ -411,7 +411,7 @@ def test_a_due_heartbeat_makes_the_unchanged_state_owed() -> None:
 
 
 def test_the_bucket_gives_a_burst_then_one_round_per_interval() -> None:
-    bucket = _TokenBucket(burst=2, interval_s=1.0)
+    bucket = TokenBucket(burst=2, interval_s=1.0)
     waits = []
     now = 0.0
     for _ in range(5):
@@ -426,15 +426,15 @@ def test_the_bucket_gives_a_burst_then_one_round_per_interval() -> None:
 
 
 def test_the_bucket_never_waits_without_an_interval() -> None:
-    bucket = _TokenBucket(burst=1, interval_s=0.0)
+    bucket = TokenBucket(burst=1, interval_s=0.0)
     for _ in range(3):
         assert bucket.wait_s(0.0) == 0.0
         bucket.take(0.0)
 
 
 def test_backoff_doubles_and_is_capped() -> None:
-    pauses = [_round_backoff_s(n, engine_retry_s=0.5, heartbeat_s=10.0) for n in (1, 2, 3, 40)]
+    pauses = [round_backoff_s(n, engine_retry_s=0.5, heartbeat_s=10.0) for n in (1, 2, 3, 40)]
     assert pauses == [0.5, RETRY_CAP_S, RETRY_CAP_S, RETRY_CAP_S]
-    assert _round_backoff_s(1, engine_retry_s=0.5, heartbeat_s=0.2) == 0.2
-    tries = [_try_pause_s(n, engine_retry_s=0.25) for n in (1, 2, 3)]
+    assert round_backoff_s(1, engine_retry_s=0.5, heartbeat_s=0.2) == 0.2
+    tries = [try_pause_s(n, engine_retry_s=0.25) for n in (1, 2, 3)]
     assert tries == [0.25, 0.5, RETRY_CAP_S]

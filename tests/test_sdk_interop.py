@@ -174,7 +174,7 @@ async def test_engine_routes_to_the_sdk_worker_and_the_client_holds_it(
     # (2) Our client, routed by our engine, holds it; the SDK checked our signature
     # (UNSECURED=false) and answered in its remote-function shape.
     assert engine.url is not None
-    r = await hold("ep", duration=1, api_key=API_KEY, engine_url=engine.url)
+    r = await hold("ep", duration_s=1, api_key=API_KEY, engine_url=engine.url)
     assert r.worker_url == sdk_worker.url, sdk_worker.log_tail()
     assert r.status == 200, sdk_worker.log_tail()
     assert r.outcome == "duration_elapsed"
@@ -201,13 +201,13 @@ async def test_sdk_worker_checks_signatures_and_sees_our_disconnect(
     )
     assert impostor.url is not None
     with pytest.raises(ReservationFailed) as refused:
-        await hold("ep", duration=1, api_key=API_KEY, engine_url=impostor.url)
+        await hold("ep", duration_s=1, api_key=API_KEY, engine_url=impostor.url)
     assert refused.value.status == 401, sdk_worker.log_tail()
 
     # (3b) Leaving the block drops the connection; the SDK cancels the hold at once.
     assert engine.url is not None
     with trio.fail_after(10):
-        async with reserve("ep", duration=60, api_key=API_KEY, engine_url=engine.url) as r:
+        async with reserve("ep", duration_s=60, api_key=API_KEY, engine_url=engine.url) as r:
             assert r.worker_url == sdk_worker.url
             await engine.wait_for(
                 lambda e: r.request_idx in e.workers[sdk_worker.container_id].working_request_idxs,

@@ -460,3 +460,67 @@ async def test_unreadable_tls_files_are_a_configuration_error_the_engine_hears(
     assert str(missing) in line and "Traceback" not in out
     reason = line.removeprefix("nullworker: failed to start: ")
     assert reason in await engine_error(vast_engine)
+
+
+#: A reporting bug that fires once ``$FAIL_MARKER`` exists, as a ``sitecustomize`` module:
+#: Hypercorn's ``--workers 1`` runs the app in a spawned process, which imports it too.
+_LATE_REPORTING_BUG = """
+import os
+if os.environ.get("FAIL_MARKER"):
+    from nullworker.worker.reporter import EngineReporter
+    original = EngineReporter._round
+    async def _round(self, *args, **kwargs):
+        if os.path.exists(os.environ["FAIL_MARKER"]):
+            raise RuntimeError("late reporting bug")
+        return await original(self, *args, **kwargs)
+    EngineReporter._round = _round
+"""
+
+
+async def test_under_hypercorns_own_cli_a_runtime_failure_stops_the_process(
+    vast_engine: Any, tmp_path: Path
+) -> None:
+    """`create_app()` is the one path where the runtime's failure cannot reach a caller:
+    there the process stops itself (SIGTERM to itself, then Hypercorn's graceful stop)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_LATE_REPORTING_BUG)
+    marker = tmp_path / "fail-now"
+    env = worker_env(tmp_path, vast_engine, FAIL_MARKER=str(marker))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    port, control = env["WORKER_PORT"], env["NULLWORKER_CONTROL_PORT"]
+    log_path = tmp_path / "hypercorn.log"
+    hypercorn = Path(sys.executable).parent / "hypercorn"
+    with log_path.open("wb") as log_file:
+        proc = await trio.lowlevel.open_process(
+            [
+                str(hypercorn),
+                "--worker-class",
+                "trio",
+                "--workers",
+                "1",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "nullworker.app:create_app()",
+            ],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=30)
+        marker.touch()
+        async with httpx.AsyncClient(timeout=30) as http:
+            try:  # a local hold changes the state: the next report round fails
+                await http.post(f"http://127.0.0.1:{control}/hold", json={"duration": 0.5})
+            except httpx.TransportError:
+                pass  # the failure may stop the control listener first: either is fine
+        with trio.fail_after(60):  # it must stop by itself
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    output = log_path.read_text()
+    assert "worker failed: RuntimeError: late reporting bug" in output, output
+    await vast_engine.wait_for(lambda e: "late reporting bug" in e.workers[11].error_msg)

@@ -197,7 +197,7 @@ async def test_client_trusts_a_worker_certificate_named_by_ssl_cert_file(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The README's recipe for a Vast-signed worker certificate: SSL_CERT_FILE."""
+    """The recipe of docs/deploying.md for a Vast-signed worker certificate: SSL_CERT_FILE."""
     from nullworker.client import hold
 
     cert, key = make_cert(tmp_path)
@@ -208,7 +208,7 @@ async def test_client_trusts_a_worker_certificate_named_by_ssl_cert_file(
     assert vast_engine.workers[7].url.startswith("https://127.0.0.1:")
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     assert vast_engine.url is not None
-    reservation = await hold("ep", duration=0.1, api_key="k", engine_url=vast_engine.url)
+    reservation = await hold("ep", duration_s=0.1, api_key="k", engine_url=vast_engine.url)
     assert reservation.outcome == "duration_elapsed"
 
 
@@ -242,7 +242,7 @@ async def test_the_client_accepts_a_vast_shaped_chain_that_strict_x509_refuses(
     # Without that root the client does not trust the worker, and says why.
     assert vast_engine.url is not None
     with pytest.raises(ReservationRejected) as rejected:
-        await hold("ep", duration=0.1, api_key="k", engine_url=vast_engine.url, max_rejections=0)
+        await hold("ep", duration_s=0.1, api_key="k", engine_url=vast_engine.url, max_rejections=0)
     assert (
         "TLS certificate not trusted: unable to get local issuer certificate "
         "(SSL_CERT_FILE names the CA bundle)" in str(rejected.value)
@@ -250,7 +250,7 @@ async def test_the_client_accepts_a_vast_shaped_chain_that_strict_x509_refuses(
 
     # The client, pointed at a bundle with that root, holds the worker.
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    reservation = await hold("ep", duration=0.1, api_key="k", engine_url=vast_engine.url)
+    reservation = await hold("ep", duration_s=0.1, api_key="k", engine_url=vast_engine.url)
     assert reservation.outcome == "duration_elapsed"
 
     # Everything else stays strict: a certificate for another host, or from another CA.
@@ -326,7 +326,7 @@ async def test_the_client_fetches_vast_root_once_and_holds_an_https_worker(
     await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
     assert vast_engine.url is not None
     for _ in range(2):
-        reservation = await hold("ep", duration=0.1, api_key="k", engine_url=vast_engine.url)
+        reservation = await hold("ep", duration_s=0.1, api_key="k", engine_url=vast_engine.url)
         assert reservation.outcome == "duration_elapsed"
     assert len(heads) == 1 and heads[0].startswith(b"GET /jvastai_root.cer HTTP/1.1")
     # Public roots are still there beside it.
@@ -362,7 +362,7 @@ async def test_a_root_that_cannot_be_fetched_is_named_in_the_refusal(
     await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
     assert vast_engine.url is not None
     with pytest.raises(ReservationRejected) as rejected:
-        await hold("ep", duration=0.1, api_key="k", engine_url=vast_engine.url, max_rejections=1)
+        await hold("ep", duration_s=0.1, api_key="k", engine_url=vast_engine.url, max_rejections=1)
     message = str(rejected.value)
     assert f"Vast's root certificate could not be fetched from {url}" in message
     assert reason in message and "TLS certificate not trusted" in message

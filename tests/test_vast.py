@@ -20,7 +20,7 @@ from nullworker.vast import signing
 from nullworker.vast.signing import generate_private_key, sign_url, verify_url
 from nullworker.worker.server import ServeInfo
 
-from .conftest import STATUS_FIELDS, StartWorker, envelope, vast_settings
+from .conftest import STATUS_FIELDS, StartWorker, envelope, runtime, vast_settings
 from .helpers import wait_until
 from .test_http import open_raw_reservation
 
@@ -61,7 +61,7 @@ async def test_ready_report_has_every_field(start_worker: StartWorker, vast_engi
     assert report["error_msg"] == ""
     assert report["url"] == info.public_url
     assert report["num_requests_working"] == 0
-    assert info.worker.public_key is not None
+    assert runtime(info).public_key is not None
 
 
 async def test_routed_reservation_is_signed_reported_busy_then_idle_and_finished(
@@ -183,7 +183,7 @@ async def test_disconnect_is_reported_cancelled_and_next_in_queue_runs(
             result["r"] = await http.post(f"{info.url}/reserve", json=second)
 
         nursery.start_soon(queued)
-        await wait_until(lambda: info.worker.slot.statistics().waiting == 1)
+        await wait_until(lambda: runtime(info).slot.statistics().waiting == 1)
         await stream.aclose()
     assert result["r"].status_code == 200
     await vast_engine.wait_for(lambda e: {501, 502} <= {f.request_idx for f in e.finished})
@@ -201,7 +201,7 @@ async def test_queue_timeout_is_reported_rejected(
     async with trio.open_nursery() as nursery:
         first = envelope(url, key=vast_engine.private_key, request_idx=601, payload={"duration": 1})
         nursery.start_soon(partial(http.post, f"{info.url}/reserve", json=first))
-        await wait_until(lambda: info.worker.slot.statistics().busy)
+        await wait_until(lambda: runtime(info).slot.statistics().busy)
         response = await http.post(
             f"{info.url}/reserve",
             json=envelope(
@@ -246,7 +246,7 @@ async def test_a_rotated_engine_key_is_refetched_and_the_failing_request_accepte
     start_worker: StartWorker, vast_engine: Any, http: httpx.AsyncClient
 ) -> None:
     info = await start_ready(start_worker, vast_engine, key_refresh_min_s=0.0)
-    old = info.worker.public_key
+    old = runtime(info).public_key
     rotate_key(vast_engine)
     auth = await route(http, vast_engine)
     # Signed with a key the worker does not know yet: it refetches and checks again.
@@ -254,7 +254,7 @@ async def test_a_rotated_engine_key_is_refetched_and_the_failing_request_accepte
         f"{info.url}/reserve", json={"auth_data": auth, "payload": {"duration": 0}}
     )
     assert first.status_code == 200, first.text
-    assert info.worker.public_key is not old
+    assert runtime(info).public_key is not old
 
 
 async def test_an_attackers_bad_signature_does_not_delay_valid_requests_after_a_rotation(
@@ -356,7 +356,7 @@ async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
     try:
         async with trio.open_nursery() as nursery:
             info: ServeInfo = await nursery.start(serve, config)
-            await info.worker.ready.wait()
+            await info.wait_ready()
             url = info.public_url or ""
 
             async def hold() -> None:
@@ -366,8 +366,8 @@ async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
             nursery.start_soon(hold)
             await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].busy)
             armed = True
-            assert info.worker.reporter is not None
-            info.worker.reporter.set_ready(max_perf=100.0)  # any change starts a round
+            assert runtime(info).reporter is not None
+            runtime(info).reporter.set_ready(max_perf=100.0)  # any change starts a round
     except* WorkerFailed as group:
         failures.extend(e for e in group.exceptions if isinstance(e, WorkerFailed))
     assert len(failures) == 1 and "boom" in str(failures[0])
@@ -382,7 +382,7 @@ async def test_a_replayed_envelope_gets_409_while_held_or_queued_and_is_reported
 ) -> None:
     info = await start_ready(start_worker, vast_engine, max_queue_time_s=30.0)
     url = info.public_url or ""
-    slot = info.worker.slot
+    slot = runtime(info).slot
     held = envelope(url, key=vast_engine.private_key, request_idx=901, payload={"duration": 600})
     queued = envelope(url, key=vast_engine.private_key, request_idx=902, payload={"duration": 0})
     stream = await open_raw_reservation(info, {}, signed=held)
@@ -406,8 +406,8 @@ async def test_a_replayed_envelope_gets_409_while_held_or_queued_and_is_reported
                 "request_idx": idx,
             }
         assert slot.statistics().waiting == 1
-        assert info.worker.reporter is not None
-        assert info.worker.reporter.statistics()["num_requests_working"] == 2
+        assert runtime(info).reporter is not None
+        assert runtime(info).reporter.statistics()["num_requests_working"] == 2
         await stream.aclose()  # the holder goes away: 901 Cancelled, then 902 runs
     assert result["queued"].status_code == 200
     await vast_engine.wait_for(
@@ -508,3 +508,167 @@ async def test_another_workers_url_is_refused_and_logged_once_per_episode(
     bad = envelope(others[2], key=key, request_idx=1101, payload={"duration": 0})
     assert (await http.post(f"{info.url}/reserve", json=bad)).status_code == 401
     assert len(warnings()) == 2 and "http://10.1.2.4:41234" in warnings()[1]
+
+
+async def test_serve_runs_the_runtime_and_both_listeners_in_its_one_nursery(
+    vast_engine: Any, tmp_path: Any
+) -> None:
+    """The task tree of a running worker: ``serve`` owns one nursery, and the runtime,
+    the control listener and the main port are its children (not the app's lifespan)."""
+    from nullworker.worker.config import WorkerConfig
+    from nullworker.worker.server import serve
+
+    config = WorkerConfig(
+        port=0, control_port=0, lock_dir=str(tmp_path), **vast_settings(vast_engine)
+    )
+    async with trio.open_nursery() as nursery:
+        info: ServeInfo = await nursery.start(serve, config)
+        await info.wait_ready()
+        [serve_task] = nursery.child_tasks
+        assert serve_task.name == "nullworker.worker.server.serve"
+        [own] = serve_task.child_nurseries
+        assert sorted(task.name for task in own.child_tasks) == [
+            "nullworker.worker.app.serve_control",
+            "nullworker.worker.runtime.Worker.run",
+            "nullworker.worker.server._serve_main",
+        ]
+        # What a program that embeds the worker sees: where it listens and read-only views.
+        status = info.status()
+        assert status["ready"] and not status["busy"] and status["mode"] == "vast"
+        status["counts"]["started"] = 99  # a snapshot: changing it changes nothing
+        assert info.status()["counts"]["started"] == 0
+        assert not hasattr(info, "worker") and "_runtime" not in repr(info)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_runtime_failure_propagates_out_of_serve_with_its_cause_and_no_signal(
+    vast_engine: Any, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A library caller catches the runtime's failure from ``await serve(...)`` itself,
+    with the original error as its cause; no SIGTERM is sent to the process."""
+    import signal
+
+    from nullworker.errors import WorkerFailed
+    from nullworker.worker.config import WorkerConfig
+    from nullworker.worker.reporter import EngineReporter
+    from nullworker.worker.server import serve
+
+    original = EngineReporter._round
+    armed = False
+
+    async def flaky_round(self: EngineReporter, *args: Any, **kwargs: Any) -> bool:
+        if armed:
+            raise RuntimeError("boom")
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EngineReporter, "_round", flaky_round)
+    config = WorkerConfig(
+        port=0, control_port=0, graceful_timeout_s=1.0, **vast_settings(vast_engine)
+    )
+    signals: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: signals.append(signum))
+    caught: list[WorkerFailed] = []
+
+    async def library_caller(*, task_status: trio.TaskStatus[ServeInfo]) -> None:
+        try:
+            await serve(config, task_status=task_status)
+        except WorkerFailed as exc:  # on its own: no exception group to look into
+            caught.append(exc)
+
+    held: dict[str, httpx.Response] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            info: ServeInfo = await nursery.start(library_caller)
+            await info.wait_ready()
+
+            async def hold() -> None:
+                signed = envelope(
+                    info.public_url or "", key=vast_engine.private_key, payload={"duration": 600}
+                )
+                held["response"] = await http.post(f"{info.url}/reserve", json=signed)
+
+            nursery.start_soon(hold)
+            await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].busy)
+            armed = True
+            # Any change starts a report round; a local hold is one the public surface makes.
+            assert info.control_url is not None
+            with trio.move_on_after(30):
+                try:
+                    await http.post(f"{info.control_url}/hold", json={"duration": 0.5})
+                except httpx.TransportError:
+                    pass  # the failure may stop the control listener first: either is fine
+        with trio.fail_after(10):
+            await vast_engine.wait_for(lambda e: "boom" in e.workers[7].error_msg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(caught) == 1 and "RuntimeError: boom" in str(caught[0])
+    assert isinstance(caught[0].__cause__, RuntimeError)
+    assert signals == []
+    assert held["response"].status_code == 503
+    assert held["response"].json()["released"] == "shutdown"
+
+
+def _shut_down_listener(port: int) -> None:
+    """``shutdown()`` this process's socket listening on 127.0.0.1:``port``: its next
+    ``accept()`` fails (EINVAL), as a listener that broke under the server would."""
+    import os
+    import socket
+
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue  # not a socket
+        with sock:
+            try:
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                address = sock.getsockname()
+            except OSError:
+                continue
+            if listening and address == ("127.0.0.1", port):
+                sock.shutdown(socket.SHUT_RDWR)
+                return
+    raise AssertionError(f"no listener on port {port}")
+
+
+async def test_a_listener_failing_after_start_up_stops_serve_as_a_worker_failure(
+    vast_engine: Any,
+) -> None:
+    """The control listener is a child of ``serve``'s nursery like the runtime: when it
+    breaks, the engine hears why and the caller gets :class:`WorkerFailed`, no signal."""
+    import signal
+    from urllib.parse import urlsplit
+
+    from nullworker.errors import WorkerFailed
+    from nullworker.worker.config import WorkerConfig
+    from nullworker.worker.server import serve
+
+    config = WorkerConfig(
+        port=0, control_port=0, graceful_timeout_s=1.0, **vast_settings(vast_engine)
+    )
+    signals: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: signals.append(signum))
+    caught: list[WorkerFailed] = []
+
+    async def library_caller(*, task_status: trio.TaskStatus[ServeInfo]) -> None:
+        try:
+            await serve(config, task_status=task_status)
+        except WorkerFailed as exc:
+            caught.append(exc)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            info: ServeInfo = await nursery.start(library_caller)
+            await info.wait_ready()
+            await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].ready)
+            control_port = urlsplit(info.control_url or "").port
+            assert control_port is not None
+            _shut_down_listener(control_port)
+        with trio.fail_after(10):
+            await vast_engine.wait_for(lambda e: "worker failed" in e.workers[7].error_msg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(caught) == 1 and "OSError" in str(caught[0]), caught
+    assert isinstance(caught[0].__cause__, OSError)
+    assert signals == []
+    assert not vast_engine.workers[7].ready  # told: it no longer counts as ready

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["redact"]
+from .._support import describe_error
+
+__all__ = ["reason", "redact"]
 
 _URL_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>[^\s'\"<>]*)")
 _SECRET_PARAM_RE = re.compile(
@@ -28,6 +30,12 @@ def redact(text: str) -> str:
     holding an unescaped ``@`` or ``/`` is masked whole too.
     """
     return _URL_RE.sub(_redact_url_match, text)
+
+
+def reason(exc: BaseException) -> str:
+    """``exc`` in one phrase (``"Name: text"``) with every URL's credentials masked: how
+    the demand sources and the lease say why a server call failed."""
+    return redact(describe_error(exc))
 
 
 def _redact_url_match(match: re.Match[str]) -> str:

@@ -20,17 +20,18 @@ reservation released at once). Nothing else ends the command: an unreadable sour
 refusing engine is printed and retried with backoff.
 
 With ``--lease URL KEY`` several of these processes run side by side and only the holder
-of a Redis lease (:mod:`.lease`) holds reservations: the command loops { wait for the
-lease (``standby``) -> ``lease_acquired`` -> ``autoscale()`` until the lease is lost
-(``lease_lost``, which cancels it and so closes every reservation) }. At SIGINT/SIGTERM
-the leader closes its reservations first, then deletes the lease (``lease_released``) so
-that a standby takes over at its next attempt.
+of a Redis lease (:mod:`.lease`) holds reservations; with ``--config`` and several
+leased endpoints, the processes share them out (:mod:`.sharing`, whose
+:func:`~.sharing.autoscale_endpoints` runs the endpoints: the loop { standby ->
+``lease_acquired`` -> ``autoscale()`` until ``lease_lost`` } is there). At
+SIGINT/SIGTERM the leader closes its reservations first, then deletes the lease
+(``lease_released``) so that a standby takes over at its next attempt.
 
 With ``--config FILE.toml`` (:mod:`.autoscale_config`) one process drives several
 endpoints, each with its sources, policy, API key and lease: the file is checked whole
-before anything starts (``--check`` prints the plan and stops there), every endpoint
-runs as a task of its own in one nursery, and each line says whose it is (``endpoint``
-in JSON; a ``[NAME]`` prefix in text when there are several).
+before anything starts (``--check`` prints the plan and stops there), and each line
+says whose it is (``endpoint`` in JSON; a ``[NAME]`` prefix in text when there are
+several). Every lease event carries this process's ``token`` (one per process).
 
 Concurrency invariants
 ----------------------
@@ -44,8 +45,8 @@ Concurrency invariants
   the Trio run starts and closed after it ends. A scrape takes its snapshots in the Trio
   thread (``trio.from_thread.run_sync``), never by reading the autoscaler's state from
   the server's thread.
-* With a lease, each term runs its own ``autoscale()`` call. The counters of the terms
-  that ended are added up here (``_Totals``), so the metrics' counters never go back; a
+* With a lease, each term runs its own ``autoscale()`` call; the ended terms' counters
+  are kept by :class:`~.sharing.EndpointRun`, so the metrics' counters never go back; a
   standby has no autoscaler, and serves the lease metrics only. ``lease_lost`` is printed
   (with the reservations about to be released) before the term's cancellation runs.
 """
@@ -57,13 +58,13 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import sys
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -75,12 +76,13 @@ from .autoscale_config import (
     ConfigFileError,
     EndpointOptions,
     LeaseOptions,
+    lease_from_flags,
     load_config,
     new_source,
     plan_lines,
 )
-from .autoscaler import AutoscaleEvent, Autoscaler, AutoscalerStatistics, HeldReservation, autoscale
-from .cli import _SIGNAL_EXIT, EXIT_USAGE
+from .autoscaler import AutoscaleEvent, AutoscalerStatistics, HeldReservation, autoscale
+from .cli import EXIT_USAGE, SIGNAL_EXIT
 from .demand import DemandSource, redact
 from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
 from .lease import (
@@ -91,7 +93,9 @@ from .lease import (
     LeaseStatistics,
     RedisLease,
 )
+from .policy import ScheduleWindow, parse_schedule
 from .reservation import DEFAULT_ENGINE_URL, reserve
+from .sharing import EndpointRun, ShareEvent, autoscale_endpoints
 
 __all__ = ["EXIT_METRICS", "EXIT_USAGE", "main"]
 
@@ -128,7 +132,7 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         help="several endpoints from a TOML file (instead of --endpoint and the options of "
-        "one endpoint); see the README's 'One autoscaler for all your endpoints'",
+        "one endpoint); see 'One autoscaler for all your endpoints' in docs/scaling.md",
     )
     parser.add_argument(
         "--check",
@@ -218,6 +222,12 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         help="with --sqs: count delayed messages (ApproximateNumberOfMessagesDelayed) too",
     )
     sources.add_argument(
+        "--postgres-age-query",
+        metavar="QUERY",
+        help="with --postgres: a query returning the oldest waiting job's age in seconds "
+        "(NULL: none or unknown), for --age-boost-after",
+    )
+    sources.add_argument(
         "--vhost",
         default=None,
         metavar="VHOST",
@@ -266,6 +276,53 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="each reservation's duration, renewed while wanted (default: the worker's cap)",
+    )
+    rules = parser.add_argument_group("policy rules (see docs/scaling-policy.md)")
+    rules.add_argument(
+        "--activation",
+        type=int,
+        default=0,
+        metavar="N",
+        help="from no reservation, start only when more than N jobs wait (KEDA's "
+        "activationQueueLength) (0)",
+    )
+    rules.add_argument(
+        "--scale-to-zero-delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="release the last reservation only after no jobs for this long (default: "
+        "--scale-down-delay)",
+    )
+    rules.add_argument(
+        "--max-new-per-minute",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start at most N reservations within any 60 s (default: no limit)",
+    )
+    rules.add_argument(
+        "--min-schedule",
+        action="append",
+        default=None,
+        metavar="'DAYS HH:MM-HH:MM [TZ]=N'",
+        help="a minimum for a weekly window, e.g. 'mon-fri 08:00-18:00 UTC=3' (the zone "
+        "defaults to UTC; a window may cross midnight); repeatable, the largest applies",
+    )
+    rules.add_argument(
+        "--age-boost-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="while the oldest waiting job is older than this, hold --age-boost more "
+        "(sources that can tell: --redis-stream, --rabbitmq, --postgres-age-query)",
+    )
+    rules.add_argument(
+        "--age-boost",
+        type=int,
+        default=None,
+        metavar="N",
+        help="workers added by --age-boost-after (1)",
     )
     parser.add_argument(
         "--api-key", default=None, metavar="KEY", help="endpoint API key (default $VAST_API_KEY)"
@@ -337,6 +394,8 @@ _ENDPOINT_DESTS = (
     "endpoint",
     *("processing", "sqs_include_delayed", "vhost", "redis_queue_prefix", "demand_timeout"),
     *("min", "max", "jobs_per_worker", "poll", "scale_down_delay", "duration"),
+    *("activation", "scale_to_zero_delay", "max_new_per_minute", "min_schedule"),
+    *("age_boost_after", "age_boost", "postgres_age_query"),
     *("api_key", "engine_url", "lease", "lease_ttl", "lease_renew"),
 )
 
@@ -380,6 +439,13 @@ def _parse_config(
         parser.exit(EXIT_USAGE, "".join(f"{line}\n" for line in exc.lines))
 
 
+def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LeaseOptions | None:
+    try:
+        return lease_from_flags(args.lease, ttl=args.lease_ttl, renew=args.lease_renew)
+    except ValueError as exc:  # naming the flag; the message is password-free
+        parser.error(str(exc))
+
+
 def _parse_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EndpointOptions:
     """The one endpoint of the command line's options."""
     if args.endpoint is None:
@@ -395,6 +461,8 @@ def _parse_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--vhost goes with --rabbitmq")
     if args.redis_queue_prefix is not None and args.redis_queue is None:
         parser.error("--redis-queue-prefix goes with --redis-queue")
+    if args.postgres_age_query is not None and args.postgres is None:
+        parser.error("--postgres-age-query goes with --postgres")
     for flag, value, least in (
         ("--min", args.min, 0),
         ("--max", args.max, 1),
@@ -446,29 +514,47 @@ def _parse_endpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         engine_url=engine_url,
         lease=_parse_lease(parser, args),
         api_key_from="--api-key" if args.api_key else "$VAST_API_KEY",
+        **_parse_rules(parser, args),
     )
 
 
-def _parse_lease(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LeaseOptions | None:
-    if args.lease is None:
-        for flag, value in (("--lease-ttl", args.lease_ttl), ("--lease-renew", args.lease_renew)):
-            if value is not None:
-                parser.error(f"{flag} goes with --lease")
-        return None
-    url, key = args.lease
-    ttl = DEFAULT_TTL_S if args.lease_ttl is None else args.lease_ttl
-    renew = DEFAULT_RENEW_S if args.lease_renew is None else args.lease_renew
-    if not (math.isfinite(renew) and renew > 0):
-        parser.error(f"--lease-renew must be a finite number of seconds > 0, got {renew}")
-    if not (math.isfinite(ttl) and ttl > 2 * renew):
-        parser.error(
-            f"--lease-ttl must be more than twice --lease-renew ({2 * renew:g} s), got {ttl}"
-        )
-    try:
-        RedisLease(url, key, ttl_s=ttl, renew_s=renew)  # checks the URL and the key; no I/O
-    except ValueError as exc:  # the message is password-free
-        parser.error(f"--lease: {exc}")
-    return LeaseOptions(url=url, key=key, ttl_s=ttl, renew_s=renew)
+def _parse_rules(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The policy rules' options, as :class:`EndpointOptions` fields."""
+    if args.activation < 0:
+        parser.error(f"--activation must be an integer >= 0, got {args.activation}")
+    for flag, count in (
+        ("--max-new-per-minute", args.max_new_per_minute),
+        ("--age-boost", args.age_boost),
+    ):
+        if count is not None and count < 1:
+            parser.error(f"{flag} must be an integer >= 1, got {count}")
+    for flag, seconds in (
+        ("--scale-to-zero-delay", args.scale_to_zero_delay),
+        ("--age-boost-after", args.age_boost_after),
+    ):
+        if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+            parser.error(f"{flag} must be a finite number of seconds >= 0, got {seconds}")
+    if args.age_boost is not None and args.age_boost_after is None:
+        parser.error("--age-boost goes with --age-boost-after")
+    windows: list[ScheduleWindow] = []
+    for text in args.min_schedule or ():
+        try:
+            window = parse_schedule(text)
+        except ValueError as exc:
+            parser.error(f"--min-schedule: {exc}")
+        if window.min_workers > args.max:
+            parser.error(
+                f"--min-schedule {text!r}: the minimum must not be greater than --max ({args.max})"
+            )
+        windows.append(window)
+    return {
+        "activation": args.activation,
+        "scale_to_zero_delay_s": args.scale_to_zero_delay,
+        "max_new_per_minute": args.max_new_per_minute,
+        "schedule": tuple(windows),
+        "age_boost_after_s": args.age_boost_after,
+        "age_boost": 1 if args.age_boost is None else args.age_boost,
+    }
 
 
 #: The argparse destinations of the source options, in --help's order.
@@ -530,6 +616,7 @@ def _new_source(args: argparse.Namespace) -> DemandSource:
         prefix=args.redis_queue_prefix,
         include_delayed=args.sqs_include_delayed,
         vhost=args.vhost,
+        age_query=args.postgres_age_query,
     )
     auth = _http_auth() if kind in ("http-json", "prometheus") else None
     # Each source's own default timeout unless --demand-timeout says otherwise.
@@ -577,6 +664,8 @@ def _event_fields(event: AutoscaleEvent) -> dict[str, Any]:
             delay_s=event.delay_s,
             failures=event.failures,
             outage_s=event.outage_s,
+            reason=event.reason,
+            held_back=event.held_back,
         )
     )
     return fields
@@ -611,40 +700,12 @@ def _set_fields(**extras: Any) -> dict[str, Any]:
     return fields
 
 
-@dataclass
-class _Totals:
-    """The counters of the autoscalers of terms that ended (with ``--lease``)."""
-
-    ended_by_outcome: Counter[str] = field(default_factory=Counter)
-    reservations_failed: int = 0
-    source_errors: int = 0
-
-    def add(self, stats: AutoscalerStatistics) -> None:
-        self.ended_by_outcome.update(stats.ended_by_outcome)
-        self.reservations_failed += stats.reservations_failed
-        self.source_errors += stats.source_errors
-
-    def on_top_of(self, stats: AutoscalerStatistics) -> AutoscalerStatistics:
-        return replace(
-            stats,
-            ended_by_outcome=dict(self.ended_by_outcome + Counter(stats.ended_by_outcome)),
-            reservations_failed=self.reservations_failed + stats.reservations_failed,
-            source_errors=self.source_errors + stats.source_errors,
-        )
-
-
 @dataclass(eq=False)
 class _Endpoint:
-    """One endpoint's run: its autoscaler (while one runs), lease and counters."""
+    """One endpoint's options and its run (autoscaler, lease, counters)."""
 
     options: EndpointOptions
-    scaler: Autoscaler | None = None
-    lease: RedisLease | None = None
-    totals: _Totals = field(default_factory=_Totals)
-
-    def statistics(self) -> AutoscalerStatistics | None:
-        scaler = self.scaler
-        return None if scaler is None else self.totals.on_top_of(scaler.statistics())
+    run: EndpointRun
 
 
 class _Cli:
@@ -652,7 +713,13 @@ class _Cli:
 
     def __init__(self, options: _Options) -> None:
         self.options = options
-        self.endpoints = [_Endpoint(o) for o in options.endpoints]
+        self.endpoints = [
+            _Endpoint(o, EndpointRun(o.endpoint, self._autoscale_partial(o)))
+            for o in options.endpoints
+        ]
+        #: One token for every lease (and the membership) of this process: its name in
+        #: every lease event, here and in the other processes' standby lines.
+        self.token = secrets.token_hex(16)
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self.signum: int | None = None
         self.released_on_signal = 0
@@ -672,20 +739,29 @@ class _Cli:
             line = f"{time.strftime('%H:%M:%S', time.localtime(now))} {text}"
         print(line, flush=True)
 
-    def _on_event(self, ep: _Endpoint, event: AutoscaleEvent) -> None:
-        self._print(
-            event.kind, redact(event.message), label=ep.options.endpoint, **_event_fields(event)
-        )
+    def _on_event(self, endpoint: str, event: AutoscaleEvent) -> None:
+        self._print(event.kind, redact(event.message), label=endpoint, **_event_fields(event))
 
     def _on_lease_event(self, ep: _Endpoint, event: LeaseEvent) -> None:
-        fields = _lease_fields(event)
+        fields = {**_lease_fields(event), "token": self.token[:TOKEN_SHOWN]}
         message = event.message
         if event.kind == "lease_lost":
             # Printed before the term's cancellation runs: these are about to go.
-            held = 0 if ep.scaler is None else ep.scaler.statistics().held
+            scaler = ep.run.scaler
+            held = 0 if scaler is None else scaler.statistics().held
             fields["released"] = held
             message += f"; releasing {held} worker(s)"
         self._print(event.kind, redact(message), label=ep.options.endpoint, **fields)
+
+    def _on_share_event(self, event: ShareEvent) -> None:
+        fields: dict[str, Any] = {
+            "members": event.members,
+            "share": event.share,
+            "endpoints": event.endpoints,
+            "leading": list(event.leading),
+            "token": self.token[:TOKEN_SHOWN],
+        }
+        self._print(event.kind, redact(event.message), label=event.endpoint, **fields)
 
     def print_start(self, ep: _Endpoint) -> None:
         o = ep.options
@@ -693,22 +769,24 @@ class _Cli:
         engine_url = redact(o.engine_url)
         lease: dict[str, Any] = {}
         lease_text = ""
-        if o.lease is not None and ep.lease is not None:
+        if o.lease is not None and ep.run.lease is not None:
             lease = {
-                "lease": ep.lease.describe(),
+                "lease": ep.run.lease.describe(),
                 "lease_ttl_s": o.lease.ttl_s,
                 "lease_renew_s": o.lease.renew_s,
-                "token": ep.lease.token[:TOKEN_SHOWN],
+                "token": self.token[:TOKEN_SHOWN],
+                "pid": os.getpid(),
             }
             lease_text = (
-                f"; {ep.lease.describe()}, ttl {o.lease.ttl_s:g} s, renewed every "
-                f"{o.lease.renew_s:g} s, token {ep.lease.token[:TOKEN_SHOWN]}"
+                f"; {ep.run.lease.describe()}, ttl {o.lease.ttl_s:g} s, renewed every "
+                f"{o.lease.renew_s:g} s, token {self.token[:TOKEN_SHOWN]} (pid {os.getpid()})"
             )
         self._print(
             "started",
             f"autoscaling endpoint {o.endpoint!r} on {o.source.describe()}: min {o.min_workers}, "
             f"max {o.max_workers}, {o.jobs_per_worker} job(s) per worker, poll {o.poll_s:g} s, "
             f"scale-down delay {o.scale_down_delay_s:g} s, each hold {duration}; "
+            f"{''.join(f'{line}; ' for line in o.policy_lines())}"
             f"engine {engine_url}{lease_text}",
             label=o.endpoint,
             source=o.source.describe(),
@@ -719,6 +797,14 @@ class _Cli:
             poll_s=o.poll_s,
             scale_down_delay_s=o.scale_down_delay_s,
             duration_s=o.duration_s,
+            **_set_fields(
+                activation=o.activation or None,
+                scale_to_zero_delay_s=o.scale_to_zero_delay_s,
+                max_new_per_minute=o.max_new_per_minute,
+                min_schedule=[w.describe() for w in o.schedule] or None,
+                age_boost_after_s=o.age_boost_after_s,
+                age_boost=o.age_boost if o.age_boost_after_s is not None else None,
+            ),
             **lease,
         )
 
@@ -744,14 +830,14 @@ class _Cli:
 
     def _statistics(self) -> dict[str, AutoscalerStatistics]:
         # A standby (or an endpoint not started yet) has no autoscaler metrics.
-        snapshots = ((ep.options.endpoint, ep.statistics()) for ep in self.endpoints)
+        snapshots = ((ep.options.endpoint, ep.run.statistics()) for ep in self.endpoints)
         return {name: stats for name, stats in snapshots if stats is not None}
 
     def _lease_statistics(self) -> dict[str, LeaseStatistics]:
         return {
-            ep.options.endpoint: ep.lease.statistics()
+            ep.options.endpoint: ep.run.lease.statistics()
             for ep in self.endpoints
-            if ep.lease is not None
+            if ep.run.lease is not None
         }
 
     # -- the Trio run --------------------------------------------------------------------
@@ -767,18 +853,20 @@ class _Cli:
             async with AsyncExitStack() as stack:
                 for ep in self.endpoints:
                     await stack.enter_async_context(ep.options.source)
-                    ep.lease = await stack.enter_async_context(self._open_lease(ep))
+                    ep.run.lease = await stack.enter_async_context(self._open_lease(ep))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, signals, nursery.cancel_scope)
                     for ep in self.endpoints:
                         self.print_start(ep)
                     if metrics_url is not None:
                         self._print("metrics", f"metrics on {metrics_url}", url=metrics_url)
-                    for ep in self.endpoints:
-                        await nursery.start(self._run_endpoint, ep)
+                    runs = [ep.run for ep in self.endpoints]
+                    await nursery.start(
+                        partial(autoscale_endpoints, runs, on_event=self._on_share_event)
+                    )
         # Only a signal ends the nursery without an exception.
         assert self.signum is not None
-        status = _SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
+        status = SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
         self._print(
             "stopped",
             f"interrupted: released {self.released_on_signal} worker(s)",
@@ -788,18 +876,15 @@ class _Cli:
         )
         return status
 
-    async def _run_endpoint(
-        self, ep: _Endpoint, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """One endpoint, as a task of its own: ``autoscale()``, or terms of its lease."""
-        o = ep.options
+    def _autoscale_partial(self, o: EndpointOptions) -> Callable[..., Any]:
+        """``autoscale()`` for one endpoint, for ``nursery.start`` (once per term)."""
 
         def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
             return reserve(
-                o.endpoint, duration=o.duration_s, api_key=o.api_key, engine_url=o.engine_url
+                o.endpoint, duration_s=o.duration_s, api_key=o.api_key, engine_url=o.engine_url
             )
 
-        run_autoscale = partial(
+        return partial(
             autoscale,
             o.endpoint,
             demand=o.source,
@@ -810,14 +895,14 @@ class _Cli:
             scale_down_delay_s=o.scale_down_delay_s,
             duration_s=o.duration_s,
             reserve=reserve_one,
-            on_event=partial(self._on_event, ep),
+            on_event=lambda event: self._on_event(o.endpoint, event),
+            activation=o.activation,
+            scale_to_zero_delay_s=o.scale_to_zero_delay_s,
+            max_new_per_minute=o.max_new_per_minute,
+            min_schedule=o.schedule,
+            age_boost_after_s=o.age_boost_after_s,
+            age_boost=o.age_boost,
         )
-        async with trio.open_nursery() as nursery:
-            if ep.lease is None:
-                ep.scaler = await nursery.start(run_autoscale)
-            else:
-                nursery.start_soon(self._lead, ep, ep.lease, run_autoscale)
-            task_status.started()
 
     @asynccontextmanager
     async def _open_lease(self, ep: _Endpoint) -> AsyncIterator[RedisLease | None]:
@@ -830,34 +915,20 @@ class _Cli:
             lease_options.key,
             ttl_s=lease_options.ttl_s,
             renew_s=lease_options.renew_s,
+            token=self.token,
             on_event=partial(self._on_lease_event, ep),
         )
+        # autoscale_endpoints() deletes the key on its way out, after the reservations.
         async with lease:
-            try:
-                yield lease
-            finally:
-                # Every reservation is closed by now (the nursery is done): hand over at
-                # once.
-                await lease.release()
-
-    async def _lead(
-        self, ep: _Endpoint, lease: RedisLease, run_autoscale: Callable[..., Awaitable[None]]
-    ) -> None:
-        """Each term: wait for the lease, then autoscale until the term is lost."""
-        while True:
-            try:
-                async with lease.leadership(), trio.open_nursery() as nursery:
-                    ep.scaler = await nursery.start(run_autoscale)
-            finally:
-                scaler, ep.scaler = ep.scaler, None
-                if scaler is not None:
-                    ep.totals.add(scaler.statistics())
+            yield lease
 
     async def _watch_signals(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
         async for signum in signals:
             self.signum = signum
             self.released_on_signal = sum(
-                ep.scaler.statistics().held for ep in self.endpoints if ep.scaler is not None
+                ep.run.scaler.statistics().held
+                for ep in self.endpoints
+                if ep.run.scaler is not None
             )
             scope.cancel()
             return
@@ -905,7 +976,7 @@ def main(argv: list[str] | None = None, *, prog: str = _PROG) -> int:
     try:
         return trio.run(cli.run, None if metrics is None else metrics.url)
     except KeyboardInterrupt:  # Ctrl-C before the signal receiver was open
-        return _SIGNAL_EXIT[signal.SIGINT]
+        return SIGNAL_EXIT[signal.SIGINT]
     finally:
         if metrics is not None:
             metrics.close()

@@ -23,17 +23,26 @@ API key *by reference* and an optional lease::
     url = "redis://queue:6379/0"
     name = "autoscale:emails"
 
+    [[endpoints.emails.schedule]]         # 3 warm workers on weekdays, office hours
+    days = "mon-fri"
+    hours = "08:00-18:00"
+    min = 3
+    tz = "Europe/Paris"                   # optional, UTC by default
+
 Settings of an endpoint (defaults as the command line's): ``api_key_env`` (required),
 ``engine_url`` (``$VAST_ENGINE_URL``, else the public engine), ``min`` (0), ``max``
 (10), ``jobs_per_worker`` (1), ``poll`` (1), ``scale_down_delay`` (30), ``duration``
 (the worker's cap), ``demand_timeout`` (each source's own), ``combine`` (``sum``),
-``sources`` (one or more), ``lease`` (``url``, ``name``, ``ttl``, ``renew``).
+``sources`` (one or more), ``lease`` (``url``, ``name``, ``ttl``, ``renew``); the
+policy rules of :mod:`.policy`: ``activation`` (0), ``scale_to_zero_delay`` (the
+scale-down delay), ``max_new_per_minute`` (no limit), ``age_boost_after`` (off),
+``age_boost`` (1), and ``schedule`` (``days``, ``hours``, ``min``, ``tz``).
 
 Sources, by ``kind`` (the command line's option names; ``?`` marks optional fields):
 ``redis-list`` (url, key, processing?), ``redis-stream`` (url, stream, group),
 ``nats-consumer`` (url, stream, consumer), ``redis-queue`` (framework, url, queue,
 prefix?), ``http-json`` (url, path), ``prometheus`` (url, query), ``sqs`` (queue_url,
-include_delayed?), ``rabbitmq`` (url, queue, vhost?), ``postgres`` (dsn, query),
+include_delayed?), ``rabbitmq`` (url, queue, vhost?), ``postgres`` (dsn, query, age_query?),
 ``command`` (command). Any text field ``F`` may be given as ``F_env``, the name of an
 environment variable holding it (a URL with a password in it, say). The HTTP sources
 take their credentials as ``token_env``, or ``user_env`` and ``password_env``.
@@ -75,7 +84,8 @@ from .demand import (
     redact,
 )
 from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
-from .lease import DEFAULT_RENEW_S, DEFAULT_TTL_S, RedisLease
+from .lease import DEFAULT_RENEW_S, DEFAULT_TTL_S, RedisLease, members_key
+from .policy import ScheduleWindow, parse_days, parse_hours, parse_zone
 from .reservation import DEFAULT_ENGINE_URL
 
 __all__ = [
@@ -83,6 +93,7 @@ __all__ = [
     "ConfigFileError",
     "EndpointOptions",
     "LeaseOptions",
+    "lease_from_flags",
     "load_config",
     "new_source",
     "plan_lines",
@@ -99,7 +110,7 @@ SOURCE_FIELDS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prometheus": (("url", "query"), ()),
     "sqs": (("queue_url",), ("include_delayed",)),
     "rabbitmq": (("url", "queue"), ("vhost",)),
-    "postgres": (("dsn", "query"), ()),
+    "postgres": (("dsn", "query"), ("age_query",)),
     "command": (("command",), ()),
 }
 _HTTP_KINDS = ("http-json", "prometheus")
@@ -110,7 +121,19 @@ _SECRETS = {
     "token": "token_env",
     "password": "password_env",
 }
-_POLICY = ("min", "max", "jobs_per_worker", "poll", "scale_down_delay", "duration")
+_POLICY = (
+    "min",
+    "max",
+    "jobs_per_worker",
+    "poll",
+    "scale_down_delay",
+    "duration",
+    "activation",
+    "scale_to_zero_delay",
+    "max_new_per_minute",
+    "age_boost_after",
+    "age_boost",
+)
 _ENDPOINT_FIELDS = (
     "api_key_env",
     "engine_url",
@@ -119,8 +142,10 @@ _ENDPOINT_FIELDS = (
     "combine",
     "sources",
     "lease",
+    "schedule",
 )
 _LEASE_FIELDS = ("url", "name", "ttl", "renew")
+_SCHEDULE_FIELDS = ("days", "hours", "min", "tz")
 
 
 @dataclass(frozen=True)
@@ -153,6 +178,29 @@ class EndpointOptions:
     engine_url: str
     lease: LeaseOptions | None = None
     api_key_from: str = "$VAST_API_KEY"
+    activation: int = 0
+    scale_to_zero_delay_s: float | None = None
+    max_new_per_minute: int | None = None
+    schedule: tuple[ScheduleWindow, ...] = ()
+    age_boost_after_s: float | None = None
+    age_boost: int = 1
+
+    def policy_lines(self) -> list[str]:
+        """The policy rules that differ from their defaults, for the plan and logs."""
+        rules: list[str] = []
+        if self.activation:
+            rules.append(f"activation {self.activation}")
+        if self.scale_to_zero_delay_s is not None:
+            rules.append(f"scale-to-zero delay {self.scale_to_zero_delay_s:g} s")
+        if self.max_new_per_minute is not None:
+            rules.append(f"at most {self.max_new_per_minute} new per minute")
+        if self.age_boost_after_s is not None:
+            rules.append(
+                f"+{self.age_boost} while the oldest job waits over {self.age_boost_after_s:g} s"
+            )
+        lines = [f"rules: {', '.join(rules)}"] if rules else []
+        lines.extend(f"schedule: {window.describe()}" for window in self.schedule)
+        return lines
 
 
 class ConfigFileError(ConfigError):
@@ -211,7 +259,7 @@ def new_source(
     if kind == "postgres":
         from .demand import PostgresQuery
 
-        return PostgresQuery(f["dsn"], f["query"], timeout_s=timeout)
+        return PostgresQuery(f["dsn"], f["query"], age_query=f.get("age_query"), timeout_s=timeout)
     if kind == "command":
         return CommandDemand(f["command"], timeout_s=timeout_s or COMMAND_TIMEOUT_S)
     raise ValueError(f"unknown source kind {kind!r}")
@@ -244,6 +292,35 @@ def load_config(
     return endpoints
 
 
+def lease_from_flags(
+    lease: Sequence[str] | None, *, ttl: float | None, renew: float | None
+) -> LeaseOptions | None:
+    """The command line's ``--lease URL KEY``, ``--lease-ttl`` and ``--lease-renew``.
+
+    Raises:
+      ValueError: one line naming the flag (no password in it).
+    """
+    if lease is None:
+        for flag, value in (("--lease-ttl", ttl), ("--lease-renew", renew)):
+            if value is not None:
+                raise ValueError(f"{flag} goes with --lease")
+        return None
+    url, key = lease
+    ttl = DEFAULT_TTL_S if ttl is None else ttl
+    renew = DEFAULT_RENEW_S if renew is None else renew
+    if not (math.isfinite(renew) and renew > 0):
+        raise ValueError(f"--lease-renew must be a finite number of seconds > 0, got {renew}")
+    if not (math.isfinite(ttl) and ttl > 2 * renew):
+        raise ValueError(
+            f"--lease-ttl must be more than twice --lease-renew ({2 * renew:g} s), got {ttl}"
+        )
+    try:
+        RedisLease(url, key, ttl_s=ttl, renew_s=renew)  # checks the URL and the key; no I/O
+    except ValueError as exc:
+        raise ValueError(f"--lease: {exc}") from None
+    return LeaseOptions(url=url, key=key, ttl_s=ttl, renew_s=renew)
+
+
 def plan_lines(endpoints: Sequence[EndpointOptions]) -> list[str]:
     """What ``--check`` prints: one block per endpoint, no secret in it."""
     lines: list[str] = []
@@ -265,6 +342,7 @@ def plan_lines(endpoints: Sequence[EndpointOptions]) -> list[str]:
             f"  timing: poll {o.poll_s:g} s, scale-down delay {o.scale_down_delay_s:g} s, "
             f"each hold {duration}"
         )
+        lines.extend(f"  {line}" for line in o.policy_lines())
         lines.append(f"  engine {redact(o.engine_url)}, API key from {o.api_key_from}")
         if o.lease is None:
             lines.append("  lease: none")
@@ -272,6 +350,19 @@ def plan_lines(endpoints: Sequence[EndpointOptions]) -> list[str]:
             lines.append(
                 f"  lease: {o.lease.key!r} at {redact(o.lease.url)}, ttl {o.lease.ttl_s:g} s, "
                 f"renewed every {o.lease.renew_s:g} s"
+            )
+    # The leased endpoints on one Redis server are shared out among the processes
+    # running this file (nullworker.client.sharing).
+    by_url: dict[str, list[LeaseOptions]] = {}
+    for o in endpoints:
+        if o.lease is not None:
+            by_url.setdefault(o.lease.url, []).append(o.lease)
+    for url, leases in by_url.items():
+        if len(leases) > 1:
+            lines.append(
+                f"sharing: {len(leases)} leased endpoints at {redact(url)}, shared out among "
+                f"the processes running this file (members "
+                f"{members_key(lease.key for lease in leases)!r})"
             )
     return lines
 
@@ -351,6 +442,14 @@ class _Checker:
         timeout = self.seconds(where, t, "demand_timeout", None)
         source = self.sources(where, t, timeout)
         lease = self.lease(where, t.get("lease"))
+        activation = self.integer(where, t, "activation", 0, 0)
+        to_zero = self.seconds(where, t, "scale_to_zero_delay", None, zero=True)
+        rate = self.integer(where, t, "max_new_per_minute", None, 1)
+        boost_after = self.seconds(where, t, "age_boost_after", None, zero=True)
+        boost = self.integer(where, t, "age_boost", 1, 1)
+        if "age_boost" in t and "age_boost_after" not in t:
+            self.problem(f"{where}.age_boost", "goes with age_boost_after")
+        schedule = self.schedule(where, t.get("schedule"), high)
         if len(self.problems) > before:
             return None
         assert low is not None and high is not None and jobs is not None
@@ -369,6 +468,12 @@ class _Checker:
             engine_url=engine_url,
             lease=lease,
             api_key_from=api_key_from,
+            activation=activation or 0,
+            scale_to_zero_delay_s=to_zero,
+            max_new_per_minute=rate,
+            schedule=schedule,
+            age_boost_after_s=boost_after,
+            age_boost=boost or 1,
         )
 
     # -- settings --------------------------------------------------------------------
@@ -407,9 +512,11 @@ class _Checker:
         return url
 
     def integer(
-        self, where: str, t: Mapping[str, Any], key: str, default: int, least: int
+        self, where: str, t: Mapping[str, Any], key: str, default: int | None, least: int
     ) -> int | None:
         value = t.get(key, default)
+        if value is None:
+            return None
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             self.problem(f"{where}.{key}", f"must be an integer >= {least}, got {value!r}")
             return None
@@ -540,6 +647,58 @@ class _Checker:
         if user is not None:
             return {"basic_auth": (user, values.get("password_env") or "")}
         return {}
+
+    def schedule(
+        self, where: str, tables: object, max_workers: int | None
+    ) -> tuple[ScheduleWindow, ...]:
+        if tables is None:
+            return ()
+        if not isinstance(tables, list):
+            self.problem(
+                f"{where}.schedule", "must be an array of tables ([[endpoints.NAME.schedule]])"
+            )
+            return ()
+        windows: list[ScheduleWindow] = []
+        for index, table in enumerate(tables):
+            here = f"{where}.schedule[{index}]"
+            if not isinstance(table, dict):
+                self.problem(here, "must be a table with days, hours and min")
+                continue
+            self.unknown(here, table, _SCHEDULE_FIELDS)
+            window = self.window(here, table, max_workers)
+            if window is not None:
+                windows.append(window)
+        return tuple(windows)
+
+    def window(
+        self, here: str, table: Mapping[str, Any], max_workers: int | None
+    ) -> ScheduleWindow | None:
+        before = len(self.problems)
+        parsed: dict[str, Any] = {}
+        for key, parse in (("days", parse_days), ("hours", parse_hours), ("tz", parse_zone)):
+            value = table.get(key, "UTC" if key == "tz" else None)
+            if value is None:
+                self.problem(f"{here}.{key}", "required")
+            elif not isinstance(value, str):
+                self.problem(f"{here}.{key}", f"must be a string, got {value!r}")
+            else:
+                try:
+                    parsed[key] = parse(value)
+                except ValueError as exc:
+                    self.problem(f"{here}.{key}", str(exc))
+        if "min" not in table:
+            self.problem(f"{here}.min", "required")
+        minimum = self.integer(here, table, "min", 0, 0)
+        if minimum is not None and max_workers is not None and minimum > max_workers:
+            self.problem(
+                f"{here}.min", f"must not be greater than max ({max_workers}), got {minimum}"
+            )
+        if len(self.problems) > before or minimum is None:
+            return None
+        start, end = parsed["hours"]
+        return ScheduleWindow(
+            days=parsed["days"], start_min=start, end_min=end, min_workers=minimum, tz=parsed["tz"]
+        )
 
     def lease(self, where: str, table: object) -> LeaseOptions | None:
         if table is None:

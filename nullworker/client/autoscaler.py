@@ -33,6 +33,12 @@ Policy
   once at each end (``source_error``, ``source_recovered``). The outage counts as a
   reading of the frozen target taken at recovery, so a scale-down still waits
   ``scale_down_delay_s`` of readings after it.
+* More rules (:mod:`.policy`, each off by default): a scheduled minimum, an age boost,
+  an activation threshold (these shape the raw target of each reading), a
+  scale-to-zero delay (the last reservation is kept until the raw target has been 0
+  that long) and a scale-up rate limit (at most ``max_new_per_minute`` reservations
+  started within any 60 s). During a demand outage the target stays frozen, except
+  that a scheduled minimum still raises it.
 
 Concurrency invariants
 ----------------------
@@ -72,16 +78,19 @@ import logging
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 import trio
 
+from .._support import describe_error, finite
 from ..errors import ClientError, ConfigError, DemandError
 from ..vast.vocabulary import ClientOutcome
 from ._redact import redact
+from .policy import Policy, RateLimit, ScheduleWindow, kept_target, minimum_at, raw_target
 
 __all__ = [
     "AutoscaleEvent",
@@ -140,6 +149,7 @@ AutoscaleEventKind = Literal[
     "source_error",
     "source_recovered",
     "backoff",
+    "rate_limited",
 ]
 
 EndCause = Literal["worker", "scale_down", "shutdown"]
@@ -166,7 +176,12 @@ class AutoscaleEvent:
     * ``source_recovered`` -- the demand was read again, after ``outage_s`` and
       ``failures`` failed reads;
     * ``backoff`` -- starting reservations pauses for ``delay_s`` after ``failures``
-      failures in a row, the last one being ``error``.
+      failures in a row, the last one being ``error``;
+    * ``rate_limited`` -- the scale-up rate limit holds back ``held_back`` reservations
+      the target asks for; the next may start in ``delay_s``.
+
+    ``reason`` (on ``state`` events) says which policy rules shaped the target, e.g.
+    ``demand 2 ≤ activation 3``; ``None`` when only the plain rule applied.
     """
 
     kind: AutoscaleEventKind
@@ -185,6 +200,8 @@ class AutoscaleEvent:
     delay_s: float | None = None
     failures: int | None = None
     outage_s: float | None = None
+    reason: str | None = None
+    held_back: int | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +246,14 @@ async def autoscale(
     api_key: str | None = None,
     reserve: ReserveFunction | None = None,
     on_event: Callable[[AutoscaleEvent], None] | None = None,
+    activation: int = 0,
+    scale_to_zero_delay_s: float | None = None,
+    max_new_per_minute: int | None = None,
+    min_schedule: Sequence[ScheduleWindow] = (),
+    age_boost_after_s: float | None = None,
+    age_boost: int = 1,
+    oldest_age: Callable[[], Awaitable[float | None]] | None = None,
+    now: Callable[[], datetime] | None = None,
     task_status: trio.TaskStatus[Autoscaler] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Hold as many reservations of ``endpoint`` as the demand asks for, until cancelled.
@@ -256,15 +281,40 @@ async def autoscale(
       poll_s: seconds between demand reads.
       scale_down_delay_s: how long the demand must stay lower before reservations are
         cancelled; ``0`` follows it down at once.
-      duration_s: each reservation's duration; one that elapses is replaced if still
-        wanted. ``None`` holds for the worker's cap.
-      engine_url, api_key: for :func:`nullworker.client.reserve` (their defaults are its
-        own: ``$VAST_ENGINE_URL``, ``$VAST_API_KEY``).
-      reserve: makes one reservation; by default :func:`nullworker.client.reserve` with
-        ``endpoint``, ``duration_s``, ``engine_url`` and ``api_key``, which are not used
-        when this is given. Tests pass a fake.
+      duration_s: each reservation's duration, for the default ``reserve``; one that
+        elapses is replaced if still wanted. ``None`` holds for the worker's cap.
+      engine_url, api_key: a convenience for the default ``reserve`` (their defaults are
+        :func:`nullworker.client.reserve`'s own: ``$VAST_ENGINE_URL``,
+        ``$VAST_API_KEY``). Not deprecated: the one-line form stays. Giving them with
+        ``reserve`` is a :class:`~nullworker.errors.ConfigError`, since they would not
+        be used.
+      reserve: the reserve factory: called with no arguments, it returns one
+        reservation's async context manager. By default
+        ``partial(nullworker.client.reserve, endpoint, duration_s=duration_s,
+        engine_url=engine_url, api_key=api_key)``. Pass your own for any other option
+        of :func:`~nullworker.client.reserve` (``cost``, ``route_timeout_s``, a shared
+        ``http`` client), e.g.
+        ``reserve=partial(nullworker.reserve, "my-endpoint", duration_s=600, cost=50)``.
       on_event: called synchronously with each :class:`AutoscaleEvent`; it must not
         block. Exceptions it raises are logged and dropped.
+      activation: while no reservation is kept, a demand of this many jobs or fewer
+        starts none (KEDA's ``activationQueueLength``); once active, the plain rule.
+      scale_to_zero_delay_s: how long the raw target must have been 0 before the last
+        reservation is released; ``None`` (the default) is ``scale_down_delay_s``.
+      max_new_per_minute: the most reservations started within any 60 s of the Trio
+        clock (replacements included); ``None`` (the default) is no limit.
+      min_schedule: a list or tuple of :class:`~nullworker.client.policy.ScheduleWindow` (see
+        :func:`~nullworker.client.policy.parse_schedule`); the effective minimum is the
+        largest of ``min_workers`` and the windows covering ``now()``.
+      age_boost_after_s, age_boost: while the oldest waiting job is older than
+        ``age_boost_after_s``, the target is ``ceil(demand / jobs_per_worker) +
+        age_boost``; ``None`` (the default) turns the boost off and reads no age.
+      oldest_age: an async function returning the oldest waiting job's age in seconds,
+        or ``None`` when unknown; by default ``demand.oldest_age`` when ``demand`` is a
+        source that has one. Read after each successful demand read above 0, only with
+        ``age_boost_after_s``; a failed or unknown read adds nothing.
+      now: the wall clock for ``min_schedule``, returning an aware ``datetime``
+        (default ``datetime.now(UTC)``); tests pass one driven by the Trio clock.
       task_status: receives the :class:`Autoscaler` once running (before the first
         read), for :meth:`Autoscaler.statistics`.
 
@@ -282,8 +332,9 @@ async def autoscale(
       exception group, as Trio nurseries raise them).
 
     Raises:
-      ConfigError: (a ``ValueError``) an invalid argument, or no API key for the default
-        ``reserve``; raised before anything starts.
+      ConfigError: (a ``ValueError``) an invalid argument, ``engine_url``/``api_key``
+        given with ``reserve``, or no API key for the default ``reserve``; raised before
+        anything starts.
     """
     settings = _Settings.build(
         endpoint=endpoint,
@@ -293,20 +344,41 @@ async def autoscale(
         poll_s=poll_s,
         scale_down_delay_s=scale_down_delay_s,
         duration_s=duration_s,
+        activation=activation,
+        scale_to_zero_delay_s=scale_to_zero_delay_s,
+        max_new_per_minute=max_new_per_minute,
+        min_schedule=min_schedule,
+        age_boost_after_s=age_boost_after_s,
+        age_boost=age_boost,
+        now=now,
     )
+    if oldest_age is not None and not callable(oldest_age):
+        raise ConfigError(f"oldest_age must be an async function, not {oldest_age!r}")
+    if settings.policy.age_boost_after_s is None:
+        oldest_age = None  # no boost: no age read, no extra query
+    elif oldest_age is None:
+        found = getattr(demand, "oldest_age", None)
+        oldest_age = found if callable(found) else None
     if not callable(demand) and callable(getattr(demand, "read", None)):
         demand = demand.read
     if not callable(demand):
         raise ConfigError(f"demand must be an async function returning an int, not {demand!r}")
     if on_event is not None and not callable(on_event):
         raise ConfigError(f"on_event must be callable, not {on_event!r}")
+    if reserve is not None and (engine_url is not None or api_key is not None):
+        raise ConfigError(
+            "engine_url and api_key are for the default reserve; with reserve=, give them "
+            "to the factory (partial(nullworker.reserve, endpoint, api_key=...))"
+        )
     if reserve is None:
         reserve = _default_reserve(
             endpoint, duration_s=duration_s, engine_url=engine_url, api_key=api_key
         )
     elif not callable(reserve):
         raise ConfigError(f"reserve must be callable, not {reserve!r}")
-    scaler = Autoscaler(settings, demand=demand, reserve=reserve, on_event=on_event)
+    scaler = Autoscaler(
+        settings, demand=demand, reserve=reserve, on_event=on_event, oldest_age=oldest_age
+    )
     await scaler._run(task_status=task_status)
 
 
@@ -323,8 +395,16 @@ class Autoscaler:
         demand: Callable[[], Awaitable[int]],
         reserve: ReserveFunction,
         on_event: Callable[[AutoscaleEvent], None] | None,
+        oldest_age: Callable[[], Awaitable[float | None]] | None = None,
     ) -> None:
         self._settings = settings
+        self._oldest_age_fn = oldest_age
+        # The policy's state, written by the poller only (the rate limit: the reconciler).
+        self._oldest_age: float | None = None
+        self._last_above_zero: float | None = None
+        self._reasons: tuple[str, ...] = ()
+        self._rate = RateLimit(settings.max_new_per_minute)
+        self._held_back = 0
         self._demand_fn = demand
         self._reserve = reserve
         self._on_event = on_event
@@ -350,7 +430,7 @@ class Autoscaler:
         self._reservations_failed = 0
         self._ended_by_outcome: Counter[str] = Counter()
         self._wake = trio.Event()
-        self._last_state: tuple[int | None, int, int, int, int] | None = None
+        self._last_state: tuple[int | None, int, int, int, int, tuple[str, ...]] | None = None
         self._nursery: trio.Nursery | None = None
         self._ran = False
 
@@ -391,7 +471,7 @@ class Autoscaler:
             await trio.sleep_until(next_at)
             started = trio.current_time()
             try:
-                value = _check_demand(await self._demand_fn())
+                value = await self._read_demand()
             except Exception as exc:
                 self._source_failed(exc)
                 delay = _backoff(
@@ -410,8 +490,14 @@ class Autoscaler:
             self._reconcile()
             self._publish_state()
             deadline = math.inf
-            if self._retry_at > trio.current_time() and self._missing() > 0:
-                deadline = self._retry_at
+            now = trio.current_time()
+            if self._missing() > 0:
+                # Wake when the backoff ends or the rate limit lets the next one start.
+                if self._retry_at > now:
+                    deadline = self._retry_at
+                free_at = self._rate.free_at(now)
+                if free_at > now:
+                    deadline = min(deadline, free_at)
             with trio.move_on_at(deadline):
                 await self._wake.wait()
 
@@ -440,8 +526,9 @@ class Autoscaler:
         self._outage_failures += 1
         self._source_ok = False
         # DemandError texts are password-free already; a function's own may not be.
-        error = redact(_describe_error(exc))
+        error = redact(describe_error(exc))
         log.debug("demand read failed: %s", error)
+        self._raise_to_schedule(now)
         if self._outage_started is None:
             self._outage_started = now
             self._emit(
@@ -462,10 +549,23 @@ class Autoscaler:
         self._outage_failures = 0
         self._source_ok = True
         self._demand = demand
-        raw = -(-demand // settings.jobs_per_worker)
-        self._raw_target = min(max(raw, settings.min_workers), settings.max_workers)
+        decided = raw_target(
+            settings.policy,
+            demand=demand,
+            active=self._target > 0,
+            oldest_age_s=self._oldest_age,
+            now=self._wall_clock(),
+        )
+        self._raw_target = decided.raw
         self._push_reading(now, self._raw_target)
-        self._target = self._window[0][1]
+        zero_for = None if self._last_above_zero is None else now - self._last_above_zero
+        self._target, kept = kept_target(
+            self._window[0][1],
+            raw=self._raw_target,
+            zero_for_s=zero_for,
+            scale_to_zero_delay_s=settings.scale_to_zero_delay_s,
+        )
+        self._reasons = decided.reasons if kept is None else (*decided.reasons, kept)
         if outage_started is not None:
             outage_s = now - outage_started
             self._emit(
@@ -476,7 +576,38 @@ class Autoscaler:
             )
         self._wake.set()
 
+    async def _read_demand(self) -> int:
+        """One demand read, then (with an age boost, and jobs waiting) the oldest age."""
+        value = _check_demand(await self._demand_fn())
+        self._oldest_age = None
+        if self._oldest_age_fn is not None and value > 0:
+            try:
+                age = await self._oldest_age_fn()
+            except Exception as exc:
+                # Unknown adds nothing; the demand read stands.
+                log.debug("oldest-age read failed: %s", redact(describe_error(exc)))
+                age = None
+            self._oldest_age = _check_age(age)
+        return value
+
+    def _wall_clock(self) -> datetime | None:
+        settings = self._settings
+        return settings.now() if settings.policy.schedule else None
+
+    def _raise_to_schedule(self, now: float) -> None:
+        """Fail static, but a scheduled minimum still raises the frozen target."""
+        minimum, why = minimum_at(self._settings.policy, self._wall_clock())
+        if minimum <= self._target or why is None:
+            return
+        self._raw_target = max(self._raw_target, minimum)
+        self._target = minimum
+        self._reasons = (why,)
+        self._push_reading(now, minimum)
+        self._wake.set()
+
     def _push_reading(self, now: float, raw: int) -> None:
+        if raw > 0:
+            self._last_above_zero = now
         window = self._window
         cutoff = now - self._settings.scale_down_delay_s
         while window and window[0][0] <= cutoff:
@@ -500,11 +631,26 @@ class Autoscaler:
                 slot.stopping = True
                 slot.scope.cancel()
             return
-        if trio.current_time() < self._retry_at:
+        now = trio.current_time()
+        if now < self._retry_at:
             return
         room = min(self._raw_target - len(live), settings.max_workers - len(self._slots))
-        for _ in range(room):
+        allowed = self._rate.allowance(now)
+        held_back = max(0, room - int(min(allowed, room)))
+        for _ in range(room - held_back):
+            self._rate.record(now)
             self._spawn()
+        if held_back != self._held_back:
+            self._held_back = held_back
+            if held_back:
+                delay = self._rate.free_at(now) - now
+                self._emit(
+                    "rate_limited",
+                    f"rate limit {settings.max_new_per_minute} new per minute: {held_back} "
+                    f"reservation(s) held back, the next in {delay:.0f} s",
+                    delay_s=delay,
+                    held_back=held_back,
+                )
 
     def _spawn(self) -> None:
         assert self._nursery is not None
@@ -545,7 +691,7 @@ class Autoscaler:
 
     def _on_failed(self, slot: _Slot, exc: ClientError) -> None:
         self._reservations_failed += 1
-        error = _describe_error(exc)
+        error = describe_error(exc)
         self._emit("reservation_failed", f"could not reserve a worker: {error}", error=error)
         self._note_failure(slot, error)
 
@@ -608,21 +754,21 @@ class Autoscaler:
 
     def _publish_state(self) -> None:
         held, waiting, _ = self._counts()
-        state = (self._demand, self._target, self._raw_target, held, waiting)
+        state = (self._demand, self._target, self._raw_target, held, waiting, self._reasons)
         if state == self._last_state:
             return
         self._last_state = state
         demand = "unknown" if self._demand is None else str(self._demand)
         # A target above what the demand asks is the scale-down delay at work: say so,
         # or "demand 0, target 2: 0 held" reads as two reservations that failed.
-        kept = (
-            f" (kept by the scale-down delay; {self._raw_target} after it)"
-            if self._target > self._raw_target
-            else ""
-        )
+        reasons = list(self._reasons)
+        if self._target > self._raw_target and not any("scale-to-zero" in r for r in reasons):
+            reasons.insert(0, f"kept by the scale-down delay; {self._raw_target} after it")
+        why = f" ({'; '.join(reasons)})" if reasons else ""
         self._emit(
             "state",
-            f"demand {demand}, target {self._target}{kept}: {held} held, {waiting} waiting",
+            f"demand {demand}, target {self._target}{why}: {held} held, {waiting} waiting",
+            reason="; ".join(self._reasons) or None,
         )
 
     def _emit(
@@ -639,6 +785,8 @@ class Autoscaler:
         delay_s: float | None = None,
         failures: int | None = None,
         outage_s: float | None = None,
+        reason: str | None = None,
+        held_back: int | None = None,
     ) -> None:
         log.debug("%s: %s", kind, message)
         if self._on_event is None:
@@ -661,6 +809,8 @@ class Autoscaler:
             delay_s=delay_s,
             failures=failures,
             outage_s=outage_s,
+            reason=reason,
+            held_back=held_back,
         )
         try:
             self._on_event(event)
@@ -681,6 +831,10 @@ class _Settings:
     poll_s: float
     scale_down_delay_s: float
     duration_s: float | None
+    policy: Policy
+    scale_to_zero_delay_s: float
+    max_new_per_minute: int | None
+    now: Callable[[], datetime]
 
     @classmethod
     def build(
@@ -693,6 +847,13 @@ class _Settings:
         poll_s: float,
         scale_down_delay_s: float,
         duration_s: float | None,
+        activation: int = 0,
+        scale_to_zero_delay_s: float | None = None,
+        max_new_per_minute: int | None = None,
+        min_schedule: Sequence[ScheduleWindow] = (),
+        age_boost_after_s: float | None = None,
+        age_boost: int = 1,
+        now: Callable[[], datetime] | None = None,
     ) -> _Settings:
         if not isinstance(endpoint, str) or not endpoint:
             raise ConfigError(f"an endpoint name is required, got {endpoint!r}")
@@ -707,18 +868,66 @@ class _Settings:
             raise ConfigError(
                 f"min_workers ({min_workers}) must not be greater than max_workers ({max_workers})"
             )
-        if not (_finite(poll_s) and poll_s > 0):
+        if not (finite(poll_s) and poll_s > 0):
             raise ConfigError(f"poll_s must be a finite number of seconds > 0, got {poll_s!r}")
-        if not (_finite(scale_down_delay_s) and scale_down_delay_s >= 0):
+        if not (finite(scale_down_delay_s) and scale_down_delay_s >= 0):
             raise ConfigError(
                 "scale_down_delay_s must be a finite number of seconds >= 0, "
                 f"got {scale_down_delay_s!r}"
             )
-        if duration_s is not None and not (_finite(duration_s) and duration_s > 0):
+        if duration_s is not None and not (finite(duration_s) and duration_s > 0):
             raise ConfigError(
                 f"duration_s must be a finite number of seconds > 0 or None, got {duration_s!r}"
             )
+        for name, value, least in (
+            ("activation", activation, 0),
+            ("age_boost", age_boost, 1),
+            ("max_new_per_minute", 1 if max_new_per_minute is None else max_new_per_minute, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name, seconds in (
+            ("scale_to_zero_delay_s", scale_to_zero_delay_s),
+            ("age_boost_after_s", age_boost_after_s),
+        ):
+            if seconds is not None and not (finite(seconds) and seconds >= 0):
+                raise ConfigError(
+                    f"{name} must be a finite number of seconds >= 0 or None, got {seconds!r}"
+                )
+        if not isinstance(min_schedule, list | tuple):
+            raise ConfigError(
+                "min_schedule takes a list or tuple of ScheduleWindow (parse_schedule), "
+                f"got {min_schedule!r}"
+            )
+        windows = tuple(min_schedule)
+        for window in windows:
+            if not isinstance(window, ScheduleWindow):
+                raise ConfigError(
+                    f"min_schedule takes ScheduleWindow values (parse_schedule), got {window!r}"
+                )
+            if window.min_workers > max_workers:
+                raise ConfigError(
+                    f"min_schedule {window.describe()!r}: the minimum must not be greater "
+                    f"than max_workers ({max_workers})"
+                )
+        if now is not None and not callable(now):
+            raise ConfigError(f"now must be callable, not {now!r}")
+        policy = Policy(
+            min_workers=min_workers,
+            max_workers=max_workers,
+            jobs_per_worker=jobs_per_worker,
+            activation=activation,
+            schedule=windows,
+            age_boost_after_s=None if age_boost_after_s is None else float(age_boost_after_s),
+            age_boost=age_boost,
+        )
         return cls(
+            policy=policy,
+            scale_to_zero_delay_s=float(
+                scale_down_delay_s if scale_to_zero_delay_s is None else scale_to_zero_delay_s
+            ),
+            max_new_per_minute=max_new_per_minute,
+            now=now if now is not None else _utc_now,
             endpoint=endpoint,
             min_workers=min_workers,
             max_workers=max_workers,
@@ -752,7 +961,9 @@ def _default_reserve(
     from .reservation import reserve as client_reserve
 
     def reserve_one() -> AbstractAsyncContextManager[HeldReservation]:
-        return client_reserve(endpoint, duration=duration_s, engine_url=engine_url, api_key=api_key)
+        return client_reserve(
+            endpoint, duration_s=duration_s, engine_url=engine_url, api_key=api_key
+        )
 
     # The client checks its settings (the API key above all) when called, before any
     # I/O: call it once now, so that a missing key stops us here rather than failing
@@ -768,17 +979,19 @@ def _check_demand(value: object) -> int:
     return value
 
 
+def _check_age(value: object) -> float | None:
+    """An oldest-job age as seconds >= 0, or ``None`` (unknown) for anything else."""
+    if not finite(value):
+        return None
+    assert isinstance(value, int | float)
+    return max(0.0, float(value))
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 def _backoff(first_s: float, failures: int, cap_s: float) -> float:
     # The exponent is bounded so a long outage cannot overflow the float.
     base = min(first_s * 2.0 ** min(failures - 1, 32), cap_s)
     return base * random.uniform(1.0 - _JITTER, 1.0)
-
-
-def _describe_error(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -45,6 +45,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_REJECTED",
     "EXIT_USAGE",
+    "SIGNAL_EXIT",
     "main",
 ]
 
@@ -58,7 +59,9 @@ EXIT_ENDED_EARLY = 5
 #: Outcomes of a hold that ran its course (exit 0): elapsed, released by the consumer, or
 #: a 200 that does not say which.
 _CLEAN_ENDS = frozenset({ClientOutcome.ELAPSED, ClientOutcome.EXPLICIT, ClientOutcome.COMPLETED})
-_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+#: The exit status after a stop by signal, as a shell reports it (128 + the signal);
+#: ``nullworker autoscale`` exits the same way.
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 #: Print a WAITING line at most this often per reservation (when not on a terminal).
 _WAITING_LINE_EVERY_S = 5.0
 #: How often the status line is redrawn on a terminal.
@@ -321,7 +324,7 @@ class _Cli:
             nursery.cancel_scope.cancel()
         self._clear_status()
         if self.signum is not None:
-            status = _SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
+            status = SIGNAL_EXIT.get(signal.Signals(self.signum), 128 + self.signum)
             self._print(
                 f"interrupted: released {self.released_on_signal} worker(s)",
                 event="interrupted",
@@ -350,7 +353,7 @@ class _Cli:
         try:
             reservation = await hold(
                 self.args.endpoint,
-                duration=self.args.duration,
+                duration_s=self.args.duration,
                 api_key=self.api_key,
                 engine_url=self.engine_url,
                 max_rejections=self.args.max_rejections,

@@ -20,7 +20,8 @@ The protocol (one key, a random token per :class:`Lease`)
   compare-and-extend (``if GET key == token then PEXPIRE key ttl``), answering the
   holder's token.
 * **Release**: compare-and-delete (``if GET key == token then DEL key``).
-* A standby tries to acquire every ``renew_s``.
+* A standby tries to acquire every ``renew_s`` (when its ``gate`` lets it: see
+  :meth:`Lease.leadership`).
 * Every command is bounded by ``timeout_s`` (``renew_s / 2`` by default), shorter than
   the renewal interval.
 
@@ -69,11 +70,11 @@ Concurrency invariants
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, Self, TypeVar, TypeVarTuple
@@ -84,9 +85,10 @@ import trio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..errors import ConfigError, NullworkerError
+from .._support import finite
+from ..errors import ConfigError, LeaseError
 from ._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
-from ._redact import redact
+from ._redact import reason, redact
 from ._urls import check_url
 
 __all__ = [
@@ -99,9 +101,12 @@ __all__ = [
     "LeaseStatistics",
     "LeaseStore",
     "LostReason",
+    "MemberStore",
+    "Membership",
     "RedisLease",
     "RedisLeaseStore",
     "Term",
+    "members_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,6 +119,8 @@ DEFAULT_RENEW_S = 3.0
 TOKEN_SHOWN = 8
 #: Bound on closing a Redis client that is being thrown away (shielded).
 CLOSE_TIMEOUT_S = 1.0
+#: The prefix of :func:`members_key`'s keys.
+MEMBERS_PREFIX = "nullworker:members:"
 
 #: SET NX PX; when the key already holds our token, extend it. Answers the holder.
 _ACQUIRE = """
@@ -141,16 +148,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+#: Membership: (re)add ARGV[1] expiring ARGV[2] ms from the server's clock, drop the
+#: members that expired, answer how many are left. The server's clock only: the
+#: processes' clocks never meet.
+_JOIN = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('ZCARD', KEYS[1])
+"""
+#: Leave: remove ARGV[1]. Answers 1 when it was there.
+_LEAVE = """
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 LostReason = Literal["expired", "taken", "gone"]
 LeaseEventKind = Literal["standby", "lease_acquired", "lease_lost", "lease_released"]
-
-
-class LeaseError(NullworkerError):
-    """A lease command failed: the server unreachable, no answer in time, an error answer."""
 
 
 class LeaseStore(Protocol):
@@ -279,16 +297,16 @@ class Lease:
     ) -> None:
         if not isinstance(key, str) or not key:
             raise ConfigError(f"the lease needs a key, got {key!r}")
-        if not (_finite(renew_s) and renew_s > 0):
+        if not (finite(renew_s) and renew_s > 0):
             raise ConfigError(f"renew_s must be a finite number of seconds > 0, got {renew_s!r}")
-        if not (_finite(ttl_s) and ttl_s > 2 * renew_s):
+        if not (finite(ttl_s) and ttl_s > 2 * renew_s):
             raise ConfigError(
                 f"ttl_s must be a finite number of seconds > 2 * renew_s ({2 * renew_s:g}), "
                 f"got {ttl_s!r}"
             )
         if timeout_s is None:
             timeout_s = renew_s / 2
-        if not (_finite(timeout_s) and 0 < timeout_s < renew_s):
+        if not (finite(timeout_s) and 0 < timeout_s < renew_s):
             raise ConfigError(
                 f"timeout_s must be a number of seconds > 0 and < renew_s, got {timeout_s!r}"
             )
@@ -308,6 +326,8 @@ class Lease:
         self._ttl_ms = max(1, round(self.ttl_s * 1000))
         self._term: Term | None = None
         self._terms = 0
+        #: An acquiring command is in flight.
+        self._acquiring = False
         #: The key may hold our token: from an acquisition until a loss or a release.
         self._maybe_ours = False
 
@@ -322,6 +342,17 @@ class Lease:
     def leader(self) -> bool:
         """A term is open: the body of :meth:`leadership` runs as leader."""
         return self._term is not None and self._term.lost is None
+
+    @property
+    def term(self) -> Term | None:
+        """The open term, while :attr:`leader`."""
+        return self._term if self.leader else None
+
+    @property
+    def claimed(self) -> bool:
+        """A term is open, or an acquiring command succeeded and its term is about to
+        open: counted as led by whoever shares the endpoints out (:mod:`.sharing`)."""
+        return self._acquiring or self.leader
 
     def statistics(self) -> LeaseStatistics:
         """A snapshot for metrics."""
@@ -342,7 +373,9 @@ class Lease:
     # -- leadership ------------------------------------------------------------------
 
     @asynccontextmanager
-    async def leadership(self) -> AsyncIterator[Term]:
+    async def leadership(
+        self, *, gate: Callable[[], AbstractAsyncContextManager[bool]] | None = None
+    ) -> AsyncIterator[Term]:
         """Wait until this process holds the lease, then run the block as leader.
 
         Usage::
@@ -357,6 +390,13 @@ class Lease:
         ``async with`` ends normally. Leaving the block by itself ends the term too, but
         does not release the key: call :meth:`release` for a handover.
 
+        Args:
+          gate: entered around each attempt (``async with gate() as go``); when ``go``
+            is ``False`` the attempt is skipped (and the gate entered again ``renew_s``
+            later), so that a process leading its share of several endpoints leaves
+            this one to the others. A gate that holds a lock serializes the attempts:
+            when one succeeds, :attr:`claimed` is already true as the gate is left.
+
         Yields:
           The :class:`Term`.
 
@@ -366,8 +406,11 @@ class Lease:
         """
         if self._term is not None:
             raise RuntimeError(f"{self.describe()}: a term is already open")
-        term = await self._wait_for_leadership()
-        self._term = term
+        try:
+            term = await self._wait_for_leadership(gate)
+            self._term = term
+        finally:
+            self._acquiring = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep, term, nursery.cancel_scope, name="lease keeper")
@@ -411,17 +454,37 @@ class Lease:
 
     # -- the standby's side -----------------------------------------------------------
 
-    async def _wait_for_leadership(self) -> Term:
+    async def _wait_for_leadership(
+        self, gate: Callable[[], AbstractAsyncContextManager[bool]] | None
+    ) -> Term:
         began = trio.current_time()
-        seen: tuple[str | None, bool] | None = None
+        seen: tuple[str | None, bool] | Literal["held back"] | None = None
         while True:
             sent = trio.current_time()
             holder: str | None = None
             error: str | None = None
-            try:
-                holder = await self._command(self.store.acquire, self.key, self.token, self._ttl_ms)
-            except LeaseError as exc:
-                error = str(exc)
+            async with nullcontext(True) if gate is None else gate() as go:
+                if go:
+                    try:
+                        holder = await self._command(
+                            self.store.acquire, self.key, self.token, self._ttl_ms
+                        )
+                    except LeaseError as exc:
+                        error = str(exc)
+                    # Claimed until the term opens (leadership() clears it then).
+                    self._acquiring = holder == self.token
+            if not go:
+                # Said once, at the start: the attempts made now and then (and the
+                # holder they see) say the rest.
+                if seen is None:
+                    seen = "held back"
+                    self._emit(
+                        "standby",
+                        f"standby: leaving {self.describe()} to the other processes while "
+                        f"this one leads its share; asking again every {self.renew_s:g} s",
+                    )
+                await trio.sleep_until(sent + self.renew_s)
+                continue
             if holder == self.token:
                 break
             # Report a change of holder or of reachability, not every attempt.
@@ -601,6 +664,17 @@ class RedisLeaseStore:
     async def release(self, key: str, token: str) -> bool:
         return bool(await self._call(_RELEASE, key, token))
 
+    async def join(self, key: str, member: str, ttl_ms: int) -> int:
+        """Add or refresh ``member`` of the set ``key`` for ``ttl_ms``; the live count."""
+        count = await self._call(_JOIN, key, member, str(ttl_ms))
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise LeaseError(f"unexpected answer from the membership script: {count!r}")
+        return count
+
+    async def leave(self, key: str, member: str) -> bool:
+        """Remove ``member`` from the set ``key``; whether it was there."""
+        return bool(await self._call(_LEAVE, key, member))
+
     async def aclose(self) -> None:
         try:
             await self._drop_client()
@@ -616,7 +690,7 @@ class RedisLeaseStore:
             return await run_aio(self._aio_eval, script, key, args, loop=loop)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             await self._drop_client()
-            raise LeaseError(_reason(exc)) from exc
+            raise LeaseError(reason(exc)) from exc
         except BaseException:
             await self._drop_client()
             raise
@@ -650,7 +724,7 @@ class RedisLeaseStore:
             try:
                 await run_aio(client.aclose, loop=loop)
             except Exception as exc:
-                log.debug("%s: closing the client failed: %s", self.describe(), _reason(exc))
+                log.debug("%s: closing the client failed: %s", self.describe(), reason(exc))
 
 
 class RedisLease(Lease):
@@ -688,6 +762,153 @@ class RedisLease(Lease):
         store.timeout_s = self.timeout_s
 
 
+class MemberStore(Protocol):
+    """Where a :class:`Membership` lives (:class:`RedisLeaseStore`)."""
+
+    def describe(self) -> str:
+        """Where the store is, for messages: never includes a password."""
+        ...
+
+    async def open(self) -> None:
+        """Get ready for commands (``async with membership``)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store's connections."""
+        ...
+
+    async def join(self, key: str, member: str, ttl_ms: int) -> int:
+        """Add or refresh ``member`` for ``ttl_ms``, drop the expired; the live count."""
+        ...
+
+    async def leave(self, key: str, member: str) -> bool:
+        """Remove ``member``; whether it was there."""
+        ...
+
+
+class Membership:
+    """How many processes of one group are alive: a Redis sorted set scored by expiry.
+
+    Each process adds itself (``member``, its lease token) every ``renew_s`` with an
+    expiry ``ttl_s - renew_s`` ahead on the *server's* clock, and the same script drops
+    the members that expired and answers the count. A process killed without a word
+    is counted until its entry expires: ``ttl_s - renew_s`` after its last refresh,
+    which is before the leases it held expire (``ttl_s``), so the others count one
+    less by the time those leases are free. :meth:`leave` removes the entry at once.
+
+    Args:
+      store: the server (entered by the caller: :class:`RedisLeaseStore`).
+      key: the sorted set's key; every process of the group uses the same.
+      member: this process (its lease token).
+      ttl_s, renew_s: the group's lease settings; ``ttl_s > 2 * renew_s``.
+      timeout_s: bound on each command; default ``renew_s / 2``.
+
+    Raises:
+      ConfigError: (a ``ValueError``) an invalid argument.
+    """
+
+    def __init__(
+        self,
+        store: MemberStore,
+        key: str,
+        *,
+        member: str,
+        ttl_s: float = DEFAULT_TTL_S,
+        renew_s: float = DEFAULT_RENEW_S,
+        timeout_s: float | None = None,
+    ) -> None:
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"the membership needs a key, got {key!r}")
+        if not isinstance(member, str) or not member:
+            raise ConfigError(f"member must be a non-empty string, got {member!r}")
+        if not (finite(renew_s) and renew_s > 0 and finite(ttl_s) and ttl_s > 2 * renew_s):
+            raise ConfigError(
+                f"ttl_s ({ttl_s!r}) must exceed 2 * renew_s ({renew_s!r}), both finite and > 0"
+            )
+        self.store = store
+        self.key = key
+        self.member = member
+        self.ttl_s = float(ttl_s)
+        self.renew_s = float(renew_s)
+        self.timeout_s = self.renew_s / 2 if timeout_s is None else float(timeout_s)
+        #: The live count at the last refresh that succeeded (this process alone before).
+        self.members = 1
+        #: Why the last refresh failed; ``None`` after one succeeded.
+        self.error: str | None = None
+        self._ttl_ms = max(1, round((self.ttl_s - self.renew_s) * 1000))
+
+    @classmethod
+    def beside(cls, leases: Sequence[Lease]) -> Membership | None:
+        """The membership of the processes that run these leases, on their Redis server,
+        under :func:`members_key` of their keys, with the first lease's token, the longest
+        TTL and the shortest renewal. ``None`` unless every lease is on one Redis server
+        (the same URL)."""
+        stores = [lease.store for lease in leases]
+        if not stores or not all(isinstance(store, RedisLeaseStore) for store in stores):
+            return None
+        urls = {store.url for store in stores if isinstance(store, RedisLeaseStore)}
+        if len(urls) != 1:
+            return None
+        return cls(
+            RedisLeaseStore(urls.pop(), timeout_s=min(lease.timeout_s for lease in leases)),
+            members_key(lease.key for lease in leases),
+            member=leases[0].token,
+            ttl_s=max(lease.ttl_s for lease in leases),
+            renew_s=min(lease.renew_s for lease in leases),
+            timeout_s=min(lease.timeout_s for lease in leases),
+        )
+
+    def __repr__(self) -> str:
+        return f"<Membership {self.describe()} member={self.member[:TOKEN_SHOWN]}>"
+
+    async def __aenter__(self) -> Self:
+        await self.store.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.store.aclose()
+
+    def describe(self) -> str:
+        """The key and the store, for messages (no password)."""
+        return f"members {self.key!r} at {self.store.describe()}"
+
+    async def refresh(self) -> int:
+        """Refresh this process's entry; the live count (the last one known on failure,
+        with :attr:`error` set). Bounded by ``timeout_s``."""
+        try:
+            with trio.move_on_after(self.timeout_s):
+                self.members = max(1, await self.store.join(self.key, self.member, self._ttl_ms))
+                self.error = None
+                return self.members
+            raise LeaseError(f"no answer within {self.timeout_s:g} s")
+        except LeaseError as exc:
+            self.error = str(exc)
+            log.debug("refreshing %s failed: %s", self.describe(), self.error)
+            return self.members
+
+    async def leave(self) -> None:
+        """Remove this process's entry. Shielded and bounded by ``timeout_s``; a failure
+        is logged (the entry expires by itself)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(self.timeout_s):
+            try:
+                await self.store.leave(self.key, self.member)
+            except LeaseError as exc:
+                log.debug("leaving %s failed: %s", self.describe(), exc)
+
+
+def members_key(lease_keys: Iterable[str]) -> str:
+    """The membership key of the processes that run these leases: the same for every
+    process with the same set of lease keys, whatever their order, and another one for
+    another set (so two groups on one Redis server never count each other)."""
+    digest = hashlib.sha256("\n".join(sorted(set(lease_keys))).encode()).hexdigest()
+    return MEMBERS_PREFIX + digest[:16]
+
+
 def _holder(value: object) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -698,13 +919,3 @@ def _holder(value: object) -> str | None:
 
 def _shown(token: str | None) -> str | None:
     return None if token is None else token[:TOKEN_SHOWN]
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    return redact(f"{name}: {text}" if text else name)
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -31,12 +31,12 @@ input, ``503`` shutting down) or a control listener that cannot be reached raise
 
 Durations
 ---------
-* ``duration=None`` (the default): held until the block exits, however long. The worker
+* ``duration_s=None`` (the default): held until the block exits, however long. The worker
   puts no cap on a hold without a duration (its holder is on this machine, and its
   socket closes when it dies). If the worker goes away meanwhile (a restart, a
   shutdown), a new hold is tried every second until it is accepted again; ``hold.held``
   is false in between, and one warning says so.
-* ``duration=S``: one hold of ``S`` seconds. When it ends, ``hold.ended`` is set and
+* ``duration_s=S``: one hold of ``S`` seconds. When it ends, ``hold.ended`` is set and
   ``hold.outcome`` says why; the block is not interrupted.
 
 Ending the reservation
@@ -63,14 +63,16 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
 import trio
 
-from ..errors import ClientError
+from .._support import describe_error, renamed_option
+from ..errors import LocalHoldFailed, ReleaseFailed
 from ..vast.vocabulary import ClientOutcome
 from .reservation import lone_exception_unwrapped
 
@@ -105,28 +107,6 @@ _TIMEOUT = httpx.Timeout(5.0, read=None)
 #: After the worker went away or refused mid-block: the pause before holding again.
 _RETRY_S = 1.0
 _USER_AGENT = "nullworker-local-hold"
-
-
-class LocalHoldFailed(ClientError):
-    """The worker's control listener could not be reached, or it refused the hold.
-
-    ``status`` is the HTTP status of a refusal (``None`` when nothing answered).
-    """
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ReleaseFailed(ClientError):
-    """``POST /release`` could not be sent, or the worker answered neither 200 nor 409.
-
-    ``status`` is the HTTP status of the answer (``None`` when nothing answered).
-    """
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def control_url(environ: Mapping[str, str] | None = None) -> str:
@@ -178,7 +158,7 @@ class LocalHold:
 
     Attributes:
       label: the label the worker logs and shows in ``/status``.
-      duration: the requested seconds, or ``None`` (held until the block exits).
+      duration_s: the requested seconds, or ``None`` (held until the block exits).
       control_url: the control listener's base URL.
       id: the worker's id of the current (or last) hold.
       held_for_s: the current hold's duration from the worker's answer (``None``: until
@@ -186,7 +166,7 @@ class LocalHold:
       held: True while the worker holds for us.
       holds: how many holds the worker accepted so far (after a worker restart, more
         than one).
-      ended: set once no hold is left and none will follow: a ``duration`` hold ended,
+      ended: set once no hold is left and none will follow: a ``duration_s`` hold ended,
         or the block was left.
       outcome: how the last hold ended: the worker's ``released`` value
         (``"duration_elapsed"``, ``"shutdown"``), ``"connection_lost"``, ``"refused"``,
@@ -194,9 +174,9 @@ class LocalHold:
         :class:`~nullworker.vast.vocabulary.ClientOutcome`.
     """
 
-    def __init__(self, *, label: str, duration: float | None, control_url: str) -> None:
+    def __init__(self, *, label: str, duration_s: float | None, control_url: str) -> None:
         self.label = label
-        self.duration = duration
+        self.duration_s = duration_s
         self.control_url = control_url
         self.id: int | None = None
         self.held_for_s: float | None = None
@@ -207,6 +187,17 @@ class LocalHold:
 
     def __repr__(self) -> str:
         return f"<LocalHold id={self.id} label={self.label!r} held={self.held}>"
+
+    @property
+    def duration(self) -> float | None:
+        """The old name of :attr:`duration_s` (deprecated; goes in nullworker 0.2)."""
+        warnings.warn(
+            "LocalHold.duration is deprecated, use LocalHold.duration_s; "
+            "it will be removed in nullworker 0.2",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.duration_s
 
     def _begin(self, headers: httpx.Headers) -> None:
         self.id = _as_int(headers.get("nullworker-hold-id"))
@@ -228,18 +219,18 @@ class LocalHold:
         self.ended.set()
 
 
-@asynccontextmanager
-async def local_hold(
-    duration: float | None = None,
+def local_hold(
+    duration_s: float | None = None,
     *,
     label: str | None = None,
     control_url: str | None = None,
     http: httpx.AsyncClient | None = None,
-) -> AsyncIterator[LocalHold]:
+    duration: float | None = None,
+) -> AbstractAsyncContextManager[LocalHold]:
     """Keep this instance's worker busy while the ``async with`` block runs.
 
     Args:
-      duration: seconds to hold at most; ``None`` holds until the block exits, however
+      duration_s: seconds to hold at most; ``None`` holds until the block exits, however
         long (the worker puts no cap on it), holding again after a worker restart.
       label: shown in the worker's logs and ``/status`` (at most 200 printable
         characters).
@@ -248,28 +239,39 @@ async def local_hold(
       http: a client to use (the caller keeps ownership; each hold keeps one of its
         connections open, so give it ``httpx.Limits(max_connections=None)`` for many
         holds at once); by default one of our own, closed on exit.
+      duration: the old name of ``duration_s``: it still works, with a
+        ``DeprecationWarning``, and goes in nullworker 0.2.
 
     Raises:
       LocalHoldFailed: before the block runs: the control listener could not be reached
         (``status`` None), or it refused the hold (``status`` 422 bad input, 503 shutting
         down).
-      ValueError: ``duration`` is negative, NaN or infinite, or the control URL cannot
-        be found (:func:`control_url`).
+      ValueError: (when called) ``duration_s`` is negative, NaN or infinite, or the
+        control URL cannot be found (:func:`control_url`).
+      TypeError: (when called) both ``duration_s`` and its old name ``duration`` given.
 
     Resource handling: leaving the block by any path (normal exit, exception,
     cancellation) closes the connection, and the worker ends the hold at once.
     """
-    if duration is not None:
-        duration = float(duration)
-        if not math.isfinite(duration) or duration < 0:
-            raise ValueError(f"duration must be a finite number >= 0, got {duration}")
+    duration_s = renamed_option("duration", duration, "duration_s", duration_s)
+    if duration_s is not None:
+        duration_s = float(duration_s)
+        if not math.isfinite(duration_s) or duration_s < 0:
+            raise ValueError(f"duration_s must be a finite number >= 0, got {duration_s}")
     base = _base_url(control_url)
+    return _local_hold(duration_s, label=label, base=base, http=http)
+
+
+@asynccontextmanager
+async def _local_hold(
+    duration_s: float | None, *, label: str | None, base: str, http: httpx.AsyncClient | None
+) -> AsyncIterator[LocalHold]:
     body: dict[str, Any] = {}
-    if duration is not None:
-        body["duration"] = duration
+    if duration_s is not None:
+        body["duration"] = duration_s
     if label:
         body["label"] = label
-    hold = LocalHold(label=label or "", duration=duration, control_url=base)
+    hold = LocalHold(label=label or "", duration_s=duration_s, control_url=base)
     async with AsyncExitStack() as stack:
         if http is None:
             http = await stack.enter_async_context(
@@ -336,7 +338,8 @@ async def release_reservation(
             response = await http.post(url, json=body)
         except httpx.TransportError as exc:
             raise ReleaseFailed(
-                f"cannot reach the worker's control listener at {url} ({_describe(exc)}); {_WHERE}"
+                f"cannot reach the worker's control listener at {url} "
+                f"({describe_error(exc)}); {_WHERE}"
             ) from None
     if response.status_code not in (200, 409):
         raise ReleaseFailed(
@@ -385,9 +388,9 @@ async def _keep(
             if not started:
                 raise LocalHoldFailed(
                     f"cannot reach the worker's control listener at {url} "
-                    f"({_describe(exc)}); {_WHERE}"
+                    f"({describe_error(exc)}); {_WHERE}"
                 ) from None
-            outcome, why = ClientOutcome.CONNECTION_LOST, _describe(exc)
+            outcome, why = ClientOutcome.CONNECTION_LOST, describe_error(exc)
         except _Refused as exc:
             if not started:
                 raise LocalHoldFailed(
@@ -396,7 +399,7 @@ async def _keep(
             outcome, why = ClientOutcome.REFUSED, f"HTTP {exc.status}: {exc}"
         else:
             why = outcome
-        if hold.duration is not None:  # one hold of that length, whatever its end
+        if hold.duration_s is not None:  # one hold of that length, whatever its end
             hold._finish(outcome)
             return
         if not warned:
@@ -456,11 +459,6 @@ def _error_text(data: bytes) -> str:
         field = answer.get("field")
         return f"{answer['error']} (field {field})" if isinstance(field, str) else answer["error"]
     return str(answer)[:200]
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _as_int(value: str | None) -> int | None:

@@ -2,7 +2,7 @@
 
 Library::
 
-    async with reserve("my-endpoint", duration=300) as reservation:
+    async with reserve("my-endpoint", duration_s=300) as reservation:
         print("holding", reservation.worker_url)
         ...                      # the worker is yours while this block runs
     # leaving the block (normally, by an exception or by cancellation) closes the
@@ -70,11 +70,15 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import trio
 
+from .._groups import split_leaves
+from .._support import finite, renamed_option
 from ..errors import (
     ConfigError,
+    EngineRefused,
     EngineUnavailable,
     ReservationFailed,
     ReservationRejected,
+    RouteTimeout,
 )
 from ..vast.envelope import as_int
 from ..vast.vocabulary import ClientOutcome
@@ -119,37 +123,6 @@ _USER_AGENT = "nullworker-client"
 _REASON_MAX_CHARS = 200
 
 ProgressKind = Literal["routing", "waiting", "engine_retry", "rerouting", "held", "ended"]
-
-
-class EngineRefused(EngineUnavailable):
-    """The engine answered ``/route/`` with an HTTP error.
-
-    ``status`` is that status: 401 (or 403) means the engine refused the API key.
-    """
-
-    def __init__(self, message: str, *, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-    @property
-    def api_key_refused(self) -> bool:
-        """Whether the engine refused the API key (401 or 403)."""
-        return self.status in (401, 403)
-
-
-class RouteTimeout(EngineUnavailable):
-    """No worker became free within ``route_timeout_s``.
-
-    ``timeout_s`` is that bound; ``reason`` the last reason the engine gave for having
-    no free worker (its WAITING answer's ``reason``), ``None`` when it gave none.
-    """
-
-    def __init__(
-        self, message: str, *, timeout_s: float | None = None, reason: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.timeout_s = timeout_s
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -353,7 +326,7 @@ class Reservation:
 def reserve(
     endpoint: str,
     *,
-    duration: float | None = None,
+    duration_s: float | None = None,
     api_key: str | None = None,
     engine_url: str | None = None,
     cost: float = 100.0,
@@ -361,17 +334,18 @@ def reserve(
     route_timeout_s: float | None = None,
     http: httpx.AsyncClient | None = None,
     on_progress: ProgressCallback | None = None,
+    duration: float | None = None,
 ) -> AbstractAsyncContextManager[Reservation]:
     """Reserve a worker of ``endpoint`` and hold it while the ``async with`` block runs.
 
     Usage::
 
-        async with reserve("my-endpoint", duration=300) as reservation:
+        async with reserve("my-endpoint", duration_s=300) as reservation:
             ...  # reservation.worker_url is held; reservation.ended fires if it stops early
 
     Args:
       endpoint: the Vast endpoint name.
-      duration: seconds to hold; ``None`` holds for the worker's cap
+      duration_s: seconds to hold; ``None`` holds for the worker's cap
         (``MAX_RESERVATION_SECONDS``). The worker also caps larger values.
       api_key: the endpoint's API key; default ``$VAST_API_KEY``. Sent to the engine
         only.
@@ -388,6 +362,9 @@ def reserve(
         ``httpx.Limits`` for the number of reservations you hold at once.
       on_progress: called synchronously with each :class:`ProgressEvent`; it must not
         block. Exceptions it raises are logged and dropped.
+      duration: the old name of ``duration_s``: it still works, with a
+        ``DeprecationWarning``, and goes in nullworker 0.2 (``duration_s`` is spelled
+        like ``route_timeout_s`` and :func:`~nullworker.client.autoscale`'s options).
 
     Resource handling:
       Leaving the block -- normally, by an exception or by cancellation -- closes the
@@ -399,14 +376,18 @@ def reserve(
     Raises (on entering the block):
       EngineUnavailable: the engine could not be reached (after a few quick retries);
         :class:`EngineRefused` if it answered an HTTP error (``status``; 401 is a
-        wrong API key); :class:`RouteTimeout` if ``route_timeout_s`` passed.
+        wrong API key); :class:`RouteTimeout` if ``route_timeout_s`` passed, or if
+        every try of the ``/route/`` call timed out (the engine accepts the connection
+        but never answers).
       ReservationRejected: workers refused more than ``max_rejections`` times.
       ReservationFailed: the worker answered 401, 413, 422 or another error (``status``).
-      ConfigError: no API key, or an invalid ``duration``/``cost``/``max_rejections``.
+      ConfigError: no API key, or an invalid ``duration_s``/``cost``/``max_rejections``.
+      TypeError: both ``duration_s`` and its old name ``duration`` were given.
     """
+    duration_s = renamed_option("duration", duration, "duration_s", duration_s)
     options = _Options.build(
         endpoint=endpoint,
-        duration=duration,
+        duration=duration_s,
         api_key=api_key,
         engine_url=engine_url,
         cost=cost,
@@ -419,7 +400,7 @@ def reserve(
 async def hold(
     endpoint: str,
     *,
-    duration: float | None = None,
+    duration_s: float | None = None,
     api_key: str | None = None,
     engine_url: str | None = None,
     cost: float = 100.0,
@@ -427,6 +408,7 @@ async def hold(
     route_timeout_s: float | None = None,
     http: httpx.AsyncClient | None = None,
     on_progress: ProgressCallback | None = None,
+    duration: float | None = None,
 ) -> Reservation:
     """Reserve a worker and wait until the worker ends the hold.
 
@@ -435,9 +417,10 @@ async def hold(
     (``duration_elapsed``, ``explicit``, ``shutdown``, ``connection_lost``, ...).
     Cancel the calling task to let go early: the connection is closed at once.
     """
+    duration_s = renamed_option("duration", duration, "duration_s", duration_s)
     async with reserve(
         endpoint,
-        duration=duration,
+        duration_s=duration_s,
         api_key=api_key,
         engine_url=engine_url,
         cost=cost,
@@ -478,13 +461,13 @@ class _Options:
     ) -> _Options:
         if not endpoint:
             raise ConfigError("an endpoint name is required")
-        if duration is not None and not (_finite(duration) and duration >= 0):
-            raise ConfigError(f"duration must be a finite number >= 0, got {duration!r}")
-        if not (_finite(cost) and cost >= 0):
+        if duration is not None and not (finite(duration) and duration >= 0):
+            raise ConfigError(f"duration_s must be a finite number >= 0, got {duration!r}")
+        if not (finite(cost) and cost >= 0):
             raise ConfigError(f"cost must be a finite number >= 0, got {cost!r}")
         if max_rejections < 0:
             raise ConfigError(f"max_rejections must be >= 0, got {max_rejections}")
-        if route_timeout_s is not None and not (_finite(route_timeout_s) and route_timeout_s > 0):
+        if route_timeout_s is not None and not (finite(route_timeout_s) and route_timeout_s > 0):
             raise ConfigError(f"route_timeout_s must be a number > 0, got {route_timeout_s!r}")
         key = api_key if api_key is not None else os.environ.get("VAST_API_KEY")
         if not key:
@@ -688,6 +671,13 @@ class _Router:
             except httpx.TransportError as exc:
                 # The exception text names the host, never the key (it is not in the URL).
                 problem = _problem(exc)
+                if attempt == _ENGINE_TRIES and isinstance(exc, httpx.TimeoutException):
+                    timeout_s = _ROUTE_TIMEOUT.read
+                    raise RouteTimeout(
+                        f"the engine at {_redact(options.engine_url)} did not answer /route/ "
+                        f"within {timeout_s:g} s, {attempt} tries: {problem}",
+                        timeout_s=timeout_s,
+                    ) from exc
                 if attempt == _ENGINE_TRIES:
                     raise EngineUnavailable(
                         f"cannot reach the engine at {_redact(options.engine_url)} "
@@ -753,12 +743,13 @@ def _single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException
     ``Cancelled`` ones wins: Trio cancellation is level-triggered, so the enclosing
     cancelled scope delivers ``Cancelled`` again at the caller's next checkpoint.
     """
-    members = list(group.exceptions)
+    members = group.exceptions
     if len(members) == 1:
         return members[0]
-    others = [exc for exc in members if not isinstance(exc, trio.Cancelled)]
+    # Any member but a Cancelled one matches whole: a nested group stays unopened.
+    others, cancelled = split_leaves(group, lambda exc: not isinstance(exc, trio.Cancelled))
     if not others:
-        return members[0]
+        return cancelled[0]
     if len(others) == 1:
         return others[0]
     return None
@@ -892,7 +883,3 @@ def _redact(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _finite(value: float) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

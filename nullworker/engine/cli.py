@@ -11,6 +11,7 @@ from functools import partial
 import trio
 
 from .. import logs
+from .._groups import split_leaves
 from .core import DEFAULT_ENGINE_PORT, Engine, load_private_key
 from .web import serve_engine
 
@@ -76,28 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except BaseExceptionGroup as group:
-        if _only(group, KeyboardInterrupt):
+        if not split_leaves(group, KeyboardInterrupt)[1]:
             return 0
-        if _only(group, OSError):  # typically the port is taken
-            print(f"nullworker engine: {_leaves(group)[0]}", file=sys.stderr)
+        os_errors, others = split_leaves(group, OSError)
+        if not others:  # typically the port is taken
+            print(f"nullworker engine: {os_errors[0]}", file=sys.stderr)
             return 1
         raise
     except OSError as exc:
         print(f"nullworker engine: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            leaves.extend(_leaves(exc))
-        else:
-            leaves.append(exc)
-    return leaves
-
-
-def _only(group: BaseExceptionGroup[BaseException], kind: type[BaseException]) -> bool:
-    """True if every exception in the (nested) group is a ``kind``."""
-    return all(isinstance(exc, kind) for exc in _leaves(group))

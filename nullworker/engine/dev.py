@@ -46,6 +46,7 @@ import httpx
 import trio
 
 from .. import logs
+from .._groups import split_leaves
 from .core import DEFAULT_ENGINE_PORT, Engine
 from .dev_options import DevOptions
 from .dev_processes import Processes
@@ -381,19 +382,12 @@ def _start_failure(exc: OSError, options: DevOptions) -> str:
 
 def _os_error(group: BaseExceptionGroup[BaseException]) -> OSError | None:
     """The OSError behind a start-up failure, if that is all the group holds."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    if leaves and all(isinstance(exc, OSError) for exc in leaves):
-        first = leaves[0]
-        assert isinstance(first, OSError)
-        return first
-    return None
+    os_errors, others = split_leaves(group, OSError)
+    if others or not os_errors:
+        return None
+    first = os_errors[0]
+    assert isinstance(first, OSError)
+    return first
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Public entry points (what the rest of the package and embedding programs use):
 * :class:`ReservationSlot` and its results -- the pure-Trio core (:mod:`.reservations`);
 * :func:`serve` and :class:`ServeInfo` -- run a worker in a Trio program (:mod:`.server`);
 * :func:`create_app` -- the Quart-Trio app, for Hypercorn's own CLI (:mod:`.app`);
-* :class:`Worker` -- the runtime handed out as ``ServeInfo.worker`` (:mod:`.runtime`).
+* :class:`Worker` -- the runtime that :func:`serve` starts and keeps to itself (:mod:`.runtime`).
 
 The worker imports :mod:`nullworker.errors` and :mod:`nullworker.vast`, never the client
 or the local engine.

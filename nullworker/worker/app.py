@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import signal
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from types import TracebackType
@@ -62,10 +63,11 @@ from ..errors import (
     ReleaseConflict,
     ShuttingDown,
     StartupFailed,
+    WorkerFailed,
 )
 from ..vast.envelope import parse_duration, parse_envelope, signature_ok
 from .config import WorkerConfig
-from .http_server import ConnectionLimits, listen, serve_http
+from .http_server import connection_limits, listen, serve_http
 from .local_holds import (
     MAX_HOLD_BODY_BYTES,
     HoldOutcome,
@@ -80,7 +82,7 @@ from .reservations import (
     ReleaseRequestError,
     parse_release_request,
 )
-from .runtime import Worker
+from .runtime import Worker, only_leaf
 from .update_guard import UpdateGuard
 
 __all__ = [
@@ -88,6 +90,7 @@ __all__ = [
     "HOLD_ID_HEADER",
     "create_app",
     "create_control_app",
+    "create_main_app",
     "serve_control",
 ]
 
@@ -182,27 +185,78 @@ def _base_app(name: str, config: WorkerConfig) -> QuartTrio:
     return app
 
 
-def create_app(config: WorkerConfig | None = None, *, worker: Worker | None = None) -> QuartTrio:
-    """Build the worker's main app.
+def create_app(config: WorkerConfig | None = None) -> QuartTrio:
+    """Build the worker's main app for a server that is not ours.
 
     ``hypercorn --worker-class trio 'nullworker.app:create_app()'`` calls it with no
-    arguments: the settings then come from the environment. The app owns its background
-    work (engine reporter, readiness, control listener) through Quart-Trio's serving
-    lifecycle, so it behaves the same under any server.
+    arguments: the settings then come from the environment. :func:`nullworker.serve`
+    does not use it; it is the adapter for Hypercorn's own CLI (or any ASGI server that
+    runs Quart-Trio's lifespan), where nothing of ours owns a nursery: the runtime
+    (:meth:`~nullworker.worker.runtime.Worker.run`) and the control listener start in
+    the app's ``before_serving`` hook, inside Quart-Trio's nursery, and the holds end
+    in ``after_serving``.
+
+    A failure after start-up cannot propagate to that server's caller, so there, and
+    only there, the process sends itself SIGTERM (see :func:`_run_under_lifespan`): a
+    supervisor sees the worker stop rather than one that answers 503 forever.
     """
-    if worker is None:
-        worker = Worker(config if config is not None else WorkerConfig.from_env(os.environ))
-    cfg = worker.config
-    app = _base_app("nullworker", cfg)
-    app.extensions["nullworker"] = worker
+    worker = Worker(config if config is not None else WorkerConfig.from_env(os.environ))
+    app = create_main_app(worker)
 
     @app.before_serving
     async def _start_background() -> None:
-        await app.nursery.start(partial(worker.supervise, serve_control=serve_control))
+        await app.nursery.start(_run_under_lifespan, worker)
 
     @app.after_serving
     async def _stop() -> None:
         worker.begin_shutdown()
+
+    return app
+
+
+async def _run_under_lifespan(
+    worker: Worker, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The runtime and the control listener of a :func:`create_app` app, until cancelled.
+
+    A start-up failure (the port's lock, the control port) is raised on its own, so
+    Hypercorn's "Lifespan failure" names it in one line. A failure after start-up has
+    been logged and reported by the runtime (:class:`~nullworker.errors.WorkerFailed`);
+    Quart-Trio's nursery would end with it but the server would go on serving, so the
+    process sends itself SIGTERM and the server stops as it does on any SIGTERM.
+    """
+    started = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            if worker.config.control_port is not None:
+                await nursery.start(serve_control, worker)
+            started = True
+            task_status.started()
+    except Exception as exc:  # a group of real errors; a Cancelled is not caught
+        leaf = only_leaf(exc)
+        if not started and isinstance(leaf, ConfigError | StartupFailed):
+            raise leaf from None
+        if not started:
+            raise
+        if not isinstance(leaf, WorkerFailed):  # the control listener failed
+            await worker.report_failure(exc)
+        _terminate_own_process()
+
+
+def _terminate_own_process() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_main_app(worker: Worker) -> QuartTrio:
+    """The main port's app: routes only, over ``worker``, which its caller runs.
+
+    :func:`~nullworker.worker.server.serve` serves it beside the runtime it starts;
+    :func:`create_app` adds the lifespan hooks that start the runtime for a server that
+    is not ours.
+    """
+    cfg = worker.config
+    app = _base_app("nullworker", cfg)
 
     url_mismatch = _UrlMismatchLog()
 
@@ -497,7 +551,11 @@ async def _send_json(
 async def serve_control(
     worker: Worker, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve the control app on ``control_host:control_port``; ``started(url)`` once bound."""
+    """Serve the control app on ``control_host:control_port``; ``started(url)`` once bound.
+
+    Raises:
+      StartupFailed: the port cannot be bound (in use, not ours to bind).
+    """
     cfg = worker.config
     assert cfg.control_port is not None
     config = HypercornConfig()
@@ -505,30 +563,26 @@ async def serve_control(
     config.errorlog = logging.getLogger("nullworker.control")
     config.graceful_timeout = 1.0
     limits = connection_limits(cfg)
-    sock = listen(cfg.control_host, cfg.control_port)
+    try:
+        sock = listen(cfg.control_host, cfg.control_port)
+    except OSError as exc:  # the port is taken, or not ours to bind
+        raise StartupFailed(
+            f"control port (NULLWORKER_CONTROL_PORT): {exc.strerror or exc}"
+        ) from None
     try:
         app = wrap_app(create_control_app(worker), config.wsgi_max_body_size, "asgi")
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(
                 partial(serve_http, app, config, Sockets([], [sock], []), limits=limits)
             )
+            log.info(
+                "control listener on %s (POST /release, POST /hold, GET /health, GET /status, "
+                "GET /metrics)",
+                binds[0],
+            )
             task_status.started(binds[0])
     finally:
         sock.close()
-
-
-def connection_limits(config: WorkerConfig) -> ConnectionLimits:
-    """The connection deadlines for ``config``'s listeners.
-
-    The body deadline is a second past the app's own (``BODY_TIMEOUT``), so a route
-    that reads its body answers ``408`` first and the socket is closed after.
-    """
-    return ConnectionLimits(
-        body_timeout_s=config.body_timeout_s + 1.0,
-        send_timeout_s=config.send_timeout_s,
-        keep_alive_timeout_s=config.keep_alive_timeout_s,
-        keep_alive_max_requests=config.keep_alive_max_requests,
-    )
 
 
 def _health(worker: Worker) -> Response:

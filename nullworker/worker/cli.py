@@ -31,6 +31,7 @@ from types import FrameType
 import trio
 
 from .. import logs
+from .._groups import split_leaves
 from ..errors import ConfigError, WorkerFailed
 from .config import DEFAULT_CONTROL_PORT, DEFAULT_PORT, WorkerConfig
 
@@ -143,26 +144,27 @@ def run(args: argparse.Namespace, *, started_at: float | None = None) -> int:
 
 
 def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_contains(inner, kind) for inner in exc.exceptions)
-    return isinstance(exc, kind)
+    return bool(split_leaves(exc, kind)[0])
+
+
+def _is_start_failure(exc: BaseException) -> bool:
+    # Hypercorn wraps a failing before_serving hook (e.g. the single-process lock) in a
+    # LifespanFailureError.
+    return (
+        isinstance(exc, OSError | ConfigError | WorkerFailed)
+        or type(exc).__name__ == "LifespanFailureError"
+    )
 
 
 def _one_line(exc: BaseException) -> str | None:
     """The reason behind a start-up failure, or None for what is not one (a bug, Ctrl-C)."""
-    if isinstance(exc, KeyboardInterrupt):
+    failures, _ = split_leaves(exc, _is_start_failure)
+    if not failures:
         return None
-    if isinstance(exc, OSError | ConfigError | WorkerFailed):
-        return " ".join(str(exc).split())  # one line, whatever the message held
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _one_line(inner)
-            if found:
-                return found
-    # Hypercorn wraps a failing before_serving hook (e.g. the single-process lock).
-    if type(exc).__name__ == "LifespanFailureError":
-        return str(exc).split(": ", 1)[-1]
-    return None
+    first = failures[0]
+    if type(first).__name__ == "LifespanFailureError":
+        return str(first).split(": ", 1)[-1]
+    return " ".join(str(first).split())  # one line, whatever the message held
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

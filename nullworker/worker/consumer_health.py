@@ -43,6 +43,8 @@ from collections.abc import Awaitable, Callable
 import httpx
 import trio
 
+from .._groups import split_leaves
+
 __all__ = ["MAX_BODY_BYTES", "Probe", "command_probe", "http_probe", "watch"]
 
 log = logging.getLogger("nullworker")
@@ -147,7 +149,8 @@ def _os_reason(exc: BaseException | None, *, depth: int) -> str | None:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()
     if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
+        # Its members, in order (each one's own causes and groups are the recursion's).
+        for inner in split_leaves(exc, BaseException)[0]:
             if (reason := _os_reason(inner, depth=depth + 1)) is not None:
                 return reason
     return _os_reason(exc.__cause__ or exc.__context__, depth=depth + 1)

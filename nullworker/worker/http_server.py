@@ -66,7 +66,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from math import inf
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
@@ -83,7 +83,16 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
-__all__ = ["ConnectionLimits", "listen", "raise_nofile_limit", "serve_http"]
+if TYPE_CHECKING:
+    from .config import WorkerConfig
+
+__all__ = [
+    "ConnectionLimits",
+    "connection_limits",
+    "listen",
+    "raise_nofile_limit",
+    "serve_http",
+]
 
 log = logging.getLogger("nullworker.http")
 
@@ -112,6 +121,22 @@ class ConnectionLimits:
     keep_alive_timeout_s: float = 5.0
     #: Requests served on one keep-alive connection before it is closed.
     keep_alive_max_requests: int = 1000
+
+
+def connection_limits(config: WorkerConfig) -> ConnectionLimits:
+    """The connection deadlines for ``config``'s listeners (the worker's and the control
+    listener): here, beside :class:`ConnectionLimits`, so the composition root and the
+    routes both take them from the server layer.
+
+    The body deadline is a second past the app's own (``BODY_TIMEOUT``), so a route
+    that reads its body answers ``408`` first and the socket is closed after.
+    """
+    return ConnectionLimits(
+        body_timeout_s=config.body_timeout_s + 1.0,
+        send_timeout_s=config.send_timeout_s,
+        keep_alive_timeout_s=config.keep_alive_timeout_s,
+        keep_alive_max_requests=config.keep_alive_max_requests,
+    )
 
 
 def listen(host: str, port: int, *, keepalive: tuple[int, int, int] | None = None) -> socket.socket:

@@ -54,6 +54,7 @@ from typing import Any
 
 import trio
 
+from .._groups import split_leaves
 from ..errors import ShuttingDown
 from ..vast.vocabulary import HoldOutcome  # re-exported: its home before nullworker.vast
 
@@ -350,8 +351,5 @@ class LocalHolds:
 
 
 def _only_cancelled(exc: BaseException) -> bool:
-    if isinstance(exc, trio.Cancelled):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only_cancelled(inner) for inner in exc.exceptions)
-    return False
+    cancelled, others = split_leaves(exc, trio.Cancelled)
+    return bool(cancelled) and not others

@@ -1,20 +1,27 @@
-"""The worker's runtime: the slot, local holds, readiness, the engine reporter, metrics and
-the control listener.
+"""The worker's runtime: the slot, local holds, readiness, the engine reporter and metrics.
 
-One :class:`Worker` lives for one serving lifetime. The Quart-Trio app starts
-:meth:`Worker.supervise` from its ``before_serving`` hook inside the app's own nursery, so
-the background work behaves the same whether Hypercorn's CLI, ``nullworker serve`` or
-another Trio program (``await nullworker.serve(...)``) runs the app.
+One :class:`Worker` lives for one serving lifetime. :meth:`Worker.run` is its background
+work (the single-process lock, the engine reporter and its journal, readiness, the
+consumer health check, key refreshes), a task like any other: its caller starts it with
+``await nursery.start(worker.run)`` and cancels it to stop it.
 
-The runtime knows nothing of the web layer: the app hands it the function that serves
-the control listener (``serve_control``, a :class:`ControlListener`), so this module
-never imports :mod:`nullworker.worker.app`, which imports it.
+Who starts it:
+
+* :func:`~nullworker.worker.server.serve`, the composition root, in its one nursery,
+  beside the HTTP servers (the control listener, then the main port). An error in any of
+  them propagates out of ``serve()`` the ordinary way.
+* Only for an app whose server is not ours (``hypercorn 'nullworker.app:create_app()'``),
+  the app's ``before_serving`` hook, in Quart-Trio's nursery (see
+  :func:`~nullworker.worker.app.create_app`).
+
+The runtime knows nothing of the web layer: the HTTP handlers and the control listener
+read and change it, it never imports :mod:`nullworker.worker.app`.
 
 Invariants
 ----------
 * The slot is in-process state. Two processes serving the same port would each think
-  they are free, so :meth:`run` takes an exclusive lock named after the port and refuses
-  to start without it (that is how ``hypercorn --workers 2`` is refused).
+  they are free, so :meth:`Worker.run` takes an exclusive lock named after the port and
+  refuses to start without it (that is how ``hypercorn --workers 2`` is refused).
 * Readiness comes after the engine's public key (unless unsecured) and a benchmark that
   runs a real zero-length hold through a private slot. ``max_perf`` is pinned to 100.
 * With a consumer health check (``BACKEND_HEALTH_URL`` or
@@ -26,7 +33,11 @@ Invariants
   what ``/health``, ``/status``, the metrics and the engine reports say.
 * Shutdown: :meth:`Worker.begin_shutdown` ends every hold with the ``shutdown`` outcome
   (holders get a 503 they can read, local holders a 200 saying ``shutdown``); whatever is
-  still pending for the engine is flushed under a short shielded deadline.
+  still pending for the engine is flushed under a short shielded deadline when
+  :meth:`Worker.run` ends, cancelled or failed.
+* A failure after start-up is never hidden: :meth:`Worker.run` logs it, ends every hold,
+  tells the engine (``error_msg``, bounded) and raises
+  :class:`~nullworker.errors.WorkerFailed`, which stops whoever runs it.
 """
 
 from __future__ import annotations
@@ -35,11 +46,9 @@ import contextlib
 import fcntl
 import logging
 import os
-import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
@@ -54,7 +63,7 @@ from .reservations import Outcome, ReservationEvent, ReservationSlot
 if TYPE_CHECKING:
     from .reporter import EngineReporter
 
-__all__ = ["ControlListener", "Worker"]
+__all__ = ["Worker", "only_leaf"]
 
 log = logging.getLogger("nullworker")
 
@@ -63,28 +72,20 @@ FINAL_FLUSH_S = 2.0
 #: While the engine takes no reports either, the key is fetched again after about this
 #: long (jittered), or as soon as a report is delivered again.
 KEY_RETRY_IN_OUTAGE_S = 5.0
+#: After a failure has ended every hold, how long the holders' handlers get to write
+#: their answers before the failure stops the HTTP servers.
+ANSWER_GRACE_S = 0.2
 
 
-def _terminate_own_process() -> None:
-    os.kill(os.getpid(), signal.SIGTERM)
+def only_leaf(exc: BaseException) -> BaseException:
+    """``exc`` without the exception groups that wrap it one inside the other.
 
-
-def _only_leaf(exc: BaseException) -> BaseException:
-    """``exc`` without the exception groups that wrap it one inside the other."""
+    A nursery wraps its child's error in a group, and nested nurseries in one group per
+    level; a caller that reports one known error in one line wants the error itself.
+    """
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-class ControlListener(Protocol):
-    """Serves ``worker``'s control listener until cancelled; ``started(url)`` once bound.
-
-    The web layer's :func:`~nullworker.worker.app.serve_control`.
-    """
-
-    def __call__(
-        self, worker: Worker, /, *, task_status: trio.TaskStatus[str] = ...
-    ) -> Awaitable[None]: ...
 
 
 class Worker:
@@ -121,83 +122,73 @@ class Worker:
         self._consumer_healthy = trio.Event()
         if config.backend_health_target is None:
             self._consumer_healthy.set()
-        self.control_url: str | None = None
         self._key_fetched_at = -config.key_refresh_min_s
         self._key_refresh = trio.Event()
         #: Set when the refetch in flight ends; None while none is in flight.
         self._key_refetched: trio.Event | None = None
-        #: Why the background work could not start (one line), if it could not.
-        self.startup_failure: ConfigError | StartupFailed | None = None
-        #: Set when the background work failed after start-up (see :meth:`supervise`).
-        self.failed = trio.Event()
-        self.failure: WorkerFailed | None = None
-        #: What a failure after start-up does; ``serve()`` replaces it.
-        self.on_fatal: Callable[[], None] = _terminate_own_process
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def supervise(
-        self,
-        *,
-        serve_control: ControlListener,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Run :meth:`run`; a failure after start-up stops the worker instead of hiding.
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the background work until cancelled; ``started()`` once it runs.
 
-        ``serve_control`` serves the control listener (when ``config.control_port`` is
-        set); see :meth:`run`.
+        Started: the port's lock is held, the engine reporter runs (its journal read),
+        and readiness, the consumer health check and the key refreshes are under way.
+        The HTTP servers are not this method's: its caller starts them after it.
 
-        A failure before ``started()`` (the single-process lock, the control port)
-        propagates to the caller, as any start-up error does: a known one (a
-        :class:`ConfigError` or :class:`StartupFailed`, whose message says what failed)
-        on its own rather than inside exception groups, and kept in
-        :attr:`startup_failure` for ``serve()``. A later one is logged,
-        reported to the engine as ``error_msg`` (bounded), ends every reservation, and
-        calls :attr:`on_fatal`: ``serve()`` stops and raises
-        :class:`~nullworker.errors.WorkerFailed`; under Hypercorn's own CLI the process
-        sends itself SIGTERM, so a supervisor sees it stop rather than a worker that
-        answers 503 forever.
+        Raises:
+          StartupFailed: before ``started()``, the port's lock is held by another process.
+          ConfigError: before ``started()``, ``lock_dir`` is unusable.
+          WorkerFailed: after ``started()``, the background work failed. It has been
+            logged, every hold ended (``shutdown``) and the engine told (``error_msg``,
+            bounded) before this is raised, so a worker that can no longer report stops
+            rather than going on looking alive (and idle).
+
+        A known start-up error comes on its own, not inside exception groups: its
+        message says what failed, in one line. Cancelling ends every hold and reports
+        what is still pending to the engine under a short shielded deadline.
         """
         started = False
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(partial(self.run, serve_control=serve_control))
+                await nursery.start(self._run)
                 started = True
                 task_status.started()
         except Exception as exc:  # a group of real errors; a Cancelled is not caught
+            leaf = only_leaf(exc)
             if not started:
-                leaf = _only_leaf(exc)
                 if isinstance(leaf, ConfigError | StartupFailed):
-                    self.startup_failure = leaf
                     raise leaf from None
                 raise
-            await self._fail(exc)
+            raise await self.report_failure(exc) from leaf
 
-    async def _fail(self, exc: Exception) -> None:
-        leaf = _only_leaf(exc)
-        self.failure = WorkerFailed(f"{type(leaf).__name__}: {leaf}")
-        self.error = f"worker failed: {self.failure}"
+    async def report_failure(self, exc: Exception) -> WorkerFailed:
+        """Log ``exc``, end every hold, tell the engine; the :class:`WorkerFailed` to raise.
+
+        :meth:`run` calls it for its own failures; whoever runs the HTTP servers beside it
+        calls it for theirs after start-up, so any failure stops the worker the same way.
+        """
+        leaf = only_leaf(exc)
+        failure = WorkerFailed(f"{type(leaf).__name__}: {leaf}")
+        self.error = f"worker failed: {failure}"
         log.critical("%s; stopping", self.error, exc_info=exc)
         self.begin_shutdown()
+        # The HTTP servers beside this task are cancelled as soon as the error reaches
+        # them: first let the holders record their outcomes and their handlers write
+        # the answers (503 shutdown), which takes a few scheduler rounds, not I/O waits.
+        with trio.move_on_after(FINAL_FLUSH_S / 2):
+            await self.slot.wait_idle()
+            await self.local_holds.wait_idle()
+        await trio.sleep(ANSWER_GRACE_S)
         if self.config.reporting:
             from .reporter import send_error_beacon
 
             with trio.move_on_after(self.config.engine_timeout_s * 2):
                 await send_error_beacon(self.config, self.error)
-        self.failed.set()
-        self.on_fatal()
+        return failure
 
-    async def run(
-        self,
-        *,
-        serve_control: ControlListener,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Run the background work until cancelled; ``started()`` once the control port listens.
-
-        ``serve_control`` is started with this worker when ``config.control_port`` is set
-        (the app passes its :func:`~nullworker.worker.app.serve_control`).
-        """
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """:meth:`run` without the failure handling: lock, reporter, background tasks."""
         with self._single_process_lock() as lock_path:
             # Redirects are never followed: a 3xx from the engine is a failed delivery.
             async with httpx.AsyncClient(
@@ -223,13 +214,6 @@ class Worker:
                     reporter.set_local_holds(self.local_holds.count)
                 try:
                     async with trio.open_nursery() as nursery:
-                        if self.config.control_port is not None:
-                            try:
-                                self.control_url = await nursery.start(serve_control, self)
-                            except OSError as exc:  # the port is taken, or not ours to bind
-                                raise StartupFailed(
-                                    f"control port (NULLWORKER_CONTROL_PORT): {exc.strerror or exc}"
-                                ) from None
                         if self.reporter is not None:
                             await nursery.start(self.reporter.run)
                         nursery.start_soon(self._become_ready)
@@ -310,12 +294,6 @@ class Worker:
                 self.config.container_id,
                 self.config.public_url,
                 "NOT checked (UNSECURED)" if self.config.unsecured else "checked",
-            )
-        if self.control_url:
-            log.info(
-                "control listener on %s (POST /release, POST /hold, GET /health, GET /status, "
-                "GET /metrics)",
-                self.control_url,
             )
 
     # -- readiness -------------------------------------------------------------------

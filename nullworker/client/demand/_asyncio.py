@@ -11,8 +11,9 @@ import trio
 
 from ...errors import DemandError
 from .._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
+from .._redact import reason
 from .._urls import check_url
-from ._base import CLOSE_TIMEOUT_S, DemandSource, reason
+from ._base import CLOSE_TIMEOUT_S, DemandSource
 
 log = logging.getLogger("nullworker.demand")
 
@@ -92,6 +93,9 @@ class AsyncioSource(DemandSource, Generic[C]):
             raise
 
     async def _aio_read(self) -> int:
+        return await self._aio_query(await self._aio_client())
+
+    async def _aio_client(self) -> C:
         client = self._client
         if client is not None and not self._usable(client):
             self._client = None
@@ -99,7 +103,27 @@ class AsyncioSource(DemandSource, Generic[C]):
             client = None
         if client is None:
             client = self._client = self._new_client()
-        return await self._aio_query(client)
+        return client
+
+    async def _aio_oldest_age(self, client: C) -> float | None:
+        """The oldest waiting job's age (on the asyncio loop); ``None``: cannot tell."""
+        return None
+
+    async def _oldest_age(self) -> float | None:
+        loop = self._current_loop()
+        if loop is None or type(self)._aio_oldest_age is AsyncioSource._aio_oldest_age:
+            # No loop, or a source that cannot tell: no round trip for nothing.
+            return None
+        try:
+            return await run_aio(self._aio_age, loop=loop)
+        except DemandError:
+            raise
+        except BaseException:
+            await self._drop_client()
+            raise
+
+    async def _aio_age(self) -> float | None:
+        return await self._aio_oldest_age(await self._aio_client())
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Self
 import trio
 
 from ...errors import DemandError, DemandTimeout
-from .._redact import redact
+from .._redact import reason
 
 #: Default bound on one read of a queue server.
 DEFAULT_TIMEOUT_S = 5.0
@@ -42,18 +42,13 @@ async def aclose_quietly(client: Any, what: str) -> None:
             log.debug("%s: closing the client failed: %s", what, reason(exc))
 
 
-def reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    return redact(f"{name}: {text}" if text else name)
-
-
 class DemandSource(ABC):
     """A number of jobs to read, at most ``timeout_s`` per read.
 
     Subclasses implement :meth:`describe` and ``_read`` (one unbounded attempt), and may
-    override ``_close``. Exceptions of the types in ``_wrapped_errors`` raised by
-    ``_read`` become :class:`DemandError` (:class:`DemandTimeout` for timeouts).
+    override ``_close`` and ``_oldest_age`` (for :meth:`oldest_age`). Exceptions of the
+    types in ``_wrapped_errors`` raised by ``_read`` become :class:`DemandError`
+    (:class:`DemandTimeout` for timeouts).
     """
 
     #: What ``_read`` may raise that means "this read failed" rather than a bug.
@@ -77,6 +72,10 @@ class DemandSource(ABC):
     async def _read(self) -> int: ...
 
     async def _close(self) -> None:
+        return None
+
+    async def _oldest_age(self) -> float | None:
+        """One unbounded attempt at :meth:`oldest_age`; this source cannot tell."""
         return None
 
     def _timeout_message(self) -> str:
@@ -108,6 +107,35 @@ class DemandSource(ABC):
                     raise kind(f"{self.describe()}: {reason(exc)}") from exc
                 return check_count(value, self.describe())
             raise DemandTimeout(self._timeout_message())
+
+    async def oldest_age(self) -> float | None:
+        """The age in seconds of the oldest job waiting, or ``None``: none waits, or the
+        source cannot tell.
+
+        For the autoscaler's age boost, which only ever adds workers: so this never
+        raises for a failed read, it returns ``None`` (the failure is logged at debug
+        level). Bounded by ``timeout_s`` and serialized with :meth:`read`.
+
+        Raises:
+          trio.ClosedResourceError: the source was closed.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError(f"{self.describe()} is closed")
+        failed: tuple[type[BaseException], ...] = (DemandError, *self._wrapped_errors)
+        async with self._lock:
+            with trio.move_on_after(self.timeout_s):
+                try:
+                    age = await self._oldest_age()
+                except failed as exc:
+                    log.debug(
+                        "%s: the oldest job's age is unknown: %s", self.describe(), reason(exc)
+                    )
+                    return None
+                if age is None or not math.isfinite(age):
+                    return None
+                return max(0.0, float(age))
+            log.debug("%s: the oldest job's age: no answer in time", self.describe())
+            return None
 
     async def aclose(self) -> None:
         """Release the source's connections. Idempotent; reading afterwards is an error.

@@ -14,7 +14,8 @@ from typing import Literal, Self
 import trio
 
 from ...errors import DemandError
-from ._base import DemandSource, reason
+from .._redact import reason
+from ._base import DemandSource
 
 #: How the parts' counts become one: ``sum`` (jobs spread over several queues, each
 #: needing a worker) or ``max`` (several views of the same jobs; count them once).
@@ -96,6 +97,19 @@ class CombinedDemand(DemandSource):
             raise kind(text) from error
         values = [count for count in counts if count is not None]
         return sum(values) if self.how == "sum" else max(values)
+
+    async def _oldest_age(self) -> float | None:
+        """The oldest of the parts' ages that are known (each part bounds its own)."""
+        ages: list[float | None] = [None] * len(self.sources)
+
+        async def read_one(index: int) -> None:
+            ages[index] = await self.sources[index].oldest_age()
+
+        async with trio.open_nursery() as nursery:
+            for index in range(len(self.sources)):
+                nursery.start_soon(read_one, index)
+        known = [age for age in ages if age is not None]
+        return max(known) if known else None
 
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:

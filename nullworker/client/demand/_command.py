@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ...errors import DemandError
-from .._redact import redact
-from ._base import DEFAULT_TIMEOUT_S, DemandSource, reason
+from .._redact import reason, redact
+from ._base import DEFAULT_TIMEOUT_S, DemandSource
 
 #: Default bound on one run of a demand command (then it is killed).
 COMMAND_TIMEOUT_S = 10.0

@@ -25,9 +25,9 @@ from typing import Any, ClassVar
 import httpx
 
 from ...errors import DemandError
-from .._redact import redact
+from .._redact import reason, redact
 from .._urls import check_url
-from ._base import DEFAULT_TIMEOUT_S, DemandSource, aclose_quietly, reason
+from ._base import DEFAULT_TIMEOUT_S, DemandSource, aclose_quietly
 
 __all__ = ["HTTP_RESPONSE_LIMIT", "HttpJson", "PrometheusQuery"]
 

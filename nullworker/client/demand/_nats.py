@@ -10,9 +10,9 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
 from ...errors import DemandError, DemandNotFound
-from .._redact import redact
+from .._redact import reason, redact
 from ._asyncio import AsyncioSource
-from ._base import DEFAULT_TIMEOUT_S, reason
+from ._base import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger("nullworker.demand")
 

@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from ...errors import DemandError, DemandTimeout
-from .._redact import redact
+from .._redact import reason, redact
 from ._asyncio import AsyncioSource
-from ._base import CLOSE_TIMEOUT_S, DEFAULT_TIMEOUT_S, reason
+from ._base import CLOSE_TIMEOUT_S, DEFAULT_TIMEOUT_S
 
 #: The share of ``timeout_s`` given to the server as ``statement_timeout``: the server
 #: cancels a slow query itself, before the read's own timeout cuts the connection.
@@ -76,11 +76,17 @@ class PostgresQuery(AsyncioSource[_PgClient]):
     replaced by the next read; any failure on the way (refused, lost, timed out,
     cancelled) throws the connection away, and the next read connects anew.
 
+    With ``age_query``, :meth:`oldest_age` runs it on the same connection: one row, one
+    column, the oldest waiting job's age in seconds (a number >= 0), or NULL when none
+    waits. For example
+    ``SELECT extract(epoch FROM now() - min(created_at)) FROM jobs WHERE status = 'todo'``.
+
     Args:
       dsn: ``postgresql://[user[:password]@]host[:port]/database[?param=…]`` (libpq's
         URL form, as asyncpg reads it; ``PGPASSWORD``, ``PGUSER``, ``~/.pgpass`` … fill
         what it lacks).
       query: the SQL query (no parameters).
+      age_query: the SQL query of the oldest waiting job's age, if any.
       timeout_s: bound on one read (connecting included).
     """
 
@@ -88,9 +94,19 @@ class PostgresQuery(AsyncioSource[_PgClient]):
     _wrapped_errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
     _timeout_errors = (TimeoutError, asyncpg.QueryCanceledError)
 
-    def __init__(self, dsn: str, query: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        query: str,
+        *,
+        age_query: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         if not query.strip():
             raise ValueError("PostgresQuery needs a query")
+        if age_query is not None and not age_query.strip():
+            raise ValueError("PostgresQuery: the age query is empty")
+        self.age_query = age_query
         super().__init__(dsn, timeout_s=timeout_s)
         try:
             urlsplit(dsn).port  # noqa: B018  (raises ValueError on a port that is no number)
@@ -129,9 +145,26 @@ class PostgresQuery(AsyncioSource[_PgClient]):
             client.conn = await self._aio_connect()
         return self._count(await self._aio_fetch(client.conn))
 
-    async def _aio_fetch(self, conn: Any) -> list[Any]:
+    async def _aio_oldest_age(self, client: _PgClient) -> float | None:
+        if self.age_query is None:
+            return None
+        if client.conn is None:
+            client.conn = await self._aio_connect()
+        rows = await self._aio_fetch(client.conn, self.age_query)
+        if len(rows) != 1 or len(rows[0]) != 1:
+            raise DemandError(f"{self.describe()}: the age query must return one row, one column")
+        value = rows[0][0]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float | decimal.Decimal):
+            raise DemandError(
+                f"{self.describe()}: the age query returned {type(value).__name__}, not seconds"
+            )
+        return float(value)
+
+    async def _aio_fetch(self, conn: Any, query: str | None = None) -> list[Any]:
         try:
-            rows: list[Any] = await conn.fetch(self.query)
+            rows: list[Any] = await conn.fetch(self.query if query is None else query)
         except asyncpg.QueryCanceledError as exc:
             raise DemandTimeout(
                 f"{self.describe()}: the server cancelled the query after its "

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
 from ...errors import DemandError, DemandNotFound
-from .._redact import redact
-from ._base import DEFAULT_TIMEOUT_S, DemandSource, aclose_quietly, reason
+from .._redact import reason, redact
+from ._base import DEFAULT_TIMEOUT_S, DemandSource, aclose_quietly
 
 log = logging.getLogger("nullworker.demand")
 
@@ -48,6 +49,12 @@ class RabbitMQQueue(DemandSource):
 
     A missing queue or vhost raises :class:`DemandNotFound`; refused credentials a
     :class:`DemandError` saying so.
+
+    :meth:`oldest_age` is now minus the queue's ``head_message_timestamp``: the
+    ``timestamp`` property (whole seconds, set by the publisher) of the message at the
+    head of the queue, which the management API reports when that message has one.
+    Without it (publishers that set no timestamp, an empty queue) the age is unknown.
+    It is as old as the statistics, and as right as the publishers' clocks.
     """
 
     _wrapped_errors = (httpx.HTTPError, OSError, httpx.InvalidURL)
@@ -99,6 +106,17 @@ class RabbitMQQueue(DemandSource):
         return f"rabbitmq queue {self.queue!r} in vhost {self.vhost!r} at {self.base_url}"
 
     async def _read(self) -> int:
+        return self._count(*await self._fetch())
+
+    async def _oldest_age(self) -> float | None:
+        status, body = await self._fetch()
+        self._count(status, body)  # the same checks: a missing queue, refused credentials
+        head = json.loads(body).get("head_message_timestamp")
+        if isinstance(head, bool) or not isinstance(head, int | float):
+            return None
+        return time.time() - head
+
+    async def _fetch(self) -> tuple[int, bytes]:
         if self._client is None:
             self._client = httpx.AsyncClient(
                 auth=self._auth,
@@ -120,7 +138,7 @@ class RabbitMQQueue(DemandSource):
         except BaseException:
             await self._drop_client()
             raise
-        return self._count(response.status_code, bytes(body))
+        return response.status_code, bytes(body)
 
     def _count(self, status: int, body: bytes) -> int:
         if status == 404:

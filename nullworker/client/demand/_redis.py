@@ -10,9 +10,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ...errors import DemandError, DemandNotFound
-from .._redact import redact
+from .._redact import reason, redact
 from ._asyncio import AsyncioSource
-from ._base import DEFAULT_TIMEOUT_S, reason
+from ._base import DEFAULT_TIMEOUT_S
 
 #: RedisStream without a usable ``lag``: entries fetched per XRANGE while counting ...
 STREAM_SCAN_BATCH = 1000
@@ -20,7 +20,7 @@ STREAM_SCAN_BATCH = 1000
 STREAM_SCAN_LIMIT = 10_000
 
 
-class _RedisSource(AsyncioSource[redis.asyncio.Redis]):
+class RedisSource(AsyncioSource[redis.asyncio.Redis]):
     _scheme_names = ("redis", "rediss", "unix")
     _socket_schemes = ("unix",)
     _numeric_path = True
@@ -46,7 +46,7 @@ class _RedisSource(AsyncioSource[redis.asyncio.Redis]):
         return DemandError(f"{self.describe()}: the server answered {reason(exc)}")
 
 
-class RedisList(_RedisSource):
+class RedisList(RedisSource):
     """The length of a Redis list, plus that of its "processing" list when given.
 
     The usual Redis work queue: producers ``LPUSH`` jobs onto ``key``, consumers
@@ -92,7 +92,7 @@ class RedisList(_RedisSource):
         return sum(int(length) for length in lengths)
 
 
-class RedisStream(_RedisSource):
+class RedisStream(RedisSource):
     """Entries of a Redis stream that a consumer group has not finished with.
 
     Demand is the group's ``lag`` (entries not yet delivered to any consumer of the
@@ -115,6 +115,12 @@ class RedisStream(_RedisSource):
       scan_limit: the cap on counting entries when ``lag`` is unknown.
 
     A missing stream or group raises :class:`DemandNotFound`.
+
+    :meth:`oldest_age` is the age of the oldest entry not yet delivered to the group
+    (the first after its last-delivered-id): the millisecond time of its ID, against the
+    Redis server's own clock (``TIME``), so the clocks of this host and of the producers
+    do not matter, but the IDs must be the server's (``XADD key * ...``). Entries
+    delivered and pending are being worked on, and do not count as waiting.
     """
 
     def __init__(
@@ -159,6 +165,30 @@ class RedisStream(_RedisSource):
         if lag is None:
             lag = await self._aio_count_after(client, str(info["last-delivered-id"]))
         return int(lag) + pending
+
+    async def _aio_oldest_age(self, client: redis.asyncio.Redis) -> float | None:
+        try:
+            groups = await client.xinfo_groups(self.stream)
+        except redis.exceptions.ResponseError as exc:
+            raise self._answer_error(exc) from exc
+        last_id = next(
+            (str(info["last-delivered-id"]) for info in groups if info.get("name") == self.group),
+            None,
+        )
+        if last_id is None:
+            return None
+        try:
+            first = await client.xrange(self.stream, min=f"({last_id}", max="+", count=1)
+            seconds, micros = await client.time()
+        except redis.exceptions.ResponseError as exc:
+            raise self._answer_error(exc) from exc
+        if not first:
+            return None
+        entry_id = first[0][0]
+        entry_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        added_ms = int(entry_id.partition("-")[0])
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        return max(0, now_ms - added_ms) / 1000.0
 
     async def _aio_count_after(self, client: redis.asyncio.Redis, last_id: str) -> int:
         count = 0

@@ -69,7 +69,7 @@ import redis.exceptions
 from ...errors import DemandError
 from .._redact import redact
 from ._base import DEFAULT_TIMEOUT_S
-from ._redis import _RedisSource
+from ._redis import RedisSource
 
 #: The frameworks :class:`RedisQueue` knows, in the order the docs list them.
 FRAMEWORKS = ("celery", "rq", "dramatiq", "arq", "bullmq", "sidekiq")
@@ -256,7 +256,7 @@ def _keys_and_args(framework: str, queue: str, prefix: str) -> tuple[list[str], 
     ], [queue, prefix]
 
 
-class RedisQueue(_RedisSource):
+class RedisQueue(RedisSource):
     """The waiting, in-flight and due jobs of one queue of a Redis job framework.
 
     ``framework`` is one of :data:`FRAMEWORKS`; what each counts, and from which keys

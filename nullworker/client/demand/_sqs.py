@@ -12,8 +12,8 @@ import botocore.exceptions
 import trio
 
 from ...errors import DemandError, DemandNotFound
-from .._redact import redact
-from ._base import DEFAULT_TIMEOUT_S, DemandSource, reason
+from .._redact import reason, redact
+from ._base import DEFAULT_TIMEOUT_S, DemandSource
 
 #: The attributes summed: waiting, and received but not yet deleted (in flight).
 SQS_ATTRIBUTES = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible")

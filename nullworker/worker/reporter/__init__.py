@@ -60,13 +60,13 @@ Accounting choices (documented deviations from the official worker)
 
 from __future__ import annotations
 
+from ...errors import PubkeyUnavailable
 from ._core import LOCAL_HOLD_LOAD, RETRY_CAP_S, RETRY_JITTER, WORKER_VERSION, retry_pause
 from ._engine_api import (
     CONNECT_TIMEOUT_S,
     POST_ANSWER_MAX_BYTES,
     PUBKEY_ANSWER_MAX_BYTES,
     PUBKEY_BACKOFF_S,
-    PubkeyUnavailable,
     send_error_beacon,
 )
 from ._loop import EngineReporter

@@ -18,7 +18,7 @@ Theory of operation
 * A delete entry travels only once a delivered ``worker_status`` showed its request gone
   (``reported``), and leaves the pending list only when a POST carrying it was accepted
   (by identity, not by ``request_idx``) or refused on its own.
-* One status in flight at a time: :meth:`_Accounting.status_sending` opens it, and
+* One status in flight at a time: :meth:`Accounting.status_sending` opens it, and
   exactly one of ``status_delivered`` / ``status_failed`` / ``status_interrupted``
   closes it.
 
@@ -88,13 +88,13 @@ def retry_pause(seconds: float = RETRY_CAP_S) -> float:
     return seconds * random.uniform(1.0 - RETRY_JITTER, 1.0 + RETRY_JITTER)
 
 
-def _round_backoff_s(failures: int, *, engine_retry_s: float, heartbeat_s: float) -> float:
+def round_backoff_s(failures: int, *, engine_retry_s: float, heartbeat_s: float) -> float:
     """The pause (before jitter) after the ``failures``-th failed round in a row."""
     base: float = engine_retry_s * 2 ** min(failures - 1, 16)
     return min(base, RETRY_CAP_S, heartbeat_s)
 
 
-def _try_pause_s(attempt: int, *, engine_retry_s: float) -> float:
+def try_pause_s(attempt: int, *, engine_retry_s: float) -> float:
     """The pause after the ``attempt``-th failed try at one address (1-based)."""
     pause: float = engine_retry_s * 2 ** (attempt - 1)
     return min(pause, RETRY_CAP_S)
@@ -108,12 +108,12 @@ def _as_idx(value: Any) -> int | None:
     return value
 
 
-def _delete_addrs(addrs: Iterable[str]) -> list[str]:
+def delete_addrs(addrs: Iterable[str]) -> list[str]:
     """The addresses that take ``delete_requests`` (the official worker skips one, §6.4)."""
     return [a for a in addrs if a.rstrip("/") != _NO_DELETES_ADDR]
 
 
-class _TokenBucket:
+class TokenBucket:
     """The round pacing: ``burst`` tokens at most, one more every ``interval_s``.
 
     Changes after a quiet spell are reported at once, and a worker whose state changes
@@ -147,7 +147,7 @@ class _TokenBucket:
 
 
 @dataclass
-class _Counters:
+class Counters:
     """Workload totals accumulated since the last delivered report."""
 
     received: float = 0.0
@@ -156,10 +156,10 @@ class _Counters:
     errored: float = 0.0
     rejected: float = 0.0
 
-    def copy(self) -> _Counters:
-        return _Counters(self.received, self.cancelled, self.served, self.errored, self.rejected)
+    def copy(self) -> Counters:
+        return Counters(self.received, self.cancelled, self.served, self.errored, self.rejected)
 
-    def subtract(self, sent: _Counters) -> None:
+    def subtract(self, sent: Counters) -> None:
         self.received -= sent.received
         self.cancelled -= sent.cancelled
         self.served -= sent.served
@@ -168,7 +168,7 @@ class _Counters:
 
 
 @dataclass(eq=False)
-class _DeleteEntry:
+class DeleteEntry:
     """One ended request waiting for ``/delete_requests/`` (compared by identity)."""
 
     request_idx: int
@@ -200,17 +200,17 @@ class _DeleteEntry:
 @dataclass(frozen=True)
 class _StatusSnapshot:
     body: dict[str, Any]
-    counters: _Counters
+    counters: Counters
     disk_gib: float
     #: The ended requests this body already shows as gone.
-    ended: list[_DeleteEntry]
+    ended: list[DeleteEntry]
 
 
-def _status_body(
+def status_body(
     config: WorkerConfig,
     *,
     loadtime: float,
-    counters: _Counters,
+    counters: Counters,
     cur_load: float,
     max_perf: float,
     error_msg: str,
@@ -243,7 +243,7 @@ def _status_body(
     }
 
 
-def _delete_body(config: WorkerConfig, entries: list[_DeleteEntry]) -> dict[str, Any]:
+def delete_body(config: WorkerConfig, entries: list[DeleteEntry]) -> dict[str, Any]:
     """One ``/delete_requests/`` body, in ``config.delete_requests_format``."""
     if config.delete_requests_format == "legacy":
         return {
@@ -259,7 +259,7 @@ def _delete_body(config: WorkerConfig, entries: list[_DeleteEntry]) -> dict[str,
     }
 
 
-def _delete_groups(config: WorkerConfig, batch: list[_DeleteEntry]) -> list[list[_DeleteEntry]]:
+def delete_groups(config: WorkerConfig, batch: list[DeleteEntry]) -> list[list[DeleteEntry]]:
     """The POSTs a batch takes: one, or (legacy) one per ``success`` flag present.
 
     In the legacy format each group is done as soon as it is accepted (or refused), so a
@@ -274,7 +274,7 @@ def _delete_groups(config: WorkerConfig, batch: list[_DeleteEntry]) -> list[list
     ]
 
 
-class _Accounting:
+class Accounting:
     """What the engine must hear and has heard; every method is synchronous and pure.
 
     The journal's file I/O is not done here: the methods that end delete entries queue
@@ -289,12 +289,12 @@ class _Accounting:
         self.loadtime = 0.0
         self.max_perf = 0.0
         self.error_msg = ""
-        self.counters = _Counters()
+        self.counters = Counters()
         #: Reservations queued or held, in admission order (the working set).
         self.working: dict[int, Reservation] = {}
         self.received_count = 0
         self._recent_idxs: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.pending: list[_DeleteEntry] = []
+        self.pending: list[DeleteEntry] = []
         #: At least one local hold is open (the count itself is not reported).
         self.local_holds = False
         # 1.9.1 measures the disk delta from the last *delivered* report; the baseline
@@ -364,7 +364,7 @@ class _Accounting:
             self.counters.errored += workload
         if idx is not None:
             self.add_pending(
-                _DeleteEntry(
+                DeleteEntry(
                     request_idx=idx,
                     status=status,
                     entered_queue_at=float(res.entered_queue_at or 0.0),
@@ -400,7 +400,7 @@ class _Accounting:
         """Failed delete entries for requests a previous process never closed."""
         for idx in leftover:
             self.add_pending(
-                _DeleteEntry(
+                DeleteEntry(
                     request_idx=idx,
                     status=RequestStatus.ERROR,
                     entered_queue_at=0.0,
@@ -421,7 +421,7 @@ class _Accounting:
         if len(self._recent_idxs) > _RECENT_IDX_WINDOW:
             self._recent_idxs.popitem(last=False)
 
-    def add_pending(self, entry: _DeleteEntry) -> None:
+    def add_pending(self, entry: DeleteEntry) -> None:
         self.pending.append(entry)
         if len(self.pending) > _MAX_PENDING_DELETES:
             excess = len(self.pending) - _MAX_PENDING_DELETES
@@ -435,7 +435,7 @@ class _Accounting:
 
     # -- the journal's bookkeeping ------------------------------------------------------
 
-    def _strike(self, entries: list[_DeleteEntry]) -> None:
+    def _strike(self, entries: list[DeleteEntry]) -> None:
         """Queue delivered (or abandoned) entries to be struck out of the journal.
 
         An index still in the working set stays: a reused ``request_idx`` (a retry after
@@ -473,7 +473,7 @@ class _Accounting:
         working = list(self.working.values())
         idxs = [i for i in (_as_idx(r.tag.get("request_idx")) for r in working) if i is not None]
         cur_load, num_working = self.load()
-        body = _status_body(
+        body = status_body(
             self._config,
             loadtime=self.loadtime,
             counters=counters,
@@ -535,9 +535,9 @@ class _Accounting:
     def has_reported_pending(self) -> bool:
         return any(entry.reported for entry in self.pending)
 
-    def next_batch(self) -> list[_DeleteEntry]:
+    def next_batch(self) -> list[DeleteEntry]:
         """The oldest reported entries, as many as every one of them may travel with."""
-        batch: list[_DeleteEntry] = []
+        batch: list[DeleteEntry] = []
         limit = _DELETE_BATCH
         for entry in self.pending:
             if not entry.reported:
@@ -554,7 +554,7 @@ class _Accounting:
         self.pending.clear()
         return dropped
 
-    def _settle(self, entries: list[_DeleteEntry]) -> None:
+    def _settle(self, entries: list[DeleteEntry]) -> None:
         if not entries:
             raise _AccountingError("an empty delete_requests batch")
         if not all(entry.reported for entry in entries):
@@ -565,12 +565,12 @@ class _Accounting:
         self.pending = [e for e in self.pending if e not in gone]
         self._strike(entries)
 
-    def deletes_accepted(self, entries: list[_DeleteEntry]) -> None:
+    def deletes_accepted(self, entries: list[DeleteEntry]) -> None:
         """An address accepted the POST carrying ``entries``: they are done."""
         self._settle(entries)
         self.deletes_sent += len(entries)
 
-    def deletes_refused(self, entries: list[_DeleteEntry]) -> Literal["dropped", "split"]:
+    def deletes_refused(self, entries: list[DeleteEntry]) -> Literal["dropped", "split"]:
         """The engine refused ``entries`` (a 4xx): a lone entry is dropped, a batch split.
 
         Every refusal halves the largest batch its entries may travel in, so the

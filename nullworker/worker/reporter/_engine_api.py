@@ -38,10 +38,11 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from ...errors import NullworkerError
+from ..._support import describe_error
+from ...errors import PubkeyUnavailable
 from ...vast.signing import load_public_key
 from ..config import WorkerConfig
-from ._core import _Counters, _status_body
+from ._core import Counters, status_body
 
 log = logging.getLogger("nullworker.reporter")
 
@@ -62,21 +63,12 @@ _ANSWER_HEADERS = {"Accept-Encoding": "identity"}
 _RETRY_LATER_4XX = frozenset({408, 425, 429})
 
 
-class PubkeyUnavailable(NullworkerError):
-    """No engine address served a usable public key within the retry bound."""
-
-
-def _root_disk_gib() -> float:
+def root_disk_gib() -> float:
     """GiB used on ``/`` (one ``statvfs``)."""
     try:
         return shutil.disk_usage("/").used / 2**30
     except OSError:
         return 0.0
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _timeout(timeout_s: float) -> httpx.Timeout:
@@ -85,7 +77,7 @@ def _timeout(timeout_s: float) -> httpx.Timeout:
 
 
 @dataclass(frozen=True)
-class _Answer:
+class Answer:
     """How one POST (or the last try of several) went."""
 
     #: None: accepted; else why not, for the log.
@@ -184,8 +176,8 @@ def _redacted_location(location: str) -> str:
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
-def _not_delivered(response: httpx.Response) -> _Answer | None:
-    """None for a 2xx answer; else the failed :class:`_Answer`, saying why.
+def _not_delivered(response: httpx.Response) -> Answer | None:
+    """None for a 2xx answer; else the failed :class:`Answer`, saying why.
 
     Only a 2xx is a delivery. A 3xx is a failure like a 5xx (redirects are never
     followed: a body POSTed to an ``http://`` address behind an https redirect never
@@ -200,12 +192,12 @@ def _not_delivered(response: httpx.Response) -> _Answer | None:
         location = response.headers.get("Location")
         target = f" to {_redacted_location(location)}" if location else ""
         error += f" (redirect{target}; redirects are not followed)"
-    return _Answer(error, status)
+    return Answer(error, status)
 
 
-async def _post_once(
+async def post_once(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], *, timeout_s: float
-) -> _Answer:
+) -> Answer:
     """One POST under a hard deadline of ``timeout_s``; accepted only with a 2xx.
 
     Redirects are not followed, and at most ``POST_ANSWER_MAX_BYTES`` of the answer
@@ -226,11 +218,11 @@ async def _post_once(
                     return failed
                 await _read_bounded(response, POST_ANSWER_MAX_BYTES)
         except _AnswerTooLarge as exc:
-            return _Answer(str(exc))
+            return Answer(str(exc))
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # transport, timeout, bad reply
-            return _Answer(_describe(exc))
-        return _Answer()
-    return _Answer(f"no answer within {timeout_s:g} s")
+            return Answer(describe_error(exc))
+        return Answer()
+    return Answer(f"no answer within {timeout_s:g} s")
 
 
 @asynccontextmanager
@@ -241,16 +233,16 @@ async def _client_for(
     if http is not None:
         yield http
         return
-    async with _new_client(config) as own:
+    async with new_engine_client(config) as own:
         yield own
 
 
-def _new_client(config: WorkerConfig) -> httpx.AsyncClient:
+def new_engine_client(config: WorkerConfig) -> httpx.AsyncClient:
     """A client of our own: redirects not followed, the connect bound applied."""
     return httpx.AsyncClient(timeout=_timeout(config.engine_timeout_s), follow_redirects=False)
 
 
-async def _fetch_pubkey(
+async def fetch_engine_pubkey(
     http: httpx.AsyncClient | None, config: WorkerConfig, *, backoff_s: Sequence[float]
 ) -> RSAPublicKey:
     """``GET /pubkey/`` over ``config.report_addrs`` in order, ``len(backoff_s) + 1``
@@ -306,9 +298,9 @@ async def _get_pubkey_once(
         except _AnswerTooLarge as exc:
             return None, str(exc)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            return None, _describe(exc)
+            return None, describe_error(exc)
         except ValueError as exc:  # not PEM, not an RSA key, or an unreadable encoding
-            return None, f"not an RSA public key in PEM ({_describe(exc)})"
+            return None, f"not an RSA public key in PEM ({describe_error(exc)})"
     return None, f"no answer within {timeout_s:g} s"
 
 
@@ -323,11 +315,11 @@ async def send_error_beacon(
     """
     if not config.report_addrs:
         return False
-    disk = _root_disk_gib()
-    body = _status_body(
+    disk = root_disk_gib()
+    body = status_body(
         config,
         loadtime=0.0,
-        counters=_Counters(),
+        counters=Counters(),
         cur_load=0.0,
         max_perf=0.0,
         error_msg=message,
@@ -340,7 +332,7 @@ async def send_error_beacon(
     accepted: list[str] = []
 
     async def _one(client: httpx.AsyncClient, addr: str) -> None:
-        answer = await _post_once(
+        answer = await post_once(
             client, addr.rstrip("/") + "/worker_status/", body, timeout_s=config.engine_timeout_s
         )
         if answer.ok:

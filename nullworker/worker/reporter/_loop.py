@@ -65,23 +65,23 @@ from ..config import WorkerConfig
 from ..journal import Journal
 from ..reservations import ReservationEvent
 from ._core import (
-    _Accounting,
-    _delete_addrs,
-    _delete_body,
-    _delete_groups,
-    _DeleteEntry,
-    _round_backoff_s,
-    _TokenBucket,
-    _try_pause_s,
+    Accounting,
+    DeleteEntry,
+    TokenBucket,
+    delete_addrs,
+    delete_body,
+    delete_groups,
     retry_pause,
+    round_backoff_s,
+    try_pause_s,
 )
 from ._engine_api import (
     PUBKEY_BACKOFF_S,
-    _Answer,
-    _fetch_pubkey,
-    _new_client,
-    _post_once,
-    _root_disk_gib,
+    Answer,
+    fetch_engine_pubkey,
+    new_engine_client,
+    post_once,
+    root_disk_gib,
 )
 
 log = logging.getLogger("nullworker.reporter")
@@ -126,17 +126,17 @@ class EngineReporter:
         self._http = http
         self._owned_http: httpx.AsyncClient | None = None
         self._started_at = time.monotonic() if started_at is None else started_at
-        self._disk_usage = disk_usage or _root_disk_gib
+        self._disk_usage = disk_usage or root_disk_gib
         self._journal: Journal | None = None
-        journaled = journal_path is not None and bool(_delete_addrs(config.report_addrs))
-        self._acc = _Accounting(config, disk_gib=self._read_disk(), journaled=journaled)
+        journaled = journal_path is not None and bool(delete_addrs(config.report_addrs))
+        self._acc = Accounting(config, disk_gib=self._read_disk(), journaled=journaled)
         #: The disk figure of the last round and when it was read (Trio clock).
         self._disk_gib = 0.0
         self._disk_read_at = -math.inf
         # -- scheduling -----------------------------------------------------------------
         self._wake = trio.Event()
         self._lock = trio.Lock()
-        self._bucket = _TokenBucket(burst=config.report_burst, interval_s=config.report_interval_s)
+        self._bucket = TokenBucket(burst=config.report_burst, interval_s=config.report_interval_s)
         # -- statistics -----------------------------------------------------------------
         self._last_success_at: float | None = None
         self._last_error: str | None = None
@@ -269,7 +269,7 @@ class EngineReporter:
         """Take a token for one round, waiting for it when the bucket is empty.
 
         ``report_burst`` tokens at most, one more every ``report_interval_s``
-        (:class:`~._core._TokenBucket` does the arithmetic).
+        (:class:`~._core.TokenBucket` does the arithmetic).
         """
         now = trio.current_time()
         wait_s = self._bucket.wait_s(now)
@@ -282,7 +282,7 @@ class EngineReporter:
         """The pause after the ``failures``-th failed round in a row."""
         config = self._config
         return retry_pause(
-            _round_backoff_s(
+            round_backoff_s(
                 failures, engine_retry_s=config.engine_retry_s, heartbeat_s=config.heartbeat_s
             )
         )
@@ -331,7 +331,7 @@ class EngineReporter:
         if self._http is not None:
             return self._http
         if self._owned_http is None:
-            self._owned_http = _new_client(self._config)
+            self._owned_http = new_engine_client(self._config)
         return self._owned_http
 
     async def _round(self) -> bool:
@@ -419,7 +419,7 @@ class EngineReporter:
 
     async def _send_deletes(self, tries: int) -> bool:
         """One ``delete_requests`` batch; False when it failed (and is to be retried)."""
-        addrs = _delete_addrs(self._config.report_addrs)
+        addrs = delete_addrs(self._config.report_addrs)
         if not addrs:
             # Nowhere to deliver them: keeping them would only grow memory.
             log.debug(
@@ -428,7 +428,7 @@ class EngineReporter:
             self._acc.drop_pending()
             return True
         batch = self._acc.next_batch()
-        for entries in _delete_groups(self._config, batch):
+        for entries in delete_groups(self._config, batch):
             if not await self._deliver_deletes(addrs, entries, tries):
                 self._acc.report_failures += 1
                 self._log_failure(
@@ -442,14 +442,14 @@ class EngineReporter:
         return True
 
     async def _deliver_deletes(
-        self, addrs: list[str], entries: list[_DeleteEntry], tries: int
+        self, addrs: list[str], entries: list[DeleteEntry], tries: int
     ) -> bool:
         """POST ``entries`` (fallback over ``addrs``); False only for a failure to retry.
 
         Accepted: the entries are done. Refused (no address accepted, one answered a
         refusing 4xx): a lone entry is dropped, a batch is split for the next rounds.
         """
-        body = _delete_body(self._config, entries)
+        body = delete_body(self._config, entries)
         refusal: tuple[str, int] | None = None
         for addr in addrs:
             answer = await self._post_with_retries(
@@ -493,7 +493,7 @@ class EngineReporter:
         tries: int,
         *,
         stop_on_refusal: bool = False,
-    ) -> _Answer:
+    ) -> Answer:
         """``tries`` tries at one address; this address's own bounded deadline.
 
         With ``stop_on_refusal``, a refusing 4xx answer ends the tries at once (the same
@@ -501,9 +501,9 @@ class EngineReporter:
         """
         config = self._config
         url = addr.rstrip("/") + path
-        answer = _Answer("no attempt made")
+        answer = Answer("no attempt made")
         for attempt in range(1, tries + 1):
-            answer = await _post_once(self._client(), url, body, timeout_s=config.engine_timeout_s)
+            answer = await post_once(self._client(), url, body, timeout_s=config.engine_timeout_s)
             if answer.ok:
                 return answer
             self._last_error = f"{path} at {addr}: {answer.error}"
@@ -511,7 +511,7 @@ class EngineReporter:
             if stop_on_refusal and answer.refused:
                 return answer
             if attempt < tries:
-                await trio.sleep(_try_pause_s(attempt, engine_retry_s=config.engine_retry_s))
+                await trio.sleep(try_pause_s(attempt, engine_retry_s=config.engine_retry_s))
         return answer
 
     async def wait_until_reachable(self, *, timeout_s: float) -> None:
@@ -542,7 +542,7 @@ class EngineReporter:
         Raises:
           PubkeyUnavailable: every try failed (the message says why the last one did).
         """
-        return await _fetch_pubkey(self._http, self._config, backoff_s=backoff_s)
+        return await fetch_engine_pubkey(self._http, self._config, backoff_s=backoff_s)
 
     # -- views ----------------------------------------------------------------------------
 
