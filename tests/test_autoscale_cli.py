@@ -108,14 +108,22 @@ def test_usage_errors_exit_2_with_the_reason(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    assert message in usage_error(argv, capsys, monkeypatch)
+
+
+def usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """The one ``error:`` line of ``nullworker autoscale ARGV`` (with an API key set),
+    which must exit 2 having printed nothing on stdout."""
     monkeypatch.setenv("VAST_API_KEY", KEY)
     assert main(argv) == 2
     captured = capsys.readouterr()
     error_lines = [line for line in captured.err.splitlines() if "error:" in line]
     assert len(error_lines) == 1, captured.err
     assert error_lines[0].startswith("nullworker autoscale: error: ")
-    assert message in error_lines[0]
     assert captured.out == ""
+    return error_lines[0]
 
 
 def test_an_api_key_is_required_and_a_password_is_not_shown(
