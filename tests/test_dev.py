@@ -8,6 +8,7 @@ The engine runs in another process here, so these tests poll its ``/workers`` vi
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -416,6 +417,45 @@ async def test_stop_escalates_to_sigkill_for_a_child_ignoring_sigterm() -> None:
         nursery.cancel_scope.cancel()
     # _run_dev returns only after the child was killed and reaped.
     assert not _alive(pid)
+
+
+def _bindable(port: int) -> bool:
+    """Whether a plain socket (no ``SO_REUSEADDR``) can bind 127.0.0.1:``port`` now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            assert exc.errno == errno.EADDRINUSE, exc
+            return False
+    return True
+
+
+async def test_a_workers_ports_are_held_for_it_until_it_ends() -> None:
+    """Dev gives a worker its port numbers before it starts; nothing else on the machine
+    can take them in between (nor while this worker, which never binds, runs), and they
+    are let go when the worker ends."""
+    out = io.StringIO()
+    options = DevOptions(
+        port=0,
+        min_workers=1,
+        max_workers=1,
+        worker_command=(
+            sys.executable,
+            "-c",
+            "import time; print('up', flush=True); time.sleep(60)",
+        ),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_dev, options, _Console(out, tty=False))
+        started = await wait_text(
+            out, r"worker 1 started: pid \d+, url http://127\.0\.0\.1:(\d+), control \S+:(\d+)"
+        )
+        await wait_text(out, r"\[worker 1\] up")
+        ports = [int(started.group(1)), int(started.group(2))]
+        assert ports[0] != ports[1]
+        assert [_bindable(port) for port in ports] == [False, False]
+        nursery.cancel_scope.cancel()
+    assert [_bindable(port) for port in ports] == [True, True]
 
 
 async def test_after_stopping_the_status_line_is_wiped_not_redrawn() -> None:
