@@ -419,6 +419,10 @@ async def test_stop_escalates_to_sigkill_for_a_child_ignoring_sigterm() -> None:
     assert not _alive(pid)
 
 
+#: A stand-in worker that says ``up`` and sleeps, binding nothing.
+SLEEPER = (sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)")
+
+
 def _bindable(port: int) -> bool:
     """Whether a plain socket (no ``SO_REUSEADDR``) can bind 127.0.0.1:``port`` now."""
     with socket.socket() as sock:
@@ -439,11 +443,7 @@ async def test_a_workers_ports_are_held_for_it_until_it_ends() -> None:
         port=0,
         min_workers=1,
         max_workers=1,
-        worker_command=(
-            sys.executable,
-            "-c",
-            "import time; print('up', flush=True); time.sleep(60)",
-        ),
+        worker_command=SLEEPER,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_run_dev, options, _Console(out, tty=False))
@@ -467,11 +467,7 @@ async def test_after_stopping_the_status_line_is_wiped_not_redrawn() -> None:
         min_workers=1,
         max_workers=1,
         verbose=True,  # one more line while stopping: "worker 1 exited"
-        worker_command=(
-            sys.executable,
-            "-c",
-            "import time; print('up', flush=True); time.sleep(60)",
-        ),
+        worker_command=SLEEPER,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_run_dev, options, _Console(out, tty=True))
