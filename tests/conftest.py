@@ -6,10 +6,13 @@ fixture, which is cancelled after the test: nothing has to be stopped by hand.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,18 @@ import httpx
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.utils import wrap_app
 
 from nullworker.vast.signing import generate_private_key, sign_url
+from nullworker.worker.app import create_main_app, serve_control
 from nullworker.worker.config import WorkerConfig
+from nullworker.worker.http_server import connection_limits, serve_http
 from nullworker.worker.runtime import Worker
 from nullworker.worker.server import ServeInfo, serve
+
+from .helpers import MemoryListener, memory_http
 
 StartWorker = Callable[..., Awaitable[ServeInfo]]
 
@@ -119,6 +129,118 @@ def start_worker(nursery: trio.Nursery, tmp_path: Path) -> StartWorker:
         return info
 
     return start
+
+
+@dataclass
+class MemoryWorker:
+    """A real worker (its app and HTTP server) served over in-memory streams.
+
+    ``info.url`` is a placeholder (no socket is bound): ``http`` sends every request to
+    this worker whatever the host, and :meth:`connect` opens a raw connection to it.
+    """
+
+    info: ServeInfo
+    http: httpx.AsyncClient
+    listener: MemoryListener
+
+    async def connect(self) -> trio.abc.Stream:
+        return await self.listener.connect()
+
+    async def exchange(self, data: bytes, *, then: bytes = b"", within_s: float = 10) -> bytes:
+        """Send ``data`` (and ``then``, after the first answer bytes); read to EOF."""
+        stream = await self.connect()
+        received = b""
+        try:
+            with trio.fail_after(within_s):
+                await stream.send_all(data)
+                if then:
+                    received = await stream.receive_some(65536)
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await stream.send_all(then)
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+        except trio.BrokenResourceError:
+            pass  # the server closed while we were sending: a close too
+        finally:
+            await trio.aclose_forcefully(stream)
+        return received
+
+
+StartMemoryWorker = Callable[..., Awaitable[MemoryWorker]]
+
+#: The host of a memory worker's URL: no socket, so any name does.
+MEMORY_URL = "http://memory-worker"
+
+
+@pytest.fixture
+def start_memory_worker(nursery: trio.Nursery, tmp_path: Path) -> StartMemoryWorker:
+    """Start the worker's real app and HTTP server on in-memory streams, with
+    ``WorkerConfig(**overrides)`` (no control listener unless asked for).
+
+    What ``nullworker serve`` binds to a socket (the app, Hypercorn's settings, the
+    connection limits) is the same; use it for the cases about how bytes are parsed
+    and answered, and :func:`start_worker` where the socket matters.
+    """
+
+    async def start(**overrides: Any) -> MemoryWorker:
+        settings: dict[str, Any] = {
+            "port": 0,
+            "control_port": None,
+            "graceful_timeout_s": 1.0,
+            "lock_dir": str(tmp_path),
+        }
+        settings.update(overrides)
+        config = WorkerConfig(**settings)
+        worker = Worker(config)
+        # As serve() composes it: the runtime, the control listener when asked for,
+        # then the main app on the HTTP server (here, on the in-memory listener).
+        await nursery.start(worker.run)
+        control_url: str | None = None
+        if config.control_port is not None:
+            control_url = await nursery.start(serve_control, worker)
+        hc = HypercornConfig()
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("nullworker.hypercorn")
+        hc.graceful_timeout = config.graceful_timeout_s
+        listener = MemoryListener()
+        await nursery.start(
+            partial(
+                serve_http,
+                wrap_app(create_main_app(worker), hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                hc,
+                Sockets([], [], []),
+                limits=connection_limits(config),
+                listeners=[listener],
+            )
+        )
+        with trio.fail_after(10):
+            await worker.ready.wait()
+        http = await nursery_client(nursery, listener)
+        info = ServeInfo(
+            url=MEMORY_URL,
+            control_url=control_url,
+            public_url=config.public_url,
+            _runtime=worker,
+        )
+        return MemoryWorker(info=info, http=http, listener=listener)
+
+    return start
+
+
+async def nursery_client(nursery: trio.Nursery, listener: MemoryListener) -> httpx.AsyncClient:
+    """An in-memory httpx client (:func:`memory_http`) open until ``nursery`` ends."""
+    ready: trio.Event = trio.Event()
+    box: list[httpx.AsyncClient] = []
+
+    async def hold() -> None:
+        async with memory_http(listener, timeout=httpx.Timeout(10.0, read=30.0)) as client:
+            box.append(client)
+            ready.set()
+            await trio.sleep_forever()
+
+    nursery.start_soon(hold)
+    await ready.wait()
+    return box[0]
 
 
 @pytest.fixture

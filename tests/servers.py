@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -50,6 +49,8 @@ from pathlib import Path
 
 import pytest
 import trio
+
+from .helpers import PortTaken, port_in_use, start_on_free_port
 
 __all__ = [
     "PrometheusExporter",
@@ -71,8 +72,6 @@ START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 #: How often a starting server is probed.
 PROBE_INTERVAL_S = 0.02
-#: Fresh ports tried when the first pick was taken meanwhile by someone else.
-PORT_ATTEMPTS = 3
 
 #: Where Debian puts server binaries that a non-root PATH may not list.
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
@@ -98,13 +97,6 @@ def find_binary(name: str, package: str) -> str:
             pytrace=False,
         )
     pytest.skip(f"{name} is not installed (apt-get install {package})")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ServerProcess:
@@ -140,22 +132,24 @@ class ServerProcess:
         return self._process is not None and self._process.returncode is None
 
     async def start(self) -> None:
-        """Start the server (on a free port the first time, on the same port after)."""
+        """Start the server (on a free port the first time, on the same port after).
+
+        The server must be given a number, so the first start is the fallback of
+        :func:`tests.helpers.start_on_free_port`: a port that was free a moment ago,
+        and a fresh one (up to ``PORT_ATTEMPTS`` in all) when the server exits saying
+        the port is in use (another process took it between the pick and the bind).
+        """
         if self.running:
             raise RuntimeError(f"{self.name} is already running")
         if self.port:
             await self._start_on(self.port)
             return
-        for attempt in range(PORT_ATTEMPTS):
-            self.port = free_port()
-            try:
-                await self._start_on(self.port)
-                return
-            except _ExitedEarly:
-                # Most likely another process took the port between free_port() and
-                # the server's bind: try a fresh one.
-                if attempt == PORT_ATTEMPTS - 1:
-                    raise
+
+        async def start_on(port: int) -> None:
+            self.port = port
+            await self._start_on(port)
+
+        await start_on_free_port(start_on)
 
     async def stop(self, *, kill: bool = False) -> None:
         """Stop the server: SIGTERM (SIGKILL with ``kill=True`` or after a bound)."""
@@ -220,10 +214,13 @@ class ServerProcess:
             with trio.fail_after(START_TIMEOUT_S):
                 while not await self._probe(port):
                     if process.returncode is not None:
-                        raise _ExitedEarly(
+                        message = (
                             f"{self.name} exited with status {process.returncode} "
                             f"before answering on port {port}:\n{self._log_tail()}"
                         )
+                        if port_in_use(self._log_tail()):
+                            raise PortTaken(message)
+                        raise RuntimeError(message)
                     await trio.sleep(PROBE_INTERVAL_S)
         except trio.TooSlowError:
             await self.stop(kill=True)
@@ -241,10 +238,6 @@ class ServerProcess:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
-
-
-class _ExitedEarly(RuntimeError):
-    pass
 
 
 async def _first_line(port: int, send: bytes = b"") -> bytes:

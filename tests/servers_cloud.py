@@ -49,7 +49,8 @@ from typing import Any
 import httpx
 import pytest
 
-from .servers import find_binary, free_port, in_ci
+from .helpers import PortTaken, free_port, port_in_use, start_on_free_port_sync
+from .servers import find_binary, in_ci
 
 __all__ = [
     "MotoServer",
@@ -83,12 +84,15 @@ def _missing(what: str, package: str) -> None:
 
 
 def _wait_until(ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
+    """Return once ``ready()``; raise :class:`PortTaken` if the server exited saying its
+    port is in use (the caller tries a fresh port), RuntimeError on any other failure."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while not ready():
         if process.poll() is not None:
-            raise RuntimeError(
-                f"{process.args!r} exited with status {process.returncode}:\n{_tail(log)}"
-            )
+            message = f"{process.args!r} exited with status {process.returncode}:\n{_tail(log)}"
+            if port_in_use(_tail(log)):
+                raise PortTaken(message)
+            raise RuntimeError(message)
         if time.monotonic() > deadline:
             _stop(process)
             raise RuntimeError(f"no answer within {START_TIMEOUT_S:g} s:\n{_tail(log)}")
@@ -171,19 +175,27 @@ def moto_sqs_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS
     import boto3
 
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_MOTO_FREE_ACTIONS)}
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [binary, "-H", "127.0.0.1", "-p", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+
+    def start(port: int) -> tuple[subprocess.Popen[bytes], str]:
+        url = f"http://127.0.0.1:{port}"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [binary, "-H", "127.0.0.1", "-p", str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        try:
+            _wait_until(lambda: _http_ok(f"{url}/moto-api/"), process, log)
+        except BaseException:
+            _stop(process)
+            raise
+        return process, url
+
+    process, url = start_on_free_port_sync(start)
     try:
-        _wait_until(lambda: _http_ok(f"{url}/moto-api/"), process, log)
         iam = boto3.client(
             "iam",
             endpoint_url=url,
@@ -297,7 +309,49 @@ def rabbitmq_node_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     epmd = find_binary("epmd", "erlang-base")
     base = tmp_path_factory.mktemp("rabbitmq")
     log = base / "node.log"
-    epmd_port, amqp, dist, management = (free_port() for _ in range(4))
+
+    def start(
+        epmd_port: int,
+    ) -> tuple[RabbitNode, subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+        amqp, dist, management = (free_port() for _ in range(3))
+        epmd_process, process = _start_rabbit(
+            server, epmd, base, log, epmd_port, amqp, dist, management
+        )
+        node = RabbitNode(management, amqp)
+        try:
+            _wait_until(
+                lambda: _http_ok(f"{node.base_url}/api/overview", auth=("guest", "guest")),
+                process,
+                log,
+            )
+        except BaseException:
+            node.close()
+            _stop(process)
+            _stop(epmd_process)
+            raise
+        return node, process, epmd_process
+
+    node, process, epmd_process = start_on_free_port_sync(start)
+    try:
+        yield node
+    finally:
+        node.close()
+        # The script forwards SIGTERM to the node (`rabbitmqctl stop`'s clean shutdown).
+        _stop(process)
+        _stop(epmd_process)
+
+
+def _start_rabbit(
+    server: Path,
+    epmd: str,
+    base: Path,
+    log: Path,
+    epmd_port: int,
+    amqp: int,
+    dist: int,
+    management: int,
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """Start the node's own epmd, then the node; both processes."""
     env = {
         **os.environ,
         **_rabbit_config(base, amqp, management),
@@ -328,19 +382,7 @@ def rabbitmq_node_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             env=env,
             cwd=base,
         )
-    node = RabbitNode(management, amqp)
-    try:
-        _wait_until(
-            lambda: _http_ok(f"{node.base_url}/api/overview", auth=("guest", "guest")),
-            process,
-            log,
-        )
-        yield node
-    finally:
-        node.close()
-        # The script forwards SIGTERM to the node (`rabbitmqctl stop`'s clean shutdown).
-        _stop(process)
-        _stop(epmd_process)
+    return epmd_process, process
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------
@@ -408,8 +450,18 @@ class PostgresServer:
             raise RuntimeError(f"initdb failed:\n{_tail(self.log)}")
 
     def start(self) -> None:
+        """Start the server: on a free port the first time, on the same port after."""
         if self.port == 0:
-            self.port = free_port()
+
+            def start_on(port: int) -> None:
+                self.port = port
+                self._start()
+
+            start_on_free_port_sync(start_on)
+            return
+        self._start()
+
+    def _start(self) -> None:
         self._process = self._popen(
             [
                 str(self.bindir / "postgres"),

@@ -42,6 +42,7 @@ from nullworker.engine import Engine
 from nullworker.worker.server import ServeInfo
 
 from .conftest import StartWorker, vast_settings
+from .helpers import Output, closed_port
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     redis_server_binary_fixture,
@@ -58,13 +59,6 @@ KEY = "autoscale-test-key-5e1f0c"
 WAIT_S = 10.0
 #: The autoscaler's timing in these tests.
 FAST = ("--poll", "0.2", "--scale-down-delay", "1")
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- in-process: usage -------------------------------------------------------------------
@@ -124,14 +118,22 @@ def test_usage_errors_exit_2_with_the_reason(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    assert message in usage_error(argv, capsys, monkeypatch)
+
+
+def usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """The one ``error:`` line of ``nullworker autoscale ARGV`` (with an API key set),
+    which must exit 2 having printed nothing on stdout."""
     monkeypatch.setenv("VAST_API_KEY", KEY)
     assert main(argv) == 2
     captured = capsys.readouterr()
     error_lines = [line for line in captured.err.splitlines() if "error:" in line]
     assert len(error_lines) == 1, captured.err
     assert error_lines[0].startswith("nullworker autoscale: error: ")
-    assert message in error_lines[0]
     assert captured.out == ""
+    return error_lines[0]
 
 
 def test_an_api_key_is_required_and_a_password_is_not_shown(
@@ -215,21 +217,12 @@ def parse_metrics(text: str) -> dict[str, float]:
     return samples
 
 
-class Autoscale:
+class Autoscale(Output):
     """A running ``nullworker autoscale`` and what it printed so far."""
 
     def __init__(self, process: trio.Process, *, json_lines: bool) -> None:
-        self.process = process
+        super().__init__(process)
         self.json_lines = json_lines
-        self.out = ""
-        self.err = ""
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream, name: str) -> None:
-        async for chunk in stream:
-            setattr(self, name, getattr(self, name) + chunk.decode())
-            self._changed.set()
-            self._changed = trio.Event()
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -240,9 +233,7 @@ class Autoscale:
         return [event for event in self.events if event["kind"] == kind]
 
     async def wait_until(self, check: Callable[[], bool], *, within_s: float = WAIT_S) -> None:
-        with trio.fail_after(within_s):
-            while not check():
-                await self._changed.wait()
+        await super().wait_until(check, within_s=within_s)
 
     async def wait_events(self, kind: str, count: int = 1) -> list[dict[str, Any]]:
         await self.wait_until(lambda: len(self.of_kind(kind)) >= count)

@@ -25,6 +25,7 @@ from nullworker.client.demand import CombinedDemand, PostgresQuery, RedisList, R
 from nullworker.engine import Engine
 
 from .conftest import StartWorker
+from .helpers import closed_port
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     redis_server_binary_fixture,
@@ -33,9 +34,9 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
 from .test_autoscale_cli import (  # noqa: F401  (run_autoscale is a fixture, used by name)
     KEY,
     RunAutoscale,
-    closed_port,
     run_autoscale_fixture,
     start_vast_worker,
+    usage_error,
     wait_engine,
 )
 
@@ -331,19 +332,24 @@ def test_every_problem_is_one_line_naming_the_setting(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     path = tmp_path / "autoscale.toml"
+    err = check_refuses(path, toml, capsys)
+    if lines is None:  # not TOML: one line with the parser's reason
+        assert re.fullmatch(rf"{re.escape(str(path))}: not valid TOML: .*\(at line 1.*\)\n", err)
+    else:
+        assert err == "".join(f"{path}: {line}\n" for line in lines)
+    assert "hunter2" not in err and "sk-inline-77" not in err
+
+
+def check_refuses(path: Path, toml: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``--config PATH --check`` prints on stderr for ``toml`` written to ``path``:
+    it must exit 2 with nothing on stdout, and :func:`load_config` refuse the file too."""
     path.write_text(toml)
     assert main(["--config", str(path), "--check"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    if lines is None:  # not TOML: one line with the parser's reason
-        assert re.fullmatch(
-            rf"{re.escape(str(path))}: not valid TOML: .*\(at line 1.*\)\n", captured.err
-        )
-    else:
-        assert captured.err == "".join(f"{path}: {line}\n" for line in lines)
-    assert "hunter2" not in captured.err and "sk-inline-77" not in captured.err
     with pytest.raises(ConfigFileError):
         load_config(path)
+    return captured.err
 
 
 def test_a_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -373,11 +379,7 @@ def test_config_excludes_the_options_of_one_endpoint(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("VAST_API_KEY", KEY)
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    (line,) = [line for line in err.splitlines() if "error:" in line]
-    assert line.startswith("nullworker autoscale: error: ") and message in line
+    assert message in usage_error(argv, capsys, monkeypatch)
 
 
 def test_the_docs_example_passes_check(

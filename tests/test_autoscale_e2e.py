@@ -67,7 +67,7 @@ from .test_autoscale_cli import (
     run_autoscale_fixture,  # noqa: F401  (a fixture, used by name)
     write_demand,
 )
-from .test_dev import DevProcess
+from .test_dev import DevProcess, open_dev
 
 REPO = Path(__file__).resolve().parent.parent
 ENDPOINT = "dev"
@@ -113,18 +113,8 @@ async def start_dev(nursery: trio.Nursery) -> AsyncIterator[StartDev]:
     started: list[Dev] = []
 
     async def start(*args: str) -> Dev:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "nullworker.engine.dev", "--port", "0", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        dev = Dev(process)
+        dev = await open_dev(nursery, Dev, *args)
         started.append(dev)
-        nursery.start_soon(dev.pump)
-        dev.url = (await dev.wait_line(r"engine on (http://127\.0\.0\.1:\d+)")).group(1)
         return dev
 
     yield start

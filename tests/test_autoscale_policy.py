@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from nullworker.client.autoscale_cli import main
-from nullworker.client.autoscale_config import ConfigFileError, load_config
+from nullworker.client.autoscale_config import load_config
 from nullworker.client.autoscaler import autoscale
 from nullworker.client.policy import (
     Policy,
@@ -34,11 +34,17 @@ from nullworker.errors import ConfigError, DemandError
 
 from .conftest import StartWorker
 from .test_autoscale_cli import (  # noqa: F401  (run_autoscale is a fixture, used by name)
-    KEY,
+    DEMAND,
     RunAutoscale,
     run_autoscale_fixture,
     start_vast_worker,
+    usage_error,
     write_demand,
+)
+from .test_autoscale_config import (  # noqa: F401  (env is a fixture, used by name)
+    BASE,
+    check_refuses,
+    env_fixture,
 )
 from .test_autoscaler import FakeEngine, Script, running, settle_at
 
@@ -458,7 +464,7 @@ async def test_invalid_policy_arguments_are_refused(options: dict[str, Any], mes
 
 RULES = """\
 [endpoints.e]
-api_key_env = "NW_TEST_KEY"
+api_key_env = "NW_TEST_KEY_EMAILS"
 engine_url = "http://127.0.0.1:9/"
 max = 6
 activation = 2
@@ -489,18 +495,13 @@ endpoint 'e'
   rules: activation 2, scale-to-zero delay 300 s, at most 4 new per minute, +2 while the oldest job waits over 120 s
   schedule: mon-fri 08:00-18:00 UTC=3
   schedule: sat-sun 22:00-02:00 Europe/Paris=1
-  engine http://127.0.0.1:9/, API key from $NW_TEST_KEY
+  engine http://127.0.0.1:9/, API key from $NW_TEST_KEY_EMAILS
   lease: none
 """  # noqa: E501
 
 
-@pytest.fixture(name="key_env")
-def key_env_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NW_TEST_KEY", "key-rules-41aa")
-
-
 def test_check_prints_the_rules(
-    key_env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "autoscale.toml"
     path.write_text(RULES)
@@ -517,13 +518,6 @@ def test_check_prints_the_rules(
         "mon-fri 08:00-18:00 UTC=3",
         "sat-sun 22:00-02:00 Europe/Paris=1",
     ]
-
-
-BASE = """\
-[endpoints.e]
-api_key_env = "NW_TEST_KEY"
-sources = [{ kind = "command", command = "echo 1" }]
-"""
 
 
 @pytest.mark.parametrize(
@@ -578,20 +572,12 @@ sources = [{ kind = "command", command = "echo 1" }]
 def test_every_rule_problem_is_one_line_naming_the_setting(
     toml: str,
     lines: list[str],
-    key_env: None,
+    env: None,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     path = tmp_path / "autoscale.toml"
-    path.write_text(toml)
-    assert main(["--config", str(path), "--check"]) == 2
-    captured = capsys.readouterr()
-    assert captured.err == "".join(f"{path}: {line}\n" for line in lines)
-    with pytest.raises(ConfigFileError):
-        load_config(path)
-
-
-DEMAND = ["--endpoint", "ep", "--demand-command", "echo 1"]
+    assert check_refuses(path, toml, capsys) == "".join(f"{path}: {line}\n" for line in lines)
 
 
 @pytest.mark.parametrize(
@@ -624,10 +610,7 @@ def test_rule_flags_refuse_bad_values_in_one_line(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("VAST_API_KEY", KEY)
-    assert main(argv) == 2
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert line.startswith("nullworker autoscale: error: ") and message in line
+    assert message in usage_error(argv, capsys, monkeypatch)
 
 
 async def test_cli_activation_and_rate_limit_show_in_the_lines(

@@ -25,7 +25,6 @@ import os
 import pty
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -52,6 +51,7 @@ from nullworker.worker.config import WorkerConfig
 from nullworker.worker.server import ServeInfo, serve
 
 from .conftest import StartWorker, envelope, runtime
+from .helpers import Output, closed_port
 
 ENGINE = "http://engine.test"
 WORKER = "http://worker.test:4000"
@@ -810,13 +810,6 @@ async def test_busy_worker_then_a_free_one(
 # -- command line --------------------------------------------------------------------------
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -924,25 +917,11 @@ def test_status_line_fits_the_terminal() -> None:
 # -- command line: the messages ------------------------------------------------------------
 
 
-class Cli:
+class Cli(Output):
     """``python -m nullworker.client`` as a child process, its output read as it comes."""
 
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.out = ""
-        self.err = ""
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream, name: str) -> None:
-        async for chunk in stream:
-            setattr(self, name, getattr(self, name) + chunk.decode())
-            self._changed.set()
-            self._changed = trio.Event()
-
     async def wait_for_output(self, text: str, *, count: int = 1, within_s: float = 5) -> None:
-        with trio.fail_after(within_s):
-            while self.out.count(text) < count:
-                await self._changed.wait()
+        await self.wait_until(lambda: self.out.count(text) >= count, within_s=within_s)
 
     async def wait(self, *, within_s: float = 10) -> int:
         with trio.fail_after(within_s):

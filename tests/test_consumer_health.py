@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,8 +33,9 @@ from nullworker.worker.consumer_health import (
 )
 from nullworker.worker.server import ServeInfo, serve
 
+from . import helpers
 from .conftest import envelope, runtime, vast_settings
-from .test_dev import REPO, WAIT_S, DevProcess
+from .test_dev import WAIT_S, DevProcess, open_dev
 
 # -- the probe loop, on the mock clock ---------------------------------------------------
 
@@ -341,9 +340,7 @@ async def reserve(
 
 
 async def wait_until(predicate: Callable[[], bool]) -> None:
-    with trio.fail_after(15):
-        while not predicate():
-            await trio.sleep(0.02)
+    await helpers.wait_until(predicate, within_s=15, poll_s=0.02)
 
 
 async def test_a_worker_is_ready_only_with_a_healthy_consumer_and_errored_while_it_is_gone(
@@ -458,20 +455,18 @@ async def test_dev_passes_the_check_on_and_starts_each_consumer_before_its_worke
         "NULLWORKER_BACKEND_HEALTH_TIMEOUT_SECONDS": "1",
     }
     consumer = f"echo $$ > {pid_file}; exec sleep 3600"
-    argv = [sys.executable, "-m", "nullworker.engine.dev", "--port", "0", "--min-workers", "1"]
-    process = await trio.lowlevel.open_process(
-        [*argv, "--consumer", consumer],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
+    dev = await open_dev(
+        nursery,
+        DevProcess,
+        "--min-workers",
+        "1",
+        "--consumer",
+        consumer,
         env=env,
+        wait_s=3 * WAIT_S,  # a worker's start on a busy machine
     )
-    dev = DevProcess(process)
-    dev.wait_s = 3 * WAIT_S  # a worker's start on a busy machine
-    nursery.start_soon(dev.pump)
+    process = dev.process
     try:
-        dev.url = (await dev.wait_line(r"engine on (http://127\.0\.0\.1:\d+)")).group(1)
         await dev.wait_line(r"\[dev\] worker 1 ready after")
         started = next(n for n, line in enumerate(dev.lines) if "consumer 1 started" in line)
         ready = next(n for n, line in enumerate(dev.lines) if "worker 1 ready after" in line)

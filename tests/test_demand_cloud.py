@@ -34,7 +34,8 @@ from nullworker.client.demand import (
 from nullworker.client.demand._postgres import APPLICATION_NAME
 from nullworker.client.demand._sqs import region_from_queue_url
 
-from .servers import free_port, silent_server_fixture  # noqa: F401  (a fixture, used by name)
+from .helpers import closed_port, closed_url
+from .servers import silent_server_fixture  # noqa: F401  (a fixture, used by name)
 from .servers_cloud import (  # noqa: F401  (pytest fixtures, used by name)
     PG_PASSWORD,
     MotoServer,
@@ -230,7 +231,7 @@ async def test_sqs_hung_and_refused_endpoints_fail_within_the_timeout(
         # thread per source) and is bounded all the same.
         second = await read_error(source)
     assert isinstance(first, DemandTimeout) and isinstance(second, DemandTimeout)
-    port = free_port()
+    port = closed_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", f"http://127.0.0.1:{port}")
     async with SqsQueue(f"http://127.0.0.1:{port}/1/jobs", timeout_s=2) as source:
         error = await read_error(source)
@@ -404,7 +405,7 @@ async def test_rabbitmq_refused_credentials_are_clear_and_hidden(
 async def test_rabbitmq_hung_and_refused_servers(silent_server: int) -> None:
     async with RabbitMQQueue(f"http://127.0.0.1:{silent_server}", "q", timeout_s=SHORT_S) as src:
         assert isinstance(await read_error(src), DemandTimeout)
-    async with RabbitMQQueue(f"http://127.0.0.1:{free_port()}", "q") as source:
+    async with RabbitMQQueue(closed_url(), "q") as source:
         error = await read_error(source)
     assert type(error) is DemandError and "ConnectError" in str(error)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from .helpers import wait_for_log
 from .test_start_server import _cmdline, processes_of, wait_until_gone, wait_until_serving
 from .test_startup import REPO, worker_env
 
@@ -140,16 +141,6 @@ async def stop_the_script(tmp_path: Path, script: Path) -> None:
     await wait_until_gone(tmp_path)
 
 
-def has_text(path: Path, text: str) -> bool:
-    return path.exists() and text in path.read_text()
-
-
-async def wait_for_text(path: Path, text: str) -> None:
-    with trio.fail_after(30):
-        while not has_text(path, text):
-            await trio.sleep(0.05)
-
-
 @pytest.mark.skipif(shutil.which("git") is None, reason="the on-start script uses git")
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="clones this repository")
 async def test_the_readme_onstart_script_survives_restarts_and_follows_its_tag(
@@ -193,7 +184,7 @@ async def test_the_readme_onstart_script_survives_restarts_and_follows_its_tag(
         await wait_until_serving(port)
         assert head() == tagged
         assert not on_a_branch(genv, checkout)  # detached at the tag
-        await wait_for_text(workspace / "consumer.log", "consumer started")
+        await wait_for_log(workspace / "consumer.log", "consumer started")
         await stop_the_script(tmp_path, script)
         assert "received SIGTERM" in start_log.read_text()
 

@@ -8,6 +8,7 @@ The engine runs in another process here, so these tests poll its ``/workers`` vi
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -18,9 +19,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -29,46 +30,26 @@ import trio
 from nullworker.engine.dev import DevOptions, _Console, _run_dev, main
 from nullworker.vast.signing import load_public_key, verify_url
 
+from .helpers import OutputLines
+
 REPO = Path(__file__).resolve().parent.parent
 POLL_S = 0.1
 #: Bound on every wait for the subprocesses (generous: they start in ~1 s).
 WAIT_S = 10.0
 
 
-class DevProcess:
+class DevProcess(OutputLines):
     """A running ``python -m nullworker.engine.dev`` and the lines it printed so far."""
 
     #: Bound on each wait for a line.
     wait_s = WAIT_S
 
     def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
+        super().__init__(process)
         self.url = ""
-        self._changed = trio.Event()
 
-    async def pump(self) -> None:
-        assert self.process.stdout is not None
-        buffer = b""
-        async with self.process.stdout:
-            while chunk := await self.process.stdout.receive_some(65536):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                self.lines.extend(line.decode("utf-8", "replace") for line in lines)
-                self._changed.set()
-                self._changed = trio.Event()
-
-    async def wait_line(self, pattern: str) -> re.Match[str]:
-        with trio.fail_after(self.wait_s):
-            seen = 0
-            while True:
-                changed = self._changed
-                for line in self.lines[seen:]:
-                    match = re.search(pattern, line)
-                    if match:
-                        return match
-                seen = len(self.lines)
-                await changed.wait()
+    async def wait_line(self, pattern: str, *, within_s: float | None = None) -> re.Match[str]:
+        return await super().wait_line(pattern, within_s=within_s or self.wait_s)
 
     @property
     def output(self) -> str:
@@ -98,6 +79,41 @@ class DevProcess:
 
 
 StartDev = Callable[..., Awaitable[DevProcess]]
+D = TypeVar("D", bound=DevProcess)
+
+
+async def open_dev(
+    nursery: trio.Nursery,
+    kind: type[D],
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    wait_s: float | None = None,
+) -> D:
+    """Start ``nullworker dev --port 0 ARGS`` as ``kind``, its output read in ``nursery``;
+    its engine's URL is read back from the line it prints once bound.
+
+    ``env`` is the whole environment (default: this one), ``wait_s`` the bound on each
+    wait for a line. A start that fails kills the process.
+    """
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "nullworker.engine.dev", "--port", "0", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+    )
+    dev = kind(process)
+    if wait_s is not None:
+        dev.wait_s = wait_s
+    nursery.start_soon(dev.pump_lines)
+    try:
+        dev.url = (await dev.wait_line(r"engine on (http://127\.0\.0\.1:\d+)")).group(1)
+    except BaseException:
+        process.kill()
+        raise
+    return dev
+
 
 #: A consumer for ``--consumer``: it records its pid and the control listener it was
 #: given (a JSON line in argv[1]), takes a local hold labelled argv[2] for argv[3]
@@ -180,19 +196,8 @@ async def start_dev(nursery: trio.Nursery) -> AsyncIterator[StartDev]:
     started: list[DevProcess] = []
 
     async def start(*args: str) -> DevProcess:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "nullworker.engine.dev", "--port", "0", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        dev = DevProcess(process)
+        dev = await open_dev(nursery, DevProcess, *args)
         started.append(dev)
-        nursery.start_soon(dev.pump)
-        match = await dev.wait_line(r"engine on (http://127\.0\.0\.1:\d+)")
-        dev.url = match.group(1)
         return dev
 
     yield start
@@ -414,6 +419,45 @@ async def test_stop_escalates_to_sigkill_for_a_child_ignoring_sigterm() -> None:
     assert not _alive(pid)
 
 
+#: A stand-in worker that says ``up`` and sleeps, binding nothing.
+SLEEPER = (sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)")
+
+
+def _bindable(port: int) -> bool:
+    """Whether a plain socket (no ``SO_REUSEADDR``) can bind 127.0.0.1:``port`` now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            assert exc.errno == errno.EADDRINUSE, exc
+            return False
+    return True
+
+
+async def test_a_workers_ports_are_held_for_it_until_it_ends() -> None:
+    """Dev gives a worker its port numbers before it starts; nothing else on the machine
+    can take them in between (nor while this worker, which never binds, runs), and they
+    are let go when the worker ends."""
+    out = io.StringIO()
+    options = DevOptions(
+        port=0,
+        min_workers=1,
+        max_workers=1,
+        worker_command=SLEEPER,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_dev, options, _Console(out, tty=False))
+        started = await wait_text(
+            out, r"worker 1 started: pid \d+, url http://127\.0\.0\.1:(\d+), control \S+:(\d+)"
+        )
+        await wait_text(out, r"\[worker 1\] up")
+        ports = [int(started.group(1)), int(started.group(2))]
+        assert ports[0] != ports[1]
+        assert [_bindable(port) for port in ports] == [False, False]
+        nursery.cancel_scope.cancel()
+    assert [_bindable(port) for port in ports] == [True, True]
+
+
 async def test_after_stopping_the_status_line_is_wiped_not_redrawn() -> None:
     """On a terminal the one-line view is redrawn below every line; once stopping it
     would only be stale, so it is wiped and the last line says everything stopped."""
@@ -423,11 +467,7 @@ async def test_after_stopping_the_status_line_is_wiped_not_redrawn() -> None:
         min_workers=1,
         max_workers=1,
         verbose=True,  # one more line while stopping: "worker 1 exited"
-        worker_command=(
-            sys.executable,
-            "-c",
-            "import time; print('up', flush=True); time.sleep(60)",
-        ),
+        worker_command=SLEEPER,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_run_dev, options, _Console(out, tty=True))

@@ -19,7 +19,8 @@ from nullworker.engine import Engine, serve_engine
 from nullworker.worker.reporter import EngineReporter
 
 from .conftest import StartWorker, runtime, vast_settings
-from .servers import free_port, silent_server_fixture  # noqa: F401  (fixture, used by name)
+from .helpers import closed_port, closed_url
+from .servers import silent_server_fixture  # noqa: F401  (fixture, used by name)
 
 KEY = "secret-key-123"
 
@@ -133,7 +134,7 @@ async def test_route_timeout_when_the_engine_never_answers_the_route_call(
 
 async def test_an_engine_that_is_not_there_is_engine_unavailable_not_a_timeout() -> None:
     with pytest.raises(nullworker.EngineUnavailable) as caught:
-        await nullworker.hold("ep", api_key=KEY, engine_url=f"http://127.0.0.1:{free_port()}")
+        await nullworker.hold("ep", api_key=KEY, engine_url=closed_url())
     assert not isinstance(caught.value, nullworker.RouteTimeout)
 
 
@@ -150,7 +151,7 @@ async def test_local_hold_failed_when_the_worker_refuses(start_worker: StartWork
 async def test_lease_error_when_the_redis_server_is_not_there() -> None:
     from nullworker.client.lease import RedisLeaseStore
 
-    store = RedisLeaseStore(f"redis://:hunter2@127.0.0.1:{free_port()}/0", timeout_s=2.0)
+    store = RedisLeaseStore(f"redis://:hunter2@127.0.0.1:{closed_port()}/0", timeout_s=2.0)
     async with store:
         with pytest.raises(nullworker.LeaseError) as caught:
             await store.acquire("nullworker:lease:ep", "token", 1000)

@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,9 +45,9 @@ import nullworker
 from nullworker import ServeInfo
 
 from .conftest import StartWorker, envelope, runtime, vast_settings
+from .helpers import closed_url
 from .servers import (  # noqa: F401
     ServerProcess,
-    free_port,
     nats_server_binary_fixture,
     nats_server_fixture,
     redis_server_binary_fixture,
@@ -197,7 +196,7 @@ async def start_vast_worker(start_worker: StartWorker, engine: Any) -> ServeInfo
     settings = vast_settings(
         engine, max_reservation_s=CAP_S, heartbeat_s=0.1, report_interval_s=0.05
     )
-    info = await start_worker(**settings, control_port=free_port())
+    info = await start_worker(**settings)  # control_port 0: a port of its own
     await engine.wait_for(lambda e: WORKER_ID in e.workers and e.workers[WORKER_ID].ready)
     assert info.control_url is not None
     return info
@@ -319,14 +318,6 @@ def control_port_env(info: ServeInfo, variable: str = "NULLWORKER_CONTROL_PORT")
     port = urlsplit(info.control_url).port
     assert port is not None and port != 18999
     return consumer_env(**{variable: str(port)})
-
-
-def closed_port_url() -> str:
-    """A control URL on which nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def load_example(script: Path) -> Any:
@@ -595,7 +586,7 @@ async def test_redis_consumers_work_without_a_hold_when_the_worker_is_unreachabl
     """The job matters more than the hold: worked anyway, and said once, not per job."""
     lists = RedisLists(redis_server.url)
     await lists.push(job(1), job(2))
-    args = redis_args(redis_server, "--control-url", closed_port_url(), "--exit-when-idle")
+    args = redis_args(redis_server, "--control-url", closed_url(), "--exit-when-idle")
     result = await run_example(script, *args)
     assert result.returncode == 1, output(result)  # the idle release failed too
     stdout = result.stdout.decode()

@@ -2,6 +2,9 @@
 
 Each test talks raw TCP to a real Hypercorn server on 127.0.0.1, then checks that the
 worker still holds a reservation and that nothing was logged with a traceback. The
+cases about how a request's bytes are parsed and answered (an ``Upgrade``, ambiguous
+framing) send them over in-memory streams to the same server and app instead
+(``start_memory_worker``): no socket is involved in what they test. The
 timeouts are shortened through ``WorkerConfig`` so the progress deadlines are reached
 in a fraction of a second; the code paths are the ones the defaults take.
 """
@@ -29,7 +32,8 @@ import trio.lowlevel
 
 from nullworker.worker.server import ServeInfo
 
-from .conftest import StartWorker, envelope, runtime
+from .conftest import StartMemoryWorker, StartWorker, envelope, runtime
+from .helpers import reserved_port
 from .test_tls import make_cert
 
 URL = "http://127.0.0.1:1"
@@ -63,8 +67,11 @@ async def _read_to_eof(stream: trio.SocketStream) -> bytes:
     return data
 
 
-async def _assert_reserves(info: ServeInfo) -> None:
-    async with httpx.AsyncClient(timeout=5) as http:
+async def _assert_reserves(info: ServeInfo, http: httpx.AsyncClient | None = None) -> None:
+    """The worker holds a reservation (over ``http`` when given: an in-memory one)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if http is None:
+            http = await stack.enter_async_context(httpx.AsyncClient(timeout=5))
         response = await http.post(
             f"{info.url}/reserve", json=envelope(URL, payload={"duration": 0})
         )
@@ -251,13 +258,8 @@ async def test_a_client_that_does_not_read_its_answers_is_cut_off(
 def low_fd_worker(tmp_path: Any) -> Iterator[LowFdWorker]:
     """``nullworker serve`` with RLIMIT_NOFILE 64 (soft = hard), standalone."""
     import resource
-    import socket as pysocket
 
-    ports = []
-    for _ in range(2):
-        with pysocket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = [reserved_port(), reserved_port()]
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
@@ -454,23 +456,22 @@ async def test_an_http2_preface_gets_an_http11_400_and_a_close(
 
 
 async def test_an_h2c_upgrade_is_ignored_and_answered_as_http11(
-    start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+    start_memory_worker: StartMemoryWorker, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    info = await start_worker()
-    host, port = _addr(info.url)
+    served = await start_memory_worker()
     upgrade = (
         b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
         b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
     )
     # twice on one connection, then a plain request: the connection stays HTTP/1.1
     closing = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    data = await _exchange(host, port, upgrade * 2 + closing)
+    data = await served.exchange(upgrade * 2 + closing)
     assert data.startswith(b"HTTP/1.1 200 "), data[:200]
     assert data.count(b"HTTP/1.1 200 ") == 3, data
     assert b" 101 " not in data and b"hypercorn-h2" not in data
     assert b"upgrade" not in data.lower()
-    await _assert_reserves(info)
+    await _assert_reserves(served.info, served.http)
     assert _tracebacks(caplog) == []
 
 
@@ -571,15 +572,14 @@ AMBIGUOUS = {
 
 @pytest.mark.parametrize("pattern", sorted(AMBIGUOUS))
 async def test_ambiguous_framing_gets_400_and_the_smuggled_request_is_never_served(
-    start_worker: StartWorker, caplog: pytest.LogCaptureFixture, pattern: str
+    start_memory_worker: StartMemoryWorker, caplog: pytest.LogCaptureFixture, pattern: str
 ) -> None:
     caplog.set_level(logging.INFO)
-    info = await start_worker()
-    host, port = _addr(info.url)
-    data = await _exchange(host, port, AMBIGUOUS[pattern] + _SMUGGLED)
+    served = await start_memory_worker()
+    data = await served.exchange(AMBIGUOUS[pattern] + _SMUGGLED)
     _assert_http11_refusal(data, 400)  # one answer: the 404 for /nowhere never comes
-    assert not runtime(info).slot.statistics().busy
-    await _assert_reserves(info)
+    assert not runtime(served.info).slot.statistics().busy
+    await _assert_reserves(served.info, served.http)
     assert _tracebacks(caplog) == []
 
 

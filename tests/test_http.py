@@ -24,7 +24,8 @@ import trio.testing
 from nullworker.worker.config import WorkerConfig
 from nullworker.worker.server import ServeInfo, serve
 
-from .conftest import StartWorker, body, envelope, runtime, vast_settings
+from .conftest import StartMemoryWorker, StartWorker, body, envelope, runtime, vast_settings
+from .helpers import wait_until
 
 URL = "http://127.0.0.1:1"  # any url: unsecured workers do not check it
 
@@ -58,16 +59,11 @@ async def open_raw_reservation(
     return stream
 
 
-async def wait_until(predicate: Any, *, limit_s: float = 5.0) -> None:
-    with trio.fail_after(limit_s):
-        while not predicate():
-            await trio.sleep(0.005)
-
-
 async def test_reserve_elapses_with_200_body(
-    start_worker: StartWorker, http: httpx.AsyncClient
+    start_memory_worker: StartMemoryWorker, autojump_clock: trio.testing.MockClock
 ) -> None:
-    info = await start_worker()
+    served = await start_memory_worker()
+    info, http = served.info, served.http
     response = await reserve(http, info, duration=0.2)
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
@@ -170,9 +166,10 @@ async def test_an_early_answer_says_close_and_the_rest_of_the_body_is_drained(
 
 
 async def test_duration_is_capped_by_max_reservation_seconds(
-    start_worker: StartWorker, http: httpx.AsyncClient
+    start_memory_worker: StartMemoryWorker, autojump_clock: trio.testing.MockClock
 ) -> None:
-    info = await start_worker(max_reservation_s=0.2)
+    served = await start_memory_worker(max_reservation_s=0.2)
+    info, http = served.info, served.http
     response = await reserve(http, info, duration=1000)
     assert response.json()["duration"] == 0.2
     response = await reserve(http, info)  # omitted: the cap
@@ -330,14 +327,14 @@ BAD_INPUTS: list[tuple[str, bytes, int, str]] = [
     ("case", "data", "status", "needle"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
 )
 async def test_bad_input_gets_a_clear_4xx_and_the_worker_keeps_serving(
-    start_worker: StartWorker,
-    http: httpx.AsyncClient,
+    start_memory_worker: StartMemoryWorker,
     case: str,
     data: bytes,
     status: int,
     needle: str,
 ) -> None:
-    info = await start_worker()
+    served = await start_memory_worker()
+    info, http = served.info, served.http
     response = await http.post(
         f"{info.url}/reserve", content=data, headers={"content-type": "application/json"}
     )
@@ -365,9 +362,13 @@ async def test_bad_input_gets_a_clear_4xx_and_the_worker_keeps_serving(
     ids=["duration", "extra field", "null", "empty object", "empty body", "blank body"],
 )
 async def test_standalone_reserve_takes_the_bare_payload(
-    start_worker: StartWorker, http: httpx.AsyncClient, data: bytes, duration: float
+    start_memory_worker: StartMemoryWorker,
+    autojump_clock: trio.testing.MockClock,
+    data: bytes,
+    duration: float,
 ) -> None:
-    info = await start_worker(max_reservation_s=0.3)
+    served = await start_memory_worker(max_reservation_s=0.3)
+    info, http = served.info, served.http
     seen: list[dict[str, Any]] = []
     runtime(info).slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
     response = await http.post(f"{info.url}/reserve", content=data)
@@ -414,9 +415,10 @@ BAD_BARE_DURATIONS = [b'{"duration": "5"}', b'{"duration": -1}', b'{"duration": 
 
 @pytest.mark.parametrize("data", BAD_BARE_DURATIONS, ids=lambda d: d.decode())
 async def test_a_bad_duration_in_a_bare_payload_gets_422_naming_duration(
-    start_worker: StartWorker, http: httpx.AsyncClient, data: bytes
+    start_memory_worker: StartMemoryWorker, data: bytes
 ) -> None:
-    info = await start_worker()
+    served = await start_memory_worker()
+    info, http = served.info, served.http
     response = await http.post(f"{info.url}/reserve", content=data)
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/json"
@@ -427,9 +429,10 @@ async def test_a_bad_duration_in_a_bare_payload_gets_422_naming_duration(
 
 
 async def test_an_envelope_wins_over_a_bare_payload_in_the_same_body(
-    start_worker: StartWorker, http: httpx.AsyncClient
+    start_memory_worker: StartMemoryWorker,
 ) -> None:
-    info = await start_worker()
+    served = await start_memory_worker()
+    info, http = served.info, served.http
     seen: list[dict[str, Any]] = []
     runtime(info).slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
     both = envelope(URL, payload={"duration": 0}, request_idx=77) | {"duration": 600}
@@ -469,9 +472,10 @@ async def test_a_vast_worker_still_requires_the_envelope(
 
 
 async def test_wrong_method_unknown_route_and_sessions_get_json_errors(
-    start_worker: StartWorker, http: httpx.AsyncClient
+    start_memory_worker: StartMemoryWorker,
 ) -> None:
-    info = await start_worker()
+    served = await start_memory_worker()
+    info, http = served.info, served.http
     response = await http.get(f"{info.url}/reserve")
     assert response.status_code == 405
     assert "POST" in response.headers["allow"]
@@ -633,9 +637,10 @@ BAD_IDS: list[object] = [
 @pytest.mark.parametrize("field", ["request_idx", "reqnum"])
 @pytest.mark.parametrize("value", BAD_IDS, ids=lambda v: repr(v)[:24])
 async def test_engine_ids_outside_the_engines_range_get_422_naming_the_field(
-    start_worker: StartWorker, http: httpx.AsyncClient, field: str, value: object
+    start_memory_worker: StartMemoryWorker, field: str, value: object
 ) -> None:
-    info = await start_worker()
+    served = await start_memory_worker()
+    info, http = served.info, served.http
     response = await http.post(
         f"{info.url}/reserve", json=envelope(URL, payload={"duration": 0}, **{field: value})
     )
@@ -654,9 +659,10 @@ async def test_engine_ids_outside_the_engines_range_get_422_naming_the_field(
     [(0, 0), (7, 7), ("42", 42), (" 8 ", 8), (MAX_ID, MAX_ID), (str(MAX_ID), MAX_ID)],
 )
 async def test_engine_ids_in_range_are_accepted_as_ints(
-    start_worker: StartWorker, http: httpx.AsyncClient, value: object, as_int: int
+    start_memory_worker: StartMemoryWorker, value: object, as_int: int
 ) -> None:
-    info = await start_worker()
+    served = await start_memory_worker()
+    info, http = served.info, served.http
     seen: list[dict[str, Any]] = []
     runtime(info).slot.add_observer(lambda event: seen.append(dict(event.reservation.tag)))
     response = await http.post(

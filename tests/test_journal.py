@@ -9,9 +9,6 @@ tests read damaged journals from real files.
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +18,8 @@ import trio
 
 from nullworker.worker.journal import Journal
 
+from .helpers import open_serve, reserved_port, stop_process
 from .test_startup import worker_env
-
-
-async def _start(env: dict[str, str], log_path: Path) -> trio.Process:
-    with log_path.open("ab") as log:
-        return await trio.lowlevel.open_process(
-            [sys.executable, "-m", "nullworker", "serve"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-async def _stop(proc: trio.Process) -> None:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(10):
-            await proc.wait()
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
 
 
 async def _delivered_everything(env: dict[str, str], *, sent: int) -> None:
@@ -88,7 +65,7 @@ async def test_a_killed_worker_s_held_request_is_reported_failed_once_after_rest
 ) -> None:
     env = worker_env(tmp_path, vast_engine)
     log_path = tmp_path / "worker.log"
-    proc = await _start(env, log_path)
+    proc = await open_serve(env, log_path)
     try:
         await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=30)
         auth = vast_engine.route({"endpoint": "test"})
@@ -111,29 +88,29 @@ async def test_a_killed_worker_s_held_request_is_reported_failed_once_after_rest
         proc.kill()  # SIGKILL while holding: nothing runs on the way out
         await proc.wait()
     finally:
-        await _stop(proc)
+        await stop_process(proc)
     assert answered == []
     assert _ends_of(vast_engine, idx) == []
 
     reports = vast_engine.counters["worker_status"]
-    proc = await _start(env, log_path)
+    proc = await open_serve(env, log_path)
     try:
         await vast_engine.wait_for(lambda e: _ends_of(e, idx), timeout=30)
         await _ready_again(vast_engine, reports)
         await _delivered_everything(env, sent=1)
     finally:
-        await _stop(proc)
+        await stop_process(proc)
     [end] = _ends_of(vast_engine, idx)
     assert end.success is False and end.status == "Error"
 
     # A second restart sends nothing more for it.
     reports = vast_engine.counters["worker_status"]
-    proc = await _start(env, log_path)
+    proc = await open_serve(env, log_path)
     try:
         await _ready_again(vast_engine, reports)
         await _delivered_everything(env, sent=0)
     finally:
-        await _stop(proc)
+        await stop_process(proc)
     assert len(_ends_of(vast_engine, idx)) == 1
     output = log_path.read_text()
     assert output.count("left open by a previous worker process") == 1, output
@@ -202,9 +179,8 @@ async def test_cancelling_serve_reports_the_held_request_once_and_lets_go_of_the
     from nullworker.worker.server import ServeInfo, serve
 
     from .conftest import vast_settings
-    from .test_startup import free_port
 
-    port = free_port()
+    port = reserved_port()
     config = WorkerConfig(
         host="127.0.0.1",
         port=port,

@@ -10,12 +10,12 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -36,7 +36,8 @@ from nullworker.worker.local_holds import (
 from nullworker.worker.server import ServeInfo, serve
 
 from .conftest import StartWorker, envelope, runtime, vast_settings
-from .test_http import open_raw_reservation, wait_until
+from .helpers import closed_port, closed_url, wait_until
+from .test_http import open_raw_reservation
 
 # -- the core, in virtual time ---------------------------------------------------------
 
@@ -255,7 +256,7 @@ async def test_a_disconnect_ends_the_hold_at_once(
         assert runtime(info).local_holds.count == 1
     # At once, not when TCP keepalive would notice (about 30 s): generous for a busy machine.
     closed = time.monotonic()
-    await wait_until(lambda: runtime(info).local_holds.count == 0, limit_s=10.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=10.0)
     assert time.monotonic() - closed < 10.0
     counts = runtime(info).local_holds.statistics().counts
     assert counts["disconnected"] == 1
@@ -297,7 +298,7 @@ async def test_a_hold_without_a_duration_outlasts_max_reservation_seconds(
         await trio.sleep(3 * cap)
         assert runtime(info).local_holds.count == 1
         assert (await http.get(f"{info.control_url}/health")).json()["busy"] is True
-    await wait_until(lambda: runtime(info).local_holds.count == 0, limit_s=1.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=1.0)
     counts = runtime(info).local_holds.statistics().counts
     assert counts["disconnected"] == 1 and counts["duration_elapsed"] == 0
     # An explicit duration is honoured, past the cap too.
@@ -392,8 +393,9 @@ async def test_the_hold_cli_covers_a_job_three_times_the_cap_on_another_port(
     start_worker: StartWorker, vast_engine: Any, tmp_path: Path
 ) -> None:
     """``nullworker hold`` finds the worker from NULLWORKER_CONTROL_PORT alone."""
-    port = _free_port()
-    info = await start_long_job_worker(start_worker, vast_engine, control_port=port)
+    info = await start_long_job_worker(start_worker, vast_engine, control_port=0)
+    assert info.control_url is not None
+    port = urlsplit(info.control_url).port
     done = tmp_path / "done"
     env = _hold_env(None) | {"NULLWORKER_CONTROL_PORT": str(port)}
     command = ["sh", "-c", f"sleep {3 * CAP_S}; touch {done}"]
@@ -452,7 +454,7 @@ async def test_many_concurrent_holds_then_idle(start_worker: StartWorker, vast_e
             await vast_engine.wait_for(lambda e: e.workers[7].busy)
             assert vast_engine.workers[7].cur_load == 100.0  # one busy worker, not 200
             release.set()
-    await wait_until(lambda: runtime(info).local_holds.count == 0, limit_s=5.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=5.0)
     await vast_engine.wait_for(lambda e: not e.workers[7].busy and e.workers[7].cur_load == 0.0)
     assert runtime(info).local_holds.statistics().counts["disconnected"] == count
     assert not runtime(info).busy
@@ -464,7 +466,8 @@ async def test_many_concurrent_holds_then_idle(start_worker: StartWorker, vast_e
 async def test_local_hold_is_one_hold_past_the_cap_and_holds_again_after_a_worker_restart(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    control_port = _free_port()
+    # The first worker binds a control port of its own; the restarted one takes it over.
+    control_port = 0
 
     async def start() -> tuple[ServeInfo, trio.CancelScope]:
         scope = trio.CancelScope()
@@ -485,6 +488,8 @@ async def test_local_hold_is_one_hold_past_the_cap_and_holds_again_after_a_worke
         return info, scope
 
     first, first_scope = await start()
+    assert first.control_url is not None
+    control_port = urlsplit(first.control_url).port or 0
     async with local_hold(control_url=first.control_url, label="long job") as hold:
         assert hold.held and hold.duration_s is None
         await trio.sleep(0.7)
@@ -492,12 +497,12 @@ async def test_local_hold_is_one_hold_past_the_cap_and_holds_again_after_a_worke
         assert runtime(first).local_holds.count == 1
         assert runtime(first).local_holds.statistics().counts["duration_elapsed"] == 0
         first_scope.cancel()  # the worker goes away (a crash, a restart)
-        await wait_until(lambda: not hold.held, limit_s=3.0)
+        await wait_until(lambda: not hold.held, within_s=3.0)
         second, _ = await start()
-        await wait_until(lambda: hold.held, limit_s=3.0)  # back within the 1 s retry
+        await wait_until(lambda: hold.held, within_s=3.0)  # back within the 1 s retry
         assert runtime(second).local_holds.count == 1
         assert not hold.ended.is_set()
-    await wait_until(lambda: runtime(second).local_holds.count == 0, limit_s=1.0)
+    await wait_until(lambda: runtime(second).local_holds.count == 0, within_s=1.0)
     assert hold.ended.is_set() and hold.outcome == "client_released"
 
 
@@ -516,7 +521,7 @@ async def test_local_hold_raises_when_the_worker_cannot_be_reached_or_refuses(
     start_worker: StartWorker,
 ) -> None:
     with pytest.raises(LocalHoldFailed) as info:
-        async with local_hold(control_url=f"http://127.0.0.1:{_free_port()}"):
+        async with local_hold(control_url=closed_url()):
             pass  # pragma: no cover
     assert info.value.status is None and "cannot reach" in str(info.value)
     for named in ("NULLWORKER_CONTROL_URL", "NULLWORKER_CONTROL_PORT", "http://127.0.0.1:"):
@@ -586,8 +591,9 @@ def test_control_url_names_the_setting_that_leads_nowhere(env: dict[str, str], n
 async def test_local_hold_finds_a_worker_on_another_control_port(
     start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
-    port = _free_port()
-    info = await start_worker(control_port=port)
+    info = await start_worker(control_port=0)
+    assert info.control_url is not None
+    port = urlsplit(info.control_url).port
     monkeypatch.delenv("NULLWORKER_CONTROL_URL", raising=False)
     monkeypatch.delenv("NULLWORKER_CONTROL_PORT", raising=False)
     monkeypatch.setenv(variable, str(port))
@@ -597,7 +603,7 @@ async def test_local_hold_finds_a_worker_on_another_control_port(
 
 
 async def test_an_unreachable_port_from_the_environment_is_named(tmp_path: Path) -> None:
-    port = _free_port()  # nothing listens there
+    port = closed_port()  # nothing listens there
     env = _hold_env(None) | {"NULLWORKER_CONTROL_PORT": str(port)}
     with trio.fail_after(30):
         result = await trio.run_process(
@@ -630,17 +636,10 @@ async def test_an_exception_in_the_block_propagates_and_ends_the_hold(
     with pytest.raises(KeyError):
         async with local_hold(control_url=info.control_url):
             raise KeyError("job failed")
-    await wait_until(lambda: runtime(info).local_holds.count == 0, limit_s=1.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=1.0)
 
 
 # -- nullworker hold -- CMD --------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _hold_env(control_url: str | None) -> dict[str, str]:
@@ -701,12 +700,12 @@ async def test_hold_cli_holds_while_the_command_runs_with_its_label(
             )
 
         nursery.start_soon(run)
-        await wait_until(marker.exists, limit_s=10)
+        await wait_until(marker.exists, within_s=10)
         # The hold was taken before the command started.
         holds = runtime(info).local_holds.statistics().holds
         assert [h.label for h in holds] == ["job 9"]
     assert seen["result"].returncode == 0
-    await wait_until(lambda: runtime(info).local_holds.count == 0, limit_s=1.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=1.0)
 
 
 async def test_killing_the_hold_process_ends_the_hold_at_once(
@@ -719,12 +718,12 @@ async def test_killing_the_hold_process_ends_the_hold_at_once(
         start_new_session=True,  # so the orphaned sleep can be reaped with the group
     )
     try:
-        await wait_until(lambda: runtime(info).local_holds.count == 1, limit_s=10)
+        await wait_until(lambda: runtime(info).local_holds.count == 1, within_s=10)
         process.kill()  # SIGKILL: no cleanup of any kind runs in the hold process
         killed = time.monotonic()
         await process.wait()
         # At once, not when TCP keepalive would notice (about 30 s).
-        await wait_until(lambda: runtime(info).local_holds.count == 0, limit_s=10.0)
+        await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=10.0)
         assert time.monotonic() - killed < 10.0
         status = (await http.get(f"{info.control_url}/status")).json()
         assert status["local_holds"]["count"] == 0 and status["busy"] is False
@@ -745,13 +744,13 @@ async def test_sigterm_is_passed_on_to_the_command(start_worker: StartWorker) ->
         stdin=subprocess.DEVNULL,
     )
     try:
-        await wait_until(lambda: runtime(info).local_holds.count == 1, limit_s=10)
+        await wait_until(lambda: runtime(info).local_holds.count == 1, within_s=10)
         await trio.sleep(0.2)  # the command runs
         process.terminate()
         with trio.fail_after(5):
             await process.wait()
         assert process.returncode == 128 + signal.SIGTERM
-        await wait_until(lambda: runtime(info).local_holds.count == 0, limit_s=1.0)
+        await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=1.0)
     finally:
         if process.returncode is None:
             process.kill()
@@ -762,7 +761,7 @@ async def test_an_unreachable_worker_stops_the_command_unless_best_effort(
     tmp_path: Path,
 ) -> None:
     marker = tmp_path / "ran"
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = closed_url()
     result = await run_hold("--", "touch", str(marker), control_url=dead)
     assert result.returncode == 3
     assert b"cannot reach" in result.stderr and b"not running the command" in result.stderr
@@ -776,7 +775,7 @@ async def test_an_unreachable_worker_stops_the_command_unless_best_effort(
 async def test_hold_cli_json_lines_say_each_refusal_and_warning_as_an_event(
     tmp_path: Path,
 ) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = closed_url()
     json_lines = ("--log-format", "json")
     cases = [
         (("--", "true"), 3, [("unavailable", "ERROR")]),

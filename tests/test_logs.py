@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import secrets
-import subprocess
 import sys
 from collections.abc import Iterator
 from functools import partial
@@ -30,8 +29,8 @@ from nullworker.vast.signing import generate_private_key
 from nullworker.worker.config import WorkerConfig
 
 from .conftest import StartWorker, runtime
-from .test_http import reserve, wait_until
-from .test_startup import free_port
+from .helpers import closed_url, open_serve, reserved_port, stop_process, wait_until
+from .test_http import reserve
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -218,25 +217,20 @@ async def test_no_secret_in_either_format(
     await nursery.start(partial(serve_engine, engine))
     assert engine.url is not None
 
-    port, control_port = free_port(), free_port()
+    port, control_port = reserved_port(), reserved_port()
     worker_log = tmp_path / "worker.log"
-    with worker_log.open("wb") as out:
-        worker = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "nullworker", "serve", "--log-format", fmt],
-            env=_env(
-                REPORT_ADDR=engine.url,
-                CONTAINER_ID="11",
-                MASTER_TOKEN=master_token,
-                WORKER_PORT=str(port),
-                NULLWORKER_PUBLIC_URL=f"http://127.0.0.1:{port}",
-                NULLWORKER_CONTROL_PORT=str(control_port),
-                NULLWORKER_HOST="127.0.0.1",
-                NULLWORKER_LOCK_DIR=str(tmp_path),
-                NULLWORKER_LOG_LEVEL="DEBUG",
-            ),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    worker_env = _env(
+        REPORT_ADDR=engine.url,
+        CONTAINER_ID="11",
+        MASTER_TOKEN=master_token,
+        WORKER_PORT=str(port),
+        NULLWORKER_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        NULLWORKER_CONTROL_PORT=str(control_port),
+        NULLWORKER_HOST="127.0.0.1",
+        NULLWORKER_LOCK_DIR=str(tmp_path),
+        NULLWORKER_LOG_LEVEL="DEBUG",
+    )
+    worker = await open_serve(worker_env, worker_log, "--log-format", fmt)
     try:
         await engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=20)
         with trio.fail_after(30):
@@ -271,13 +265,7 @@ async def test_no_secret_in_either_format(
             assert held.returncode == 0, held.stderr
         await engine.wait_for(lambda e: len(e.finished) == 1)
     finally:
-        with trio.CancelScope(shield=True):
-            worker.terminate()
-            with trio.move_on_after(10):
-                await worker.wait()
-            if worker.returncode is None:
-                worker.kill()
-                await worker.wait()
+        await stop_process(worker)
     assert worker.returncode == 0
     worker_text = worker_log.read_text()
     everything = "\n".join(
@@ -343,7 +331,7 @@ async def test_the_master_token_never_leaves_the_worker_in_vast_mode(
     engine = Engine(private_key=rsa_key, master_token=token)
     await nursery.start(partial(serve_engine, engine))
     assert engine.url is not None
-    dead = f"http://127.0.0.1:{free_port()}"  # tried first, never answers
+    dead = closed_url()  # tried first, never answers
 
     def worker_env(container: int, port: int, mtoken: str) -> dict[str, str]:
         return _env(
@@ -352,34 +340,19 @@ async def test_the_master_token_never_leaves_the_worker_in_vast_mode(
             MASTER_TOKEN=mtoken,
             WORKER_PORT=str(port),
             NULLWORKER_PUBLIC_URL=f"http://127.0.0.1:{port}",
-            NULLWORKER_CONTROL_PORT=str(free_port()),
+            NULLWORKER_CONTROL_PORT=str(reserved_port()),
             NULLWORKER_HOST="127.0.0.1",
             NULLWORKER_LOCK_DIR=str(tmp_path),
             NULLWORKER_LOG_LEVEL="DEBUG",
         )
 
     async def start(name: str, env: dict[str, str]) -> trio.Process:
-        with (tmp_path / name).open("wb") as out:
-            return await trio.lowlevel.open_process(
-                [sys.executable, "-m", "nullworker", "serve"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        return await open_serve(env, tmp_path / name)
 
-    async def stop(process: trio.Process) -> None:
-        with trio.CancelScope(shield=True):
-            process.terminate()
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-
-    port = free_port()
+    port = reserved_port()
     good_env = worker_env(21, port, token)
     good = await start("good.log", good_env)
-    refused = await start("refused.log", worker_env(23, free_port(), wrong_token))
+    refused = await start("refused.log", worker_env(23, reserved_port(), wrong_token))
     bodies: list[str] = []
     try:
         await engine.wait_for(lambda e: 21 in e.workers and e.workers[21].ready, timeout=30)
@@ -420,7 +393,8 @@ async def test_the_master_token_never_leaves_the_worker_in_vast_mode(
         with trio.fail_after(60):
             failed = await trio.run_process(
                 [sys.executable, "-m", "nullworker", "serve"],
-                env=good_env | {"CONTAINER_ID": "22", "NULLWORKER_CONTROL_PORT": str(free_port())},
+                env=good_env
+                | {"CONTAINER_ID": "22", "NULLWORKER_CONTROL_PORT": str(reserved_port())},
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
@@ -428,8 +402,8 @@ async def test_the_master_token_never_leaves_the_worker_in_vast_mode(
         assert failed.returncode == 1
         await engine.wait_for(lambda e: 22 in e.workers and e.workers[22].error_msg, timeout=20)
     finally:
-        await stop(refused)
-        await stop(good)
+        await stop_process(refused)
+        await stop_process(good)
     everything = "\n".join(
         [
             (tmp_path / "good.log").read_text(),

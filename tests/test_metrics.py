@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from nullworker.worker.server import ServeInfo
 
 from .conftest import StartWorker, envelope, runtime, vast_settings
-from .test_http import open_raw_reservation, reserve, wait_until
+from .helpers import closed_url, wait_until
+from .test_http import open_raw_reservation, reserve
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -145,7 +146,7 @@ async def test_local_holds_are_counted(start_worker: StartWorker, http: httpx.As
             assert value(samples, "nullworker_local_holds") == 2.0
             assert value(samples, "nullworker_busy") == 1.0
             assert value(samples, "nullworker_reservation_held") == 0.0
-    await wait_until(lambda: runtime(info).local_holds.count == 0, limit_s=1.0)
+    await wait_until(lambda: runtime(info).local_holds.count == 0, within_s=1.0)
     response = await http.post(f"{info.control_url}/hold", json={"duration": 0.05})
     assert response.json()["released"] == "duration_elapsed"
     samples = await scrape(http, info)
@@ -175,9 +176,7 @@ async def test_engine_reports_delivered(
 async def test_engine_reports_failing(start_worker: StartWorker, http: httpx.AsyncClient) -> None:
     # An engine address that refuses connections; unsecured, so the worker gets ready
     # without the engine's key and keeps failing to report.
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    dead = closed_url()
     info = await start_worker(
         report_addrs=(dead,),
         container_id=7,

@@ -1,5 +1,9 @@
 """Property tests of the envelope and payload: sans-IO, then a real worker over HTTP.
 
+The worker tests send hundreds of requests, each parsed and answered by the real app
+and HTTP server; they run over in-memory streams (``start_memory_worker``), since what
+they test is the answer to the bytes, not the socket.
+
 Whatever a client sends to ``POST /reserve`` (any JSON, odd unicode, non-finite and huge
 numbers, deep nesting, truncated bodies, wrong types in every field, random bytes), the
 worker must answer a 4xx or a 200 with a JSON body, never a 5xx, never log a traceback,
@@ -45,6 +49,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -61,7 +66,7 @@ from nullworker.vast.envelope import (
 from nullworker.vast.signing import sign_url
 from nullworker.worker.server import ServeInfo
 
-from .conftest import StartWorker, envelope, runtime, vast_settings
+from .conftest import StartMemoryWorker, StartWorker, envelope, runtime, vast_settings
 
 #: Placeholders for the values only known once a worker runs (see :meth:`Body.render`).
 URL_TOKEN = "@@url@@"
@@ -632,11 +637,15 @@ async def _check_worker_after(
 
 
 async def test_standalone_worker_answers_any_body_with_200_or_4xx(
-    start_worker: StartWorker, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+    start_memory_worker: StartMemoryWorker,
+    caplog: pytest.LogCaptureFixture,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
+    # No socket and no engine: nothing but Trio tasks, so the holds pass in virtual time.
     examples = EDGE_BODIES + draw_examples(bodies(fuzz_signed=True), STANDALONE_EXAMPLES)
     caplog.set_level(logging.INFO)
-    info = await start_worker(max_reservation_s=MAX_HOLD_S, max_queue_time_s=0)
+    served = await start_memory_worker(max_reservation_s=MAX_HOLD_S, max_queue_time_s=0)
+    info, http = served.info, served.http
     url = "http://127.0.0.1:1"  # unsecured: neither url nor signature is checked
     normal = envelope(url, payload={"duration": 0})
     with trio.fail_after(60):
@@ -654,6 +663,8 @@ async def test_vast_worker_answers_signed_fuzzed_envelopes_with_200_or_4xx(
     http: httpx.AsyncClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # Over a real socket, as the one fuzzed case that is: the worker reports to a real
+    # engine anyway, so virtual time is not an option here.
     examples = EDGE_BODIES + draw_examples(bodies(fuzz_signed=False), VAST_EXAMPLES)
     caplog.set_level(logging.INFO)
     info = await start_worker(
@@ -711,7 +722,7 @@ def _strict_length(version: str, lines: tuple[tuple[str, str], ...]) -> int | st
 
 
 async def test_the_worker_frames_a_request_body_as_rfc_9112_does_or_refuses_it(
-    start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+    start_memory_worker: StartMemoryWorker, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Whatever ``Content-Length`` and ``Transfer-Encoding`` lines a request carries, the
     worker either reads its body as a strict reading of RFC 9112 does, or answers a JSON
@@ -719,8 +730,8 @@ async def test_the_worker_frames_a_request_body_as_rfc_9112_does_or_refuses_it(
     that framed the body differently cannot smuggle a request through."""
     examples = draw_examples(framings(), FRAMING_EXAMPLES)
     caplog.set_level(logging.INFO)
-    info = await start_worker()
-    host, port = info.url.removeprefix("http://").rsplit(":", 1)
+    served = await start_memory_worker()
+    info = served.info
     smuggled = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
     seen: Counter[str] = Counter()
     for index, (version, lines) in enumerate(examples):
@@ -734,7 +745,7 @@ async def test_the_worker_frames_a_request_body_as_rfc_9112_does_or_refuses_it(
             f"{name}: {value}\r\n" for name, value in lines
         )
         what = f"example {index}: {head!r}"
-        stream = await trio.open_tcp_stream(host, int(port))
+        stream = await served.connect()
         data = b""
         with trio.fail_after(10):
             # HTTP/1.0 without keep-alive ends with its answer: more bytes are an error

@@ -43,6 +43,7 @@ from nullworker.engine import Engine, serve_engine
 from nullworker.worker.server import ServeInfo
 
 from .conftest import StartWorker, envelope
+from .helpers import Output
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -151,20 +152,8 @@ def test_not_run_markers_are_few_in_all() -> None:
 # -- running a block ----------------------------------------------------------------------
 
 
-class Running:
+class Running(Output):
     """A block running as a child process; its output read as it comes."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.out = ""
-        self.err = ""
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream, name: str) -> None:
-        async for chunk in stream:
-            setattr(self, name, getattr(self, name) + chunk.decode(errors="replace"))
-            self._changed.set()
-            self._changed = trio.Event()
 
     async def wait_for(self, pattern: str) -> re.Match[str]:
         """The first match of ``pattern`` in stdout, once it is there."""
@@ -181,7 +170,7 @@ class Running:
                 )
                 return found
             with trio.move_on_after(0.5):
-                await self._changed.wait()
+                await self.next_change()
 
     @property
     def output(self) -> str:

@@ -21,7 +21,7 @@ from nullworker import release_reservation
 from nullworker.worker.server import ServeInfo
 
 from .conftest import StartWorker, envelope, runtime
-from .test_http import wait_until
+from .helpers import wait_until
 
 URL = "http://127.0.0.1:1"  # any url: unsecured workers do not check it
 _REQUEST_IDX = itertools.count(70_000)

@@ -43,6 +43,7 @@ from nullworker.worker.reporter import (
 from nullworker.worker.reservations import ReservationSlot
 
 from .conftest import STATUS_FIELDS, StartWorker, runtime
+from .helpers import closed_url, reserved_port
 
 STATUS = "/worker_status/"
 DELETE = "/delete_requests/"
@@ -181,14 +182,6 @@ def make_recorder(nursery: trio.Nursery, engine_key: Any) -> MakeRecorder:
 @pytest.fixture(autouse=True)
 def _quiet_hypercorn() -> None:
     logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
-
-
-def dead_address() -> str:
-    """A loopback URL whose port refuses connections (bound once, then closed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 async def settle(
@@ -596,7 +589,7 @@ async def test_a_dead_first_address_has_its_own_deadline(
         slow.delay_s[STATUS] = 30.0
         first = slow.url
     else:
-        first = dead_address()
+        first = closed_url()
     reporter = EngineReporter(make_config(first, good.url, engine_tries=2, engine_timeout_s=0.2))
     await nursery.start(reporter.run)
     # Worst case at the first address: 2 tries x 0.2 s + 0.05 s backoff.
@@ -934,7 +927,7 @@ async def test_pubkey_retries_each_address_by_its_own_url(
 async def test_pubkey_gives_up_with_a_clear_error(make_recorder: MakeRecorder) -> None:
     failing = await make_recorder(fail_all=True)
     garbage = await make_recorder(pubkey_body="this is not a PEM key")
-    reporter = EngineReporter(make_config(failing.url, garbage.url, dead_address()))
+    reporter = EngineReporter(make_config(failing.url, garbage.url, closed_url()))
     with pytest.raises(PubkeyUnavailable) as info, trio.fail_after(3.0):
         await reporter.fetch_pubkey(backoff_s=(0.01, 0.01))
     assert isinstance(info.value, NullworkerError)
@@ -982,7 +975,7 @@ async def test_error_beacon_reports_failure_within_its_bound(make_recorder: Make
     failing = await make_recorder(fail_all=True)
     slow = await make_recorder()
     slow.delay_s[STATUS] = 30.0
-    config = make_config(failing.url, slow.url, dead_address(), engine_timeout_s=0.3)
+    config = make_config(failing.url, slow.url, closed_url(), engine_timeout_s=0.3)
     with trio.fail_after(2.0):
         assert await send_error_beacon(config, "boom") is False
     assert len(failing.attempts(STATUS)) == 1
@@ -1170,7 +1163,7 @@ async def test_a_real_engine_back_after_an_outage_hears_the_state_within_2s(
     """The same over real sockets: a closed port (then an engine on it), or HTTP 500s."""
     outage_s = 5.0
     if down == "closed":
-        addr = dead_address()
+        addr = f"http://127.0.0.1:{reserved_port()}"  # an engine binds it later
     else:
         failing = await make_recorder(fail_all=True)
         addr = failing.url

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -40,6 +39,7 @@ from nullworker.client import hold, reserve
 from nullworker.engine import Engine, serve_engine
 from nullworker.errors import ReservationFailed
 
+from .helpers import PortTaken, free_port, port_in_use, start_on_free_port, stop_process
 from .sdk_worker import install
 
 API_KEY = "interop-key"
@@ -60,13 +60,6 @@ def sdk_python(request: pytest.FixtureRequest) -> Path:
         return install.ensure_sdk(venv)
     except install.InstallError as error:
         install.fail_or_skip(error)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @dataclass
@@ -92,59 +85,72 @@ async def engine(nursery: trio.Nursery) -> Engine:
 
 @pytest.fixture
 async def sdk_worker(sdk_python: Path, engine: Engine, tmp_path: Path) -> AsyncIterator[SdkWorker]:
-    """The official-SDK null worker, reporting to ``engine``; ready when yielded."""
+    """The official-SDK null worker, reporting to ``engine``; ready when yielded.
+
+    The SDK must be given port numbers: they come from :func:`free_port`, and the start
+    is tried again on fresh ones when the SDK exits saying a port was taken meanwhile.
+    """
     assert engine.url is not None
-    port, http_port = _free_port(), _free_port()
+    engine_url = engine.url
     container_id = 77
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("VAST_", "REPORT_ADDR", "CONTAINER_ID", "WORKER_"))
-    }
-    env.update(
-        REPORT_ADDR=engine.url,
-        CONTAINER_ID=str(container_id),
-        WORKER_PORT=str(port),
-        WORKER_HTTP_PORT=str(http_port),
-        PUBLIC_IPADDR="127.0.0.1",
-        MASTER_TOKEN=MASTER_TOKEN,
-        UNSECURED="false",
-        USE_SSL="false",
-        SDK_WORKER_HOST="127.0.0.1",
-        PYTHONUNBUFFERED="1",
-    )
-    env[f"VAST_TCP_PORT_{port}"] = str(port)
     workdir = tmp_path / "sdk-worker"  # the SDK writes .has_benchmark into its CWD
     workdir.mkdir()
     log_path = tmp_path / "sdk-worker.log"
-    with log_path.open("wb") as log:
-        process = await trio.lowlevel.open_process(
-            [str(sdk_python), str(install.WORKER_SCRIPT)],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+
+    async def start(port: int) -> tuple[trio.Process, SdkWorker]:
+        http_port = free_port()
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("VAST_", "REPORT_ADDR", "CONTAINER_ID", "WORKER_"))
+        }
+        env.update(
+            REPORT_ADDR=engine_url,
+            CONTAINER_ID=str(container_id),
+            WORKER_PORT=str(port),
+            WORKER_HTTP_PORT=str(http_port),
+            PUBLIC_IPADDR="127.0.0.1",
+            MASTER_TOKEN=MASTER_TOKEN,
+            UNSECURED="false",
+            USE_SSL="false",
+            SDK_WORKER_HOST="127.0.0.1",
+            PYTHONUNBUFFERED="1",
         )
-    worker = SdkWorker(container_id, f"http://127.0.0.1:{port}", log_path)
-    try:
-        try:
-            await engine.wait_for(lambda e: e.worker_state(container_id) == "idle", timeout=20)
-        except trio.TooSlowError:
-            pytest.fail(
-                f"the SDK worker never reported ready; state "
-                f"{engine.worker_state(container_id)}; exit {process.returncode}; log:\n"
-                f"{worker.log_tail()}"
+        env[f"VAST_TCP_PORT_{port}"] = str(port)
+        with log_path.open("wb") as log:
+            process = await trio.lowlevel.open_process(
+                [str(sdk_python), str(install.WORKER_SCRIPT)],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
+        worker = SdkWorker(container_id, f"http://127.0.0.1:{port}", log_path)
+        try:
+            with trio.move_on_after(20):
+                while engine.worker_state(container_id) != "idle":
+                    if process.returncode is not None:
+                        if port_in_use(worker.log_tail()):
+                            raise PortTaken(worker.log_tail())
+                        break
+                    await trio.sleep(0.05)
+            if engine.worker_state(container_id) != "idle":
+                pytest.fail(
+                    f"the SDK worker never reported ready; state "
+                    f"{engine.worker_state(container_id)}; exit {process.returncode}; log:\n"
+                    f"{worker.log_tail()}"
+                )
+        except BaseException:
+            await stop_process(process, within_s=5)
+            raise
+        return process, worker
+
+    process, worker = await start_on_free_port(start)
+    try:
         yield worker
     finally:
-        with trio.CancelScope(shield=True):
-            process.terminate()
-            with trio.move_on_after(5) as waited:
-                await process.wait()
-            if waited.cancelled_caught:
-                process.kill()
-                await process.wait()
+        await stop_process(process, within_s=5)
 
 
 def _finished(engine: Engine, request_idx: int | None) -> set[str | None]:

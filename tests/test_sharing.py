@@ -54,6 +54,7 @@ from nullworker.client.sharing import EndpointRun, ShareEvent, autoscale_endpoin
 from nullworker.engine import Engine
 
 from .conftest import StartWorker
+from .helpers import wait_until
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     redis_server_binary_fixture,
@@ -270,9 +271,7 @@ async def test_processes_joining_and_dying_settle_to_their_share_never_two_leade
 
     async def settle(within_s: float) -> float:
         began = trio.current_time()
-        with trio.fail_after(within_s):
-            while not settled():
-                await trio.sleep(0.05)
+        await wait_until(settled, within_s=within_s, poll_s=0.05)
         took = trio.current_time() - began
         # And it stays so: nothing moves any more.
         spread = [m.leading() for m in live()]
@@ -472,9 +471,7 @@ async def wait_spread(
                 return False
         return held_now(engine) == dict.fromkeys(ENDPOINTS, MAX)
 
-    with trio.fail_after(WAIT_S):
-        while not settled():
-            await trio.sleep(0.05)
+    await wait_until(settled, within_s=WAIT_S, poll_s=0.05)
     return holders(rdb, clis)
 
 

@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from .conftest import envelope
+from .helpers import read_log, release_port, wait_for_log
 from .test_startup import REPO, _locked_by_another, worker_env
 from .test_tls import vast_shaped_leaf, vast_shaped_root, write_pem
 
@@ -132,18 +133,6 @@ async def wait_until_serving(port: str, *, tls: ssl.SSLContext | None = None) ->
                 except httpx.TransportError:
                     pass
                 await trio.sleep(0.05)
-
-
-def read_log(log: Path) -> str:
-    return log.read_text() if log.exists() else ""
-
-
-async def wait_for_log(log: Path, pattern: str) -> re.Match[str]:
-    with trio.fail_after(30):
-        while True:
-            if match := re.search(pattern, read_log(log)):
-                return match
-            await trio.sleep(0.02)
 
 
 async def wait_until_gone(tmp_path: Path) -> None:
@@ -396,6 +385,7 @@ async def test_failed_starts_back_off_up_to_the_cap_and_a_long_run_resets_it(
     port, log = env["WORKER_PORT"], tmp_path / "w.log"
     # A socket bound to the port (not listening: nothing answers the health probe) makes
     # every start fail with "cannot listen" and exit 1.
+    release_port(int(port))  # the test's own hold on the port, which lets a worker bind
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", int(port)))
     async with started_script(env) as script:

@@ -17,22 +17,18 @@ import httpx
 import pytest
 import trio
 
+from .helpers import closed_url, reserved_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def worker_env(tmp_path: Path, engine: Any | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REPORT_ADDR", "CONTAINER_ID"))}
     env.update(
         {
-            "WORKER_PORT": str(free_port()),
-            "NULLWORKER_CONTROL_PORT": str(free_port()),
+            # Numbers given ahead (restarts and second copies use the same port).
+            "WORKER_PORT": str(reserved_port()),
+            "NULLWORKER_CONTROL_PORT": str(reserved_port()),
             "NULLWORKER_HOST": "127.0.0.1",
             "NULLWORKER_LOCK_DIR": str(tmp_path),
             "PYTHONUNBUFFERED": "1",
@@ -106,7 +102,7 @@ async def test_second_copy_on_the_same_port_fails_clearly_and_reports_the_error(
     )
     try:
         await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=20)
-        env2 = env | {"CONTAINER_ID": "12", "NULLWORKER_CONTROL_PORT": str(free_port())}
+        env2 = env | {"CONTAINER_ID": "12", "NULLWORKER_CONTROL_PORT": str(reserved_port())}
         code, line = await serve_to_the_end(env2)
         assert code == 1
         assert "cannot listen" in line and env["WORKER_PORT"] in line
@@ -219,21 +215,38 @@ async def test_start_server_twice_leaves_exactly_one_worker(tmp_path: Path) -> N
             await first.wait()
 
 
+def hypercorn_cli(env: dict[str, str], *, workers: int = 1) -> list[str]:
+    """Hypercorn's own CLI serving ``nullworker.app:create_app()`` on ``env``'s port: the
+    adapter's path, where no ``serve()`` of ours owns the process."""
+    return [
+        str(Path(sys.executable).parent / "hypercorn"),
+        "--worker-class",
+        "trio",
+        "--workers",
+        str(workers),
+        "--bind",
+        f"127.0.0.1:{env['WORKER_PORT']}",
+        "nullworker.app:create_app()",
+    ]
+
+
+async def open_hypercorn(env: dict[str, str], log_path: Path) -> trio.Process:
+    """Start :func:`hypercorn_cli` with one worker process; its output goes to ``log_path``."""
+    with log_path.open("ab") as log:
+        return await trio.lowlevel.open_process(
+            hypercorn_cli(env),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 async def test_hypercorn_with_two_workers_is_refused(tmp_path: Path) -> None:
     env = worker_env(tmp_path)
-    hypercorn = Path(sys.executable).parent / "hypercorn"
     with trio.fail_after(60):  # it must stop by itself
         result = await trio.run_process(
-            [
-                str(hypercorn),
-                "--worker-class",
-                "trio",
-                "--workers",
-                "2",
-                "--bind",
-                f"127.0.0.1:{env['WORKER_PORT']}",
-                "nullworker.app:create_app()",
-            ],
+            hypercorn_cli(env, workers=2),
             env=env,
             capture_stdout=True,
             capture_stderr=True,
@@ -249,22 +262,7 @@ async def test_the_app_runs_under_hypercorns_own_cli(tmp_path: Path) -> None:
     """`hypercorn --worker-class trio 'nullworker.app:create_app()'` gets the same worker."""
     env = worker_env(tmp_path)
     port = env["WORKER_PORT"]
-    hypercorn = Path(sys.executable).parent / "hypercorn"
-    proc = await trio.lowlevel.open_process(
-        [
-            str(hypercorn),
-            "--worker-class",
-            "trio",
-            "--workers",
-            "1",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "nullworker.app:create_app()",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = await open_hypercorn(env, tmp_path / "hypercorn.log")
     try:
         async with httpx.AsyncClient(timeout=10) as http:
             with trio.fail_after(30):
@@ -315,7 +313,7 @@ def test_serve_exits_1_when_the_background_work_fails(
     monkeypatch.setattr(EngineReporter, "_round", broken_round)
     for name, value in worker_env(tmp_path).items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("REPORT_ADDR", f"http://127.0.0.1:{free_port()}")  # nobody there
+    monkeypatch.setenv("REPORT_ADDR", closed_url())  # nobody there
     monkeypatch.setenv("CONTAINER_ID", "5")
     monkeypatch.setenv("NULLWORKER_PUBLIC_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("UNSECURED", "true")
@@ -492,25 +490,9 @@ async def test_under_hypercorns_own_cli_a_runtime_failure_stops_the_process(
     marker = tmp_path / "fail-now"
     env = worker_env(tmp_path, vast_engine, FAIL_MARKER=str(marker))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
-    port, control = env["WORKER_PORT"], env["NULLWORKER_CONTROL_PORT"]
+    control = env["NULLWORKER_CONTROL_PORT"]
     log_path = tmp_path / "hypercorn.log"
-    hypercorn = Path(sys.executable).parent / "hypercorn"
-    with log_path.open("wb") as log_file:
-        proc = await trio.lowlevel.open_process(
-            [
-                str(hypercorn),
-                "--worker-class",
-                "trio",
-                "--workers",
-                "1",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "nullworker.app:create_app()",
-            ],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    proc = await open_hypercorn(env, log_path)
     try:
         await vast_engine.wait_for(lambda e: 11 in e.workers and e.workers[11].ready, timeout=30)
         marker.touch()

@@ -21,7 +21,8 @@ from nullworker.vast.signing import generate_private_key, sign_url, verify_url
 from nullworker.worker.server import ServeInfo
 
 from .conftest import STATUS_FIELDS, StartWorker, envelope, runtime, vast_settings
-from .test_http import open_raw_reservation, wait_until
+from .helpers import wait_until
+from .test_http import open_raw_reservation
 
 
 async def route(http: httpx.AsyncClient, engine: Any) -> dict[str, Any]:
@@ -329,24 +330,33 @@ async def test_a_flood_of_bad_signatures_fetches_the_key_a_bounded_number_of_tim
     print(f"200 bad signatures in {elapsed:.2f} s: {flood_fetches} key fetches")
 
 
+def reporting_bug(monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """Every engine report round raises ``RuntimeError("boom")`` once the returned event
+    is set: a reporting bug that shows only after start-up, for the tests of how a
+    worker stops when its background work fails."""
+    from nullworker.worker.reporter import EngineReporter
+
+    original = EngineReporter._round
+    armed = trio.Event()
+
+    async def flaky_round(self: EngineReporter, *args: Any, **kwargs: Any) -> bool:
+        if armed.is_set():
+            raise RuntimeError("boom")
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EngineReporter, "_round", flaky_round)
+    return armed
+
+
 async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
     vast_engine: Any, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker whose reporting broke must stop, not go on looking alive (and idle)."""
     from nullworker.errors import WorkerFailed
     from nullworker.worker.config import WorkerConfig
-    from nullworker.worker.reporter import EngineReporter
     from nullworker.worker.server import serve
 
-    original = EngineReporter._round
-    armed = False
-
-    async def flaky_round(self: EngineReporter, *args: Any, **kwargs: Any) -> bool:
-        if armed:
-            raise RuntimeError("boom")
-        return await original(self, *args, **kwargs)
-
-    monkeypatch.setattr(EngineReporter, "_round", flaky_round)
+    armed = reporting_bug(monkeypatch)
     config = WorkerConfig(
         port=0, control_port=None, graceful_timeout_s=1.0, **vast_settings(vast_engine)
     )
@@ -364,7 +374,7 @@ async def test_a_background_failure_stops_serve_reports_it_and_answers_holders(
 
             nursery.start_soon(hold)
             await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].busy)
-            armed = True
+            armed.set()
             assert runtime(info).reporter is not None
             runtime(info).reporter.set_ready(max_perf=100.0)  # any change starts a round
     except* WorkerFailed as group:
@@ -549,18 +559,9 @@ async def test_a_runtime_failure_propagates_out_of_serve_with_its_cause_and_no_s
 
     from nullworker.errors import WorkerFailed
     from nullworker.worker.config import WorkerConfig
-    from nullworker.worker.reporter import EngineReporter
     from nullworker.worker.server import serve
 
-    original = EngineReporter._round
-    armed = False
-
-    async def flaky_round(self: EngineReporter, *args: Any, **kwargs: Any) -> bool:
-        if armed:
-            raise RuntimeError("boom")
-        return await original(self, *args, **kwargs)
-
-    monkeypatch.setattr(EngineReporter, "_round", flaky_round)
+    armed = reporting_bug(monkeypatch)
     config = WorkerConfig(
         port=0, control_port=0, graceful_timeout_s=1.0, **vast_settings(vast_engine)
     )
@@ -588,7 +589,7 @@ async def test_a_runtime_failure_propagates_out_of_serve_with_its_cause_and_no_s
 
             nursery.start_soon(hold)
             await vast_engine.wait_for(lambda e: 7 in e.workers and e.workers[7].busy)
-            armed = True
+            armed.set()
             # Any change starts a report round; a local hold is one the public surface makes.
             assert info.control_url is not None
             with trio.move_on_after(30):

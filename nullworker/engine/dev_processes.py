@@ -1,7 +1,8 @@
 """The processes of ``nullworker dev``: each worker and its consumer, started, watched, stopped.
 
 Every worker is a child process (``python -m nullworker serve``) given the Vast
-environment contract on free loopback ports (:meth:`Processes._child_env`); with
+environment contract on ports held for it until it ends (:func:`_hold_port`,
+:meth:`Processes._child_env`); with
 ``--consumer``, a shell command runs beside it once it is ready, with the worker's control
 listener in ``NULLWORKER_CONTROL_URL``. While a worker is busy its control listener's
 ``GET /status`` is polled (every :data:`HOLD_POLL_S`) for its active hold and its local
@@ -33,6 +34,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -61,13 +63,29 @@ CONSUMER_HEALTH_VARIABLES = ("BACKEND_HEALTH_URL", "NULLWORKER_BACKEND_HEALTH_CO
 CONSUMER_SHELL = "/bin/sh"
 
 
-def _free_port(host: str) -> int:
-    """A currently free TCP port on ``host`` (the kernel's pick; small race accepted)."""
+#: Whether a listener with ``SO_REUSEADDR`` may bind a port that a socket with
+#: ``SO_REUSEADDR`` which never listens holds (Linux: yes; the BSDs want SO_REUSEPORT).
+_LISTEN_BESIDE_HELD_PORT = sys.platform.startswith("linux")
+
+
+def _hold_port(host: str) -> socket.socket:
+    """A socket that holds a free TCP port on ``host`` (the kernel's pick) for a worker
+    that is given the port's number, until it is closed.
+
+    A port picked and closed again could be taken by another process (a second ``dev``,
+    a test suite) before the worker binds it. This socket has ``SO_REUSEADDR`` and never
+    listens: the worker's listener (``SO_REUSEADDR`` too) binds beside it, and the
+    kernel hands the port to no ``bind`` to port 0 while it is held.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 @dataclass(eq=False)
@@ -89,11 +107,20 @@ class Child:
     consumer_pid: int | None = None
     consumer_code: int | None = None
     consumer_restarts: int = 0
+    #: The sockets that keep :attr:`port` and :attr:`control_port` for this worker
+    #: (:func:`_hold_port`); closed when it ends.
+    held_ports: list[socket.socket] = field(default_factory=list, repr=False)
 
     @property
     def control_url(self) -> str:
         """The worker's control listener (it binds loopback only, whatever ``--host``)."""
         return f"http://127.0.0.1:{self.control_port}"
+
+    def release_ports(self) -> None:
+        """Let go of the held ports (the worker has bound them, or is gone)."""
+        for sock in self.held_ports:
+            sock.close()
+        self.held_ports.clear()
 
 
 class Processes:
@@ -147,13 +174,14 @@ class Processes:
     def spawn(self, reason: str) -> None:
         """Start a new worker (registered with the engine first); ``reason`` is logged."""
         assert self._nursery is not None
-        host = self.options.host
-        port = _free_port(host)
-        control_port = _free_port(host)
-        while control_port == port:  # the kernel rarely repeats itself; bounded in practice
-            control_port = _free_port(host)
+        held = [_hold_port(self.options.host), _hold_port("127.0.0.1")]
+        port, control_port = (sock.getsockname()[1] for sock in held)
         child = Child(
-            id=self._next_id, port=port, control_port=control_port, started_at=trio.current_time()
+            id=self._next_id,
+            port=port,
+            control_port=control_port,
+            started_at=trio.current_time(),
+            held_ports=held,
         )
         self._next_id += 1
         self.children[child.id] = child
@@ -214,6 +242,8 @@ class Processes:
                 if self.options.log_dir is not None:
                     path = self._output_of(child)
                     log_file = open(path, "ab")  # noqa: ASYNC230 -- a local file, opened once
+                if not _LISTEN_BESIDE_HELD_PORT:
+                    child.release_ports()  # the worker could not bind beside them
                 try:
                     process = await trio.lowlevel.open_process(
                         list(self.options.worker_command),
@@ -262,6 +292,7 @@ class Processes:
                     self.say(f"[dev] worker {child.id} exited ({process.returncode})")
             if log_file is not None:
                 log_file.close()
+            child.release_ports()
             self.children.pop(child.id, None)
 
     def _note_crash(self, child: Child, what: str) -> None:

@@ -62,7 +62,7 @@ import json
 import logging
 import resource
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from math import inf
@@ -337,10 +337,11 @@ class _Connection(TCPServer):
             sock = stream.transport_stream.socket
             ssl = True
         else:
-            sock, ssl = stream.socket, False
+            sock, ssl = getattr(stream, "socket", None), False
         try:
-            client = parse_socket_addr(sock.family, sock.getpeername())
-            server = parse_socket_addr(sock.family, sock.getsockname())
+            # A stream without a socket (the tests' in-memory ones) has no addresses.
+            client = None if sock is None else parse_socket_addr(sock.family, sock.getpeername())
+            server = None if sock is None else parse_socket_addr(sock.family, sock.getsockname())
             async with TaskGroup() as task_group:
                 self._task_group = task_group
                 # HTTP/1.1 whatever ALPN said: Hypercorn's ``ProtocolWrapper`` would serve
@@ -592,6 +593,7 @@ async def serve_http(
     *,
     limits: ConnectionLimits = ConnectionLimits(),
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]] = (),
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` (wrapped by ``hypercorn.utils.wrap_app``) on already-bound sockets.
@@ -603,6 +605,9 @@ async def serve_http(
       limits: the per-connection progress deadlines.
       shutdown_trigger: when it returns, stop accepting and give open connections
         ``config.graceful_timeout`` seconds before they are cancelled.
+      listeners: more listeners, served like the sockets but with no URL in the binds:
+        the tests serve in-memory streams through one, so that how a connection's
+        bytes are parsed and answered is tested without a socket in the way.
 
     ``task_status.started()`` receives the bound URLs. The app's lifespan startup runs
     before that and its shutdown after the connections end, as under Hypercorn.
@@ -615,13 +620,13 @@ async def serve_http(
     lifespan = Lifespan(app, config, lifespan_state)
     context = WorkerContext(None)
 
-    listeners: list[trio.abc.Listener[Any]] = []
+    serving: list[trio.abc.Listener[Any]] = [*listeners]
     binds: list[str] = []
     if sockets.secure_sockets:
         ssl_context = config.create_ssl_context()
         assert ssl_context is not None, "secure sockets need certfile and keyfile"
         for sock in sockets.secure_sockets:
-            listeners.append(
+            serving.append(
                 trio.SSLListener(
                     trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
                     ssl_context,
@@ -630,7 +635,7 @@ async def serve_http(
             )
             binds.append(f"https://{repr_socket_addr(sock.family, sock.getsockname())}")
     for sock in sockets.insecure_sockets:
-        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        serving.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
         binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
 
     async with trio.open_nursery() as lifespan_nursery:
@@ -644,7 +649,7 @@ async def serve_http(
                 live,
             )
             async with trio.open_nursery() as accepting:
-                for listener in listeners:
+                for listener in serving:
                     accepting.start_soon(_accept_loop, listener, handler, server_nursery)
                 task_status.started(binds)
                 if shutdown_trigger is not None:
