@@ -8,8 +8,8 @@ the scale-down window to each reading, and rides out a source outage: the target
 frozen, the read is retried with backoff, and the outage is reported once at each end.
 
 It alone writes the demand, the raw target, the window, the target and the outage state;
-the reconciler reads them through the properties. It never starts or cancels a
-reservation: after a change it calls ``wake``, and the reconciler acts.
+the reconciler only reads them. It never starts or cancels a reservation: after a change
+it calls ``wake``, and the reconciler acts.
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Protocol
 
 import trio
 
 from .._support import describe_error, finite
 from ..errors import DemandError
 from ._autoscale_settings import BACKOFF_MAX_S, Settings, backoff
-from ._autoscale_types import AutoscaleEventKind, PushingSource
+from ._autoscale_types import PushingSource
 from ._redact import redact
 from .policy import kept_target, minimum_at, raw_target
 
-__all__ = ["DemandPoller", "Emit"]
+__all__ = ["DemandPoller"]
 
 # The autoscaler's logger, whichever of its modules logs: one name to configure.
 log = logging.getLogger("nullworker.client.autoscaler")
@@ -39,20 +38,6 @@ log = logging.getLogger("nullworker.client.autoscaler")
 #: of the read before): a flood of notifications is at most 20 reads a second, a burst
 #: of them one read (two if it straddles a read).
 _WAKE_MIN_INTERVAL_S = 0.05
-
-
-class Emit(Protocol):
-    """How the poller reports an event: the autoscaler's, which adds its counts."""
-
-    def __call__(
-        self,
-        kind: AutoscaleEventKind,
-        message: str,
-        *,
-        error: str | None = None,
-        failures: int | None = None,
-        outage_s: float | None = None,
-    ) -> None: ...
 
 
 class DemandPoller:
@@ -65,59 +50,36 @@ class DemandPoller:
         demand: Callable[[], Awaitable[int]],
         oldest_age: Callable[[], Awaitable[float | None]] | None,
         wake: Callable[[], None],
-        emit: Emit,
+        emit: Callable[..., None],
     ) -> None:
         self._settings = settings
         self._demand_fn = demand
         self._oldest_age_fn = oldest_age
         self._wake = wake
+        # The autoscaler's emit(kind, message, **fields), which adds its counts.
         self._emit = emit
-        # The policy's state.
         self._oldest_age: float | None = None
         self._last_above_zero: float | None = None
-        self._reasons: tuple[str, ...] = ()
-        self._demand: int | None = None
-        self._raw_target = settings.min_workers
-        self._target = settings.min_workers
+        # Read by the reconciler, written here only.
+        #: The policy rules that shaped the target, for the ``state`` events.
+        self.reasons: tuple[str, ...] = ()
+        #: The last demand read, ``None`` before the first successful read.
+        self.demand: int | None = None
+        #: The target the latest reading asks for, before the scale-down window.
+        self.raw_target = settings.min_workers
+        #: The reservations kept: the window's largest raw target.
+        self.target = settings.min_workers
         # (time, raw target) readings of the last scale_down_delay_s, kept as a sliding
         # maximum: each entry is larger than every later one, so the first is the max.
         self._window: deque[tuple[float, int]] = deque()
-        self._source_ok = False
+        #: Whether the last demand read succeeded (``False`` before the first one).
+        self.source_ok = False
         self._outage_started: float | None = None
         self._outage_failures = 0
-        self._source_errors = 0
+        #: Failed demand reads, every one.
+        self.source_errors = 0
         # Set by the demand source's wake-ups (see run); read by run.
         self._changed = trio.Event()
-
-    @property
-    def demand(self) -> int | None:
-        """The last demand read, ``None`` before the first successful read."""
-        return self._demand
-
-    @property
-    def raw_target(self) -> int:
-        """The target the latest reading asks for, before the scale-down window."""
-        return self._raw_target
-
-    @property
-    def target(self) -> int:
-        """The reservations kept: the window's largest raw target."""
-        return self._target
-
-    @property
-    def reasons(self) -> tuple[str, ...]:
-        """The policy rules that shaped the target, for the ``state`` events."""
-        return self._reasons
-
-    @property
-    def source_ok(self) -> bool:
-        """Whether the last demand read succeeded (``False`` before the first one)."""
-        return self._source_ok
-
-    @property
-    def source_errors(self) -> int:
-        """Failed demand reads, every one."""
-        return self._source_errors
 
     async def run(self) -> None:
         """Read the demand until cancelled: every ``poll_s``, and when the source pushes."""
@@ -147,15 +109,15 @@ class DemandPoller:
                         max(settings.poll_s, BACKOFF_MAX_S),
                     )
                 else:
-                    if source is not None and self._source_ok:
+                    if source is not None and self.source_ok:
                         # Pushed changes wake a read, so the last reading stood until
                         # now: the scale-down delay counts from this change, not from a
                         # reading a long poll ago.
-                        self._push_reading(trio.current_time(), self._raw_target)
+                        self._push_reading(trio.current_time(), self.raw_target)
                     self._source_read(value)
                     delay = settings.poll_s
                 next_at = started + delay
-                if source is not None and self._target > self._raw_target:
+                if source is not None and self.target > self.raw_target:
                     # A scale-down waits for a reading after the delay: read when the
                     # window's highest reading expires (or the scale-to-zero delay
                     # ends), not a long poll later (a source that pushes is often
@@ -176,15 +138,15 @@ class DemandPoller:
         """When a reading could next lower the target (the earliest of the delays)."""
         settings = self._settings
         due = self._window[0][0] + settings.scale_down_delay_s
-        if self._raw_target == 0 and self._last_above_zero is not None:
+        if self.raw_target == 0 and self._last_above_zero is not None:
             due = min(due, self._last_above_zero + settings.scale_to_zero_delay_s)
         return due
 
     def _source_failed(self, exc: Exception) -> None:
         now = trio.current_time()
-        self._source_errors += 1
+        self.source_errors += 1
         self._outage_failures += 1
-        self._source_ok = False
+        self.source_ok = False
         # DemandError texts are password-free already; a function's own may not be.
         error = redact(describe_error(exc))
         log.debug("demand read failed: %s", error)
@@ -193,7 +155,7 @@ class DemandPoller:
             self._outage_started = now
             self._emit(
                 "source_error",
-                f"cannot read the demand ({error}); keeping {self._target} reservation(s)",
+                f"cannot read the demand ({error}); keeping {self.target} reservation(s)",
                 error=error,
             )
 
@@ -204,28 +166,28 @@ class DemandPoller:
         if outage_started is not None:
             # The outage counts as a reading of the frozen target taken now, so no
             # scale-down follows from the readings before it.
-            self._push_reading(now, self._target)
+            self._push_reading(now, self.target)
         self._outage_started = None
         self._outage_failures = 0
-        self._source_ok = True
-        self._demand = demand
+        self.source_ok = True
+        self.demand = demand
         decided = raw_target(
             settings.policy,
             demand=demand,
-            active=self._target > 0,
+            active=self.target > 0,
             oldest_age_s=self._oldest_age,
             now=self._wall_clock(),
         )
-        self._raw_target = decided.raw
-        self._push_reading(now, self._raw_target)
+        self.raw_target = decided.raw
+        self._push_reading(now, self.raw_target)
         zero_for = None if self._last_above_zero is None else now - self._last_above_zero
-        self._target, kept = kept_target(
+        self.target, kept = kept_target(
             self._window[0][1],
-            raw=self._raw_target,
+            raw=self.raw_target,
             zero_for_s=zero_for,
             scale_to_zero_delay_s=settings.scale_to_zero_delay_s,
         )
-        self._reasons = decided.reasons if kept is None else (*decided.reasons, kept)
+        self.reasons = decided.reasons if kept is None else (*decided.reasons, kept)
         if outage_started is not None:
             outage_s = now - outage_started
             self._emit(
@@ -257,11 +219,11 @@ class DemandPoller:
     def _raise_to_schedule(self, now: float) -> None:
         """Fail static, but a scheduled minimum still raises the frozen target."""
         minimum, why = minimum_at(self._settings.policy, self._wall_clock())
-        if minimum <= self._target or why is None:
+        if minimum <= self.target or why is None:
             return
-        self._raw_target = max(self._raw_target, minimum)
-        self._target = minimum
-        self._reasons = (why,)
+        self.raw_target = max(self.raw_target, minimum)
+        self.target = minimum
+        self.reasons = (why,)
         self._push_reading(now, minimum)
         self._wake()
 

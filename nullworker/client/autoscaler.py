@@ -63,7 +63,7 @@ Concurrency invariants
 ----------------------
 * Everything runs in the one nursery :func:`autoscale` opens, as three kinds of task:
 
-  - the *poller* (:class:`~._autoscale_poller.DemandPoller`, whose properties the
+  - the *poller* (:class:`~._autoscale_poller.DemandPoller`, whose attributes the
     reconciler reads) reads the demand (with, for a source that can push, a *watcher*
     task in its own nursery that only sets the poller's ``_changed`` event). It alone
     writes the demand, the raw target, the window and the target, and the source-outage
