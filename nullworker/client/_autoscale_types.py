@@ -127,7 +127,7 @@ class AutoscaleEvent:
 
 @dataclass(frozen=True)
 class AutoscalerStatistics:
-    """A snapshot of an :class:`~.autoscaler.Autoscaler` (see :meth:`.Autoscaler.statistics`).
+    """A snapshot of an :class:`Autoscaler` (see :meth:`Autoscaler.statistics`).
 
     Attributes:
       demand: the last demand read, ``None`` before the first successful read.
