@@ -651,13 +651,13 @@ def test_cli_refuses_a_bad_source_in_one_line(
 
 
 def test_cli_builds_each_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nullworker.client import autoscale_cli
+    from nullworker.client import _autoscale_args
 
     monkeypatch.setenv("VAST_API_KEY", "key")
-    parser = autoscale_cli._build_parser("nullworker autoscale")
+    parser = _autoscale_args.build_parser("nullworker autoscale")
     base = ["--endpoint", "ep"]
     sqs = (
-        autoscale_cli._parse(
+        _autoscale_args.parse_options(
             parser,
             [*base, "--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q", "--sqs-include-delayed"],
         )
@@ -666,7 +666,7 @@ def test_cli_builds_each_source(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert isinstance(sqs, SqsQueue) and sqs.include_delayed and sqs.timeout_s == 5.0
     rabbit = (
-        autoscale_cli._parse(
+        _autoscale_args.parse_options(
             parser,
             [*base, "--rabbitmq", "http://h:15672", "q", "--vhost", "v", "--demand-timeout", "2"],
         )
@@ -675,7 +675,9 @@ def test_cli_builds_each_source(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert isinstance(rabbit, RabbitMQQueue) and rabbit.vhost == "v" and rabbit.timeout_s == 2.0
     pg = (
-        autoscale_cli._parse(parser, [*base, "--postgres", "postgresql://h/db", "SELECT 1"])
+        _autoscale_args.parse_options(
+            parser, [*base, "--postgres", "postgresql://h/db", "SELECT 1"]
+        )
         .endpoints[0]
         .source
     )

@@ -14,8 +14,9 @@ Policy
   can push (:meth:`~nullworker.client.demand.DemandSource.watch`: Redis keyspace
   notifications, NATS, PostgreSQL ``LISTEN``) also wakes the poller when the queue
   changes, and the demand is read at once; reads prompted so start at least
-  ``_WAKE_MIN_INTERVAL_S`` apart, and a burst of wake-ups during a read asks for one
-  more read, not one each. The interval's polling goes on beside it, as the fallback.
+  ``_WAKE_MIN_INTERVAL_S`` (:mod:`._autoscale_poller`) apart, and a burst of wake-ups
+  during a read asks for one more read, not one each. The interval's polling goes on
+  beside it, as the fallback.
   With such a source, the reading before a read stands until that read (a change would
   have woken it sooner), so the scale-down delay counts from the change itself; and a
   reading that leaves the target above the raw target (a scale-down waiting out its
@@ -35,11 +36,12 @@ Policy
   recently held first (the longest-held workers are the likeliest to be running a job).
 * A failed attempt -- ``reserve`` raised a :class:`~nullworker.errors.ClientError`, or a
   hold ended by itself within ``_HEALTHY_HOLD_S`` -- pauses the starting of reservations
-  for ``_BACKOFF_FIRST_S``, doubling with each failure in a row up to ``_BACKOFF_MAX_S``,
-  minus up to 20 % jitter. A hold that lasts ``_HEALTHY_HOLD_S`` ends the streak.
+  for ``BACKOFF_FIRST_S``, doubling with each failure in a row up to ``BACKOFF_MAX_S``
+  (:mod:`._autoscale_settings`), minus up to 20 % jitter. A hold that lasts
+  ``_HEALTHY_HOLD_S`` ends the streak.
 * When the demand cannot be read, the reservations are kept (the target is frozen and
   the reading before the outage stands for the demand), the read is retried after
-  ``poll_s``, doubling up to ``max(poll_s, _BACKOFF_MAX_S)``, and the outage is reported
+  ``poll_s``, doubling up to ``max(poll_s, BACKOFF_MAX_S)``, and the outage is reported
   once at each end (``source_error``, ``source_recovered``). The outage counts as a
   reading of the frozen target taken at recovery, so a scale-down still waits
   ``scale_down_delay_s`` of readings after it.
@@ -50,14 +52,22 @@ Policy
   started within any 60 s). During a demand outage the target stays frozen, except
   that a scheduled minimum still raises it.
 
+Modules
+-------
+This module holds :func:`autoscale` and the :class:`Autoscaler`'s reconciler and slot
+tasks. Beside it: the settings and their checks, with the backoff's timing
+(:mod:`._autoscale_settings`); the poller (:mod:`._autoscale_poller`); the records it
+hands out and the protocols it takes (:mod:`._autoscale_types`), all re-exported here.
+
 Concurrency invariants
 ----------------------
 * Everything runs in the one nursery :func:`autoscale` opens, as three kinds of task:
 
-  - the *poller* reads the demand (with, for a source that can push, a *watcher* task
-    in its own nursery that only sets the poller's ``_changed`` event). It alone writes
-    the demand, the raw target, the window and the target, and the source-outage state.
-    It never starts or cancels a reservation: it wakes the reconciler.
+  - the *poller* (:class:`~._autoscale_poller.DemandPoller`, whose attributes the
+    reconciler reads) reads the demand (with, for a source that can push, a *watcher*
+    task in its own nursery that only sets the poller's ``_changed`` event). It alone
+    writes the demand, the raw target, the window and the target, and the source-outage
+    state. It never starts or cancels a reservation: it wakes the reconciler.
   - the *reconciler* alone starts and cancels reservations. It counts and acts in one
     synchronous step (no checkpoint in between, so no other task can change the count
     meanwhile), then sleeps until woken or until the backoff ends.
@@ -87,21 +97,30 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Literal, Protocol
+from datetime import datetime
+from typing import Literal
 
 import trio
 
-from .._support import describe_error, finite
-from ..errors import ClientError, ConfigError, DemandError
+from .._support import describe_error
+from ..errors import ClientError, ConfigError
 from ..vast.vocabulary import ClientOutcome
-from ._redact import redact
-from .policy import Policy, RateLimit, ScheduleWindow, kept_target, minimum_at, raw_target
+from ._autoscale_poller import DemandPoller
+from ._autoscale_settings import BACKOFF_FIRST_S, BACKOFF_MAX_S, Settings, backoff
+from ._autoscale_types import (
+    AutoscaleEvent,
+    AutoscaleEventKind,
+    AutoscalerStatistics,
+    DemandReader,
+    EndCause,
+    HeldReservation,
+    ReserveFunction,
+)
+from .policy import RateLimit, ScheduleWindow
 
 __all__ = [
     "AutoscaleEvent",
@@ -116,143 +135,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The pause after the first failed attempt to reserve; it doubles with each failure in
-#: a row, up to the cap. The same cap bounds the retry pause of a demand outage.
-_BACKOFF_FIRST_S = 1.0
-_BACKOFF_MAX_S = 30.0
-#: Each pause is shortened by a random fraction up to this, so that autoscalers that
-#: failed together do not retry in lockstep (and no pause exceeds the cap).
-_JITTER = 0.2
 #: A hold that lasts this long proves that the engine and the workers work: the backoff
 #: streak ends. A hold that ends by itself sooner counts as a failure.
 _HEALTHY_HOLD_S = 5.0
-#: Reads prompted by a source's wake-ups start at least this far apart (from the start
-#: of the read before): a flood of notifications is at most 20 reads a second, a burst
-#: of them one read (two if it straddles a read).
-_WAKE_MIN_INTERVAL_S = 0.05
-
-
-class HeldReservation(Protocol):
-    """What the autoscaler needs of a reservation: :class:`nullworker.client.Reservation`."""
-
-    @property
-    def worker_url(self) -> str: ...
-
-    @property
-    def ended(self) -> trio.Event: ...
-
-    @property
-    def outcome(self) -> str | None: ...
-
-
-class DemandReader(Protocol):
-    """Anything with an async ``read()`` returning the job count: a
-    :class:`~nullworker.client.demand.DemandSource`, e.g. a ``CombinedDemand``."""
-
-    async def read(self) -> int: ...
-
-
-class _PushingSource(Protocol):
-    """A source that can wake the poller (:meth:`DemandSource.watch`)."""
-
-    def can_push(self) -> bool: ...
-
-    async def watch(self, changed: Callable[[], None]) -> None: ...
-
-
-#: Makes one reservation: entering the context manager waits for a worker and yields the
-#: held reservation (or raises a ``ClientError``); leaving it releases the worker.
-ReserveFunction = Callable[[], AbstractAsyncContextManager[HeldReservation]]
-
-AutoscaleEventKind = Literal[
-    "state",
-    "reservation_started",
-    "reservation_ended",
-    "reservation_failed",
-    "source_error",
-    "source_recovered",
-    "backoff",
-    "rate_limited",
-]
-
-EndCause = Literal["worker", "scale_down", "shutdown"]
-
-
-@dataclass(frozen=True)
-class AutoscaleEvent:
-    """One thing the autoscaler did or saw, for displays, logs and metrics.
-
-    Every event carries the state *after* it: ``demand`` (``None`` until the first
-    successful read), ``target`` (reservations kept), ``held`` and ``waiting`` (for a
-    worker). ``at`` is the Trio clock (:func:`trio.current_time`). ``kind`` is one of:
-
-    * ``state`` -- demand, target, held or waiting changed;
-    * ``reservation_started`` -- a reservation is held on ``worker_url`` after
-      ``waited_s``;
-    * ``reservation_ended`` -- a held reservation on ``worker_url`` ended after ``held_s``
-      with ``outcome`` (the reservation's own, e.g. ``duration_elapsed``, ``explicit``,
-      ``connection_lost``, or ``client_released`` when we let go); ``cause`` says who
-      ended it: ``worker`` (it ended by itself), ``scale_down``, or ``shutdown``;
-    * ``reservation_failed`` -- ``reserve`` raised; ``error`` is the exception's text;
-    * ``source_error`` -- the demand could not be read (``error``); sent once when an
-      outage starts, not for every failed read;
-    * ``source_recovered`` -- the demand was read again, after ``outage_s`` and
-      ``failures`` failed reads;
-    * ``backoff`` -- starting reservations pauses for ``delay_s`` after ``failures``
-      failures in a row, the last one being ``error``;
-    * ``rate_limited`` -- the scale-up rate limit holds back ``held_back`` reservations
-      the target asks for; the next may start in ``delay_s``.
-
-    ``reason`` (on ``state`` events) says which policy rules shaped the target, e.g.
-    ``demand 2 ≤ activation 3``; ``None`` when only the plain rule applied.
-    """
-
-    kind: AutoscaleEventKind
-    at: float
-    message: str
-    demand: int | None
-    target: int
-    held: int
-    waiting: int
-    worker_url: str | None = None
-    outcome: str | None = None
-    cause: EndCause | None = None
-    held_s: float | None = None
-    waited_s: float | None = None
-    error: str | None = None
-    delay_s: float | None = None
-    failures: int | None = None
-    outage_s: float | None = None
-    reason: str | None = None
-    held_back: int | None = None
-
-
-@dataclass(frozen=True)
-class AutoscalerStatistics:
-    """A snapshot of an :class:`Autoscaler` (see :meth:`Autoscaler.statistics`).
-
-    Attributes:
-      demand: the last demand read, ``None`` before the first successful read.
-      target: the number of reservations kept (after the stabilisation window).
-      held: reservations held on a worker.
-      waiting: reservations waiting for the engine to give them a worker.
-      stopping: reservations cancelled by a scale-down and still closing; they count
-        against ``max_workers`` until closed.
-      ended_by_outcome: held reservations that ended, by outcome (a copy).
-      reservations_failed: attempts to reserve that raised.
-      source_errors: failed demand reads (every one, not once per outage).
-      source_ok: the last demand read succeeded (``False`` before the first one).
-    """
-
-    demand: int | None
-    target: int
-    held: int
-    waiting: int
-    stopping: int
-    ended_by_outcome: Mapping[str, int]
-    reservations_failed: int
-    source_errors: int
-    source_ok: bool
 
 
 async def autoscale(
@@ -359,7 +244,7 @@ async def autoscale(
         given with ``reserve``, or no API key for the default ``reserve``; raised before
         anything starts.
     """
-    settings = _Settings.build(
+    settings = Settings.build(
         endpoint=endpoint,
         min_workers=min_workers,
         max_workers=max_workers,
@@ -413,7 +298,7 @@ class Autoscaler:
 
     def __init__(
         self,
-        settings: _Settings,
+        settings: Settings,
         *,
         demand: Callable[[], Awaitable[int]],
         reserve: ReserveFunction,
@@ -421,27 +306,15 @@ class Autoscaler:
         oldest_age: Callable[[], Awaitable[float | None]] | None = None,
     ) -> None:
         self._settings = settings
-        self._oldest_age_fn = oldest_age
-        # The policy's state, written by the poller only (the rate limit: the reconciler).
-        self._oldest_age: float | None = None
-        self._last_above_zero: float | None = None
-        self._reasons: tuple[str, ...] = ()
+        # The demand, the target and the outage state: written by the poller only.
+        self._poller = DemandPoller(
+            settings, demand=demand, oldest_age=oldest_age, wake=self._wake_up, emit=self._emit
+        )
+        # The rate limit's state, the reconciler's.
         self._rate = RateLimit(settings.max_new_per_minute)
         self._held_back = 0
-        self._demand_fn = demand
         self._reserve = reserve
         self._on_event = on_event
-        # Written by the poller only.
-        self._demand: int | None = None
-        self._raw_target = settings.min_workers
-        self._target = settings.min_workers
-        # (time, raw target) readings of the last scale_down_delay_s, kept as a sliding
-        # maximum: each entry is larger than every later one, so the first is the max.
-        self._window: deque[tuple[float, int]] = deque()
-        self._source_ok = False
-        self._outage_started: float | None = None
-        self._outage_failures = 0
-        self._source_errors = 0
         # Slots: added by the reconciler only, removed by their own task only.
         self._slots: list[_Slot] = []
         #: The slots by _state(): updated at every change of a slot's state.
@@ -455,28 +328,26 @@ class Autoscaler:
         self._reservations_failed = 0
         self._ended_by_outcome: Counter[str] = Counter()
         self._wake = trio.Event()
-        # Set by the demand source's wake-ups (see _poll_loop); read by the poller.
-        self._changed = trio.Event()
         self._last_state: tuple[int | None, int, int, int, int, tuple[str, ...]] | None = None
         self._nursery: trio.Nursery | None = None
         self._ran = False
 
     def __repr__(self) -> str:
-        return f"<Autoscaler {self._settings.endpoint!r} target={self._target}>"
+        return f"<Autoscaler {self._settings.endpoint!r} target={self._poller.target}>"
 
     def statistics(self) -> AutoscalerStatistics:
         """A snapshot of the demand, the target and the reservations, for metrics."""
         held, waiting, stopping = self._counts()
         return AutoscalerStatistics(
-            demand=self._demand,
-            target=self._target,
+            demand=self._poller.demand,
+            target=self._poller.target,
             held=held,
             waiting=waiting,
             stopping=stopping,
             ended_by_outcome=dict(self._ended_by_outcome),
             reservations_failed=self._reservations_failed,
-            source_errors=self._source_errors,
-            source_ok=self._source_ok,
+            source_errors=self._poller.source_errors,
+            source_ok=self._poller.source_ok,
         )
 
     # -- the tasks ---------------------------------------------------------------------
@@ -488,68 +359,8 @@ class Autoscaler:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._reconcile_loop, name="nullworker autoscale reconciler")
-            nursery.start_soon(self._poll_loop, name="nullworker autoscale poller")
+            nursery.start_soon(self._poller.run, name="nullworker autoscale poller")
             task_status.started(self)
-
-    async def _poll_loop(self) -> None:
-        settings = self._settings
-        source = _pushing_source(self._demand_fn)
-        async with trio.open_nursery() as nursery:
-            if source is not None:
-                nursery.start_soon(self._watch, source, name="nullworker autoscale watcher")
-            next_at = trio.current_time()
-            last_read = -math.inf
-            while True:
-                with trio.move_on_at(next_at):
-                    await self._changed.wait()
-                    # Woken by the source: read now, but not sooner than the bound allows.
-                    await trio.sleep_until(last_read + _WAKE_MIN_INTERVAL_S)
-                # A fresh event before reading: a wake-up during the read asks for one
-                # more read after it (however many come), never for one per wake-up.
-                self._changed = trio.Event()
-                started = last_read = trio.current_time()
-                try:
-                    value = await self._read_demand()
-                except Exception as exc:
-                    self._source_failed(exc)
-                    delay = _backoff(
-                        settings.poll_s,
-                        self._outage_failures,
-                        max(settings.poll_s, _BACKOFF_MAX_S),
-                    )
-                else:
-                    if source is not None and self._source_ok:
-                        # Pushed changes wake a read, so the last reading stood until
-                        # now: the scale-down delay counts from this change, not from a
-                        # reading a long poll ago.
-                        self._push_reading(trio.current_time(), self._raw_target)
-                    self._source_read(value)
-                    delay = settings.poll_s
-                next_at = started + delay
-                if source is not None and self._target > self._raw_target:
-                    # A scale-down waits for a reading after the delay: read when the
-                    # window's highest reading expires (or the scale-to-zero delay
-                    # ends), not a long poll later (a source that pushes is often
-                    # polled rarely).
-                    next_at = min(next_at, self._scale_down_due())
-
-    async def _watch(self, source: _PushingSource) -> None:
-        try:
-            await source.watch(self._changed_set)
-        except Exception:
-            # A source's own watch should not raise; if it does, polling carries on.
-            log.exception("watching %r for changes failed; polling only", source)
-
-    def _changed_set(self) -> None:
-        self._changed.set()
-
-    def _scale_down_due(self) -> float:
-        """When a reading could next lower the target (the earliest of the delays)."""
-        settings = self._settings
-        due = self._window[0][0] + settings.scale_down_delay_s
-        if self._raw_target == 0 and self._last_above_zero is not None:
-            due = min(due, self._last_above_zero + settings.scale_to_zero_delay_s)
-        return due
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -587,110 +398,16 @@ class Autoscaler:
         finally:
             self._on_exit(slot)
 
-    # -- the poller's side ---------------------------------------------------------------
-
-    def _source_failed(self, exc: Exception) -> None:
-        now = trio.current_time()
-        self._source_errors += 1
-        self._outage_failures += 1
-        self._source_ok = False
-        # DemandError texts are password-free already; a function's own may not be.
-        error = redact(describe_error(exc))
-        log.debug("demand read failed: %s", error)
-        self._raise_to_schedule(now)
-        if self._outage_started is None:
-            self._outage_started = now
-            self._emit(
-                "source_error",
-                f"cannot read the demand ({error}); keeping {self._target} reservation(s)",
-                error=error,
-            )
-
-    def _source_read(self, demand: int) -> None:
-        now = trio.current_time()
-        settings = self._settings
-        outage_started, failures = self._outage_started, self._outage_failures
-        if outage_started is not None:
-            # The outage counts as a reading of the frozen target taken now, so no
-            # scale-down follows from the readings before it.
-            self._push_reading(now, self._target)
-        self._outage_started = None
-        self._outage_failures = 0
-        self._source_ok = True
-        self._demand = demand
-        decided = raw_target(
-            settings.policy,
-            demand=demand,
-            active=self._target > 0,
-            oldest_age_s=self._oldest_age,
-            now=self._wall_clock(),
-        )
-        self._raw_target = decided.raw
-        self._push_reading(now, self._raw_target)
-        zero_for = None if self._last_above_zero is None else now - self._last_above_zero
-        self._target, kept = kept_target(
-            self._window[0][1],
-            raw=self._raw_target,
-            zero_for_s=zero_for,
-            scale_to_zero_delay_s=settings.scale_to_zero_delay_s,
-        )
-        self._reasons = decided.reasons if kept is None else (*decided.reasons, kept)
-        if outage_started is not None:
-            outage_s = now - outage_started
-            self._emit(
-                "source_recovered",
-                f"reading the demand again after {outage_s:.0f} s ({failures} failed read(s))",
-                failures=failures,
-                outage_s=outage_s,
-            )
+    def _wake_up(self) -> None:
+        """Wake the reconciler: the poller's way to ask it to act on a new target."""
         self._wake.set()
-
-    async def _read_demand(self) -> int:
-        """One demand read, then (with an age boost, and jobs waiting) the oldest age."""
-        value = _check_demand(await self._demand_fn())
-        self._oldest_age = None
-        if self._oldest_age_fn is not None and value > 0:
-            try:
-                age = await self._oldest_age_fn()
-            except Exception as exc:
-                # Unknown adds nothing; the demand read stands.
-                log.debug("oldest-age read failed: %s", redact(describe_error(exc)))
-                age = None
-            self._oldest_age = _check_age(age)
-        return value
-
-    def _wall_clock(self) -> datetime | None:
-        settings = self._settings
-        return settings.now() if settings.policy.schedule else None
-
-    def _raise_to_schedule(self, now: float) -> None:
-        """Fail static, but a scheduled minimum still raises the frozen target."""
-        minimum, why = minimum_at(self._settings.policy, self._wall_clock())
-        if minimum <= self._target or why is None:
-            return
-        self._raw_target = max(self._raw_target, minimum)
-        self._target = minimum
-        self._reasons = (why,)
-        self._push_reading(now, minimum)
-        self._wake.set()
-
-    def _push_reading(self, now: float, raw: int) -> None:
-        if raw > 0:
-            self._last_above_zero = now
-        window = self._window
-        cutoff = now - self._settings.scale_down_delay_s
-        while window and window[0][0] <= cutoff:
-            window.popleft()
-        while window and window[-1][1] <= raw:
-            window.pop()
-        window.append((now, raw))
 
     # -- the reconciler's side -------------------------------------------------------------
 
     def _reconcile(self) -> None:
         settings = self._settings
         live = [slot for slot in self._slots if not slot.stopping]
-        excess = len(live) - self._target
+        excess = len(live) - self._poller.target
         if excess > 0:
             waiting = [slot for slot in live if slot.held_seq is None]
             held = [slot for slot in live if slot.held_seq is not None]
@@ -705,7 +422,7 @@ class Autoscaler:
         now = trio.current_time()
         if now < self._retry_at:
             return
-        room = min(self._raw_target - len(live), settings.max_workers - len(self._slots))
+        room = min(self._poller.raw_target - len(live), settings.max_workers - len(self._slots))
         allowed = self._rate.allowance(now)
         held_back = max(0, room - int(min(allowed, room)))
         for _ in range(room - held_back):
@@ -738,7 +455,7 @@ class Autoscaler:
         self._nursery.start_soon(self._hold, slot, name=f"nullworker autoscale slot {slot.seq}")
 
     def _missing(self) -> int:
-        return self._raw_target - (len(self._slots) - self._tally["stopping"])
+        return self._poller.raw_target - (len(self._slots) - self._tally["stopping"])
 
     # -- the slot tasks' side ----------------------------------------------------------------
 
@@ -804,7 +521,7 @@ class Autoscaler:
             return
         self._generation += 1
         self._failures += 1
-        delay = _backoff(_BACKOFF_FIRST_S, self._failures, _BACKOFF_MAX_S)
+        delay = backoff(BACKOFF_FIRST_S, self._failures, BACKOFF_MAX_S)
         self._retry_at = trio.current_time() + delay
         self._emit(
             "backoff",
@@ -824,21 +541,22 @@ class Autoscaler:
 
     def _publish_state(self) -> None:
         held, waiting, _ = self._counts()
-        state = (self._demand, self._target, self._raw_target, held, waiting, self._reasons)
+        poller = self._poller
+        state = (poller.demand, poller.target, poller.raw_target, held, waiting, poller.reasons)
         if state == self._last_state:
             return
         self._last_state = state
-        demand = "unknown" if self._demand is None else str(self._demand)
+        demand = "unknown" if poller.demand is None else str(poller.demand)
         # A target above what the demand asks is the scale-down delay at work: say so,
         # or "demand 0, target 2: 0 held" reads as two reservations that failed.
-        reasons = list(self._reasons)
-        if self._target > self._raw_target and not any("scale-to-zero" in r for r in reasons):
-            reasons.insert(0, f"kept by the scale-down delay; {self._raw_target} after it")
+        reasons = list(poller.reasons)
+        if poller.target > poller.raw_target and not any("scale-to-zero" in r for r in reasons):
+            reasons.insert(0, f"kept by the scale-down delay; {poller.raw_target} after it")
         why = f" ({'; '.join(reasons)})" if reasons else ""
         self._emit(
             "state",
-            f"demand {demand}, target {self._target}{why}: {held} held, {waiting} waiting",
-            reason="; ".join(self._reasons) or None,
+            f"demand {demand}, target {poller.target}{why}: {held} held, {waiting} waiting",
+            reason="; ".join(poller.reasons) or None,
         )
 
     def _emit(
@@ -866,8 +584,8 @@ class Autoscaler:
             kind=kind,
             at=trio.current_time(),
             message=message,
-            demand=self._demand,
-            target=self._target,
+            demand=self._poller.demand,
+            target=self._poller.target,
             held=held,
             waiting=waiting,
             worker_url=worker_url,
@@ -890,122 +608,6 @@ class Autoscaler:
 
 
 # -- implementation ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Settings:
-    endpoint: str
-    min_workers: int
-    max_workers: int
-    jobs_per_worker: int
-    poll_s: float
-    scale_down_delay_s: float
-    duration_s: float | None
-    policy: Policy
-    scale_to_zero_delay_s: float
-    max_new_per_minute: int | None
-    now: Callable[[], datetime]
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        endpoint: str,
-        min_workers: int,
-        max_workers: int,
-        jobs_per_worker: int,
-        poll_s: float,
-        scale_down_delay_s: float,
-        duration_s: float | None,
-        activation: int = 0,
-        scale_to_zero_delay_s: float | None = None,
-        max_new_per_minute: int | None = None,
-        min_schedule: Sequence[ScheduleWindow] = (),
-        age_boost_after_s: float | None = None,
-        age_boost: int = 1,
-        now: Callable[[], datetime] | None = None,
-    ) -> _Settings:
-        if not isinstance(endpoint, str) or not endpoint:
-            raise ConfigError(f"an endpoint name is required, got {endpoint!r}")
-        for name, value, least in (
-            ("min_workers", min_workers, 0),
-            ("max_workers", max_workers, 1),
-            ("jobs_per_worker", jobs_per_worker, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
-        if min_workers > max_workers:
-            raise ConfigError(
-                f"min_workers ({min_workers}) must not be greater than max_workers ({max_workers})"
-            )
-        if not (finite(poll_s) and poll_s > 0):
-            raise ConfigError(f"poll_s must be a finite number of seconds > 0, got {poll_s!r}")
-        if not (finite(scale_down_delay_s) and scale_down_delay_s >= 0):
-            raise ConfigError(
-                "scale_down_delay_s must be a finite number of seconds >= 0, "
-                f"got {scale_down_delay_s!r}"
-            )
-        if duration_s is not None and not (finite(duration_s) and duration_s > 0):
-            raise ConfigError(
-                f"duration_s must be a finite number of seconds > 0 or None, got {duration_s!r}"
-            )
-        for name, value, least in (
-            ("activation", activation, 0),
-            ("age_boost", age_boost, 1),
-            ("max_new_per_minute", 1 if max_new_per_minute is None else max_new_per_minute, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
-        for name, seconds in (
-            ("scale_to_zero_delay_s", scale_to_zero_delay_s),
-            ("age_boost_after_s", age_boost_after_s),
-        ):
-            if seconds is not None and not (finite(seconds) and seconds >= 0):
-                raise ConfigError(
-                    f"{name} must be a finite number of seconds >= 0 or None, got {seconds!r}"
-                )
-        if not isinstance(min_schedule, list | tuple):
-            raise ConfigError(
-                "min_schedule takes a list or tuple of ScheduleWindow (parse_schedule), "
-                f"got {min_schedule!r}"
-            )
-        windows = tuple(min_schedule)
-        for window in windows:
-            if not isinstance(window, ScheduleWindow):
-                raise ConfigError(
-                    f"min_schedule takes ScheduleWindow values (parse_schedule), got {window!r}"
-                )
-            if window.min_workers > max_workers:
-                raise ConfigError(
-                    f"min_schedule {window.describe()!r}: the minimum must not be greater "
-                    f"than max_workers ({max_workers})"
-                )
-        if now is not None and not callable(now):
-            raise ConfigError(f"now must be callable, not {now!r}")
-        policy = Policy(
-            min_workers=min_workers,
-            max_workers=max_workers,
-            jobs_per_worker=jobs_per_worker,
-            activation=activation,
-            schedule=windows,
-            age_boost_after_s=None if age_boost_after_s is None else float(age_boost_after_s),
-            age_boost=age_boost,
-        )
-        return cls(
-            policy=policy,
-            scale_to_zero_delay_s=float(
-                scale_down_delay_s if scale_to_zero_delay_s is None else scale_to_zero_delay_s
-            ),
-            max_new_per_minute=max_new_per_minute,
-            now=now if now is not None else _utc_now,
-            endpoint=endpoint,
-            min_workers=min_workers,
-            max_workers=max_workers,
-            jobs_per_worker=jobs_per_worker,
-            poll_s=float(poll_s),
-            scale_down_delay_s=float(scale_down_delay_s),
-            duration_s=float(duration_s) if duration_s is not None else None,
-        )
 
 
 @dataclass(eq=False)
@@ -1042,47 +644,7 @@ def _default_reserve(
     return reserve_one
 
 
-def _pushing_source(demand_fn: Callable[[], Awaitable[int]]) -> _PushingSource | None:
-    """The source behind ``demand_fn`` if it can push wake-ups, else None.
-
-    :func:`autoscale` takes a source as its bound ``read`` (``demand=source.read``, or
-    the source itself, which it turns into that), so the source is the method's
-    ``__self__``. A plain function has no wake-ups: it is polled only.
-    """
-    source = getattr(demand_fn, "__self__", None)
-    can_push = getattr(source, "can_push", None)
-    if not callable(can_push) or not callable(getattr(source, "watch", None)):
-        return None
-    pushing: _PushingSource = source  # type: ignore[assignment]
-    return pushing if can_push() is True else None
-
-
 def _state(slot: _Slot) -> Literal["stopping", "waiting", "held"]:
     if slot.stopping:
         return "stopping"
     return "waiting" if slot.held_seq is None else "held"
-
-
-def _check_demand(value: object) -> int:
-    # bool is an int subclass, and True is no job count.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise DemandError(f"the demand function returned {value!r}, not an int >= 0")
-    return value
-
-
-def _check_age(value: object) -> float | None:
-    """An oldest-job age as seconds >= 0, or ``None`` (unknown) for anything else."""
-    if not finite(value):
-        return None
-    assert isinstance(value, int | float)
-    return max(0.0, float(value))
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _backoff(first_s: float, failures: int, cap_s: float) -> float:
-    # The exponent is bounded so a long outage cannot overflow the float.
-    base = min(first_s * 2.0 ** min(failures - 1, 32), cap_s)
-    return base * random.uniform(1.0 - _JITTER, 1.0)
