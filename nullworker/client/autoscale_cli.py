@@ -72,6 +72,14 @@ from typing import Any, TypeVar
 import trio
 
 from .. import logs
+from ._lease import (
+    DEFAULT_RENEW_S,
+    DEFAULT_TTL_S,
+    TOKEN_SHOWN,
+    LeaseEvent,
+    LeaseStatistics,
+)
+from ._redis_lease import RedisLease
 from .autoscale_config import (
     ConfigFileError,
     EndpointOptions,
@@ -85,14 +93,6 @@ from .autoscaler import AutoscaleEvent, AutoscalerStatistics, HeldReservation, a
 from .cli import EXIT_USAGE, SIGNAL_EXIT
 from .demand import DemandSource, redact
 from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
-from .lease import (
-    DEFAULT_RENEW_S,
-    DEFAULT_TTL_S,
-    TOKEN_SHOWN,
-    LeaseEvent,
-    LeaseStatistics,
-    RedisLease,
-)
 from .policy import ScheduleWindow, parse_schedule
 from .reservation import DEFAULT_ENGINE_URL, reserve
 from .sharing import EndpointRun, ShareEvent, autoscale_endpoints
