@@ -32,7 +32,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from types import TracebackType
 from typing import Generic, Self, TypeVar, TypeVarTuple
 
 import trio
@@ -162,12 +161,7 @@ class AsyncioClient(Generic[C]):
         await self.open()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def run(self, fn: Callable[[C, *Ts], Awaitable[T]], *args: *Ts) -> T:

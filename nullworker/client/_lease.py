@@ -68,7 +68,6 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Generic, Literal, Protocol, Self, TypeVar, TypeVarTuple
 
 import trio
@@ -144,12 +143,7 @@ class StoreSession(Generic[S]):
         await self.store.open()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.store.aclose()
 
 
