@@ -4,6 +4,7 @@ and ``only_leaf`` (the one error a group stands for, or the group whole)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import pytest
 import trio
@@ -66,24 +67,37 @@ def test_the_group_itself_is_never_a_leaf() -> None:
     assert split_leaves(group, ExceptionGroup) == ([], [inner])
 
 
-async def test_a_real_nursery_group_with_cancelled_beside_an_error() -> None:
-    async def fail_when_cancelled() -> None:
-        try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
-            raise ValueError("boom") from None
+async def fail_when_cancelled() -> None:
+    try:
+        await trio.sleep_forever()
+    except trio.Cancelled:
+        raise ValueError("boom") from None
 
+
+async def nested(task: Callable[[], Awaitable[None]]) -> None:
+    """``task`` in a nursery of its own: one more level of groups."""
+    async with trio.open_nursery() as inner:
+        inner.start_soon(task)
+
+
+async def group_of_cancelled_beside(task: Callable[[], Awaitable[None]]) -> BaseExceptionGroup:
+    """What a nursery raises when its scope is cancelled while ``task`` runs in it."""
     caught: BaseExceptionGroup[BaseException] | None = None
     with trio.CancelScope() as outer:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(fail_when_cancelled)
+                nursery.start_soon(task)
                 await trio.testing.wait_all_tasks_blocked()
                 outer.cancel()
                 await trio.sleep_forever()
         except BaseExceptionGroup as group:  # looked at below; the scope is done anyway
             caught = group
     assert caught is not None
+    return caught
+
+
+async def test_a_real_nursery_group_with_cancelled_beside_an_error() -> None:
+    caught = await group_of_cancelled_beside(fail_when_cancelled)
     errors, others = split_leaves(caught, ValueError)
     assert [str(e) for e in errors] == ["boom"]
     assert others and all(isinstance(e, trio.Cancelled) for e in others)
@@ -116,33 +130,14 @@ async def test_only_leaf_on_real_nested_nurseries() -> None:
     async def fail() -> None:
         raise ValueError("boom")
 
-    async def nested(task: Callable[[], Awaitable[None]]) -> None:
-        async with trio.open_nursery() as inner:
-            inner.start_soon(task)
-
     with pytest.raises(BaseExceptionGroup) as caught:
         async with trio.open_nursery() as outer:
             outer.start_soon(nested, fail)
     leaf = only_leaf(caught.value)
     assert isinstance(leaf, ValueError) and str(leaf) == "boom"
 
-    async def fail_when_cancelled() -> None:
-        try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
-            raise ValueError("boom") from None
-
-    group: BaseExceptionGroup[BaseException] | None = None
-    with trio.CancelScope() as scope:
-        try:
-            async with trio.open_nursery() as outer:
-                outer.start_soon(nested, fail_when_cancelled)
-                await trio.testing.wait_all_tasks_blocked()
-                scope.cancel()
-                await trio.sleep_forever()
-        except BaseExceptionGroup as exc:  # looked at below; the scope is done anyway
-            group = exc
-    assert group is not None and only_leaf(group) is group
+    group = await group_of_cancelled_beside(partial(nested, fail_when_cancelled))
+    assert only_leaf(group) is group
     errors, cancelled = split_leaves(group, ValueError)
     assert [str(e) for e in errors] == ["boom"] and cancelled
     assert all(isinstance(e, trio.Cancelled) for e in cancelled)
