@@ -385,23 +385,10 @@ def test_a_redis_lease_needs_a_redis_url_and_shows_no_password() -> None:
 
 #: What ``nullworker.client.lease`` offered when it was one module: its ``__all__`` and the
 #: constants other modules read.
-LEASE_NAMES = [
-    "DEFAULT_RENEW_S",
-    "DEFAULT_TTL_S",
-    "Lease",
-    "LeaseError",
-    "LeaseEvent",
-    "LeaseEventKind",
-    "LeaseStatistics",
-    "LeaseStore",
-    "LostReason",
-    "MemberStore",
-    "Membership",
-    "RedisLease",
-    "RedisLeaseStore",
-    "Term",
-    "members_key",
-]
+LEASE_NAMES = (
+    "DEFAULT_RENEW_S DEFAULT_TTL_S Lease LeaseError LeaseEvent LeaseEventKind LeaseStatistics "
+    "LeaseStore LostReason MemberStore Membership RedisLease RedisLeaseStore Term members_key"
+).split()
 LEASE_CONSTANTS = {
     "TOKEN_SHOWN": 8,
     "MEMBERS_PREFIX": "nullworker:members:",
