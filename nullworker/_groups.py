@@ -3,15 +3,16 @@
 Trio nurseries raise :class:`BaseExceptionGroup` (strict groups: even a lone exception
 comes wrapped, and groups nest when nurseries do). Code that must decide what a group
 stands for -- "only Cancelled", "a start-up OSError", "the one error worth re-raising"
--- asks :func:`split_leaves` instead of walking ``.exceptions`` by hand, so that nesting,
-order and ``Cancelled`` are treated the same way everywhere.
+-- asks :func:`split_leaves` (or :func:`only_leaf`, built on it) instead of walking
+``.exceptions`` by hand, so that nesting, order and ``Cancelled`` are treated the same
+way everywhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["Condition", "split_leaves"]
+__all__ = ["Condition", "only_leaf", "split_leaves"]
 
 #: What :func:`split_leaves` sorts by: an exception type, a tuple of them, or a predicate.
 Condition = type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -50,6 +51,24 @@ def split_leaves(
         return ([exc], []) if matches(exc) else ([], [exc])
     matched, rest = exc.split(lambda candidate: candidate is not exc and matches(candidate))
     return _leaves(matched, matches, whole=True), _leaves(rest, matches, whole=False)
+
+
+def only_leaf(exc: BaseException) -> BaseException:
+    """The one exception ``exc`` stands for, when it stands for exactly one; else ``exc``.
+
+    A nursery wraps its child's error in a group, and nested nurseries wrap it once per
+    level; a caller that reports one known error in one line wants the error itself.
+    A group that holds several exceptions -- two errors, or an error beside a
+    ``trio.Cancelled`` -- comes back whole, so that nothing in it is dropped (a
+    ``Cancelled`` must reach the scope that cancelled). A group holding a lone
+    ``Cancelled``, however deep, gives that ``Cancelled``.
+    """
+    leaves, _ = split_leaves(exc, _not_a_group)
+    return leaves[0] if len(leaves) == 1 else exc
+
+
+def _not_a_group(exc: BaseException) -> bool:
+    return not isinstance(exc, BaseExceptionGroup)
 
 
 def _leaves(

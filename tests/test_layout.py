@@ -73,7 +73,7 @@ EXTRA_USERS = (
     "nullworker.client.demand._nats",
     "nullworker.client.demand._sqs",
     "nullworker.client.demand._postgres",
-    "nullworker.client.lease",
+    "nullworker.client._redis_lease",
     "nullworker.client._aio",
 )
 

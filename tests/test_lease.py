@@ -381,6 +381,35 @@ def test_a_redis_lease_needs_a_redis_url_and_shows_no_password() -> None:
     assert RedisLease("redis://h", "k").token != lease.token
 
 
+# -- where the names live ------------------------------------------------------------------
+
+#: What ``nullworker.client.lease`` offered when it was one module: its ``__all__`` and the
+#: constants other modules read.
+LEASE_NAMES = (
+    "DEFAULT_RENEW_S DEFAULT_TTL_S Lease LeaseError LeaseEvent LeaseEventKind LeaseStatistics "
+    "LeaseStore LostReason MemberStore Membership RedisLease RedisLeaseStore Term members_key"
+).split()
+LEASE_CONSTANTS = {
+    "TOKEN_SHOWN": 8,
+    "MEMBERS_PREFIX": "nullworker:members:",
+    "CLOSE_TIMEOUT_S": 1.0,
+}
+
+
+def test_every_name_of_the_lease_module_is_still_imported_from_it() -> None:
+    import nullworker.client
+    import nullworker.client.lease as lease
+
+    assert set(LEASE_NAMES) <= set(lease.__all__)
+    for name in LEASE_NAMES:
+        assert getattr(lease, name) is not None, name
+    for name, value in LEASE_CONSTANTS.items():
+        assert getattr(lease, name) == value, name
+    for name in ("Lease", "Membership", "RedisLease"):
+        assert getattr(nullworker.client, name) is getattr(lease, name)
+    assert issubclass(lease.RedisLease, lease.Lease)
+
+
 # -- the command line: usage and metrics ---------------------------------------------------
 
 DEMAND = ["--endpoint", "ep", "--demand-command", "echo 1"]

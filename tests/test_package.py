@@ -133,3 +133,21 @@ def test_the_install_leaves_the_queue_clients_to_the_extra() -> None:
     extra = {dep.split(">")[0].strip() for dep in project["optional-dependencies"]["autoscale"]}
     assert extra == queue_clients
     assert "nullworker[autoscale]" in project["optional-dependencies"]["dev"]
+
+
+def test_the_term_logic_and_the_metrics_import_without_the_autoscale_extra() -> None:
+    """Only the lease's Redis store needs redis and trio-asyncio: the term logic, the
+    sharing and the metrics import without them; the public module, which gathers the
+    store's names too, still needs them."""
+    out = _run_without_extra(
+        "from nullworker.client._lease import Lease, LeaseStatistics\n"
+        "import nullworker.client.metrics, nullworker.client.sharing\n"
+        "print(sorted(m for m in ('redis', 'trio_asyncio') if m in sys.modules))\n"
+        "try:\n"
+        "    import nullworker.client.lease\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc.name)\n"
+    )
+    assert out.returncode == 0, out.stderr
+    missing, named = out.stdout.split()
+    assert missing == "[]" and named in ("redis", "trio_asyncio")

@@ -21,21 +21,41 @@ Concurrency invariants
   had to close before Trio sees ``trio.Cancelled``. A coroutine that ignores the
   cancellation therefore delays it: code run through here must not swallow
   ``CancelledError``.
+* An :class:`AsyncioClient` holds one client across calls: made on the loop at the
+  first call, thrown away after any call that fails (cancelled ones included) and
+  closed then, shielded and bounded, so that the next call connects anew.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import TypeVar, TypeVarTuple
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Generic, Self, TypeVar, TypeVarTuple
 
+import trio
 import trio_asyncio
 
-__all__ = ["AsyncioLoop", "current_asyncio_loop", "open_asyncio_loop", "run_aio"]
+from ._redact import reason
+
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "AsyncioClient",
+    "AsyncioLoop",
+    "current_asyncio_loop",
+    "open_asyncio_loop",
+    "run_aio",
+]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
+C = TypeVar("C")
+
+#: Bound on closing a client that is being thrown away (shielded from cancellation).
+CLOSE_TIMEOUT_S = 1.0
 
 #: The loop object handed out (a ``trio_asyncio.TrioEventLoop``).
 AsyncioLoop = asyncio.AbstractEventLoop
@@ -100,3 +120,95 @@ async def run_aio(
             )
     result: T = await trio_asyncio.aio_as_trio(async_fn, loop=loop)(*args)
     return result
+
+
+class AsyncioClient(Generic[C]):
+    """One client of an asyncio library (a ``redis.asyncio.Redis``), kept across calls
+    made from Trio: the lifecycle every such client needs, written once.
+
+    * ``async with client:`` (or :meth:`open`) opens the trio-asyncio loop, or reuses
+      the one open in this context; leaving it (or :meth:`aclose`) closes the client,
+      then the loop if this opened it.
+    * :meth:`run` calls ``fn(client, *args)`` on that loop. The client is made there by
+      ``new()`` at the first call (without I/O: it connects on first use).
+    * A call that fails in any way, ``trio.Cancelled`` included, throws the client away
+      (:meth:`drop`), so that the next call connects anew: one failed call is what a
+      server restart or a half-read answer costs, and no connection is left in an
+      unknown state.
+
+    Args:
+      new: makes a new client, not connected yet; called on the asyncio loop.
+      close: closes a client (``redis.asyncio.Redis.aclose``); run on the loop.
+      what: what the client talks to, for messages (never a password).
+    """
+
+    def __init__(
+        self, new: Callable[[], C], *, close: Callable[[C], Awaitable[object]], what: str
+    ) -> None:
+        self._new = new
+        self._close = close
+        self.what = what
+        self._client: C | None = None
+        self._loop: AsyncioLoop | None = None
+        self._stack = AsyncExitStack()
+
+    async def open(self) -> None:
+        """Open the trio-asyncio loop, or reuse the one open in this context; idempotent."""
+        if self._loop is None:
+            self._loop = await self._stack.enter_async_context(open_asyncio_loop())
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def run(self, fn: Callable[[C, *Ts], Awaitable[T]], *args: *Ts) -> T:
+        """``await fn(client, *args)`` on the asyncio loop, with the client held (or a
+        new one); cancellable like any Trio call.
+
+        Raises:
+          RuntimeError: neither :meth:`open` was called nor is a loop open here.
+          BaseException: whatever ``fn`` raised, after the client was thrown away.
+        """
+        loop = self._current_loop()
+        if loop is None:
+            raise RuntimeError(f"{self.what}: no asyncio loop; use `async with` first")
+        try:
+            return await run_aio(self._aio_run, fn, args, loop=loop)
+        except BaseException:
+            await self.drop()
+            raise
+
+    async def _aio_run(self, fn: Callable[[C, *Ts], Awaitable[T]], args: tuple[*Ts]) -> T:
+        if self._client is None:
+            self._client = self._new()
+        return await fn(self._client, *args)
+
+    async def drop(self) -> None:
+        """Throw the client away: close it, shielded from cancellation and bounded by
+        :data:`CLOSE_TIMEOUT_S`; a failure to close is only logged (debug)."""
+        client, self._client = self._client, None
+        loop = self._current_loop()
+        if client is None or loop is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+            try:
+                await run_aio(self._close, client, loop=loop)
+            except Exception as exc:
+                log.debug("%s: closing the client failed: %s", self.what, reason(exc))
+
+    async def aclose(self) -> None:
+        """Close the client, then the loop if :meth:`open` opened it. Call it from the
+        task that opened it; the client can be opened again afterwards."""
+        try:
+            await self.drop()
+        finally:
+            self._loop = None
+            await self._stack.aclose()
+
+    def _current_loop(self) -> AsyncioLoop | None:
+        if self._loop is not None and not self._loop.is_closed():
+            return self._loop
+        return current_asyncio_loop()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import logs
+from ._lease import DEFAULT_RENEW_S, DEFAULT_TTL_S
 from .autoscale_config import (
     ConfigFileError,
     EndpointOptions,
@@ -27,7 +28,6 @@ from .autoscale_config import (
 from .cli import EXIT_USAGE
 from .demand import DemandSource, redact
 from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
-from .lease import DEFAULT_RENEW_S, DEFAULT_TTL_S
 from .policy import ScheduleWindow, parse_schedule
 from .reservation import DEFAULT_ENGINE_URL
 

@@ -72,11 +72,12 @@ import trio
 
 from .. import logs
 from ._autoscale_args import Options, build_parser, parse_options
+from ._lease import TOKEN_SHOWN, LeaseEvent, LeaseStatistics
+from ._redis_lease import RedisLease
 from .autoscale_config import EndpointOptions, plan_lines
 from .autoscaler import AutoscaleEvent, AutoscalerStatistics, HeldReservation, autoscale
 from .cli import EXIT_USAGE, SIGNAL_EXIT
 from .demand import redact
-from .lease import TOKEN_SHOWN, LeaseEvent, LeaseStatistics, RedisLease
 from .reservation import reserve
 from .sharing import EndpointRun, ShareEvent, autoscale_endpoints
 

@@ -69,6 +69,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ._lease import DEFAULT_RENEW_S, DEFAULT_TTL_S
+from ._membership import members_key
+from ._redis_lease import RedisLease
 from .demand import (
     COMBINE,
     COMMAND_TIMEOUT_S,
@@ -85,7 +88,6 @@ from .demand import (
     redact,
 )
 from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
-from .lease import DEFAULT_RENEW_S, DEFAULT_TTL_S, RedisLease, members_key
 from .policy import ScheduleWindow, parse_days, parse_hours, parse_zone
 from .reservation import DEFAULT_ENGINE_URL
 

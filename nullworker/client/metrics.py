@@ -49,8 +49,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from ._lease import LeaseStatistics
 from .autoscaler import AutoscalerStatistics
-from .lease import LeaseStatistics
 
 __all__ = ["PREFIX", "AutoscalerCollector", "MetricsServer", "start_metrics_server"]
 

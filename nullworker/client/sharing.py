@@ -83,8 +83,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import trio
 
 if TYPE_CHECKING:
+    from ._lease import Lease
+    from ._membership import Membership
     from .autoscaler import Autoscaler, AutoscalerStatistics
-    from .lease import Lease, Membership
 
 __all__ = [
     "EndpointRun",
@@ -299,7 +300,7 @@ class _Sharing:
         """The sharing of these endpoints, its membership entered on ``stack``; ``None``
         when there is no membership for them (not all on one Redis server)."""
         if membership is None:
-            from .lease import Membership
+            from ._membership import Membership
 
             membership = Membership.beside
         members = membership([ep.lease for ep in endpoints if ep.lease is not None])

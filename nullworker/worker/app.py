@@ -55,6 +55,7 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
+from .._groups import only_leaf
 from ..errors import (
     ConfigError,
     DuplicateRequest,
@@ -82,7 +83,7 @@ from .reservations import (
     ReleaseRequestError,
     parse_release_request,
 )
-from .runtime import Worker, only_leaf
+from .runtime import Worker
 from .update_guard import UpdateGuard
 
 __all__ = [

@@ -54,6 +54,7 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from .._groups import only_leaf
 from ..errors import ConfigError, StartupFailed, WorkerFailed
 from .config import MAX_PERF, RESERVATION_WORKLOAD, WorkerConfig
 from .local_holds import HoldOutcome, LocalHoldEvent, LocalHolds
@@ -63,7 +64,7 @@ from .reservations import Outcome, ReservationEvent, ReservationSlot
 if TYPE_CHECKING:
     from .reporter import EngineReporter
 
-__all__ = ["Worker", "only_leaf"]
+__all__ = ["Worker"]
 
 log = logging.getLogger("nullworker")
 
@@ -75,17 +76,6 @@ KEY_RETRY_IN_OUTAGE_S = 5.0
 #: After a failure has ended every hold, how long the holders' handlers get to write
 #: their answers before the failure stops the HTTP servers.
 ANSWER_GRACE_S = 0.2
-
-
-def only_leaf(exc: BaseException) -> BaseException:
-    """``exc`` without the exception groups that wrap it one inside the other.
-
-    A nursery wraps its child's error in a group, and nested nurseries in one group per
-    level; a caller that reports one known error in one line wants the error itself.
-    """
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 class Worker:

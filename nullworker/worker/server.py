@@ -44,6 +44,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.utils import wrap_app
 
+from .._groups import only_leaf
 from ..errors import ConfigError, StartupFailed, WorkerFailed
 from .app import create_main_app, serve_control
 from .config import WorkerConfig
@@ -54,7 +55,7 @@ from .http_server import (
     raise_nofile_limit,
     serve_http,
 )
-from .runtime import Worker, only_leaf
+from .runtime import Worker
 
 __all__ = ["ServeInfo", "serve"]
 
