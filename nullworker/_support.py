@@ -8,11 +8,13 @@ here is part of the package's public API.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
-from typing import TypeVar
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
-__all__ = ["describe_error", "finite", "renamed_option"]
+__all__ = ["describe_error", "finite", "public_module", "renamed_option"]
 
 T = TypeVar("T")
 
@@ -58,3 +60,19 @@ def renamed_option(
         stacklevel=stacklevel + 1,
     )
     return old_value
+
+
+def public_module(module: str, objects: Iterable[Any]) -> None:
+    """Name ``module`` as the home of ``objects`` defined in its private submodules.
+
+    A public module that gathers names from private ones (``lease`` from ``_lease``)
+    sets their ``__module__`` to itself, as trio does for its own: reprs, tracebacks,
+    pickles and the docs then show the name users import, not the file it lives in.
+    Only what is defined in a private module (a ``_`` name in its path) is changed.
+    """
+    for obj in objects:
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        home = getattr(obj, "__module__", None)
+        if isinstance(home, str) and any(part.startswith("_") for part in home.split(".")):
+            obj.__module__ = module

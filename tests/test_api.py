@@ -7,6 +7,9 @@ All against the real parts: the local engine, real workers, real HTTP."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pickle
 import warnings
 from functools import partial
 
@@ -44,6 +47,34 @@ def test_the_client_exports_what_users_import() -> None:
     for name in nullworker.client.__all__:
         getattr(nullworker.client, name)
     assert nullworker.client.local_hold is nullworker.local_hold
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "nullworker",
+        "nullworker.client",
+        "nullworker.client.autoscaler",
+        "nullworker.client.lease",
+        "nullworker.client.demand",
+        "nullworker.worker",
+        "nullworker.engine",
+        "nullworker.errors",
+    ],
+)
+def test_public_names_say_the_module_users_import_them_from(module: str) -> None:
+    """A class or function exported by a public module names a public module as its
+    home (reprs, tracebacks, pickles), never the private file it is defined in."""
+    imported = importlib.import_module(module)
+    private = {
+        f"{name}: {obj.__module__}"
+        for name in imported.__all__
+        if inspect.isclass(obj := getattr(imported, name)) or inspect.isfunction(obj)
+        if any(part.startswith("_") for part in obj.__module__.split("."))
+    }
+    assert not private
+    event = nullworker.client.AutoscaleEvent("demand", 1.0, "demand 1", 1, 1, 0, 0)
+    assert pickle.loads(pickle.dumps(event)) == event
 
 
 async def test_reserve_and_hold_take_duration_s(engine: Engine, start_worker: StartWorker) -> None:

@@ -106,7 +106,7 @@ from typing import Literal
 
 import trio
 
-from .._support import describe_error
+from .._support import describe_error, public_module
 from ..errors import ClientError, ConfigError
 from ..vast.vocabulary import ClientOutcome
 from ._autoscale_poller import DemandPoller
@@ -132,6 +132,8 @@ __all__ = [
     "ReserveFunction",
     "autoscale",
 ]
+
+public_module(__name__, [AutoscaleEvent, AutoscalerStatistics, DemandReader, HeldReservation])
 
 log = logging.getLogger(__name__)
 

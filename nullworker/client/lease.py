@@ -27,6 +27,7 @@ Importing this module needs the ``autoscale`` extra (redis, trio-asyncio).
 
 from __future__ import annotations
 
+from .._support import public_module
 from ..errors import LeaseError
 from ._aio import CLOSE_TIMEOUT_S
 from ._lease import (
@@ -64,3 +65,6 @@ __all__ = [
     "Term",
     "members_key",
 ]
+
+public_module(__name__, [Lease, LeaseEvent, LeaseStatistics, LeaseStore, Term])
+public_module(__name__, [MemberStore, Membership, RedisLease, RedisLeaseStore, members_key])

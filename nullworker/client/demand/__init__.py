@@ -74,6 +74,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..._support import public_module
 from ...errors import DemandError, DemandNotFound, DemandTimeout
 from .._redact import redact
 from ._base import CLOSE_TIMEOUT_S, DEFAULT_TIMEOUT_S, DemandSource
@@ -141,9 +142,15 @@ _LAZY = {
 }
 
 
+public_module(__name__, [CallableDemand, CombinedDemand, CommandDemand, DemandSource])
+public_module(__name__, [HttpJson, PrometheusQuery, redact])
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        public_module(__name__, [value])
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
