@@ -634,6 +634,17 @@ def fmt_ms(samples: list[float]) -> str:
     return f"{pct(samples, 0.5) * 1000:.0f} / {pct(samples, 0.99) * 1000:.0f} ms"
 
 
+def print_split(reaction: Reaction, cpu: str) -> None:
+    """The row under a reaction: waiting for the read, then the work after it."""
+    if not reaction.up_seen:
+        return
+    rest = [u - s for u, s in zip(reaction.up, reaction.up_seen, strict=False)]
+    print(
+        f"| … of which: until the new demand was read; the work after it ({cpu}) | | "
+        f"{fmt_ms(reaction.up_seen)}; {fmt_ms(rest)} ({fmt_ms(reaction.up_cpu)}) | |"
+    )
+
+
 def versions() -> str:
     names = ("trio", "httpx", "httpcore", "h11")
     found = []
@@ -898,13 +909,7 @@ def report(
         f"| +{step} jobs → the {step}th new reservation held, p50 / p99 (n={n}, from 0) | "
         f"≤ {bound * 1000:.0f} ms | {fmt_ms(reaction.up)} | {check(worst(reaction.up) <= bound)} |"
     )
-    if reaction.up_seen:
-        rest = [u - s for u, s in zip(reaction.up, reaction.up_seen, strict=False)]
-        print(
-            f"| … of which: until the new demand was read; the work after it (the "
-            f"autoscaler's CPU meanwhile) | | {fmt_ms(reaction.up_seen)}; {fmt_ms(rest)} "
-            f"({fmt_ms(reaction.up_cpu)}) | |"
-        )
+    print_split(reaction, "the autoscaler's CPU meanwhile")
     print(
         f"| -{step} jobs → the {step}th released, minus the {settings.delay_s:g} s delay, "
         f"p50 / p99 (n={len(reaction.down)}, from {step}) | ≤ {bound * 1000:.0f} ms | "
@@ -923,12 +928,7 @@ def report(
             f"(n={len(big.up)}, from 0) | ≤ {goal * 1000:.0f} ms | {fmt_ms(big.up)} | "
             f"{check(worst(big.up) <= goal)} |"
         )
-        if big.up_seen:
-            rest = [u - s for u, s in zip(big.up, big.up_seen, strict=False)]
-            print(
-                f"| … of which: until the new demand was read; the work after it (CPU) | | "
-                f"{fmt_ms(big.up_seen)}; {fmt_ms(rest)} ({fmt_ms(big.up_cpu)}) | |"
-            )
+        print_split(big, "CPU")
         print(
             f"| -{big_step:,} jobs → all released, minus the delay, p50 / p99 | | "
             f"{fmt_ms(big.down)} | |"
@@ -940,12 +940,7 @@ def report(
             f"| the same from {hold_n:,} held: +{step} (n={m}) | ≤ {bound * 1000:.0f} ms | "
             f"{fmt_ms(loaded.up)} | {check(worst(loaded.up) <= bound)} |"
         )
-        if loaded.up_seen:
-            rest = [u - s for u, s in zip(loaded.up, loaded.up_seen, strict=False)]
-            print(
-                f"| … of which: until the new demand was read; the work after it (CPU) | | "
-                f"{fmt_ms(loaded.up_seen)}; {fmt_ms(rest)} ({fmt_ms(loaded.up_cpu)}) | |"
-            )
+        print_split(loaded, "CPU")
         print(
             f"| the same from {hold_n + step:,} held: -{step}, minus the delay (n={m}) | "
             f"≤ {bound * 1000:.0f} ms | {fmt_ms(loaded.down)} | "
