@@ -456,4 +456,3 @@ async def prometheus_server_fixture(
         await server.stop()
 
 
-# -- end of Prometheus --------------------------------------------------------------------

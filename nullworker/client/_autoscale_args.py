@@ -107,8 +107,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         metavar=("DSN", "QUERY"),
         help="the number a PostgreSQL query returns (one row, one column, a whole number >= 0)",
     )
-    # -- end of SQS, RabbitMQ, PostgreSQL --------------------------------------------------
-    # -- job frameworks on Redis, HTTP JSON, Prometheus (demand/_redis_queues, _http) --
+    # -- job frameworks on Redis, HTTP JSON, Prometheus ------------------------------------
     source.add_argument(
         "--redis-queue",
         nargs=3,
@@ -131,7 +130,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="the one value of a Prometheus instant query (no series, several, NaN: an "
         "error); auth as for --http-json",
     )
-    # -- end of job frameworks, HTTP JSON, Prometheus --
     source.add_argument(
         "--demand-command",
         metavar="CMD",
@@ -167,7 +165,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="with --postgres: LISTEN on CHANNEL, and read at once on every NOTIFY to it "
         "(polling goes on as the fallback)",
     )
-    # -- end of SQS, RabbitMQ, PostgreSQL --------------------------------------------------
     sources.add_argument(
         "--redis-configure-notifications",
         action="store_true",
