@@ -454,5 +454,3 @@ async def prometheus_server_fixture(
         yield server
     finally:
         await server.stop()
-
-
