@@ -23,7 +23,9 @@ Concurrency invariants
   ``CancelledError``.
 * An :class:`AsyncioClient` holds one client across calls: made on the loop at the
   first call, thrown away after any call that fails (cancelled ones included) and
-  closed then, shielded and bounded, so that the next call connects anew.
+  closed then, shielded and bounded, so that the next call connects anew. The only
+  failures that keep it are those its owner names (``keep_after``): answers the server
+  gave on a connection that is fine.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "CLOSE_TIMEOUT_S",
     "AsyncioClient",
     "AsyncioLoop",
+    "close_aio_quietly",
     "current_asyncio_loop",
     "open_asyncio_loop",
     "run_aio",
@@ -122,6 +125,25 @@ async def run_aio(
     return result
 
 
+async def close_aio_quietly(
+    close: Callable[[C], Awaitable[object]],
+    client: C,
+    *,
+    loop: AsyncioLoop,
+    what: str,
+    kind: str = "client",
+) -> None:
+    """``await close(client)`` on ``loop`` for something being thrown away: shielded
+    from cancellation (a cancelled caller still closes what it opened) and bounded by
+    :data:`CLOSE_TIMEOUT_S` (a server that hangs cannot hold the caller); a failure to
+    close is only logged (debug), as ``"{what}: closing the {kind} failed"``."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+        try:
+            await run_aio(close, client, loop=loop)
+        except Exception as exc:
+            log.debug("%s: closing the %s failed: %s", what, kind, reason(exc))
+
+
 class AsyncioClient(Generic[C]):
     """One client of an asyncio library (a ``redis.asyncio.Redis``), kept across calls
     made from Trio: the lifecycle every such client needs, written once.
@@ -134,20 +156,35 @@ class AsyncioClient(Generic[C]):
     * A call that fails in any way, ``trio.Cancelled`` included, throws the client away
       (:meth:`drop`), so that the next call connects anew: one failed call is what a
       server restart or a half-read answer costs, and no connection is left in an
-      unknown state.
+      unknown state. Only the exceptions of ``keep_after`` keep it.
 
     Args:
       new: makes a new client, not connected yet; called on the asyncio loop.
       close: closes a client (``redis.asyncio.Redis.aclose``); run on the loop.
       what: what the client talks to, for messages (never a password).
+      keep_after: exceptions that leave the client held: those ``fn`` raises for an
+        answer the server gave (a wrong type, a missing stream), after which the
+        connection is known to be fine and reconnecting would only cost a round trip.
+      usable: checks a held client on the loop before each call (no I/O: a flag the
+        library keeps, such as "closed by the server"); one it rejects is closed there
+        and a new one made, so a connection the server ended between calls costs no
+        failed call.
     """
 
     def __init__(
-        self, new: Callable[[], C], *, close: Callable[[C], Awaitable[object]], what: str
+        self,
+        new: Callable[[], C],
+        *,
+        close: Callable[[C], Awaitable[object]],
+        what: str,
+        keep_after: tuple[type[BaseException], ...] = (),
+        usable: Callable[[C], bool] | None = None,
     ) -> None:
         self._new = new
         self._close = close
         self.what = what
+        self._keep_after = keep_after
+        self._usable = usable
         self._client: C | None = None
         self._loop: AsyncioLoop | None = None
         self._stack = AsyncExitStack()
@@ -156,6 +193,19 @@ class AsyncioClient(Generic[C]):
         """Open the trio-asyncio loop, or reuse the one open in this context; idempotent."""
         if self._loop is None:
             self._loop = await self._stack.enter_async_context(open_asyncio_loop())
+
+    @property
+    def is_open(self) -> bool:
+        """Whether :meth:`open` was called, and :meth:`aclose` not since."""
+        return self._loop is not None
+
+    @property
+    def loop(self) -> AsyncioLoop | None:
+        """The loop :meth:`run` runs on: the one :meth:`open` opened or reused, else the
+        one open in the calling task's context; None when there is neither."""
+        if self._loop is not None and not self._loop.is_closed():
+            return self._loop
+        return current_asyncio_loop()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -170,34 +220,40 @@ class AsyncioClient(Generic[C]):
 
         Raises:
           RuntimeError: neither :meth:`open` was called nor is a loop open here.
-          BaseException: whatever ``fn`` raised, after the client was thrown away.
+          BaseException: whatever ``fn`` raised, after the client was thrown away
+            (unless it is one of ``keep_after``).
         """
-        loop = self._current_loop()
+        loop = self.loop
         if loop is None:
             raise RuntimeError(f"{self.what}: no asyncio loop; use `async with` first")
         try:
             return await run_aio(self._aio_run, fn, args, loop=loop)
+        except self._keep_after:
+            raise
         except BaseException:
             await self.drop()
             raise
 
     async def _aio_run(self, fn: Callable[[C, *Ts], Awaitable[T]], args: tuple[*Ts]) -> T:
-        if self._client is None:
-            self._client = self._new()
-        return await fn(self._client, *args)
+        client = self._client
+        if client is not None and self._usable is not None and not self._usable(client):
+            # Forgotten before the close: a close that fails leaves nothing held. Not
+            # shielded: it is part of this call, and bounded by the caller's deadline.
+            self._client = None
+            await self._close(client)
+            client = None
+        if client is None:
+            client = self._client = self._new()
+        return await fn(client, *args)
 
     async def drop(self) -> None:
         """Throw the client away: close it, shielded from cancellation and bounded by
         :data:`CLOSE_TIMEOUT_S`; a failure to close is only logged (debug)."""
         client, self._client = self._client, None
-        loop = self._current_loop()
+        loop = self.loop
         if client is None or loop is None:
             return
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-            try:
-                await run_aio(self._close, client, loop=loop)
-            except Exception as exc:
-                log.debug("%s: closing the client failed: %s", self.what, reason(exc))
+        await close_aio_quietly(self._close, client, loop=loop, what=self.what)
 
     async def aclose(self) -> None:
         """Close the client, then the loop if :meth:`open` opened it. Call it from the
@@ -207,8 +263,3 @@ class AsyncioClient(Generic[C]):
         finally:
             self._loop = None
             await self._stack.aclose()
-
-    def _current_loop(self) -> AsyncioLoop | None:
-        if self._loop is not None and not self._loop.is_closed():
-            return self._loop
-        return current_asyncio_loop()

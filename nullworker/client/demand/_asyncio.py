@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections.abc import Callable
-from contextlib import AsyncExitStack
+from functools import cached_property
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import trio
 
 from ...errors import DemandError
-from .._aio import AsyncioLoop, current_asyncio_loop, open_asyncio_loop, run_aio
+from .._aio import AsyncioClient, AsyncioLoop, close_aio_quietly, run_aio
 from .._redact import reason
 from .._urls import check_url
 from ._base import (
-    CLOSE_TIMEOUT_S,
     WATCH_BACKOFF_FIRST_S,
     WATCH_BACKOFF_MAX_S,
     WATCH_HEALTHY_S,
@@ -44,6 +43,8 @@ class AsyncioSource(DemandSource, Generic[C]):
     ``_aio_*`` methods run on the asyncio loop (through :func:`run_aio`); the others run
     in Trio. ``_aio_query`` raises :class:`DemandError` for an answer the server gave
     (the client is kept) and lets transport errors through (the client is dropped).
+    The client's lifecycle (the loop, made at the first read, thrown away after a
+    failure, closed shielded and bounded) is an :class:`~.._aio.AsyncioClient`'s.
     """
 
     _scheme_names: ClassVar[tuple[str, ...]] = ()
@@ -62,9 +63,17 @@ class AsyncioSource(DemandSource, Generic[C]):
             numeric_path=self._numeric_path,
         )
         self.url = url
-        self._client: C | None = None
-        self._loop: AsyncioLoop | None = None
-        self._stack = AsyncExitStack()
+
+    @cached_property
+    def _client(self) -> AsyncioClient[C]:
+        # Made at first use, not in __init__: describe() needs the subclass's attributes.
+        return AsyncioClient(
+            self._new_client,
+            close=self._aio_close,
+            what=self.describe(),
+            keep_after=(DemandError,),
+            usable=self._usable,
+        )
 
     @abstractmethod
     def _new_client(self) -> C:
@@ -77,6 +86,8 @@ class AsyncioSource(DemandSource, Generic[C]):
     async def _aio_close(self, client: C) -> None: ...
 
     def _usable(self, client: C) -> bool:
+        """Whether a kept client can serve the next read (on the loop, no I/O); one that
+        cannot (its server closed it) is closed and replaced before the read."""
         return True
 
     # -- push (see DemandSource.watch) -----------------------------------------------------
@@ -110,7 +121,7 @@ class AsyncioSource(DemandSource, Generic[C]):
     async def watch(self, changed: Callable[[], None]) -> None:
         if self._closed or not self.can_push():
             return
-        loop = self._current_loop()
+        loop = self._client.loop
         if loop is None:
             log.warning(
                 "%s: no asyncio loop (use `async with source:`); polling only", self.describe()
@@ -141,7 +152,13 @@ class AsyncioSource(DemandSource, Generic[C]):
                 error = reason(exc)
             finally:
                 if handle is not None:
-                    await self._unsubscribe_quietly(handle, loop)
+                    await close_aio_quietly(
+                        self._aio_unsubscribe,
+                        handle,
+                        loop=loop,
+                        what=self.describe(),
+                        kind="subscription",
+                    )
             if trio.current_time() - started >= WATCH_HEALTHY_S:
                 failures = 0
             failures += 1
@@ -157,88 +174,31 @@ class AsyncioSource(DemandSource, Generic[C]):
             )
             await trio.sleep(delay)
 
-    async def _unsubscribe_quietly(self, handle: Any, loop: AsyncioLoop) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-            try:
-                await run_aio(self._aio_unsubscribe, handle, loop=loop)
-            except Exception as exc:
-                log.debug("%s: closing the subscription failed: %s", self.describe(), reason(exc))
-
     async def __aenter__(self) -> Self:
         if self._closed:
             raise trio.ClosedResourceError(f"{self.describe()} is closed")
-        if self._loop is not None:
+        if self._client.is_open:
             raise RuntimeError(f"{self.describe()} is already entered")
-        self._loop = await self._stack.enter_async_context(open_asyncio_loop())
+        await self._client.open()
         return self
 
-    def _current_loop(self) -> AsyncioLoop | None:
-        if self._loop is not None and not self._loop.is_closed():
-            return self._loop
-        return current_asyncio_loop()
-
     async def _read(self) -> int:
-        loop = self._current_loop()
-        if loop is None:
+        if self._client.loop is None:
             raise RuntimeError(
                 f"{self.describe()}: no asyncio loop; use `async with source:` "
                 "(or read inside `async with open_asyncio_loop():`)"
             )
-        try:
-            return await run_aio(self._aio_read, loop=loop)
-        except DemandError:
-            raise
-        except BaseException:
-            await self._drop_client()
-            raise
-
-    async def _aio_read(self) -> int:
-        return await self._aio_query(await self._aio_client())
-
-    async def _aio_client(self) -> C:
-        client = self._client
-        if client is not None and not self._usable(client):
-            self._client = None
-            await self._aio_close(client)
-            client = None
-        if client is None:
-            client = self._client = self._new_client()
-        return client
+        return await self._client.run(self._aio_query)
 
     async def _aio_oldest_age(self, client: C) -> float | None:
         """The oldest waiting job's age (on the asyncio loop); ``None``: cannot tell."""
         return None
 
     async def _oldest_age(self) -> float | None:
-        loop = self._current_loop()
-        if loop is None or type(self)._aio_oldest_age is AsyncioSource._aio_oldest_age:
+        if self._client.loop is None or type(self)._aio_oldest_age is AsyncioSource._aio_oldest_age:
             # No loop, or a source that cannot tell: no round trip for nothing.
             return None
-        try:
-            return await run_aio(self._aio_age, loop=loop)
-        except DemandError:
-            raise
-        except BaseException:
-            await self._drop_client()
-            raise
-
-    async def _aio_age(self) -> float | None:
-        return await self._aio_oldest_age(await self._aio_client())
-
-    async def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        loop = self._current_loop()
-        if client is None or loop is None:
-            return
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
-            try:
-                await run_aio(self._aio_close, client, loop=loop)
-            except Exception as exc:
-                log.debug("%s: closing the client failed: %s", self.describe(), reason(exc))
+        return await self._client.run(self._aio_oldest_age)
 
     async def _close(self) -> None:
-        try:
-            await self._drop_client()
-        finally:
-            self._loop = None
-            await self._stack.aclose()
+        await self._client.aclose()
