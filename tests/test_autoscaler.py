@@ -682,6 +682,31 @@ async def test_with_wake_ups_the_scale_down_delay_counts_from_the_change(
     assert script.read_times() == [0.0, 50.0, 80.0]
 
 
+async def test_with_wake_ups_the_scale_to_zero_delay_reads_when_it_ends_and_not_before(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = FakeEngine()
+    script = Script((0, 2), (10, 0))
+    source = PushedScript(script)
+    settings = {"poll_s": 60.0, "scale_down_delay_s": 5.0, "scale_to_zero_delay_s": 40.0}
+    async with running(engine, source, **settings) as run:
+        await settle_at(10.0)
+        source.wake()  # the queue empties at 10 s
+        await settle_at(14.999)
+        assert (engine.count, run.stats().target) == (2, 2)
+        # The scale-down delay ends at 15 s: down to the one the scale-to-zero delay keeps.
+        await settle_at(15.0)
+        assert (engine.count, run.stats().target) == (1, 1)
+        await settle_at(49.999)
+        assert engine.count == 1
+        # 40 s after the last job: one read lets the last reservation go.
+        await settle_at(50.0)
+        assert (engine.count, run.stats().target) == (0, 0)
+        await settle_at(115.0)
+    # No read in between: neither delay was pending but at its end.
+    assert script.read_times() == [0.0, 10.0, 15.0, 50.0, 110.0]
+
+
 async def test_a_watch_that_fails_leaves_the_polling(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -135,9 +135,14 @@ class DemandPoller:
         self._changed.set()
 
     def _scale_down_due(self) -> float:
-        """When a reading could next lower the target (the earliest of the delays)."""
+        """When a reading could next lower the target: when the window's highest reading
+        expires (if it is above the latest), or when the scale-to-zero delay ends (if
+        the latest is 0); the earlier of the two, ``inf`` if neither is pending."""
         settings = self._settings
-        due = self._window[0][0] + settings.scale_down_delay_s
+        due = math.inf
+        highest_at, highest = self._window[0]
+        if highest > self.raw_target:
+            due = highest_at + settings.scale_down_delay_s
         if self.raw_target == 0 and self._last_above_zero is not None:
             due = min(due, self._last_above_zero + settings.scale_to_zero_delay_s)
         return due
