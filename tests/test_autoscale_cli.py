@@ -382,7 +382,7 @@ async def test_demand_command_holds_releases_and_survives_bad_output(
     ended = await cli.wait_events("reservation_ended", 2)
     assert {e["worker_url"] for e in ended} == {one.public_url, two.public_url}
     assert {(e["cause"], e["outcome"]) for e in ended} == {("scale_down", "client_released")}
-    assert 0.8 <= seconds_between(recovered, ended[0]) <= 3.0
+    assert 0.8 <= seconds_between(recovered, ended[0]) <= 1.0 + 5.0  # the delay + slack
     await wait_engine(vast_engine, {1: "idle", 2: "idle"})
     metrics = await cli.metrics()
     assert metrics['nullworker_autoscale_demand{endpoint="ep"}'] == 0
