@@ -545,8 +545,8 @@ async def start_instance(
     command = (
         f"echo $$ > {instance.pid_file} && exec {sys.executable} {script} "
         f"--redis-url {redis_url} --queue {QUEUE} --processing {QUEUE}:processing "
-        f"--control-url {info.control_url} --idle-release 60"
-    )
+        f"--control-url {info.control_url} --idle-release 60 --any-time"
+    )  # --any-time: job 4 below is pushed while the operator's demand says 0
     instance.consumer = await trio.lowlevel.open_process(
         ["/bin/sh", "-c", command],
         stdin=subprocess.DEVNULL,
@@ -678,3 +678,52 @@ async def test_a_job_is_never_unprotected_and_a_dead_consumer_errors_its_worker(
                 instance.consumer.kill()
                 with trio.move_on_after(5):
                     await instance.consumer.wait()
+
+
+# -- one worker per job ------------------------------------------------------------------
+#
+# ``nullworker dev`` starts the workers (and beside each, ``examples/redis_list_consumer.py``
+# as its --consumer); ``nullworker autoscale --redis-list`` holds one reservation per job. A
+# consumer takes a job only while its worker is reserved, so the reservation that brought
+# a machine is the one its job uses: no second machine is started for it.
+
+BURST_JOB_S = 2.0
+
+
+async def test_a_burst_of_jobs_starts_one_worker_per_job(
+    start_dev: StartDev,
+    redis_server: ServerProcess,
+    rdb: redis.Redis,
+    run_autoscale: RunAutoscale,
+) -> None:
+    script = REPO / "examples" / "redis_list_consumer.py"
+    processing = f"{QUEUE}:processing"
+    consumer = (
+        f"exec {sys.executable} {script} --redis-url {redis_server.url} --queue {QUEUE} "
+        f"--processing {processing} --idle-release 3"
+    )
+    dev = await start_dev(
+        "--min-workers", "0", "--max-workers", "6", "--idle-timeout", "60", "--consumer", consumer
+    )  # fmt: skip
+    rdb.lpush(QUEUE, *[json.dumps({"id": n, "seconds": BURST_JOB_S}) for n in (1, 2, 3)])
+    scaler = await run_autoscale(
+        "--redis-list", redis_server.url, QUEUE, "--processing", processing,
+        "--max", "6", "--poll", "0.2", "--scale-down-delay", "1", "--engine-url", dev.url,
+        endpoint=ENDPOINT,
+    )  # fmt: skip
+    # Every job done, each by one consumer, inside a local hold.
+    for n in (1, 2, 3):
+        await dev.wait_line(rf"\[consumer \d+\] job {n} done in \S+ s \(local hold \d+\)")
+    assert rdb.llen(QUEUE) == 0 and rdb.llen(processing) == 0
+    # The queue drained: the autoscaler lets go of every reservation...
+    await scaler.wait_until(
+        lambda: any(
+            (e["target"], e["held"], e["waiting"]) == (0, 0, 0) for e in scaler.of_kind("state")
+        )
+    )
+    # ... having asked for one per job, and the engine started one worker for each.
+    assert len(scaler.of_kind("reservation_started")) == 3, scaler.out
+    started = dev.worker_pids()
+    print(f"workers started for 3 jobs: {len(started)}")
+    assert len(started) == 3, dev.output
+    assert await scaler.stop(signal.SIGTERM, within_s=WAIT_S) == 143, scaler.err
