@@ -9,7 +9,6 @@ never against a wall clock.
 from __future__ import annotations
 
 import subprocess
-import sys
 from typing import Any
 
 import httpx
@@ -23,7 +22,7 @@ from nullworker.worker.server import ServeInfo
 
 from .conftest import StartWorker, runtime
 from .helpers import closed_url, wait_until
-from .test_local_holds import _hold_env
+from .test_local_holds import run_command
 from .test_release import Reserved
 
 
@@ -222,14 +221,7 @@ async def test_wait_reserved_says_when_the_worker_cannot_answer(
 async def run_wait_reserved(
     *args: str, control_url: str | None
 ) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(30):
-        return await trio.run_process(
-            [sys.executable, "-m", "nullworker", "wait-reserved", *args],
-            env=_hold_env(control_url),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+    return await run_command("wait-reserved", *args, control_url=control_url)
 
 
 async def test_wait_reserved_cli_exit_codes(
