@@ -14,10 +14,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 import nullworker
-from nullworker import LocalHoldFailed, wait_reserved
-from nullworker.worker.reservations import ReservationEvent
+from nullworker import LocalHoldFailed, ShuttingDown, wait_reserved
+from nullworker.worker.reservations import ActiveInfo, ReservationEvent, ReservationSlot
 from nullworker.worker.server import ServeInfo
 
 from .conftest import StartWorker, runtime
@@ -36,6 +37,50 @@ async def wait_waiters(http: httpx.AsyncClient, info: ServeInfo, count: int) -> 
     with trio.fail_after(10):
         while await waiters(http, info) != count:
             await trio.sleep(0.01)
+
+
+# -- the core, in virtual time -----------------------------------------------------------
+
+
+async def test_the_slot_wakes_its_held_waiters_at_a_start_and_at_shutdown(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    slot = ReservationSlot(max_reservation_s=60.0, max_queue_time_s=10.0)
+    got: list[ActiveInfo | str] = []
+
+    async def waiter() -> None:
+        try:
+            got.append(await slot.wait_held())
+        except ShuttingDown:
+            got.append("shutdown")
+
+    nursery.start_soon(waiter)
+    nursery.start_soon(waiter)
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == [] and slot.statistics().held_waiters == 2
+    nursery.start_soon(slot.hold, 30.0)
+    await trio.testing.wait_all_tasks_blocked()
+    assert [info.id for info in got if isinstance(info, ActiveInfo)] == [1, 1]
+    assert slot.statistics().held_waiters == 0
+    held = await slot.wait_held()  # held already: at once
+    assert held.id == 1 and held.duration_s == 30.0
+    # Released: not held any more, even before its holder has run.
+    slot.release(id=1)
+    with trio.move_on_after(5) as waited:
+        await slot.wait_held()
+    assert waited.cancelled_caught and slot.statistics().held_waiters == 0
+    # A shutdown answers the waiters, and every later wait.
+    got.clear()
+    nursery.start_soon(waiter)
+    await trio.testing.wait_all_tasks_blocked()
+    slot.shutdown()
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == ["shutdown"]
+    with pytest.raises(ShuttingDown):
+        await slot.wait_held()
+
+
+# -- the control listener ----------------------------------------------------------------
 
 
 async def test_a_held_reservation_is_answered_at_once(

@@ -621,13 +621,9 @@ def _reservation_wait(query: dict[str, list[str]]) -> float | Response:
     """``GET /reservation``'s ``wait`` (seconds, default 0), or its 422 naming the field."""
     unknown = sorted(set(query) - {"wait"})
     if unknown:
-        return _json(
-            {
-                "error": f"unknown parameter {unknown[0]!r}: /reservation takes wait",
-                "field": unknown[0],
-            },
-            422,
-        )
+        name = unknown[0][:100]  # a query string may be long; the answer stays short
+        error = f"unknown parameter {name!r}: /reservation takes wait"
+        return _json({"error": error, "field": name}, 422)
     given = query.get("wait", [])
     if not given:
         return 0.0
