@@ -12,6 +12,14 @@
 #   redis-cli LPUSH jobs 41 42
 #
 # The loop, the reliable-queue pattern of redis_list_consumer.py with redis-cli:
+#   0. nullworker wait-reserved --timeout $IDLE_RELEASE: a job is taken only while the
+#      worker holds a reservation, so the reservation that brought this machine is the
+#      one its job uses and the engine starts no second machine for it (a job taken
+#      before the engine routed the reservation here would make the worker busy, and
+#      the reservation would go elsewhere). No reservation within IDLE_RELEASE seconds
+#      counts as an idle spell (step 4); a worker that cannot be asked (not up yet) is
+#      asked again a second later. ANY_TIME=1 skips this step, for dispatchers that
+#      send no reservations.
 #   1. BLMOVE $QUEUE $PROCESSING RIGHT LEFT $IDLE_RELEASE: the oldest id moves onto the
 #      processing list (so `nullworker autoscale --redis-list URL jobs --processing
 #      jobs:processing` still counts it while it runs).
@@ -41,6 +49,7 @@
 #                           the worker finds its port (`nullworker hold` is given it)
 #   IDLE_RELEASE            5 (seconds, > 0)
 #   EXIT_WHEN_IDLE          unset: keep waiting for jobs after a release
+#   ANY_TIME                unset: take a job only while the worker is reserved
 #   NULLWORKER              nullworker (start_server.sh installs it in the checkout's
 #                           .venv: /workspace/nullworker/.venv/bin/nullworker)
 #
@@ -75,8 +84,26 @@ redis() { redis-cli -e --no-auth-warning -u "$REDIS_URL" "$@" 2>&1; }
 
 echo "consuming '$QUEUE'; each job under nullworker hold on $CONTROL_URL"
 released=0 # already released during this idle spell
+unreached=0 # said that the worker cannot be asked, since it last answered
 while true; do
-    if ! id=$(redis BLMOVE "$QUEUE" "$PROCESSING" RIGHT LEFT "$IDLE_RELEASE"); then
+    id=""
+    reserved=1
+    if [ -z "${ANY_TIME:-}" ]; then # 0. a job only while the worker is reserved
+        wait_s="$IDLE_RELEASE"
+        [ "$released" = 1 ] && wait_s=30 # nothing is timed while released: wait longer
+        said=$("$NULLWORKER" wait-reserved --timeout "$wait_s" 2>&1 > /dev/null)
+        case $? in
+        0) unreached=0 ;;
+        1) unreached=0 reserved=0 ;; # none within wait_s: idle, as an empty queue is
+        *)
+            [ "$unreached" = 0 ] && echo "$said; asking again every second"
+            unreached=1
+            sleep 1
+            continue
+            ;;
+        esac
+    fi
+    if [ "$reserved" = 1 ] && ! id=$(redis BLMOVE "$QUEUE" "$PROCESSING" RIGHT LEFT "$IDLE_RELEASE"); then
         echo "redis: $id; retrying in 1 s"
         sleep 1
         continue

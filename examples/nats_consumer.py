@@ -19,6 +19,13 @@ for ever.
 
 The loop
 --------
+0. ``GET <control-url>/reservation?wait=S``: a job is taken only while the worker holds a
+   reservation, so each reservation brings one machine for one job (a job taken before
+   the engine routed the reservation here would make the worker busy, and the engine
+   would start another machine for it). Not reserved within the idle spell counts as
+   idle (step 5); a worker that cannot be asked (not up yet) is said once and asked
+   again a second later. ``--any-time`` skips this step, for dispatchers that send no
+   reservations.
 1. ``fetch(1, timeout)`` on the durable consumer ``--consumer`` of ``--stream`` (every
    instance binds the same durable consumer: JetStream hands each message to one of
    them).
@@ -77,8 +84,8 @@ Running it on the instance
 --------------------------
 Add this command to the Vast on-start script, before the line that runs
 ``start_server.sh`` (the consumer gets its own virtual environment with ``nats-py``; it
-does not need the worker to be up yet: a job taken before then is worked without a local
-hold, and a failed release is retried after the next idle spell)::
+does not need the worker to be up yet: it takes a job once the worker is up and reserved,
+and a failed release is retried after the next idle spell)::
 
     (python3 -m venv /workspace/consumer && /workspace/consumer/bin/pip install -q nats-py \
       && exec /workspace/consumer/bin/python /workspace/nullworker/examples/nats_consumer.py \
@@ -88,7 +95,8 @@ Options: ``--nats-url`` (default ``nats://127.0.0.1:4222``), ``--stream`` (``JOB
 ``--consumer`` (``workers``), ``--subject`` (``jobs``, used by ``--create``),
 ``--control-url`` (default :func:`control_url`: ``$NULLWORKER_CONTROL_URL``, else
 ``http://127.0.0.1:$NULLWORKER_CONTROL_PORT``, else ``http://127.0.0.1:18999``, as the
-worker finds its port), ``--idle-release`` (5 s), ``--exit-when-idle``, ``--create``.
+worker finds its port), ``--idle-release`` (5 s), ``--exit-when-idle``, ``--create``,
+``--any-time``.
 
 Crashes: a consumer that dies mid-job never acknowledges its message; JetStream
 redelivers it (to this or another instance) once the consumer's ``ack_wait`` has passed,
@@ -128,6 +136,8 @@ from nats.js.client import JetStreamContext
 DEFAULT_CONTROL_URL = "http://127.0.0.1:18999"
 #: Longest single fetch; an idle consumer re-checks its idle clock this often.
 FETCH_S = 1.0
+#: Longest wait for a reservation in one GET /reservation (the worker takes up to 300).
+RESERVED_POLL_S = 30.0
 #: How long the first connection may take before the consumer gives up (exit 1).
 CONNECT_S = 10.0
 #: Bound on the POST /release round trip (the listener is on loopback).
@@ -192,6 +202,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--exit-when-idle", action="store_true", help="exit after that release instead of waiting"
+    )
+    parser.add_argument(
+        "--any-time",
+        action="store_true",
+        help="take jobs whether or not the worker holds a reservation (default: only "
+        "while it does; for dispatchers that send no reservations)",
     )
     parser.add_argument(
         "--create", action="store_true", help="create the stream and the consumer if missing"
@@ -392,6 +408,34 @@ async def handle(msg: Msg, ack_wait_s: float, holds: LocalHolds) -> None:
         await msg.ack_sync()  # acknowledge, and wait until the server has it
 
 
+def ask_reserved(control_url: str, wait_s: float) -> bool:
+    """``GET /reservation?wait=S``: True once the worker holds a reservation (at once, or
+    the moment one starts); False after ``wait_s`` without one. Raises OSError or
+    ValueError when the worker cannot be asked (not up yet, restarting, shutting down)."""
+    query = urllib.parse.urlencode({"wait": f"{wait_s:.3f}"})
+    url = f"{control_url.rstrip('/')}/reservation?{query}"
+    # Loopback: never through an http_proxy from the environment.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=wait_s + HOLD_TIMEOUT_S) as response:
+        answer = json.loads(response.read())
+    return isinstance(answer, dict) and answer.get("reserved") is True
+
+
+async def reserved(control_url: str, wait_s: float, said: set[str]) -> bool:
+    """:func:`ask_reserved` in a thread; an error counts as not reserved, is said once
+    (until the worker answers again) and is followed by a second's pause."""
+    try:
+        answer = await asyncio.to_thread(ask_reserved, control_url, min(wait_s, RESERVED_POLL_S))
+    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+        if "unreached" not in said:
+            say(f"cannot ask the worker whether it is reserved ({exc}); {WHERE}")
+            said.add("unreached")
+        await asyncio.sleep(1.0)
+        return False
+    said.discard("unreached")
+    return answer
+
+
 async def consume(
     nc: Client, sub: JetStreamContext.PullSubscription, args: argparse.Namespace, ack_wait_s: float
 ) -> int:
@@ -399,6 +443,7 @@ async def consume(
     idle_since = time.monotonic()  # when the last job was acknowledged (or the start)
     released = False  # already released during this idle spell
     holds = LocalHolds(args.control_url)
+    said: set[str] = set()
     while True:
         try:
             if released:
@@ -406,11 +451,18 @@ async def consume(
             else:
                 # Wake up when the idle spell is long enough.
                 timeout = min(FETCH_S, max(0.05, idle_since + args.idle_release - time.monotonic()))
-            try:
-                msgs = await sub.fetch(1, timeout=timeout)
-            except nats.errors.TimeoutError:
-                if not nc.is_connected:
-                    continue  # reconnecting: an empty fetch says nothing about the queue
+            msgs: list[Msg] = []
+            # A job only while the worker is reserved: the reservation that brought this
+            # machine is then the one its job uses, and no other is started for it.
+            if args.any_time or await reserved(
+                args.control_url, RESERVED_POLL_S if released else timeout, said
+            ):
+                try:
+                    msgs = await sub.fetch(1, timeout=timeout)
+                except nats.errors.TimeoutError:
+                    if not nc.is_connected:
+                        continue  # reconnecting: an empty fetch says nothing about the queue
+            if not msgs:
                 if not released and time.monotonic() - idle_since >= args.idle_release:
                     say(f"no job for {args.idle_release:g} s: releasing")
                     ok = await asyncio.to_thread(release, args.control_url, time.time())

@@ -1,7 +1,8 @@
 r"""A job consumer for a Redis list, to run beside nullworker on a Vast instance.
 
-It takes one job at a time from a Redis list with the reliable-queue pattern, does the
-work inside a local hold on the worker, acknowledges it, and once the queue has stayed
+It takes one job at a time from a Redis list with the reliable-queue pattern, only
+while the worker holds a reservation, does the work inside a local hold on the worker,
+acknowledges it, and once the queue has stayed
 empty for ``--idle-release`` seconds it calls the worker's loopback control listener,
 ``POST /release``: the reservation that brought this machine up ends, and the
 autoscaler decides again.
@@ -18,6 +19,8 @@ such an object is printed and dropped, so that it cannot block the queue.
 
 The loop
 --------
+0. ``GET <control-url>/reservation?wait=S``: wait until the worker holds a reservation
+   (see below). Not reserved within the idle spell counts as idle (step 5).
 1. ``BLMOVE queue processing RIGHT LEFT <block>``: the oldest job moves atomically onto
    the processing list, so a job is never only in this process's memory.
 2. ``POST <control-url>/hold`` with ``{"label": "job <id>"}``: a local hold, kept open
@@ -31,6 +34,20 @@ The loop
    it (the autoscaler brought the next one meanwhile) is left alone (``409``). Then it
    goes on waiting for jobs, or exits 0 with ``--exit-when-idle`` (1 if the release
    failed).
+
+One machine per job: a job only while reserved
+----------------------------------------------
+``nullworker autoscale`` asks one reservation per waiting job; each brings a machine.
+This consumer starts with its worker, and a job it took before the engine had routed
+the waiting reservation to its worker would be worked under a local hold (below), which
+makes the worker busy: the engine would then start another machine for that
+reservation, whose consumer finds no job. So a job is taken only while the worker holds
+a reservation: the worker answers ``GET /reservation?wait=S`` at once when one is held,
+the moment one starts, or after ``S`` seconds without one. Reservation and job pair up
+one to one, and the local hold keeps the machine past the reservation if it ends
+mid-job. While the worker cannot be asked (not up yet, restarting) no job is taken;
+that is said once. ``--any-time`` takes jobs whether or not the worker is reserved, for
+teams whose dispatcher sends no reservations.
 
 A running job is never scaled away
 ----------------------------------
@@ -47,7 +64,8 @@ it too (the kernel does), so a crash never leaves the worker busy for ever. It u
 the standard library (``http.client``). A hold without a duration has no cap: one hold
 covers a job of any length, however far past ``MAX_RESERVATION_SECONDS``.
 
-When the worker cannot be reached, or refuses the hold, the job is worked anyway,
+When the worker cannot hold a job it took (it went away since the job was taken, or it
+refuses the hold; with ``--any-time``, when it cannot be reached), the job is worked anyway,
 unprotected: the job matters more than the hold. That is said once (``local hold
 unavailable: ...; working without it``) and again only after a hold succeeded in
 between, not for every job. (``nullworker hold -- CMD`` chooses the other way by default:
@@ -68,8 +86,8 @@ Running it on the instance
 --------------------------
 Add this command to the Vast on-start script, before the line that runs
 ``start_server.sh`` (the consumer gets its own virtual environment with ``redis``; it
-does not need the worker to be up yet: a job taken before then is worked without a
-local hold, and a failed release is retried after the next idle spell)::
+does not need the worker to be up yet: it takes a job once the worker is up and
+reserved, and a failed release is retried after the next idle spell)::
 
     (python3 -m venv /workspace/consumer && /workspace/consumer/bin/pip install -q redis \
       && exec /workspace/consumer/bin/python /workspace/nullworker/examples/redis_list_consumer.py \
@@ -80,7 +98,7 @@ Options: ``--redis-url`` (default ``redis://127.0.0.1:6379/0``), ``--queue`` (``
 ``--processing`` (``jobs:processing``), ``--control-url`` (default :func:`control_url`:
 ``$NULLWORKER_CONTROL_URL``, else ``http://127.0.0.1:$NULLWORKER_CONTROL_PORT``, else
 ``http://127.0.0.1:18999``, as the worker finds its port), ``--idle-release`` (5 s),
-``--exit-when-idle``, ``--requeue-leftovers``.
+``--exit-when-idle``, ``--requeue-leftovers``, ``--any-time``.
 
 Crashes and leftovers
 ---------------------
@@ -124,6 +142,8 @@ BLOCK_S = 1.0
 RELEASE_TIMEOUT_S = 5.0
 #: Bound on connecting to the control listener and getting /hold's headers.
 HOLD_TIMEOUT_S = 5.0
+#: Longest wait for a reservation in one GET /reservation (the worker takes up to 300).
+RESERVED_POLL_S = 30.0
 #: The worker refuses longer labels.
 MAX_LABEL_CHARS = 200
 #: Said when the control listener cannot be reached: where its URL comes from.
@@ -181,6 +201,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--exit-when-idle", action="store_true", help="exit after that release instead of waiting"
+    )
+    parser.add_argument(
+        "--any-time",
+        action="store_true",
+        help="take jobs whether or not the worker holds a reservation (default: only "
+        "while it does; for dispatchers that send no reservations)",
     )
     parser.add_argument(
         "--requeue-leftovers",
@@ -252,6 +278,38 @@ def release(control_url: str, decided_at: float) -> bool:
         return False
     say(f"POST {url} -> {answer}")
     return True
+
+
+class ReservationGate:
+    """Asks the worker whether it holds a reservation: ``GET /reservation?wait=S``.
+
+    The worker answers at once when one is held, the moment one starts, or after ``S``
+    seconds without one. Unreachable (not up yet, restarting) or shutting down counts as
+    not reserved: said once, asked again after a second.
+    """
+
+    def __init__(self, control_url: str) -> None:
+        self.url = control_url.rstrip("/") + "/reservation"
+        self.warned = False
+        # The listener is on loopback: never through an http_proxy from the environment.
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def wait(self, wait_s: float) -> bool:
+        """Whether the worker holds a reservation, waiting up to ``wait_s`` for one."""
+        wait_s = min(max(wait_s, 0.0), RESERVED_POLL_S)
+        try:
+            with self.opener.open(
+                f"{self.url}?wait={wait_s:.3f}", timeout=wait_s + HOLD_TIMEOUT_S
+            ) as response:
+                answer = json.loads(response.read())
+        except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+            if not self.warned:
+                say(f"cannot ask the worker at {self.url} whether it is reserved ({exc}); {WHERE}")
+                self.warned = True
+            time.sleep(1.0)
+            return False
+        self.warned = False
+        return isinstance(answer, dict) and answer.get("reserved") is True
 
 
 class HoldUnavailable(Exception):
@@ -347,6 +405,7 @@ def consume(client: redis.Redis, args: argparse.Namespace) -> int:
     idle_since = time.monotonic()  # when the last job was acknowledged (or the start)
     released = False  # already released during this idle spell
     holds = LocalHolds(args.control_url)
+    gate = None if args.any_time else ReservationGate(args.control_url)
     while True:
         try:
             now = time.monotonic()
@@ -355,7 +414,11 @@ def consume(client: redis.Redis, args: argparse.Namespace) -> int:
             else:
                 # Wake up when the idle spell is long enough (BLMOVE's 0 means forever).
                 block = min(BLOCK_S, max(0.01, idle_since + args.idle_release - now))
-            raw = client.blmove(args.queue, args.processing, block, "RIGHT", "LEFT")
+            raw = None
+            # A job only while the worker is reserved: then the reservation that brought
+            # this machine is the one its job uses, and no other machine is started for it.
+            if gate is None or gate.wait(RESERVED_POLL_S if released else block):
+                raw = client.blmove(args.queue, args.processing, block, "RIGHT", "LEFT")
             if raw is None:
                 if not released and time.monotonic() - idle_since >= args.idle_release:
                     say(f"queue {args.queue!r} empty for {args.idle_release:g} s: releasing")

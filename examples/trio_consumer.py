@@ -17,6 +17,14 @@ enters the block once the worker has accepted the hold (``/hold``'s ``200`` and 
 arrived); the hold has no cap, so it covers a job of any length, and it is taken again
 if the worker restarts.
 
+A job is taken only while the worker holds a reservation (``nullworker.wait_reserved()``,
+a long-poll of ``GET /reservation``), so each reservation brings one machine for one job:
+a consumer that took a job before the engine routed the reservation to its worker would
+make the worker busy (its local hold), and the engine would start another machine for
+that reservation. ``--any-time`` takes jobs whether or not, for dispatchers that send no
+reservations. The order per job: wait until reserved, ``BLMOVE``, local hold, work,
+``LREM``, close the hold.
+
 ``redis`` is a dependency of nullworker, so this runs with the Python of the checkout's
 virtual environment (``start_server.sh`` makes it): its synchronous client runs in a
 worker thread (``trio.to_thread.run_sync``), one command at a time. On the instance, in
@@ -35,10 +43,11 @@ alone (``409``). The control listener is ``nullworker.control_url()``, found as 
 worker finds its port (``NULLWORKER_CONTROL_URL``, else ``NULLWORKER_CONTROL_PORT``).
 
 Options: ``--redis-url``, ``--queue``, ``--processing``, ``--control-url``,
-``--idle-release``, ``--exit-when-idle``, as for ``redis_list_consumer.py``. Exit status:
-0 (``--exit-when-idle``), 1 (Redis unreachable at start, or the release failed with
-``--exit-when-idle``), 130 (Ctrl-C). SIGTERM's default action stops it at once: the
-kernel closes the hold's connection, and the job stays on the processing list.
+``--idle-release``, ``--exit-when-idle``, ``--any-time``, as for
+``redis_list_consumer.py``. Exit status: 0 (``--exit-when-idle``), 1 (Redis unreachable
+at start, or the release failed with ``--exit-when-idle``), 130 (Ctrl-C). SIGTERM's
+default action stops it at once: the kernel closes the hold's connection, and the job
+stays on the processing list.
 """
 
 from __future__ import annotations
@@ -59,6 +68,8 @@ import nullworker
 
 #: Longest single BLMOVE wait; an idle consumer re-checks its idle clock this often.
 BLOCK_S = 1.0
+#: Longest wait for a reservation in one go, once nothing else is timed.
+RESERVED_POLL_S = 30.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--control-url")
     parser.add_argument("--idle-release", type=float, default=5.0, metavar="SECONDS")
     parser.add_argument("--exit-when-idle", action="store_true")
+    parser.add_argument(
+        "--any-time",
+        action="store_true",
+        help="take jobs whether or not the worker holds a reservation",
+    )
     args = parser.parse_args(argv)
     if not (math.isfinite(args.idle_release) and args.idle_release >= 0):
         parser.error("--idle-release must be a number of seconds >= 0")
@@ -106,6 +122,7 @@ class Consumer:
         self.client = client
         self.args = args
         self.warned = False  # said that the worker could not be held, since the last hold
+        self.unreached = False  # said that the worker could not be asked, since it answered
 
     async def redis(self, command: Callable[..., Any], *args: Any) -> Any:
         """One Redis command, in a worker thread (the client is synchronous)."""
@@ -137,6 +154,23 @@ class Consumer:
         say(f"job {job.get('id')} done in {trio.current_time() - started:.2f} s ({held})")
         await self.redis(self.client.lrem, self.args.processing, 1, raw)  # acknowledge
 
+    async def reserved(self, wait_s: float) -> bool:
+        """Whether the worker holds a reservation, waiting up to ``wait_s`` for one.
+
+        Unreachable or shutting down counts as not reserved: said once, asked again
+        after a second.
+        """
+        try:
+            held = await nullworker.wait_reserved(wait_s, control_url=self.args.control_url)
+        except nullworker.LocalHoldFailed as exc:
+            if not self.unreached:
+                say(f"cannot ask the worker whether it is reserved: {exc}")
+                self.unreached = True
+            await trio.sleep(1.0)
+            return False
+        self.unreached = False
+        return held is not None
+
     async def release(self) -> bool:
         """POST /release to the worker and print its answer; False if it could not be asked.
 
@@ -166,9 +200,13 @@ class Consumer:
                     block = min(
                         BLOCK_S, max(0.01, idle_since + args.idle_release - trio.current_time())
                     )
-                raw = await self.redis(
-                    self.client.blmove, args.queue, args.processing, block, "RIGHT", "LEFT"
-                )
+                raw = None
+                # A job only while the worker is reserved: the reservation that brought
+                # this machine is then the one its job uses, and no other is started for it.
+                if args.any_time or await self.reserved(RESERVED_POLL_S if released else block):
+                    raw = await self.redis(
+                        self.client.blmove, args.queue, args.processing, block, "RIGHT", "LEFT"
+                    )
                 if raw is not None:
                     await self.run_job(raw)
                     idle_since, released = trio.current_time(), False

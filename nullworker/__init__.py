@@ -59,6 +59,7 @@ if TYPE_CHECKING:
         control_url,
         local_hold,
         release_reservation,
+        wait_reserved,
     )
     from .worker.app import create_app
     from .worker.server import ServeInfo, serve
@@ -104,6 +105,7 @@ __all__ = [
     "release_reservation",
     "reserve",
     "serve",
+    "wait_reserved",
 ]
 
 # The web stack (Quart, Hypercorn) and the client are imported on first use, so that a
@@ -121,6 +123,7 @@ _LAZY = {
     "LocalHold": ("client.local_hold", "LocalHold"),
     "control_url": ("client.local_hold", "control_url"),
     "release_reservation": ("client.local_hold", "release_reservation"),
+    "wait_reserved": ("client.local_hold", "wait_reserved"),
 }
 
 

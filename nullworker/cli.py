@@ -1,10 +1,11 @@
 """The ``nullworker`` command: ``serve`` the worker, ``reserve`` capacity, ``autoscale``
-with a job queue, ``hold`` an instance while a command runs, run a local ``engine`` or a
-whole ``dev`` loop.
+with a job queue, ``hold`` an instance while a command runs (and ``wait-reserved``
+before taking its job), run a local ``engine`` or a whole ``dev`` loop.
 
 Dispatch only: each role's command line lives in its own package
 (:mod:`nullworker.worker.cli`, :mod:`nullworker.client.cli`,
 :mod:`nullworker.client.autoscale_cli`, :mod:`nullworker.client.hold_cli`,
+:mod:`nullworker.client.wait_reserved_cli`,
 :mod:`nullworker.engine.cli`, :mod:`nullworker.engine.dev`) and is imported when its
 command runs."""
 
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         ("dev", "run a local engine that starts and stops workers on demand"),
         ("autoscale", "hold as many reservations as your job queue needs"),
         ("hold", "keep this instance busy while a command runs (nullworker hold -- CMD)"),
+        ("wait-reserved", "wait until this instance's worker holds a reservation"),
     ):
         cmd = sub.add_parser(name, help=help_text, add_help=False)
         cmd.add_argument("args", nargs=argparse.REMAINDER)
@@ -57,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nullworker`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # Sub-commands with their own parsers get the rest of the line untouched.
-    if argv and argv[0] in ("reserve", "engine", "dev", "autoscale", "hold"):
+    if argv and argv[0] in ("reserve", "engine", "dev", "autoscale", "hold", "wait-reserved"):
         command, rest = argv[0], argv[1:]
         if command == "reserve":
             from .client.cli import main as client_main
@@ -78,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .client.hold_cli import main as hold_main
 
             return hold_main(rest)
+        if command == "wait-reserved":
+            from .client.wait_reserved_cli import main as wait_reserved_main
+
+            return wait_reserved_main(rest)
         if command == "engine":
             from .engine.cli import main as engine_main
 

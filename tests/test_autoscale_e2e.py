@@ -63,6 +63,7 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     redis_server_fixture,
 )
 from .test_autoscale_cli import (
+    Autoscale,
     RunAutoscale,
     run_autoscale_fixture,  # noqa: F401  (a fixture, used by name)
     write_demand,
@@ -545,8 +546,8 @@ async def start_instance(
     command = (
         f"echo $$ > {instance.pid_file} && exec {sys.executable} {script} "
         f"--redis-url {redis_url} --queue {QUEUE} --processing {QUEUE}:processing "
-        f"--control-url {info.control_url} --idle-release 60"
-    )
+        f"--control-url {info.control_url} --idle-release 60 --any-time"
+    )  # --any-time: job 4 below is pushed while the operator's demand says 0
     instance.consumer = await trio.lowlevel.open_process(
         ["/bin/sh", "-c", command],
         stdin=subprocess.DEVNULL,
@@ -678,3 +679,69 @@ async def test_a_job_is_never_unprotected_and_a_dead_consumer_errors_its_worker(
                 instance.consumer.kill()
                 with trio.move_on_after(5):
                     await instance.consumer.wait()
+
+
+# -- one worker per job ------------------------------------------------------------------
+#
+# ``nullworker dev`` starts the workers (and beside each, ``examples/redis_list_consumer.py``
+# as its --consumer); ``nullworker autoscale --redis-list`` holds one reservation per job. A
+# consumer takes a job only while its worker is reserved, so the reservation that brought
+# a machine is the one its job uses: no second machine is started for it.
+
+BURST_JOB_S = 2.0
+
+
+def _drained(scaler: Autoscale, seen: int) -> bool:
+    """Since its ``seen``-th state line, the autoscaler read no demand and holds nothing."""
+    return any(
+        (e["demand"], e["target"], e["held"], e["waiting"]) == (0, 0, 0, 0)
+        for e in scaler.of_kind("state")[seen:]
+    )
+
+
+async def test_a_burst_of_jobs_starts_one_worker_per_job(
+    start_dev: StartDev,
+    redis_server: ServerProcess,
+    rdb: redis.Redis,
+    run_autoscale: RunAutoscale,
+) -> None:
+    """Two bursts of three jobs: the first on no worker at all (the consumers start with
+    the workers), the second on the three workers idle by then, their consumers waiting
+    for jobs. Each burst is done by the three workers: no fourth is started."""
+    script = REPO / "examples" / "redis_list_consumer.py"
+    processing = f"{QUEUE}:processing"
+    consumer = (
+        f"exec {sys.executable} {script} --redis-url {redis_server.url} --queue {QUEUE} "
+        f"--processing {processing} --idle-release 3"
+    )
+    dev = await start_dev(
+        "--min-workers", "0", "--max-workers", "6", "--idle-timeout", "60", "--consumer", consumer
+    )  # fmt: skip
+    scaler: Autoscale | None = None
+    for burst in (1, 2):
+        ids = [10 * burst + n for n in (1, 2, 3)]
+        rdb.lpush(QUEUE, *[json.dumps({"id": i, "seconds": BURST_JOB_S}) for i in ids])
+        if scaler is None:
+            scaler = await run_autoscale(
+                "--redis-list", redis_server.url, QUEUE, "--processing", processing,
+                "--max", "6", "--poll", "0.2", "--scale-down-delay", "1",
+                "--engine-url", dev.url, endpoint=ENDPOINT,
+            )  # fmt: skip
+        seen = len(scaler.of_kind("state"))
+        # Every job done, each by one consumer, inside a local hold.
+        for i in ids:
+            await dev.wait_line(rf"\[consumer \d+\] job {i} done in \S+ s \(local hold \d+\)")
+        assert rdb.llen(QUEUE) == 0 and rdb.llen(processing) == 0
+        # The queue drained: the autoscaler lets go of every reservation, and the workers
+        # hear it (before then a consumer may take the next burst's job under the ending
+        # reservation, as any job taken a moment before its reservation ends).
+        await scaler.wait_until(partial(_drained, scaler, seen))
+        async with httpx.AsyncClient(base_url=dev.url, timeout=5.0) as http:
+            await wait_engine(http, lambda ws: len(in_state(ws, "idle")) == len(ws))
+        # ... having asked for one per job, and the engine started one worker for each.
+        assert len(scaler.of_kind("reservation_started")) == 3 * burst, scaler.out
+        started = dev.worker_pids()
+        print(f"workers started after burst {burst} of 3 jobs: {len(started)}")
+        assert len(started) == 3, dev.output
+    assert scaler is not None
+    assert await scaler.stop(signal.SIGTERM, within_s=WAIT_S) == 143, scaler.err

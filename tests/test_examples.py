@@ -503,7 +503,10 @@ async def test_redis_consumer_requeues_a_crashed_runs_job(
     lists = RedisLists(redis_server.url)
     crashed_job = job(0, seconds=1.0)
     await lists.push(crashed_job, job(1), job(2))
-    args = redis_args(redis_server, "--control-url", info.control_url, "--exit-when-idle")
+    # No reservation here: --any-time takes the jobs all the same.
+    args = redis_args(
+        redis_server, "--control-url", info.control_url, "--exit-when-idle", "--any-time"
+    )
 
     # A consumer killed (SIGKILL) in the middle of job 0 leaves it on the processing list.
     process: trio.Process = await nursery.start(
@@ -583,10 +586,11 @@ async def test_redis_consumers_protect_the_running_job(
 async def test_redis_consumers_work_without_a_hold_when_the_worker_is_unreachable(
     script: Path, redis_server: ServerProcess
 ) -> None:
-    """The job matters more than the hold: worked anyway, and said once, not per job."""
+    """With --any-time the job matters more than the hold: worked anyway, and said once,
+    not per job."""
     lists = RedisLists(redis_server.url)
     await lists.push(job(1), job(2))
-    args = redis_args(redis_server, "--control-url", closed_url(), "--exit-when-idle")
+    args = redis_args(redis_server, "--control-url", closed_url(), "--exit-when-idle", "--any-time")
     result = await run_example(script, *args)
     assert result.returncode == 1, output(result)  # the idle release failed too
     stdout = result.stdout.decode()
@@ -598,6 +602,46 @@ async def test_redis_consumers_work_without_a_hold_when_the_worker_is_unreachabl
     assert "NULLWORKER_CONTROL_URL" in said and "NULLWORKER_CONTROL_PORT" in said, said
     assert stdout.count("(not held)") == 2, output(result)
     assert await lists.lists() == ([], [])
+
+
+@pytest.mark.parametrize("script", [REDIS_EXAMPLE, TRIO_EXAMPLE], ids=["sync", "trio"])
+async def test_redis_consumers_take_no_job_while_the_worker_is_not_reserved(
+    script: Path,
+    redis_server: ServerProcess,
+    start_worker: StartWorker,
+    http: httpx.AsyncClient,
+    nursery: trio.Nursery,
+) -> None:
+    """A job only while reserved: unreachable or idle, the worker gets none; reserved, it
+    gets the job at once."""
+    lists = RedisLists(redis_server.url)
+    await lists.push(job(1))
+    args = redis_args(redis_server, "--control-url", closed_url(), "--exit-when-idle")
+    result = await run_example(script, *args)
+    assert result.returncode == 1, output(result)  # the idle release failed too
+    stdout = result.stdout.decode()
+    assert done_ids(stdout) == [], output(result)
+    assert stdout.count("whether it is reserved") == 1, output(result)
+    assert await lists.lists() == ([job(1)], [])  # untouched
+
+    info = await start_worker()
+    assert info.control_url is not None
+    args = redis_args(redis_server, "--control-url", info.control_url, "--exit-when-idle")
+    result = await run_example(script, *args)  # up, but not reserved
+    assert result.returncode == 0, output(result)
+    assert done_ids(result.stdout.decode()) == [], output(result)
+    assert release_answers(result.stdout.decode()) == [
+        {"released": False, "reason": "no active reservation"}
+    ]
+    assert await lists.lists() == ([job(1)], [])
+    holder = await hold_reservation(nursery, http, info, lists.demand)
+    result = await run_example(script, *args)
+    assert result.returncode == 0, output(result)
+    assert done_ids(result.stdout.decode()) == [1], output(result)
+    assert await lists.lists() == ([], [])
+    with trio.fail_after(5):
+        await holder.ended.wait()  # released once idle
+    assert runtime(info).local_holds.statistics().counts["started"] == 1
 
 
 async def test_shell_example_protects_the_running_job(

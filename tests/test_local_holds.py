@@ -651,9 +651,16 @@ def _hold_env(control_url: str | None) -> dict[str, str]:
 
 
 async def run_hold(*args: str, control_url: str | None) -> subprocess.CompletedProcess[bytes]:
+    return await run_command("hold", *args, control_url=control_url)
+
+
+async def run_command(
+    command: str, *args: str, control_url: str | None
+) -> subprocess.CompletedProcess[bytes]:
+    """``nullworker COMMAND ARGS`` with the control URL in the environment; its result."""
     with trio.fail_after(30):
         return await trio.run_process(
-            [sys.executable, "-m", "nullworker", "hold", *args],
+            [sys.executable, "-m", "nullworker", command, *args],
             env=_hold_env(control_url),
             capture_stdout=True,
             capture_stderr=True,

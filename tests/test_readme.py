@@ -525,7 +525,9 @@ def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["serve", "reserve", "autoscale", "hold", "engine", "dev"])
+@pytest.mark.parametrize(
+    "command", ["serve", "reserve", "autoscale", "hold", "wait-reserved", "engine", "dev"]
+)
 def test_the_configuration_reference_names_every_flag(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,7 +8,7 @@
   queue's demand asks for; :mod:`.autoscale_cli` is its command line
   (``nullworker autoscale``) and :mod:`.metrics` its Prometheus metrics;
 * :mod:`.local_hold` -- :func:`local_hold`, which keeps this instance's worker busy
-  while a job runs, and :func:`release_reservation`;
+  while a job runs, :func:`release_reservation` and :func:`wait_reserved`;
 * :mod:`.lease` -- the Redis lease that lets standby autoscalers take over;
 * :mod:`.sharing` -- :func:`autoscale_endpoints`, several endpoints each under its
   lease, shared out among the processes that run them;
@@ -48,7 +48,13 @@ from ..errors import (
 )
 from .cli import main
 from .extras import AUTOSCALE_EXTRA_MODULES, missing_extra_message
-from .local_hold import LocalHold, control_url, local_hold, release_reservation
+from .local_hold import (
+    LocalHold,
+    control_url,
+    local_hold,
+    release_reservation,
+    wait_reserved,
+)
 from .reservation import (
     DEFAULT_ENGINE_URL,
     ProgressEvent,
@@ -124,6 +130,7 @@ __all__ = [
     "main",
     "release_reservation",
     "reserve",
+    "wait_reserved",
 ]
 
 _LAZY = {

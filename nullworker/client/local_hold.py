@@ -46,6 +46,15 @@ Ending the reservation
 decided, by default the call): a reservation that started after that is left alone
 (``409``), so a release racing the next reservation's start never ends it.
 
+Taking jobs only while reserved
+-------------------------------
+:func:`wait_reserved` is ``GET /reservation?wait=S`` in a loop of bounded long-polls: it
+returns once the worker holds a reservation. A consumer that waits for it before taking
+each job pairs reservations and jobs one to one: the reservation brought this machine,
+its consumer takes one job and holds it locally. Without the wait, a consumer on a fresh
+machine takes a job before the engine has routed the reservation to it, its local hold
+makes the worker busy, and the engine starts another machine for that reservation.
+
 Concurrency invariants
 ----------------------
 * One background task per :func:`local_hold` owns the HTTP exchange(s), in a nursery
@@ -87,6 +96,7 @@ __all__ = [
     "control_url",
     "local_hold",
     "release_reservation",
+    "wait_reserved",
 ]
 
 log = logging.getLogger("nullworker.local_hold")
@@ -107,6 +117,9 @@ _TIMEOUT = httpx.Timeout(5.0, read=None)
 #: After the worker went away or refused mid-block: the pause before holding again.
 _RETRY_S = 1.0
 _USER_AGENT = "nullworker-local-hold"
+#: One ``GET /reservation?wait=`` at most this long (the worker takes up to 300 s);
+#: a longer wait is several, so a worker that went away is noticed within it.
+_RESERVED_POLL_S = 60.0
 
 
 def control_url(environ: Mapping[str, str] | None = None) -> str:
@@ -353,6 +366,81 @@ async def release_reservation(
     if not isinstance(answer, dict):
         raise ReleaseFailed(f"POST {url}: not a JSON object", status=response.status_code)
     return answer
+
+
+async def wait_reserved(
+    timeout_s: float | None = None,
+    *,
+    control_url: str | None = None,
+    http: httpx.AsyncClient | None = None,
+) -> dict[str, Any] | None:
+    """Wait until this instance's worker holds a reservation: ``GET /reservation``.
+
+    Call it before taking each job from the queue, then take the job and open a
+    :func:`local_hold` for it. A consumer that takes jobs only while its worker is
+    reserved takes one job per reservation: the machine the reservation brought does
+    the job, and no second machine is started for that reservation.
+
+    Args:
+      timeout_s: seconds to wait at most (``0``: ask and answer at once); ``None``
+        waits as long as it takes, as a series of long-polls of at most a minute each.
+      control_url: default :func:`control_url`.
+      http: a client to use (the caller keeps ownership; give it no read timeout
+        shorter than a long-poll, or ``timeout_s``).
+
+    Returns:
+      The reservation held (``{"id", "request_idx", "started_at", "duration",
+      "ends_at"}``, as the worker tells it), or ``None`` when ``timeout_s`` passed
+      without one.
+
+    Raises:
+      LocalHoldFailed: the control listener could not be reached (``status`` None),
+        is shutting down (``503``) or answered something else.
+      ValueError: (when called) ``timeout_s`` is negative or NaN, or the control URL
+        cannot be found (:func:`control_url`).
+    """
+    if timeout_s is not None:
+        timeout_s = float(timeout_s)
+        if math.isnan(timeout_s) or timeout_s < 0:
+            raise ValueError(f"timeout_s must be a number >= 0 or None, got {timeout_s}")
+    url = f"{_base_url(control_url)}/reservation"
+    deadline = math.inf if timeout_s is None else trio.current_time() + timeout_s
+    async with AsyncExitStack() as stack:
+        if http is None:
+            # Loopback: never through an http_proxy from the environment.
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    timeout=_TIMEOUT, trust_env=False, headers={"User-Agent": _USER_AGENT}
+                )
+            )
+        while True:
+            poll_s = min(_RESERVED_POLL_S, max(deadline - trio.current_time(), 0.0))
+            try:
+                response = await http.get(url, params={"wait": f"{poll_s:.3f}"}, timeout=_TIMEOUT)
+            except httpx.TransportError as exc:
+                raise LocalHoldFailed(
+                    f"cannot reach the worker's control listener at {url} "
+                    f"({describe_error(exc)}); {_WHERE}"
+                ) from None
+            answer = _json_object(response.content)
+            if response.status_code != 200 or answer is None:
+                raise LocalHoldFailed(
+                    f"GET {url}: HTTP {response.status_code}: {_error_text(response.content)}",
+                    status=response.status_code,
+                )
+            held = answer.get("reservation")
+            if answer.get("reserved") is True and isinstance(held, dict):
+                return held
+            if trio.current_time() >= deadline:
+                return None
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 class _Refused(Exception):

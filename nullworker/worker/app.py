@@ -17,6 +17,8 @@ Control listener (127.0.0.1 only, for the consumer on the instance)
                              ``{"started_before": T}``) now; 409 if another is held
   ``POST /hold``             keep the worker busy while the request stays open (a local
                              hold; served below Quart, see :func:`_serve_hold`)
+  ``GET  /reservation``      whether a reservation is held; ``?wait=S`` waits up to S s
+                             (at most :data:`MAX_RESERVATION_WAIT_S`) for one to start
   ``GET  /health``, ``GET /status``
   ``GET  /metrics``          Prometheus text format (:mod:`nullworker.worker.metrics`)
 
@@ -89,6 +91,7 @@ from .update_guard import UpdateGuard
 __all__ = [
     "HOLD_DURATION_HEADER",
     "HOLD_ID_HEADER",
+    "MAX_RESERVATION_WAIT_S",
     "create_app",
     "create_control_app",
     "create_main_app",
@@ -101,6 +104,9 @@ log = logging.getLogger("nullworker")
 #: gave one, its duration (s).
 HOLD_ID_HEADER = "nullworker-hold-id"
 HOLD_DURATION_HEADER = "nullworker-hold-duration"
+#: The longest ``GET /reservation?wait=`` the control listener accepts (s): a client
+#: that waits longer polls again, so a lost connection is noticed within this bound.
+MAX_RESERVATION_WAIT_S = 300.0
 
 _Receive = Callable[[], Awaitable[dict[str, Any]]]
 _Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -436,6 +442,31 @@ def create_control_app(worker: Worker) -> QuartTrio:
             200,
         )
 
+    @app.get("/reservation")
+    async def reservation() -> Response:
+        # A consumer takes a job only while its worker is reserved: then one reservation
+        # brings one machine for one job. It long-polls here, parked on the slot's event
+        # (no polling); a disconnect cancels the handler, which leaves nothing behind.
+        wait_s = _reservation_wait(request.args.to_dict(flat=False))
+        if isinstance(wait_s, Response):
+            return wait_s
+        if worker.slot.closing:
+            return _json({"error": "shutting down"}, 503)
+        with trio.move_on_after(wait_s):
+            try:
+                info = await worker.slot.wait_held()
+            except ShuttingDown:
+                return _json({"error": "shutting down"}, 503)
+            held = {
+                "id": info.id,
+                "request_idx": info.tag.get("request_idx"),
+                "started_at": info.started_at,
+                "duration": info.duration_s,
+                "ends_at": info.ends_at,
+            }
+            return _json({"reserved": True, "reservation": held}, 200)
+        return _json({"reserved": False}, 200)
+
     @app.get("/health")
     async def health() -> Response:
         return _health(worker)
@@ -577,13 +608,35 @@ async def serve_control(
                 partial(serve_http, app, config, Sockets([], [sock], []), limits=limits)
             )
             log.info(
-                "control listener on %s (POST /release, POST /hold, GET /health, GET /status, "
-                "GET /metrics)",
+                "control listener on %s (POST /release, POST /hold, GET /reservation, "
+                "GET /health, GET /status, GET /metrics)",
                 binds[0],
             )
             task_status.started(binds[0])
     finally:
         sock.close()
+
+
+def _reservation_wait(query: dict[str, list[str]]) -> float | Response:
+    """``GET /reservation``'s ``wait`` (seconds, default 0), or its 422 naming the field."""
+    unknown = sorted(set(query) - {"wait"})
+    if unknown:
+        name = unknown[0][:100]  # a query string may be long; the answer stays short
+        error = f"unknown parameter {name!r}: /reservation takes wait"
+        return _json({"error": error, "field": name}, 422)
+    given = query.get("wait", [])
+    if not given:
+        return 0.0
+    problem = f"wait must be a number of seconds from 0 to {MAX_RESERVATION_WAIT_S:g}"
+    if len(given) > 1:
+        return _json({"error": f"{problem}, given once", "field": "wait"}, 422)
+    try:
+        wait_s = float(given[0])
+    except ValueError:
+        return _json({"error": problem, "field": "wait"}, 422)
+    if not (math.isfinite(wait_s) and 0 <= wait_s <= MAX_RESERVATION_WAIT_S):
+        return _json({"error": problem, "field": "wait"}, 422)
+    return wait_s
 
 
 def _health(worker: Worker) -> Response:

@@ -178,6 +178,8 @@ class SlotStatistics:
     waiting: int
     closing: bool
     counts: dict[str, int]
+    #: Tasks in :meth:`ReservationSlot.wait_held` (the control listener's long-polls).
+    held_waiters: int = 0
 
 
 Observer = Callable[[ReservationEvent], None]
@@ -301,6 +303,8 @@ class ReservationSlot:
         self._closing = False
         self._idle = trio.Event()
         self._idle.set()
+        #: Set (and replaced) when a hold starts and at shutdown: wakes :meth:`wait_held`.
+        self._held_or_closing = trio.Event()
         self._counts = {o.value: 0 for o in Outcome} | {"started": 0}
 
     # -- observers -------------------------------------------------------------------
@@ -436,12 +440,35 @@ class ReservationSlot:
         :class:`ShuttingDown`. Idempotent.
         """
         self._closing = True
+        self._wake_held_waiters()
         for res in list(self._queued):
             if res._release_reason is None:
                 res._release_reason = Outcome.SHUTDOWN
                 res._released.set()
                 if res._wait_scope is not None:
                     res._wait_scope.cancel()
+
+    async def wait_held(self) -> ActiveInfo:
+        """Wait until a reservation is held; what it is (now, when one is held already).
+
+        A hold that is ending (released, or shut down, but its holder has not run yet)
+        does not count. Waiters park on one event that a hold's start sets and replaces
+        (no polling); a cancelled waiter leaves nothing behind.
+
+        Raises:
+          ShuttingDown: the slot is closing (now, or once the wait began).
+        """
+        while True:
+            if self._closing:
+                raise ShuttingDown("the worker is shutting down")
+            res = self._active
+            if res is not None and res._release_reason is None:
+                return self._info(res)
+            await self._held_or_closing.wait()
+
+    def _wake_held_waiters(self) -> None:
+        self._held_or_closing.set()
+        self._held_or_closing = trio.Event()
 
     async def wait_idle(self) -> None:
         """Return once nothing is held or queued."""
@@ -455,6 +482,7 @@ class ReservationSlot:
             waiting=sum(1 for r in self._queued if r.state is State.QUEUED),
             closing=self._closing,
             counts=dict(self._counts),
+            held_waiters=self._held_or_closing.statistics().tasks_waiting,
         )
 
     @property
@@ -500,6 +528,7 @@ class ReservationSlot:
         res.deadline = res._started_clock + res.duration_s
         self._counts["started"] += 1
         self._emit("started", res)
+        self._wake_held_waiters()
         # A shutdown that raced with acquiring the token set the event already.
         with trio.move_on_at(res.deadline):
             await res._released.wait()

@@ -465,6 +465,7 @@ class Worker:
             "closing": stats.closing,
             "active": active,
             "queue_length": stats.waiting,
+            "reservation_waiters": stats.held_waiters,
             "local_holds": {
                 "count": local.count,
                 "holds": [
