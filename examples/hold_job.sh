@@ -20,6 +20,8 @@
 #      counts as an idle spell (step 4); a worker that cannot be asked (not up yet) is
 #      asked again a second later. ANY_TIME=1 skips this step, for dispatchers that
 #      send no reservations.
+#      An id taken after the reservation ended (while BLMOVE waited) goes back to the
+#      head of the queue (LREM + RPUSH in one EVAL) and the loop starts over.
 #   1. BLMOVE $QUEUE $PROCESSING RIGHT LEFT $IDLE_RELEASE: the oldest id moves onto the
 #      processing list (so `nullworker autoscale --redis-list URL jobs --processing
 #      jobs:processing` still counts it while it runs).
@@ -106,6 +108,17 @@ while true; do
     if [ "$reserved" = 1 ] && ! id=$(redis BLMOVE "$QUEUE" "$PROCESSING" RIGHT LEFT "$IDLE_RELEASE"); then
         echo "redis: $id; retrying in 1 s"
         sleep 1
+        continue
+    fi
+    # (curl, not `nullworker wait-reserved`: one quick question, no interpreter to start)
+    if [ -n "$id" ] && [ -z "${ANY_TIME:-}" ] &&
+        ! curl -sS --noproxy '*' --max-time 5 "$CONTROL_URL/reservation" 2>/dev/null |
+        grep -q '"reserved": *true'; then
+        # The reservation ended while BLMOVE waited: back to the head of the queue (one
+        # atomic script), for the worker the autoscaler reserves for it.
+        redis EVAL "redis.call('LREM', KEYS[1], 1, ARGV[1]); redis.call('RPUSH', KEYS[2], ARGV[1])" \
+            2 "$PROCESSING" "$QUEUE" "$id" >/dev/null
+        echo "not reserved any more: job $id put back"
         continue
     fi
     if [ -z "$id" ]; then # nothing for IDLE_RELEASE seconds

@@ -26,6 +26,8 @@ The loop
    idle (step 5); a worker that cannot be asked (not up yet) is said once and asked
    again a second later. ``--any-time`` skips this step, for dispatchers that send no
    reservations.
+   A message fetched after the reservation ended (while the fetch waited) is handed
+   back at once (``nak``) for the worker the autoscaler reserves next.
 1. ``fetch(1, timeout)`` on the durable consumer ``--consumer`` of ``--stream`` (every
    instance binds the same durable consumer: JetStream hands each message to one of
    them).
@@ -472,6 +474,13 @@ async def consume(
                         released = True
                     else:
                         idle_since = time.monotonic()  # try again after another spell
+                continue
+            if not args.any_time and not await reserved(args.control_url, 0, said):
+                # The reservation ended while the fetch waited: handed back at once
+                # (nak), for the worker the autoscaler reserves for it.
+                for msg in msgs:
+                    await msg.nak()
+                say("not reserved any more: the job was handed back")
                 continue
             for msg in msgs:
                 await handle(msg, ack_wait_s, holds)

@@ -22,7 +22,10 @@ The loop
 0. ``GET <control-url>/reservation?wait=S``: wait until the worker holds a reservation
    (see below). Not reserved within the idle spell counts as idle (step 5).
 1. ``BLMOVE queue processing RIGHT LEFT <block>``: the oldest job moves atomically onto
-   the processing list, so a job is never only in this process's memory.
+   the processing list, so a job is never only in this process's memory. If the
+   reservation ended while BLMOVE waited (``GET /reservation`` again, ``wait=0``), the job
+   goes back to the head of the queue (``LREM`` + ``RPUSH`` in one transaction) for the
+   worker the autoscaler reserves next, and the loop starts over.
 2. ``POST <control-url>/hold`` with ``{"label": "job <id>"}``: a local hold, kept open
    (see below).
 3. work (prints ``job <id> done in <s> s (local hold <n>)``).
@@ -400,6 +403,14 @@ def requeue_leftovers(client: redis.Redis, processing: str, queue: str) -> int:
     return moved
 
 
+def put_back(client: redis.Redis, processing: str, queue: str, raw: bytes) -> None:
+    """Move a job taken from ``queue`` back to its head, in one transaction."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.lrem(processing, 1, raw)
+        pipe.rpush(queue, raw)
+        pipe.execute()
+
+
 def consume(client: redis.Redis, args: argparse.Namespace) -> int:
     """The consumer loop; returns the exit status (with ``--exit-when-idle``)."""
     idle_since = time.monotonic()  # when the last job was acknowledged (or the start)
@@ -431,6 +442,13 @@ def consume(client: redis.Redis, args: argparse.Namespace) -> int:
                         idle_since = time.monotonic()  # try again after another spell
                 continue
             job = parse_job(raw)
+            if gate is not None and not gate.wait(0):
+                # The reservation ended while BLMOVE waited: this worker is no longer
+                # the one the job asked for. Back to the head of the queue, for the
+                # worker the autoscaler reserves for it.
+                put_back(client, args.processing, args.queue, raw)
+                say("not reserved any more: the job was put back")
+                continue
             if job is None:
                 say(f"dropping a malformed job: {raw[:200]!r}")
                 client.lrem(args.processing, 1, raw)

@@ -22,8 +22,9 @@ a long-poll of ``GET /reservation``), so each reservation brings one machine for
 a consumer that took a job before the engine routed the reservation to its worker would
 make the worker busy (its local hold), and the engine would start another machine for
 that reservation. ``--any-time`` takes jobs whether or not, for dispatchers that send no
-reservations. The order per job: wait until reserved, ``BLMOVE``, local hold, work,
-``LREM``, close the hold.
+reservations. The order per job: wait until reserved, ``BLMOVE``, reserved still (else
+the job goes back to the head of the queue: the reservation ended while ``BLMOVE``
+waited), local hold, work, ``LREM``, close the hold.
 
 ``redis`` is a dependency of nullworker, so this runs with the Python of the checkout's
 virtual environment (``start_server.sh`` makes it): its synchronous client runs in a
@@ -154,6 +155,13 @@ class Consumer:
         say(f"job {job.get('id')} done in {trio.current_time() - started:.2f} s ({held})")
         await self.redis(self.client.lrem, self.args.processing, 1, raw)  # acknowledge
 
+    def put_back(self, raw: bytes) -> None:
+        """Move a job taken from the queue back to its head, in one transaction."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.lrem(self.args.processing, 1, raw)
+            pipe.rpush(self.args.queue, raw)
+            pipe.execute()
+
     async def reserved(self, wait_s: float) -> bool:
         """Whether the worker holds a reservation, waiting up to ``wait_s`` for one.
 
@@ -207,7 +215,12 @@ class Consumer:
                     raw = await self.redis(
                         self.client.blmove, args.queue, args.processing, block, "RIGHT", "LEFT"
                     )
-                if raw is not None:
+                if raw is not None and not args.any_time and not await self.reserved(0):
+                    # The reservation ended while BLMOVE waited: back to the head of the
+                    # queue, for the worker the autoscaler reserves for it.
+                    await trio.to_thread.run_sync(self.put_back, raw)
+                    say("not reserved any more: the job was put back")
+                elif raw is not None:
                     await self.run_job(raw)
                     idle_since, released = trio.current_time(), False
                 elif not released and trio.current_time() - idle_since >= args.idle_release:

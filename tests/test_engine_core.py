@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nullworker.engine import Engine
@@ -213,3 +215,20 @@ def test_the_wait_reasons_and_samples_read_the_records_alone() -> None:
         8: "at --max-workers 2 (1 busy, 1 starting)",
     }
     assert sample_of(workers.values(), len(pending), 100.0, 35.0)[1:] == (2, 1, 0, 1, 0)
+
+
+async def test_wait_for_wakes_when_a_lease_ends_with_no_report(
+    rsa_key: rsa.RSAPrivateKey, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A lease that ends between heartbeats turns the worker idle by time alone: a
+    waiter hears of it then, not at the next report (or never, within its timeout)."""
+    engine = Engine(private_key=rsa_key, lease_s=3.0, stale_after_s=35.0)
+    report(engine, 1)
+    route(engine)
+    assert engine.worker_state(1) == "leased"
+    start = trio.current_time()
+    await engine.wait_for(lambda e: e.worker_state(1) == "idle", timeout=30.0)
+    assert 3.0 <= trio.current_time() - start < 3.1
+    # And staleness, the other state time alone changes, 35 s after the last report.
+    await engine.wait_for(lambda e: e.worker_state(1) == "stale", timeout=60.0)
+    assert 35.0 <= trio.current_time() - start < 35.1

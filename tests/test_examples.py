@@ -71,9 +71,12 @@ IDLE_S = 0.5
 LONG_IDLE_S = 1.5
 JOB_S = 0.1
 #: MAX_RESERVATION_SECONDS in the "protects" tests: the reservation ends mid-job.
-CAP_S = 0.5
+CAP_S = 1.0
 #: Three times the cap: a hold that the cap ended would leave the job unprotected.
 LONG_JOB_S = 3 * CAP_S
+#: The idle spell of the consumers in the tests of a protected job: how long a consumer
+#: waits for the test's reservation before it counts as idle (and exits).
+PROTECT_IDLE_S = 3.0
 #: The Vast-mode worker's id (vast_settings' container_id).
 WORKER_ID = 7
 
@@ -182,6 +185,22 @@ async def hold_reservation(
         while not runtime(info).slot.statistics().busy:
             await trio.sleep(0.005)
     return holder
+
+
+async def reserve_once_waited_for(
+    nursery: trio.Nursery,
+    http: httpx.AsyncClient,
+    info: ServeInfo,
+    demand: Callable[[], Awaitable[int]],
+    engine: Any = None,
+) -> Holder:
+    """Hold a reservation once a consumer waits for one (``GET /reservation`` parked):
+    with a short cap, a reservation made before a slow start would elapse unseen."""
+    assert info.control_url is not None
+    with trio.fail_after(30):
+        while (await http.get(f"{info.control_url}/status")).json()["reservation_waiters"] < 1:
+            await trio.sleep(0.02)
+    return await hold_reservation(nursery, http, info, demand, engine)
 
 
 # -- a running job is never scaled away ---------------------------------------------------
@@ -572,12 +591,13 @@ async def test_redis_consumers_protect_the_running_job(
     info = await start_vast_worker(start_worker, vast_engine)
     assert info.control_url is not None
     lists = RedisLists(redis_server.url)
-    holder = await hold_reservation(nursery, http, info, lists.demand, vast_engine)
     await lists.push(job(1, seconds=LONG_JOB_S))
-    args = redis_args(redis_server, "--exit-when-idle")  # the control URL from the env
+    # The control URL from the environment.
+    args = redis_args(redis_server, "--exit-when-idle", idle_s=PROTECT_IDLE_S)
     log_path = tmp_path / "consumer.out"
     env = control_port_env(info, variable)
     process = await start_consumer(nursery, [sys.executable, str(script), *args], log_path, env)
+    holder = await reserve_once_waited_for(nursery, http, info, lists.demand, vast_engine)
     await check_the_job_is_protected(http, info, vast_engine, holder, process, log_path, 1)
     assert await lists.lists() == ([], [])  # done and acknowledged
 
@@ -602,6 +622,52 @@ async def test_redis_consumers_work_without_a_hold_when_the_worker_is_unreachabl
     assert "NULLWORKER_CONTROL_URL" in said and "NULLWORKER_CONTROL_PORT" in said, said
     assert stdout.count("(not held)") == 2, output(result)
     assert await lists.lists() == ([], [])
+
+
+@pytest.mark.parametrize("script", [REDIS_EXAMPLE, TRIO_EXAMPLE], ids=["sync", "trio"])
+async def test_a_job_taken_after_the_reservation_ended_goes_back_to_the_queue(
+    script: Path,
+    redis_server: ServerProcess,
+    start_worker: StartWorker,
+    http: httpx.AsyncClient,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    """Reserved, the consumer blocks in BLMOVE; the reservation ends; then a job comes.
+    The consumer must not work it here (that would keep this machine busy and make the
+    engine start another one for the job's reservation): it goes back to the head of
+    the queue, untouched."""
+    info = await start_worker()
+    assert info.control_url is not None
+    lists = RedisLists(redis_server.url)
+    args = redis_args(redis_server, "--control-url", info.control_url, idle_s=60.0)
+    log_path = tmp_path / "consumer.out"
+    await start_consumer(nursery, [sys.executable, str(script), *args], log_path, consumer_env())
+    holder = await reserve_once_waited_for(nursery, http, info, lists.demand)
+
+    def blocked_in_blmove() -> bool:
+        return any(c.get("cmd") == "blmove" for c in lists.client.client_list())
+
+    with trio.fail_after(30):
+        while not await trio.to_thread.run_sync(blocked_in_blmove):
+            await trio.sleep(0.005)
+    answer = await http.post(f"{info.control_url}/release", json={"started_before": time.time()})
+    assert answer.json()["released"] is True, answer.text
+    await holder.ended.wait()
+    await lists.push(job(1))
+
+    def said() -> str:
+        return log_path.read_text(errors="replace")
+
+    # BLMOVE (blocked for up to a second) takes the job and puts it back; or, if its
+    # block ended before the job came, the consumer is waiting for a reservation and
+    # never takes it. Either way the job is never worked and ends up in the queue.
+    with trio.fail_after(15):
+        while "put back" not in said() and await trio.to_thread.run_sync(blocked_in_blmove):
+            await trio.sleep(0.02)
+    await trio.sleep(0.5)
+    assert await lists.lists() == ([job(1)], []), said()
+    assert " done in " not in said() and runtime(info).local_holds.count == 0, said()
 
 
 @pytest.mark.parametrize("script", [REDIS_EXAMPLE, TRIO_EXAMPLE], ids=["sync", "trio"])
@@ -655,13 +721,12 @@ async def test_shell_example_protects_the_running_job(
     info = await start_vast_worker(start_worker, vast_engine)
     assert info.control_url is not None
     lists = RedisLists(redis_server.url)
-    holder = await hold_reservation(nursery, http, info, lists.demand, vast_engine)
     await lists.push(b"1")  # the shell example's jobs are ids
     env = consumer_env(
         REDIS_URL=redis_server.url,
         QUEUE=QUEUE,
         PROCESSING=PROCESSING,
-        IDLE_RELEASE=str(IDLE_S),
+        IDLE_RELEASE=str(PROTECT_IDLE_S),
         EXIT_WHEN_IDLE="1",
         NULLWORKER=str(Path(sys.executable).parent / "nullworker"),
     )
@@ -672,6 +737,7 @@ async def test_shell_example_protects_the_running_job(
     log_path = tmp_path / "consumer.out"
     command = [str(SHELL_EXAMPLE), "sh", "-c", work, "work"]
     process = await start_consumer(nursery, command, log_path, env)
+    holder = await reserve_once_waited_for(nursery, http, info, lists.demand, vast_engine)
     await check_the_job_is_protected(
         http, info, vast_engine, holder, process, log_path, 1, done="finished job 1"
     )
@@ -802,11 +868,11 @@ async def test_nats_consumer_protects_the_running_job(
         return sum(await consumer_counts(nats_server.url))
 
     await jetstream(nats_server.url, create)
-    holder = await hold_reservation(nursery, http, info, demand, vast_engine)
     await jetstream(nats_server.url, publish)
     env = control_port_env(info)
     log_path = tmp_path / "consumer.out"
-    command = [sys.executable, str(NATS_EXAMPLE), *nats_args(nats_server)]
+    command = [sys.executable, str(NATS_EXAMPLE), *nats_args(nats_server, idle_s=PROTECT_IDLE_S)]
     process = await start_consumer(nursery, command, log_path, env)
+    holder = await reserve_once_waited_for(nursery, http, info, demand, vast_engine)
     await check_the_job_is_protected(http, info, vast_engine, holder, process, log_path, 1)
     assert await consumer_counts(nats_server.url) == (0, 0)  # delivered and acked

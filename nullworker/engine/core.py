@@ -300,7 +300,10 @@ class Engine:
     ) -> None:
         """Wait until ``predicate(engine)`` is true, re-checking after every change.
 
-        A change is any accepted report, route answer or worker registration.
+        A change is any accepted report, route answer or worker registration, and the
+        moment time alone changes a state: a lease or a pending request expiring, a
+        worker going stale (a worker whose lease ends between heartbeats turns idle
+        then, with no report to announce it).
 
         Raises:
           trio.TooSlowError: the predicate stayed false for ``timeout`` seconds.
@@ -312,7 +315,20 @@ class Engine:
                 changed = self._changed
                 if predicate(self):
                     return
-                await changed.wait()
+                now = self._now()
+                with trio.move_on_at(trio.current_time() + self._next_expiry(now) - now):
+                    await changed.wait()
+
+    def _next_expiry(self, now: float) -> float:
+        """The next moment, on the engine's clock, at which time alone changes a state."""
+        moments = [pending.last_seen + self.demand_ttl_s for pending in self.pending.values()]
+        for worker in self.workers.values():
+            if worker.lease_until is not None:
+                moments.append(worker.lease_until)
+            if worker.last_report_at is not None:
+                moments.append(worker.last_report_at + self.stale_after_s)
+        # Strictly after now (a state flips once its moment has passed), never before.
+        return min((m for m in moments if m >= now), default=math.inf) + 1e-6
 
     # -- time-driven bookkeeping -----------------------------------------------------
 
