@@ -74,6 +74,7 @@ EXTRA_USERS = (
     "nullworker.client.demand._sqs",
     "nullworker.client.demand._postgres",
     "nullworker.client._redis_lease",
+    "nullworker.client._redis_client",
     "nullworker.client._aio",
 )
 

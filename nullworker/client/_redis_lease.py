@@ -20,13 +20,12 @@ from typing import Self
 
 import redis.asyncio
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from ..errors import ConfigError, LeaseError
 from ._aio import AsyncioClient
 from ._lease import DEFAULT_RENEW_S, DEFAULT_TTL_S, Lease, LeaseEvent
 from ._redact import reason, redact
+from ._redis_client import new_redis_client
 from ._urls import check_url
 
 __all__ = ["RedisLease", "RedisLeaseStore"]
@@ -143,15 +142,10 @@ class RedisLeaseStore:
             raise LeaseError(reason(exc)) from exc
 
     def _new_client(self) -> redis.asyncio.Redis:
-        return redis.asyncio.Redis.from_url(
-            self.url,
-            decode_responses=True,
-            socket_timeout=self.timeout_s,
-            socket_connect_timeout=self.timeout_s,
-            # One immediate retry: the pooled connection may predate a server restart.
-            # Every script is idempotent for its token.
-            retry=Retry(NoBackoff(), 1),
-            client_name="nullworker-lease",
+        # One immediate retry: the pooled connection may predate a server restart.
+        # Every script is idempotent for its token.
+        return new_redis_client(
+            self.url, timeout_s=self.timeout_s, name="nullworker-lease", retries=1
         )
 
 

@@ -9,12 +9,11 @@ from typing import Any
 import redis.asyncio
 import redis.exceptions
 import trio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from ...errors import DemandError, DemandNotFound
 from .._aio import AsyncioLoop, run_aio
 from .._redact import reason, redact
+from .._redis_client import new_redis_client
 from ._asyncio import AsyncioSource
 from ._base import DEFAULT_TIMEOUT_S
 
@@ -68,17 +67,15 @@ class RedisSource(AsyncioSource[redis.asyncio.Redis]):
     async def _aio_subscribe(
         self, changed: Callable[[], None], lost: Callable[[], None]
     ) -> tuple[redis.asyncio.Redis, Any] | None:
-        client = redis.asyncio.Redis.from_url(
+        # No retry: a lost connection must end the subscription (and be noticed), not
+        # be quietly reopened.
+        client = new_redis_client(
             self.url,
-            decode_responses=True,
-            socket_timeout=self.timeout_s,
-            socket_connect_timeout=self.timeout_s,
+            timeout_s=self.timeout_s,
+            name="nullworker-watch",
+            retries=0,
             socket_keepalive=True,
             health_check_interval=_HEALTH_CHECK_S,
-            # No retry: a lost connection must end the subscription (and be noticed),
-            # not be quietly reopened.
-            retry=Retry(NoBackoff(), 0),
-            client_name="nullworker-watch",
         )
         try:
             if not await self._aio_notifications_on(client):
@@ -160,15 +157,10 @@ class RedisSource(AsyncioSource[redis.asyncio.Redis]):
             await client.aclose()
 
     def _new_client(self) -> redis.asyncio.Redis:
-        return redis.asyncio.Redis.from_url(
-            self.url,
-            decode_responses=True,
-            socket_timeout=self.timeout_s,
-            socket_connect_timeout=self.timeout_s,
-            # One immediate retry: the pooled connection may predate a server restart
-            # (the retry reconnects); more would only spend the read's time budget.
-            retry=Retry(NoBackoff(), 1),
-            client_name="nullworker-demand",
+        # One immediate retry: the pooled connection may predate a server restart
+        # (the retry reconnects); more would only spend the read's time budget.
+        return new_redis_client(
+            self.url, timeout_s=self.timeout_s, name="nullworker-demand", retries=1
         )
 
     async def _aio_close(self, client: redis.asyncio.Redis) -> None:
