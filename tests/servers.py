@@ -37,6 +37,7 @@ not shadow an imported name::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import redis
 import trio
 
 from .helpers import PortTaken, port_in_use, start_on_free_port
@@ -321,6 +323,23 @@ async def redis_server_fixture(
         yield server
     finally:
         await server.stop(kill=True)
+
+
+@contextlib.contextmanager
+def redis_client(server: ServerProcess) -> Iterator[redis.Redis]:
+    """A synchronous client of ``server`` with decoded replies, for a test's own keys."""
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(name="rdb")
+def rdb_fixture(redis_server: ServerProcess) -> Iterator[redis.Redis]:
+    """:func:`redis_client` of ``redis_server``."""
+    with redis_client(redis_server) as client:
+        yield client
 
 
 @pytest.fixture(name="redis_notify_server")

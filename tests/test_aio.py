@@ -25,10 +25,10 @@ from nullworker.client._aio import AsyncioClient, current_asyncio_loop, open_asy
 
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
+    rdb_fixture,
     redis_server_binary_fixture,
     redis_server_fixture,
 )
-from .test_sharing import rdb  # noqa: F401  (a pytest fixture, used by name)
 
 NAME = "nullworker-aio-test"
 #: Bound on the server noticing a closed connection (loopback; generous for a busy machine).
@@ -92,7 +92,7 @@ def new_client(
 
 async def test_one_client_kept_and_thrown_away_after_a_cancelled_or_failed_call(
     redis_server: ServerProcess,
-    rdb: redis.Redis,  # noqa: F811
+    rdb: redis.Redis,
 ) -> None:
     made: list[redis.asyncio.Redis] = []
     aio = new_client(redis_server.url, made)
@@ -132,7 +132,7 @@ async def test_one_client_kept_and_thrown_away_after_a_cancelled_or_failed_call(
 
 async def test_a_loop_already_open_is_reused_and_left_open(
     redis_server: ServerProcess,
-    rdb: redis.Redis,  # noqa: F811
+    rdb: redis.Redis,
 ) -> None:
     made: list[redis.asyncio.Redis] = []
     async with open_asyncio_loop() as loop:
@@ -150,7 +150,7 @@ async def test_a_loop_already_open_is_reused_and_left_open(
 
 async def test_a_failure_named_in_keep_after_keeps_the_client_any_other_throws_it_away(
     redis_server: ServerProcess,
-    rdb: redis.Redis,  # noqa: F811
+    rdb: redis.Redis,
 ) -> None:
     rdb.set(STRING_KEY, "not a list")
     made: list[redis.asyncio.Redis] = []
@@ -178,7 +178,7 @@ async def test_a_failure_named_in_keep_after_keeps_the_client_any_other_throws_i
 
 async def test_a_kept_client_that_usable_rejects_is_closed_and_replaced_before_the_call(
     redis_server: ServerProcess,
-    rdb: redis.Redis,  # noqa: F811
+    rdb: redis.Redis,
 ) -> None:
     made: list[redis.asyncio.Redis] = []
     closed: list[tuple[redis.asyncio.Redis, int]] = []

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     nats_server_binary_fixture,
     nats_server_fixture,
+    rdb_fixture,
     redis_notify_server_fixture,
     redis_server_binary_fixture,
     redis_server_fixture,
@@ -215,13 +216,6 @@ async def start_autoscaler(
         partial(autoscale, ENDPOINT, demand=demand, on_event=run.on_event, **options)
     )
     return run
-
-
-@pytest.fixture
-def rdb(redis_server: ServerProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    client.close()
 
 
 # -- the scenarios -----------------------------------------------------------------------------

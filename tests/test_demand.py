@@ -10,7 +10,6 @@ through ``nullworker.client._aio`` (so the test data does not depend on the code
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -37,6 +36,7 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     nats_server_binary_fixture,
     nats_server_fixture,
+    rdb_fixture,
     redis_server_binary_fixture,
     redis_server_fixture,
     silent_server_fixture,
@@ -46,13 +46,6 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
 WAIT_S = 10.0
 #: A short read timeout for the hang tests.
 SHORT_S = 0.3
-
-
-@pytest.fixture
-def rdb(redis_server: ServerProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    client.close()
 
 
 async def read_within(source: DemandSource, bound_s: float = WAIT_S) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -29,6 +28,7 @@ from nullworker.client.demand import (
 
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
+    rdb_fixture,
     redis_server_binary_fixture,
     redis_server_fixture,
 )
@@ -57,13 +57,6 @@ async def age_within(source: DemandSource) -> float | None:
 def about(age: float | None, expected: float) -> bool:
     """``age`` is ``expected`` seconds plus however long the test took since."""
     return age is not None and expected - 1.0 <= age <= expected + WAIT_S
-
-
-@pytest.fixture
-def rdb(redis_server: ServerProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    client.close()
 
 
 # -- Redis streams -------------------------------------------------------------------------

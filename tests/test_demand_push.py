@@ -38,6 +38,7 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
     nats_server_binary_fixture,
     nats_server_fixture,
+    redis_client,
     redis_notify_server_fixture,
     redis_server_binary_fixture,
     redis_server_fixture,
@@ -95,9 +96,8 @@ async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> logging.L
 
 @pytest.fixture
 def rdb(redis_notify_server: ServerProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_notify_server.url, decode_responses=True)
-    yield client
-    client.close()
+    with redis_client(redis_notify_server) as client:
+        yield client
 
 
 # -- Redis -------------------------------------------------------------------------------

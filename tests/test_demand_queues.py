@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import dramatiq
@@ -27,6 +27,7 @@ from nullworker.client.demand import DemandError, DemandSource, RedisQueue
 
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
+    rdb_fixture,
     redis_server_binary_fixture,
     redis_server_fixture,
 )
@@ -34,13 +35,6 @@ from .servers import (  # noqa: F401  (pytest fixtures, used by name)
 #: Bound on anything a test waits for.
 WAIT_S = 20.0
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def rdb(redis_server: ServerProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    client.close()
 
 
 async def demand(source: DemandSource) -> int:

@@ -27,7 +27,7 @@ import math
 import signal
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
@@ -57,6 +57,7 @@ from .conftest import StartWorker
 from .helpers import wait_until
 from .servers import (  # noqa: F401  (pytest fixtures, used by name)
     ServerProcess,
+    rdb_fixture,
     redis_server_binary_fixture,
     redis_server_fixture,
 )
@@ -76,13 +77,6 @@ RENEW_S = 0.5
 WAIT_S = 15.0
 # Scheduling slack on top of the lease timings: generous, for a loaded 2-core machine.
 SLACK_S = 5.0
-
-
-@pytest.fixture
-def rdb(redis_server: ServerProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    client.close()
 
 
 # -- pure Trio: the sharing's logic, on a store in memory -------------------------------------
