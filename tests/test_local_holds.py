@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from nullworker import local_hold
+from nullworker import local_hold, release_reservation, wait_reserved
 from nullworker.client.local_hold import LocalHoldFailed, control_url
 from nullworker.errors import ShuttingDown
 from nullworker.worker.config import WorkerConfig
@@ -796,3 +796,21 @@ async def test_hold_cli_json_lines_say_each_refusal_and_warning_as_an_event(
         assert [(e["event"], e["level"]) for e in said] == events, said
         assert all(e["logger"] == "nullworker.hold" for e in said)
         assert not any(e["message"].startswith("nullworker hold:") for e in said)
+
+
+async def test_the_control_listener_is_never_reached_through_a_proxy_from_the_environment(
+    start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image may set ``http_proxy`` for its downloads: the hold, the release and the
+    reservation wait still go straight to the worker on loopback."""
+    info = await start_worker()
+    assert info.control_url is not None
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, closed_url())
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with local_hold(control_url=info.control_url, label="behind a proxy") as hold:
+        assert runtime(info).local_holds.count == 1 and hold.id is not None
+    assert await wait_reserved(0, control_url=info.control_url) is None
+    answer = await release_reservation(started_before=time.time(), control_url=info.control_url)
+    assert answer["released"] is False

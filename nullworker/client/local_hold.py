@@ -287,9 +287,7 @@ async def _local_hold(
     hold = LocalHold(label=label or "", duration_s=duration_s, control_url=base)
     async with AsyncExitStack() as stack:
         if http is None:
-            http = await stack.enter_async_context(
-                httpx.AsyncClient(timeout=_TIMEOUT, headers={"User-Agent": _USER_AGENT})
-            )
+            http = await stack.enter_async_context(_loopback_client(_TIMEOUT))
         # The nursery wraps even a lone exception (the caller's own, from the block, or
         # ours from the first try) in a group; callers expect the exception itself.
         with lone_exception_unwrapped():
@@ -343,10 +341,7 @@ async def release_reservation(
     url = f"{_base_url(control_url)}/release"
     async with AsyncExitStack() as stack:
         if http is None:
-            # Loopback: never through an http_proxy from the environment.
-            http = await stack.enter_async_context(
-                httpx.AsyncClient(timeout=5.0, trust_env=False, headers={"User-Agent": _USER_AGENT})
-            )
+            http = await stack.enter_async_context(_loopback_client(5.0))
         try:
             response = await http.post(url, json=body)
         except httpx.TransportError as exc:
@@ -407,12 +402,7 @@ async def wait_reserved(
     deadline = math.inf if timeout_s is None else trio.current_time() + timeout_s
     async with AsyncExitStack() as stack:
         if http is None:
-            # Loopback: never through an http_proxy from the environment.
-            http = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    timeout=_TIMEOUT, trust_env=False, headers={"User-Agent": _USER_AGENT}
-                )
-            )
+            http = await stack.enter_async_context(_loopback_client(_TIMEOUT))
         while True:
             poll_s = min(_RESERVED_POLL_S, max(deadline - trio.current_time(), 0.0))
             try:
@@ -433,6 +423,13 @@ async def wait_reserved(
                 return held
             if trio.current_time() >= deadline:
                 return None
+
+
+def _loopback_client(timeout: float | httpx.Timeout) -> httpx.AsyncClient:
+    """The client for the worker's control listener when the caller gives none. It is
+    on loopback: never through an ``http_proxy`` from the environment (an image that
+    sets one for its downloads would otherwise send holds and releases to the proxy)."""
+    return httpx.AsyncClient(timeout=timeout, trust_env=False, headers={"User-Agent": _USER_AGENT})
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
