@@ -450,8 +450,6 @@ def create_control_app(worker: Worker) -> QuartTrio:
         wait_s = _reservation_wait(request.args.to_dict(flat=False))
         if isinstance(wait_s, Response):
             return wait_s
-        if worker.slot.closing:
-            return _json({"error": "shutting down"}, 503)
         with trio.move_on_after(wait_s):
             try:
                 info = await worker.slot.wait_held()
